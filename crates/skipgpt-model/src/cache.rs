@@ -1,0 +1,81 @@
+//! Key/value cache for incremental decoding.
+//!
+//! Each layer keeps the rotated keys and the values of every token seen so far, so a decode
+//! step only projects the new token and attends over the stored ones.
+
+use burn::tensor::{backend::Backend, Tensor};
+
+/// The cached keys and values of one layer.
+#[derive(Debug, Clone, Default)]
+pub struct LayerKv<B: Backend> {
+    /// `[batch, kv_heads, cached, head_dim]` each.
+    kv: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+}
+
+impl<B: Backend> LayerKv<B> {
+    /// Appends new keys/values and returns everything cached, new ones included.
+    ///
+    /// # Shapes
+    /// - k, v: `[batch, kv_heads, new, head_dim]`
+    /// - output: `[batch, kv_heads, cached + new, head_dim]` twice
+    pub fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let (k, v) = match self.kv.take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            None => (k, v),
+        };
+        self.kv = Some((k.clone(), v.clone()));
+        (k, v)
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.kv.as_ref().map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The cache of a whole model: one [`LayerKv`] per layer plus the number of positions consumed.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<LayerKv<B>>,
+    len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache {
+            layers: (0..num_layers).map(|_| LayerKv { kv: None }).collect(),
+            len: 0,
+        }
+    }
+
+    /// Positions already processed: the next token's position.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn layer(&mut self, i: usize) -> &mut LayerKv<B> {
+        &mut self.layers[i]
+    }
+
+    /// Marks `n` more positions as consumed (after every layer has appended them).
+    pub fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// Bytes held by the cached keys and values, assuming 4-byte floats.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .filter_map(|l| l.kv.as_ref())
+            .map(|(k, v)| (k.shape().num_elements() + v.shape().num_elements()) * 4)
+            .sum()
+    }
+}

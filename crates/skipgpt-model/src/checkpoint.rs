@@ -1,0 +1,91 @@
+//! A model directory in the Hugging Face layout: `config.json`, `model.safetensors` (or shards
+//! with `model.safetensors.index.json`) and `tokenizer.json`.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::llama::LlamaForCausalLM;
+use crate::safetensors_io::{atomic_write, write_safetensors, StoreDtype, WeightSet};
+use crate::tokenizer::Tokenizer;
+
+/// A model loaded from a directory, with its tokenizer when the directory has one.
+pub struct Pretrained<B: Backend> {
+    pub model: LlamaForCausalLM<B>,
+    pub tokenizer: Option<Tokenizer>,
+    pub dir: PathBuf,
+}
+
+fn check_dir(dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        return Err(ModelError::MissingFile {
+            path: dir.to_path_buf(),
+            what: "model directory (expected a folder with config.json and model.safetensors)",
+        });
+    }
+    Ok(())
+}
+
+/// Reads `DIR/config.json`.
+pub fn load_config(dir: &Path) -> Result<LlamaConfig> {
+    check_dir(dir)?;
+    LlamaConfig::from_hf_file(&dir.join("config.json"))
+}
+
+/// Loads config, weights and (if present) tokenizer from a HF model directory.
+pub fn load_pretrained<B: Backend>(dir: &Path, device: &B::Device) -> Result<Pretrained<B>> {
+    let config = load_config(dir)?;
+    let weights = WeightSet::open_dir(dir)?;
+    let model = LlamaForCausalLM::load(&config, &weights, device)?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = if tok_path.exists() {
+        Some(Tokenizer::from_file(&tok_path)?)
+    } else {
+        None
+    };
+    if let Some(tok) = &tokenizer {
+        if tok.vocab_size() > config.vocab_size {
+            return Err(ModelError::Config {
+                path: tok_path,
+                message: format!(
+                    "the tokenizer has {} tokens but config.json's vocab_size is {}",
+                    tok.vocab_size(),
+                    config.vocab_size
+                ),
+            });
+        }
+    }
+    Ok(Pretrained {
+        model,
+        tokenizer,
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// Writes a HF model directory (single `model.safetensors`), each file atomically.
+pub fn save_pretrained<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    tokenizer: Option<&Tokenizer>,
+    dir: &Path,
+    dtype: StoreDtype,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let mut config = model.config.clone();
+    config.dtype = dtype.hf_name().to_string();
+    let json = serde_json::to_string_pretty(&config.to_hf_json()).expect("config serialises");
+    let metadata = [("format".to_string(), "pt".to_string())]
+        .into_iter()
+        .collect();
+    write_safetensors(
+        &dir.join("model.safetensors"),
+        &model.export(dtype),
+        Some(metadata),
+    )?;
+    if let Some(tok) = tokenizer {
+        tok.save(&dir.join("tokenizer.json"))?;
+    }
+    // config last: a directory with a config is a complete checkpoint
+    atomic_write(&dir.join("config.json"), json.as_bytes())
+}

@@ -1,0 +1,492 @@
+//! Model configuration, and how it is read from (and written to) a Hugging Face `config.json`.
+//!
+//! Two layouts are accepted:
+//! - transformers 4.x: `rope_theta` and `rope_scaling` at the top level, `torch_dtype`;
+//! - transformers 5.x: `rope_parameters` (holding `rope_theta` and the scaling) and `dtype`.
+//!
+//! Only `llama`, `mistral` and `qwen2` checkpoints are accepted: they share the LLaMA block
+//! (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP) and differ in biases and defaults.
+
+use std::path::Path;
+
+use burn::config::Config;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+
+/// How rotary position frequencies are rescaled for contexts longer than the pretraining one.
+/// Mirrors `rope_type` in transformers' `ROPE_INIT_FUNCTIONS`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    #[default]
+    Default,
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// Dynamic NTK: the base grows with the sequence length once it exceeds
+    /// `max_position_embeddings`.
+    Dynamic { factor: f64 },
+    /// LLaMA 3.1: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// The architecture of a LLaMA-family decoder.
+#[derive(Config, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// `llama`, `mistral` or `qwen2`: recorded so a saved checkpoint keeps its identity.
+    #[config(default = "\"llama\".to_string()")]
+    pub model_type: String,
+    /// Number of token ids.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU MLP's inner layer.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (grouped-query attention when smaller than the query heads).
+    pub num_key_value_heads: usize,
+    /// Width of one attention head.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    #[config(default = 1e-5)]
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    #[config(default = 10000.0)]
+    pub rope_theta: f64,
+    /// RoPE frequency rescaling.
+    #[config(default = "RopeScaling::Default")]
+    pub rope_scaling: RopeScaling,
+    /// Context length the model was trained for.
+    #[config(default = 2048)]
+    pub max_position_embeddings: usize,
+    /// Bias on the q, k and v projections (Qwen2, or LLaMA's `attention_bias`).
+    #[config(default = false)]
+    pub qkv_bias: bool,
+    /// Bias on the output projection (LLaMA's `attention_bias`; Qwen2 has none).
+    #[config(default = false)]
+    pub o_bias: bool,
+    /// Bias on the MLP projections (LLaMA's `mlp_bias`).
+    #[config(default = false)]
+    pub mlp_bias: bool,
+    /// Output head shares the embedding matrix.
+    #[config(default = false)]
+    pub tie_word_embeddings: bool,
+    /// Mistral-style sliding-window attention: a token sees at most this many positions.
+    #[config(default = "None")]
+    pub sliding_window: Option<usize>,
+    #[config(default = "None")]
+    pub bos_token_id: Option<u32>,
+    /// Generation stops at any of these.
+    #[config(default = "Vec::new()")]
+    pub eos_token_ids: Vec<u32>,
+    /// The dtype the weights were stored in (`float32`, `bfloat16`, `float16`).
+    #[config(default = "\"float32\".to_string()")]
+    pub dtype: String,
+}
+
+const SUPPORTED: [&str; 3] = ["llama", "mistral", "qwen2"];
+
+impl LlamaConfig {
+    /// A tiny configuration used by the CPU demo and the tests.
+    pub fn tiny(vocab_size: usize) -> Self {
+        LlamaConfig::new(vocab_size, 64, 176, 3, 4, 2, 16)
+    }
+
+    /// Query heads that share one key/value head.
+    pub fn kv_groups(&self) -> usize {
+        self.num_attention_heads / self.num_key_value_heads
+    }
+
+    /// Reads `DIR/config.json` (or the given file).
+    pub fn from_hf_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        Self::from_hf_json(&text, path)
+    }
+
+    /// Parses the text of a HF `config.json`; `path` is only used in error messages.
+    pub fn from_hf_json(text: &str, path: &Path) -> Result<Self> {
+        let cfg_err = |message: String| ModelError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        let root: Value = serde_json::from_str(text).map_err(|e| cfg_err(e.to_string()))?;
+        let obj = root
+            .as_object()
+            .ok_or_else(|| cfg_err("expected a JSON object at the top level".into()))?;
+
+        let model_type = match obj.get("model_type").and_then(Value::as_str) {
+            Some(t) => t.to_string(),
+            None => return Err(cfg_err("missing key `model_type` (a string)".into())),
+        };
+        if !SUPPORTED.contains(&model_type.as_str()) {
+            return Err(ModelError::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                model_type,
+            });
+        }
+
+        let req = |key: &str| -> Result<usize> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Err(cfg_err(format!(
+                    "missing required key `{key}` (a positive integer)"
+                ))),
+                Some(v) => v
+                    .as_u64()
+                    .filter(|&n| n > 0)
+                    .map(|n| n as usize)
+                    .ok_or_else(|| {
+                        cfg_err(format!("key `{key}` must be a positive integer, got {v}"))
+                    }),
+            }
+        };
+        let opt_usize = |key: &str| -> Result<Option<usize>> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+                    cfg_err(format!(
+                        "key `{key}` must be a non-negative integer, got {v}"
+                    ))
+                }),
+            }
+        };
+        let opt_f64 = |key: &str| -> Result<Option<f64>> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| cfg_err(format!("key `{key}` must be a number, got {v}"))),
+            }
+        };
+        let opt_bool = |key: &str| -> Result<Option<bool>> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_bool()
+                    .map(Some)
+                    .ok_or_else(|| cfg_err(format!("key `{key}` must be true or false, got {v}"))),
+            }
+        };
+
+        let hidden_size = req("hidden_size")?;
+        let num_attention_heads = req("num_attention_heads")?;
+        let num_key_value_heads = opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(cfg_err(format!(
+                "`num_attention_heads` ({num_attention_heads}) must be a multiple of `num_key_value_heads` ({num_key_value_heads})"
+            )));
+        }
+        let head_dim = match opt_usize("head_dim")? {
+            Some(d) => d,
+            None => {
+                if hidden_size % num_attention_heads != 0 {
+                    return Err(cfg_err(format!(
+                        "`hidden_size` ({hidden_size}) is not divisible by `num_attention_heads` ({num_attention_heads}) and no `head_dim` is given"
+                    )));
+                }
+                hidden_size / num_attention_heads
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(cfg_err(format!(
+                "`head_dim` must be even for RoPE, got {head_dim}"
+            )));
+        }
+        if let Some(act) = obj.get("hidden_act").and_then(Value::as_str) {
+            if act != "silu" {
+                return Err(ModelError::Unsupported {
+                    path: path.to_path_buf(),
+                    key: "hidden_act".into(),
+                    value: act.into(),
+                    expected: "only \"silu\" (SwiGLU) is supported".into(),
+                });
+            }
+        }
+
+        // transformers 5.x nests theta and scaling in `rope_parameters`; 4.x keeps them on top.
+        let rope_params = obj.get("rope_parameters").filter(|v| !v.is_null());
+        let rope_theta = match rope_params.and_then(|p| p.get("rope_theta")) {
+            Some(v) => v.as_f64().ok_or_else(|| {
+                cfg_err(format!(
+                    "`rope_parameters.rope_theta` must be a number, got {v}"
+                ))
+            })?,
+            None => opt_f64("rope_theta")?.unwrap_or(10000.0),
+        };
+        let (scaling_key, scaling) = match rope_params {
+            Some(p) => ("rope_parameters", Some(p)),
+            None => (
+                "rope_scaling",
+                obj.get("rope_scaling").filter(|v| !v.is_null()),
+            ),
+        };
+        let rope_scaling = match scaling {
+            None => RopeScaling::Default,
+            Some(v) => parse_rope_scaling(v, scaling_key, path)?,
+        };
+
+        let attention_bias = opt_bool("attention_bias")?.unwrap_or(false);
+        let (qkv_bias, o_bias) = if model_type == "qwen2" {
+            (true, false)
+        } else {
+            (attention_bias, attention_bias)
+        };
+        // Qwen2 configs carry a `sliding_window` that only applies with `use_sliding_window`.
+        let sliding_window = match model_type.as_str() {
+            "mistral" => opt_usize("sliding_window")?,
+            "qwen2" if opt_bool("use_sliding_window")?.unwrap_or(false) => {
+                opt_usize("sliding_window")?
+            }
+            _ => None,
+        };
+        let eos_token_ids = match obj.get("eos_token_id") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(ids)) => ids
+                .iter()
+                .map(|v| v.as_u64().map(|n| n as u32))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    cfg_err("`eos_token_id` must be an integer or a list of integers".into())
+                })?,
+            Some(v) => vec![v
+                .as_u64()
+                .ok_or_else(|| cfg_err(format!("`eos_token_id` must be an integer, got {v}")))?
+                as u32],
+        };
+        let dtype = obj
+            .get("dtype")
+            .or_else(|| obj.get("torch_dtype"))
+            .and_then(Value::as_str)
+            .unwrap_or("float32")
+            .to_string();
+
+        Ok(LlamaConfig {
+            model_type,
+            vocab_size: req("vocab_size")?,
+            hidden_size,
+            intermediate_size: req("intermediate_size")?,
+            num_hidden_layers: req("num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: opt_usize("max_position_embeddings")?.unwrap_or(2048),
+            qkv_bias,
+            o_bias,
+            mlp_bias: opt_bool("mlp_bias")?.unwrap_or(false),
+            tie_word_embeddings: opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            sliding_window,
+            bos_token_id: opt_usize("bos_token_id")?.map(|n| n as u32),
+            eos_token_ids,
+            dtype,
+        })
+    }
+
+    /// The config as a transformers 4.x `config.json` (the layout every version still reads).
+    pub fn to_hf_json(&self) -> Value {
+        let arch = match self.model_type.as_str() {
+            "mistral" => "MistralForCausalLM",
+            "qwen2" => "Qwen2ForCausalLM",
+            _ => "LlamaForCausalLM",
+        };
+        let rope_scaling = match &self.rope_scaling {
+            RopeScaling::Default => Value::Null,
+            other => serde_json::to_value(other).expect("rope scaling serialises"),
+        };
+        let eos = match self.eos_token_ids.as_slice() {
+            [] => Value::Null,
+            [one] => (*one).into(),
+            many => many.to_vec().into(),
+        };
+        serde_json::json!({
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": self.qkv_bias,
+            "mlp_bias": self.mlp_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "sliding_window": self.sliding_window,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "torch_dtype": self.dtype,
+        })
+    }
+
+    /// Number of parameters of the dense model.
+    pub fn num_params(&self) -> usize {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let attn = h * q
+            + 2 * h * kv
+            + q * h
+            + if self.qkv_bias { q + 2 * kv } else { 0 }
+            + if self.o_bias { h } else { 0 };
+        let mlp = 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 };
+        let layer = attn + mlp + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + self.num_hidden_layers * layer + h + head
+    }
+}
+
+fn parse_rope_scaling(v: &Value, key: &str, path: &Path) -> Result<RopeScaling> {
+    let unsupported = |value: String, expected: &str| ModelError::Unsupported {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        value,
+        expected: expected.to_string(),
+    };
+    // 4.x wrote `type`, later versions `rope_type`.
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |field: &str| -> Result<f64> {
+        v.get(field)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| ModelError::Config {
+                path: path.to_path_buf(),
+                message: format!("`{key}.{field}` is required for rope type {kind:?} (a number)"),
+            })
+    };
+    Ok(match kind {
+        "default" => RopeScaling::Default,
+        "linear" => RopeScaling::Linear {
+            factor: num("factor")?,
+        },
+        "dynamic" => RopeScaling::Dynamic {
+            factor: num("factor")?,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+        },
+        other => {
+            return Err(unsupported(
+                format!("{other:?}"),
+                "rope type must be default, linear, dynamic or llama3",
+            ))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<LlamaConfig> {
+        LlamaConfig::from_hf_json(text, Path::new("config.json"))
+    }
+
+    const BASE: &str = r#"{"model_type":"llama","vocab_size":32,"hidden_size":16,
+        "intermediate_size":24,"num_hidden_layers":2,"num_attention_heads":4"#;
+
+    #[test]
+    fn defaults_follow_transformers() {
+        let c = parse(&format!("{BASE}}}")).unwrap();
+        assert_eq!(c.num_key_value_heads, 4);
+        assert_eq!(c.head_dim, 4);
+        assert_eq!(c.rope_theta, 10000.0);
+        assert_eq!(c.rope_scaling, RopeScaling::Default);
+        assert!(!c.tie_word_embeddings);
+    }
+
+    #[test]
+    fn v4_and_v5_layouts_agree() {
+        let v4 = parse(&format!(
+            r#"{BASE},"rope_theta":500000.0,"rope_scaling":{{"rope_type":"llama3","factor":8.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}},
+            "torch_dtype":"bfloat16"}}"#
+        ))
+        .unwrap();
+        let v5 = parse(&format!(
+            r#"{BASE},"rope_parameters":{{"rope_type":"llama3","rope_theta":500000.0,"factor":8.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}},
+            "dtype":"bfloat16"}}"#
+        ))
+        .unwrap();
+        assert_eq!(v4, v5);
+        assert_eq!(v4.rope_theta, 500000.0);
+        assert_eq!(v4.dtype, "bfloat16");
+        assert!(matches!(v4.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+    }
+
+    #[test]
+    fn old_type_key_is_read() {
+        let c = parse(&format!(
+            r#"{BASE},"rope_scaling":{{"type":"linear","factor":2.0}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_only() {
+        let c = parse(&format!("{}}}", BASE.replace("llama", "qwen2"))).unwrap();
+        assert!(c.qkv_bias && !c.o_bias);
+    }
+
+    #[test]
+    fn missing_and_bad_keys_are_named() {
+        let err = parse(r#"{"model_type":"llama","vocab_size":32}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("hidden_size"), "{err}");
+        let err = parse(&format!(
+            r#"{BASE},"rope_scaling":{{"rope_type":"yarn","factor":2.0}}}}"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("yarn") && err.contains("rope_scaling"),
+            "{err}"
+        );
+        let err = parse(&format!("{}}}", BASE.replace("llama", "gpt2"))).unwrap_err();
+        assert!(
+            matches!(err, ModelError::UnsupportedArchitecture { ref model_type, .. } if model_type == "gpt2")
+        );
+        assert!(err.to_string().contains("unsupported architecture"));
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let mut c = LlamaConfig::tiny(512);
+        c.rope_scaling = RopeScaling::Dynamic { factor: 2.0 };
+        c.eos_token_ids = vec![1, 2];
+        let text = c.to_hf_json().to_string();
+        assert_eq!(parse(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn param_count_matches_fixture() {
+        // reference.json: "params": 204224 for the llama-tiny fixture.
+        let c = LlamaConfig::tiny(512);
+        assert_eq!(c.num_params(), 204224);
+    }
+}

@@ -1,0 +1,30 @@
+//! # skipgpt-model
+//!
+//! A LLaMA-family decoder on Burn, generic over the backend, that loads and saves Hugging Face
+//! checkpoints: the base on which SkipGPT routers, LoRA and sparse execution are built.
+//!
+//! - [`config`]: `config.json` (transformers 4.x and 5.x layouts) → [`LlamaConfig`];
+//! - [`llama`]: the model, its modules named like the HF weight keys;
+//! - [`rope`]: rotary embeddings with default, linear, dynamic and llama3 scaling;
+//! - [`cache`]: the KV cache for incremental decoding;
+//! - [`checkpoint`] and [`safetensors_io`]: reading/writing model directories;
+//! - [`tokenizer`], [`generate`]: text in, text out.
+
+pub mod cache;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod llama;
+pub mod rope;
+pub mod safetensors_io;
+pub mod tokenizer;
+
+pub use cache::KvCache;
+pub use checkpoint::{load_config, load_pretrained, save_pretrained, Pretrained};
+pub use config::{LlamaConfig, RopeScaling};
+pub use error::{ModelError, Result};
+pub use generate::{generate, GenerateOptions, Sampling};
+pub use llama::{CausalLmOutput, LlamaForCausalLM};
+pub use safetensors_io::StoreDtype;
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,545 @@
+//! A LLaMA-family decoder (LLaMA, Mistral, Qwen2) generic over any Burn backend.
+//!
+//! Module and field names follow the Hugging Face weight keys
+//! (`model.layers.3.self_attn.q_proj.weight`), so loading and saving are a walk over the tree.
+//! Linear weights are stored the Burn way, `[d_in, d_out]`: HF's `[d_out, d_in]` is transposed
+//! on the way in and out.
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
+use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
+
+use crate::cache::KvCache;
+use crate::config::LlamaConfig;
+use crate::error::Result;
+use crate::rope::{apply_rotary, RotaryEmbedding};
+use crate::safetensors_io::{OwnedTensor, StoreDtype, WeightSet};
+
+/// Standard deviation of the normal initialisation (transformers' `initializer_range`).
+const INIT_STD: f64 = 0.02;
+
+fn init_linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Linear<B> {
+    LinearConfig::new(d_in, d_out)
+        .with_bias(bias)
+        .with_initializer(Initializer::Normal {
+            mean: 0.0,
+            std: INIT_STD,
+        })
+        .init(device)
+}
+
+/// Loads HF `{name}.weight` `[d_out, d_in]` (and `{name}.bias`) into a Burn linear layer.
+pub(crate) fn load_linear<B: Backend>(
+    w: &WeightSet,
+    name: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Result<Linear<B>> {
+    let weight = w.tensor::<B, 2>(&format!("{name}.weight"), [d_out, d_in], device)?;
+    let bias = if bias {
+        Some(Param::from_tensor(w.tensor::<B, 1>(
+            &format!("{name}.bias"),
+            [d_out],
+            device,
+        )?))
+    } else {
+        None
+    };
+    Ok(Linear {
+        weight: Param::from_tensor(weight.transpose()),
+        bias,
+    })
+}
+
+pub(crate) fn export_linear<B: Backend>(
+    out: &mut BTreeMap<String, OwnedTensor>,
+    name: &str,
+    linear: &Linear<B>,
+    dtype: StoreDtype,
+) {
+    out.insert(
+        format!("{name}.weight"),
+        OwnedTensor::from_tensor(linear.weight.val().transpose(), dtype),
+    );
+    if let Some(b) = &linear.bias {
+        out.insert(
+            format!("{name}.bias"),
+            OwnedTensor::from_tensor(b.val(), dtype),
+        );
+    }
+}
+
+/// Root-mean-square layer norm: `x / sqrt(mean(x²) + eps) * weight`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn new(dim: usize, eps: f64, device: &B::Device) -> Self {
+        RmsNorm {
+            weight: Param::from_tensor(Tensor::ones([dim], device)),
+            eps,
+        }
+    }
+
+    fn load(w: &WeightSet, name: &str, dim: usize, eps: f64, device: &B::Device) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: Param::from_tensor(w.tensor(&format!("{name}.weight"), [dim], device)?),
+            eps,
+        })
+    }
+
+    /// # Shapes
+    /// - x: `[..., dim]`
+    /// - output: like x
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let rms = (x.clone().powi_scalar(2).mean_dim(D - 1) + self.eps).sqrt();
+        x / rms * self.weight.val().unsqueeze()
+    }
+}
+
+/// Per-forward inputs every layer shares: rotary tables and the additive attention mask.
+pub struct AttentionContext<B: Backend> {
+    pub cos: Tensor<B, 2>,
+    pub sin: Tensor<B, 2>,
+    /// `[query, key]`: 0 where a query may look, a large negative number where it may not.
+    pub mask: Tensor<B, 2>,
+}
+
+/// Multi-head attention with grouped key/value heads and rotary positions.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    fn init(c: &LlamaConfig, device: &B::Device) -> Self {
+        let (h, q, kv) = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        Attention {
+            q_proj: init_linear(h, q, c.qkv_bias, device),
+            k_proj: init_linear(h, kv, c.qkv_bias, device),
+            v_proj: init_linear(h, kv, c.qkv_bias, device),
+            o_proj: init_linear(q, h, c.o_bias, device),
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        }
+    }
+
+    fn load(c: &LlamaConfig, w: &WeightSet, p: &str, device: &B::Device) -> Result<Self> {
+        let (h, q, kv) = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        Ok(Attention {
+            q_proj: load_linear(w, &format!("{p}.q_proj"), h, q, c.qkv_bias, device)?,
+            k_proj: load_linear(w, &format!("{p}.k_proj"), h, kv, c.qkv_bias, device)?,
+            v_proj: load_linear(w, &format!("{p}.v_proj"), h, kv, c.qkv_bias, device)?,
+            o_proj: load_linear(w, &format!("{p}.o_proj"), q, h, c.o_bias, device)?,
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        })
+    }
+
+    fn export(&self, out: &mut BTreeMap<String, OwnedTensor>, p: &str, dtype: StoreDtype) {
+        for (name, lin) in [
+            ("q_proj", &self.q_proj),
+            ("k_proj", &self.k_proj),
+            ("v_proj", &self.v_proj),
+            ("o_proj", &self.o_proj),
+        ] {
+            export_linear(out, &format!("{p}.{name}"), lin, dtype);
+        }
+    }
+
+    /// Keys and values of `x`, rotated, before they enter the cache.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - output: `[batch, kv_heads, seq, head_dim]` twice
+    fn project_kv(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &AttentionContext<B>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, t, _] = x.dims();
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, t, self.num_kv_heads, self.head_dim])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, t, self.num_kv_heads, self.head_dim])
+            .swap_dims(1, 2);
+        (apply_rotary(k, &ctx.cos, &ctx.sin), v)
+    }
+
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` (already normed)
+    /// - output: `[batch, seq, hidden]`
+    ///
+    /// With a cache, `x` holds only the new tokens; their keys and values are appended and the
+    /// queries attend over everything cached so far.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &AttentionContext<B>,
+        cache: Option<&mut crate::cache::LayerKv<B>>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, t, nh, hd])
+            .swap_dims(1, 2);
+        let q = apply_rotary(q, &ctx.cos, &ctx.sin);
+        let (k, v) = self.project_kv(x, ctx);
+        let (k, v) = match cache {
+            Some(cache) => cache.append(k, v),
+            None => (k, v),
+        };
+        // Grouped-query attention without copying K/V: the `n_rep` query heads that share a
+        // key/value head are stacked along the sequence axis, `[b, kv, n_rep * t, hd]`.
+        let n_rep = nh / nkv;
+        let q = q.reshape([b, nkv, n_rep * t, hd]);
+        let scale = (hd as f64).powf(-0.5);
+        let mask = ctx.mask.clone().repeat_dim(0, n_rep).unsqueeze::<4>();
+        let scores = q.matmul(k.swap_dims(2, 3)) * scale + mask;
+        let probs = activation::softmax(scores, 3);
+        let out = probs
+            .matmul(v)
+            .reshape([b, nh, t, hd])
+            .swap_dims(1, 2)
+            .reshape([b, t, nh * hd]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    fn init(c: &LlamaConfig, device: &B::Device) -> Self {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        Mlp {
+            gate_proj: init_linear(h, i, c.mlp_bias, device),
+            up_proj: init_linear(h, i, c.mlp_bias, device),
+            down_proj: init_linear(i, h, c.mlp_bias, device),
+        }
+    }
+
+    fn load(c: &LlamaConfig, w: &WeightSet, p: &str, device: &B::Device) -> Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        Ok(Mlp {
+            gate_proj: load_linear(w, &format!("{p}.gate_proj"), h, i, c.mlp_bias, device)?,
+            up_proj: load_linear(w, &format!("{p}.up_proj"), h, i, c.mlp_bias, device)?,
+            down_proj: load_linear(w, &format!("{p}.down_proj"), i, h, c.mlp_bias, device)?,
+        })
+    }
+
+    fn export(&self, out: &mut BTreeMap<String, OwnedTensor>, p: &str, dtype: StoreDtype) {
+        for (name, lin) in [
+            ("gate_proj", &self.gate_proj),
+            ("up_proj", &self.up_proj),
+            ("down_proj", &self.down_proj),
+        ] {
+            export_linear(out, &format!("{p}.{name}"), lin, dtype);
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[..., hidden]`
+    /// - output: `[..., hidden]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let gate = activation::silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// One pre-norm transformer block: `h = x + Attn(norm(x))`, `y = h + MLP(norm(h))`.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub self_attn: Attention<B>,
+    pub mlp: Mlp<B>,
+    pub input_layernorm: RmsNorm<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    fn init(c: &LlamaConfig, device: &B::Device) -> Self {
+        DecoderLayer {
+            self_attn: Attention::init(c, device),
+            mlp: Mlp::init(c, device),
+            input_layernorm: RmsNorm::new(c.hidden_size, c.rms_norm_eps, device),
+            post_attention_layernorm: RmsNorm::new(c.hidden_size, c.rms_norm_eps, device),
+        }
+    }
+
+    fn load(c: &LlamaConfig, w: &WeightSet, p: &str, device: &B::Device) -> Result<Self> {
+        Ok(DecoderLayer {
+            self_attn: Attention::load(c, w, &format!("{p}.self_attn"), device)?,
+            mlp: Mlp::load(c, w, &format!("{p}.mlp"), device)?,
+            input_layernorm: RmsNorm::load(
+                w,
+                &format!("{p}.input_layernorm"),
+                c.hidden_size,
+                c.rms_norm_eps,
+                device,
+            )?,
+            post_attention_layernorm: RmsNorm::load(
+                w,
+                &format!("{p}.post_attention_layernorm"),
+                c.hidden_size,
+                c.rms_norm_eps,
+                device,
+            )?,
+        })
+    }
+
+    fn export(&self, out: &mut BTreeMap<String, OwnedTensor>, p: &str, dtype: StoreDtype) {
+        self.self_attn.export(out, &format!("{p}.self_attn"), dtype);
+        self.mlp.export(out, &format!("{p}.mlp"), dtype);
+        out.insert(
+            format!("{p}.input_layernorm.weight"),
+            OwnedTensor::from_tensor(self.input_layernorm.weight.val(), dtype),
+        );
+        out.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            OwnedTensor::from_tensor(self.post_attention_layernorm.weight.val(), dtype),
+        );
+    }
+
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &AttentionContext<B>,
+        cache: Option<&mut crate::cache::LayerKv<B>>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), ctx, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The decoder stack without the output head (HF's `model.` prefix).
+#[derive(Module, Debug)]
+pub struct LlamaModel<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+}
+
+/// What a forward pass returns.
+pub struct CausalLmOutput<B: Backend> {
+    /// `[batch, seq, vocab]`
+    pub logits: Tensor<B, 3>,
+    /// When asked for: the embeddings, then the output of every layer (the last one before the
+    /// final norm), each `[batch, seq, hidden]` — transformers' `output_hidden_states`.
+    pub hidden_states: Vec<Tensor<B, 3>>,
+}
+
+/// A causal language model: decoder plus output head (tied to the embeddings or not).
+#[derive(Module, Debug)]
+pub struct LlamaForCausalLM<B: Backend> {
+    pub model: LlamaModel<B>,
+    /// `None` when the head is tied to `model.embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+    #[module(skip)]
+    pub config: LlamaConfig,
+    #[module(skip)]
+    pub rope: RotaryEmbedding,
+}
+
+impl LlamaConfig {
+    /// A randomly initialised model (normal(0, 0.02) weights, unit norms), as transformers does.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> LlamaForCausalLM<B> {
+        let embed_tokens = EmbeddingConfig::new(self.vocab_size, self.hidden_size)
+            .with_initializer(Initializer::Normal {
+                mean: 0.0,
+                std: INIT_STD,
+            })
+            .init(device);
+        LlamaForCausalLM {
+            model: LlamaModel {
+                embed_tokens,
+                layers: (0..self.num_hidden_layers)
+                    .map(|_| DecoderLayer::init(self, device))
+                    .collect(),
+                norm: RmsNorm::new(self.hidden_size, self.rms_norm_eps, device),
+            },
+            lm_head: (!self.tie_word_embeddings)
+                .then(|| init_linear(self.hidden_size, self.vocab_size, false, device)),
+            config: self.clone(),
+            rope: RotaryEmbedding::new(self),
+        }
+    }
+}
+
+impl<B: Backend> LlamaForCausalLM<B> {
+    /// Builds the model from HF-named weights. Every expected tensor must be present with the
+    /// exact shape the config implies.
+    pub fn load(config: &LlamaConfig, w: &WeightSet, device: &B::Device) -> Result<Self> {
+        let c = config;
+        let embed = w.tensor::<B, 2>(
+            "model.embed_tokens.weight",
+            [c.vocab_size, c.hidden_size],
+            device,
+        )?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| DecoderLayer::load(c, w, &format!("model.layers.{i}"), device))
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(load_linear(
+                w,
+                "lm_head",
+                c.hidden_size,
+                c.vocab_size,
+                false,
+                device,
+            )?)
+        };
+        Ok(LlamaForCausalLM {
+            model: LlamaModel {
+                embed_tokens: Embedding {
+                    weight: Param::from_tensor(embed),
+                },
+                layers,
+                norm: RmsNorm::load(w, "model.norm", c.hidden_size, c.rms_norm_eps, device)?,
+            },
+            lm_head,
+            config: c.clone(),
+            rope: RotaryEmbedding::new(c),
+        })
+    }
+
+    /// Every weight under its HF name, ready for `model.safetensors`.
+    pub fn export(&self, dtype: StoreDtype) -> BTreeMap<String, OwnedTensor> {
+        let mut out = BTreeMap::new();
+        out.insert(
+            "model.embed_tokens.weight".into(),
+            OwnedTensor::from_tensor(self.model.embed_tokens.weight.val(), dtype),
+        );
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            layer.export(&mut out, &format!("model.layers.{i}"), dtype);
+        }
+        out.insert(
+            "model.norm.weight".into(),
+            OwnedTensor::from_tensor(self.model.norm.weight.val(), dtype),
+        );
+        if let Some(head) = &self.lm_head {
+            export_linear(&mut out, "lm_head", head, dtype);
+        }
+        out
+    }
+
+    pub fn device(&self) -> B::Device {
+        self.model.embed_tokens.weight.val().device()
+    }
+
+    /// Rotary tables and causal (optionally sliding-window) mask for `len` new tokens after
+    /// `start` cached ones.
+    pub fn attention_context(&self, start: usize, len: usize) -> AttentionContext<B> {
+        let device = self.device();
+        let (cos, sin) = self.rope.cos_sin(start, len, &device);
+        let total = start + len;
+        let window = self.config.sliding_window.unwrap_or(usize::MAX);
+        let mut mask = Vec::with_capacity(len * total);
+        for i in 0..len {
+            let pos = start + i;
+            for j in 0..total {
+                let visible = j <= pos && pos - j < window;
+                mask.push(if visible { 0.0f32 } else { f32::MIN });
+            }
+        }
+        let mask = Tensor::from_data(TensorData::new(mask, [len, total]), &device);
+        AttentionContext { cos, sin, mask }
+    }
+
+    /// Logits for every position.
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        self.forward_full(input_ids, cache, false).logits
+    }
+
+    /// The forward pass, optionally keeping every layer's output.
+    pub fn forward_full(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        mut cache: Option<&mut KvCache<B>>,
+        output_hidden_states: bool,
+    ) -> CausalLmOutput<B> {
+        let [_, t] = input_ids.dims();
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        let ctx = self.attention_context(start, t);
+        let mut x = self.model.embed_tokens.forward(input_ids);
+        let mut hidden_states = Vec::new();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            if output_hidden_states {
+                hidden_states.push(x.clone());
+            }
+            x = layer.forward(x, &ctx, cache.as_deref_mut().map(|c| c.layer(i)));
+        }
+        if output_hidden_states {
+            hidden_states.push(x.clone());
+        }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        CausalLmOutput {
+            logits: self.head(self.model.norm.forward(x)),
+            hidden_states,
+        }
+    }
+
+    /// The output projection, `[.., hidden] -> [.., vocab]`.
+    pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => x.matmul(self.model.embed_tokens.weight.val().transpose().unsqueeze()),
+        }
+    }
+
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.config.num_hidden_layers)
+    }
+}

@@ -1,0 +1,507 @@
+//! Reading and writing safetensors files, with errors that name the file and the tensor.
+//!
+//! Files are memory-mapped, so a multi-gigabyte checkpoint is never copied whole into memory:
+//! each tensor is converted to f32 as it is handed to the backend.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+use safetensors::SafeTensors;
+
+use crate::error::{ModelError, Result};
+
+/// One opened safetensors file.
+pub struct TensorFile {
+    path: PathBuf,
+    bytes: memmap2::Mmap,
+    /// Where tensor data starts: 8-byte length prefix plus the JSON header.
+    data_start: usize,
+    metadata: Metadata,
+}
+
+impl TensorFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+        // SAFETY: the map is read-only; a checkpoint changing under us while loading is outside
+        // what any loader can defend against (the same trade-off candle and transformers make).
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&bytes).map_err(|e| ModelError::Safetensors {
+                path: path.to_path_buf(),
+                message: describe_st_error(&e),
+            })?;
+        Ok(TensorFile {
+            path: path.to_path_buf(),
+            bytes,
+            data_start: 8 + header_len,
+            metadata,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.metadata.tensors().into_keys().collect();
+        names.sort();
+        names
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.metadata.info(name).is_some()
+    }
+
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.metadata
+            .info(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                searched: self.path.display().to_string(),
+            })
+    }
+
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        Ok(self.info(name)?.shape.clone())
+    }
+
+    fn raw(&self, info: &TensorInfo) -> &[u8] {
+        let (start, end) = info.data_offsets;
+        &self.bytes[self.data_start + start..self.data_start + end]
+    }
+
+    /// A floating-point tensor (f32, bf16, f16 or f64) as f32 values with its shape.
+    pub fn read_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let info = self.info(name)?;
+        let raw = self.raw(info);
+        let values = match info.dtype {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+                .collect(),
+            Dtype::F64 => raw
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("8-byte chunk")) as f32)
+                .collect(),
+            other => {
+                return Err(self.dtype_error(name, "a float type (F32, BF16, F16, F64)", other))
+            }
+        };
+        Ok((values, info.shape.clone()))
+    }
+
+    /// An integer tensor (i64 or i32) as i64 values with its shape.
+    pub fn read_i64(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
+        let info = self.info(name)?;
+        let raw = self.raw(info);
+        let values = match info.dtype {
+            Dtype::I64 => raw
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("8-byte chunk")))
+                .collect(),
+            Dtype::I32 => raw
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64)
+                .collect(),
+            other => return Err(self.dtype_error(name, "I64 or I32", other)),
+        };
+        Ok((values, info.shape.clone()))
+    }
+
+    /// A float tensor of exactly `shape`, on `device`, in the backend's float type.
+    pub fn tensor<B: Backend, const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>> {
+        let found = self.shape(name)?;
+        if found != shape {
+            return Err(ModelError::ShapeMismatch {
+                path: self.path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found,
+            });
+        }
+        let (values, _) = self.read_f32(name)?;
+        Ok(Tensor::from_data(TensorData::new(values, shape), device))
+    }
+
+    fn dtype_error(&self, name: &str, expected: &str, found: Dtype) -> ModelError {
+        ModelError::DtypeMismatch {
+            path: self.path.clone(),
+            name: name.to_string(),
+            expected: expected.to_string(),
+            found: format!("{found:?}"),
+        }
+    }
+}
+
+fn describe_st_error(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::MetadataIncompleteBuffer => {
+            "the file is shorter than its header says (truncated or still being written?)".into()
+        }
+        E::HeaderTooSmall | E::InvalidHeaderLength => {
+            "the header is missing or cut short (truncated file?)".into()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The weights of a checkpoint: one file or several shards named by an index.
+pub struct WeightSet {
+    files: Vec<TensorFile>,
+    /// Tensor name → index into `files`.
+    location: HashMap<String, usize>,
+}
+
+impl WeightSet {
+    /// Opens `model.safetensors.index.json` and its shards, or else `model.safetensors`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        if index.exists() {
+            return Self::open_index(&index);
+        }
+        let single = dir.join("model.safetensors");
+        if !single.exists() {
+            return Err(ModelError::MissingFile {
+                path: single,
+                what: "no model.safetensors and no model.safetensors.index.json in the model directory",
+            });
+        }
+        Self::open_files(&[single])
+    }
+
+    /// Opens the given files as one set; a name found in two files is an error.
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut location = HashMap::new();
+        for path in paths {
+            let file = TensorFile::open(path)?;
+            for name in file.names() {
+                if let Some(prev) = location.insert(name.clone(), files.len()) {
+                    let prev: &TensorFile = &files[prev];
+                    return Err(ModelError::Safetensors {
+                        path: path.clone(),
+                        message: format!("tensor `{name}` is also in {}", prev.path.display()),
+                    });
+                }
+            }
+            files.push(file);
+        }
+        Ok(WeightSet { files, location })
+    }
+
+    fn open_index(index: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(index).map_err(|e| ModelError::io(index, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::Config {
+                path: index.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::Config {
+                path: index.to_path_buf(),
+                message: "missing key `weight_map` (an object of tensor name → shard file)".into(),
+            })?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut shards: Vec<String> = Vec::new();
+        for (name, file) in map {
+            let file = file.as_str().ok_or_else(|| ModelError::Config {
+                path: index.to_path_buf(),
+                message: format!("`weight_map.{name}` must be a file name"),
+            })?;
+            if !shards.iter().any(|s| s == file) {
+                shards.push(file.to_string());
+            }
+        }
+        shards.sort();
+        let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+        let set = Self::open_files(&paths)?;
+        // The index must agree with the shards, or a tensor could silently come from elsewhere.
+        for (name, file) in map {
+            let expected = dir.join(file.as_str().unwrap_or_default());
+            match set.location.get(name) {
+                Some(&i) if set.files[i].path == expected => {}
+                _ => {
+                    return Err(ModelError::MissingTensor {
+                        name: name.clone(),
+                        searched: format!(
+                            "{} (listed there by {})",
+                            expected.display(),
+                            index.display()
+                        ),
+                    })
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.location.contains_key(name)
+    }
+
+    fn file_of(&self, name: &str) -> Result<&TensorFile> {
+        match self.location.get(name) {
+            Some(&i) => Ok(&self.files[i]),
+            None => Err(ModelError::MissingTensor {
+                name: name.to_string(),
+                searched: self
+                    .files
+                    .iter()
+                    .map(|f| f.path.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    /// A float tensor of exactly `shape`.
+    pub fn tensor<B: Backend, const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>> {
+        self.file_of(name)?.tensor(name, shape, device)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.location.keys().map(String::as_str)
+    }
+
+    /// Number of stored values across all tensors, and the storage dtypes seen (sorted).
+    pub fn summary(&self) -> (usize, Vec<String>) {
+        let mut count = 0;
+        let mut dtypes = std::collections::BTreeSet::new();
+        for file in &self.files {
+            for info in file.metadata.tensors().values() {
+                count += info.shape.iter().product::<usize>();
+                dtypes.insert(format!("{:?}", info.dtype));
+            }
+        }
+        (count, dtypes.into_iter().collect())
+    }
+
+    /// The files behind this set.
+    pub fn paths(&self) -> Vec<&Path> {
+        self.files.iter().map(|f| f.path()).collect()
+    }
+}
+
+/// Storage precision for floats written to safetensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreDtype {
+    F32,
+    BF16,
+    F16,
+}
+
+impl StoreDtype {
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            StoreDtype::F32 => "float32",
+            StoreDtype::BF16 => "bfloat16",
+            StoreDtype::F16 => "float16",
+        }
+    }
+}
+
+/// A tensor ready to be written: its bytes are already little-endian in `dtype`.
+pub struct OwnedTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl OwnedTensor {
+    pub fn from_f32(values: &[f32], shape: Vec<usize>, dtype: StoreDtype) -> Self {
+        let (dtype, bytes) = match dtype {
+            StoreDtype::F32 => (
+                Dtype::F32,
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            StoreDtype::BF16 => (
+                Dtype::BF16,
+                values
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+            StoreDtype::F16 => (
+                Dtype::F16,
+                values
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+        };
+        OwnedTensor {
+            dtype,
+            shape,
+            bytes,
+        }
+    }
+
+    pub fn from_i64(values: &[i64], shape: Vec<usize>) -> Self {
+        OwnedTensor {
+            dtype: Dtype::I64,
+            shape,
+            bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    /// Any backend float tensor, read back to the host.
+    pub fn from_tensor<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: StoreDtype) -> Self {
+        let shape = t.dims().to_vec();
+        let values: Vec<f32> = t
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("converted to f32 above");
+        Self::from_f32(&values, shape, dtype)
+    }
+
+    pub fn from_int_tensor<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Self {
+        let shape = t.dims().to_vec();
+        let values: Vec<i64> = t
+            .into_data()
+            .convert::<i64>()
+            .into_vec()
+            .expect("converted to i64 above");
+        Self::from_i64(&values, shape)
+    }
+}
+
+impl safetensors::View for &OwnedTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Writes `tensors` to `path` atomically: a crash mid-write leaves the old file intact.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &BTreeMap<String, OwnedTensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), metadata)
+        .map_err(|e| ModelError::Safetensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    atomic_write(path, &bytes)
+}
+
+/// Writes a file through a temporary sibling and a rename, so readers never see half a file.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        ModelError::io(path, e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_then_read_all_dtypes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let vals = [1.0f32, -2.5, 0.15625, 3.0e-3];
+        let mut map = BTreeMap::new();
+        for (name, dt) in [
+            ("f32", StoreDtype::F32),
+            ("bf16", StoreDtype::BF16),
+            ("f16", StoreDtype::F16),
+        ] {
+            map.insert(
+                name.to_string(),
+                OwnedTensor::from_f32(&vals, vec![2, 2], dt),
+            );
+        }
+        map.insert("ids".into(), OwnedTensor::from_i64(&[1, -2, 3], vec![3]));
+        write_safetensors(&path, &map, None).unwrap();
+        let f = TensorFile::open(&path).unwrap();
+        assert_eq!(f.read_f32("f32").unwrap(), (vals.to_vec(), vec![2, 2]));
+        let (bf, _) = f.read_f32("bf16").unwrap();
+        for (a, b) in vals.iter().zip(&bf) {
+            assert!((a - b).abs() <= a.abs() / 128.0, "{a} vs {b}");
+        }
+        assert_eq!(f.read_i64("ids").unwrap().0, vec![1, -2, 3]);
+        let err = f.read_f32("ids").unwrap_err().to_string();
+        assert!(err.contains("ids") && err.contains("I64"), "{err}");
+        let err = f.read_f32("nope").unwrap_err().to_string();
+        assert!(
+            err.contains("nope") && err.contains("t.safetensors"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn truncated_file_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let mut map = BTreeMap::new();
+        map.insert(
+            "w".to_string(),
+            OwnedTensor::from_f32(&[0.0; 64], vec![64], StoreDtype::F32),
+        );
+        write_safetensors(&path, &map, None).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        for cut in [4, 20, bytes.len() - 10] {
+            std::fs::write(&path, &bytes[..cut]).unwrap();
+            let err = TensorFile::open(&path)
+                .err()
+                .expect("truncated file must fail")
+                .to_string();
+            assert!(
+                err.contains("t.safetensors") && err.contains("trunc"),
+                "{err}"
+            );
+        }
+    }
+}

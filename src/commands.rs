@@ -1,0 +1,266 @@
+//! The subcommands. Each parses nothing itself (clap did) and owns only I/O and printing.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use skipgpt_model::generate::validate_ids;
+use skipgpt_model::safetensors_io::{write_safetensors, OwnedTensor, TensorFile, WeightSet};
+use skipgpt_model::{
+    generate as gen, load_config, load_pretrained, save_pretrained, GenerateOptions, LlamaConfig,
+    Sampling, StoreDtype, Tokenizer,
+};
+
+use crate::backend::BackendKind;
+use crate::{with_backend, DemoArgs, GenerateArgs, InspectArgs, LogitsArgs};
+
+/// The byte-level BPE tokenizer (512 tokens) the demo model uses, so the demo needs no files.
+const DEMO_TOKENIZER: &str = include_str!("../assets/tiny-tokenizer.json");
+
+pub fn logits(backend: BackendKind, args: LogitsArgs) -> Result<()> {
+    with_backend!(backend, |B, device| logits_on::<B>(&args, &device))
+}
+
+fn logits_on<B: Backend>(args: &LogitsArgs, device: &B::Device) -> Result<()> {
+    let input = TensorFile::open(&args.input)?;
+    let (ids, shape) = input.read_i64("input_ids")?;
+    let [b, s] = shape[..] else {
+        bail!(
+            "{}: `input_ids` must be 2-D [batch, seq], got shape {shape:?}",
+            args.input.display()
+        );
+    };
+    if b == 0 || s == 0 {
+        bail!(
+            "{}: `input_ids` is empty (shape {shape:?})",
+            args.input.display()
+        );
+    }
+    let pretrained = load_pretrained::<B>(&args.model, device)?;
+    let model = pretrained.model;
+    validate_ids(
+        &ids,
+        model.config.vocab_size,
+        &format!("{}: input_ids", args.input.display()),
+    )?;
+    let input_ids: Tensor<B, 2, Int> = Tensor::from_data(TensorData::new(ids, [b, s]), device);
+    let out = model.forward_full(input_ids, None, args.hidden_states);
+    let mut tensors = BTreeMap::new();
+    tensors.insert(
+        "logits".to_string(),
+        OwnedTensor::from_tensor(out.logits, StoreDtype::F32),
+    );
+    for (k, h) in out.hidden_states.into_iter().enumerate() {
+        tensors.insert(
+            format!("hidden_states.{k}"),
+            OwnedTensor::from_tensor(h, StoreDtype::F32),
+        );
+    }
+    write_safetensors(&args.output, &tensors, None)?;
+    eprintln!(
+        "wrote logits [{b}, {s}, {}] to {}",
+        model.config.vocab_size,
+        args.output.display()
+    );
+    Ok(())
+}
+
+pub fn generate(backend: BackendKind, args: GenerateArgs) -> Result<()> {
+    with_backend!(backend, |B, device| generate_on::<B>(&args, &device))
+}
+
+fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
+    let pretrained = load_pretrained::<B>(&args.model, device)?;
+    let tokenizer = pretrained.tokenizer.as_ref();
+    let prompt: Vec<u32> = match (&args.prompt, &args.prompt_ids) {
+        (Some(text), _) => {
+            let tok = tokenizer.with_context(|| {
+                format!(
+                    "--prompt needs {}; pass --prompt-ids instead",
+                    args.model.join("tokenizer.json").display()
+                )
+            })?;
+            tok.encode(text)?
+        }
+        (None, Some(ids)) => {
+            validate_ids(ids, pretrained.model.config.vocab_size, "--prompt-ids")?;
+            ids.iter().map(|&i| i as u32).collect()
+        }
+        (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+    };
+    let sampling = match (args.temperature, args.top_p) {
+        (None, None) => Sampling::Greedy,
+        (t, p) => Sampling::Sample {
+            temperature: t.unwrap_or(1.0),
+            top_p: p.unwrap_or(1.0),
+            seed: args.seed,
+        },
+    };
+    let opts = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        sampling,
+        eos_token_ids: pretrained.model.config.eos_token_ids.clone(),
+        ignore_eos: args.ignore_eos,
+    };
+    let tokens = gen(&pretrained.model, &[prompt], &opts)?.remove(0);
+    let text = tokenizer.map(|t| t.decode(&tokens)).transpose()?;
+    if args.json {
+        println!("{}", serde_json::json!({ "tokens": tokens, "text": text }));
+    } else {
+        match text {
+            Some(text) => println!("{text}"),
+            None => println!(
+                "{}",
+                tokens
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        }
+    }
+    Ok(())
+}
+
+pub fn inspect(args: InspectArgs) -> Result<()> {
+    let config = load_config(&args.model)?;
+    let weights = WeightSet::open_dir(&args.model)?;
+    let (params, dtypes) = weights.summary();
+    let tokenizer = args.model.join("tokenizer.json");
+    let tokenizer_vocab = if tokenizer.exists() {
+        Some(Tokenizer::from_file(&tokenizer)?.vocab_size())
+    } else {
+        None
+    };
+    let files: Vec<String> = weights
+        .paths()
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let info = serde_json::json!({
+        "model_type": config.model_type,
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "attention_heads": config.num_attention_heads,
+        "kv_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "parameters": params,
+        "config_dtype": config.dtype,
+        "stored_dtypes": dtypes,
+        "context_length": config.max_position_embeddings,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": config.rope_scaling,
+        "tied_embeddings": config.tie_word_embeddings,
+        "sliding_window": config.sliding_window,
+        "weight_files": files,
+        "tokenizer_vocab": tokenizer_vocab,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    let gqa = if config.num_key_value_heads < config.num_attention_heads {
+        format!(" (grouped-query, {} per kv head)", config.kv_groups())
+    } else {
+        String::new()
+    };
+    println!("model          {}", args.model.display());
+    println!(
+        "architecture   {} decoder, {} layers",
+        config.model_type, config.num_hidden_layers
+    );
+    println!(
+        "hidden         {} (MLP {})",
+        config.hidden_size, config.intermediate_size
+    );
+    println!(
+        "heads          {} query / {} key-value, head_dim {}{gqa}",
+        config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    );
+    println!("parameters     {} ({:.2}M)", params, params as f64 / 1e6);
+    println!(
+        "dtype          {} (stored: {})",
+        config.dtype,
+        dtypes.join(", ")
+    );
+    println!("context        {} tokens", config.max_position_embeddings);
+    println!(
+        "rope           theta {} scaling {:?}",
+        config.rope_theta, config.rope_scaling
+    );
+    println!("vocab          {}", config.vocab_size);
+    println!("tied head      {}", config.tie_word_embeddings);
+    println!("weights        {}", files.join(", "));
+    match tokenizer_vocab {
+        Some(n) => println!("tokenizer      {n} tokens"),
+        None => println!("tokenizer      none (tokenizer.json missing: token ids only)"),
+    }
+    Ok(())
+}
+
+pub fn demo(backend: BackendKind, args: DemoArgs) -> Result<()> {
+    with_backend!(backend, |B, device| demo_on::<B>(&args, &device))
+}
+
+fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
+    let model_dir = args.out.join("model");
+    let tokenizer = Tokenizer::from_inner(
+        DEMO_TOKENIZER
+            .parse()
+            .map_err(|e| anyhow::anyhow!("embedded demo tokenizer: {e}"))?,
+        model_dir.join("tokenizer.json"),
+    );
+    let mut config = LlamaConfig::tiny(tokenizer.vocab_size());
+    config.eos_token_ids = tokenizer
+        .token_to_id("<|end_of_text|>")
+        .into_iter()
+        .collect();
+    config.bos_token_id = tokenizer.token_to_id("<|begin_of_text|>");
+
+    eprintln!(
+        "[1/3] initialising a tiny LLaMA ({} parameters, seed {})",
+        config.num_params(),
+        args.seed
+    );
+    B::seed(device, args.seed);
+    let model = config.init::<B>(device);
+    save_pretrained(&model, Some(&tokenizer), &model_dir, StoreDtype::F32)?;
+    eprintln!(
+        "      saved in the Hugging Face layout to {}",
+        model_dir.display()
+    );
+
+    eprintln!(
+        "[2/3] reloading {} through the checkpoint loader",
+        model_dir.display()
+    );
+    let loaded = load_pretrained::<B>(&model_dir, device)?;
+    let prompt = tokenizer.encode(&args.prompt)?;
+
+    eprintln!(
+        "[3/3] generating {} tokens greedily with the KV cache",
+        args.max_new_tokens
+    );
+    let opts = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        sampling: Sampling::Greedy,
+        eos_token_ids: Vec::new(),
+        ignore_eos: true,
+    };
+    let tokens = gen(&loaded.model, &[prompt.clone()], &opts)?.remove(0);
+    println!("prompt      {:?} -> {:?}", args.prompt, prompt);
+    println!("generated   {tokens:?}");
+    println!("text        {:?}", tokenizer.decode(&tokens)?);
+    println!(
+        "(the weights are random, so the text is too; try `skipgpt generate --model {}`)",
+        model_dir.display()
+    );
+    Ok(())
+}
