@@ -8,11 +8,32 @@ use skipgpt_model::generate::validate_ids;
 use skipgpt_model::safetensors_io::{write_safetensors, OwnedTensor, TensorFile, WeightSet};
 use skipgpt_model::{
     generate as gen, load_config, load_pretrained, save_pretrained, GenerateOptions, LlamaConfig,
-    Sampling, StoreDtype, Tokenizer,
+    Routing, RoutingConfig, Sampling, StoreDtype, Tokenizer,
 };
 
 use crate::backend::BackendKind;
-use crate::{with_backend, DemoArgs, GenerateArgs, InspectArgs, LogitsArgs};
+use crate::{
+    with_backend, DemoArgs, GenerateArgs, InspectArgs, LogitsArgs, RoutingArg, RoutingArgs,
+};
+
+/// Sets how a loaded model routes, per the command line.
+fn apply_routing<B: Backend>(
+    model: &mut skipgpt_model::LlamaForCausalLM<B>,
+    args: &RoutingArgs,
+    device: &B::Device,
+) {
+    if model.routing_config.is_none() {
+        return;
+    }
+    model.routing = match (args.dense, args.routing) {
+        (true, _) => Routing::Dense,
+        (false, RoutingArg::Deterministic) => Routing::Deterministic,
+        (false, RoutingArg::Sample) => {
+            B::seed(device, args.routing_seed);
+            Routing::Sample
+        }
+    };
+}
 
 /// The byte-level BPE tokenizer (512 tokens) the demo model uses, so the demo needs no files.
 const DEMO_TOKENIZER: &str = include_str!("../assets/tiny-tokenizer.json");
@@ -37,7 +58,8 @@ fn logits_on<B: Backend>(args: &LogitsArgs, device: &B::Device) -> Result<()> {
         );
     }
     let pretrained = load_pretrained::<B>(&args.model, device)?;
-    let model = pretrained.model;
+    let mut model = pretrained.model;
+    apply_routing(&mut model, &args.routing, device);
     validate_ids(
         &ids,
         model.config.vocab_size,
@@ -56,6 +78,15 @@ fn logits_on<B: Backend>(args: &LogitsArgs, device: &B::Device) -> Result<()> {
             OwnedTensor::from_tensor(h, StoreDtype::F32),
         );
     }
+    // routed: the 0/1 decisions as [layers, batch, seq]
+    for (name, gates) in [("attn_gates", out.attn_gates), ("mlp_gates", out.mlp_gates)] {
+        if !gates.is_empty() {
+            tensors.insert(
+                name.to_string(),
+                OwnedTensor::from_tensor(Tensor::stack::<3>(gates, 0), StoreDtype::F32),
+            );
+        }
+    }
     write_safetensors(&args.output, &tensors, None)?;
     eprintln!(
         "wrote logits [{b}, {s}, {}] to {}",
@@ -70,7 +101,8 @@ pub fn generate(backend: BackendKind, args: GenerateArgs) -> Result<()> {
 }
 
 fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
-    let pretrained = load_pretrained::<B>(&args.model, device)?;
+    let mut pretrained = load_pretrained::<B>(&args.model, device)?;
+    apply_routing(&mut pretrained.model, &args.routing, device);
     let tokenizer = pretrained.tokenizer.as_ref();
     let prompt: Vec<u32> = match (&args.prompt, &args.prompt_ids) {
         (Some(text), _) => {
@@ -132,6 +164,23 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     } else {
         None
     };
+    let routers_path = args.model.join(skipgpt_model::checkpoint::ROUTERS_FILE);
+    let routing_path = args.model.join(skipgpt_model::checkpoint::ROUTING_FILE);
+    let routers = if routers_path.exists() {
+        let routing = if routing_path.exists() {
+            RoutingConfig::from_file(&routing_path)?
+        } else {
+            RoutingConfig::new()
+        };
+        let (n, _) = WeightSet::open_files(std::slice::from_ref(&routers_path))?.summary();
+        Some(serde_json::json!({
+            "config": routing,
+            "parameters": n,
+            "percent_of_model": 100.0 * n as f64 / params as f64,
+        }))
+    } else {
+        None
+    };
     let files: Vec<String> = weights
         .paths()
         .iter()
@@ -160,7 +209,8 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
         "tied_embeddings": config.tie_word_embeddings,
         "sliding_window": config.sliding_window,
         "weight_files": files,
-        "tokenizer_vocab": tokenizer_vocab,
+                "tokenizer_vocab": tokenizer_vocab,
+        "routers": routers,
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
@@ -201,6 +251,15 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     match tokenizer_vocab {
         Some(n) => println!("tokenizer      {n} tokens"),
         None => println!("tokenizer      none (tokenizer.json missing: token ids only)"),
+    }
+    match &info["routers"] {
+        serde_json::Value::Null => println!("routers        none (dense model)"),
+        r => println!(
+            "routers        {} parameters ({:.4}% of the model), {}",
+            r["parameters"],
+            r["percent_of_model"].as_f64().unwrap_or(0.0),
+            r["config"]
+        ),
     }
     Ok(())
 }
@@ -254,7 +313,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         eos_token_ids: Vec::new(),
         ignore_eos: true,
     };
-    let tokens = gen(&loaded.model, &[prompt.clone()], &opts)?.remove(0);
+    let tokens = gen(&loaded.model, std::slice::from_ref(&prompt), &opts)?.remove(0);
     println!("prompt      {:?} -> {:?}", args.prompt, prompt);
     println!("generated   {tokens:?}");
     println!("text        {:?}", tokenizer.decode(&tokens)?);

@@ -54,6 +54,27 @@ pub struct DemoArgs {
     pub seed: u64,
 }
 
+/// How a SkipGPT model's routers are used at inference.
+#[derive(Args, Debug, Clone)]
+pub struct RoutingArgs {
+    /// Ignore the routers: run every module (the dense baseline).
+    #[arg(long)]
+    pub dense: bool,
+    /// `deterministic`: execute iff logit0 > logit1; `sample`: draw each decision from the
+    /// router's softmax, as the reference code does.
+    #[arg(long, value_enum, default_value = "deterministic")]
+    pub routing: RoutingArg,
+    /// Seed of the routing draws with `--routing sample`.
+    #[arg(long, default_value_t = 0)]
+    pub routing_seed: u64,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutingArg {
+    Deterministic,
+    Sample,
+}
+
 #[derive(Args, Debug)]
 pub struct LogitsArgs {
     /// Model directory (HF layout).
@@ -68,6 +89,8 @@ pub struct LogitsArgs {
     /// Also write `hidden_states.{k}` (embeddings, then every layer's output).
     #[arg(long)]
     pub hidden_states: bool,
+    #[command(flatten)]
+    pub routing: RoutingArgs,
 }
 
 #[derive(Args, Debug)]
@@ -103,6 +126,8 @@ pub struct GenerateArgs {
     /// Print `{"tokens": [...], "text": "..."}` instead of the text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub routing: RoutingArgs,
 }
 
 #[derive(Args, Debug)]

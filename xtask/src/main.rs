@@ -1,1 +1,84 @@
-fn main() {}
+//! Project automation: `cargo xtask <task>`.
+//!
+//! - `ci`: formatting check, clippy (warnings are errors), the test suite, and a compile check
+//!   of the GPU backends (`--features wgpu,cuda`; no GPU needed to compile).
+//! - `fixtures`: regenerates `tests/fixtures/variants/` with HF transformers
+//!   (needs a Python with torch, transformers, safetensors, tokenizers; set `PYTHON`).
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    eprintln!("$ {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .with_context(|| format!("could not start {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn ci() -> Result<()> {
+    run("cargo", &["fmt", "--all", "--", "--check"])?;
+    run(
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    run("cargo", &["test", "--workspace"])?;
+    run(
+        "cargo",
+        &["check", "--workspace", "--features", "wgpu,cuda"],
+    )
+}
+
+const VARIANTS: [&str; 3] = [
+    "llama3_tied_bf16_sharded",
+    "dynamic_rope",
+    "qwen2_linear_f16",
+];
+
+fn fixtures() -> Result<()> {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let corpus = std::env::var("CORPUS").unwrap_or_else(|_| "/usr/share/common-licenses/*".into());
+    for v in VARIANTS {
+        let tmp = std::env::temp_dir().join(format!("skipgpt-fixture-{v}"));
+        let tmp_s = tmp.to_string_lossy().into_owned();
+        run(
+            &python,
+            &[
+                "tools/make_fixtures.py",
+                &tmp_s,
+                "--corpus",
+                &corpus,
+                "--variant",
+                v,
+            ],
+        )?;
+        let dest = format!("tests/fixtures/variants/{v}");
+        let _ = std::fs::remove_dir_all(&dest);
+        std::fs::create_dir_all(&dest)?;
+        for item in ["model", "reference.safetensors", "reference.json"] {
+            run("cp", &["-r", &format!("{tmp_s}/{item}"), &dest])?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let task = std::env::args().nth(1).unwrap_or_default();
+    match task.as_str() {
+        "ci" => ci(),
+        "fixtures" => fixtures(),
+        _ => bail!("usage: cargo xtask <ci|fixtures>"),
+    }
+}

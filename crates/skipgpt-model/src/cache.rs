@@ -10,21 +10,36 @@ use burn::tensor::{backend::Backend, Tensor};
 pub struct LayerKv<B: Backend> {
     /// `[batch, kv_heads, cached, head_dim]` each.
     kv: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    /// `[batch, cached]`: 0 for tokens whose keys are hidden (`kv_policy = drop`).
+    visible: Option<Tensor<B, 2>>,
 }
 
 impl<B: Backend> LayerKv<B> {
-    /// Appends new keys/values and returns everything cached, new ones included.
+    /// Appends new keys/values (and their visibility, if tracked) and returns everything
+    /// cached, new ones included.
     ///
     /// # Shapes
-    /// - k, v: `[batch, kv_heads, new, head_dim]`
-    /// - output: `[batch, kv_heads, cached + new, head_dim]` twice
-    pub fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    /// - k, v: `[batch, kv_heads, new, head_dim]`; visible: `[batch, new]`
+    /// - output: `[batch, kv_heads, cached + new, head_dim]` twice; `[batch, cached + new]`
+    pub fn append(
+        &mut self,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        visible: Option<Tensor<B, 2>>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 2>>) {
         let (k, v) = match self.kv.take() {
             Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
             None => (k, v),
         };
+        // A cache is either always routed with kv_policy = drop or never: visibility is
+        // tracked from the first step or not at all.
+        let visible = match (self.visible.take(), visible) {
+            (Some(old), Some(new)) => Some(Tensor::cat(vec![old, new], 1)),
+            (_, new) => new,
+        };
         self.kv = Some((k.clone(), v.clone()));
-        (k, v)
+        self.visible = visible.clone();
+        (k, v, visible)
     }
 
     /// Number of cached positions.
@@ -47,7 +62,12 @@ pub struct KvCache<B: Backend> {
 impl<B: Backend> KvCache<B> {
     pub fn new(num_layers: usize) -> Self {
         KvCache {
-            layers: (0..num_layers).map(|_| LayerKv { kv: None }).collect(),
+            layers: (0..num_layers)
+                .map(|_| LayerKv {
+                    kv: None,
+                    visible: None,
+                })
+                .collect(),
             len: 0,
         }
     }

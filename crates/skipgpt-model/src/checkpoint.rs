@@ -1,5 +1,9 @@
 //! A model directory in the Hugging Face layout: `config.json`, `model.safetensors` (or shards
 //! with `model.safetensors.index.json`) and `tokenizer.json`.
+//!
+//! A SkipGPT model directory adds `routers.safetensors` (router weights, f32, named
+//! `model.layers.{i}.attn_router.*` / `.mlp_router.*`) and `skipgpt.json` (the
+//! [`RoutingConfig`]). Without `skipgpt.json`, routers are read with the default config.
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +12,7 @@ use burn::tensor::backend::Backend;
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::llama::LlamaForCausalLM;
+use crate::router::RoutingConfig;
 use crate::safetensors_io::{atomic_write, write_safetensors, StoreDtype, WeightSet};
 use crate::tokenizer::Tokenizer;
 
@@ -22,7 +27,7 @@ fn check_dir(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
         return Err(ModelError::MissingFile {
             path: dir.to_path_buf(),
-            what: "model directory (expected a folder with config.json and model.safetensors)",
+            what: "model directory not found (expected a folder with config.json and model.safetensors)",
         });
     }
     Ok(())
@@ -38,7 +43,22 @@ pub fn load_config(dir: &Path) -> Result<LlamaConfig> {
 pub fn load_pretrained<B: Backend>(dir: &Path, device: &B::Device) -> Result<Pretrained<B>> {
     let config = load_config(dir)?;
     let weights = WeightSet::open_dir(dir)?;
-    let model = LlamaForCausalLM::load(&config, &weights, device)?;
+    let mut model = LlamaForCausalLM::load(&config, &weights, device)?;
+    let routers = dir.join(ROUTERS_FILE);
+    let routing_json = dir.join(ROUTING_FILE);
+    if routers.exists() {
+        let routing = if routing_json.exists() {
+            RoutingConfig::from_file(&routing_json)?
+        } else {
+            RoutingConfig::new()
+        };
+        model = model.load_routers(routing, &WeightSet::open_files(&[routers])?)?;
+    } else if routing_json.exists() {
+        return Err(ModelError::MissingFile {
+            path: routers,
+            what: "not found, but skipgpt.json says this is a SkipGPT model",
+        });
+    }
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {
         Some(Tokenizer::from_file(&tok_path)?)
@@ -64,7 +84,24 @@ pub fn load_pretrained<B: Backend>(dir: &Path, device: &B::Device) -> Result<Pre
     })
 }
 
-/// Writes a HF model directory (single `model.safetensors`), each file atomically.
+/// Router weights of a SkipGPT model directory.
+pub const ROUTERS_FILE: &str = "routers.safetensors";
+/// Routing configuration of a SkipGPT model directory.
+pub const ROUTING_FILE: &str = "skipgpt.json";
+
+/// Writes only the routers and `skipgpt.json` of a routed model into `dir`.
+pub fn save_routers<B: Backend>(model: &LlamaForCausalLM<B>, dir: &Path) -> Result<()> {
+    let Some(routing) = &model.routing_config else {
+        return Err(ModelError::InvalidInput(
+            "the model has no routers to save".into(),
+        ));
+    };
+    write_safetensors(&dir.join(ROUTERS_FILE), &model.export_routers(), None)?;
+    atomic_write(&dir.join(ROUTING_FILE), routing.to_json().as_bytes())
+}
+
+/// Writes a HF model directory (single `model.safetensors`), each file atomically; a routed
+/// model also gets `routers.safetensors` and `skipgpt.json`.
 pub fn save_pretrained<B: Backend>(
     model: &LlamaForCausalLM<B>,
     tokenizer: Option<&Tokenizer>,
@@ -85,6 +122,9 @@ pub fn save_pretrained<B: Backend>(
     )?;
     if let Some(tok) = tokenizer {
         tok.save(&dir.join("tokenizer.json"))?;
+    }
+    if model.routing_config.is_some() {
+        save_routers(model, dir)?;
     }
     // config last: a directory with a config is a complete checkpoint
     atomic_write(&dir.join("config.json"), json.as_bytes())

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// Anything that can go wrong while loading, running or saving a model.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: file not found ({what})")]
+    #[error("{path}: {what}")]
     MissingFile { path: PathBuf, what: &'static str },
 
     #[error("{path}: {source}")]
@@ -65,7 +65,7 @@ impl ModelError {
         if source.kind() == std::io::ErrorKind::NotFound {
             ModelError::MissingFile {
                 path,
-                what: "no such file",
+                what: "file not found",
             }
         } else {
             ModelError::Io { path, source }

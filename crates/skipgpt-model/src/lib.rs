@@ -17,14 +17,16 @@ pub mod error;
 pub mod generate;
 pub mod llama;
 pub mod rope;
+pub mod router;
 pub mod safetensors_io;
 pub mod tokenizer;
 
 pub use cache::KvCache;
-pub use checkpoint::{load_config, load_pretrained, save_pretrained, Pretrained};
+pub use checkpoint::{load_config, load_pretrained, save_pretrained, save_routers, Pretrained};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use generate::{generate, GenerateOptions, Sampling};
 pub use llama::{CausalLmOutput, LlamaForCausalLM};
+pub use router::{Granularity, KvPolicy, MlpRouterInput, RouterVariant, Routing, RoutingConfig};
 pub use safetensors_io::StoreDtype;
 pub use tokenizer::Tokenizer;

@@ -15,6 +15,7 @@ use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::rope::{apply_rotary, RotaryEmbedding};
+use crate::router::{Granularity, KvPolicy, MlpRouterInput, Router, Routing, RoutingConfig};
 use crate::safetensors_io::{OwnedTensor, StoreDtype, WeightSet};
 
 /// Standard deviation of the normal initialisation (transformers' `initializer_range`).
@@ -104,11 +105,15 @@ impl<B: Backend> RmsNorm<B> {
     }
 }
 
+/// Added to an attention score to hide a key. Finite, so that two masks can be summed and a
+/// row with every key hidden still gives a finite (and then gated-off) output.
+pub const MASKED: f32 = -1e9;
+
 /// Per-forward inputs every layer shares: rotary tables and the additive attention mask.
 pub struct AttentionContext<B: Backend> {
     pub cos: Tensor<B, 2>,
     pub sin: Tensor<B, 2>,
-    /// `[query, key]`: 0 where a query may look, a large negative number where it may not.
+    /// `[query, key]`: 0 where a query may look, [`MASKED`] where it may not.
     pub mask: Tensor<B, 2>,
 }
 
@@ -200,11 +205,15 @@ impl<B: Backend> Attention<B> {
     ///
     /// With a cache, `x` holds only the new tokens; their keys and values are appended and the
     /// queries attend over everything cached so far.
+    ///
+    /// `visible` (`[batch, seq]`, 1 or 0) hides the keys of the new tokens marked 0 from every
+    /// query (`kv_policy = drop`); the cache remembers it for later steps.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         ctx: &AttentionContext<B>,
         cache: Option<&mut crate::cache::LayerKv<B>>,
+        visible: Option<Tensor<B, 2>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -215,16 +224,21 @@ impl<B: Backend> Attention<B> {
             .swap_dims(1, 2);
         let q = apply_rotary(q, &ctx.cos, &ctx.sin);
         let (k, v) = self.project_kv(x, ctx);
-        let (k, v) = match cache {
-            Some(cache) => cache.append(k, v),
-            None => (k, v),
+        let (k, v, visible) = match cache {
+            Some(cache) => cache.append(k, v, visible),
+            None => (k, v, visible),
         };
         // Grouped-query attention without copying K/V: the `n_rep` query heads that share a
         // key/value head are stacked along the sequence axis, `[b, kv, n_rep * t, hd]`.
         let n_rep = nh / nkv;
         let q = q.reshape([b, nkv, n_rep * t, hd]);
         let scale = (hd as f64).powf(-0.5);
-        let mask = ctx.mask.clone().repeat_dim(0, n_rep).unsqueeze::<4>();
+        let mut mask = ctx.mask.clone().repeat_dim(0, n_rep).unsqueeze::<4>();
+        if let Some(visible) = visible {
+            let total = visible.dims()[1];
+            let hidden_keys = (visible.neg() + 1.0) * MASKED;
+            mask = mask + hidden_keys.reshape([b, 1, 1, total]);
+        }
         let scores = q.matmul(k.swap_dims(2, 3)) * scale + mask;
         let probs = activation::softmax(scores, 3);
         let out = probs
@@ -289,6 +303,25 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: Mlp<B>,
     pub input_layernorm: RmsNorm<B>,
     pub post_attention_layernorm: RmsNorm<B>,
+    /// SkipGPT router before attention (with `granularity = layer`, the layer's only router).
+    pub attn_router: Option<Router<B>>,
+    /// SkipGPT router before the MLP (`granularity = module` only).
+    pub mlp_router: Option<Router<B>>,
+}
+
+/// How one layer routes: taken from the model's [`RoutingConfig`] for every forward pass.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerRouting {
+    pub routing: Routing,
+    pub mlp_router_input: MlpRouterInput,
+    pub kv_policy: KvPolicy,
+}
+
+/// A layer's output and, when routed, its gates `[batch, seq]` (1 = executed).
+pub struct LayerOutput<B: Backend> {
+    pub hidden: Tensor<B, 3>,
+    pub attn_gate: Option<Tensor<B, 2>>,
+    pub mlp_gate: Option<Tensor<B, 2>>,
 }
 
 impl<B: Backend> DecoderLayer<B> {
@@ -298,6 +331,8 @@ impl<B: Backend> DecoderLayer<B> {
             mlp: Mlp::init(c, device),
             input_layernorm: RmsNorm::new(c.hidden_size, c.rms_norm_eps, device),
             post_attention_layernorm: RmsNorm::new(c.hidden_size, c.rms_norm_eps, device),
+            attn_router: None,
+            mlp_router: None,
         }
     }
 
@@ -319,6 +354,8 @@ impl<B: Backend> DecoderLayer<B> {
                 c.rms_norm_eps,
                 device,
             )?,
+            attn_router: None,
+            mlp_router: None,
         })
     }
 
@@ -335,20 +372,60 @@ impl<B: Backend> DecoderLayer<B> {
         );
     }
 
+    /// The gated block: `h = x + g_a·Attn(norm1(x))`, `y = h + g_m·MLP(norm2(h))`.
+    /// Without routers, or with [`Routing::Dense`], both gates are 1 and none is returned.
+    ///
     /// # Shapes
     /// - x: `[batch, seq, hidden]`
-    /// - output: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, hidden]`, gates `[batch, seq]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         ctx: &AttentionContext<B>,
         cache: Option<&mut crate::cache::LayerKv<B>>,
-    ) -> Tensor<B, 3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), ctx, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        routing: &LayerRouting,
+    ) -> LayerOutput<B> {
+        let routed = routing.routing != Routing::Dense;
+        let attn_gate = match (&self.attn_router, routed) {
+            (Some(r), true) => Some(r.gate(x.clone(), routing.routing)),
+            _ => None,
+        };
+        // kv_policy = drop: a token that skips attention lends no key/value to the others.
+        let visible = match routing.kv_policy {
+            KvPolicy::Drop => attn_gate.clone().map(Tensor::detach),
+            KvPolicy::Keep => None,
+        };
+        let attn =
+            self.self_attn
+                .forward(self.input_layernorm.forward(x.clone()), ctx, cache, visible);
+        let h = match &attn_gate {
+            Some(g) => x.clone() + attn * g.clone().unsqueeze_dim(2),
+            None => x.clone() + attn,
+        };
+        let mlp_gate = match (&self.mlp_router, &self.attn_router, routed) {
+            (Some(r), _, true) => {
+                let input = match routing.mlp_router_input {
+                    MlpRouterInput::PostAttn => h.clone(),
+                    MlpRouterInput::BlockInput => x,
+                };
+                Some(r.gate(input, routing.routing))
+            }
+            // one router per layer gates both modules
+            (None, Some(_), true) => attn_gate.clone(),
+            _ => None,
+        };
+        let mlp = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(h.clone()));
+        let hidden = match &mlp_gate {
+            Some(g) => h + mlp * g.clone().unsqueeze_dim(2),
+            None => h + mlp,
+        };
+        LayerOutput {
+            hidden,
+            attn_gate,
+            mlp_gate,
+        }
     }
 }
 
@@ -362,10 +439,16 @@ pub struct LlamaModel<B: Backend> {
 
 /// What a forward pass returns.
 pub struct CausalLmOutput<B: Backend> {
+    /// Per layer, when routed: 1.0 where the token executed attention, 0.0 where it skipped.
+    /// `[batch, seq]` each; with `granularity = layer` equal to `mlp_gates`.
+    pub attn_gates: Vec<Tensor<B, 2>>,
+    /// Per layer, when routed: the MLP decisions, `[batch, seq]` each.
+    pub mlp_gates: Vec<Tensor<B, 2>>,
     /// `[batch, seq, vocab]`
     pub logits: Tensor<B, 3>,
-    /// When asked for: the embeddings, then the output of every layer (the last one before the
-    /// final norm), each `[batch, seq, hidden]` — transformers' `output_hidden_states`.
+    /// When asked for: the embeddings, then the output of every layer, each
+    /// `[batch, seq, hidden]`, exactly as transformers' `output_hidden_states`: the last entry
+    /// is taken *after* the final norm (the input of the head).
     pub hidden_states: Vec<Tensor<B, 3>>,
 }
 
@@ -379,6 +462,13 @@ pub struct LlamaForCausalLM<B: Backend> {
     pub config: LlamaConfig,
     #[module(skip)]
     pub rope: RotaryEmbedding,
+    /// Present when the model carries SkipGPT routers (`skipgpt.json`).
+    #[module(skip)]
+    pub routing_config: Option<RoutingConfig>,
+    /// How [`LlamaForCausalLM::forward`] routes: deterministic for a routed model unless
+    /// changed (`--dense`, `--routing sample`, or Gumbel during training).
+    #[module(skip)]
+    pub routing: Routing,
 }
 
 impl LlamaConfig {
@@ -402,6 +492,8 @@ impl LlamaConfig {
                 .then(|| init_linear(self.hidden_size, self.vocab_size, false, device)),
             config: self.clone(),
             rope: RotaryEmbedding::new(self),
+            routing_config: None,
+            routing: Routing::Dense,
         }
     }
 }
@@ -442,7 +534,97 @@ impl<B: Backend> LlamaForCausalLM<B> {
             lm_head,
             config: c.clone(),
             rope: RotaryEmbedding::new(c),
+            routing_config: None,
+            routing: Routing::Dense,
         })
+    }
+
+    /// Adds freshly initialised routers (replacing any) and switches to deterministic routing.
+    pub fn with_new_routers(mut self, routing: RoutingConfig) -> Self {
+        let device = self.device();
+        let h = self.config.hidden_size;
+        for layer in self.model.layers.iter_mut() {
+            layer.attn_router = Some(Router::init(routing.router, h, &device));
+            layer.mlp_router = match routing.granularity {
+                Granularity::Module => Some(Router::init(routing.router, h, &device)),
+                Granularity::Layer => None,
+            };
+        }
+        self.routing_config = Some(routing);
+        self.routing = Routing::Deterministic;
+        self
+    }
+
+    /// Loads routers saved by [`LlamaForCausalLM::export_routers`] (`routers.safetensors`).
+    pub fn load_routers(mut self, routing: RoutingConfig, w: &WeightSet) -> Result<Self> {
+        let device = self.device();
+        let h = self.config.hidden_size;
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            match routing.granularity {
+                Granularity::Module => {
+                    layer.attn_router = Some(Router::load(
+                        routing.router,
+                        h,
+                        w,
+                        &format!("{p}.attn_router"),
+                        &device,
+                    )?);
+                    layer.mlp_router = Some(Router::load(
+                        routing.router,
+                        h,
+                        w,
+                        &format!("{p}.mlp_router"),
+                        &device,
+                    )?);
+                }
+                Granularity::Layer => {
+                    layer.attn_router = Some(Router::load(
+                        routing.router,
+                        h,
+                        w,
+                        &format!("{p}.router"),
+                        &device,
+                    )?);
+                    layer.mlp_router = None;
+                }
+            }
+        }
+        self.routing_config = Some(routing);
+        self.routing = Routing::Deterministic;
+        Ok(self)
+    }
+
+    /// The router weights under their checkpoint names (f32).
+    pub fn export_routers(&self) -> BTreeMap<String, OwnedTensor> {
+        let mut out = BTreeMap::new();
+        let layer_granularity = matches!(
+            self.routing_config.as_ref().map(|r| r.granularity),
+            Some(Granularity::Layer)
+        );
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            if let Some(r) = &layer.attn_router {
+                let name = if layer_granularity {
+                    "router"
+                } else {
+                    "attn_router"
+                };
+                r.export(&mut out, &format!("{p}.{name}"));
+            }
+            if let Some(r) = &layer.mlp_router {
+                r.export(&mut out, &format!("{p}.mlp_router"));
+            }
+        }
+        out
+    }
+
+    /// Number of router parameters.
+    pub fn router_params(&self) -> usize {
+        self.export_routers()
+            .values()
+            .map(|t| t.num_elements())
+            .sum()
     }
 
     /// Every weight under its HF name, ready for `model.safetensors`.
@@ -481,7 +663,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             let pos = start + i;
             for j in 0..total {
                 let visible = j <= pos && pos - j < window;
-                mask.push(if visible { 0.0f32 } else { f32::MIN });
+                mask.push(if visible { 0.0f32 } else { MASKED });
             }
         }
         let mask = Tensor::from_data(TensorData::new(mask, [len, total]), &device);
@@ -501,33 +683,70 @@ impl<B: Backend> LlamaForCausalLM<B> {
         self.forward_full(input_ids, cache, false).logits
     }
 
-    /// The forward pass, optionally keeping every layer's output.
+    /// The forward pass with the model's own routing mode, optionally keeping every layer's
+    /// output.
     pub fn forward_full(
         &self,
         input_ids: Tensor<B, 2, Int>,
+        cache: Option<&mut KvCache<B>>,
+        output_hidden_states: bool,
+    ) -> CausalLmOutput<B> {
+        self.forward_routed(input_ids, cache, self.routing, output_hidden_states)
+    }
+
+    /// The forward pass with an explicit routing mode (ignored when there are no routers).
+    pub fn forward_routed(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
         mut cache: Option<&mut KvCache<B>>,
+        routing: Routing,
         output_hidden_states: bool,
     ) -> CausalLmOutput<B> {
         let [_, t] = input_ids.dims();
         let start = cache.as_ref().map_or(0, |c| c.len());
         let ctx = self.attention_context(start, t);
+        let rc = self
+            .routing_config
+            .clone()
+            .unwrap_or_else(RoutingConfig::new);
+        let layer_routing = LayerRouting {
+            routing: if self.routing_config.is_some() {
+                routing
+            } else {
+                Routing::Dense
+            },
+            mlp_router_input: rc.mlp_router_input,
+            kv_policy: rc.kv_policy,
+        };
         let mut x = self.model.embed_tokens.forward(input_ids);
         let mut hidden_states = Vec::new();
+        let (mut attn_gates, mut mlp_gates) = (Vec::new(), Vec::new());
         for (i, layer) in self.model.layers.iter().enumerate() {
             if output_hidden_states {
                 hidden_states.push(x.clone());
             }
-            x = layer.forward(x, &ctx, cache.as_deref_mut().map(|c| c.layer(i)));
-        }
-        if output_hidden_states {
-            hidden_states.push(x.clone());
+            let out = layer.forward(
+                x,
+                &ctx,
+                cache.as_deref_mut().map(|c| c.layer(i)),
+                &layer_routing,
+            );
+            x = out.hidden;
+            attn_gates.extend(out.attn_gate);
+            mlp_gates.extend(out.mlp_gate);
         }
         if let Some(c) = cache {
             c.advance(t);
         }
+        let x = self.model.norm.forward(x);
+        if output_hidden_states {
+            hidden_states.push(x.clone());
+        }
         CausalLmOutput {
-            logits: self.head(self.model.norm.forward(x)),
+            logits: self.head(x),
             hidden_states,
+            attn_gates,
+            mlp_gates,
         }
     }
 

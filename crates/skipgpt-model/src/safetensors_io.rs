@@ -179,7 +179,7 @@ impl WeightSet {
         if !single.exists() {
             return Err(ModelError::MissingFile {
                 path: single,
-                what: "no model.safetensors and no model.safetensors.index.json in the model directory",
+                what: "not found, and there is no model.safetensors.index.json for a sharded checkpoint either",
             });
         }
         Self::open_files(&[single])
@@ -357,6 +357,10 @@ impl OwnedTensor {
             shape,
             bytes,
         }
+    }
+
+    pub fn num_elements(&self) -> usize {
+        self.shape.iter().product()
     }
 
     pub fn from_i64(values: &[i64], shape: Vec<usize>) -> Self {

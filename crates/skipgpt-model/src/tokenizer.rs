@@ -25,7 +25,7 @@ impl Tokenizer {
         if !path.exists() {
             return Err(ModelError::MissingFile {
                 path: path.to_path_buf(),
-                what: "tokenizer.json is needed to turn text into token ids",
+                what: "not found (a tokenizer.json is needed to turn text into token ids)",
             });
         }
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer {

@@ -1,0 +1,267 @@
+//! SkipGPT routers: a tiny classifier per module that decides, per token, whether the module
+//! runs. Logit 0 means EXECUTE, logit 1 means SKIP (the reference code's convention).
+//!
+//! Routers read the raw residual stream (not the normed state), in f32.
+
+use std::path::Path;
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::tensor::{activation, backend::Backend, Distribution, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+use crate::llama::{export_linear, load_linear};
+use crate::safetensors_io::{OwnedTensor, StoreDtype, WeightSet};
+
+/// The router network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterVariant {
+    /// `Linear(hidden, 2)`: the paper's router (≈0.008% of LLaMA-2-7B's parameters).
+    #[default]
+    Linear,
+    /// `Linear(hidden, hidden/4) → ReLU → Linear(hidden/4, 2)`: the reference code's router.
+    Mlp,
+}
+
+/// What the MLP router reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MlpRouterInput {
+    /// The state after the attention residual, `h` (the paper).
+    #[default]
+    PostAttn,
+    /// The block input `x`, as the published code does (both routers read the same state).
+    BlockInput,
+}
+
+/// How many routers a layer has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Granularity {
+    /// One router before attention and one before the MLP (SkipGPT).
+    #[default]
+    Module,
+    /// One router per layer, reading the block input, gating both modules together
+    /// (the MoD-D style baseline).
+    Layer,
+}
+
+/// What a token that skips attention means for the other tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum KvPolicy {
+    /// The skipped token still lends its keys and values to the others (the paper).
+    #[default]
+    Keep,
+    /// The skipped token is invisible to later tokens' attention at that layer, so its keys and
+    /// values need not be computed or cached. Must be trained the way it is served.
+    Drop,
+}
+
+/// Everything about routing that a SkipGPT checkpoint records in `skipgpt.json`.
+#[derive(Config, Debug, PartialEq)]
+pub struct RoutingConfig {
+    #[config(default = "RouterVariant::Linear")]
+    pub router: RouterVariant,
+    #[config(default = "MlpRouterInput::PostAttn")]
+    pub mlp_router_input: MlpRouterInput,
+    #[config(default = "Granularity::Module")]
+    pub granularity: Granularity,
+    #[config(default = "KvPolicy::Keep")]
+    pub kv_policy: KvPolicy,
+    /// Fraction of (token, module) executions the routers were trained to skip.
+    #[config(default = 0.25)]
+    pub target_sparsity: f64,
+}
+
+impl RoutingConfig {
+    /// Reads `skipgpt.json`; unknown values name the key and the accepted ones.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("routing config serialises")
+    }
+}
+
+/// How gates are computed in a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Routing {
+    /// Routers ignored: every module runs.
+    #[default]
+    Dense,
+    /// Execute iff logit0 > logit1 (inference default).
+    Deterministic,
+    /// Each decision drawn from the router's softmax (the reference code's inference).
+    Sample,
+    /// Training: hard Gumbel-softmax with a straight-through estimator. The forward value is
+    /// exactly 0 or 1; the gradient is that of the soft probability of EXECUTE.
+    Gumbel { temperature: f64 },
+}
+
+/// One router: `[.., hidden] -> [.., 2]` logits.
+#[derive(Module, Debug)]
+pub struct Router<B: Backend> {
+    /// The hidden layer of the `mlp` variant.
+    pub fc1: Option<Linear<B>>,
+    /// The output layer: the whole router for the `linear` variant.
+    pub fc2: Linear<B>,
+}
+
+impl<B: Backend> Router<B> {
+    /// Kaiming-uniform weights and zero biases, as the reference code initialises them.
+    pub fn init(variant: RouterVariant, hidden: usize, device: &B::Device) -> Self {
+        let layer = |d_in: usize, d_out: usize, relu: bool| {
+            LinearConfig::new(d_in, d_out)
+                .with_initializer(Initializer::KaimingUniform {
+                    gain: if relu { 2f64.sqrt() } else { 1.0 },
+                    fan_out_only: false,
+                })
+                .init::<B>(device)
+        };
+        let zero_bias = |mut l: Linear<B>| {
+            l.bias = l.bias.map(|b| Param::from_tensor(b.val().zeros_like()));
+            l
+        };
+        match variant {
+            RouterVariant::Linear => Router {
+                fc1: None,
+                fc2: zero_bias(layer(hidden, 2, false)),
+            },
+            RouterVariant::Mlp => Router {
+                fc1: Some(zero_bias(layer(hidden, hidden / 4, true))),
+                fc2: zero_bias(layer(hidden / 4, 2, false)),
+            },
+        }
+    }
+
+    /// Weight names: `{p}.weight`/`{p}.bias` for `linear` (the fixture's layout),
+    /// `{p}.fc1.*` and `{p}.fc2.*` for `mlp`.
+    pub fn load(
+        variant: RouterVariant,
+        hidden: usize,
+        w: &WeightSet,
+        p: &str,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Ok(match variant {
+            RouterVariant::Linear => Router {
+                fc1: None,
+                fc2: load_linear(w, p, hidden, 2, true, device)?,
+            },
+            RouterVariant::Mlp => Router {
+                fc1: Some(load_linear(
+                    w,
+                    &format!("{p}.fc1"),
+                    hidden,
+                    hidden / 4,
+                    true,
+                    device,
+                )?),
+                fc2: load_linear(w, &format!("{p}.fc2"), hidden / 4, 2, true, device)?,
+            },
+        })
+    }
+
+    pub fn export(&self, out: &mut std::collections::BTreeMap<String, OwnedTensor>, p: &str) {
+        match &self.fc1 {
+            None => export_linear(out, p, &self.fc2, StoreDtype::F32),
+            Some(fc1) => {
+                export_linear(out, &format!("{p}.fc1"), fc1, StoreDtype::F32);
+                export_linear(out, &format!("{p}.fc2"), &self.fc2, StoreDtype::F32);
+            }
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, 2]` (EXECUTE, SKIP)
+    pub fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = match &self.fc1 {
+            Some(fc1) => activation::relu(fc1.forward(x)),
+            None => x,
+        };
+        self.fc2.forward(x)
+    }
+
+    /// The gate of every token: 1.0 = execute, 0.0 = skip.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - output: `[batch, seq]`
+    pub fn gate(&self, x: Tensor<B, 3>, routing: Routing) -> Tensor<B, 2> {
+        gate_from_logits(self.logits(x), routing)
+    }
+}
+
+/// Turns router logits `[batch, seq, 2]` into gates `[batch, seq]`.
+pub fn gate_from_logits<B: Backend>(logits: Tensor<B, 3>, routing: Routing) -> Tensor<B, 2> {
+    let [b, t, _] = logits.dims();
+    let execute = logits.clone().slice([0..b, 0..t, 0..1]);
+    let skip = logits.slice([0..b, 0..t, 1..2]);
+    match routing {
+        Routing::Dense => Tensor::ones([b, t], &execute.device()),
+        Routing::Deterministic => execute.greater(skip).float().reshape([b, t]),
+        Routing::Sample => {
+            // argmax(z + Gumbel noise) is a draw from softmax(z)
+            let g = gumbel_noise::<B>([b, t, 2], &execute.device());
+            let ge = g.clone().slice([0..b, 0..t, 0..1]);
+            let gs = g.slice([0..b, 0..t, 1..2]);
+            (execute + ge).greater(skip + gs).float().reshape([b, t])
+        }
+        Routing::Gumbel { temperature } => {
+            let logits = Tensor::cat(vec![execute, skip], 2);
+            let noise = gumbel_noise::<B>([b, t, 2], &logits.device());
+            straight_through_gate(logits, noise, temperature)
+        }
+    }
+}
+
+/// Hard Gumbel-softmax with a straight-through estimator, given the noise.
+///
+/// Forward: exactly 1.0 where `argmax(logits + noise)` is EXECUTE, else 0.0.
+/// Backward: the gradient of the soft probability `softmax((logits + noise) / τ)[0]`.
+///
+/// # Shapes
+/// - logits, noise: `[batch, seq, 2]`
+/// - output: `[batch, seq]`
+pub fn straight_through_gate<B: Backend>(
+    logits: Tensor<B, 3>,
+    noise: Tensor<B, 3>,
+    temperature: f64,
+) -> Tensor<B, 2> {
+    let [b, t, _] = logits.dims();
+    let soft = activation::softmax((logits + noise) / temperature, 2);
+    let p_exec = soft.clone().slice([0..b, 0..t, 0..1]).reshape([b, t]);
+    let p_skip = soft.slice([0..b, 0..t, 1..2]).reshape([b, t]);
+    let hard = p_exec.clone().detach().greater(p_skip.detach()).float();
+    // hard + (p - p): exactly the hard value forward (p - p is exactly 0), p's gradient backward.
+    hard + (p_exec.clone() - p_exec.detach())
+}
+
+/// Parameters of all routers of a model: the paper's "< 0.01% of LLaMA-7B" for `linear`.
+pub fn router_param_count(routing: &RoutingConfig, hidden: usize, layers: usize) -> usize {
+    let one = match routing.router {
+        RouterVariant::Linear => hidden * 2 + 2,
+        RouterVariant::Mlp => hidden * (hidden / 4) + hidden / 4 + (hidden / 4) * 2 + 2,
+    };
+    let per_layer = match routing.granularity {
+        Granularity::Module => 2,
+        Granularity::Layer => 1,
+    };
+    one * per_layer * layers
+}
+
+/// Standard Gumbel noise `-ln(-ln U)`, U uniform in (0, 1).
+fn gumbel_noise<B: Backend>(shape: [usize; 3], device: &B::Device) -> Tensor<B, 3> {
+    let u = Tensor::<B, 3>::random(shape, Distribution::Uniform(1e-10, 1.0 - 1e-7), device);
+    u.log().neg().log().neg()
+}

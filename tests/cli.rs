@@ -1,0 +1,446 @@
+//! The `skipgpt` binary end to end: outputs against the fixture, and clear errors on bad input.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+use skipgpt_model::safetensors_io::{write_safetensors, OwnedTensor, StoreDtype, TensorFile};
+
+fn skipgpt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_skipgpt"))
+        .args(args)
+        .env_remove("SKIPGPT_BACKEND")
+        .output()
+        .expect("run skipgpt")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs a command that must fail cleanly: non-zero exit, no panic, and every `needle` in stderr.
+fn assert_clean_failure(args: &[&str], needles: &[&str]) {
+    let out = skipgpt(args);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "expected failure for {args:?}");
+    assert_eq!(out.status.code(), Some(1), "exit code for {args:?}: {err}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    for n in needles {
+        assert!(
+            err.contains(n),
+            "stderr for {args:?} should mention {n:?}: {err}"
+        );
+    }
+}
+
+fn model_dir() -> String {
+    tiny().join("model").display().to_string()
+}
+
+#[test]
+fn logits_command_matches_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("logits.safetensors");
+    let input = tiny().join("reference.safetensors");
+    let o = skipgpt(&[
+        "logits",
+        "--model",
+        &model_dir(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = TensorFile::open(&out).unwrap();
+    let (logits, shape) = got.read_f32("logits").unwrap();
+    assert_eq!(shape, vec![2, 24, 512]);
+    let (expected, _) = reference(&tiny()).read_f32("logits").unwrap();
+    let d = max_abs_diff(&logits, &expected);
+    assert!(d < 1e-4, "logits differ by {d}");
+}
+
+#[test]
+fn generate_json_reproduces_greedy_tokens() {
+    let r = reference(&tiny());
+    let prompts = ids_rows(&r, "greedy_prompt");
+    let expected = ids_rows(&r, "greedy_tokens");
+    for (p, e) in prompts.iter().zip(&expected) {
+        let ids = p.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let o = skipgpt(&[
+            "generate",
+            "--model",
+            &model_dir(),
+            "--prompt-ids",
+            &ids,
+            "--max-new-tokens",
+            "16",
+            "--ignore-eos",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let tokens: Vec<u32> = serde_json::from_value(json["tokens"].clone()).unwrap();
+        assert_eq!(&tokens, e);
+        assert!(json["text"].is_string());
+    }
+}
+
+#[test]
+fn generate_from_text_and_sampling_is_seeded() {
+    let run = |seed: &str| {
+        let o = skipgpt(&[
+            "generate",
+            "--model",
+            &model_dir(),
+            "--prompt",
+            "The quick brown fox",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "1.5",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+            "--ignore-eos",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        serde_json::from_value::<Vec<u32>>(json["tokens"].clone()).unwrap()
+    };
+    let a = run("1");
+    assert_eq!(a.len(), 12);
+    assert_eq!(a, run("1"), "same seed, same tokens");
+    let others: Vec<Vec<u32>> = (2..6).map(|s| run(&s.to_string())).collect();
+    assert!(
+        others.iter().any(|o| *o != a),
+        "different seeds should not all agree"
+    );
+}
+
+#[test]
+fn generate_stops_at_eos_unless_ignored() {
+    // Make every token's most likely continuation EOS by copying the fixture and declaring the
+    // first greedy token EOS: generation must stop right there.
+    let r = reference(&tiny());
+    let prompt = &ids_rows(&r, "greedy_prompt")[0];
+    let first = ids_rows(&r, "greedy_tokens")[0][0];
+    let dir = copy_dir(&tiny().join("model"));
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["eos_token_id"] = first.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let ids = prompt
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let m = dir.path().to_str().unwrap();
+    let tokens = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            m,
+            "--prompt-ids",
+            &ids,
+            "--max-new-tokens",
+            "5",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = skipgpt(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        serde_json::from_value::<Vec<u32>>(json["tokens"].clone()).unwrap()
+    };
+    assert_eq!(tokens(&[]), vec![first]);
+    assert_eq!(tokens(&["--ignore-eos"]).len(), 5);
+}
+
+#[test]
+fn inspect_reports_architecture() {
+    let o = skipgpt(&["inspect", "--model", &model_dir(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["model_type"], "llama");
+    assert_eq!(j["parameters"], 204224); // reference.json "params"
+    assert_eq!(j["layers"], 3);
+    assert_eq!(j["kv_heads"], 2);
+    assert_eq!(j["context_length"], 256);
+    assert_eq!(j["config_dtype"], "float32");
+    let o = skipgpt(&[
+        "inspect",
+        "--model",
+        variant("llama3_tied_bf16_sharded")
+            .join("model")
+            .to_str()
+            .unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success()
+            && text.contains("bfloat16")
+            && text.contains("BF16")
+            && text.contains("Llama3"),
+        "{text}"
+    );
+    assert!(text.contains("model-00003-of-00003.safetensors"), "{text}");
+}
+
+#[test]
+fn demo_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = skipgpt(&[
+        "demo",
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--max-new-tokens",
+        "5",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(dir.path().join("model/config.json").exists());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("generated"));
+}
+
+#[test]
+fn unknown_backend_is_rejected() {
+    let o = skipgpt(&["--backend", "tpu", "inspect", "--model", &model_dir()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("tpu"));
+}
+
+// ---- bad input: each a clear message naming the file or key, exit code 1, no panic ----
+
+#[test]
+fn missing_config_json() {
+    let dir = copy_dir(&tiny().join("model"));
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    assert_clean_failure(
+        &["inspect", "--model", dir.path().to_str().unwrap()],
+        &["config.json", "not found"],
+    );
+}
+
+#[test]
+fn missing_model_directory() {
+    assert_clean_failure(
+        &[
+            "generate",
+            "--model",
+            "/nonexistent/model",
+            "--prompt-ids",
+            "1",
+        ],
+        &["/nonexistent/model"],
+    );
+}
+
+fn edit_config(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let dir = copy_dir(&tiny().join("model"));
+    let path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn config_missing_hidden_size() {
+    let dir = edit_config(|c| {
+        c.as_object_mut().unwrap().remove("hidden_size");
+    });
+    assert_clean_failure(
+        &[
+            "generate",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--prompt-ids",
+            "1",
+        ],
+        &["config.json", "hidden_size"],
+    );
+}
+
+#[test]
+fn unknown_model_type() {
+    let dir = edit_config(|c| c["model_type"] = "gpt_neox".into());
+    assert_clean_failure(
+        &[
+            "generate",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--prompt-ids",
+            "1",
+        ],
+        &["config.json", "unsupported architecture", "gpt_neox"],
+    );
+}
+
+#[test]
+fn invalid_json_config() {
+    let dir = copy_dir(&tiny().join("model"));
+    std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
+    assert_clean_failure(
+        &["inspect", "--model", dir.path().to_str().unwrap()],
+        &["config.json"],
+    );
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = copy_dir(&tiny().join("model"));
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert_clean_failure(
+        &[
+            "generate",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--prompt-ids",
+            "1",
+        ],
+        &["model.safetensors", "truncated"],
+    );
+}
+
+/// Rewrites the fixture weights with `edit` applied to the tensor map.
+fn edit_weights(edit: impl FnOnce(&mut BTreeMap<String, OwnedTensor>)) -> tempfile::TempDir {
+    let dir = copy_dir(&tiny().join("model"));
+    let path = dir.path().join("model.safetensors");
+    let file = TensorFile::open(&path).unwrap();
+    let mut map = BTreeMap::new();
+    for name in file.names() {
+        let (v, shape) = file.read_f32(&name).unwrap();
+        map.insert(name, OwnedTensor::from_f32(&v, shape, StoreDtype::F32));
+    }
+    drop(file);
+    edit(&mut map);
+    write_safetensors(&path, &map, None).unwrap();
+    dir
+}
+
+#[test]
+fn tensor_with_wrong_shape() {
+    let dir = edit_weights(|m| {
+        m.insert(
+            "model.layers.1.mlp.up_proj.weight".into(),
+            OwnedTensor::from_f32(&[0.0; 64 * 100], vec![100, 64], StoreDtype::F32),
+        );
+    });
+    assert_clean_failure(
+        &[
+            "generate",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--prompt-ids",
+            "1",
+        ],
+        &[
+            "model.layers.1.mlp.up_proj.weight",
+            "[100, 64]",
+            "[176, 64]",
+            "model.safetensors",
+        ],
+    );
+}
+
+#[test]
+fn missing_tensor() {
+    let dir = edit_weights(|m| {
+        m.remove("model.layers.2.self_attn.k_proj.weight");
+    });
+    assert_clean_failure(
+        &[
+            "generate",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--prompt-ids",
+            "1",
+        ],
+        &[
+            "model.layers.2.self_attn.k_proj.weight",
+            "not found",
+            "model.safetensors",
+        ],
+    );
+}
+
+#[test]
+fn bad_logits_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    let out = dir.path().join("out.safetensors");
+    let mut map = BTreeMap::new();
+    map.insert(
+        "input_ids".to_string(),
+        OwnedTensor::from_i64(&[1, 2, 9999], vec![1, 3]),
+    );
+    write_safetensors(&input, &map, None).unwrap();
+    let args = [
+        "logits",
+        "--model",
+        &model_dir(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    assert_clean_failure(&args, &["in.safetensors", "9999", "vocabulary"]);
+    // wrong key
+    let mut map = BTreeMap::new();
+    map.insert(
+        "ids".to_string(),
+        OwnedTensor::from_i64(&[1, 2], vec![1, 2]),
+    );
+    write_safetensors(&input, &map, None).unwrap();
+    assert_clean_failure(&args, &["input_ids", "in.safetensors"]);
+    // float ids
+    let mut map = BTreeMap::new();
+    map.insert(
+        "input_ids".to_string(),
+        OwnedTensor::from_f32(&[1.0, 2.0], vec![1, 2], StoreDtype::F32),
+    );
+    write_safetensors(&input, &map, None).unwrap();
+    assert_clean_failure(&args, &["input_ids", "I64"]);
+    assert!(!Path::new(&out).exists(), "no output on failure");
+}
+
+#[test]
+fn bad_generate_arguments() {
+    assert_clean_failure(
+        &["generate", "--model", &model_dir(), "--prompt-ids", "1,600"],
+        &["600", "vocabulary"],
+    );
+    assert_clean_failure(
+        &[
+            "generate",
+            "--model",
+            &model_dir(),
+            "--prompt-ids",
+            "1",
+            "--temperature",
+            "0",
+        ],
+        &["temperature"],
+    );
+    assert_clean_failure(
+        &[
+            "generate",
+            "--model",
+            &model_dir(),
+            "--prompt-ids",
+            "1",
+            "--top-p",
+            "1.5",
+        ],
+        &["top-p"],
+    );
+}

@@ -1,0 +1,74 @@
+//! Helpers shared by the integration tests: fixture paths, the CPU backend, tensor comparison.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Int, Tensor, TensorData};
+use skipgpt_model::safetensors_io::TensorFile;
+
+pub type B = burn::backend::NdArray<f32>;
+
+pub fn device() -> burn::backend::ndarray::NdArrayDevice {
+    Default::default()
+}
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// `tests/fixtures/llama-tiny` (a copy of shared/fixtures/llama-tiny).
+pub fn tiny() -> PathBuf {
+    fixtures().join("llama-tiny")
+}
+
+pub fn variant(name: &str) -> PathBuf {
+    fixtures().join("variants").join(name)
+}
+
+pub fn reference(dir: &Path) -> TensorFile {
+    TensorFile::open(&dir.join("reference.safetensors")).expect("reference.safetensors")
+}
+
+pub fn ids_tensor(file: &TensorFile, name: &str) -> Tensor<B, 2, Int> {
+    let (ids, shape) = file.read_i64(name).unwrap();
+    Tensor::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device())
+}
+
+pub fn ids_rows(file: &TensorFile, name: &str) -> Vec<Vec<u32>> {
+    let (ids, shape) = file.read_i64(name).unwrap();
+    ids.chunks(shape[1])
+        .map(|r| r.iter().map(|&i| i as u32).collect())
+        .collect()
+}
+
+pub fn to_vec<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec().unwrap()
+}
+
+/// max |a - b|, after checking the shapes agree.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Compares a tensor with a reference tensor, returning the max |Δ|.
+pub fn diff_with<const D: usize>(t: Tensor<B, D>, reference: &TensorFile, name: &str) -> f32 {
+    let (expected, shape) = reference.read_f32(name).unwrap();
+    assert_eq!(t.dims().to_vec(), shape, "shape of {name}");
+    max_abs_diff(&to_vec(t), &expected)
+}
+
+/// Copies a directory's files (one level) into a fresh temp dir the test may modify.
+pub fn copy_dir(src: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    dir
+}

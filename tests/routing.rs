@@ -1,0 +1,287 @@
+//! SkipGPT routing: parity with the reference routed forward, gates, the straight-through
+//! estimator, kv_policy = drop, and router checkpoints.
+
+mod common;
+
+use std::path::Path;
+
+use burn::tensor::{Tensor, TensorData};
+use common::*;
+use skipgpt_model::router::{router_param_count, straight_through_gate};
+use skipgpt_model::{
+    generate, load_pretrained, save_pretrained, GenerateOptions, Granularity, KvPolicy,
+    LlamaConfig, LlamaForCausalLM, MlpRouterInput, RouterVariant, Routing, RoutingConfig, Sampling,
+    StoreDtype,
+};
+
+/// `model-routed` with `skipgpt.json` choosing the MLP router input.
+fn routed(mlp_router_input: MlpRouterInput) -> (tempfile::TempDir, LlamaForCausalLM<B>) {
+    let dir = copy_dir(&tiny().join("model-routed"));
+    let cfg = RoutingConfig::new().with_mlp_router_input(mlp_router_input);
+    std::fs::write(dir.path().join("skipgpt.json"), cfg.to_json()).unwrap();
+    let model = load_pretrained::<B>(dir.path(), &device()).unwrap().model;
+    (dir, model)
+}
+
+fn check_routed(mode: &str, input: MlpRouterInput) {
+    let (_dir, model) = routed(input);
+    assert_eq!(model.routing, Routing::Deterministic);
+    let r = reference(&tiny());
+    let out = model.forward_full(ids_tensor(&r, "input_ids"), None, false);
+    let d = diff_with(out.logits, &r, &format!("routed.{mode}.logits"));
+    assert!(d < 1e-4, "{mode}: routed logits differ by {d}");
+    for (name, gates) in [("attn_gates", out.attn_gates), ("mlp_gates", out.mlp_gates)] {
+        assert_eq!(gates.len(), 3);
+        let got = to_vec(Tensor::stack::<3>(gates, 0));
+        let (expected, shape) = r.read_f32(&format!("routed.{mode}.{name}")).unwrap();
+        assert_eq!(shape, vec![3, 2, 24]);
+        assert_eq!(got, expected, "{mode}: {name}");
+    }
+    let opts = GenerateOptions {
+        max_new_tokens: 16,
+        sampling: Sampling::Greedy,
+        eos_token_ids: vec![],
+        ignore_eos: true,
+    };
+    let got = generate(&model, &ids_rows(&r, "greedy_prompt"), &opts).unwrap();
+    assert_eq!(
+        got,
+        ids_rows(&r, &format!("routed.{mode}.greedy_tokens")),
+        "{mode}: greedy"
+    );
+}
+
+#[test]
+fn routed_post_attn_matches_reference() {
+    check_routed("post_attn", MlpRouterInput::PostAttn);
+}
+
+#[test]
+fn routed_block_input_matches_reference() {
+    check_routed("block_input", MlpRouterInput::BlockInput);
+}
+
+#[test]
+fn routers_load_with_defaults_without_skipgpt_json() {
+    let model = load_pretrained::<B>(&tiny().join("model-routed"), &device())
+        .unwrap()
+        .model;
+    assert_eq!(model.routing_config, Some(RoutingConfig::new()));
+    assert_eq!(model.router_params(), 3 * 2 * (64 * 2 + 2));
+}
+
+#[test]
+fn dense_mode_ignores_routers() {
+    let (_dir, model) = routed(MlpRouterInput::PostAttn);
+    let r = reference(&tiny());
+    let out = model.forward_routed(ids_tensor(&r, "input_ids"), None, Routing::Dense, false);
+    assert!(out.attn_gates.is_empty());
+    assert!(diff_with(out.logits, &r, "logits") < 1e-4);
+}
+
+#[test]
+fn straight_through_forward_is_hard_and_gradient_is_soft() {
+    type AD = burn::backend::Autodiff<B>;
+    let dev = device();
+    let tau = 2.5;
+    let z: Vec<f32> = vec![0.3, -0.2, 1.5, 1.4, -2.0, 0.7, 0.0, 0.05];
+    let g: Vec<f32> = vec![0.1, 0.4, -0.3, 0.9, 0.2, -0.1, 0.5, 0.0];
+    let logits =
+        Tensor::<AD, 3>::from_data(TensorData::new(z.clone(), [1, 4, 2]), &dev).require_grad();
+    let noise = Tensor::<AD, 3>::from_data(TensorData::new(g.clone(), [1, 4, 2]), &dev);
+    let gate = straight_through_gate(logits.clone(), noise, tau);
+    let weights =
+        Tensor::<AD, 2>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [1, 4]), &dev);
+    let forward: Vec<f32> = gate
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .unwrap();
+    let grads = (gate * weights).sum().backward();
+    let grad: Vec<f32> = logits
+        .grad(&grads)
+        .unwrap()
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .unwrap();
+    for i in 0..4 {
+        let (a, b) = (z[2 * i] + g[2 * i], z[2 * i + 1] + g[2 * i + 1]);
+        // forward: exactly 0 or 1, the argmax of the noisy logits
+        assert_eq!(forward[i], if a > b { 1.0 } else { 0.0 }, "token {i}");
+        // backward: d/dz of p0 = sigmoid((a - b) / τ), times the upstream weight (i + 1)
+        let p0 = 1.0 / (1.0 + (-(a - b) / tau as f32).exp());
+        let d = p0 * (1.0 - p0) / tau as f32 * (i + 1) as f32;
+        assert!(
+            (grad[2 * i] - d).abs() < 1e-6,
+            "token {i}: {} vs {d}",
+            grad[2 * i]
+        );
+        assert!(
+            (grad[2 * i + 1] + d).abs() < 1e-6,
+            "token {i}: {} vs {}",
+            grad[2 * i + 1],
+            -d
+        );
+    }
+}
+
+#[test]
+fn sampled_routing_follows_router_probabilities() {
+    // A router whose logits favour EXECUTE by ln(3) executes ~75% of the time when sampling.
+    let mut model = LlamaConfig::tiny(512)
+        .init::<B>(&device())
+        .with_new_routers(RoutingConfig::new());
+    for layer in model.model.layers.iter_mut() {
+        for r in [
+            layer.attn_router.as_mut().unwrap(),
+            layer.mlp_router.as_mut().unwrap(),
+        ] {
+            r.fc2.weight = burn::module::Param::from_tensor(r.fc2.weight.val().zeros_like());
+            let bias = Tensor::from_data(TensorData::new(vec![3f32.ln(), 0.0], [2]), &device());
+            r.fc2.bias = Some(burn::module::Param::from_tensor(bias));
+        }
+    }
+    <B as burn::tensor::backend::Backend>::seed(&device(), 3);
+    let ids = Tensor::from_data(
+        TensorData::new((0..512i64).collect::<Vec<_>>(), [8, 64]),
+        &device(),
+    );
+    let out = model.forward_routed(ids.clone(), None, Routing::Sample, false);
+    let gates: Vec<f32> = out
+        .attn_gates
+        .into_iter()
+        .chain(out.mlp_gates)
+        .flat_map(to_vec)
+        .collect();
+    let rate = gates.iter().sum::<f32>() / gates.len() as f32;
+    assert!((rate - 0.75).abs() < 0.03, "execute rate {rate}");
+    let det = model.forward_routed(ids, None, Routing::Deterministic, false);
+    assert!(det
+        .attn_gates
+        .into_iter()
+        .flat_map(to_vec)
+        .all(|g| g == 1.0));
+}
+
+#[test]
+fn layer_granularity_gates_both_modules_together() {
+    let cfg = RoutingConfig::new().with_granularity(Granularity::Layer);
+    let model = LlamaConfig::tiny(512)
+        .init::<B>(&device())
+        .with_new_routers(cfg.clone());
+    assert!(model.model.layers.iter().all(|l| l.mlp_router.is_none()));
+    let r = reference(&tiny());
+    let out = model.forward_full(ids_tensor(&r, "input_ids"), None, false);
+    for (a, m) in out.attn_gates.into_iter().zip(out.mlp_gates) {
+        assert_eq!(to_vec(a), to_vec(m));
+    }
+    assert_eq!(model.router_params(), router_param_count(&cfg, 64, 3));
+}
+
+#[test]
+fn kv_drop_cached_decoding_equals_full_forward() {
+    // Trained the same way it is served: the full (training) forward and token-by-token
+    // decoding with the cache must agree when skipped tokens are hidden from attention.
+    let cfg = RoutingConfig::new().with_kv_policy(KvPolicy::Drop);
+    let mut model = load_pretrained::<B>(&tiny().join("model-routed"), &device())
+        .unwrap()
+        .model;
+    let w = skipgpt_model::safetensors_io::WeightSet::open_files(&[
+        tiny().join("model-routed/routers.safetensors")
+    ])
+    .unwrap();
+    model = model.load_routers(cfg, &w).unwrap();
+    let r = reference(&tiny());
+    let ids = ids_tensor(&r, "input_ids");
+    let [b, s] = ids.dims();
+    let full = model.forward_full(ids.clone(), None, false);
+    // some attention is skipped, so dropping changes the result vs keep
+    let keep = load_pretrained::<B>(&tiny().join("model-routed"), &device())
+        .unwrap()
+        .model;
+    let keep_logits = to_vec(keep.forward(ids.clone(), None));
+    let full_logits = to_vec(full.logits);
+    assert!(
+        max_abs_diff(&keep_logits, &full_logits) > 1e-3,
+        "drop must differ from keep"
+    );
+    let mut cache = model.new_cache();
+    let mut pieces = vec![model.forward(ids.clone().slice([0..b, 0..6]), Some(&mut cache))];
+    for p in 6..s {
+        pieces.push(model.forward(ids.clone().slice([0..b, p..p + 1]), Some(&mut cache)));
+    }
+    let cached = to_vec(Tensor::cat(pieces, 1));
+    let d = max_abs_diff(&full_logits, &cached);
+    assert!(d < 1e-4, "cached vs full differ by {d}");
+}
+
+#[test]
+fn routed_checkpoint_round_trips() {
+    for variant in [RouterVariant::Linear, RouterVariant::Mlp] {
+        let cfg = RoutingConfig::new()
+            .with_router(variant)
+            .with_mlp_router_input(MlpRouterInput::BlockInput)
+            .with_target_sparsity(0.4);
+        let model = LlamaConfig::tiny(512)
+            .init::<B>(&device())
+            .with_new_routers(cfg.clone());
+        let dir = tempfile::tempdir().unwrap();
+        save_pretrained(&model, None, dir.path(), StoreDtype::F32).unwrap();
+        assert!(Path::new(&dir.path().join("routers.safetensors")).exists());
+        let again = load_pretrained::<B>(dir.path(), &device()).unwrap().model;
+        assert_eq!(again.routing_config, Some(cfg));
+        let ids = ids_tensor(&reference(&tiny()), "input_ids");
+        let a = model.forward_full(ids.clone(), None, false);
+        let b = again.forward_full(ids, None, false);
+        assert_eq!(to_vec(a.logits), to_vec(b.logits));
+        assert_eq!(
+            a.attn_gates
+                .into_iter()
+                .flat_map(to_vec)
+                .collect::<Vec<_>>(),
+            b.attn_gates
+                .into_iter()
+                .flat_map(to_vec)
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn linear_routers_are_under_a_hundredth_of_a_percent_of_llama_7b() {
+    // LLaMA-2-7B: 32 layers, hidden 4096, MLP 11008, vocab 32000.
+    let c = LlamaConfig::new(32000, 4096, 11008, 32, 32, 32, 128);
+    let total = c.num_params();
+    let routers = router_param_count(&RoutingConfig::new(), 4096, 32);
+    let pct = 100.0 * routers as f64 / total as f64;
+    eprintln!("linear routers: {routers} parameters = {pct:.5}% of {total}");
+    assert_eq!(routers, 64 * (4096 * 2 + 2));
+    assert!(pct < 0.01, "{pct}");
+}
+
+#[test]
+fn bad_skipgpt_json_is_rejected_clearly() {
+    let dir = copy_dir(&tiny().join("model-routed"));
+    std::fs::write(
+        dir.path().join("skipgpt.json"),
+        r#"{"router": "transformer"}"#,
+    )
+    .unwrap();
+    let err = load_pretrained::<B>(dir.path(), &device())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("skipgpt.json") && err.contains("transformer"),
+        "{err}"
+    );
+    std::fs::remove_file(dir.path().join("routers.safetensors")).unwrap();
+    std::fs::write(dir.path().join("skipgpt.json"), "{}").unwrap();
+    let err = load_pretrained::<B>(dir.path(), &device())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("routers.safetensors"), "{err}");
+}
