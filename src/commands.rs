@@ -13,7 +13,8 @@ use skipgpt_model::{
 
 use crate::backend::BackendKind;
 use crate::{
-    with_backend, DemoArgs, GenerateArgs, InspectArgs, LogitsArgs, RoutingArg, RoutingArgs,
+    with_backend, DemoArgs, EvalPplArgs, GenerateArgs, InspectArgs, LogitsArgs, RoutingArg,
+    RoutingArgs, SplitArg,
 };
 
 /// Sets how a loaded model routes, per the command line.
@@ -321,5 +322,83 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         "(the weights are random, so the text is too; try `skipgpt generate --model {}`)",
         model_dir.display()
     );
+    Ok(())
+}
+
+pub fn eval_ppl(backend: BackendKind, args: EvalPplArgs) -> Result<()> {
+    with_backend!(backend, |B, device| eval_ppl_on::<B>(&args, &device))
+}
+
+fn eval_ppl_on<B: Backend>(args: &EvalPplArgs, device: &B::Device) -> Result<()> {
+    use skipgpt_train::data::{pack, read_documents, synthetic_corpus};
+
+    let pretrained = load_pretrained::<B>(&args.model, device)?;
+    let tokenizer = pretrained.tokenizer.as_ref().with_context(|| {
+        format!(
+            "eval-ppl needs {}",
+            args.model.join("tokenizer.json").display()
+        )
+    })?;
+    let model = pretrained.model;
+    let docs = match args.synthetic {
+        Some(n) => synthetic_corpus(n, args.seed),
+        None => read_documents(&args.data)?,
+    };
+    let eos = model.config.eos_token_ids.first().copied();
+    let packed = pack(&docs, tokenizer, args.seq_len, eos)?;
+    let (train, valid) = packed.clone().split(args.valid_fraction, args.seed)?;
+    let data = match args.split {
+        SplitArg::Valid => valid,
+        SplitArg::Train => train,
+        SplitArg::All => packed,
+    };
+    if data.is_empty() {
+        bail!(
+            "the {:?} split is empty: use more data or a larger --valid-fraction",
+            args.split
+        );
+    }
+    let routed = model.routing_config.is_some() && !args.routing.dense;
+    let mut runs = vec![("dense", Routing::Dense)];
+    if routed {
+        if args.routing.routing == RoutingArg::Sample {
+            B::seed(device, args.routing.routing_seed);
+        }
+        let mode = match args.routing.routing {
+            RoutingArg::Deterministic => Routing::Deterministic,
+            RoutingArg::Sample => Routing::Sample,
+        };
+        runs.push(("routed", mode));
+    }
+    let mut reports = serde_json::Map::new();
+    for (name, routing) in runs {
+        let report = skipgpt_eval::evaluate_perplexity(
+            &model,
+            &data,
+            routing,
+            args.batch_size,
+            |done, total| {
+                if !args.json {
+                    eprint!("\r{name}: {done}/{total} sequences");
+                }
+            },
+        );
+        if !args.json {
+            eprintln!();
+            println!(
+                "{name:<7} perplexity {:>9.3}  (nll {:.4}, {} tokens)  skip: attention {:.1}%  mlp {:.1}%  params {:.1}%",
+                report.perplexity,
+                report.nll,
+                report.tokens,
+                100.0 * report.attn_skip,
+                100.0 * report.mlp_skip,
+                100.0 * report.param_skip
+            );
+        }
+        reports.insert(name.to_string(), serde_json::to_value(&report)?);
+    }
+    if args.json {
+        println!("{}", serde_json::Value::Object(reports));
+    }
     Ok(())
 }

@@ -36,6 +36,47 @@ enum Command {
     Generate(GenerateArgs),
     /// Describe a model directory: architecture, parameter count, dtype, context length.
     Inspect(InspectArgs),
+    /// Perplexity on a corpus, dense and routed, with the realised skip rates.
+    EvalPpl(EvalPplArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EvalPplArgs {
+    /// Model directory (HF layout, optionally with routers).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Text (.txt, paragraphs) or JSONL (a `text` field per line) files; repeatable.
+    #[arg(long, required_unless_present = "synthetic")]
+    pub data: Vec<PathBuf>,
+    /// Use N documents of the built-in synthetic corpus instead of files.
+    #[arg(long, conflicts_with = "data")]
+    pub synthetic: Option<usize>,
+    /// Seed of the synthetic corpus and of the train/validation split.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Fraction of sequences held out for validation (the split training uses).
+    #[arg(long, default_value_t = 0.1)]
+    pub valid_fraction: f64,
+    /// Which sequences to evaluate.
+    #[arg(long, value_enum, default_value = "valid")]
+    pub split: SplitArg,
+    #[command(flatten)]
+    pub routing: RoutingArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitArg {
+    Valid,
+    Train,
+    All,
 }
 
 #[derive(Args, Debug)]
@@ -148,6 +189,7 @@ fn main() {
         Command::Logits(args) => commands::logits(backend, args),
         Command::Generate(args) => commands::generate(backend, args),
         Command::Inspect(args) => commands::inspect(args),
+        Command::EvalPpl(args) => commands::eval_ppl(backend, args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -619,6 +619,23 @@ impl<B: Backend> LlamaForCausalLM<B> {
         out
     }
 
+    /// Stage 1 (router tuning): every base weight stops requiring gradients; routers keep
+    /// theirs, so an optimizer can only move the routers.
+    pub fn freeze_base(mut self) -> Self {
+        let routers: Vec<_> = self
+            .model
+            .layers
+            .iter_mut()
+            .map(|l| (l.attn_router.take(), l.mlp_router.take()))
+            .collect();
+        self = self.no_grad();
+        for (layer, (a, m)) in self.model.layers.iter_mut().zip(routers) {
+            layer.attn_router = a;
+            layer.mlp_router = m;
+        }
+        self
+    }
+
     /// Number of router parameters.
     pub fn router_params(&self) -> usize {
         self.export_routers()

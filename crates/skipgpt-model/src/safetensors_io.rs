@@ -359,6 +359,11 @@ impl OwnedTensor {
         }
     }
 
+    /// The encoded little-endian bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     pub fn num_elements(&self) -> usize {
         self.shape.iter().product()
     }

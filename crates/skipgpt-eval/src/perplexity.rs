@@ -1,0 +1,105 @@
+//! Perplexity and realised skip rates over a packed dataset.
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use serde::Serialize;
+use skipgpt_model::{LlamaConfig, LlamaForCausalLM, Routing};
+use skipgpt_train::data::PackedDataset;
+use skipgpt_train::loss::lm_loss;
+
+/// What [`evaluate_perplexity`] measured.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PerplexityReport {
+    /// Predicted tokens.
+    pub tokens: usize,
+    /// Mean negative log-likelihood per token (nats).
+    pub nll: f64,
+    /// `exp(nll)`.
+    pub perplexity: f64,
+    /// Fraction of (token, layer) attention executions skipped (0 when dense).
+    pub attn_skip: f64,
+    /// Fraction of (token, layer) MLP executions skipped.
+    pub mlp_skip: f64,
+    /// Skipped fraction of the decoder's per-token parameter use: each skipped module counts
+    /// with its parameter count (attention q/k/v/o, MLP gate/up/down).
+    pub param_skip: f64,
+    /// Per layer: attention skip fraction.
+    pub attn_skip_per_layer: Vec<f64>,
+    /// Per layer: MLP skip fraction.
+    pub mlp_skip_per_layer: Vec<f64>,
+}
+
+/// Parameters of one attention module and one MLP module.
+pub fn module_params(c: &LlamaConfig) -> (usize, usize) {
+    let q = c.num_attention_heads * c.head_dim;
+    let kv = c.num_key_value_heads * c.head_dim;
+    let attn = c.hidden_size * (2 * q + 2 * kv);
+    let mlp = 3 * c.hidden_size * c.intermediate_size;
+    (attn, mlp)
+}
+
+/// Runs the model over every sequence (inputs `seq[..n]`, targets `seq[1..]`) in batches.
+/// `progress` is called with (sequences done, total) after each batch.
+pub fn evaluate_perplexity<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    data: &PackedDataset,
+    routing: Routing,
+    batch_size: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> PerplexityReport {
+    let device = model.device();
+    let layers = model.config.num_hidden_layers;
+    let t = data.seq_len;
+    let (mut nll_sum, mut tokens) = (0.0f64, 0usize);
+    let mut attn_skipped = vec![0.0f64; layers];
+    let mut mlp_skipped = vec![0.0f64; layers];
+    let batch_size = batch_size.max(1);
+    for (done, chunk) in data.sequences.chunks(batch_size).enumerate() {
+        let b = chunk.len();
+        let flat: Vec<i64> = chunk.iter().flatten().map(|&i| i as i64).collect();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, t + 1]), &device);
+        let inputs = ids.clone().slice([0..b, 0..t]);
+        let targets = ids.slice([0..b, 1..t + 1]);
+        let out = model.forward_routed(inputs, None, routing, false);
+        let mask = Tensor::<B, 2>::ones([b, t], &device);
+        let nll = scalar(lm_loss(out.logits, targets, mask));
+        nll_sum += nll * (b * t) as f64;
+        tokens += b * t;
+        for (sum, gates) in [
+            (&mut attn_skipped, out.attn_gates),
+            (&mut mlp_skipped, out.mlp_gates),
+        ] {
+            for (l, g) in gates.into_iter().enumerate() {
+                sum[l] += (b * t) as f64 - scalar(g.sum());
+            }
+        }
+        progress((done * batch_size + b).min(data.len()), data.len());
+    }
+    let per_layer = |v: Vec<f64>| {
+        v.into_iter()
+            .map(|s| s / tokens.max(1) as f64)
+            .collect::<Vec<_>>()
+    };
+    let attn_skip_per_layer = per_layer(attn_skipped);
+    let mlp_skip_per_layer = per_layer(mlp_skipped);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (attn_skip, mlp_skip) = (mean(&attn_skip_per_layer), mean(&mlp_skip_per_layer));
+    let (pa, pm) = module_params(&model.config);
+    let nll = nll_sum / tokens.max(1) as f64;
+    PerplexityReport {
+        tokens,
+        nll,
+        perplexity: nll.exp(),
+        attn_skip,
+        mlp_skip,
+        param_skip: (pa as f64 * attn_skip + pm as f64 * mlp_skip) / (pa + pm) as f64,
+        attn_skip_per_layer,
+        mlp_skip_per_layer,
+    }
+}
+
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    t.into_data()
+        .convert::<f64>()
+        .into_vec::<f64>()
+        .expect("f64 after convert")[0]
+}

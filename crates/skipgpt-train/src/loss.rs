@@ -1,0 +1,245 @@
+//! The SkipGPT objective: `CE + α·|T − skip_rate|`.
+//!
+//! `skip_rate` is the fraction of (token, module) executions skipped, averaged over real
+//! (non-padding) tokens, layers and both module kinds, every module weighted equally — one
+//! global constraint, so routers may trade attention sparsity against MLP sparsity (the
+//! reference code's `|(1 − T) − exec_rate|`, which is the same thing). With separate targets
+//! for attention and MLP, each kind gets its own term and the two are averaged.
+
+use burn::config::Config;
+use burn::tensor::{activation, backend::Backend, Int, Tensor};
+
+use crate::error::{Result, TrainError};
+
+/// Weights and targets of the sparsity term.
+#[derive(Config, Debug, PartialEq)]
+pub struct SparsityLossConfig {
+    /// Weight α of the sparsity term (the paper: 8; the reference code: 20).
+    #[config(default = 8.0)]
+    pub alpha: f64,
+    /// Target fraction T of skipped (token, module) executions.
+    #[config(default = 0.25)]
+    pub target: f64,
+    /// Separate target for attention (then `mlp_target` is required too).
+    #[config(default = "None")]
+    pub attn_target: Option<f64>,
+    /// Separate target for the MLPs.
+    #[config(default = "None")]
+    pub mlp_target: Option<f64>,
+}
+
+impl SparsityLossConfig {
+    /// Rejects targets outside [0, 1) and negative weights.
+    pub fn validate(&self) -> Result<()> {
+        let check_target = |name: &'static str, t: f64| {
+            if (0.0..1.0).contains(&t) {
+                Ok(())
+            } else {
+                Err(TrainError::InvalidSetting {
+                    name,
+                    value: t.to_string(),
+                    expected: "a skip fraction in [0, 1)",
+                })
+            }
+        };
+        check_target("target_sparsity", self.target)?;
+        if !(self.alpha >= 0.0 && self.alpha.is_finite()) {
+            return Err(TrainError::InvalidSetting {
+                name: "alpha",
+                value: self.alpha.to_string(),
+                expected: "a weight >= 0",
+            });
+        }
+        match (self.attn_target, self.mlp_target) {
+            (None, None) => Ok(()),
+            (Some(a), Some(m)) => {
+                check_target("attn_target", a)?;
+                check_target("mlp_target", m)
+            }
+            (a, m) => Err(TrainError::InvalidSetting {
+                name: "attn_target/mlp_target",
+                value: format!("{a:?}/{m:?}"),
+                expected: "both or neither",
+            }),
+        }
+    }
+}
+
+/// The loss and what it is made of; scalars as 1-element tensors (they carry gradients).
+pub struct LossParts<B: Backend> {
+    pub total: Tensor<B, 1>,
+    pub lm: Tensor<B, 1>,
+    pub attn_skip: Tensor<B, 1>,
+    pub mlp_skip: Tensor<B, 1>,
+}
+
+/// Mean next-token cross-entropy over the positions where `mask` is 1.
+///
+/// # Shapes
+/// - logits: `[batch, seq, vocab]`; targets: `[batch, seq]`; mask: `[batch, seq]` (1 = real)
+pub fn lm_loss<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let [b, t, _] = logits.dims();
+    let log_probs = activation::log_softmax(logits, 2);
+    let picked = log_probs
+        .gather(2, targets.reshape([b, t, 1]))
+        .reshape([b, t]);
+    let count = mask.clone().sum().clamp_min(1.0);
+    (picked * mask).sum().neg() / count
+}
+
+/// Fraction of skipped executions over real tokens and the given layers' gates.
+///
+/// # Shapes
+/// - gates: `[batch, seq]` each (1 = executed); mask: `[batch, seq]`
+pub fn skip_rate<B: Backend>(gates: &[Tensor<B, 2>], mask: Tensor<B, 2>) -> Tensor<B, 1> {
+    let device = mask.device();
+    if gates.is_empty() {
+        return Tensor::zeros([1], &device);
+    }
+    let count = mask.clone().sum().clamp_min(1.0) * gates.len() as f64;
+    let skipped = gates
+        .iter()
+        .map(|g| ((g.clone().neg() + 1.0) * mask.clone()).sum())
+        .reduce(|a, b| a + b)
+        .expect("non-empty");
+    skipped / count
+}
+
+/// `CE + α·|T − skip_rate|` (or the per-kind variant with separate targets).
+pub fn skipgpt_loss<B: Backend>(
+    cfg: &SparsityLossConfig,
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+    attn_gates: &[Tensor<B, 2>],
+    mlp_gates: &[Tensor<B, 2>],
+) -> LossParts<B> {
+    let lm = lm_loss(logits, targets, mask.clone());
+    let attn_skip = skip_rate(attn_gates, mask.clone());
+    let mlp_skip = skip_rate(mlp_gates, mask);
+    let penalty = match (cfg.attn_target, cfg.mlp_target) {
+        (Some(ta), Some(tm)) => {
+            ((attn_skip.clone().neg() + ta).abs() + (mlp_skip.clone().neg() + tm).abs()) / 2.0
+        }
+        _ => ((attn_skip.clone() + mlp_skip.clone()) / 2.0)
+            .neg()
+            .add_scalar(cfg.target)
+            .abs(),
+    };
+    LossParts {
+        total: lm.clone() + penalty * cfg.alpha,
+        lm,
+        attn_skip,
+        mlp_skip,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    type B = burn::backend::NdArray<f32>;
+
+    fn scalar(t: Tensor<B, 1>) -> f32 {
+        t.into_data().convert::<f32>().into_vec::<f32>().unwrap()[0]
+    }
+
+    #[test]
+    fn validation_rejects_bad_settings() {
+        assert!(SparsityLossConfig::new().validate().is_ok());
+        for t in [1.0, -0.1, 1.5] {
+            let err = SparsityLossConfig::new()
+                .with_target(t)
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("target_sparsity") && err.contains(&t.to_string()),
+                "{err}"
+            );
+        }
+        let err = SparsityLossConfig::new()
+            .with_alpha(-1.0)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("alpha"), "{err}");
+        let err = SparsityLossConfig::new()
+            .with_attn_target(Some(0.3))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("both or neither"), "{err}");
+        assert!(SparsityLossConfig::new()
+            .with_attn_target(Some(0.3))
+            .with_mlp_target(Some(1.2))
+            .validate()
+            .is_err());
+    }
+
+    #[test]
+    fn lm_loss_is_masked_cross_entropy() {
+        let d = Default::default();
+        // uniform logits over 4 classes: CE = ln 4 wherever counted
+        let logits = Tensor::<B, 3>::zeros([1, 3, 4], &d);
+        let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![0i64, 1, 2], [1, 3]), &d);
+        let mask = Tensor::<B, 2>::ones([1, 3], &d);
+        assert!((scalar(lm_loss(logits, targets.clone(), mask)) - 4f32.ln()).abs() < 1e-6);
+        // a confident right answer at position 0, padding elsewhere with wild logits
+        let mut v = vec![0f32; 12];
+        v[0] = 20.0;
+        v[5] = -30.0;
+        v[10] = 50.0;
+        let logits = Tensor::<B, 3>::from_data(TensorData::new(v, [1, 3, 4]), &d);
+        let mask = Tensor::<B, 2>::from_data(TensorData::new(vec![1f32, 0.0, 0.0], [1, 3]), &d);
+        assert!(scalar(lm_loss(logits, targets, mask)) < 1e-6);
+    }
+
+    #[test]
+    fn skip_rate_counts_real_tokens_over_layers() {
+        let d = Default::default();
+        let g1 = Tensor::<B, 2>::from_data(TensorData::new(vec![1f32, 0.0, 0.0, 0.0], [2, 2]), &d);
+        let g2 = Tensor::<B, 2>::from_data(TensorData::new(vec![1f32, 1.0, 0.0, 1.0], [2, 2]), &d);
+        let all = Tensor::<B, 2>::ones([2, 2], &d);
+        assert!((scalar(skip_rate(&[g1.clone(), g2.clone()], all)) - 4.0 / 8.0).abs() < 1e-6);
+        // padding: the last token of each row does not count
+        let mask =
+            Tensor::<B, 2>::from_data(TensorData::new(vec![1f32, 0.0, 1.0, 0.0], [2, 2]), &d);
+        assert!((scalar(skip_rate(&[g1, g2], mask)) - 2.0 / 4.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn penalty_is_alpha_times_distance_to_target() {
+        let d = Default::default();
+        let logits = Tensor::<B, 3>::zeros([1, 2, 4], &d);
+        let targets = Tensor::<B, 2, Int>::zeros([1, 2], &d);
+        let mask = Tensor::<B, 2>::ones([1, 2], &d);
+        let attn = [Tensor::<B, 2>::from_data(
+            TensorData::new(vec![0f32, 0.0], [1, 2]),
+            &d,
+        )]; // skip 1.0
+        let mlp = [Tensor::<B, 2>::ones([1, 2], &d)]; // skip 0.0
+        let cfg = SparsityLossConfig::new().with_alpha(8.0).with_target(0.25);
+        let parts = skipgpt_loss(
+            &cfg,
+            logits.clone(),
+            targets.clone(),
+            mask.clone(),
+            &attn,
+            &mlp,
+        );
+        assert!((scalar(parts.attn_skip) - 1.0).abs() < 1e-6);
+        assert!((scalar(parts.mlp_skip)).abs() < 1e-6);
+        // overall skip 0.5: 8 * |0.25 - 0.5| = 2
+        assert!((scalar(parts.total) - scalar(parts.lm) - 2.0).abs() < 1e-5);
+        let cfg = cfg.with_attn_target(Some(0.9)).with_mlp_target(Some(0.3));
+        let parts = skipgpt_loss(&cfg, logits, targets, mask, &attn, &mlp);
+        // 8 * (|0.9 - 1| + |0.3 - 0|) / 2 = 1.6
+        assert!((scalar(parts.total) - scalar(parts.lm) - 1.6).abs() < 1e-5);
+    }
+}
