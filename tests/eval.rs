@@ -87,17 +87,21 @@ fn perplexity_and_skip_rates_match_the_reference() {
     assert!(routed.param_skip >= lo && routed.param_skip <= hi);
 }
 
-#[test]
-fn eval_ppl_command_reports_dense_and_routed() {
+/// Runs `skipgpt eval-ppl --json` on the routed fixture with 30 synthetic documents.
+fn eval_ppl_json(extra: &[&str]) -> serde_json::Value {
+    let model = tiny().join("model-routed");
     let out = Command::new(env!("CARGO_BIN_EXE_skipgpt"))
         .args([
             "eval-ppl",
             "--model",
-            tiny().join("model-routed").to_str().unwrap(),
+            model.to_str().unwrap(),
             "--synthetic",
             "30",
+            "--seq-len",
+            "32",
+            "--json",
         ])
-        .args(["--seq-len", "32", "--split", "all", "--json"])
+        .args(extra)
         .output()
         .unwrap();
     assert!(
@@ -105,7 +109,12 @@ fn eval_ppl_command_reports_dense_and_routed() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn eval_ppl_command_reports_dense_and_routed() {
+    let j = eval_ppl_json(&["--split", "all"]);
     let dense = j["dense"]["perplexity"].as_f64().unwrap();
     let routed = j["routed"]["perplexity"].as_f64().unwrap();
     // an untrained tiny model: perplexity near the vocabulary size, finite
@@ -114,17 +123,6 @@ fn eval_ppl_command_reports_dense_and_routed() {
     assert!(j["routed"]["attn_skip"].as_f64().unwrap() > 0.0);
     assert_eq!(j["dense"]["attn_skip"].as_f64().unwrap(), 0.0);
     // --dense: only the dense run
-    let out = Command::new(env!("CARGO_BIN_EXE_skipgpt"))
-        .args([
-            "eval-ppl",
-            "--model",
-            tiny().join("model-routed").to_str().unwrap(),
-            "--synthetic",
-            "30",
-        ])
-        .args(["--seq-len", "32", "--dense", "--json"])
-        .output()
-        .unwrap();
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j = eval_ppl_json(&["--dense"]);
     assert!(j.get("routed").is_none() && j["dense"]["tokens"].as_u64().unwrap() > 0);
 }
