@@ -7,8 +7,8 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use skipgpt_model::generate::validate_ids;
 use skipgpt_model::safetensors_io::{write_safetensors, OwnedTensor, TensorFile, WeightSet};
 use skipgpt_model::{
-    generate as gen, load_config, load_pretrained, save_pretrained, GenerateOptions, LlamaConfig,
-    Routing, RoutingConfig, Sampling, StoreDtype, Tokenizer,
+    generate as gen, load_config, load_pretrained, load_routing_config, save_pretrained,
+    GenerateOptions, LlamaConfig, Routing, Sampling, StoreDtype, Tokenizer,
 };
 
 use crate::backend::BackendKind;
@@ -17,23 +17,27 @@ use crate::{
     RoutingArgs, SplitArg,
 };
 
-/// Sets how a loaded model routes, per the command line.
-fn apply_routing<B: Backend>(
-    model: &mut skipgpt_model::LlamaForCausalLM<B>,
-    args: &RoutingArgs,
-    device: &B::Device,
-) {
-    if model.routing_config.is_none() {
-        return;
-    }
-    model.routing = match (args.dense, args.routing) {
+/// The routing mode the command line asks for (seeding the backend for `--routing sample`).
+fn routing_mode<B: Backend>(args: &RoutingArgs, device: &B::Device) -> Routing {
+    match (args.dense, args.routing) {
         (true, _) => Routing::Dense,
         (false, RoutingArg::Deterministic) => Routing::Deterministic,
         (false, RoutingArg::Sample) => {
             B::seed(device, args.routing_seed);
             Routing::Sample
         }
-    };
+    }
+}
+
+/// Sets how a loaded model routes, per the command line (dense models stay dense).
+fn apply_routing<B: Backend>(
+    model: &mut skipgpt_model::LlamaForCausalLM<B>,
+    args: &RoutingArgs,
+    device: &B::Device,
+) {
+    if model.routing_config.is_some() {
+        model.routing = routing_mode::<B>(args, device);
+    }
 }
 
 /// The byte-level BPE tokenizer (512 tokens) the demo model uses, so the demo needs no files.
@@ -165,22 +169,17 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     } else {
         None
     };
-    let routers_path = args.model.join(skipgpt_model::checkpoint::ROUTERS_FILE);
-    let routing_path = args.model.join(skipgpt_model::checkpoint::ROUTING_FILE);
-    let routers = if routers_path.exists() {
-        let routing = if routing_path.exists() {
-            RoutingConfig::from_file(&routing_path)?
-        } else {
-            RoutingConfig::new()
-        };
-        let (n, _) = WeightSet::open_files(std::slice::from_ref(&routers_path))?.summary();
-        Some(serde_json::json!({
-            "config": routing,
-            "parameters": n,
-            "percent_of_model": 100.0 * n as f64 / params as f64,
-        }))
-    } else {
-        None
+    let routers = match load_routing_config(&args.model)? {
+        Some(routing) => {
+            let path = args.model.join(skipgpt_model::checkpoint::ROUTERS_FILE);
+            let (n, _) = WeightSet::open_files(&[path])?.summary();
+            Some(serde_json::json!({
+                "config": routing,
+                "parameters": n,
+                "percent_of_model": 100.0 * n as f64 / params as f64,
+            }))
+        }
+        None => None,
     };
     let files: Vec<String> = weights
         .paths()
@@ -210,7 +209,7 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
         "tied_embeddings": config.tie_word_embeddings,
         "sliding_window": config.sliding_window,
         "weight_files": files,
-                "tokenizer_vocab": tokenizer_vocab,
+        "tokenizer_vocab": tokenizer_vocab,
         "routers": routers,
     });
     if args.json {
@@ -346,11 +345,16 @@ fn eval_ppl_on<B: Backend>(args: &EvalPplArgs, device: &B::Device) -> Result<()>
     };
     let eos = model.config.eos_token_ids.first().copied();
     let packed = pack(&docs, tokenizer, args.seq_len, eos)?;
-    let (train, valid) = packed.clone().split(args.valid_fraction, args.seed)?;
     let data = match args.split {
-        SplitArg::Valid => valid,
-        SplitArg::Train => train,
         SplitArg::All => packed,
+        split => {
+            let (train, valid) = packed.split(args.valid_fraction, args.seed)?;
+            if split == SplitArg::Valid {
+                valid
+            } else {
+                train
+            }
+        }
     };
     if data.is_empty() {
         bail!(
@@ -358,17 +362,9 @@ fn eval_ppl_on<B: Backend>(args: &EvalPplArgs, device: &B::Device) -> Result<()>
             args.split
         );
     }
-    let routed = model.routing_config.is_some() && !args.routing.dense;
     let mut runs = vec![("dense", Routing::Dense)];
-    if routed {
-        if args.routing.routing == RoutingArg::Sample {
-            B::seed(device, args.routing.routing_seed);
-        }
-        let mode = match args.routing.routing {
-            RoutingArg::Deterministic => Routing::Deterministic,
-            RoutingArg::Sample => Routing::Sample,
-        };
-        runs.push(("routed", mode));
+    if model.routing_config.is_some() && !args.routing.dense {
+        runs.push(("routed", routing_mode::<B>(&args.routing, device)));
     }
     let mut reports = serde_json::Map::new();
     for (name, routing) in runs {

@@ -36,6 +36,17 @@ fn assert_clean_failure(args: &[&str], needles: &[&str]) {
     }
 }
 
+/// Loading the model in `dir` (through `generate`) must fail cleanly, mentioning every needle.
+fn assert_load_fails(dir: &Path, needles: &[&str]) {
+    let dir = dir.to_str().unwrap();
+    assert_clean_failure(&["generate", "--model", dir, "--prompt-ids", "1"], needles);
+}
+
+/// Writes a safetensors file holding one tensor.
+fn write_one(path: &Path, name: &str, tensor: OwnedTensor) {
+    write_safetensors(path, &BTreeMap::from([(name.to_string(), tensor)]), None).unwrap();
+}
+
 fn model_dir() -> String {
     tiny().join("model").display().to_string()
 }
@@ -256,29 +267,14 @@ fn config_missing_hidden_size() {
     let dir = edit_config(|c| {
         c.as_object_mut().unwrap().remove("hidden_size");
     });
-    assert_clean_failure(
-        &[
-            "generate",
-            "--model",
-            dir.path().to_str().unwrap(),
-            "--prompt-ids",
-            "1",
-        ],
-        &["config.json", "hidden_size"],
-    );
+    assert_load_fails(dir.path(), &["config.json", "hidden_size"]);
 }
 
 #[test]
 fn unknown_model_type() {
     let dir = edit_config(|c| c["model_type"] = "gpt_neox".into());
-    assert_clean_failure(
-        &[
-            "generate",
-            "--model",
-            dir.path().to_str().unwrap(),
-            "--prompt-ids",
-            "1",
-        ],
+    assert_load_fails(
+        dir.path(),
         &["config.json", "unsupported architecture", "gpt_neox"],
     );
 }
@@ -299,16 +295,7 @@ fn truncated_safetensors() {
     let path = dir.path().join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    assert_clean_failure(
-        &[
-            "generate",
-            "--model",
-            dir.path().to_str().unwrap(),
-            "--prompt-ids",
-            "1",
-        ],
-        &["model.safetensors", "truncated"],
-    );
+    assert_load_fails(dir.path(), &["model.safetensors", "truncated"]);
 }
 
 /// Rewrites the fixture weights with `edit` applied to the tensor map.
@@ -335,14 +322,8 @@ fn tensor_with_wrong_shape() {
             OwnedTensor::from_f32(&[0.0; 64 * 100], vec![100, 64], StoreDtype::F32),
         );
     });
-    assert_clean_failure(
-        &[
-            "generate",
-            "--model",
-            dir.path().to_str().unwrap(),
-            "--prompt-ids",
-            "1",
-        ],
+    assert_load_fails(
+        dir.path(),
         &[
             "model.layers.1.mlp.up_proj.weight",
             "[100, 64]",
@@ -357,14 +338,8 @@ fn missing_tensor() {
     let dir = edit_weights(|m| {
         m.remove("model.layers.2.self_attn.k_proj.weight");
     });
-    assert_clean_failure(
-        &[
-            "generate",
-            "--model",
-            dir.path().to_str().unwrap(),
-            "--prompt-ids",
-            "1",
-        ],
+    assert_load_fails(
+        dir.path(),
         &[
             "model.layers.2.self_attn.k_proj.weight",
             "not found",
@@ -378,12 +353,11 @@ fn bad_logits_input() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.safetensors");
     let out = dir.path().join("out.safetensors");
-    let mut map = BTreeMap::new();
-    map.insert(
-        "input_ids".to_string(),
+    write_one(
+        &input,
+        "input_ids",
         OwnedTensor::from_i64(&[1, 2, 9999], vec![1, 3]),
     );
-    write_safetensors(&input, &map, None).unwrap();
     let args = [
         "logits",
         "--model",
@@ -395,20 +369,14 @@ fn bad_logits_input() {
     ];
     assert_clean_failure(&args, &["in.safetensors", "9999", "vocabulary"]);
     // wrong key
-    let mut map = BTreeMap::new();
-    map.insert(
-        "ids".to_string(),
-        OwnedTensor::from_i64(&[1, 2], vec![1, 2]),
-    );
-    write_safetensors(&input, &map, None).unwrap();
+    write_one(&input, "ids", OwnedTensor::from_i64(&[1, 2], vec![1, 2]));
     assert_clean_failure(&args, &["input_ids", "in.safetensors"]);
     // float ids
-    let mut map = BTreeMap::new();
-    map.insert(
-        "input_ids".to_string(),
+    write_one(
+        &input,
+        "input_ids",
         OwnedTensor::from_f32(&[1.0, 2.0], vec![1, 2], StoreDtype::F32),
     );
-    write_safetensors(&input, &map, None).unwrap();
     assert_clean_failure(&args, &["input_ids", "I64"]);
     assert!(!Path::new(&out).exists(), "no output on failure");
 }

@@ -2,7 +2,7 @@
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use serde::Serialize;
-use skipgpt_model::{LlamaConfig, LlamaForCausalLM, Routing};
+use skipgpt_model::{LlamaForCausalLM, Routing};
 use skipgpt_train::data::PackedDataset;
 use skipgpt_train::loss::lm_loss;
 
@@ -26,15 +26,6 @@ pub struct PerplexityReport {
     pub attn_skip_per_layer: Vec<f64>,
     /// Per layer: MLP skip fraction.
     pub mlp_skip_per_layer: Vec<f64>,
-}
-
-/// Parameters of one attention module and one MLP module.
-pub fn module_params(c: &LlamaConfig) -> (usize, usize) {
-    let q = c.num_attention_heads * c.head_dim;
-    let kv = c.num_key_value_heads * c.head_dim;
-    let attn = c.hidden_size * (2 * q + 2 * kv);
-    let mlp = 3 * c.hidden_size * c.intermediate_size;
-    (attn, mlp)
 }
 
 /// Runs the model over every sequence (inputs `seq[..n]`, targets `seq[1..]`) in batches.
@@ -83,7 +74,7 @@ pub fn evaluate_perplexity<B: Backend>(
     let mlp_skip_per_layer = per_layer(mlp_skipped);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let (attn_skip, mlp_skip) = (mean(&attn_skip_per_layer), mean(&mlp_skip_per_layer));
-    let (pa, pm) = module_params(&model.config);
+    let (pa, pm) = (model.config.attention_params(), model.config.mlp_params());
     let nll = nll_sum / tokens.max(1) as f64;
     PerplexityReport {
         tokens,

@@ -44,20 +44,9 @@ pub fn load_pretrained<B: Backend>(dir: &Path, device: &B::Device) -> Result<Pre
     let config = load_config(dir)?;
     let weights = WeightSet::open_dir(dir)?;
     let mut model = LlamaForCausalLM::load(&config, &weights, device)?;
-    let routers = dir.join(ROUTERS_FILE);
-    let routing_json = dir.join(ROUTING_FILE);
-    if routers.exists() {
-        let routing = if routing_json.exists() {
-            RoutingConfig::from_file(&routing_json)?
-        } else {
-            RoutingConfig::new()
-        };
-        model = model.load_routers(routing, &WeightSet::open_files(&[routers])?)?;
-    } else if routing_json.exists() {
-        return Err(ModelError::MissingFile {
-            path: routers,
-            what: "not found, but skipgpt.json says this is a SkipGPT model",
-        });
+    if let Some(routing) = load_routing_config(dir)? {
+        let routers = WeightSet::open_files(&[dir.join(ROUTERS_FILE)])?;
+        model = model.load_routers(routing, &routers)?;
     }
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {
@@ -88,6 +77,23 @@ pub fn load_pretrained<B: Backend>(dir: &Path, device: &B::Device) -> Result<Pre
 pub const ROUTERS_FILE: &str = "routers.safetensors";
 /// Routing configuration of a SkipGPT model directory.
 pub const ROUTING_FILE: &str = "skipgpt.json";
+
+/// The routing configuration of a SkipGPT model directory: `None` for a dense one, the
+/// defaults when `routers.safetensors` comes without `skipgpt.json`, and an error for a
+/// `skipgpt.json` without routers.
+pub fn load_routing_config(dir: &Path) -> Result<Option<RoutingConfig>> {
+    let routers = dir.join(ROUTERS_FILE);
+    let routing_json = dir.join(ROUTING_FILE);
+    match (routers.exists(), routing_json.exists()) {
+        (true, true) => RoutingConfig::from_file(&routing_json).map(Some),
+        (true, false) => Ok(Some(RoutingConfig::new())),
+        (false, true) => Err(ModelError::MissingFile {
+            path: routers,
+            what: "not found, but skipgpt.json says this is a SkipGPT model",
+        }),
+        (false, false) => Ok(None),
+    }
+}
 
 /// Writes only the routers and `skipgpt.json` of a routed model into `dir`.
 pub fn save_routers<B: Backend>(model: &LlamaForCausalLM<B>, dir: &Path) -> Result<()> {

@@ -335,18 +335,29 @@ impl LlamaConfig {
         })
     }
 
-    /// Number of parameters of the dense model.
-    pub fn num_params(&self) -> usize {
-        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+    /// Parameters of one attention module (q, k, v, o projections and their biases): what a
+    /// token that skips attention does not use.
+    pub fn attention_params(&self) -> usize {
+        let h = self.hidden_size;
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
-        let attn = h * q
+        h * q
             + 2 * h * kv
             + q * h
             + if self.qkv_bias { q + 2 * kv } else { 0 }
-            + if self.o_bias { h } else { 0 };
-        let mlp = 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 };
-        let layer = attn + mlp + 2 * h;
+            + if self.o_bias { h } else { 0 }
+    }
+
+    /// Parameters of one MLP module (gate, up, down projections and their biases).
+    pub fn mlp_params(&self) -> usize {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 }
+    }
+
+    /// Number of parameters of the dense model.
+    pub fn num_params(&self) -> usize {
+        let (h, v) = (self.hidden_size, self.vocab_size);
+        let layer = self.attention_params() + self.mlp_params() + 2 * h;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + self.num_hidden_layers * layer + h + head
     }

@@ -22,7 +22,9 @@ pub mod safetensors_io;
 pub mod tokenizer;
 
 pub use cache::KvCache;
-pub use checkpoint::{load_config, load_pretrained, save_pretrained, save_routers, Pretrained};
+pub use checkpoint::{
+    load_config, load_pretrained, load_routing_config, save_pretrained, save_routers, Pretrained,
+};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use generate::{generate, GenerateOptions, Sampling};

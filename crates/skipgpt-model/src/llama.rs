@@ -15,7 +15,7 @@ use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::rope::{apply_rotary, RotaryEmbedding};
-use crate::router::{Granularity, KvPolicy, MlpRouterInput, Router, Routing, RoutingConfig};
+use crate::router::{router_names, KvPolicy, MlpRouterInput, Router, Routing, RoutingConfig};
 use crate::safetensors_io::{OwnedTensor, StoreDtype, WeightSet};
 
 /// Standard deviation of the normal initialisation (transformers' `initializer_range`).
@@ -543,12 +543,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
     pub fn with_new_routers(mut self, routing: RoutingConfig) -> Self {
         let device = self.device();
         let h = self.config.hidden_size;
+        let (_, mlp_slot) = router_names(routing.granularity);
         for layer in self.model.layers.iter_mut() {
             layer.attn_router = Some(Router::init(routing.router, h, &device));
-            layer.mlp_router = match routing.granularity {
-                Granularity::Module => Some(Router::init(routing.router, h, &device)),
-                Granularity::Layer => None,
-            };
+            layer.mlp_router = mlp_slot.map(|_| Router::init(routing.router, h, &device));
         }
         self.routing_config = Some(routing);
         self.routing = Routing::Deterministic;
@@ -559,36 +557,19 @@ impl<B: Backend> LlamaForCausalLM<B> {
     pub fn load_routers(mut self, routing: RoutingConfig, w: &WeightSet) -> Result<Self> {
         let device = self.device();
         let h = self.config.hidden_size;
+        let (attn_slot, mlp_slot) = router_names(routing.granularity);
         for (i, layer) in self.model.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            match routing.granularity {
-                Granularity::Module => {
-                    layer.attn_router = Some(Router::load(
-                        routing.router,
-                        h,
-                        w,
-                        &format!("{p}.attn_router"),
-                        &device,
-                    )?);
-                    layer.mlp_router = Some(Router::load(
-                        routing.router,
-                        h,
-                        w,
-                        &format!("{p}.mlp_router"),
-                        &device,
-                    )?);
-                }
-                Granularity::Layer => {
-                    layer.attn_router = Some(Router::load(
-                        routing.router,
-                        h,
-                        w,
-                        &format!("{p}.router"),
-                        &device,
-                    )?);
-                    layer.mlp_router = None;
-                }
-            }
+            let load = |name: &str| {
+                Router::load(
+                    routing.router,
+                    h,
+                    w,
+                    &format!("model.layers.{i}.{name}"),
+                    &device,
+                )
+            };
+            layer.attn_router = Some(load(attn_slot)?);
+            layer.mlp_router = mlp_slot.map(load).transpose()?;
         }
         self.routing_config = Some(routing);
         self.routing = Routing::Deterministic;
@@ -598,22 +579,19 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// The router weights under their checkpoint names (f32).
     pub fn export_routers(&self) -> BTreeMap<String, OwnedTensor> {
         let mut out = BTreeMap::new();
-        let layer_granularity = matches!(
-            self.routing_config.as_ref().map(|r| r.granularity),
-            Some(Granularity::Layer)
-        );
+        let Some(routing) = &self.routing_config else {
+            return out;
+        };
+        let (attn_slot, mlp_slot) = router_names(routing.granularity);
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            if let Some(r) = &layer.attn_router {
-                let name = if layer_granularity {
-                    "router"
-                } else {
-                    "attn_router"
-                };
-                r.export(&mut out, &format!("{p}.{name}"));
-            }
-            if let Some(r) = &layer.mlp_router {
-                r.export(&mut out, &format!("{p}.mlp_router"));
+            let slots = [
+                (&layer.attn_router, Some(attn_slot)),
+                (&layer.mlp_router, mlp_slot),
+            ];
+            for (router, name) in slots {
+                if let (Some(r), Some(name)) = (router, name) {
+                    r.export(&mut out, &format!("model.layers.{i}.{name}"));
+                }
             }
         }
         out
@@ -638,9 +616,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
 
     /// Number of router parameters.
     pub fn router_params(&self) -> usize {
-        self.export_routers()
-            .values()
-            .map(|t| t.num_elements())
+        self.model
+            .layers
+            .iter()
+            .flat_map(|l| [&l.attn_router, &l.mlp_router])
+            .flatten()
+            .map(|r| r.num_params())
             .sum()
     }
 
@@ -722,18 +703,17 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let [_, t] = input_ids.dims();
         let start = cache.as_ref().map_or(0, |c| c.len());
         let ctx = self.attention_context(start, t);
-        let rc = self
-            .routing_config
-            .clone()
-            .unwrap_or_else(RoutingConfig::new);
-        let layer_routing = LayerRouting {
-            routing: if self.routing_config.is_some() {
-                routing
-            } else {
-                Routing::Dense
+        let layer_routing = match &self.routing_config {
+            Some(rc) => LayerRouting {
+                routing,
+                mlp_router_input: rc.mlp_router_input,
+                kv_policy: rc.kv_policy,
             },
-            mlp_router_input: rc.mlp_router_input,
-            kv_policy: rc.kv_policy,
+            None => LayerRouting {
+                routing: Routing::Dense,
+                mlp_router_input: MlpRouterInput::default(),
+                kv_policy: KvPolicy::default(),
+            },
         };
         let mut x = self.model.embed_tokens.forward(input_ids);
         let mut hidden_states = Vec::new();

@@ -205,24 +205,28 @@ impl<B: Backend> Router<B> {
 /// Turns router logits `[batch, seq, 2]` into gates `[batch, seq]`.
 pub fn gate_from_logits<B: Backend>(logits: Tensor<B, 3>, routing: Routing) -> Tensor<B, 2> {
     let [b, t, _] = logits.dims();
-    let execute = logits.clone().slice([0..b, 0..t, 0..1]);
-    let skip = logits.slice([0..b, 0..t, 1..2]);
+    let device = logits.device();
     match routing {
-        Routing::Dense => Tensor::ones([b, t], &execute.device()),
-        Routing::Deterministic => execute.greater(skip).float().reshape([b, t]),
-        Routing::Sample => {
-            // argmax(z + Gumbel noise) is a draw from softmax(z)
-            let g = gumbel_noise::<B>([b, t, 2], &execute.device());
-            let ge = g.clone().slice([0..b, 0..t, 0..1]);
-            let gs = g.slice([0..b, 0..t, 1..2]);
-            (execute + ge).greater(skip + gs).float().reshape([b, t])
-        }
+        Routing::Dense => Tensor::ones([b, t], &device),
+        Routing::Deterministic => execute_wins(logits),
+        // argmax(z + Gumbel noise) is a draw from softmax(z)
+        Routing::Sample => execute_wins(logits + gumbel_noise::<B>([b, t, 2], &device)),
         Routing::Gumbel { temperature } => {
-            let logits = Tensor::cat(vec![execute, skip], 2);
-            let noise = gumbel_noise::<B>([b, t, 2], &logits.device());
-            straight_through_gate(logits, noise, temperature)
+            straight_through_gate(logits, gumbel_noise::<B>([b, t, 2], &device), temperature)
         }
     }
+}
+
+/// 1.0 where logit 0 (EXECUTE) is larger than logit 1 (SKIP), else 0.0.
+///
+/// # Shapes
+/// - logits: `[batch, seq, 2]`
+/// - output: `[batch, seq]`
+fn execute_wins<B: Backend>(logits: Tensor<B, 3>) -> Tensor<B, 2> {
+    let [b, t, _] = logits.dims();
+    let execute = logits.clone().slice([0..b, 0..t, 0..1]);
+    let skip = logits.slice([0..b, 0..t, 1..2]);
+    execute.greater(skip).float().reshape([b, t])
 }
 
 /// Hard Gumbel-softmax with a straight-through estimator, given the noise.
@@ -239,12 +243,21 @@ pub fn straight_through_gate<B: Backend>(
     temperature: f64,
 ) -> Tensor<B, 2> {
     let [b, t, _] = logits.dims();
-    let soft = activation::softmax((logits + noise) / temperature, 2);
-    let p_exec = soft.clone().slice([0..b, 0..t, 0..1]).reshape([b, t]);
-    let p_skip = soft.slice([0..b, 0..t, 1..2]).reshape([b, t]);
-    let hard = p_exec.clone().detach().greater(p_skip.detach()).float();
+    let noisy = logits + noise;
+    let hard = execute_wins(noisy.clone().detach());
+    let soft = activation::softmax(noisy / temperature, 2);
+    let p_exec = soft.slice([0..b, 0..t, 0..1]).reshape([b, t]);
     // hard + (p - p): exactly the hard value forward (p - p is exactly 0), p's gradient backward.
     hard + (p_exec.clone() - p_exec.detach())
+}
+
+/// Checkpoint names of a layer's routers under `model.layers.{i}.`: the attention slot (with
+/// `granularity = layer`, the layer's only router) and the MLP slot.
+pub fn router_names(granularity: Granularity) -> (&'static str, Option<&'static str>) {
+    match granularity {
+        Granularity::Module => ("attn_router", Some("mlp_router")),
+        Granularity::Layer => ("router", None),
+    }
 }
 
 /// Parameters of all routers of a model: the paper's "< 0.01% of LLaMA-7B" for `linear`.

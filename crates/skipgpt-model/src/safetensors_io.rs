@@ -364,10 +364,6 @@ impl OwnedTensor {
         &self.bytes
     }
 
-    pub fn num_elements(&self) -> usize {
-        self.shape.iter().product()
-    }
-
     pub fn from_i64(values: &[i64], shape: Vec<usize>) -> Self {
         OwnedTensor {
             dtype: Dtype::I64,

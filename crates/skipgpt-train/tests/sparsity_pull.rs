@@ -48,6 +48,10 @@ fn router_tuning_reaches_the_target_and_keeps_the_base() {
         model = optim.step(2e-2, model, grads);
     }
     let skip = (last.0 + last.1) / 2.0;
+    eprintln!(
+        "after {steps} steps: skip {skip:.3} (attention {:.3}, mlp {:.3})",
+        last.0, last.1
+    );
     assert!(
         (skip - 0.5).abs() < 0.1,
         "skip rate {skip} (attn {}, mlp {})",
