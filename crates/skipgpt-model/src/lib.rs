@@ -29,6 +29,8 @@ pub use config::{LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use generate::{generate, GenerateOptions, Sampling};
 pub use llama::{CausalLmOutput, LlamaForCausalLM};
-pub use router::{Granularity, KvPolicy, MlpRouterInput, RouterVariant, Routing, RoutingConfig};
+pub use router::{
+    Granularity, KvPolicy, MlpRouterInput, RouterNoise, RouterVariant, Routing, RoutingConfig,
+};
 pub use safetensors_io::StoreDtype;
 pub use tokenizer::Tokenizer;

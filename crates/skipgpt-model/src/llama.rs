@@ -15,7 +15,9 @@ use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::rope::{apply_rotary, RotaryEmbedding};
-use crate::router::{router_names, KvPolicy, MlpRouterInput, Router, Routing, RoutingConfig};
+use crate::router::{
+    router_names, KvPolicy, MlpRouterInput, Router, RouterNoise, Routing, RoutingConfig,
+};
 use crate::safetensors_io::{OwnedTensor, StoreDtype, WeightSet};
 
 /// Standard deviation of the normal initialisation (transformers' `initializer_range`).
@@ -384,10 +386,15 @@ impl<B: Backend> DecoderLayer<B> {
         ctx: &AttentionContext<B>,
         cache: Option<&mut crate::cache::LayerKv<B>>,
         routing: &LayerRouting,
+        noise: Option<&[Tensor<B, 3>; 2]>,
     ) -> LayerOutput<B> {
         let routed = routing.routing != Routing::Dense;
+        let [attn_noise, mlp_noise] = match noise {
+            Some([a, m]) => [Some(a.clone()), Some(m.clone())],
+            None => [None, None],
+        };
         let attn_gate = match (&self.attn_router, routed) {
-            (Some(r), true) => Some(r.gate(x.clone(), routing.routing)),
+            (Some(r), true) => Some(r.gate(x.clone(), routing.routing, attn_noise)),
             _ => None,
         };
         // kv_policy = drop: a token that skips attention lends no key/value to the others.
@@ -408,7 +415,7 @@ impl<B: Backend> DecoderLayer<B> {
                     MlpRouterInput::PostAttn => h.clone(),
                     MlpRouterInput::BlockInput => x,
                 };
-                Some(r.gate(input, routing.routing))
+                Some(r.gate(input, routing.routing, mlp_noise))
             }
             // one router per layer gates both modules
             (None, Some(_), true) => attn_gate.clone(),
@@ -696,9 +703,22 @@ impl<B: Backend> LlamaForCausalLM<B> {
     pub fn forward_routed(
         &self,
         input_ids: Tensor<B, 2, Int>,
+        cache: Option<&mut KvCache<B>>,
+        routing: Routing,
+        output_hidden_states: bool,
+    ) -> CausalLmOutput<B> {
+        self.forward_with_noise(input_ids, cache, routing, output_hidden_states, None)
+    }
+
+    /// [`LlamaForCausalLM::forward_routed`] with the random routing modes drawing from
+    /// `noise` rather than from the backend's generator (training: reproducible steps).
+    pub fn forward_with_noise(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
         mut cache: Option<&mut KvCache<B>>,
         routing: Routing,
         output_hidden_states: bool,
+        noise: Option<&RouterNoise<B>>,
     ) -> CausalLmOutput<B> {
         let [_, t] = input_ids.dims();
         let start = cache.as_ref().map_or(0, |c| c.len());
@@ -727,6 +747,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 &ctx,
                 cache.as_deref_mut().map(|c| c.layer(i)),
                 &layer_routing,
+                noise.map(|n| &n.layers[i]),
             );
             x = out.hidden;
             attn_gates.extend(out.attn_gate);

@@ -8,7 +8,7 @@ use std::path::Path;
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
-use burn::tensor::{activation, backend::Backend, Distribution, Tensor};
+use burn::tensor::{activation, backend::Backend, Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -127,7 +127,10 @@ impl<B: Backend> Router<B> {
                 })
                 .init::<B>(device)
         };
+        // Draw the weights now rather than lazily at first use, so that the random stream a
+        // router's initialisation consumes does not depend on when it is first run.
         let zero_bias = |mut l: Linear<B>| {
+            l.weight = Param::from_tensor(l.weight.val());
             l.bias = l.bias.map(|b| Param::from_tensor(b.val().zeros_like()));
             l
         };
@@ -197,22 +200,68 @@ impl<B: Backend> Router<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]`
     /// - output: `[batch, seq]`
-    pub fn gate(&self, x: Tensor<B, 3>, routing: Routing) -> Tensor<B, 2> {
-        gate_from_logits(self.logits(x), routing)
+    ///
+    /// `noise` (`[batch, seq, 2]`, standard Gumbel) is used by the random modes instead of a
+    /// draw from the backend's generator.
+    pub fn gate(
+        &self,
+        x: Tensor<B, 3>,
+        routing: Routing,
+        noise: Option<Tensor<B, 3>>,
+    ) -> Tensor<B, 2> {
+        gate_from_logits(self.logits(x), routing, noise)
     }
 }
 
-/// Turns router logits `[batch, seq, 2]` into gates `[batch, seq]`.
-pub fn gate_from_logits<B: Backend>(logits: Tensor<B, 3>, routing: Routing) -> Tensor<B, 2> {
+/// Turns router logits `[batch, seq, 2]` into gates `[batch, seq]`. The random modes use
+/// `noise` when given, else draw it from the backend's generator.
+pub fn gate_from_logits<B: Backend>(
+    logits: Tensor<B, 3>,
+    routing: Routing,
+    noise: Option<Tensor<B, 3>>,
+) -> Tensor<B, 2> {
     let [b, t, _] = logits.dims();
     let device = logits.device();
+    let noise = || noise.unwrap_or_else(|| gumbel_noise::<B>([b, t, 2], &device));
     match routing {
         Routing::Dense => Tensor::ones([b, t], &device),
         Routing::Deterministic => execute_wins(logits),
         // argmax(z + Gumbel noise) is a draw from softmax(z)
-        Routing::Sample => execute_wins(logits + gumbel_noise::<B>([b, t, 2], &device)),
-        Routing::Gumbel { temperature } => {
-            straight_through_gate(logits, gumbel_noise::<B>([b, t, 2], &device), temperature)
+        Routing::Sample => execute_wins(logits + noise()),
+        Routing::Gumbel { temperature } => straight_through_gate(logits, noise(), temperature),
+    }
+}
+
+/// Gumbel noise for every router of a forward pass, drawn on the host from a seed: a pure
+/// function of the seed, so a training step draws the same noise whatever else the process
+/// does with the backend's generator (parallel runs, a resumed run).
+#[derive(Debug, Clone)]
+pub struct RouterNoise<B: Backend> {
+    /// Per layer: the attention router's and the MLP router's noise, `[batch, seq, 2]` each.
+    pub layers: Vec<[Tensor<B, 3>; 2]>,
+}
+
+impl<B: Backend> RouterNoise<B> {
+    pub fn from_seed(
+        seed: u64,
+        layers: usize,
+        batch: usize,
+        seq: usize,
+        device: &B::Device,
+    ) -> Self {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut draw = || {
+            let values: Vec<f32> = (0..batch * seq * 2)
+                .map(|_| {
+                    let u: f64 = rng.random_range(1e-10..1.0 - 1e-7);
+                    -(-(u.ln())).ln() as f32
+                })
+                .collect();
+            Tensor::from_data(TensorData::new(values, [batch, seq, 2]), device)
+        };
+        RouterNoise {
+            layers: (0..layers).map(|_| [draw(), draw()]).collect(),
         }
     }
 }

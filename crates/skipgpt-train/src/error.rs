@@ -24,6 +24,23 @@ pub enum TrainError {
     },
     #[error("not enough data: {0}")]
     NotEnoughData(String),
+    #[error(
+        "{0} already holds a run: pass --resume to continue it, or choose another output directory"
+    )]
+    RunExists(PathBuf),
+    #[error("--resume: {0} holds no run to resume (no run.json)")]
+    NothingToResume(PathBuf),
+    #[error("--resume: {path} was started with {key} = {before}, now {key} = {now}; resume with the same settings or start a new run elsewhere")]
+    ResumeMismatch {
+        path: PathBuf,
+        key: String,
+        before: String,
+        now: String,
+    },
+    #[error("training failed: {0}")]
+    Training(String),
+    #[error("tokenizer training: {0}")]
+    Tokenizer(String),
     #[error(transparent)]
     Model(#[from] skipgpt_model::ModelError),
 }

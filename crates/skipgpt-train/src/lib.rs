@@ -1,10 +1,31 @@
 //! # skipgpt-train
 //!
-//! What SkipGPT training needs besides the model: the corpus pipeline ([`data`]) and the loss
-//! ([`loss`]): language-model cross-entropy plus `α·|T − skip_rate|`.
+//! Training for SkipGPT on burn-train:
+//!
+//! - [`data`]: the corpus pipeline (text/JSONL → packed sequences, a seeded split) and the
+//!   built-in synthetic corpus;
+//! - [`loss`]: language-model cross-entropy plus `α·|T − skip_rate|`;
+//! - [`step`]: the model as burn-train's `TrainStep`/`InferenceStep` for an [`Objective`];
+//! - [`loader`], [`schedule`]: batches, learning rate and Gumbel temperature as functions of
+//!   the step, so a killed run resumes exactly;
+//! - [`fit`]: one run through burn-train's learner (metrics, checkpoints, resume);
+//! - [`metrics`], [`progress`]: what a run reports while it trains;
+//! - [`resume`]: atomic checkpoints and the run manifest;
+//! - [`tokenizer`]: BPE tokenizer training for pretraining from scratch.
 
 pub mod data;
 pub mod error;
+pub mod fit;
+pub mod loader;
 pub mod loss;
+pub mod metrics;
+pub mod progress;
+pub mod resume;
+pub mod schedule;
+pub mod step;
+pub mod tokenizer;
 
 pub use error::{Result, TrainError};
+pub use fit::{fit, RunDir, TrainOptions};
+pub use schedule::ScheduleKind;
+pub use step::Objective;

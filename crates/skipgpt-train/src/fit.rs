@@ -1,0 +1,320 @@
+//! One training run through burn-train's `SupervisedTraining`: the optimizer, schedule,
+//! metrics, renderer, checkpointing and resume, shared by pretraining and router tuning.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::AdamWConfig;
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::checkpoint::KeepLastNCheckpoints;
+use burn::train::metric::LearningRateMetric;
+use burn::train::{Learner, SupervisedTraining};
+use serde::{Deserialize, Serialize};
+use skipgpt_model::LlamaForCausalLM;
+
+use crate::data::PackedDataset;
+use crate::error::{Result, TrainError};
+use crate::loader::{mix, StepPlan, TrainLoader, ValidLoader};
+use crate::metrics::{stats_for, StatMetric};
+use crate::progress::{truncate_log, ProgressLayout, ProgressPrinter};
+use crate::resume::{AtomicRecorder, RunManifest};
+use crate::schedule::{ScheduleKind, WarmupSchedule};
+use crate::step::{LmTrainer, Objective};
+
+/// How a run optimises: everything but the model, the data and the objective.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainOptions {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are averaged into one optimizer step.
+    pub grad_accum: usize,
+    /// Peak learning rate (AdamW).
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub schedule: ScheduleKind,
+    pub weight_decay: f64,
+    /// Gradient-norm clipping; burn clips each parameter tensor's norm on its own.
+    pub grad_clip: Option<f64>,
+    /// Seeds the data order and the Gumbel noise.
+    pub seed: u64,
+    /// Gumbel temperature at the first and the last step (stage 1).
+    pub temperature: (f64, f64),
+    /// Print the metrics every this many optimizer steps.
+    pub log_every: usize,
+    /// Checkpoint (and validate) every this many optimizer steps.
+    pub checkpoint_every: usize,
+    /// Validation sequences per pass (0: the whole validation split).
+    pub valid_sequences: usize,
+    /// Print nothing while training.
+    #[serde(skip)]
+    pub quiet: bool,
+}
+
+impl Default for TrainOptions {
+    /// The paper's stage-1 settings, scaled to a short run.
+    fn default() -> Self {
+        TrainOptions {
+            steps: 100,
+            batch_size: 8,
+            grad_accum: 1,
+            lr: 2e-3,
+            warmup_steps: 0,
+            schedule: ScheduleKind::Constant,
+            weight_decay: 0.01,
+            grad_clip: Some(1.0),
+            seed: 0,
+            temperature: (5.0, 1.0),
+            log_every: 10,
+            checkpoint_every: 50,
+            valid_sequences: 64,
+            quiet: false,
+        }
+    }
+}
+
+impl TrainOptions {
+    pub fn validate(&self) -> Result<()> {
+        let positive = |name: &'static str, v: usize| {
+            if v == 0 {
+                Err(TrainError::InvalidSetting {
+                    name,
+                    value: "0".into(),
+                    expected: "at least 1",
+                })
+            } else {
+                Ok(())
+            }
+        };
+        positive("steps", self.steps)?;
+        positive("batch_size", self.batch_size)?;
+        positive("grad_accum", self.grad_accum)?;
+        positive("log_every", self.log_every)?;
+        positive("checkpoint_every", self.checkpoint_every)?;
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(TrainError::InvalidSetting {
+                name: "lr",
+                value: self.lr.to_string(),
+                expected: "a positive learning rate",
+            });
+        }
+        if !(self.weight_decay >= 0.0) {
+            return Err(TrainError::InvalidSetting {
+                name: "weight_decay",
+                value: self.weight_decay.to_string(),
+                expected: ">= 0",
+            });
+        }
+        if let Some(c) = self.grad_clip {
+            if !(c > 0.0) {
+                return Err(TrainError::InvalidSetting {
+                    name: "grad_clip",
+                    value: c.to_string(),
+                    expected: "a positive norm",
+                });
+            }
+        }
+        let (t0, t1) = self.temperature;
+        if !(t0 > 0.0 && t1 > 0.0) {
+            return Err(TrainError::InvalidSetting {
+                name: "temperature",
+                value: format!("{t0} -> {t1}"),
+                expected: "positive temperatures",
+            });
+        }
+        if self.warmup_steps > self.steps {
+            return Err(TrainError::InvalidSetting {
+                name: "warmup_steps",
+                value: self.warmup_steps.to_string(),
+                expected: "no more than --steps",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Where a run keeps its state, and whether it continues an earlier one.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    /// burn-train's directory: `run.json`, `checkpoint/`, `metrics.jsonl`, per-epoch logs.
+    pub path: PathBuf,
+    /// Continue the run in `path` from its last complete checkpoint.
+    pub resume: bool,
+    /// Prefix of the progress lines.
+    pub label: String,
+}
+
+impl RunDir {
+    pub fn metrics_log(&self) -> PathBuf {
+        self.path.join("metrics.jsonl")
+    }
+}
+
+/// Trains `model` on `train` (validating on `valid`) and returns it without autodiff.
+///
+/// A run is cut into burn-train epochs of `checkpoint_every` steps; each ends with a
+/// validation pass and an atomic checkpoint. With `run.resume`, training continues after the
+/// last complete checkpoint and ends with the same parameters as an uninterrupted run.
+pub fn fit<B: AutodiffBackend>(
+    model: LlamaForCausalLM<B>,
+    objective: Objective,
+    train: PackedDataset,
+    valid: PackedDataset,
+    opts: &TrainOptions,
+    run: &RunDir,
+    device: &B::Device,
+) -> Result<LlamaForCausalLM<B::InnerBackend>> {
+    opts.validate()?;
+    if let Objective::Sparsity(cfg) = &objective {
+        cfg.validate()?;
+    }
+    if train.is_empty() {
+        return Err(TrainError::NotEnoughData(
+            "the training split is empty".into(),
+        ));
+    }
+    let mut valid = valid;
+    if opts.valid_sequences > 0 {
+        valid.sequences.truncate(opts.valid_sequences);
+    }
+    if valid.is_empty() {
+        // burn-train validates every epoch; without held-out data, validate on a few train
+        // sequences rather than not at all
+        valid.sequences = train
+            .sequences
+            .iter()
+            .take(opts.batch_size)
+            .cloned()
+            .collect();
+    }
+
+    let manifest = manifest(&objective, &train, &valid, opts);
+    let done_epochs = manifest.begin(&run.path, run.resume)?;
+    let plan = StepPlan {
+        total_steps: opts.steps,
+        batch_size: opts.batch_size,
+        accumulation: opts.grad_accum,
+        steps_per_epoch: opts.checkpoint_every,
+        seed: opts.seed,
+        temperature: opts.temperature,
+    };
+    let num_epochs = plan.num_epochs();
+    let done_steps = (done_epochs * opts.checkpoint_every).min(opts.steps);
+    truncate_log(&run.metrics_log(), done_steps).map_err(|e| TrainError::Io {
+        path: run.metrics_log(),
+        source: e,
+    })?;
+    if run.resume && !opts.quiet {
+        eprintln!(
+            "{}: resuming {} after step {done_steps} of {}",
+            run.label,
+            run.path.display(),
+            opts.steps
+        );
+    }
+
+    let sparsity = matches!(objective, Objective::Sparsity(_));
+    let layout = ProgressLayout {
+        total_steps: opts.steps,
+        steps_per_epoch: opts.checkpoint_every,
+        accumulation: opts.grad_accum,
+        log_every: opts.log_every,
+        tokens_per_step: opts.batch_size * opts.grad_accum * train.seq_len,
+        label: run.label.clone(),
+        quiet: opts.quiet,
+    };
+    let train_loader = TrainLoader::<B>::new(Arc::new(train), plan, done_epochs + 1, device);
+    let valid_loader =
+        ValidLoader::<B::InnerBackend>::new(Arc::new(valid), opts.batch_size, device);
+
+    let optimizer = AdamWConfig::new()
+        .with_weight_decay(opts.weight_decay as f32)
+        .with_grad_clipping(
+            opts.grad_clip
+                .map(|c| GradientClippingConfig::Norm(c as f32)),
+        )
+        .init();
+    let schedule = WarmupSchedule::new(
+        opts.lr,
+        opts.warmup_steps,
+        opts.steps,
+        opts.schedule,
+        opts.grad_accum,
+    );
+    let learner = Learner::new(LmTrainer::new(model, objective), optimizer, schedule);
+
+    let mut training =
+        SupervisedTraining::new(&run.path, Arc::new(train_loader), Arc::new(valid_loader))
+            .num_epochs(num_epochs)
+            .with_file_checkpointer(AtomicRecorder)
+            .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
+            .with_application_logger(None)
+            .renderer(ProgressPrinter::new(layout, Some(run.metrics_log())))
+            .metric_train_numeric(LearningRateMetric::new());
+    for stat in stats_for(sparsity) {
+        training = training
+            .metric_train_numeric(StatMetric::new(stat))
+            .metric_valid_numeric(StatMetric::new(stat));
+    }
+    if opts.grad_accum > 1 {
+        training = training.grads_accumulation(opts.grad_accum);
+    }
+    if done_epochs > 0 {
+        training = training.checkpoint(done_epochs);
+    }
+    let interrupter = training.interrupter();
+    let result = training.launch(learner);
+    if let Some(reason) = interrupter.get_message() {
+        return Err(TrainError::Training(reason));
+    }
+    Ok(result.model.model)
+}
+
+/// The settings a resumed run must share with the run it continues.
+fn manifest(
+    objective: &Objective,
+    train: &PackedDataset,
+    valid: &PackedDataset,
+    opts: &TrainOptions,
+) -> RunManifest {
+    let mut map = match serde_json::to_value(opts).expect("options serialise") {
+        serde_json::Value::Object(m) => m,
+        _ => unreachable!("a struct serialises to an object"),
+    };
+    let objective = match objective {
+        Objective::Lm => serde_json::json!("lm"),
+        Objective::Sparsity(cfg) => serde_json::json!({
+            "alpha": cfg.alpha,
+            "target": cfg.target,
+            "attn_target": cfg.attn_target,
+            "mlp_target": cfg.mlp_target,
+        }),
+    };
+    map.insert("objective".into(), objective);
+    map.insert("seq_len".into(), train.seq_len.into());
+    map.insert("train_sequences".into(), train.len().into());
+    map.insert(
+        "train_data_hash".into(),
+        format!("{:016x}", data_hash(train)).into(),
+    );
+    map.insert(
+        "valid_data_hash".into(),
+        format!("{:016x}", data_hash(valid)).into(),
+    );
+    RunManifest(map)
+}
+
+/// A fingerprint of the token ids, so that a resumed run notices other data.
+fn data_hash(data: &PackedDataset) -> u64 {
+    data.sequences
+        .iter()
+        .flatten()
+        .fold(data.len() as u64, |h, &t| mix(h, t as u64))
+}
+
+/// The directory inside an output directory where the run keeps its state.
+pub fn run_dir(out: &Path) -> PathBuf {
+    out.join("train")
+}

@@ -1,0 +1,196 @@
+//! What makes a run resumable after being killed at any point:
+//!
+//! - [`AtomicRecorder`]: burn-train's checkpoints written through a temporary file and a
+//!   rename, so a kill mid-write leaves the previous checkpoint intact and no half file;
+//! - [`latest_checkpoint`]: the last epoch whose model, optimizer and scheduler states were all
+//!   written (burn-train writes the three on a background thread, one after the other);
+//! - [`RunManifest`]: the settings a run was started with, checked on `--resume` so that a
+//!   resumed run cannot silently continue with other data or hyper-parameters.
+
+use std::path::{Path, PathBuf};
+
+use burn::record::{FileRecorder, FullPrecisionSettings, Recorder, RecorderError};
+use burn::tensor::backend::Backend;
+use serde::{de::DeserializeOwned, Serialize};
+use skipgpt_model::safetensors_io::atomic_write;
+
+use crate::error::{Result, TrainError};
+
+/// Named MessagePack records (burn's `NamedMpkFileRecorder` format, full precision), written
+/// atomically.
+#[derive(Debug, Default, Clone)]
+pub struct AtomicRecorder;
+
+impl<B: Backend> Recorder<B> for AtomicRecorder {
+    type Settings = FullPrecisionSettings;
+    type RecordArgs = PathBuf;
+    type RecordOutput = ();
+    type LoadArgs = PathBuf;
+
+    fn save_item<I: Serialize>(&self, item: I, mut file: PathBuf) -> Result<(), RecorderError> {
+        file.set_extension(<Self as FileRecorder<B>>::file_extension());
+        let bytes = rmp_serde::encode::to_vec_named(&item)
+            .map_err(|e| RecorderError::Unknown(e.to_string()))?;
+        atomic_write(&file, &bytes).map_err(|e| RecorderError::Unknown(e.to_string()))
+    }
+
+    fn load_item<I: DeserializeOwned>(&self, file: &mut PathBuf) -> Result<I, RecorderError> {
+        file.set_extension(<Self as FileRecorder<B>>::file_extension());
+        let reader = std::fs::File::open(&*file).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                RecorderError::FileNotFound(format!("{}: {e}", file.display()))
+            }
+            _ => RecorderError::Unknown(format!("{}: {e}", file.display())),
+        })?;
+        rmp_serde::decode::from_read(std::io::BufReader::new(reader))
+            .map_err(|e| RecorderError::Unknown(format!("{}: {e}", file.display())))
+    }
+}
+
+impl<B: Backend> FileRecorder<B> for AtomicRecorder {
+    fn file_extension() -> &'static str {
+        "mpk"
+    }
+}
+
+/// The checkpoint directory burn-train uses inside a run directory.
+pub fn checkpoint_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoint")
+}
+
+/// The last epoch with a complete checkpoint (model, optimizer and scheduler), if any.
+pub fn latest_checkpoint(run_dir: &Path) -> Option<usize> {
+    let dir = checkpoint_dir(run_dir);
+    let entries = std::fs::read_dir(&dir).ok()?;
+    let complete = |epoch: usize| {
+        ["model", "optim", "scheduler"]
+            .iter()
+            .all(|part| dir.join(format!("{part}-{epoch}.mpk")).is_file())
+    };
+    entries
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_prefix("model-")?
+                .strip_suffix(".mpk")?
+                .parse::<usize>()
+                .ok()
+        })
+        .filter(|&epoch| complete(epoch))
+        .max()
+}
+
+/// The settings of a run, as JSON, in `run.json` of its run directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunManifest(pub serde_json::Map<String, serde_json::Value>);
+
+impl RunManifest {
+    pub const FILE: &'static str = "run.json";
+
+    /// Starts a run in `run_dir`, or checks that `resume` continues the same one.
+    /// Returns the epoch to resume after (0 for a fresh start).
+    pub fn begin(&self, run_dir: &Path, resume: bool) -> Result<usize> {
+        let path = run_dir.join(Self::FILE);
+        let existing = path.exists();
+        match (resume, existing) {
+            (false, true) => Err(TrainError::RunExists(run_dir.to_path_buf())),
+            (false, false) => {
+                let text = serde_json::to_string_pretty(&self.0).expect("json");
+                atomic_write(&path, text.as_bytes())?;
+                Ok(0)
+            }
+            (true, false) => Err(TrainError::NothingToResume(run_dir.to_path_buf())),
+            (true, true) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| TrainError::Io {
+                    path: path.clone(),
+                    source: e,
+                })?;
+                let saved: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+                    .map_err(|e| TrainError::Jsonl {
+                        path: path.clone(),
+                        line: e.line(),
+                        message: e.to_string(),
+                    })?;
+                for (key, value) in &self.0 {
+                    let before = saved.get(key).unwrap_or(&serde_json::Value::Null);
+                    if before != value {
+                        return Err(TrainError::ResumeMismatch {
+                            path,
+                            key: key.clone(),
+                            before: before.to_string(),
+                            now: value.to_string(),
+                        });
+                    }
+                }
+                Ok(latest_checkpoint(run_dir).unwrap_or(0))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::Module;
+    use burn::nn::{Linear, LinearConfig};
+
+    type B = burn::backend::NdArray<f32>;
+
+    #[test]
+    fn records_round_trip_and_leave_no_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = Default::default();
+        let linear: Linear<B> = LinearConfig::new(3, 2).init(&device);
+        // parameters initialise lazily, and a clone of an uninitialised one draws its own
+        let weight = linear.weight.val().into_data();
+        let path = dir.path().join("model-1");
+        Recorder::<B>::record(&AtomicRecorder, linear.clone().into_record(), path.clone()).unwrap();
+        let record = Recorder::<B>::load(&AtomicRecorder, path, &device).unwrap();
+        let loaded = LinearConfig::new(3, 2)
+            .init::<B>(&device)
+            .load_record(record);
+        assert_eq!(loaded.weight.val().into_data(), weight);
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["model-1.mpk".to_string()]);
+    }
+
+    #[test]
+    fn latest_checkpoint_needs_all_three_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = checkpoint_dir(dir.path());
+        std::fs::create_dir_all(&ck).unwrap();
+        assert_eq!(latest_checkpoint(dir.path()), None);
+        for part in ["model", "optim", "scheduler"] {
+            std::fs::write(ck.join(format!("{part}-1.mpk")), b"x").unwrap();
+        }
+        // killed while writing epoch 2: its optimizer state never landed
+        std::fs::write(ck.join("model-2.mpk"), b"x").unwrap();
+        std::fs::write(ck.join(".optim-2.mpk.77.tmp"), b"half").unwrap();
+        assert_eq!(latest_checkpoint(dir.path()), Some(1));
+    }
+
+    #[test]
+    fn manifest_guards_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = serde_json::Map::new();
+        m.insert("steps".into(), 10.into());
+        let manifest = RunManifest(m.clone());
+        let err = manifest.begin(dir.path(), true).unwrap_err().to_string();
+        assert!(err.contains("no run to resume"), "{err}");
+        assert_eq!(manifest.begin(dir.path(), false).unwrap(), 0);
+        let err = manifest.begin(dir.path(), false).unwrap_err().to_string();
+        assert!(err.contains("--resume"), "{err}");
+        assert_eq!(manifest.begin(dir.path(), true).unwrap(), 0);
+        m.insert("steps".into(), 20.into());
+        let err = RunManifest(m)
+            .begin(dir.path(), true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("steps") && err.contains("10") && err.contains("20"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,283 @@
+//! Router tuning and pretraining through burn-train's learner, on a tiny model and the
+//! synthetic corpus: the sparsity loss pulls the skip rate to the target with the base frozen,
+//! pretraining lowers the loss, and a killed run resumes to the same parameters.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use skipgpt_model::{LlamaConfig, LlamaForCausalLM, RoutingConfig, StoreDtype, Tokenizer};
+use skipgpt_train::data::{pack, synthetic_corpus, PackedDataset};
+use skipgpt_train::loss::SparsityLossConfig;
+use skipgpt_train::progress::read_log;
+use skipgpt_train::resume::checkpoint_dir;
+use skipgpt_train::tokenizer::{train_bpe, EOS};
+use skipgpt_train::{fit, Objective, RunDir, ScheduleKind, TrainOptions};
+
+type Inner = burn::backend::NdArray<f32>;
+type B = burn::backend::Autodiff<Inner>;
+
+struct Corpus {
+    tokenizer: Tokenizer,
+    train: PackedDataset,
+    valid: PackedDataset,
+}
+
+fn corpus(seq_len: usize) -> Corpus {
+    let docs = synthetic_corpus(120, 1);
+    let tokenizer = train_bpe(&docs, 320, "tokenizer.json".into()).unwrap();
+    let eos = tokenizer.token_to_id(EOS);
+    let (train, valid) = pack(&docs, &tokenizer, seq_len, eos)
+        .unwrap()
+        .split(0.1, 0)
+        .unwrap();
+    Corpus {
+        tokenizer,
+        train,
+        valid,
+    }
+}
+
+fn tiny_model(vocab: usize, seed: u64) -> LlamaForCausalLM<B> {
+    let device = Default::default();
+    B::seed(&device, seed);
+    LlamaConfig::tiny(vocab).init::<B>(&device)
+}
+
+/// A tiny model with fresh routers, every parameter drawn now: parameters initialise lazily,
+/// clones of an uninitialised one draw their own values, and the tests run in parallel on one
+/// global generator, so runs that must start equal start from clones of this.
+fn routed(vocab: usize, seed: u64, router_seed: u64) -> LlamaForCausalLM<B> {
+    let base = tiny_model(vocab, seed);
+    B::seed(&Default::default(), router_seed);
+    let model = base.with_new_routers(RoutingConfig::new()).freeze_base();
+    let _ = model.export(StoreDtype::F32);
+    model
+}
+
+fn run(dir: &Path, label: &str, resume: bool) -> RunDir {
+    RunDir {
+        path: dir.join(label),
+        resume,
+        label: label.into(),
+    }
+}
+
+fn quiet(opts: TrainOptions) -> TrainOptions {
+    TrainOptions {
+        quiet: true,
+        ..opts
+    }
+}
+
+fn rows(dir: &RunDir, split: &str) -> Vec<(usize, HashMap<String, f64>)> {
+    read_log(&dir.metrics_log())
+        .into_iter()
+        .filter(|r| r.split == split)
+        .map(|r| (r.step, r.values))
+        .collect()
+}
+
+#[test]
+fn router_tuning_reaches_the_target_and_keeps_the_base() {
+    let c = corpus(32);
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_model(c.tokenizer.vocab_size(), 5);
+    let before = base.export(StoreDtype::F32);
+    let model = base.with_new_routers(RoutingConfig::new()).freeze_base();
+    let opts = quiet(TrainOptions {
+        steps: 60,
+        batch_size: 4,
+        // 10x the paper's 2e-3, so that 60 steps suffice
+        lr: 2e-2,
+        log_every: 10,
+        checkpoint_every: 30,
+        valid_sequences: 8,
+        ..TrainOptions::default()
+    });
+    let objective = Objective::Sparsity(SparsityLossConfig::new().with_target(0.5));
+    let rd = run(dir.path(), "tune", false);
+    let device = Default::default();
+    let tuned = fit(model, objective, c.train, c.valid, &opts, &rd, &device).unwrap();
+
+    // the skip rate of the last logged window, under the Gumbel gates training used
+    let (step, row) = rows(&rd, "train").pop().unwrap();
+    eprintln!("last window (step {step}): {row:?}");
+    assert_eq!(step, 60);
+    let skip = row["Skip"];
+    assert!((skip - 0.5).abs() < 0.1, "skip rate {skip}");
+    assert!((skip - (row["Attention Skip"] + row["MLP Skip"]) / 2.0).abs() < 1e-9);
+    // the temperature was annealed towards 1
+    assert!(row["Temperature"] < 1.5, "{row:?}");
+    // validation ran at each checkpoint, with the deterministic gates
+    let valid = rows(&rd, "valid");
+    assert_eq!(valid.iter().map(|r| r.0).collect::<Vec<_>>(), vec![30, 60]);
+    assert!(valid[1].1["Skip"] > 0.1, "{:?}", valid[1].1);
+
+    // the base is bit-identical, and the routers moved
+    let after = tuned.export(StoreDtype::F32);
+    assert_eq!(before.len(), after.len());
+    for (name, tensor) in &before {
+        assert!(tensor.bytes() == after[name].bytes(), "{name} changed");
+    }
+}
+
+#[test]
+fn pretraining_lowers_the_loss() {
+    let c = corpus(32);
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(c.tokenizer.vocab_size(), 3);
+    let opts = quiet(TrainOptions {
+        steps: 40,
+        batch_size: 4,
+        lr: 3e-3,
+        warmup_steps: 4,
+        schedule: ScheduleKind::Cosine,
+        log_every: 5,
+        checkpoint_every: 40,
+        ..TrainOptions::default()
+    });
+    let rd = run(dir.path(), "pretrain", false);
+    let device = Default::default();
+    fit(model, Objective::Lm, c.train, c.valid, &opts, &rd, &device).unwrap();
+    let train = rows(&rd, "train");
+    let first = train.first().unwrap().1["LM Loss"];
+    let last = train.last().unwrap().1["LM Loss"];
+    eprintln!("lm loss {first:.3} -> {last:.3}");
+    // from about ln(320) = 5.8 towards the corpus' entropy
+    assert!(first > 5.0 && last < first - 1.5, "{first} -> {last}");
+    // no skip metrics without routers
+    assert!(!train[0].1.contains_key("Skip"));
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_parameters() {
+    let c = corpus(16);
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = c.tokenizer.vocab_size();
+    let opts = quiet(TrainOptions {
+        steps: 6,
+        batch_size: 2,
+        grad_accum: 2,
+        lr: 1e-2,
+        warmup_steps: 2,
+        schedule: ScheduleKind::Cosine,
+        log_every: 1,
+        checkpoint_every: 2,
+        valid_sequences: 2,
+        ..TrainOptions::default()
+    });
+    let objective = Objective::Sparsity(SparsityLossConfig::new().with_target(0.4));
+    let device = Default::default();
+    let go = |model, opts: &TrainOptions, rd: &RunDir| {
+        fit(
+            model,
+            objective.clone(),
+            c.train.clone(),
+            c.valid.clone(),
+            opts,
+            rd,
+            &device,
+        )
+    };
+
+    let start = routed(vocab, 11, 12);
+    let whole = run(dir.path(), "whole", false);
+    let a = go(start.clone(), &opts, &whole).unwrap();
+
+    // the same run, "killed" while writing the checkpoint of its last epoch: epoch 3's model
+    // landed, its optimizer and scheduler states did not
+    let killed = run(dir.path(), "killed", false);
+    go(start.clone(), &opts, &killed).unwrap();
+    let ck = checkpoint_dir(&killed.path);
+    std::fs::remove_file(ck.join("optim-3.mpk")).unwrap();
+    std::fs::remove_file(ck.join("scheduler-3.mpk")).unwrap();
+    std::fs::write(ck.join(".optim-3.mpk.999.tmp"), b"half a file").unwrap();
+
+    // other initial routers: everything must come from the checkpoint of epoch 2
+    let resumed = RunDir {
+        resume: true,
+        ..killed.clone()
+    };
+    let b = go(routed(vocab, 11, 99), &opts, &resumed).unwrap();
+    let (ra, rb) = (a.export_routers(), b.export_routers());
+    assert!(!ra.is_empty());
+    for (name, t) in &ra {
+        assert!(t.bytes() == rb[name].bytes(), "{name} differs after resume");
+    }
+    // the log holds each step once, in order
+    let steps: Vec<usize> = rows(&resumed, "train").iter().map(|r| r.0).collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+
+    // resuming with other settings is refused, naming the setting
+    let other = TrainOptions {
+        lr: 2e-2,
+        ..opts.clone()
+    };
+    let err = go(routed(vocab, 11, 12), &other, &resumed)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lr") && err.contains("0.01") && err.contains("0.02"),
+        "{err}"
+    );
+    // so is starting over in a directory that holds a run
+    let err = go(routed(vocab, 11, 12), &opts, &killed)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--resume"), "{err}");
+}
+
+#[test]
+fn bad_settings_are_rejected_before_training() {
+    let c = corpus(16);
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = c.tokenizer.vocab_size();
+    let device = Default::default();
+    let cases: Vec<(TrainOptions, Objective, &str)> = vec![
+        (
+            TrainOptions {
+                steps: 0,
+                ..TrainOptions::default()
+            },
+            Objective::Lm,
+            "steps",
+        ),
+        (
+            TrainOptions {
+                lr: -1.0,
+                ..TrainOptions::default()
+            },
+            Objective::Lm,
+            "lr",
+        ),
+        (
+            TrainOptions::default(),
+            Objective::Sparsity(SparsityLossConfig::new().with_target(1.0)),
+            "target_sparsity",
+        ),
+        (
+            TrainOptions::default(),
+            Objective::Sparsity(SparsityLossConfig::new().with_alpha(-2.0)),
+            "alpha",
+        ),
+    ];
+    for (i, (opts, objective, key)) in cases.into_iter().enumerate() {
+        let rd = run(dir.path(), &format!("bad{i}"), false);
+        let model = routed(vocab, 1, 2);
+        let err = fit(
+            model,
+            objective,
+            c.train.clone(),
+            c.valid.clone(),
+            &opts,
+            &rd,
+            &device,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(key), "case {i}: {err}");
+        // nothing was started
+        assert!(!rd.path.join("run.json").exists());
+    }
+}
