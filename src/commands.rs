@@ -7,14 +7,14 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use skipgpt_model::generate::validate_ids;
 use skipgpt_model::safetensors_io::{write_safetensors, OwnedTensor, TensorFile, WeightSet};
 use skipgpt_model::{
-    generate as gen, load_config, load_pretrained, load_routing_config, save_pretrained,
-    GenerateOptions, LlamaConfig, Routing, Sampling, StoreDtype, Tokenizer,
+    generate as gen, load_config, load_pretrained, load_routing_config, GenerateOptions, Routing,
+    Sampling, StoreDtype, Tokenizer,
 };
 
 use crate::backend::BackendKind;
 use crate::{
-    with_backend, DemoArgs, EvalPplArgs, GenerateArgs, InspectArgs, LogitsArgs, RoutingArg,
-    RoutingArgs, SplitArg,
+    with_backend, EvalPplArgs, GenerateArgs, InspectArgs, LogitsArgs, RoutingArg, RoutingArgs,
+    SplitArg,
 };
 
 /// The routing mode the command line asks for (seeding the backend for `--routing sample`).
@@ -39,9 +39,6 @@ fn apply_routing<B: Backend>(
         model.routing = routing_mode::<B>(args, device);
     }
 }
-
-/// The byte-level BPE tokenizer (512 tokens) the demo model uses, so the demo needs no files.
-const DEMO_TOKENIZER: &str = include_str!("../assets/tiny-tokenizer.json");
 
 pub fn logits(backend: BackendKind, args: LogitsArgs) -> Result<()> {
     with_backend!(backend, |B, device| logits_on::<B>(&args, &device))
@@ -264,72 +261,12 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn demo(backend: BackendKind, args: DemoArgs) -> Result<()> {
-    with_backend!(backend, |B, device| demo_on::<B>(&args, &device))
-}
-
-fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
-    let model_dir = args.out.join("model");
-    let tokenizer = Tokenizer::from_inner(
-        DEMO_TOKENIZER
-            .parse()
-            .map_err(|e| anyhow::anyhow!("embedded demo tokenizer: {e}"))?,
-        model_dir.join("tokenizer.json"),
-    );
-    let mut config = LlamaConfig::tiny(tokenizer.vocab_size());
-    config.eos_token_ids = tokenizer
-        .token_to_id("<|end_of_text|>")
-        .into_iter()
-        .collect();
-    config.bos_token_id = tokenizer.token_to_id("<|begin_of_text|>");
-
-    eprintln!(
-        "[1/3] initialising a tiny LLaMA ({} parameters, seed {})",
-        config.num_params(),
-        args.seed
-    );
-    B::seed(device, args.seed);
-    let model = config.init::<B>(device);
-    save_pretrained(&model, Some(&tokenizer), &model_dir, StoreDtype::F32)?;
-    eprintln!(
-        "      saved in the Hugging Face layout to {}",
-        model_dir.display()
-    );
-
-    eprintln!(
-        "[2/3] reloading {} through the checkpoint loader",
-        model_dir.display()
-    );
-    let loaded = load_pretrained::<B>(&model_dir, device)?;
-    let prompt = tokenizer.encode(&args.prompt)?;
-
-    eprintln!(
-        "[3/3] generating {} tokens greedily with the KV cache",
-        args.max_new_tokens
-    );
-    let opts = GenerateOptions {
-        max_new_tokens: args.max_new_tokens,
-        sampling: Sampling::Greedy,
-        eos_token_ids: Vec::new(),
-        ignore_eos: true,
-    };
-    let tokens = gen(&loaded.model, std::slice::from_ref(&prompt), &opts)?.remove(0);
-    println!("prompt      {:?} -> {:?}", args.prompt, prompt);
-    println!("generated   {tokens:?}");
-    println!("text        {:?}", tokenizer.decode(&tokens)?);
-    println!(
-        "(the weights are random, so the text is too; try `skipgpt generate --model {}`)",
-        model_dir.display()
-    );
-    Ok(())
-}
-
 pub fn eval_ppl(backend: BackendKind, args: EvalPplArgs) -> Result<()> {
     with_backend!(backend, |B, device| eval_ppl_on::<B>(&args, &device))
 }
 
 fn eval_ppl_on<B: Backend>(args: &EvalPplArgs, device: &B::Device) -> Result<()> {
-    use skipgpt_train::data::{pack, read_documents, synthetic_corpus};
+    use skipgpt_train::data::pack;
 
     let pretrained = load_pretrained::<B>(&args.model, device)?;
     let tokenizer = pretrained.tokenizer.as_ref().with_context(|| {
@@ -339,16 +276,14 @@ fn eval_ppl_on<B: Backend>(args: &EvalPplArgs, device: &B::Device) -> Result<()>
         )
     })?;
     let model = pretrained.model;
-    let docs = match args.synthetic {
-        Some(n) => synthetic_corpus(n, args.seed),
-        None => read_documents(&args.data)?,
-    };
+    let docs = args.corpus.documents()?;
     let eos = model.config.eos_token_ids.first().copied();
-    let packed = pack(&docs, tokenizer, args.seq_len, eos)?;
+    let corpus = &args.corpus;
+    let packed = pack(&docs, tokenizer, corpus.seq_len, eos)?;
     let data = match args.split {
         SplitArg::All => packed,
         split => {
-            let (train, valid) = packed.split(args.valid_fraction, args.seed)?;
+            let (train, valid) = packed.split(corpus.valid_fraction, corpus.data_seed)?;
             if split == SplitArg::Valid {
                 valid
             } else {

@@ -5,12 +5,15 @@
 
 mod backend;
 mod commands;
+mod demo;
+mod train_cmd;
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
 use backend::BackendKind;
+use train_cmd::{CorpusArgs, PretrainArgs, TuneRoutersArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -28,8 +31,13 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Build a tiny model, save it in the Hugging Face layout, reload it and generate (CPU, no downloads).
+    /// The whole method on the built-in corpus (CPU, no downloads): pretrain a small model,
+    /// tune its routers, compare dense and routed perplexity.
     Demo(DemoArgs),
+    /// Train a dense LLaMA from a small config on a corpus and save it in the HF layout.
+    Pretrain(PretrainArgs),
+    /// Stage 1: train SkipGPT routers on a frozen model towards a target skip rate.
+    TuneRouters(TuneRoutersArgs),
     /// Run a forward pass over token ids from a safetensors file and write the logits.
     Logits(LogitsArgs),
     /// Continue a prompt (greedy by default) using the KV cache.
@@ -45,23 +53,10 @@ pub struct EvalPplArgs {
     /// Model directory (HF layout, optionally with routers).
     #[arg(long)]
     pub model: PathBuf,
-    /// Text (.txt, paragraphs) or JSONL (a `text` field per line) files; repeatable.
-    #[arg(long, required_unless_present = "synthetic")]
-    pub data: Vec<PathBuf>,
-    /// Use N documents of the built-in synthetic corpus instead of files.
-    #[arg(long, conflicts_with = "data")]
-    pub synthetic: Option<usize>,
-    /// Seed of the synthetic corpus and of the train/validation split.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 128)]
-    pub seq_len: usize,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// Fraction of sequences held out for validation (the split training uses).
-    #[arg(long, default_value_t = 0.1)]
-    pub valid_fraction: f64,
     /// Which sequences to evaluate.
     #[arg(long, value_enum, default_value = "valid")]
     pub split: SplitArg,
@@ -81,18 +76,27 @@ pub enum SplitArg {
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Where the demo writes its model.
+    /// Where the demo writes its models (`dense/`, `skipgpt/`); rerunning reuses them.
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
-    /// Prompt to continue.
-    #[arg(long, default_value = "The quick brown fox")]
-    pub prompt: String,
-    /// Tokens to generate.
-    #[arg(long, default_value_t = 24)]
-    pub max_new_tokens: usize,
-    /// Seed of the random initialisation.
+    /// Documents of the built-in synthetic corpus.
+    #[arg(long, default_value_t = 1500)]
+    pub docs: usize,
+    /// Pretraining steps.
+    #[arg(long, default_value_t = 400)]
+    pub pretrain_steps: usize,
+    /// Router-tuning steps.
+    #[arg(long, default_value_t = 200)]
+    pub tune_steps: usize,
+    /// Target fraction of (token, module) executions to skip.
+    #[arg(long, default_value_t = 0.25)]
+    pub target_sparsity: f64,
+    /// Seed of the corpus, the initialisation and the training runs.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Prompt the routed model continues at the end.
+    #[arg(long, default_value = "the old dog")]
+    pub prompt: String,
 }
 
 /// How a SkipGPT model's routers are used at inference.
@@ -185,7 +189,9 @@ fn main() {
     let cli = Cli::parse();
     let backend = cli.backend.unwrap_or_else(BackendKind::best_available);
     let result = match cli.command {
-        Command::Demo(args) => commands::demo(backend, args),
+        Command::Demo(args) => demo::demo(backend, args),
+        Command::Pretrain(args) => train_cmd::pretrain_cmd(backend, args),
+        Command::TuneRouters(args) => train_cmd::tune_routers_cmd(backend, args),
         Command::Logits(args) => commands::logits(backend, args),
         Command::Generate(args) => commands::generate(backend, args),
         Command::Inspect(args) => commands::inspect(args),

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use burn::tensor::{Int, Tensor, TensorData};
 use skipgpt_model::safetensors_io::TensorFile;
@@ -71,4 +72,32 @@ pub fn copy_dir(src: &Path) -> tempfile::TempDir {
         }
     }
     dir
+}
+
+/// Runs the `skipgpt` binary (CPU backend).
+pub fn skipgpt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_skipgpt"))
+        .args(args)
+        .env_remove("SKIPGPT_BACKEND")
+        .output()
+        .expect("run skipgpt")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs a command that must fail cleanly: non-zero exit, no panic, and every `needle` in stderr.
+pub fn assert_clean_failure(args: &[&str], needles: &[&str]) {
+    let out = skipgpt(args);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "expected failure for {args:?}");
+    assert_eq!(out.status.code(), Some(1), "exit code for {args:?}: {err}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    for n in needles {
+        assert!(
+            err.contains(n),
+            "stderr for {args:?} should mention {n:?}: {err}"
+        );
+    }
 }

@@ -100,7 +100,7 @@ impl TrainOptions {
                 expected: "a positive learning rate",
             });
         }
-        if !(self.weight_decay >= 0.0) {
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
             return Err(TrainError::InvalidSetting {
                 name: "weight_decay",
                 value: self.weight_decay.to_string(),
@@ -108,7 +108,7 @@ impl TrainOptions {
             });
         }
         if let Some(c) = self.grad_clip {
-            if !(c > 0.0) {
+            if c.is_nan() || c <= 0.0 {
                 return Err(TrainError::InvalidSetting {
                     name: "grad_clip",
                     value: c.to_string(),

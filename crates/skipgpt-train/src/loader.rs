@@ -156,7 +156,7 @@ impl<B: Backend> TrainLoader<B> {
                 plan.temperature.0,
                 plan.temperature.1,
             ),
-            noise_seed: mix(plan.seed ^ 0x5EED_0F_6A_B6E1, micro as u64),
+            noise_seed: mix(plan.seed ^ 0x5EED_0F6A_B6E1, micro as u64),
             loss_scale: 1.0 / plan.accumulation as f64,
             ..LmBatch::from_sequences(&seqs, &self.device)
         }

@@ -200,7 +200,7 @@ impl ProgressPrinter {
     fn steps_done(&self, epoch: usize, iteration: usize) -> (usize, bool) {
         let a = self.layout.accumulation.max(1);
         let micro = (epoch.saturating_sub(1)) * self.layout.steps_per_epoch * a + iteration;
-        (micro / a, micro % a == 0)
+        (micro / a, micro.is_multiple_of(a))
     }
 }
 

@@ -1,0 +1,565 @@
+//! `skipgpt pretrain` and `skipgpt tune-routers`: argument handling, model and data set-up,
+//! and writing the result; the training itself is `skipgpt_train::fit` (burn-train).
+
+use std::path::{Path, PathBuf};
+
+use crate::backend::BackendKind;
+use crate::with_backend;
+use anyhow::{bail, Context, Result};
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use clap::{Args, ValueEnum};
+use skipgpt_model::checkpoint::{ROUTERS_FILE, ROUTING_FILE};
+use skipgpt_model::{
+    load_pretrained, save_pretrained, save_routers, Granularity, KvPolicy, LlamaConfig,
+    LlamaForCausalLM, MlpRouterInput, RouterVariant, Routing, RoutingConfig, StoreDtype, Tokenizer,
+};
+use skipgpt_train::data::{pack, read_documents, synthetic_corpus, PackedDataset};
+use skipgpt_train::fit::run_dir;
+use skipgpt_train::loss::SparsityLossConfig;
+use skipgpt_train::resume::RunManifest;
+use skipgpt_train::tokenizer::{train_bpe, BOS, EOS};
+use skipgpt_train::{fit, Objective, RunDir, ScheduleKind, TrainError, TrainOptions};
+
+/// Where the text comes from and how it is cut into sequences.
+#[derive(Args, Debug, Clone)]
+pub struct CorpusArgs {
+    /// Text (.txt, paragraphs) or JSONL (a `text` field per line) files; repeatable.
+    #[arg(long, required_unless_present = "synthetic")]
+    pub data: Vec<PathBuf>,
+    /// Use N documents of the built-in synthetic corpus instead of files.
+    #[arg(long, conflicts_with = "data")]
+    pub synthetic: Option<usize>,
+    /// Seed of the synthetic corpus and of the train/validation split (keep it equal across
+    /// pretrain, tune-routers and eval-ppl to evaluate on held-out text).
+    #[arg(long, default_value_t = 0)]
+    pub data_seed: u64,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Fraction of sequences held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    pub valid_fraction: f64,
+}
+
+impl CorpusArgs {
+    pub fn documents(&self) -> Result<Vec<String>> {
+        Ok(match self.synthetic {
+            Some(n) => synthetic_corpus(n, self.data_seed),
+            None => read_documents(&self.data)?,
+        })
+    }
+
+    /// Tokenized, packed and split into (train, validation).
+    pub fn split(
+        &self,
+        docs: &[String],
+        tokenizer: &Tokenizer,
+        eos: Option<u32>,
+    ) -> Result<(PackedDataset, PackedDataset)> {
+        let packed = pack(docs, tokenizer, self.seq_len, eos)?;
+        Ok(packed.split(self.valid_fraction, self.data_seed)?)
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScheduleArg {
+    Constant,
+    Cosine,
+}
+
+/// Optimisation settings shared by the training commands.
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// Optimizer steps [pretrain: 300; tune-routers: 200].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (gradients averaged).
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Peak learning rate, AdamW [pretrain: 3e-3; tune-routers: 2e-3, the paper's].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Linear warmup steps [pretrain: 5% of the steps; tune-routers: 0].
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Learning rate after warmup [pretrain: cosine; tune-routers: constant, the paper's].
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleArg>,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Clip each parameter's gradient to this norm (0 turns clipping off).
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// Seeds initialisation, data order and Gumbel noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the metrics every N optimizer steps.
+    #[arg(long, default_value_t = 10)]
+    pub log_every: usize,
+    /// Validate and checkpoint every N optimizer steps.
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: usize,
+    /// Validation sequences per validation pass (0: all).
+    #[arg(long, default_value_t = 64)]
+    pub valid_sequences: usize,
+    /// Continue the run in --out from its last checkpoint (after a crash or a kill).
+    #[arg(long)]
+    pub resume: bool,
+    /// Print only the final summary.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Per-command defaults for the settings [`TrainArgs`] leaves open.
+struct Defaults {
+    steps: usize,
+    lr: f64,
+    warmup_fraction: f64,
+    schedule: ScheduleKind,
+}
+
+impl TrainArgs {
+    fn options(&self, d: Defaults) -> TrainOptions {
+        let steps = self.steps.unwrap_or(d.steps);
+        TrainOptions {
+            steps,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            lr: self.lr.unwrap_or(d.lr),
+            warmup_steps: self
+                .warmup_steps
+                .unwrap_or((steps as f64 * d.warmup_fraction) as usize),
+            schedule: match self.schedule {
+                Some(ScheduleArg::Constant) => ScheduleKind::Constant,
+                Some(ScheduleArg::Cosine) => ScheduleKind::Cosine,
+                None => d.schedule,
+            },
+            weight_decay: self.weight_decay,
+            grad_clip: (self.grad_clip > 0.0).then_some(self.grad_clip),
+            seed: self.seed,
+            log_every: self.log_every,
+            checkpoint_every: self.checkpoint_every,
+            valid_sequences: self.valid_sequences,
+            quiet: self.quiet,
+            ..TrainOptions::default()
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PretrainArgs {
+    /// Output directory: a Hugging Face model directory (plus `train/`, the run's state).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
+    /// tokenizer.json to use; without it a byte-level BPE is trained on the corpus.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Vocabulary size of the BPE trained when no --tokenizer is given.
+    #[arg(long, default_value_t = 512)]
+    pub vocab_size: usize,
+    /// A HF config.json to take the architecture from (vocab_size follows the tokenizer).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    pub hidden_size: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 2)]
+    pub kv_heads: usize,
+    /// Width of the MLP [about 8/3 of --hidden-size, as LLaMA].
+    #[arg(long)]
+    pub intermediate_size: Option<usize>,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterArg {
+    /// Linear(hidden, 2): the paper's.
+    Linear,
+    /// hidden -> hidden/4 -> ReLU -> 2: the reference code's.
+    Mlp,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlpInputArg {
+    /// The state after attention (the paper).
+    PostAttn,
+    /// The block input (the reference code).
+    BlockInput,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GranularityArg {
+    /// A router before attention and one before the MLP (SkipGPT).
+    Module,
+    /// One router per layer gating both (the MoD-D style baseline).
+    Layer,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvPolicyArg {
+    /// A token that skips attention still lends its keys and values (the paper).
+    Keep,
+    /// A token that skips attention is invisible at that layer (saves KV cache).
+    Drop,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TuneRoutersArgs {
+    /// The model to prune: a Hugging Face directory with tokenizer.json.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output directory: a SkipGPT model directory (the model's files, routers.safetensors,
+    /// skipgpt.json) plus `train/`, the run's state.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
+    /// Target fraction T of (token, module) executions to skip.
+    #[arg(long, default_value_t = 0.25)]
+    pub target_sparsity: f64,
+    /// Weight α of the sparsity term |T - skip_rate| (the paper: 8).
+    #[arg(long, default_value_t = 8.0)]
+    pub alpha: f64,
+    /// Separate attention target (needs --mlp-target).
+    #[arg(long, requires = "mlp_target")]
+    pub attn_target: Option<f64>,
+    /// Separate MLP target (needs --attn-target).
+    #[arg(long, requires = "attn_target")]
+    pub mlp_target: Option<f64>,
+    #[arg(long, value_enum, default_value = "linear")]
+    pub router: RouterArg,
+    #[arg(long, value_enum, default_value = "post-attn")]
+    pub mlp_router_input: MlpInputArg,
+    #[arg(long, value_enum, default_value = "module")]
+    pub granularity: GranularityArg,
+    #[arg(long, value_enum, default_value = "keep")]
+    pub kv_policy: KvPolicyArg,
+    /// Gumbel temperature at the first step (annealed linearly).
+    #[arg(long, default_value_t = 5.0)]
+    pub temperature_start: f64,
+    /// Gumbel temperature at the last step.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature_end: f64,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+impl TuneRoutersArgs {
+    fn routing_config(&self) -> RoutingConfig {
+        RoutingConfig::new()
+            .with_router(match self.router {
+                RouterArg::Linear => RouterVariant::Linear,
+                RouterArg::Mlp => RouterVariant::Mlp,
+            })
+            .with_mlp_router_input(match self.mlp_router_input {
+                MlpInputArg::PostAttn => MlpRouterInput::PostAttn,
+                MlpInputArg::BlockInput => MlpRouterInput::BlockInput,
+            })
+            .with_granularity(match self.granularity {
+                GranularityArg::Module => Granularity::Module,
+                GranularityArg::Layer => Granularity::Layer,
+            })
+            .with_kv_policy(match self.kv_policy {
+                KvPolicyArg::Keep => KvPolicy::Keep,
+                KvPolicyArg::Drop => KvPolicy::Drop,
+            })
+            .with_target_sparsity(self.target_sparsity)
+    }
+}
+
+pub fn pretrain_cmd(backend: BackendKind, args: PretrainArgs) -> Result<()> {
+    with_backend!(backend, |B, device| pretrain::<B>(&args, &device).map(drop))
+}
+
+pub fn tune_routers_cmd(backend: BackendKind, args: TuneRoutersArgs) -> Result<()> {
+    with_backend!(backend, |B, device| tune_routers::<B>(&args, &device)
+        .map(drop))
+}
+
+/// Pretrains a dense model and saves it in the HF layout. Returns the output directory.
+pub fn pretrain<B: Backend>(args: &PretrainArgs, device: &B::Device) -> Result<PathBuf> {
+    let label = "pretrain";
+    let docs = args.corpus.documents()?;
+    let run = RunDir {
+        path: run_dir(&args.out),
+        resume: args.train.resume,
+        label: label.into(),
+    };
+    refuse_to_overwrite(&run)?;
+    let tokenizer = pretrain_tokenizer(args, &docs, &run)?;
+    let config = pretrain_config(args, &tokenizer)?;
+    let eos = config.eos_token_ids.first().copied();
+    let (train, valid) = args.corpus.split(&docs, &tokenizer, eos)?;
+    let opts = args.train.options(Defaults {
+        steps: 300,
+        lr: 3e-3,
+        warmup_fraction: 0.05,
+        schedule: ScheduleKind::Cosine,
+    });
+    if !args.train.quiet {
+        eprintln!(
+            "{label}: {} parameters ({} layers, hidden {}), vocab {}, {} train / {} valid sequences of {} tokens, {} steps of {} sequences",
+            config.num_params(),
+            config.num_hidden_layers,
+            config.hidden_size,
+            config.vocab_size,
+            train.len(),
+            valid.len(),
+            train.seq_len,
+            opts.steps,
+            opts.batch_size * opts.grad_accum
+        );
+    }
+    Autodiff::<B>::seed(device, args.train.seed);
+    let model = config.init::<Autodiff<B>>(device);
+    let model = fit(
+        model,
+        Objective::Lm,
+        train,
+        valid.clone(),
+        &opts,
+        &run,
+        device,
+    )?;
+    save_pretrained(&model, Some(&tokenizer), &args.out, StoreDtype::F32)?;
+    println!("{label}: saved to {}", args.out.display());
+    if !valid.is_empty() {
+        let r = perplexity(&model, &valid, Routing::Dense, args.train.batch_size);
+        println!(
+            "  validation perplexity {:.3} ({} tokens)",
+            r.perplexity, r.tokens
+        );
+    }
+    Ok(args.out.clone())
+}
+
+/// The tokenizer of a pretraining run: the user's, or a BPE trained on the corpus and kept in
+/// the run directory so that a resumed run tokenizes exactly as the first did.
+fn pretrain_tokenizer(args: &PretrainArgs, docs: &[String], run: &RunDir) -> Result<Tokenizer> {
+    let target = args.out.join("tokenizer.json");
+    if let Some(path) = &args.tokenizer {
+        let tok = Tokenizer::from_file(path)?;
+        return Ok(Tokenizer::from_inner(tok.inner().clone(), target));
+    }
+    let kept = run.path.join("tokenizer.json");
+    if run.resume && kept.exists() {
+        let tok = Tokenizer::from_file(&kept)?;
+        return Ok(Tokenizer::from_inner(tok.inner().clone(), target));
+    }
+    if !args.train.quiet {
+        eprintln!(
+            "pretrain: training a byte-level BPE tokenizer ({} tokens) on {} documents",
+            args.vocab_size,
+            docs.len()
+        );
+    }
+    let tok = train_bpe(docs, args.vocab_size, target)?;
+    tok.save(&kept)?;
+    Ok(tok)
+}
+
+fn pretrain_config(args: &PretrainArgs, tokenizer: &Tokenizer) -> Result<LlamaConfig> {
+    let vocab = tokenizer.vocab_size();
+    let mut config = match &args.config {
+        Some(path) => LlamaConfig::from_hf_file(path)?,
+        None => {
+            let (h, heads, kv) = (args.hidden_size, args.heads, args.kv_heads);
+            if heads == 0 || kv == 0 || h % heads != 0 || heads % kv != 0 || (h / heads) % 2 != 0 {
+                bail!(
+                    "--hidden-size {h}, --heads {heads}, --kv-heads {kv}: the hidden size must split into heads of even width, and --heads must be a multiple of --kv-heads"
+                );
+            }
+            // LLaMA's 8/3·hidden, rounded up to a multiple of 16
+            let inter = args
+                .intermediate_size
+                .unwrap_or((8 * h / 3).div_ceil(16) * 16);
+            LlamaConfig::new(vocab, h, inter, args.layers, heads, kv, h / heads)
+        }
+    };
+    config.vocab_size = vocab;
+    config.max_position_embeddings = config.max_position_embeddings.max(args.corpus.seq_len);
+    config.bos_token_id = tokenizer.token_to_id(BOS).or(config.bos_token_id);
+    if let Some(eos) = tokenizer.token_to_id(EOS) {
+        config.eos_token_ids = vec![eos];
+    }
+    config.tie_word_embeddings = false;
+    Ok(config)
+}
+
+/// Tunes routers on a frozen model (stage 1) and writes a SkipGPT directory.
+pub fn tune_routers<B: Backend>(args: &TuneRoutersArgs, device: &B::Device) -> Result<PathBuf> {
+    let label = "tune-routers";
+    if same_dir(&args.model, &args.out) {
+        bail!(
+            "--out {} is the input model's directory: choose another, the input is left untouched",
+            args.out.display()
+        );
+    }
+    let run = RunDir {
+        path: run_dir(&args.out),
+        resume: args.train.resume,
+        label: label.into(),
+    };
+    refuse_to_overwrite(&run)?;
+    let pretrained = load_pretrained::<Autodiff<B>>(&args.model, device)?;
+    let tokenizer = pretrained.tokenizer.with_context(|| {
+        format!(
+            "tune-routers needs {} to tokenize the corpus",
+            args.model.join("tokenizer.json").display()
+        )
+    })?;
+    let mut model = pretrained.model;
+    if model.routing_config.is_some() && !args.train.quiet {
+        eprintln!(
+            "{label}: {} has routers; training new ones",
+            args.model.display()
+        );
+    }
+    let routing = args.routing_config();
+    let loss = SparsityLossConfig::new()
+        .with_alpha(args.alpha)
+        .with_target(args.target_sparsity)
+        .with_attn_target(args.attn_target)
+        .with_mlp_target(args.mlp_target);
+    loss.validate()?;
+    let mut opts = args.train.options(Defaults {
+        steps: 200,
+        lr: 2e-3,
+        warmup_fraction: 0.0,
+        schedule: ScheduleKind::Constant,
+    });
+    opts.temperature = (args.temperature_start, args.temperature_end);
+
+    let docs = args.corpus.documents()?;
+    let eos = model.config.eos_token_ids.first().copied();
+    let (train, valid) = args.corpus.split(&docs, &tokenizer, eos)?;
+    Autodiff::<B>::seed(device, args.train.seed);
+    model = model.with_new_routers(routing.clone()).freeze_base();
+    if !args.train.quiet {
+        let base = model.config.num_params();
+        eprintln!(
+            "{label}: {} routers ({} parameters, {:.4}% of {}), target skip {}, {} train / {} valid sequences of {} tokens, {} steps of {} sequences",
+            model.config.num_hidden_layers
+                * if routing.granularity == Granularity::Module { 2 } else { 1 },
+            model.router_params(),
+            100.0 * model.router_params() as f64 / base as f64,
+            base,
+            args.target_sparsity,
+            train.len(),
+            valid.len(),
+            train.seq_len,
+            opts.steps,
+            opts.batch_size * opts.grad_accum
+        );
+    }
+    let tuned = fit(
+        model,
+        Objective::Sparsity(loss),
+        train,
+        valid.clone(),
+        &opts,
+        &run,
+        device,
+    )?;
+    write_skipgpt_dir(&args.model, &tuned, &args.out)?;
+
+    println!("{label}: saved to {}", args.out.display());
+    if valid.is_empty() {
+        return Ok(args.out.clone());
+    }
+    for (name, routing) in [
+        ("dense", Routing::Dense),
+        ("routed", Routing::Deterministic),
+    ] {
+        let r = perplexity(&tuned, &valid, routing, args.train.batch_size);
+        println!(
+            "  {name:<7} validation perplexity {:>8.3}  skip: attention {:>5.1}%  mlp {:>5.1}%  params {:>5.1}%",
+            r.perplexity,
+            100.0 * r.attn_skip,
+            100.0 * r.mlp_skip,
+            100.0 * r.param_skip
+        );
+    }
+    Ok(args.out.clone())
+}
+
+/// The input model's files (hard-linked where possible: they are never written in place)
+/// plus the routers and `skipgpt.json`; `config.json` last, so a directory with a config is
+/// complete.
+fn write_skipgpt_dir<B: Backend>(
+    src: &Path,
+    model: &LlamaForCausalLM<B>,
+    out: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(src)
+        .with_context(|| src.display().to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name != ROUTERS_FILE && name != ROUTING_FILE && !name.starts_with('.')
+        })
+        .collect();
+    files.sort_by_key(|p| p.file_name() == Some("config.json".as_ref()));
+    let (config, weights): (Vec<_>, Vec<_>) = files
+        .into_iter()
+        .partition(|p| p.file_name() == Some("config.json".as_ref()));
+    for file in &weights {
+        place_copy(file, &out.join(file.file_name().expect("a file")))?;
+    }
+    save_routers(model, out)?;
+    for file in &config {
+        place_copy(file, &out.join("config.json"))?;
+    }
+    Ok(())
+}
+
+/// Puts a copy of `src` at `dst` atomically: a hard link, or a copy, to a temporary name,
+/// then a rename.
+fn place_copy(src: &Path, dst: &Path) -> Result<()> {
+    let name = dst.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dst.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    if std::fs::hard_link(src, &tmp).is_err() {
+        std::fs::copy(src, &tmp)
+            .with_context(|| format!("copying {} to {}", src.display(), tmp.display()))?;
+    }
+    std::fs::rename(&tmp, dst).with_context(|| format!("writing {}", dst.display()))?;
+    Ok(())
+}
+
+/// A new run must not start over a run that is there (fit() checks too; this is before any
+/// file is written).
+fn refuse_to_overwrite(run: &RunDir) -> Result<()> {
+    if !run.resume && run.path.join(RunManifest::FILE).exists() {
+        return Err(TrainError::RunExists(run.path.clone()).into());
+    }
+    Ok(())
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+fn perplexity<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    data: &PackedDataset,
+    routing: Routing,
+    batch: usize,
+) -> skipgpt_eval::PerplexityReport {
+    skipgpt_eval::evaluate_perplexity(model, data, routing, batch, |_, _| {})
+}

@@ -1,0 +1,203 @@
+//! `skipgpt pretrain`, `tune-routers` and `demo` end to end on tiny settings: the files they
+//! write, resuming, and clear errors on bad input.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+const CORPUS: [&str; 6] = ["--synthetic", "80", "--seq-len", "32", "--batch-size", "8"];
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn pretrain(out: &Path) {
+    let mut args = vec![
+        "pretrain",
+        "--out",
+        s(out),
+        "--vocab-size",
+        "300",
+        "--hidden-size",
+        "32",
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--steps",
+        "30",
+        "--checkpoint-every",
+        "15",
+    ];
+    args.extend(CORPUS);
+    let o = skipgpt(&args);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("step 30/30"), "{err}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("validation perplexity"));
+}
+
+/// tune-routers on the synthetic corpus; the target is 0.5 unless `extra` sets one.
+fn tune_args<'a>(model: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["tune-routers", "--model", s(model), "--out", s(out)];
+    if !extra.contains(&"--target-sparsity") {
+        args.extend(["--target-sparsity", "0.5"]);
+    }
+    args.extend(["--steps", "40", "--lr", "3e-2", "--checkpoint-every", "20"]);
+    args.extend(CORPUS);
+    args.extend(extra);
+    args
+}
+
+#[test]
+fn pretrain_then_tune_routers_then_evaluate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dense, tuned) = (dir.path().join("dense"), dir.path().join("tuned"));
+    pretrain(&dense);
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        assert!(dense.join(f).exists(), "{f}");
+    }
+    assert!(skipgpt(&["inspect", "--model", s(&dense)]).status.success());
+
+    let o = skipgpt(&tune_args(&dense, &tuned, &[]));
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("skip") && err.contains("τ"), "{err}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("dense") && out.contains("routed"), "{out}");
+
+    // a SkipGPT directory: the base untouched, routers and their configuration added
+    assert_eq!(
+        std::fs::read(dense.join("model.safetensors")).unwrap(),
+        std::fs::read(tuned.join("model.safetensors")).unwrap()
+    );
+    let routing: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tuned.join("skipgpt.json")).unwrap()).unwrap();
+    assert_eq!(routing["target_sparsity"], 0.5);
+    assert_eq!(routing["router"], "linear");
+    // the skip rate the last steps trained at
+    let log = std::fs::read_to_string(tuned.join("train/metrics.jsonl")).unwrap();
+    let last: serde_json::Value = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .rfind(|r| r["split"] == "train")
+        .unwrap();
+    let skip = last["values"]["Skip"].as_f64().unwrap();
+    assert!((skip - 0.5).abs() < 0.1, "{last}");
+
+    // eval-ppl loads it and routes
+    let mut args = vec!["eval-ppl", "--model", s(&tuned), "--json"];
+    args.extend(CORPUS);
+    let o = skipgpt(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let routed_skip =
+        j["routed"]["attn_skip"].as_f64().unwrap() + j["routed"]["mlp_skip"].as_f64().unwrap();
+    assert!(routed_skip > 0.2, "{j}");
+    assert!(j["dense"]["perplexity"].as_f64().unwrap() > 1.0);
+
+    // the run cannot be started over by accident, resumes when asked (here: already done),
+    // and refuses to resume with other settings
+    assert_clean_failure(&tune_args(&dense, &tuned, &[]), &["--resume"]);
+    let o = skipgpt(&tune_args(&dense, &tuned, &["--resume"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resuming"), "{}", stderr(&o));
+    assert_clean_failure(
+        &tune_args(&dense, &tuned, &["--resume", "--weight-decay", "0.1"]),
+        &["weight_decay", "0.01", "0.1"],
+    );
+
+    // bad input
+    assert_clean_failure(
+        &tune_args(
+            &dense,
+            &dir.path().join("t2"),
+            &["--target-sparsity", "1.0"],
+        ),
+        &["target_sparsity", "[0, 1)"],
+    );
+    assert_clean_failure(&tune_args(&dense, &dense, &[]), &["input model"]);
+    let missing = dir.path().join("nope");
+    assert_clean_failure(&tune_args(&missing, &dir.path().join("t3"), &[]), &["nope"]);
+    let no_tok = copy_dir(&dense);
+    std::fs::remove_file(no_tok.path().join("tokenizer.json")).unwrap();
+    assert_clean_failure(
+        &tune_args(no_tok.path(), &dir.path().join("t4"), &[]),
+        &["tokenizer.json"],
+    );
+}
+
+#[test]
+fn bad_pretrain_settings_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    assert_clean_failure(
+        &[
+            "pretrain",
+            "--out",
+            s(&out),
+            "--synthetic",
+            "20",
+            "--hidden-size",
+            "30",
+            "--heads",
+            "4",
+        ],
+        &["--hidden-size 30", "--heads 4"],
+    );
+    assert_clean_failure(
+        &[
+            "pretrain",
+            "--out",
+            s(&out),
+            "--data",
+            "/no/such/corpus.txt",
+        ],
+        &["/no/such/corpus.txt"],
+    );
+    assert_clean_failure(
+        &[
+            "pretrain",
+            "--out",
+            s(&out),
+            "--synthetic",
+            "20",
+            "--vocab-size",
+            "10",
+        ],
+        &["vocab_size", "10"],
+    );
+    assert!(!out.join("config.json").exists());
+}
+
+#[test]
+fn demo_runs_end_to_end_and_reruns_from_its_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "demo",
+        "--out",
+        s(dir.path()),
+        "--docs",
+        "60",
+        "--pretrain-steps",
+        "6",
+        "--tune-steps",
+        "4",
+    ];
+    let o = skipgpt(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("SkipGPT-RT") && out.contains("perplexity"),
+        "{out}"
+    );
+    assert!(dir.path().join("skipgpt/routers.safetensors").exists());
+    // a second run reuses the finished runs rather than failing on them
+    let o = skipgpt(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resuming"));
+}
