@@ -1,6 +1,7 @@
 //! The subcommands. Each parses nothing itself (clap did) and owns only I/O and printing.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
@@ -302,6 +303,8 @@ fn eval_ppl_on<B: Backend>(args: &EvalPplArgs, device: &B::Device) -> Result<()>
         runs.push(("routed", routing_mode::<B>(&args.routing, device)));
     }
     let mut reports = serde_json::Map::new();
+    // a progress counter on a terminal; logs get only the results
+    let tty = !args.json && std::io::stderr().is_terminal();
     for (name, routing) in runs {
         let report = skipgpt_eval::evaluate_perplexity(
             &model,
@@ -309,13 +312,15 @@ fn eval_ppl_on<B: Backend>(args: &EvalPplArgs, device: &B::Device) -> Result<()>
             routing,
             args.batch_size,
             |done, total| {
-                if !args.json {
+                if tty {
                     eprint!("\r{name}: {done}/{total} sequences");
                 }
             },
         );
-        if !args.json {
+        if tty {
             eprintln!();
+        }
+        if !args.json {
             println!(
                 "{name:<7} perplexity {:>9.3}  (nll {:.4}, {} tokens)  skip: attention {:.1}%  mlp {:.1}%  params {:.1}%",
                 report.perplexity,

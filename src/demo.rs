@@ -8,6 +8,7 @@
 //! Each stage is the same code as its command (`pretrain`, `tune-routers`); a second demo run
 //! in the same directory resumes the finished runs instead of training again.
 
+use std::io::IsTerminal;
 use std::path::Path;
 
 use anyhow::Result;
@@ -122,10 +123,15 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         ("SkipGPT-RT (routed)", Routing::Deterministic),
     ]
     .map(|(name, routing)| {
+        let tty = std::io::stderr().is_terminal();
         let r = skipgpt_eval::evaluate_perplexity(&model, &valid, routing, 16, |done, total| {
-            eprint!("\r  {name}: {done}/{total} sequences");
+            if tty {
+                eprint!("\r  {name}: {done}/{total} sequences");
+            }
         });
-        eprintln!();
+        if tty {
+            eprintln!();
+        }
         (name, r)
     });
     println!();

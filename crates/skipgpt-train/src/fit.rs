@@ -13,11 +13,12 @@ use burn::train::{Learner, SupervisedTraining};
 use serde::{Deserialize, Serialize};
 use skipgpt_model::LlamaForCausalLM;
 
+use crate::curves::write_curves;
 use crate::data::PackedDataset;
 use crate::error::{Result, TrainError};
 use crate::loader::{mix, StepPlan, TrainLoader, ValidLoader};
 use crate::metrics::{stats_for, StatMetric};
-use crate::progress::{truncate_log, ProgressLayout, ProgressPrinter};
+use crate::progress::{read_log, truncate_log, ProgressLayout, ProgressPrinter};
 use crate::resume::{AtomicRecorder, RunManifest};
 use crate::schedule::{ScheduleKind, WarmupSchedule};
 use crate::step::{LmTrainer, Objective};
@@ -147,8 +148,14 @@ pub struct RunDir {
 }
 
 impl RunDir {
+    /// The metrics rows, one JSON object per line.
     pub fn metrics_log(&self) -> PathBuf {
         self.path.join("metrics.jsonl")
+    }
+
+    /// The loss and skip-rate curves, drawn at the end of the run.
+    pub fn curves(&self) -> PathBuf {
+        self.path.join("curves.svg")
     }
 }
 
@@ -216,6 +223,10 @@ pub fn fit<B: AutodiffBackend>(
     }
 
     let sparsity = matches!(objective, Objective::Sparsity(_));
+    let target = match &objective {
+        Objective::Sparsity(cfg) if cfg.attn_target.is_none() => Some(cfg.target),
+        _ => None,
+    };
     let layout = ProgressLayout {
         total_steps: opts.steps,
         steps_per_epoch: opts.checkpoint_every,
@@ -268,6 +279,10 @@ pub fn fit<B: AutodiffBackend>(
     let result = training.launch(learner);
     if let Some(reason) = interrupter.get_message() {
         return Err(TrainError::Training(reason));
+    }
+    let curves = run.curves();
+    if let Err(e) = write_curves(&read_log(&run.metrics_log()), target, &curves) {
+        eprintln!("warning: cannot write {}: {e}", curves.display());
     }
     Ok(result.model.model)
 }

@@ -9,10 +9,12 @@
 //! - [`loader`], [`schedule`]: batches, learning rate and Gumbel temperature as functions of
 //!   the step, so a killed run resumes exactly;
 //! - [`fit`]: one run through burn-train's learner (metrics, checkpoints, resume);
-//! - [`metrics`], [`progress`]: what a run reports while it trains;
+//! - [`metrics`], [`progress`], [`curves`]: what a run reports while it trains, and its
+//!   curves as a picture;
 //! - [`resume`]: atomic checkpoints and the run manifest;
 //! - [`tokenizer`]: BPE tokenizer training for pretraining from scratch.
 
+pub mod curves;
 pub mod data;
 pub mod error;
 pub mod fit;

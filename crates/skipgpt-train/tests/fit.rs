@@ -114,7 +114,11 @@ fn router_tuning_reaches_the_target_and_keeps_the_base() {
     assert_eq!(valid.iter().map(|r| r.0).collect::<Vec<_>>(), vec![30, 60]);
     assert!(valid[1].1["Skip"] > 0.1, "{:?}", valid[1].1);
 
-    // the base is bit-identical, and the routers moved
+    assert!(std::fs::read_to_string(rd.curves())
+        .unwrap()
+        .contains("target 0.5"));
+
+    // the base is bit-identical
     let after = tuned.export(StoreDtype::F32);
     assert_eq!(before.len(), after.len());
     for (name, tensor) in &before {
