@@ -146,13 +146,13 @@ fn draw_panel(s: &mut String, panel: &Panel, x0: f64) {
         let (xv, yv) = (xmin + f * (xmax - xmin), ymin + f * (ymax - ymin));
         let _ = write!(
             s,
-            r##"<line x1="{left:.1}" x2="{right:.1}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text><text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+            r##"<line x1="{left:.1}" x2="{right:.1}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text><text x="{:.1}" y="{:.1}" text-anchor="middle">{:.0}</text>"##,
             left - 4.0,
             py(yv) + 4.0,
             tick(yv),
             px(xv),
             bottom + 14.0,
-            format!("{:.0}", xv.round()),
+            xv.round(),
             y = py(yv),
         );
     }
