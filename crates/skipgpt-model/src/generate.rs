@@ -63,21 +63,7 @@ pub fn generate<B: Backend>(
     }
     let flat: Vec<i64> = prompts.iter().flatten().map(|&id| id as i64).collect();
     validate_ids(&flat, model.config.vocab_size, "prompt")?;
-    if let Sampling::Sample {
-        temperature, top_p, ..
-    } = opts.sampling
-    {
-        if !(temperature > 0.0 && temperature.is_finite()) {
-            return Err(ModelError::InvalidInput(format!(
-                "temperature must be > 0, got {temperature}"
-            )));
-        }
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(ModelError::InvalidInput(format!(
-                "top-p must be in (0, 1], got {top_p}"
-            )));
-        }
-    }
+    validate_sampling(&opts.sampling)?;
 
     let b = prompts.len();
     let device = model.device();
@@ -100,15 +86,7 @@ pub fn generate<B: Backend>(
             .expect("f32 after convert");
         let mut next = Vec::with_capacity(b);
         for (row, row_logits) in last.chunks_exact(v).enumerate() {
-            let token = match (&opts.sampling, rng.as_mut()) {
-                (
-                    Sampling::Sample {
-                        temperature, top_p, ..
-                    },
-                    Some(rng),
-                ) => sample(row_logits, *temperature, *top_p, rng),
-                _ => argmax(row_logits),
-            };
+            let token = pick(row_logits, &opts.sampling, rng.as_mut());
             if !done[row] {
                 out[row].push(token);
                 if !opts.ignore_eos && opts.eos_token_ids.contains(&token) {
@@ -123,6 +101,39 @@ pub fn generate<B: Backend>(
         input = Tensor::from_data(TensorData::new(next, [b, 1]), &device);
     }
     Ok(out)
+}
+
+/// Rejects a temperature that is not positive and a top-p outside (0, 1].
+pub fn validate_sampling(sampling: &Sampling) -> Result<()> {
+    if let Sampling::Sample {
+        temperature, top_p, ..
+    } = *sampling
+    {
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            return Err(ModelError::InvalidInput(format!(
+                "temperature must be > 0, got {temperature}"
+            )));
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ModelError::InvalidInput(format!(
+                "top-p must be in (0, 1], got {top_p}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Picks the next token from one row of logits.
+pub(crate) fn pick(logits: &[f32], sampling: &Sampling, rng: Option<&mut StdRng>) -> u32 {
+    match (sampling, rng) {
+        (
+            Sampling::Sample {
+                temperature, top_p, ..
+            },
+            Some(rng),
+        ) => sample(logits, *temperature, *top_p, rng),
+        _ => argmax(logits),
+    }
 }
 
 /// Index of the largest value; the first one on ties.

@@ -19,6 +19,7 @@ pub mod llama;
 pub mod rope;
 pub mod router;
 pub mod safetensors_io;
+pub mod sparse;
 pub mod tokenizer;
 
 pub use cache::KvCache;

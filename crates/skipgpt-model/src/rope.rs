@@ -90,6 +90,44 @@ impl RotaryEmbedding {
         }
     }
 
+    /// cos and sin for arbitrary positions, as [`RotaryEmbedding::cos_sin`] computes them for a
+    /// call that reaches `max(positions) + 1` (what dynamic scaling depends on).
+    ///
+    /// # Shapes
+    /// - output: two tensors `[positions.len(), head_dim]`
+    pub fn cos_sin_at<B: Backend>(
+        &self,
+        positions: &[usize],
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let end = positions.iter().max().map_or(0, |p| p + 1);
+        let dynamic;
+        let inv_freq = match self.scaling {
+            RopeScaling::Dynamic { .. } if end > self.max_position_embeddings => {
+                dynamic = self.inv_freq(end);
+                &dynamic
+            }
+            _ => &self.base_inv_freq,
+        };
+        let half = self.head_dim / 2;
+        let mut cos = Vec::with_capacity(positions.len() * self.head_dim);
+        let mut sin = Vec::with_capacity(positions.len() * self.head_dim);
+        for &pos in positions {
+            for _ in 0..2 {
+                for f in inv_freq.iter().take(half) {
+                    let angle = pos as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let shape = [positions.len(), self.head_dim];
+        (
+            Tensor::from_data(TensorData::new(cos, shape), device),
+            Tensor::from_data(TensorData::new(sin, shape), device),
+        )
+    }
+
     /// cos and sin for positions `start..start + len`.
     ///
     /// # Shapes
@@ -100,34 +138,8 @@ impl RotaryEmbedding {
         len: usize,
         device: &B::Device,
     ) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        let end = start + len;
-        let dynamic;
-        let inv_freq = match self.scaling {
-            // HF recomputes the frequencies from the largest position in the call.
-            RopeScaling::Dynamic { .. } if end > self.max_position_embeddings => {
-                dynamic = self.inv_freq(end);
-                &dynamic
-            }
-            _ => &self.base_inv_freq,
-        };
-        let half = self.head_dim / 2;
-        let mut cos = Vec::with_capacity(len * self.head_dim);
-        let mut sin = Vec::with_capacity(len * self.head_dim);
-        for pos in start..end {
-            // emb = cat(freqs, freqs): both halves of a head share one frequency per plane.
-            for _ in 0..2 {
-                for f in inv_freq.iter().take(half) {
-                    let angle = pos as f32 * f;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                }
-            }
-        }
-        let shape = [len, self.head_dim];
-        (
-            Tensor::from_data(TensorData::new(cos, shape), device),
-            Tensor::from_data(TensorData::new(sin, shape), device),
-        )
+        let positions: Vec<usize> = (start..start + len).collect();
+        self.cos_sin_at(&positions, device)
     }
 }
 
