@@ -7,15 +7,16 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use skipgpt_model::generate::validate_ids;
 use skipgpt_model::safetensors_io::{write_safetensors, OwnedTensor, TensorFile, WeightSet};
+use skipgpt_model::sparse::{generate_sparse, sparse_forward, EngineStats, LogitRows, SparseCache};
 use skipgpt_model::{
-    generate as gen, load_config, load_pretrained, load_routing_config, GenerateOptions, Routing,
-    Sampling, StoreDtype, Tokenizer,
+    generate as gen, load_config, load_pretrained, load_routing_config, GenerateOptions,
+    LlamaForCausalLM, Routing, Sampling, StoreDtype, Tokenizer,
 };
 
 use crate::backend::BackendKind;
 use crate::{
-    with_backend, EvalPplArgs, GenerateArgs, InspectArgs, LogitsArgs, RoutingArg, RoutingArgs,
-    SplitArg,
+    with_backend, EngineArg, EngineArgs, EvalPplArgs, GenerateArgs, InspectArgs, LogitsArgs,
+    RoutingArg, RoutingArgs, SplitArg,
 };
 
 /// The routing mode the command line asks for (seeding the backend for `--routing sample`).
@@ -68,9 +69,46 @@ fn logits_on<B: Backend>(args: &LogitsArgs, device: &B::Device) -> Result<()> {
         model.config.vocab_size,
         &format!("{}: input_ids", args.input.display()),
     )?;
+    let mut tensors = BTreeMap::new();
+    if use_sparse(&model, &args.engine) && !args.hidden_states {
+        let rows: Vec<Vec<u32>> = ids
+            .chunks(s)
+            .map(|r| r.iter().map(|&i| i as u32).collect())
+            .collect();
+        let mut cache = SparseCache::new(b, model.config.num_hidden_layers);
+        let out = sparse_forward(&model, &rows, &mut cache, model.routing, LogitRows::All)?;
+        let v = model.config.vocab_size;
+        tensors.insert(
+            "logits".to_string(),
+            OwnedTensor::from_tensor(out.logits.reshape([b, s, v]), StoreDtype::F32),
+        );
+        let layers = model.config.num_hidden_layers;
+        for (name, gates) in [
+            ("attn_gates", &out.attn_gates),
+            ("mlp_gates", &out.mlp_gates),
+        ] {
+            let flat: Vec<f32> = gates
+                .iter()
+                .flatten()
+                .map(|&g| f32::from(u8::from(g)))
+                .collect();
+            tensors.insert(
+                name.to_string(),
+                OwnedTensor::from_f32(&flat, vec![layers, b, s], StoreDtype::F32),
+            );
+        }
+        if args.engine.stats {
+            print_stats(&out.stats, None);
+        }
+        write_safetensors(&args.output, &tensors, None)?;
+        eprintln!("wrote logits [{b}, {s}, {v}] to {}", args.output.display());
+        return Ok(());
+    }
     let input_ids: Tensor<B, 2, Int> = Tensor::from_data(TensorData::new(ids, [b, s]), device);
     let out = model.forward_full(input_ids, None, args.hidden_states);
-    let mut tensors = BTreeMap::new();
+    if args.engine.stats {
+        print_gate_rates(&out.attn_gates, &out.mlp_gates);
+    }
     tensors.insert(
         "logits".to_string(),
         OwnedTensor::from_tensor(out.logits, StoreDtype::F32),
@@ -137,7 +175,20 @@ fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()
         eos_token_ids: pretrained.model.config.eos_token_ids.clone(),
         ignore_eos: args.ignore_eos,
     };
-    let tokens = gen(&pretrained.model, &[prompt], &opts)?.remove(0);
+    let tokens = if use_sparse(&pretrained.model, &args.engine) {
+        let model = &pretrained.model;
+        let (mut out, stats, cache) = generate_sparse(model, &[prompt], &opts, model.routing)?;
+        if args.engine.stats {
+            let (kv, hd) = (model.config.num_key_value_heads, model.config.head_dim);
+            print_stats(
+                &stats,
+                Some((cache.bytes(kv, hd), cache.dense_bytes(kv, hd))),
+            );
+        }
+        out.remove(0)
+    } else {
+        gen(&pretrained.model, &[prompt], &opts)?.remove(0)
+    };
     let text = tokenizer.map(|t| t.decode(&tokens)).transpose()?;
     if args.json {
         println!("{}", serde_json::json!({ "tokens": tokens, "text": text }));
@@ -155,6 +206,58 @@ fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()
         }
     }
     Ok(())
+}
+
+/// The sparse engine serves routed models unless `--engine dense-gated`.
+fn use_sparse<B: Backend>(model: &LlamaForCausalLM<B>, engine: &EngineArgs) -> bool {
+    model.routing_config.is_some()
+        && model.routing != Routing::Dense
+        && engine.engine == EngineArg::Sparse
+}
+
+/// `--stats` of the sparse engine; `kv`: (bytes cached, bytes a dense cache would hold).
+fn print_stats(s: &EngineStats, kv: Option<(usize, usize)>) {
+    eprintln!(
+        "engine sparse: {} tokens; skipped attention {:.1}%, mlp {:.1}%; {:.3} GFLOP of {:.3} dense ({:.1}% saved, ideal speedup {:.2}x); weights read {:.1} MB of {:.1} MB",
+        s.tokens,
+        100.0 * s.attn_skip(),
+        100.0 * s.mlp_skip(),
+        s.flops / 1e9,
+        s.dense_flops / 1e9,
+        100.0 * (1.0 - s.flops / s.dense_flops.max(1.0)),
+        s.ideal_speedup(),
+        s.weight_bytes / 1e6,
+        s.dense_weight_bytes / 1e6
+    );
+    if let Some((bytes, dense)) = kv {
+        eprintln!(
+            "kv cache: {:.1} KB ({:.1}% of the {:.1} KB a dense cache holds)",
+            bytes as f64 / 1e3,
+            100.0 * bytes as f64 / dense.max(1) as f64,
+            dense as f64 / 1e3
+        );
+    }
+}
+
+/// `--stats` of the dense-gated engine: it computes everything, so only the decisions count.
+fn print_gate_rates<B: Backend>(attn: &[Tensor<B, 2>], mlp: &[Tensor<B, 2>]) {
+    let rate = |g: &[Tensor<B, 2>]| -> f64 {
+        let v: Vec<f32> = g
+            .iter()
+            .flat_map(|t| {
+                t.to_data()
+                    .convert::<f32>()
+                    .into_vec::<f32>()
+                    .unwrap_or_default()
+            })
+            .collect();
+        1.0 - v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64
+    };
+    eprintln!(
+        "engine dense-gated: skipped decisions attention {:.1}%, mlp {:.1}%; every module computed (0% saved)",
+        100.0 * rate(attn),
+        100.0 * rate(mlp)
+    );
 }
 
 pub fn inspect(args: InspectArgs) -> Result<()> {

@@ -114,6 +114,25 @@ pub struct RoutingArgs {
     pub routing_seed: u64,
 }
 
+/// Which computation serves a routed model.
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// `sparse`: skipped modules are not computed (default for routed models);
+    /// `dense-gated`: every module is computed and multiplied by its gate, as the reference
+    /// code does (for checking).
+    #[arg(long, value_enum, default_value = "sparse")]
+    pub engine: EngineArg,
+    /// Print the realised skip rates and the FLOPs and weight bytes saved.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineArg {
+    Sparse,
+    DenseGated,
+}
+
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RoutingArg {
     Deterministic,
@@ -131,11 +150,14 @@ pub struct LogitsArgs {
     /// safetensors file to write `logits`, f32 [batch, seq, vocab], to.
     #[arg(long)]
     pub output: PathBuf,
-    /// Also write `hidden_states.{k}` (embeddings, then every layer's output).
+    /// Also write `hidden_states.{k}` (embeddings, then every layer's output); uses the
+    /// dense-gated engine.
     #[arg(long)]
     pub hidden_states: bool,
     #[command(flatten)]
     pub routing: RoutingArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }
 
 #[derive(Args, Debug)]
@@ -173,6 +195,8 @@ pub struct GenerateArgs {
     pub json: bool,
     #[command(flatten)]
     pub routing: RoutingArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }
 
 #[derive(Args, Debug)]

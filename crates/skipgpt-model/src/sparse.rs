@@ -77,6 +77,12 @@ impl<B: Backend> SparseCache<B> {
     pub fn bytes(&self, kv_heads: usize, head_dim: usize) -> usize {
         self.entries() * 2 * kv_heads * head_dim * 4
     }
+
+    /// Bytes a dense cache would hold for the same positions: every token at every layer.
+    pub fn dense_bytes(&self, kv_heads: usize, head_dim: usize) -> usize {
+        let layers = self.layers.first().map_or(0, Vec::len);
+        self.lens.iter().sum::<usize>() * layers * 2 * kv_heads * head_dim * 4
+    }
 }
 
 /// Which rows get logits.
