@@ -184,3 +184,41 @@ fn bad_input_is_an_error() {
     assert!(err.contains("2 sequences"), "{err}");
     assert!(generate_sparse(&model, &[vec![]], &greedy(2), Routing::Deterministic).is_err());
 }
+
+#[test]
+fn cli_serves_routed_models_with_the_sparse_engine() {
+    let (dir, _) = routed(RoutingConfig::new());
+    let out = tempfile::tempdir().unwrap();
+    let input = tiny().join("reference.safetensors");
+    let run = |engine: &str, file: &str| {
+        let path = out.path().join(file);
+        let o = skipgpt(&[
+            "logits",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            path.to_str().unwrap(),
+            "--engine",
+            engine,
+            "--stats",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        (
+            skipgpt_model::safetensors_io::TensorFile::open(&path).unwrap(),
+            stderr(&o),
+        )
+    };
+    let (sparse, sparse_err) = run("sparse", "s.safetensors");
+    let (gated, gated_err) = run("dense-gated", "g.safetensors");
+    let (a, _) = sparse.read_f32("logits").unwrap();
+    let (b, _) = gated.read_f32("logits").unwrap();
+    assert!(max_abs_diff(&a, &b) < 1e-4);
+    assert_eq!(
+        sparse.read_f32("attn_gates").unwrap(),
+        gated.read_f32("attn_gates").unwrap()
+    );
+    assert!(sparse_err.contains("ideal speedup"), "{sparse_err}");
+    assert!(gated_err.contains("0% saved"), "{gated_err}");
+}

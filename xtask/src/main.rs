@@ -2,6 +2,7 @@
 //!
 //! - `ci`: formatting check, clippy (warnings are errors), the test suite, and a compile check
 //!   of the GPU backends (`--features wgpu,cuda`; no GPU needed to compile).
+//! - `bench`: the sparse engine against dense, prefill and decode (`examples/bench_sparse.rs`).
 //! - `fixtures`: regenerates `tests/fixtures/variants/` with HF transformers
 //!   (needs a Python with torch, transformers, safetensors, tokenizers; set `PYTHON`).
 
@@ -74,11 +75,35 @@ fn fixtures() -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask bench [--features cuda] [bench args...]`: the sparse-engine benchmark
+/// (`examples/bench_sparse.rs`), built with optimisation, its table on stdout.
+fn bench(args: &[String]) -> Result<()> {
+    let (mut cargo, mut rest) = (
+        vec!["run", "--release", "--example", "bench_sparse"],
+        vec![],
+    );
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == "--features" {
+            cargo.push("--features");
+            cargo.push(args.get(i + 1).map(String::as_str).unwrap_or(""));
+            i += 2;
+        } else {
+            rest.push(args[i].as_str());
+            i += 1;
+        }
+    }
+    cargo.push("--");
+    cargo.extend(rest);
+    run("cargo", &cargo)
+}
+
 fn main() -> Result<()> {
-    let task = std::env::args().nth(1).unwrap_or_default();
-    match task.as_str() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str).unwrap_or_default() {
         "ci" => ci(),
         "fixtures" => fixtures(),
-        _ => bail!("usage: cargo xtask <ci|fixtures>"),
+        "bench" => bench(&args[1..]),
+        _ => bail!("usage: cargo xtask <ci|fixtures|bench [--features cuda] [--layers 8 --hidden 512 ...]>"),
     }
 }
