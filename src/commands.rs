@@ -69,71 +69,52 @@ fn logits_on<B: Backend>(args: &LogitsArgs, device: &B::Device) -> Result<()> {
         model.config.vocab_size,
         &format!("{}: input_ids", args.input.display()),
     )?;
+    let layers = model.config.num_hidden_layers;
+    let v = model.config.vocab_size;
     let mut tensors = BTreeMap::new();
+    let f32_tensor = |t: Tensor<B, 3>| OwnedTensor::from_tensor(t, StoreDtype::F32);
     if use_sparse(&model, &args.engine) && !args.hidden_states {
         let rows: Vec<Vec<u32>> = ids
             .chunks(s)
             .map(|r| r.iter().map(|&i| i as u32).collect())
             .collect();
-        let mut cache = SparseCache::new(b, model.config.num_hidden_layers);
+        let mut cache = SparseCache::new(b, layers);
         let out = sparse_forward(&model, &rows, &mut cache, model.routing, LogitRows::All)?;
-        let v = model.config.vocab_size;
-        tensors.insert(
-            "logits".to_string(),
-            OwnedTensor::from_tensor(out.logits.reshape([b, s, v]), StoreDtype::F32),
-        );
-        let layers = model.config.num_hidden_layers;
-        for (name, gates) in [
-            ("attn_gates", &out.attn_gates),
-            ("mlp_gates", &out.mlp_gates),
-        ] {
-            let flat: Vec<f32> = gates
-                .iter()
-                .flatten()
-                .map(|&g| f32::from(u8::from(g)))
-                .collect();
-            tensors.insert(
-                name.to_string(),
-                OwnedTensor::from_f32(&flat, vec![layers, b, s], StoreDtype::F32),
-            );
-        }
         if args.engine.stats {
             print_stats(&out.stats, None);
         }
-        write_safetensors(&args.output, &tensors, None)?;
-        eprintln!("wrote logits [{b}, {s}, {v}] to {}", args.output.display());
-        return Ok(());
-    }
-    let input_ids: Tensor<B, 2, Int> = Tensor::from_data(TensorData::new(ids, [b, s]), device);
-    let out = model.forward_full(input_ids, None, args.hidden_states);
-    if args.engine.stats {
-        print_gate_rates(&out.attn_gates, &out.mlp_gates);
-    }
-    tensors.insert(
-        "logits".to_string(),
-        OwnedTensor::from_tensor(out.logits, StoreDtype::F32),
-    );
-    for (k, h) in out.hidden_states.into_iter().enumerate() {
-        tensors.insert(
-            format!("hidden_states.{k}"),
-            OwnedTensor::from_tensor(h, StoreDtype::F32),
-        );
-    }
-    // routed: the 0/1 decisions as [layers, batch, seq]
-    for (name, gates) in [("attn_gates", out.attn_gates), ("mlp_gates", out.mlp_gates)] {
-        if !gates.is_empty() {
+        tensors.insert("logits".into(), f32_tensor(out.logits.reshape([b, s, v])));
+        // the 0/1 decisions as [layers, batch, seq]
+        for (name, gates) in [("attn_gates", out.attn_gates), ("mlp_gates", out.mlp_gates)] {
+            let flat: Vec<f32> = gates
+                .into_iter()
+                .flatten()
+                .map(|g| f32::from(u8::from(g)))
+                .collect();
             tensors.insert(
-                name.to_string(),
-                OwnedTensor::from_tensor(Tensor::stack::<3>(gates, 0), StoreDtype::F32),
+                name.into(),
+                OwnedTensor::from_f32(&flat, vec![layers, b, s], StoreDtype::F32),
             );
+        }
+    } else {
+        let input_ids: Tensor<B, 2, Int> = Tensor::from_data(TensorData::new(ids, [b, s]), device);
+        let out = model.forward_full(input_ids, None, args.hidden_states);
+        if args.engine.stats {
+            print_gate_rates(&out.attn_gates, &out.mlp_gates);
+        }
+        tensors.insert("logits".into(), f32_tensor(out.logits));
+        for (k, h) in out.hidden_states.into_iter().enumerate() {
+            tensors.insert(format!("hidden_states.{k}"), f32_tensor(h));
+        }
+        // routed: the 0/1 decisions as [layers, batch, seq]
+        for (name, gates) in [("attn_gates", out.attn_gates), ("mlp_gates", out.mlp_gates)] {
+            if !gates.is_empty() {
+                tensors.insert(name.into(), f32_tensor(Tensor::stack::<3>(gates, 0)));
+            }
         }
     }
     write_safetensors(&args.output, &tensors, None)?;
-    eprintln!(
-        "wrote logits [{b}, {s}, {}] to {}",
-        model.config.vocab_size,
-        args.output.display()
-    );
+    eprintln!("wrote logits [{b}, {s}, {v}] to {}", args.output.display());
     Ok(())
 }
 
@@ -406,23 +387,9 @@ fn eval_ppl_on<B: Backend>(args: &EvalPplArgs, device: &B::Device) -> Result<()>
         runs.push(("routed", routing_mode::<B>(&args.routing, device)));
     }
     let mut reports = serde_json::Map::new();
-    // a progress counter on a terminal; logs get only the results
-    let tty = !args.json && std::io::stderr().is_terminal();
     for (name, routing) in runs {
-        let report = skipgpt_eval::evaluate_perplexity(
-            &model,
-            &data,
-            routing,
-            args.batch_size,
-            |done, total| {
-                if tty {
-                    eprint!("\r{name}: {done}/{total} sequences");
-                }
-            },
-        );
-        if tty {
-            eprintln!();
-        }
+        let label = (!args.json).then_some(name);
+        let report = perplexity(&model, &data, routing, args.batch_size, label);
         if !args.json {
             println!(
                 "{name:<7} perplexity {:>9.3}  (nll {:.4}, {} tokens)  skip: attention {:.1}%  mlp {:.1}%  params {:.1}%",
@@ -440,4 +407,25 @@ fn eval_ppl_on<B: Backend>(args: &EvalPplArgs, device: &B::Device) -> Result<()>
         println!("{}", serde_json::Value::Object(reports));
     }
     Ok(())
+}
+
+/// Perplexity of `data`, with a progress counter labelled `label` on a terminal (logs and
+/// `None` get only the result).
+pub fn perplexity<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    data: &skipgpt_train::data::PackedDataset,
+    routing: Routing,
+    batch: usize,
+    label: Option<&str>,
+) -> skipgpt_eval::PerplexityReport {
+    let label = label.filter(|_| std::io::stderr().is_terminal());
+    let report = skipgpt_eval::evaluate_perplexity(model, data, routing, batch, |done, total| {
+        if let Some(label) = label {
+            eprint!("\r  {label}: {done}/{total} sequences");
+        }
+    });
+    if label.is_some() {
+        eprintln!();
+    }
+    report
 }

@@ -2,18 +2,19 @@
 //!
 //! 1. pretrain a small dense LLaMA (and its BPE tokenizer) on the synthetic corpus;
 //! 2. tune SkipGPT routers on the frozen model towards the target skip rate;
-//! 3. compare dense and routed perplexity on held-out text, show the realised skip rates and
-//!    let the routed model continue a prompt.
+//! 3. compare dense and routed perplexity on held-out text (measured by tune-routers), show
+//!    the realised skip rates, reload the SkipGPT directory and let it continue a prompt
+//!    through the sparse engine.
 //!
 //! Each stage is the same code as its command (`pretrain`, `tune-routers`); a second demo run
 //! in the same directory resumes the finished runs instead of training again.
 
-use std::io::IsTerminal;
 use std::path::Path;
 
 use anyhow::Result;
 use burn::tensor::backend::Backend;
-use skipgpt_model::{generate, load_pretrained, GenerateOptions, Routing, Sampling};
+use skipgpt_model::sparse::generate_sparse;
+use skipgpt_model::{load_pretrained, GenerateOptions, Sampling};
 use skipgpt_train::fit::run_dir;
 use skipgpt_train::resume::RunManifest;
 
@@ -86,11 +87,11 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         args.target_sparsity,
         routed_dir.display()
     );
-    tune_routers::<B>(
+    let reports = tune_routers::<B>(
         &TuneRoutersArgs {
             model: dense_dir.clone(),
             out: routed_dir.clone(),
-            corpus: corpus.clone(),
+            corpus,
             target_sparsity: args.target_sparsity,
             alpha: 8.0,
             attn_target: None,
@@ -109,31 +110,23 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         device,
     )?;
 
-    eprintln!("\n[3/3] evaluating on the held-out split");
+    // tune-routers has just measured both on the held-out split: report those numbers
+    let reports =
+        reports.ok_or_else(|| anyhow::anyhow!("the held-out split is empty: raise --docs"))?;
+    let rows = [
+        ("dense", reports.dense),
+        ("SkipGPT-RT (routed)", reports.routed),
+    ];
+
+    eprintln!(
+        "\n[3/3] reloading {} and generating with the sparse engine",
+        routed_dir.display()
+    );
     let loaded = load_pretrained::<B>(&routed_dir, device)?;
     let tokenizer = loaded
         .tokenizer
         .ok_or_else(|| anyhow::anyhow!("{} has no tokenizer", routed_dir.display()))?;
     let model = loaded.model;
-    let docs = corpus.documents()?;
-    let eos = model.config.eos_token_ids.first().copied();
-    let (_, valid) = corpus.split(&docs, &tokenizer, eos)?;
-    let rows = [
-        ("dense", Routing::Dense),
-        ("SkipGPT-RT (routed)", Routing::Deterministic),
-    ]
-    .map(|(name, routing)| {
-        let tty = std::io::stderr().is_terminal();
-        let r = skipgpt_eval::evaluate_perplexity(&model, &valid, routing, 16, |done, total| {
-            if tty {
-                eprint!("\r  {name}: {done}/{total} sequences");
-            }
-        });
-        if tty {
-            eprintln!();
-        }
-        (name, r)
-    });
     println!();
     println!(
         "{:<22} {:>10} {:>10} {:>10} {:>11}",
@@ -175,7 +168,8 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         eos_token_ids: model.config.eos_token_ids.clone(),
         ignore_eos: false,
     };
-    let tokens = generate(&model, std::slice::from_ref(&prompt), &opts)?.remove(0);
+    let (mut tokens, _, _) = generate_sparse(&model, &[prompt], &opts, model.routing)?;
+    let tokens = tokens.remove(0);
     println!(
         "\nrouted model continues {:?}: {:?}",
         args.prompt,

@@ -4,11 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use crate::backend::BackendKind;
+use crate::commands::perplexity;
 use crate::with_backend;
 use anyhow::{bail, Context, Result};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
+use skipgpt_eval::PerplexityReport;
 use skipgpt_model::checkpoint::{ROUTERS_FILE, ROUTING_FILE};
 use skipgpt_model::{
     load_pretrained, save_pretrained, save_routers, Granularity, KvPolicy, LlamaConfig,
@@ -19,7 +21,7 @@ use skipgpt_train::fit::run_dir;
 use skipgpt_train::loss::SparsityLossConfig;
 use skipgpt_train::resume::RunManifest;
 use skipgpt_train::tokenizer::{train_bpe, BOS, EOS};
-use skipgpt_train::{fit, Objective, RunDir, ScheduleKind, TrainError, TrainOptions};
+use skipgpt_train::{fit, Objective, RunDir, ScheduleKind, TrainOptions};
 
 /// Where the text comes from and how it is cut into sequences.
 #[derive(Args, Debug, Clone)]
@@ -278,7 +280,7 @@ impl TuneRoutersArgs {
 }
 
 pub fn pretrain_cmd(backend: BackendKind, args: PretrainArgs) -> Result<()> {
-    with_backend!(backend, |B, device| pretrain::<B>(&args, &device).map(drop))
+    with_backend!(backend, |B, device| pretrain::<B>(&args, &device))
 }
 
 pub fn tune_routers_cmd(backend: BackendKind, args: TuneRoutersArgs) -> Result<()> {
@@ -286,8 +288,8 @@ pub fn tune_routers_cmd(backend: BackendKind, args: TuneRoutersArgs) -> Result<(
         .map(drop))
 }
 
-/// Pretrains a dense model and saves it in the HF layout. Returns the output directory.
-pub fn pretrain<B: Backend>(args: &PretrainArgs, device: &B::Device) -> Result<PathBuf> {
+/// Pretrains a dense model and saves it in the HF layout (`args.out`).
+pub fn pretrain<B: Backend>(args: &PretrainArgs, device: &B::Device) -> Result<()> {
     let label = "pretrain";
     let docs = args.corpus.documents()?;
     let run = RunDir {
@@ -295,7 +297,7 @@ pub fn pretrain<B: Backend>(args: &PretrainArgs, device: &B::Device) -> Result<P
         resume: args.train.resume,
         label: label.into(),
     };
-    refuse_to_overwrite(&run)?;
+    RunManifest::check(&run.path, run.resume)?;
     let tokenizer = pretrain_tokenizer(args, &docs, &run)?;
     let config = pretrain_config(args, &tokenizer)?;
     let eos = config.eos_token_ids.first().copied();
@@ -334,27 +336,36 @@ pub fn pretrain<B: Backend>(args: &PretrainArgs, device: &B::Device) -> Result<P
     save_pretrained(&model, Some(&tokenizer), &args.out, StoreDtype::F32)?;
     println!("{label}: saved to {}", args.out.display());
     if !valid.is_empty() {
-        let r = perplexity(&model, &valid, Routing::Dense, args.train.batch_size);
+        let r = perplexity(
+            &model,
+            &valid,
+            Routing::Dense,
+            args.train.batch_size,
+            Some(label),
+        );
         println!(
             "  validation perplexity {:.3} ({} tokens)",
             r.perplexity, r.tokens
         );
     }
-    Ok(args.out.clone())
+    Ok(())
 }
 
 /// The tokenizer of a pretraining run: the user's, or a BPE trained on the corpus and kept in
 /// the run directory so that a resumed run tokenizes exactly as the first did.
 fn pretrain_tokenizer(args: &PretrainArgs, docs: &[String], run: &RunDir) -> Result<Tokenizer> {
     let target = args.out.join("tokenizer.json");
-    if let Some(path) = &args.tokenizer {
+    // read from `path`, saved with the model under `target`
+    let relocated = |path: &Path| -> Result<Tokenizer> {
         let tok = Tokenizer::from_file(path)?;
-        return Ok(Tokenizer::from_inner(tok.inner().clone(), target));
+        Ok(Tokenizer::from_inner(tok.inner().clone(), target.clone()))
+    };
+    if let Some(path) = &args.tokenizer {
+        return relocated(path);
     }
     let kept = run.path.join("tokenizer.json");
     if run.resume && kept.exists() {
-        let tok = Tokenizer::from_file(&kept)?;
-        return Ok(Tokenizer::from_inner(tok.inner().clone(), target));
+        return relocated(&kept);
     }
     if !args.train.quiet {
         eprintln!(
@@ -396,8 +407,18 @@ fn pretrain_config(args: &PretrainArgs, tokenizer: &Tokenizer) -> Result<LlamaCo
     Ok(config)
 }
 
-/// Tunes routers on a frozen model (stage 1) and writes a SkipGPT directory.
-pub fn tune_routers<B: Backend>(args: &TuneRoutersArgs, device: &B::Device) -> Result<PathBuf> {
+/// Validation perplexity of a tuned model: dense and with its deterministic routing.
+pub struct TunedReports {
+    pub dense: PerplexityReport,
+    pub routed: PerplexityReport,
+}
+
+/// Tunes routers on a frozen model (stage 1) and writes a SkipGPT directory. Returns the
+/// validation reports (none when the validation split is empty).
+pub fn tune_routers<B: Backend>(
+    args: &TuneRoutersArgs,
+    device: &B::Device,
+) -> Result<Option<TunedReports>> {
     let label = "tune-routers";
     if same_dir(&args.model, &args.out) {
         bail!(
@@ -410,7 +431,7 @@ pub fn tune_routers<B: Backend>(args: &TuneRoutersArgs, device: &B::Device) -> R
         resume: args.train.resume,
         label: label.into(),
     };
-    refuse_to_overwrite(&run)?;
+    RunManifest::check(&run.path, run.resume)?;
     let pretrained = load_pretrained::<Autodiff<B>>(&args.model, device)?;
     let tokenizer = pretrained.tokenizer.with_context(|| {
         format!(
@@ -449,8 +470,13 @@ pub fn tune_routers<B: Backend>(args: &TuneRoutersArgs, device: &B::Device) -> R
         let base = model.config.num_params();
         eprintln!(
             "{label}: {} routers ({} parameters, {:.4}% of {}), target skip {}, {} train / {} valid sequences of {} tokens, {} steps of {} sequences",
-            model.config.num_hidden_layers
-                * if routing.granularity == Granularity::Module { 2 } else { 1 },
+            model
+                .model
+                .layers
+                .iter()
+                .flat_map(|l| [&l.attn_router, &l.mlp_router])
+                .flatten()
+                .count(),
             model.router_params(),
             100.0 * model.router_params() as f64 / base as f64,
             base,
@@ -475,13 +501,20 @@ pub fn tune_routers<B: Backend>(args: &TuneRoutersArgs, device: &B::Device) -> R
 
     println!("{label}: saved to {}", args.out.display());
     if valid.is_empty() {
-        return Ok(args.out.clone());
+        return Ok(None);
     }
-    for (name, routing) in [
-        ("dense", Routing::Dense),
-        ("routed", Routing::Deterministic),
-    ] {
-        let r = perplexity(&tuned, &valid, routing, args.train.batch_size);
+    let batch = args.train.batch_size;
+    let reports = TunedReports {
+        dense: perplexity(&tuned, &valid, Routing::Dense, batch, Some("dense")),
+        routed: perplexity(
+            &tuned,
+            &valid,
+            Routing::Deterministic,
+            batch,
+            Some("routed"),
+        ),
+    };
+    for (name, r) in [("dense", &reports.dense), ("routed", &reports.routed)] {
         println!(
             "  {name:<7} validation perplexity {:>8.3}  skip: attention {:>5.1}%  mlp {:>5.1}%  params {:>5.1}%",
             r.perplexity,
@@ -490,7 +523,7 @@ pub fn tune_routers<B: Backend>(args: &TuneRoutersArgs, device: &B::Device) -> R
             100.0 * r.param_skip
         );
     }
-    Ok(args.out.clone())
+    Ok(Some(reports))
 }
 
 /// The input model's files (hard-linked where possible: they are never written in place)
@@ -502,7 +535,7 @@ fn write_skipgpt_dir<B: Backend>(
     out: &Path,
 ) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(src)
+    let files: Vec<PathBuf> = std::fs::read_dir(src)
         .with_context(|| src.display().to_string())?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file())
@@ -511,7 +544,6 @@ fn write_skipgpt_dir<B: Backend>(
             name != ROUTERS_FILE && name != ROUTING_FILE && !name.starts_with('.')
         })
         .collect();
-    files.sort_by_key(|p| p.file_name() == Some("config.json".as_ref()));
     let (config, weights): (Vec<_>, Vec<_>) = files
         .into_iter()
         .partition(|p| p.file_name() == Some("config.json".as_ref()));
@@ -539,27 +571,9 @@ fn place_copy(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A new run must not start over a run that is there (fit() checks too; this is before any
-/// file is written).
-fn refuse_to_overwrite(run: &RunDir) -> Result<()> {
-    if !run.resume && run.path.join(RunManifest::FILE).exists() {
-        return Err(TrainError::RunExists(run.path.clone()).into());
-    }
-    Ok(())
-}
-
 fn same_dir(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     }
-}
-
-fn perplexity<B: Backend>(
-    model: &LlamaForCausalLM<B>,
-    data: &PackedDataset,
-    routing: Routing,
-    batch: usize,
-) -> skipgpt_eval::PerplexityReport {
-    skipgpt_eval::evaluate_perplexity(model, data, routing, batch, |_, _| {})
 }

@@ -28,15 +28,7 @@ fn logits_command_matches_reference() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("logits.safetensors");
     let input = tiny().join("reference.safetensors");
-    let o = skipgpt(&[
-        "logits",
-        "--model",
-        &model_dir(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = skipgpt(&logits_args(&model_dir(), &input, &out));
     assert!(o.status.success(), "{}", stderr(&o));
     let got = TensorFile::open(&out).unwrap();
     let (logits, shape) = got.read_f32("logits").unwrap();
@@ -315,15 +307,8 @@ fn bad_logits_input() {
         "input_ids",
         OwnedTensor::from_i64(&[1, 2, 9999], vec![1, 3]),
     );
-    let args = [
-        "logits",
-        "--model",
-        &model_dir(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ];
+    let model = model_dir();
+    let args = logits_args(&model, &input, &out);
     assert_clean_failure(&args, &["in.safetensors", "9999", "vocabulary"]);
     // wrong key
     write_one(&input, "ids", OwnedTensor::from_i64(&[1, 2], vec![1, 2]));

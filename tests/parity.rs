@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use skipgpt_model::{generate, load_pretrained, GenerateOptions, LlamaForCausalLM, Sampling};
+use skipgpt_model::{generate, load_pretrained, LlamaForCausalLM};
 
 const TOL: f32 = 1e-4;
 
@@ -34,15 +34,6 @@ fn check_forward(dir: &std::path::Path) -> f32 {
     let d = diff_with(out.logits, &r, "logits");
     assert!(d < TOL, "{}: logits differ by {d}", dir.display());
     d
-}
-
-fn greedy_opts() -> GenerateOptions {
-    GenerateOptions {
-        max_new_tokens: 16,
-        sampling: Sampling::Greedy,
-        eos_token_ids: vec![],
-        ignore_eos: true,
-    }
 }
 
 /// Greedy decoding by recomputing the whole sequence at every step (no cache).
@@ -76,14 +67,11 @@ fn llama_tiny_greedy_with_kv_cache_matches_reference() {
     let prompts = ids_rows(&r, "greedy_prompt");
     let expected = ids_rows(&r, "greedy_tokens");
     // batched, through the KV cache
-    assert_eq!(
-        generate(&model, &prompts, &greedy_opts()).unwrap(),
-        expected
-    );
+    assert_eq!(generate(&model, &prompts, &greedy(16)).unwrap(), expected);
     // one sequence at a time, and by full recomputation
     for (p, e) in prompts.iter().zip(&expected) {
         assert_eq!(
-            &generate(&model, std::slice::from_ref(p), &greedy_opts()).unwrap()[0],
+            &generate(&model, std::slice::from_ref(p), &greedy(16)).unwrap()[0],
             e
         );
         assert_eq!(&greedy_recompute(&model, p, 16), e);
@@ -143,7 +131,7 @@ fn llama3_rope_tied_bf16_sharded_v5_config_matches() {
     ));
     check_forward(&dir);
     let r = reference(&dir);
-    let got = generate(&model, &ids_rows(&r, "greedy_prompt"), &greedy_opts()).unwrap();
+    let got = generate(&model, &ids_rows(&r, "greedy_prompt"), &greedy(16)).unwrap();
     assert_eq!(got, ids_rows(&r, "greedy_tokens"));
 }
 
@@ -174,6 +162,6 @@ fn qwen2_bias_linear_rope_f16_matches() {
     assert!(model.model.layers[0].self_attn.o_proj.bias.is_none());
     check_forward(&dir);
     let r = reference(&dir);
-    let got = generate(&model, &ids_rows(&r, "greedy_prompt"), &greedy_opts()).unwrap();
+    let got = generate(&model, &ids_rows(&r, "greedy_prompt"), &greedy(16)).unwrap();
     assert_eq!(got, ids_rows(&r, "greedy_tokens"));
 }

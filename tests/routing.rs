@@ -9,9 +9,8 @@ use burn::tensor::{Tensor, TensorData};
 use common::*;
 use skipgpt_model::router::{router_param_count, straight_through_gate};
 use skipgpt_model::{
-    generate, load_pretrained, save_pretrained, GenerateOptions, Granularity, KvPolicy,
-    LlamaConfig, LlamaForCausalLM, MlpRouterInput, RouterVariant, Routing, RoutingConfig, Sampling,
-    StoreDtype,
+    generate, load_pretrained, save_pretrained, Granularity, KvPolicy, LlamaConfig,
+    LlamaForCausalLM, MlpRouterInput, RouterVariant, Routing, RoutingConfig, StoreDtype,
 };
 
 /// `model-routed` with `skipgpt.json` choosing the MLP router input.
@@ -37,13 +36,7 @@ fn check_routed(mode: &str, input: MlpRouterInput) {
         assert_eq!(shape, vec![3, 2, 24]);
         assert_eq!(got, expected, "{mode}: {name}");
     }
-    let opts = GenerateOptions {
-        max_new_tokens: 16,
-        sampling: Sampling::Greedy,
-        eos_token_ids: vec![],
-        ignore_eos: true,
-    };
-    let got = generate(&model, &ids_rows(&r, "greedy_prompt"), &opts).unwrap();
+    let got = generate(&model, &ids_rows(&r, "greedy_prompt"), &greedy(16)).unwrap();
     assert_eq!(
         got,
         ids_rows(&r, &format!("routed.{mode}.greedy_tokens")),

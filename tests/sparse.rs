@@ -7,8 +7,7 @@ use burn::tensor::Tensor;
 use common::*;
 use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{
-    generate, load_pretrained, GenerateOptions, KvPolicy, LlamaForCausalLM, MlpRouterInput,
-    Routing, RoutingConfig, Sampling,
+    generate, load_pretrained, KvPolicy, LlamaForCausalLM, MlpRouterInput, Routing, RoutingConfig,
 };
 
 fn routed(config: RoutingConfig) -> (tempfile::TempDir, LlamaForCausalLM<B>) {
@@ -16,15 +15,6 @@ fn routed(config: RoutingConfig) -> (tempfile::TempDir, LlamaForCausalLM<B>) {
     std::fs::write(dir.path().join("skipgpt.json"), config.to_json()).unwrap();
     let model = load_pretrained::<B>(dir.path(), &device()).unwrap().model;
     (dir, model)
-}
-
-fn greedy(n: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_new_tokens: n,
-        sampling: Sampling::Greedy,
-        eos_token_ids: vec![],
-        ignore_eos: true,
-    }
 }
 
 /// Logits `[b, t, vocab]` of equal-length rows through the sparse engine.
@@ -160,28 +150,22 @@ fn sequences_of_different_lengths_batch_like_single_ones() {
 fn bad_input_is_an_error() {
     let (_dir, model) = routed(RoutingConfig::new());
     let mut cache = SparseCache::new(1, 3);
-    let err = sparse_forward(
-        &model,
-        &[vec![9999]],
-        &mut cache,
-        Routing::Deterministic,
-        LogitRows::All,
-    )
-    .err()
-    .unwrap()
-    .to_string();
-    assert!(err.contains("9999"), "{err}");
-    let err = sparse_forward(
-        &model,
-        &[vec![1], vec![2]],
-        &mut cache,
-        Routing::Deterministic,
-        LogitRows::All,
-    )
-    .err()
-    .unwrap()
-    .to_string();
-    assert!(err.contains("2 sequences"), "{err}");
+    let mut err = |tokens: &[Vec<u32>]| {
+        sparse_forward(
+            &model,
+            tokens,
+            &mut cache,
+            Routing::Deterministic,
+            LogitRows::All,
+        )
+        .err()
+        .unwrap()
+        .to_string()
+    };
+    let e = err(&[vec![9999]]);
+    assert!(e.contains("9999"), "{e}");
+    let e = err(&[vec![1], vec![2]]);
+    assert!(e.contains("2 sequences"), "{e}");
     assert!(generate_sparse(&model, &[vec![]], &greedy(2), Routing::Deterministic).is_err());
 }
 
@@ -192,18 +176,9 @@ fn cli_serves_routed_models_with_the_sparse_engine() {
     let input = tiny().join("reference.safetensors");
     let run = |engine: &str, file: &str| {
         let path = out.path().join(file);
-        let o = skipgpt(&[
-            "logits",
-            "--model",
-            dir.path().to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            path.to_str().unwrap(),
-            "--engine",
-            engine,
-            "--stats",
-        ]);
+        let mut args = logits_args(dir.path().to_str().unwrap(), &input, &path);
+        args.extend(["--engine", engine, "--stats"]);
+        let o = skipgpt(&args);
         assert!(o.status.success(), "{}", stderr(&o));
         (
             skipgpt_model::safetensors_io::TensorFile::open(&path).unwrap(),

@@ -135,40 +135,18 @@ fn pretrain_then_tune_routers_then_evaluate() {
 fn bad_pretrain_settings_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m");
-    assert_clean_failure(
-        &[
-            "pretrain",
-            "--out",
-            s(&out),
-            "--synthetic",
-            "20",
-            "--hidden-size",
-            "30",
-            "--heads",
-            "4",
-        ],
+    let fails = |extra: &[&str], needles: &[&str]| {
+        let mut args = vec!["pretrain", "--out", s(&out)];
+        args.extend(extra);
+        assert_clean_failure(&args, needles);
+    };
+    fails(
+        &["--synthetic", "20", "--hidden-size", "30", "--heads", "4"],
         &["--hidden-size 30", "--heads 4"],
     );
-    assert_clean_failure(
-        &[
-            "pretrain",
-            "--out",
-            s(&out),
-            "--data",
-            "/no/such/corpus.txt",
-        ],
-        &["/no/such/corpus.txt"],
-    );
-    assert_clean_failure(
-        &[
-            "pretrain",
-            "--out",
-            s(&out),
-            "--synthetic",
-            "20",
-            "--vocab-size",
-            "10",
-        ],
+    fails(&["--data", "/no/such/corpus.txt"], &["/no/such/corpus.txt"]);
+    fails(
+        &["--synthetic", "20", "--vocab-size", "10"],
         &["vocab_size", "10"],
     );
     assert!(!out.join("config.json").exists());

@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 
 use burn::tensor::{Int, Tensor, TensorData};
 use skipgpt_model::safetensors_io::TensorFile;
+use skipgpt_model::{GenerateOptions, Sampling};
 
 pub type B = burn::backend::NdArray<f32>;
 
@@ -100,4 +101,27 @@ pub fn assert_clean_failure(args: &[&str], needles: &[&str]) {
             "stderr for {args:?} should mention {n:?}: {err}"
         );
     }
+}
+
+/// Greedy decoding of exactly `n` tokens (EOS ignored), as the fixture's references were made.
+pub fn greedy(n: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: n,
+        sampling: Sampling::Greedy,
+        eos_token_ids: vec![],
+        ignore_eos: true,
+    }
+}
+
+/// `skipgpt logits --model M --input I --output O` (more flags can be appended).
+pub fn logits_args<'a>(model: &'a str, input: &'a Path, output: &'a Path) -> Vec<&'a str> {
+    vec![
+        "logits",
+        "--model",
+        model,
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]
 }

@@ -103,6 +103,7 @@ impl RotaryEmbedding {
         let end = positions.iter().max().map_or(0, |p| p + 1);
         let dynamic;
         let inv_freq = match self.scaling {
+            // HF recomputes the frequencies from the largest position in the call.
             RopeScaling::Dynamic { .. } if end > self.max_position_embeddings => {
                 dynamic = self.inv_freq(end);
                 &dynamic
@@ -113,6 +114,7 @@ impl RotaryEmbedding {
         let mut cos = Vec::with_capacity(positions.len() * self.head_dim);
         let mut sin = Vec::with_capacity(positions.len() * self.head_dim);
         for &pos in positions {
+            // emb = cat(freqs, freqs): both halves of a head share one frequency per plane.
             for _ in 0..2 {
                 for f in inv_freq.iter().take(half) {
                     let angle = pos as f32 * f;

@@ -22,7 +22,7 @@ use burn::tensor::{activation, backend::Backend, IndexingUpdateOp, Int, Tensor, 
 use crate::error::{ModelError, Result};
 use crate::generate::{pick, GenerateOptions, Sampling};
 use crate::llama::{LlamaForCausalLM, MASKED};
-use crate::router::{gate_from_logits, Granularity, KvPolicy, MlpRouterInput, Router, Routing};
+use crate::router::{gate_from_logits, KvPolicy, MlpRouterInput, Router, Routing};
 
 /// One layer's cache of one sequence: rotated keys and values of the tokens stored there.
 #[derive(Debug, Clone)]
@@ -202,15 +202,9 @@ pub fn sparse_forward<B: Backend>(
     let mut x: Tensor<B, 2> = model.model.embed_tokens.forward(ids).reshape([n, h]);
     let positions: Vec<usize> = rows.iter().map(|r| r.1).collect();
     let (cos, sin) = model.rope.cos_sin_at::<B>(&positions, &device);
-    let routing_cfg = model.routing_config.clone();
-    let routed = routing != Routing::Dense && routing_cfg.is_some();
-    let (kv_policy, mlp_input, granularity) = match &routing_cfg {
-        Some(rc) if routed => (rc.kv_policy, rc.mlp_router_input, rc.granularity),
-        _ => (
-            KvPolicy::Keep,
-            MlpRouterInput::PostAttn,
-            Granularity::Module,
-        ),
+    let (routed, kv_policy, mlp_input) = match &model.routing_config {
+        Some(rc) if routing != Routing::Dense => (true, rc.kv_policy, rc.mlp_router_input),
+        _ => (false, KvPolicy::Keep, MlpRouterInput::PostAttn),
     };
     let window = cfg.sliding_window.unwrap_or(usize::MAX);
     let cost = Costs::new(cfg);
@@ -287,23 +281,10 @@ pub fn sparse_forward<B: Backend>(
                 ))
             };
             // per sequence: store the new keys/values, attend for the executing queries
+            let seq_kv_all = by_sequence(&kv_rows, &rows, tokens.len());
+            let seq_q_all = by_sequence(&exec, &rows, tokens.len());
             let mut outs = Vec::new();
-            let mut kv_cursor = 0;
-            let mut q_cursor = 0;
-            for (s, seq_tokens) in tokens.iter().enumerate() {
-                let first_row = rows.iter().position(|r| r.0 == s);
-                let Some(first_row) = first_row else {
-                    continue;
-                };
-                let row_range = first_row..first_row + seq_tokens.len();
-                let seq_kv: Vec<usize> = (kv_cursor..kv_rows.len())
-                    .take_while(|&j| row_range.contains(&kv_rows[j]))
-                    .collect();
-                kv_cursor += seq_kv.len();
-                let seq_q: Vec<usize> = (q_cursor..exec.len())
-                    .take_while(|&j| row_range.contains(&exec[j]))
-                    .collect();
-                q_cursor += seq_q.len();
+            for (s, (seq_kv, seq_q)) in seq_kv_all.into_iter().zip(seq_q_all).enumerate() {
                 let store = &mut cache.layers[s][l];
                 if !seq_kv.is_empty() {
                     let idx = index_tensor::<B>(&seq_kv, &device);
@@ -358,7 +339,8 @@ pub fn sparse_forward<B: Backend>(
                 };
                 decide(r, input, routing)
             }
-            (None, Some(_), true) if granularity == Granularity::Layer => attn_exec.clone(),
+            // one router per layer gates both modules
+            (None, Some(_), true) => attn_exec.clone(),
             _ => vec![true; n],
         };
         let mlp_rows: Vec<usize> = (0..n).filter(|&i| mlp_exec[i]).collect();
@@ -483,6 +465,15 @@ fn decide<B: Backend>(router: &Router<B>, x: Tensor<B, 2>, routing: Routing) -> 
         .collect()
 }
 
+/// Splits positions `j` into `subset` (sorted rows) by the sequence of row `subset[j]`.
+fn by_sequence(subset: &[usize], rows: &[(usize, usize)], batch: usize) -> Vec<Vec<usize>> {
+    let mut out = vec![Vec::new(); batch];
+    for (j, &row) in subset.iter().enumerate() {
+        out[rows[row].0].push(j);
+    }
+    out
+}
+
 fn index_tensor<B: Backend>(idx: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
     let v: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
     Tensor::from_data(TensorData::new(v, [idx.len()]), device)
@@ -556,6 +547,7 @@ impl Costs {
         let kv = (c.num_key_value_heads * c.head_dim) as f64;
         let i = c.intermediate_size as f64;
         let v = c.vocab_size as f64;
+        let kv_bias = if c.qkv_bias { 2.0 * kv } else { 0.0 };
         Costs {
             kv_proj: 2.0 * 2.0 * h * kv,
             q_o_proj: 2.0 * 2.0 * h * q,
@@ -563,9 +555,9 @@ impl Costs {
             mlp: 2.0 * 3.0 * h * i,
             router: 2.0 * 2.0 * h,
             head: 2.0 * h * v,
-            kv_bytes: 4.0 * 2.0 * h * kv,
-            attn_bytes: 4.0 * (2.0 * h * kv + 2.0 * h * q),
-            mlp_bytes: 4.0 * 3.0 * h * i,
+            kv_bytes: 4.0 * (2.0 * h * kv + kv_bias),
+            attn_bytes: 4.0 * c.attention_params() as f64,
+            mlp_bytes: 4.0 * c.mlp_params() as f64,
             head_bytes: 4.0 * h * v,
         }
     }

@@ -178,7 +178,7 @@ impl PackedDataset {
         }
         let (mut train, mut valid) = (Vec::new(), Vec::new());
         for (i, seq) in self.sequences.into_iter().enumerate() {
-            let h = splitmix64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let h = splitmix64(seed ^ (i as u64).wrapping_mul(GOLDEN));
             if (h as f64 / u64::MAX as f64) < valid_fraction {
                 valid.push(seq);
             } else {
@@ -220,11 +220,23 @@ impl PackedDataset {
     }
 }
 
-fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The splitmix64 output function: a bijective 64-bit scramble.
+fn finalize(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^ (x >> 31)
+}
+
+/// One splitmix64 step from state `x`.
+fn splitmix64(x: u64) -> u64 {
+    finalize(x.wrapping_add(GOLDEN))
+}
+
+/// A 64-bit mix of two values, for derived seeds and fingerprints.
+pub(crate) fn mix(a: u64, b: u64) -> u64 {
+    finalize(a ^ b.wrapping_mul(GOLDEN))
 }
 
 #[cfg(test)]

@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 use skipgpt_model::LlamaForCausalLM;
 
 use crate::curves::write_curves;
-use crate::data::PackedDataset;
+use crate::data::{mix, PackedDataset};
 use crate::error::{Result, TrainError};
-use crate::loader::{mix, StepPlan, TrainLoader, ValidLoader};
+use crate::loader::{StepPlan, TrainLoader, ValidLoader};
 use crate::metrics::{stats_for, StatMetric};
 use crate::progress::{read_log, truncate_log, ProgressLayout, ProgressPrinter};
 use crate::resume::{AtomicRecorder, RunManifest};

@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::data::PackedDataset;
+use crate::data::{mix, PackedDataset};
 use crate::schedule::temperature_at;
 
 /// One micro-batch: inputs, their next tokens, and what the step needs to know about itself.
@@ -314,14 +314,6 @@ impl<B: Backend> DataLoaderIterator<LmBatch<B>> for ValidIter<'_, B> {
     fn progress(&self) -> Progress {
         Progress::new(self.next, self.loader.data.len())
     }
-}
-
-/// A 64-bit mix of two values (splitmix64 finaliser), for derived seeds.
-pub(crate) fn mix(a: u64, b: u64) -> u64 {
-    let mut x = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 #[cfg(test)]

@@ -86,44 +86,49 @@ pub struct RunManifest(pub serde_json::Map<String, serde_json::Value>);
 impl RunManifest {
     pub const FILE: &'static str = "run.json";
 
+    /// Refuses a new run over an existing one, and a resume without a run: callers can check
+    /// this before any work (tokenizer training, model loading) that [`RunManifest::begin`]
+    /// would then refuse.
+    pub fn check(run_dir: &Path, resume: bool) -> Result<()> {
+        match (resume, run_dir.join(Self::FILE).exists()) {
+            (false, true) => Err(TrainError::RunExists(run_dir.to_path_buf())),
+            (true, false) => Err(TrainError::NothingToResume(run_dir.to_path_buf())),
+            _ => Ok(()),
+        }
+    }
+
     /// Starts a run in `run_dir`, or checks that `resume` continues the same one.
     /// Returns the epoch to resume after (0 for a fresh start).
     pub fn begin(&self, run_dir: &Path, resume: bool) -> Result<usize> {
+        Self::check(run_dir, resume)?;
         let path = run_dir.join(Self::FILE);
-        let existing = path.exists();
-        match (resume, existing) {
-            (false, true) => Err(TrainError::RunExists(run_dir.to_path_buf())),
-            (false, false) => {
-                let text = serde_json::to_string_pretty(&self.0).expect("json");
-                atomic_write(&path, text.as_bytes())?;
-                Ok(0)
-            }
-            (true, false) => Err(TrainError::NothingToResume(run_dir.to_path_buf())),
-            (true, true) => {
-                let text = std::fs::read_to_string(&path).map_err(|e| TrainError::Io {
-                    path: path.clone(),
-                    source: e,
-                })?;
-                let saved: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
-                    .map_err(|e| TrainError::Jsonl {
-                        path: path.clone(),
-                        line: e.line(),
-                        message: e.to_string(),
-                    })?;
-                for (key, value) in &self.0 {
-                    let before = saved.get(key).unwrap_or(&serde_json::Value::Null);
-                    if before != value {
-                        return Err(TrainError::ResumeMismatch {
-                            path,
-                            key: key.clone(),
-                            before: before.to_string(),
-                            now: value.to_string(),
-                        });
-                    }
-                }
-                Ok(latest_checkpoint(run_dir).unwrap_or(0))
+        if !resume {
+            let text = serde_json::to_string_pretty(&self.0).expect("json");
+            atomic_write(&path, text.as_bytes())?;
+            return Ok(0);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        let saved: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Jsonl {
+                path: path.clone(),
+                line: e.line(),
+                message: e.to_string(),
+            })?;
+        for (key, value) in &self.0 {
+            let before = saved.get(key).unwrap_or(&serde_json::Value::Null);
+            if before != value {
+                return Err(TrainError::ResumeMismatch {
+                    path,
+                    key: key.clone(),
+                    before: before.to_string(),
+                    now: value.to_string(),
+                });
             }
         }
+        Ok(latest_checkpoint(run_dir).unwrap_or(0))
     }
 }
 
