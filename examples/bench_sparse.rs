@@ -104,9 +104,9 @@ fn main() {
     );
     println!();
     println!(
-        "| batch | target skip | realised attn/mlp skip | prefill tok/s dense | routed | speedup | ideal | ratio | decode tok/s reference dense | engine dense | routed | speedup | ideal | ratio | KV keep | KV drop (its attn skip) |"
+        "| batch | target skip | realised attn/mlp skip | prefill tok/s dense | routed | speedup | ideal | ratio | decode tok/s reference dense | engine dense | routed | speedup | ideal | ratio | ideal by weight bytes | KV keep | KV drop (its attn skip) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &batch in &args.batches {
         let prompts: Vec<Vec<u32>> = (0..batch)
             .map(|s| {
@@ -201,7 +201,7 @@ fn main() {
             let sp = t_dense / t_routed;
             let dsp = t_dense_dec / t_routed_dec;
             println!(
-                "| {batch} | {skip:.2} | {:.2}/{:.2} | {:.0} | {:.0} | {sp:.2}x | {:.2}x | {:.2} | {:.0} | {:.0} | {:.0} | {dsp:.2}x | {:.2}x | {:.2} | {:.0}% | {:.0}% ({:.2}) |",
+                "| {batch} | {skip:.2} | {:.2}/{:.2} | {:.0} | {:.0} | {sp:.2}x | {:.2}x | {:.2} | {:.0} | {:.0} | {:.0} | {dsp:.2}x | {:.2}x | {:.2} | {:.2}x | {:.0}% | {:.0}% ({:.2}) |",
                 s.attn_skip(),
                 s.mlp_skip(),
                 prefill_tokens / t_dense,
@@ -213,6 +213,7 @@ fn main() {
                 dec_tokens / t_routed_dec,
                 ds.ideal_speedup(),
                 dsp / ds.ideal_speedup(),
+                ds.weight_ideal_speedup(),
                 100.0 * kv_keep as f64 / kv_dense as f64,
                 100.0 * kv_drop as f64 / kv_dense as f64,
                 drop_skip,

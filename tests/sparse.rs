@@ -197,3 +197,37 @@ fn cli_serves_routed_models_with_the_sparse_engine() {
     assert!(sparse_err.contains("ideal speedup"), "{sparse_err}");
     assert!(gated_err.contains("0% saved"), "{gated_err}");
 }
+
+#[test]
+fn long_ragged_generation_crosses_cache_blocks_like_the_gated_path() {
+    // prompts of 3 and 70 tokens, decoded past the 64-token cache block: prefill pads queries,
+    // decode pads keys, and the buffers grow mid-generation
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![5, 77, 301],
+        (0..70u32).map(|i| (i * 37 + 11) % 500 + 2).collect(),
+    ];
+    for policy in [KvPolicy::Keep, KvPolicy::Drop] {
+        let (_dir, model) = routed(RoutingConfig::new().with_kv_policy(policy));
+        let (together, stats, cache) =
+            generate_sparse(&model, &prompts, &greedy(66), Routing::Deterministic).unwrap();
+        let mut gated = model.clone();
+        gated.routing = Routing::Deterministic;
+        for (i, p) in prompts.iter().enumerate() {
+            let reference = generate(&gated, std::slice::from_ref(p), &greedy(66)).unwrap();
+            assert_eq!(together[i], reference[0], "{policy:?}, sequence {i}");
+        }
+        let (kv, hd) = (2, 16);
+        let (stored, allocated) = (cache.bytes(kv, hd), cache.allocated_bytes(kv, hd));
+        // each layer pads every sequence to its longest one, plus less than one block
+        let per_token = 2 * kv * hd * 4;
+        assert!(allocated >= stored, "{policy:?}");
+        assert!(
+            allocated <= 3 * 2 * (70 + 65 + 64) * per_token,
+            "{policy:?}: {allocated}"
+        );
+        match policy {
+            KvPolicy::Keep => assert_eq!(stored, cache.dense_bytes(kv, hd)),
+            KvPolicy::Drop => assert_eq!(cache.entries(), stats.attn_executed),
+        }
+    }
+}

@@ -24,38 +24,111 @@ use crate::generate::{pick, GenerateOptions, Sampling};
 use crate::llama::{LlamaForCausalLM, MASKED};
 use crate::router::{gate_from_logits, KvPolicy, MlpRouterInput, Router, Routing};
 
-/// One layer's cache of one sequence: rotated keys and values of the tokens stored there.
+/// Cache rows are allocated in blocks of this many tokens per sequence, so a growing cache is
+/// copied once per block rather than once per token, and holds at most one block of padding.
+const CACHE_BLOCK: usize = 64;
+
+/// One layer's keys and values for every sequence of the batch, in preallocated buffers.
+///
+/// Sequence `s`'s `j`-th stored token lives in row `s * capacity + j` of `k` and `v`. Rows past
+/// a sequence's stored count are zero, so a new entry is written by adding it in place (the one
+/// indexed update every backend implements), and one batched attention can read every
+/// sequence at once through a padding mask.
 #[derive(Debug, Clone)]
-struct LayerStore<B: Backend> {
-    /// `[kv_heads, stored, head_dim]` each.
-    kv: Option<(Tensor<B, 3>, Tensor<B, 3>)>,
-    /// Position of each stored token.
-    positions: Vec<usize>,
+struct LayerCache<B: Backend> {
+    /// `[batch * capacity, kv_heads * head_dim]` each, rotated keys and values.
+    kv: Option<(Tensor<B, 2>, Tensor<B, 2>)>,
+    /// Rows reserved per sequence.
+    capacity: usize,
+    /// Per sequence: the position of each stored token, in storage order.
+    positions: Vec<Vec<usize>>,
+}
+
+impl<B: Backend> LayerCache<B> {
+    fn new(batch: usize) -> Self {
+        LayerCache {
+            kv: None,
+            capacity: 0,
+            positions: vec![Vec::new(); batch],
+        }
+    }
+
+    /// Makes room for `needed` entries per sequence, growing by whole blocks.
+    fn reserve(&mut self, needed: usize, width: usize, device: &B::Device) {
+        if needed <= self.capacity {
+            return;
+        }
+        let (batch, old) = (self.positions.len(), self.capacity);
+        let cap = needed.div_ceil(CACHE_BLOCK) * CACHE_BLOCK;
+        let grow = |t: Option<Tensor<B, 2>>| {
+            let zeros = Tensor::<B, 3>::zeros([batch, cap - old, width], device);
+            let t = match t {
+                None => zeros,
+                Some(t) => Tensor::cat(vec![t.reshape([batch, old, width]), zeros], 1),
+            };
+            t.reshape([batch * cap, width])
+        };
+        self.kv = Some(match self.kv.take() {
+            Some((k, v)) => (grow(Some(k)), grow(Some(v))),
+            None => (grow(None), grow(None)),
+        });
+        self.capacity = cap;
+    }
+
+    /// Stores `k`, `v` (`[m, width]`) for entries whose sequences are `seqs` (sorted by
+    /// sequence, `m` long) at `pos` positions.
+    fn append(
+        &mut self,
+        k: Tensor<B, 2>,
+        v: Tensor<B, 2>,
+        seqs: &[usize],
+        pos: &[usize],
+        device: &B::Device,
+    ) {
+        let width = k.dims()[1];
+        let mut added = vec![0usize; self.positions.len()];
+        for &s in seqs {
+            added[s] += 1;
+        }
+        let needed = (0..added.len())
+            .map(|s| self.positions[s].len() + added[s])
+            .max()
+            .unwrap_or(0);
+        self.reserve(needed, width, device);
+        let slots: Vec<usize> = seqs
+            .iter()
+            .zip(pos)
+            .map(|(&s, &p)| {
+                let slot = s * self.capacity + self.positions[s].len();
+                self.positions[s].push(p);
+                slot
+            })
+            .collect();
+        let idx = index_tensor::<B>(&slots, device);
+        let (ck, cv) = self.kv.take().expect("reserved above");
+        self.kv = Some((
+            ck.select_assign(0, idx.clone(), k, IndexingUpdateOp::Add),
+            cv.select_assign(0, idx, v, IndexingUpdateOp::Add),
+        ));
+    }
 }
 
 /// Per-sequence, per-layer key/value caches of the sparse engine.
+///
+/// Under `kv_policy = drop` a layer stores only the tokens that executed attention there, so
+/// its buffers grow with its own execution count, not with the sequence length.
 #[derive(Debug, Clone)]
 pub struct SparseCache<B: Backend> {
     /// Positions consumed by each sequence.
     lens: Vec<usize>,
-    /// `[sequence][layer]`
-    layers: Vec<Vec<LayerStore<B>>>,
+    layers: Vec<LayerCache<B>>,
 }
 
 impl<B: Backend> SparseCache<B> {
     pub fn new(batch: usize, num_layers: usize) -> Self {
         SparseCache {
             lens: vec![0; batch],
-            layers: (0..batch)
-                .map(|_| {
-                    (0..num_layers)
-                        .map(|_| LayerStore {
-                            kv: None,
-                            positions: Vec::new(),
-                        })
-                        .collect()
-                })
-                .collect(),
+            layers: (0..num_layers).map(|_| LayerCache::new(batch)).collect(),
         }
     }
 
@@ -68,8 +141,8 @@ impl<B: Backend> SparseCache<B> {
     pub fn entries(&self) -> usize {
         self.layers
             .iter()
-            .flatten()
-            .map(|l| l.positions.len())
+            .flat_map(|l| &l.positions)
+            .map(Vec::len)
             .sum()
     }
 
@@ -78,10 +151,19 @@ impl<B: Backend> SparseCache<B> {
         self.entries() * 2 * kv_heads * head_dim * 4
     }
 
+    /// Bytes of the buffers holding them, padding included (4 bytes per value).
+    pub fn allocated_bytes(&self, kv_heads: usize, head_dim: usize) -> usize {
+        let rows: usize = self
+            .layers
+            .iter()
+            .map(|l| l.capacity * l.positions.len())
+            .sum();
+        rows * 2 * kv_heads * head_dim * 4
+    }
+
     /// Bytes a dense cache would hold for the same positions: every token at every layer.
     pub fn dense_bytes(&self, kv_heads: usize, head_dim: usize) -> usize {
-        let layers = self.layers.first().map_or(0, Vec::len);
-        self.lens.iter().sum::<usize>() * layers * 2 * kv_heads * head_dim * 4
+        self.lens.iter().sum::<usize>() * self.layers.len() * 2 * kv_heads * head_dim * 4
     }
 }
 
@@ -117,6 +199,13 @@ impl EngineStats {
     /// Dense cost / routed cost in FLOPs: the speedup perfect skipping would give.
     pub fn ideal_speedup(&self) -> f64 {
         self.dense_flops / self.flops.max(1.0)
+    }
+
+    /// Dense weight bytes / weight bytes read: the speedup perfect skipping would give where
+    /// reading the weights, not arithmetic, bounds the time (decoding a batch on most hardware).
+    /// A module's weights are saved only when no token of the call executes it.
+    pub fn weight_ideal_speedup(&self) -> f64 {
+        self.dense_weight_bytes / self.weight_bytes.max(1.0)
     }
 
     pub fn attn_skip(&self) -> f64 {
@@ -245,15 +334,14 @@ pub fn sparse_forward<B: Backend>(
         }
         if !kv_rows.is_empty() {
             let attn = &layer.self_attn;
-            let kv_idx = index_tensor::<B>(&kv_rows, &device);
             let xn = layer
                 .input_layernorm
-                .forward(x.clone().select(0, kv_idx.clone()));
-            let rot = |t: Tensor<B, 3>, idx: Tensor<B, 1, Int>| {
+                .forward(gather_rows(x.clone(), &kv_rows, n));
+            let rot = |t: Tensor<B, 3>, which: &[usize]| {
                 // [rows, heads, hd] -> rotate with each row's own position
                 let [r, heads, d] = t.dims();
-                let c = cos.clone().select(0, idx.clone());
-                let s = sin.clone().select(0, idx);
+                let c = gather_rows(cos.clone(), which, n);
+                let s = gather_rows(sin.clone(), which, n);
                 let t4 = t.swap_dims(0, 1).reshape([1, heads, r, d]);
                 crate::rope::apply_rotary(t4, &c, &s)
                     .reshape([heads, r, d])
@@ -262,7 +350,7 @@ pub fn sparse_forward<B: Backend>(
             let m = kv_rows.len();
             let k = rot(
                 attn.k_proj.forward(xn.clone()).reshape([m, nkv, hd]),
-                kv_idx.clone(),
+                &kv_rows,
             );
             let v = attn.v_proj.forward(xn.clone()).reshape([m, nkv, hd]);
             // queries: executing rows, located inside kv_rows
@@ -274,59 +362,26 @@ pub fn sparse_forward<B: Backend>(
                 None
             } else {
                 let e = exec.len();
-                let q_in = xn.select(0, index_tensor::<B>(&q_local, &device));
-                Some(rot(
-                    attn.q_proj.forward(q_in).reshape([e, nh, hd]),
-                    index_tensor::<B>(&exec, &device),
-                ))
+                let q_in = gather_rows(xn, &q_local, kv_rows.len());
+                Some(rot(attn.q_proj.forward(q_in).reshape([e, nh, hd]), &exec))
             };
-            // per sequence: store the new keys/values, attend for the executing queries
-            let seq_kv_all = by_sequence(&kv_rows, &rows, tokens.len());
-            let seq_q_all = by_sequence(&exec, &rows, tokens.len());
-            let mut outs = Vec::new();
-            for (s, (seq_kv, seq_q)) in seq_kv_all.into_iter().zip(seq_q_all).enumerate() {
-                let store = &mut cache.layers[s][l];
-                if !seq_kv.is_empty() {
-                    let idx = index_tensor::<B>(&seq_kv, &device);
-                    let k_new = k.clone().select(0, idx.clone()).swap_dims(0, 1);
-                    let v_new = v.clone().select(0, idx).swap_dims(0, 1);
-                    store.kv = Some(match store.kv.take() {
-                        Some((pk, pv)) => (
-                            Tensor::cat(vec![pk, k_new], 1),
-                            Tensor::cat(vec![pv, v_new], 1),
-                        ),
-                        None => (k_new, v_new),
-                    });
-                    store
-                        .positions
-                        .extend(seq_kv.iter().map(|&j| rows[kv_rows[j]].1));
-                }
-                if seq_q.is_empty() {
-                    continue;
-                }
-                let (sk, sv) = store
-                    .kv
-                    .clone()
-                    .expect("an executing token stores its own key");
-                let q_pos: Vec<usize> = seq_q.iter().map(|&j| rows[exec[j]].1).collect();
-                let (mask, visible) = causal_mask(&q_pos, &store.positions, window);
+            // store the new keys/values, then attend for the executing queries of every
+            // sequence at once
+            let store = &mut cache.layers[l];
+            let kv_seqs: Vec<usize> = kv_rows.iter().map(|&r| rows[r].0).collect();
+            let kv_pos: Vec<usize> = kv_rows.iter().map(|&r| rows[r].1).collect();
+            store.append(
+                k.reshape([m, nkv * hd]),
+                v.reshape([m, nkv * hd]),
+                &kv_seqs,
+                &kv_pos,
+                &device,
+            );
+            if let Some(q) = q {
+                let queries: Vec<(usize, usize)> = exec.iter().map(|&r| rows[r]).collect();
+                let (out, visible) = attend_batched(q, store, &queries, window, (nh, nkv, hd));
                 stats.flops += visible as f64 * cost.attn_per_key;
-                let e = seq_q.len();
-                let qs = q
-                    .as_ref()
-                    .expect("queries exist")
-                    .clone()
-                    .select(0, index_tensor::<B>(&seq_q, &device));
-                outs.push(attend(qs, sk, sv, mask, nh, nkv, hd, e, &device));
-            }
-            if !outs.is_empty() {
-                let out = attn.o_proj.forward(Tensor::cat(outs, 0));
-                x = x.select_assign(
-                    0,
-                    index_tensor::<B>(&exec, &device),
-                    out,
-                    IndexingUpdateOp::Add,
-                );
+                x = add_rows(x, &exec, attn.o_proj.forward(out));
             }
         }
 
@@ -351,11 +406,10 @@ pub fn sparse_forward<B: Backend>(
         stats.dense_weight_bytes += cost.mlp_bytes;
         if !mlp_rows.is_empty() {
             stats.weight_bytes += cost.mlp_bytes;
-            let idx = index_tensor::<B>(&mlp_rows, &device);
             let hsel = layer
                 .post_attention_layernorm
-                .forward(x.clone().select(0, idx.clone()));
-            x = x.select_assign(0, idx, layer.mlp.forward(hsel), IndexingUpdateOp::Add);
+                .forward(gather_rows(x.clone(), &mlp_rows, n));
+            x = add_rows(x, &mlp_rows, layer.mlp.forward(hsel));
         }
         if routed {
             let routers =
@@ -465,13 +519,30 @@ fn decide<B: Backend>(router: &Router<B>, x: Tensor<B, 2>, routing: Routing) -> 
         .collect()
 }
 
-/// Splits positions `j` into `subset` (sorted rows) by the sequence of row `subset[j]`.
-fn by_sequence(subset: &[usize], rows: &[(usize, usize)], batch: usize) -> Vec<Vec<usize>> {
-    let mut out = vec![Vec::new(); batch];
-    for (j, &row) in subset.iter().enumerate() {
-        out[rows[row].0].push(j);
+/// Rows `which` (sorted, distinct) of `t`, which has `n` rows; no copy when that is all of them.
+fn gather_rows<B: Backend>(t: Tensor<B, 2>, which: &[usize], n: usize) -> Tensor<B, 2> {
+    if which.len() == n {
+        t
+    } else {
+        let device = t.device();
+        t.select(0, index_tensor::<B>(which, &device))
     }
-    out
+}
+
+/// `x` with `update`'s rows added to its rows `which` (sorted, distinct): the scatter back
+/// into the residual stream.
+fn add_rows<B: Backend>(x: Tensor<B, 2>, which: &[usize], update: Tensor<B, 2>) -> Tensor<B, 2> {
+    if which.len() == x.dims()[0] {
+        x + update
+    } else {
+        let device = x.device();
+        x.select_assign(
+            0,
+            index_tensor::<B>(which, &device),
+            update,
+            IndexingUpdateOp::Add,
+        )
+    }
 }
 
 fn index_tensor<B: Backend>(idx: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
@@ -479,50 +550,116 @@ fn index_tensor<B: Backend>(idx: &[usize], device: &B::Device) -> Tensor<B, 1, I
     Tensor::from_data(TensorData::new(v, [idx.len()]), device)
 }
 
-/// Additive mask `[queries, keys]` and the number of visible (query, key) pairs.
-fn causal_mask(q_pos: &[usize], k_pos: &[usize], window: usize) -> (Vec<f32>, usize) {
-    let mut mask = Vec::with_capacity(q_pos.len() * k_pos.len());
-    let mut visible = 0;
-    for &p in q_pos {
-        for &k in k_pos {
-            let ok = k <= p && p - k < window;
-            visible += usize::from(ok);
-            mask.push(if ok { 0.0 } else { MASKED });
-        }
-    }
-    (mask, visible)
-}
-
-/// Grouped-query attention of one sequence's executing queries over its stored keys.
+/// Grouped-query attention of every sequence's executing queries over that sequence's
+/// stored keys, as one batched computation over the sequences that have queries.
+///
+/// Queries are padded to the largest count per sequence and keys to the longest stored
+/// sequence; a mask hides padding, later positions and keys outside the sliding window.
+/// Returns the attention output rows in the order of `queries`, and the number of visible
+/// (query, key) pairs (the work a dense kernel without padding would do).
 ///
 /// # Shapes
-/// - q: `[e, heads, hd]`; k, v: `[kv_heads, m, hd]`; mask: `e * m` values
+/// - q: `[e, heads, hd]`, one row per entry of `queries` = (sequence, position), sorted by
+///   sequence
 /// - output: `[e, heads * hd]`
-#[allow(clippy::too_many_arguments)]
-fn attend<B: Backend>(
+fn attend_batched<B: Backend>(
     q: Tensor<B, 3>,
-    k: Tensor<B, 3>,
-    v: Tensor<B, 3>,
-    mask: Vec<f32>,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
-    e: usize,
-    device: &B::Device,
-) -> Tensor<B, 2> {
-    let m = k.dims()[1];
+    store: &LayerCache<B>,
+    queries: &[(usize, usize)],
+    window: usize,
+    (nh, nkv, hd): (usize, usize, usize),
+) -> (Tensor<B, 2>, usize) {
+    let device = q.device();
+    let batch = store.positions.len();
+    // the sequences with queries, and where each one's queries start in `q`
+    let mut seqs: Vec<(usize, usize, usize)> = Vec::new(); // (sequence, first, count)
+    for (j, &(s, _)) in queries.iter().enumerate() {
+        match seqs.last_mut() {
+            Some(last) if last.0 == s => last.2 += 1,
+            _ => seqs.push((s, j, 1)),
+        }
+    }
+    let n_seq = seqs.len();
+    let q_max = seqs.iter().map(|t| t.2).max().unwrap_or(0);
+    let k_max = seqs
+        .iter()
+        .map(|t| store.positions[t.0].len())
+        .max()
+        .unwrap_or(0);
+
+    // additive mask [n_seq, q_max, k_max]; padded query rows see nothing and are dropped
+    let mut mask = vec![MASKED; n_seq * q_max * k_max];
+    let mut visible = 0;
+    for (i, &(s, first, count)) in seqs.iter().enumerate() {
+        for (a, &(_, p)) in queries[first..first + count].iter().enumerate() {
+            let row = &mut mask[(i * q_max + a) * k_max..][..k_max];
+            for (slot, &kp) in store.positions[s].iter().enumerate() {
+                if kp <= p && p - kp < window {
+                    row[slot] = 0.0;
+                    visible += 1;
+                }
+            }
+        }
+    }
+    let mask = Tensor::<B, 3>::from_data(TensorData::new(mask, [n_seq, q_max, k_max]), &device);
+
+    // queries [n_seq, kv_heads, n_rep * q_max, hd]: heads sharing a key/value head are
+    // stacked along the query axis, as in the dense path
     let n_rep = nh / nkv;
-    // heads sharing a key/value head are stacked along the query axis, as in the dense path
-    let q = q.swap_dims(0, 1).reshape([nkv, n_rep * e, hd]);
-    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [e, m]), device)
-        .repeat_dim(0, n_rep)
-        .unsqueeze::<3>();
-    let scores = q.matmul(k.swap_dims(1, 2)) * (hd as f64).powf(-0.5) + mask;
-    activation::softmax(scores, 2)
+    let padded = seqs.iter().any(|t| t.2 != q_max);
+    let q = if padded {
+        let idx: Vec<usize> = seqs
+            .iter()
+            .flat_map(|&(_, first, count)| (0..q_max).map(move |a| first + a.min(count - 1)))
+            .collect();
+        q.select(0, index_tensor::<B>(&idx, &device))
+    } else {
+        q
+    };
+    let q =
+        q.reshape([n_seq, q_max, nh, hd])
+            .swap_dims(1, 2)
+            .reshape([n_seq, nkv, n_rep * q_max, hd]);
+
+    // keys and values [n_seq, kv_heads, k_max, hd] of those sequences
+    let (ck, cv) = store
+        .kv
+        .as_ref()
+        .expect("queries store their own keys first");
+    let all_seqs = n_seq == batch;
+    let seq_idx = index_tensor::<B>(&seqs.iter().map(|t| t.0).collect::<Vec<_>>(), &device);
+    let take = |t: &Tensor<B, 2>| {
+        let t = t
+            .clone()
+            .reshape([batch, store.capacity, nkv * hd])
+            .narrow(1, 0, k_max);
+        let t = if all_seqs {
+            t
+        } else {
+            t.select(0, seq_idx.clone())
+        };
+        t.reshape([n_seq, k_max, nkv, hd]).swap_dims(1, 2)
+    };
+    let (k, v) = (take(ck), take(cv));
+
+    let mask = mask.repeat_dim(1, n_rep).unsqueeze_dim::<4>(1);
+    let scores = q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5) + mask;
+    let out = activation::softmax(scores, 3)
         .matmul(v)
-        .reshape([nh, e, hd])
-        .swap_dims(0, 1)
-        .reshape([e, nh * hd])
+        .reshape([n_seq, nh, q_max, hd])
+        .swap_dims(1, 2)
+        .reshape([n_seq * q_max, nh * hd]);
+    let out = if padded {
+        let keep: Vec<usize> = seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &(_, _, count))| (0..count).map(move |a| i * q_max + a))
+            .collect();
+        out.select(0, index_tensor::<B>(&keep, &device))
+    } else {
+        out
+    };
+    (out, visible)
 }
 
 /// FLOPs and bytes of the pieces of one layer, per token.
