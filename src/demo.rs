@@ -19,6 +19,7 @@ use skipgpt_train::fit::run_dir;
 use skipgpt_train::resume::RunManifest;
 
 use crate::backend::BackendKind;
+use crate::lora_cmd::LoraArgs;
 use crate::train_cmd::{
     pretrain, tune_routers, CorpusArgs, GranularityArg, KvPolicyArg, MlpInputArg, PretrainArgs,
     RouterArg, TrainArgs, TuneRoutersArgs,
@@ -46,6 +47,17 @@ fn train_args(steps: usize, lr: Option<f64>, seed: u64, out: &Path) -> TrainArgs
         // a finished (or killed) earlier demo run is picked up where it stopped
         resume: run_dir(out).join(RunManifest::FILE).exists(),
         quiet: false,
+    }
+}
+
+/// The stage-2 adapters of the paper: r 16, α 32, dropout 0.1 on q, v and gate.
+fn default_lora() -> LoraArgs {
+    let d = skipgpt_model::LoraConfig::default();
+    LoraArgs {
+        rank: d.rank,
+        lora_alpha: d.alpha,
+        lora_dropout: d.dropout,
+        targets: d.targets,
     }
 }
 
@@ -102,6 +114,8 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
             kv_policy: KvPolicyArg::Keep,
             temperature_start: 5.0,
             temperature_end: 1.0,
+            joint_lora: false,
+            lora: default_lora(),
             // The paper's 2e-3 is for 10k steps. In 200 steps it reaches the target under the
             // Gumbel gates, but the routers stay unsure, and the deterministic gates of
             // inference skip far less (measured: 10% for a 25% target); 10x converges.

@@ -6,6 +6,7 @@
 mod backend;
 mod commands;
 mod demo;
+mod lora_cmd;
 mod train_cmd;
 
 use std::path::PathBuf;
@@ -38,6 +39,9 @@ enum Command {
     Pretrain(PretrainArgs),
     /// Stage 1: train SkipGPT routers on a frozen model towards a target skip rate.
     TuneRouters(TuneRoutersArgs),
+    /// Stage 2: LoRA fine-tuning with frozen routers (or dense + LoRA on a model without
+    /// routers); writes the merged model and/or the adapter in PEFT layout.
+    FinetuneLora(lora_cmd::FinetuneLoraArgs),
     /// Run a forward pass over token ids from a safetensors file and write the logits.
     Logits(LogitsArgs),
     /// Continue a prompt (greedy by default) using the KV cache.
@@ -216,6 +220,7 @@ fn main() {
         Command::Demo(args) => demo::demo(backend, args),
         Command::Pretrain(args) => train_cmd::pretrain_cmd(backend, args),
         Command::TuneRouters(args) => train_cmd::tune_routers_cmd(backend, args),
+        Command::FinetuneLora(args) => lora_cmd::finetune_lora_cmd(backend, args),
         Command::Logits(args) => commands::logits(backend, args),
         Command::Generate(args) => commands::generate(backend, args),
         Command::Inspect(args) => commands::inspect(args),

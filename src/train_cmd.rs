@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::backend::BackendKind;
 use crate::commands::perplexity;
+use crate::lora_cmd::{write_adapted, LoraArgs, Output};
 use crate::with_backend;
 use anyhow::{bail, Context, Result};
 use burn::backend::Autodiff;
@@ -117,15 +118,15 @@ pub struct TrainArgs {
 }
 
 /// Per-command defaults for the settings [`TrainArgs`] leaves open.
-struct Defaults {
-    steps: usize,
-    lr: f64,
-    warmup_fraction: f64,
-    schedule: ScheduleKind,
+pub(crate) struct Defaults {
+    pub steps: usize,
+    pub lr: f64,
+    pub warmup_fraction: f64,
+    pub schedule: ScheduleKind,
 }
 
 impl TrainArgs {
-    fn options(&self, d: Defaults) -> TrainOptions {
+    pub(crate) fn options(&self, d: Defaults) -> TrainOptions {
         let steps = self.steps.unwrap_or(d.steps);
         TrainOptions {
             steps,
@@ -252,6 +253,13 @@ pub struct TuneRoutersArgs {
     /// Gumbel temperature at the last step.
     #[arg(long, default_value_t = 1.0)]
     pub temperature_end: f64,
+    /// The joint variant (an ablation): train LoRA adapters (shaped by --rank, --lora-alpha,
+    /// --lora-dropout, --targets) together with the routers, at --lr. The output holds the
+    /// merged model and the adapter under `adapter/`.
+    #[arg(long)]
+    pub joint_lora: bool,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     #[command(flatten)]
     pub train: TrainArgs,
 }
@@ -461,11 +469,22 @@ pub fn tune_routers<B: Backend>(
     });
     opts.temperature = (args.temperature_start, args.temperature_end);
 
+    let lora = args.joint_lora.then(|| args.lora.config()).transpose()?;
+
     let docs = args.corpus.documents()?;
     let eos = model.config.eos_token_ids.first().copied();
     let (train, valid) = args.corpus.split(&docs, &tokenizer, eos)?;
     Autodiff::<B>::seed(device, args.train.seed);
     model = model.with_new_routers(routing.clone()).freeze_base();
+    if let Some(lora) = lora {
+        model = model.with_lora(lora)?;
+    }
+    if !args.train.quiet && model.lora_config.is_some() {
+        eprintln!(
+            "{label}: joint variant: {} LoRA parameters train with the routers",
+            model.lora_params()
+        );
+    }
     if !args.train.quiet {
         let base = model.config.num_params();
         eprintln!(
@@ -497,7 +516,12 @@ pub fn tune_routers<B: Backend>(
         &run,
         device,
     )?;
-    write_skipgpt_dir(&args.model, &tuned, &args.out)?;
+    if tuned.lora_config.is_some() {
+        // the joint variant changed the base's function: write it merged
+        write_adapted(&tuned, &tokenizer, &args.model, &args.out, Output::Both)?;
+    } else {
+        write_skipgpt_dir(&args.model, &tuned, &args.out)?;
+    }
 
     println!("{label}: saved to {}", args.out.display());
     if valid.is_empty() {
@@ -571,7 +595,7 @@ fn place_copy(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-fn same_dir(a: &Path, b: &Path) -> bool {
+pub(crate) fn same_dir(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,

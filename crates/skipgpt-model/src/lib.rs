@@ -5,6 +5,7 @@
 //!
 //! - [`config`]: `config.json` (transformers 4.x and 5.x layouts) → [`LlamaConfig`];
 //! - [`llama`]: the model, its modules named like the HF weight keys;
+//! - [`lora`]: LoRA adapters on the projections, merging, and the PEFT adapter format;
 //! - [`rope`]: rotary embeddings with default, linear, dynamic and llama3 scaling;
 //! - [`cache`]: the KV cache for incremental decoding;
 //! - [`checkpoint`] and [`safetensors_io`]: reading/writing model directories;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod llama;
+pub mod lora;
 pub mod rope;
 pub mod router;
 pub mod safetensors_io;
@@ -30,6 +32,7 @@ pub use config::{LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use generate::{generate, GenerateOptions, Sampling};
 pub use llama::{CausalLmOutput, LlamaForCausalLM};
+pub use lora::{load_peft_adapter, save_peft_adapter, LoraConfig, PeftAdapter};
 pub use router::{
     Granularity, KvPolicy, MlpRouterInput, RouterNoise, RouterVariant, Routing, RoutingConfig,
 };

@@ -13,7 +13,8 @@ use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
 
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
+use crate::lora::{export_adapter, load_adapter, AdapterTensors, LoraAdapter, LoraConfig, LoraLinear, PeftAdapter};
 use crate::rope::{apply_rotary, RotaryEmbedding};
 use crate::router::{
     router_names, KvPolicy, MlpRouterInput, Router, RouterNoise, Routing, RoutingConfig,
@@ -122,10 +123,10 @@ pub struct AttentionContext<B: Backend> {
 /// Multi-head attention with grouped key/value heads and rotary positions.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    pub q_proj: Linear<B>,
-    pub k_proj: Linear<B>,
-    pub v_proj: Linear<B>,
-    pub o_proj: Linear<B>,
+    pub q_proj: LoraLinear<B>,
+    pub k_proj: LoraLinear<B>,
+    pub v_proj: LoraLinear<B>,
+    pub o_proj: LoraLinear<B>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -139,10 +140,10 @@ impl<B: Backend> Attention<B> {
             c.num_key_value_heads * c.head_dim,
         );
         Attention {
-            q_proj: init_linear(h, q, c.qkv_bias, device),
-            k_proj: init_linear(h, kv, c.qkv_bias, device),
-            v_proj: init_linear(h, kv, c.qkv_bias, device),
-            o_proj: init_linear(q, h, c.o_bias, device),
+            q_proj: init_linear(h, q, c.qkv_bias, device).into(),
+            k_proj: init_linear(h, kv, c.qkv_bias, device).into(),
+            v_proj: init_linear(h, kv, c.qkv_bias, device).into(),
+            o_proj: init_linear(q, h, c.o_bias, device).into(),
             num_heads: c.num_attention_heads,
             num_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
@@ -156,10 +157,10 @@ impl<B: Backend> Attention<B> {
             c.num_key_value_heads * c.head_dim,
         );
         Ok(Attention {
-            q_proj: load_linear(w, &format!("{p}.q_proj"), h, q, c.qkv_bias, device)?,
-            k_proj: load_linear(w, &format!("{p}.k_proj"), h, kv, c.qkv_bias, device)?,
-            v_proj: load_linear(w, &format!("{p}.v_proj"), h, kv, c.qkv_bias, device)?,
-            o_proj: load_linear(w, &format!("{p}.o_proj"), q, h, c.o_bias, device)?,
+            q_proj: load_linear(w, &format!("{p}.q_proj"), h, q, c.qkv_bias, device)?.into(),
+            k_proj: load_linear(w, &format!("{p}.k_proj"), h, kv, c.qkv_bias, device)?.into(),
+            v_proj: load_linear(w, &format!("{p}.v_proj"), h, kv, c.qkv_bias, device)?.into(),
+            o_proj: load_linear(w, &format!("{p}.o_proj"), q, h, c.o_bias, device)?.into(),
             num_heads: c.num_attention_heads,
             num_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
@@ -173,7 +174,7 @@ impl<B: Backend> Attention<B> {
             ("v_proj", &self.v_proj),
             ("o_proj", &self.o_proj),
         ] {
-            export_linear(out, &format!("{p}.{name}"), lin, dtype);
+            export_linear(out, &format!("{p}.{name}"), &lin.base_layer, dtype);
         }
     }
 
@@ -255,27 +256,27 @@ impl<B: Backend> Attention<B> {
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub gate_proj: Linear<B>,
-    pub up_proj: Linear<B>,
-    pub down_proj: Linear<B>,
+    pub gate_proj: LoraLinear<B>,
+    pub up_proj: LoraLinear<B>,
+    pub down_proj: LoraLinear<B>,
 }
 
 impl<B: Backend> Mlp<B> {
     fn init(c: &LlamaConfig, device: &B::Device) -> Self {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         Mlp {
-            gate_proj: init_linear(h, i, c.mlp_bias, device),
-            up_proj: init_linear(h, i, c.mlp_bias, device),
-            down_proj: init_linear(i, h, c.mlp_bias, device),
+            gate_proj: init_linear(h, i, c.mlp_bias, device).into(),
+            up_proj: init_linear(h, i, c.mlp_bias, device).into(),
+            down_proj: init_linear(i, h, c.mlp_bias, device).into(),
         }
     }
 
     fn load(c: &LlamaConfig, w: &WeightSet, p: &str, device: &B::Device) -> Result<Self> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         Ok(Mlp {
-            gate_proj: load_linear(w, &format!("{p}.gate_proj"), h, i, c.mlp_bias, device)?,
-            up_proj: load_linear(w, &format!("{p}.up_proj"), h, i, c.mlp_bias, device)?,
-            down_proj: load_linear(w, &format!("{p}.down_proj"), i, h, c.mlp_bias, device)?,
+            gate_proj: load_linear(w, &format!("{p}.gate_proj"), h, i, c.mlp_bias, device)?.into(),
+            up_proj: load_linear(w, &format!("{p}.up_proj"), h, i, c.mlp_bias, device)?.into(),
+            down_proj: load_linear(w, &format!("{p}.down_proj"), i, h, c.mlp_bias, device)?.into(),
         })
     }
 
@@ -285,7 +286,7 @@ impl<B: Backend> Mlp<B> {
             ("up_proj", &self.up_proj),
             ("down_proj", &self.down_proj),
         ] {
-            export_linear(out, &format!("{p}.{name}"), lin, dtype);
+            export_linear(out, &format!("{p}.{name}"), &lin.base_layer, dtype);
         }
     }
 
@@ -327,6 +328,34 @@ pub struct LayerOutput<B: Backend> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
+    /// Every projection with its path below the layer (`self_attn.q_proj`) and its HF name.
+    pub fn projections_mut(&mut self) -> [(&'static str, &'static str, &mut LoraLinear<B>); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            ("self_attn", "q_proj", &mut a.q_proj),
+            ("self_attn", "k_proj", &mut a.k_proj),
+            ("self_attn", "v_proj", &mut a.v_proj),
+            ("self_attn", "o_proj", &mut a.o_proj),
+            ("mlp", "gate_proj", &mut m.gate_proj),
+            ("mlp", "up_proj", &mut m.up_proj),
+            ("mlp", "down_proj", &mut m.down_proj),
+        ]
+    }
+
+    /// Read-only [`DecoderLayer::projections_mut`].
+    pub fn projections(&self) -> [(&'static str, &'static str, &LoraLinear<B>); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            ("self_attn", "q_proj", &a.q_proj),
+            ("self_attn", "k_proj", &a.k_proj),
+            ("self_attn", "v_proj", &a.v_proj),
+            ("self_attn", "o_proj", &a.o_proj),
+            ("mlp", "gate_proj", &m.gate_proj),
+            ("mlp", "up_proj", &m.up_proj),
+            ("mlp", "down_proj", &m.down_proj),
+        ]
+    }
+
     fn init(c: &LlamaConfig, device: &B::Device) -> Self {
         DecoderLayer {
             self_attn: Attention::init(c, device),
@@ -472,6 +501,9 @@ pub struct LlamaForCausalLM<B: Backend> {
     /// Present when the model carries SkipGPT routers (`skipgpt.json`).
     #[module(skip)]
     pub routing_config: Option<RoutingConfig>,
+    /// Present when the projections carry LoRA adapters (see [`LlamaForCausalLM::with_lora`]).
+    #[module(skip)]
+    pub lora_config: Option<LoraConfig>,
     /// How [`LlamaForCausalLM::forward`] routes: deterministic for a routed model unless
     /// changed (`--dense`, `--routing sample`, or Gumbel during training).
     #[module(skip)]
@@ -500,6 +532,7 @@ impl LlamaConfig {
             config: self.clone(),
             rope: RotaryEmbedding::new(self),
             routing_config: None,
+            lora_config: None,
             routing: Routing::Dense,
         }
     }
@@ -542,6 +575,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             config: c.clone(),
             rope: RotaryEmbedding::new(c),
             routing_config: None,
+            lora_config: None,
             routing: Routing::Dense,
         })
     }
@@ -602,6 +636,100 @@ impl<B: Backend> LlamaForCausalLM<B> {
             }
         }
         out
+    }
+
+    /// Attaches fresh LoRA adapters (A small and random, B zero: the function is unchanged)
+    /// to the projections `cfg` targets, replacing any adapters there were.
+    ///
+    /// The adapters require gradients whatever the rest does: freeze first (`no_grad()` for
+    /// stage 2, [`LlamaForCausalLM::freeze_base`] for the joint variant), then attach.
+    pub fn with_lora(mut self, cfg: LoraConfig) -> Result<Self> {
+        cfg.validate()?;
+        let device = self.device();
+        for layer in self.model.layers.iter_mut() {
+            for (_, name, proj) in layer.projections_mut() {
+                proj.lora = cfg.targets(name).then(|| {
+                    let [d_in, d_out] = proj.dims();
+                    LoraAdapter::init(d_in, d_out, &cfg, &device)
+                });
+            }
+        }
+        self.lora_config = Some(cfg);
+        Ok(self)
+    }
+
+    /// Attaches the adapters of a PEFT directory (see [`crate::lora::load_peft_adapter`]).
+    /// Every targeted projection of every layer must be there with the right shape, and the
+    /// file may hold nothing else.
+    pub fn load_lora(mut self, adapter: &PeftAdapter) -> Result<Self> {
+        let cfg = adapter.config.clone();
+        let device = self.device();
+        let mut expected = 0;
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            for (block, name, proj) in layer.projections_mut() {
+                proj.lora = if cfg.targets(name) {
+                    expected += 2;
+                    let module = format!("model.layers.{i}.{block}.{name}");
+                    Some(load_adapter(&adapter.weights, &module, proj.dims(), &cfg, &device)?)
+                } else {
+                    None
+                };
+            }
+        }
+        let found: Vec<&str> = adapter.weights.names().collect();
+        if found.len() != expected {
+            let first_unknown = found
+                .iter()
+                .find(|n| {
+                    !(0..self.config.num_hidden_layers)
+                        .any(|i| n.starts_with(&format!("base_model.model.model.layers.{i}.")))
+                })
+                .map_or(String::new(), |n| format!(", e.g. `{n}`"));
+            return Err(ModelError::InvalidInput(format!(
+                "{}: {} adapter tensors, expected {expected} ({} layers × {} targets × A and B){first_unknown}",
+                adapter.dir.display(),
+                found.len(),
+                self.config.num_hidden_layers,
+                cfg.targets.len()
+            )));
+        }
+        self.lora_config = Some(cfg);
+        Ok(self)
+    }
+
+    /// The adapters under their PEFT names (`[r, in]` and `[out, r]`, f32).
+    pub fn export_lora(&self) -> AdapterTensors {
+        let mut out = AdapterTensors::new();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            for (block, name, proj) in layer.projections() {
+                if let Some(adapter) = &proj.lora {
+                    export_adapter(&mut out, &format!("model.layers.{i}.{block}.{name}"), adapter);
+                }
+            }
+        }
+        out
+    }
+
+    /// Folds every adapter into its base weight: a plain model computing the same function.
+    pub fn merge_lora(mut self) -> Self {
+        for layer in self.model.layers.iter_mut() {
+            for (_, _, proj) in layer.projections_mut() {
+                proj.merge();
+            }
+        }
+        self.lora_config = None;
+        self
+    }
+
+    /// Number of adapter parameters.
+    pub fn lora_params(&self) -> usize {
+        self.model
+            .layers
+            .iter()
+            .flat_map(|l| l.projections())
+            .filter_map(|(_, _, p)| p.lora.as_ref())
+            .map(|a| a.num_params())
+            .sum()
     }
 
     /// Stage 1 (router tuning): every base weight stops requiring gradients; routers keep

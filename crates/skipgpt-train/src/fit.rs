@@ -11,7 +11,7 @@ use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::LearningRateMetric;
 use burn::train::{Learner, SupervisedTraining};
 use serde::{Deserialize, Serialize};
-use skipgpt_model::LlamaForCausalLM;
+use skipgpt_model::{LlamaForCausalLM, Routing};
 
 use crate::curves::write_curves;
 use crate::data::{mix, PackedDataset};
@@ -197,7 +197,7 @@ pub fn fit<B: AutodiffBackend>(
             .collect();
     }
 
-    let manifest = manifest(&objective, &train, &valid, opts);
+    let manifest = manifest(&objective, &model, &train, &valid, opts);
     let done_epochs = manifest.begin(&run.path, run.resume)?;
     let plan = StepPlan {
         total_steps: opts.steps,
@@ -223,6 +223,8 @@ pub fn fit<B: AutodiffBackend>(
     }
 
     let sparsity = matches!(objective, Objective::Sparsity(_));
+    // stage 2 trains through the frozen routers: show what they skip
+    let routed = sparsity || (model.routing_config.is_some() && model.routing != Routing::Dense);
     let target = match &objective {
         Objective::Sparsity(cfg) if cfg.attn_target.is_none() => Some(cfg.target),
         _ => None,
@@ -264,7 +266,7 @@ pub fn fit<B: AutodiffBackend>(
             .with_application_logger(None)
             .renderer(ProgressPrinter::new(layout, Some(run.metrics_log())))
             .metric_train_numeric(LearningRateMetric::new());
-    for stat in stats_for(sparsity) {
+    for stat in stats_for(routed, sparsity) {
         training = training
             .metric_train_numeric(StatMetric::new(stat))
             .metric_valid_numeric(StatMetric::new(stat));
@@ -288,8 +290,9 @@ pub fn fit<B: AutodiffBackend>(
 }
 
 /// The settings a resumed run must share with the run it continues.
-fn manifest(
+fn manifest<B: AutodiffBackend>(
     objective: &Objective,
+    model: &LlamaForCausalLM<B>,
     train: &PackedDataset,
     valid: &PackedDataset,
     opts: &TrainOptions,
@@ -308,6 +311,16 @@ fn manifest(
         }),
     };
     map.insert("objective".into(), objective);
+    // what is trained and through which routers
+    map.insert(
+        "lora".into(),
+        serde_json::to_value(&model.lora_config).expect("LoRA settings serialise"),
+    );
+    map.insert(
+        "routing".into(),
+        serde_json::json!(model.routing_config.as_ref().map(|r| r.to_json())),
+    );
+    map.insert("routing_mode".into(), format!("{:?}", model.routing).into());
     map.insert("seq_len".into(), train.seq_len.into());
     map.insert("train_sequences".into(), train.len().into());
     map.insert(

@@ -119,10 +119,13 @@ impl Numeric for StatMetric {
 }
 
 /// The metrics of a run with an objective: stage 1 adds skip rates and temperature.
-pub fn stats_for(sparsity: bool) -> Vec<Stat> {
+pub fn stats_for(routed: bool, gumbel: bool) -> Vec<Stat> {
     let mut stats = vec![Stat::Loss, Stat::LmLoss, Stat::Perplexity];
-    if sparsity {
-        stats.extend([Stat::Skip, Stat::AttnSkip, Stat::MlpSkip, Stat::Temperature]);
+    if routed {
+        stats.extend([Stat::Skip, Stat::AttnSkip, Stat::MlpSkip]);
+    }
+    if gumbel {
+        stats.push(Stat::Temperature);
     }
     stats
 }

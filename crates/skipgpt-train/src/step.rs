@@ -114,6 +114,16 @@ impl<B: AutodiffBackend> TrainStep for LmTrainer<B> {
     type Output = StepOutput<B>;
 
     fn step(&self, batch: LmBatch<B>) -> TrainOutput<StepOutput<B>> {
+        if self
+            .model
+            .lora_config
+            .as_ref()
+            .is_some_and(|c| c.dropout > 0.0)
+        {
+            // LoRA dropout draws from the backend's generator: seed it from the step, so a
+            // run (and a resumed run) draws the same masks
+            B::seed(&batch.inputs.device(), batch.noise_seed ^ 0x5eed_d20f);
+        }
         let (loss, output) = self.forward_loss(&batch, true);
         let grads = (loss * batch.loss_scale).backward();
         TrainOutput::new(self, grads, output)

@@ -1,0 +1,363 @@
+//! LoRA (low-rank adaptation) for the decoder's linear layers, and its exchange format.
+//!
+//! A projection with an adapter computes `y = x·W + b + (α/r)·dropout(x)·A·B`, where the base
+//! `W` (`[in, out]`, the Burn layout) is frozen, `A` is `[in, r]` (small random values) and
+//! `B` is `[r, out]` (zeros, so a fresh adapter leaves the model unchanged). Stage 2 of SkipGPT
+//! trains only `A` and `B` while the routers stay frozen.
+//!
+//! Adapters are saved in the PEFT layout, so Hugging Face users can load them with `peft`:
+//! `adapter_config.json` and `adapter_model.safetensors` with keys
+//! `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` (`[r, in]`) and
+//! `...lora_B.weight` (`[out, r]`), the PyTorch `[out, in]` orientation.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::tensor::{backend::Backend, module::linear, Distribution, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+use crate::safetensors_io::{atomic_write, write_safetensors, OwnedTensor, StoreDtype, WeightSet};
+
+/// Adapter settings: which projections get one, their rank, scale and dropout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// Rank r of `A·B`.
+    pub rank: usize,
+    /// α: the update is scaled by α / r.
+    pub alpha: f64,
+    /// Dropout on the adapter's input during training.
+    pub dropout: f64,
+    /// Projections that get an adapter, by their HF names (`q_proj`, ..., `down_proj`).
+    pub targets: Vec<String>,
+}
+
+/// The projections of a decoder layer an adapter can attach to.
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+impl Default for LoraConfig {
+    /// SkipGPT's stage 2: r 16, α 32, dropout 0.1 on q, v and gate.
+    fn default() -> Self {
+        LoraConfig {
+            rank: 16,
+            alpha: 32.0,
+            dropout: 0.1,
+            targets: vec!["q_proj".into(), "v_proj".into(), "gate_proj".into()],
+        }
+    }
+}
+
+impl LoraConfig {
+    /// α / r.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    /// Checks every setting; the error names the one at fault.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(ModelError::InvalidInput(what));
+        if self.rank == 0 {
+            return bad("LoRA rank 0: expected at least 1".into());
+        }
+        if !(self.alpha > 0.0 && self.alpha.is_finite()) {
+            return bad(format!("LoRA alpha {}: expected a positive number", self.alpha));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!(
+                "LoRA dropout {}: expected a probability in [0, 1)",
+                self.dropout
+            ));
+        }
+        if self.targets.is_empty() {
+            return bad("no LoRA targets: name at least one projection".into());
+        }
+        for t in &self.targets {
+            if !LORA_TARGETS.contains(&t.as_str()) {
+                return bad(format!(
+                    "unknown LoRA target `{t}`: expected some of {}",
+                    LORA_TARGETS.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn targets(&self, name: &str) -> bool {
+        self.targets.iter().any(|t| t == name)
+    }
+}
+
+/// A trainable low-rank update of one projection.
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    /// `[in, r]`
+    pub lora_a: Param<Tensor<B, 2>>,
+    /// `[r, out]`
+    pub lora_b: Param<Tensor<B, 2>>,
+    pub dropout: Dropout,
+    /// α / r
+    pub scale: f64,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// A fresh adapter: `A` uniform in ±1/√in (Kaiming-uniform with a = √5, as PEFT), `B` zero.
+    pub fn init(d_in: usize, d_out: usize, cfg: &LoraConfig, device: &B::Device) -> Self {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        LoraAdapter {
+            lora_a: Param::from_tensor(Tensor::random(
+                [d_in, cfg.rank],
+                Distribution::Uniform(-bound, bound),
+                device,
+            )),
+            lora_b: Param::from_tensor(Tensor::zeros([cfg.rank, d_out], device)),
+            dropout: DropoutConfig::new(cfg.dropout).init(),
+            scale: cfg.scale(),
+        }
+    }
+
+    /// The update `scale·dropout(x)·A·B`.
+    ///
+    /// # Shapes
+    /// - x: `[..., in]`
+    /// - output: `[..., out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = self.dropout.forward(x);
+        linear(linear(x, self.lora_a.val(), None), self.lora_b.val(), None) * self.scale
+    }
+
+    /// `scale·A·B`, `[in, out]`: what merging adds to the base weight.
+    pub fn delta(&self) -> Tensor<B, 2> {
+        self.lora_a.val().matmul(self.lora_b.val()) * self.scale
+    }
+
+    pub fn rank(&self) -> usize {
+        self.lora_a.dims()[1]
+    }
+}
+
+/// A linear projection with an optional LoRA adapter. Without one it is exactly `Linear`.
+#[derive(Module, Debug)]
+pub struct LoraLinear<B: Backend> {
+    /// The base projection (PEFT's `base_layer`); frozen while an adapter trains.
+    pub base_layer: Linear<B>,
+    pub lora: Option<LoraAdapter<B>>,
+}
+
+impl<B: Backend> From<Linear<B>> for LoraLinear<B> {
+    fn from(base_layer: Linear<B>) -> Self {
+        LoraLinear {
+            base_layer,
+            lora: None,
+        }
+    }
+}
+
+impl<B: Backend> LoraLinear<B> {
+    /// # Shapes
+    /// - x: `[..., in]`
+    /// - output: `[..., out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.lora {
+            None => self.base_layer.forward(x),
+            Some(lora) => self.base_layer.forward(x.clone()) + lora.forward(x),
+        }
+    }
+
+    /// `[in, out]` of the base weight.
+    pub fn dims(&self) -> [usize; 2] {
+        self.base_layer.weight.dims()
+    }
+
+    /// Folds the adapter into the base weight (`W + scale·A·B`) and drops it: the same
+    /// function at inference, at the cost of a plain linear layer.
+    pub fn merge(&mut self) {
+        if let Some(lora) = self.lora.take() {
+            let weight = self.base_layer.weight.val() + lora.delta();
+            self.base_layer.weight = Param::from_tensor(weight);
+        }
+    }
+}
+
+/// The file names of a PEFT adapter directory.
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// PEFT's name of an adapter matrix: `base_model.model.{module}.lora_A.weight`.
+pub fn peft_key(module: &str, which: char) -> String {
+    format!("base_model.model.{module}.lora_{which}.weight")
+}
+
+/// Adapter matrices keyed by PEFT name, in PEFT's `[out, in]` orientation.
+pub type AdapterTensors = BTreeMap<String, OwnedTensor>;
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` (f32) into `dir`, each
+/// atomically. `base_model` is recorded as `base_model_name_or_path`.
+pub fn save_peft_adapter(
+    dir: &Path,
+    cfg: &LoraConfig,
+    tensors: &AdapterTensors,
+    base_model: &str,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": cfg.targets,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "use_rslora": false,
+        "use_dora": false,
+        "revision": null,
+    });
+    let metadata = [("format".to_string(), "pt".to_string())]
+        .into_iter()
+        .collect();
+    write_safetensors(&dir.join(ADAPTER_WEIGHTS_FILE), tensors, Some(metadata))?;
+    let json = serde_json::to_string_pretty(&config).expect("a JSON value serialises");
+    atomic_write(&dir.join(ADAPTER_CONFIG_FILE), json.as_bytes())
+}
+
+/// A PEFT adapter directory: its settings and its weights.
+pub struct PeftAdapter {
+    pub config: LoraConfig,
+    pub weights: WeightSet,
+    pub dir: PathBuf,
+}
+
+/// Reads a PEFT LoRA adapter directory. Only plain LoRA is understood: rsLoRA, DoRA, bias
+/// training and per-layer ranks are refused with the key named.
+pub fn load_peft_adapter(dir: &Path) -> Result<PeftAdapter> {
+    let path = dir.join(ADAPTER_CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    let err = |message: String| ModelError::Config {
+        path: path.clone(),
+        message,
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let unsupported = |key: &str, value: &serde_json::Value, expected: &str| {
+        ModelError::Unsupported {
+            path: path.clone(),
+            key: key.into(),
+            value: value.to_string(),
+            expected: expected.into(),
+        }
+    };
+    if let Some(t) = json.get("peft_type") {
+        if t != "LORA" {
+            return Err(unsupported("peft_type", t, "LORA"));
+        }
+    }
+    for (key, ok) in [
+        ("use_rslora", serde_json::json!(false)),
+        ("use_dora", serde_json::json!(false)),
+        ("fan_in_fan_out", serde_json::json!(false)),
+        ("bias", serde_json::json!("none")),
+    ] {
+        if let Some(v) = json.get(key) {
+            if !v.is_null() && *v != ok {
+                return Err(unsupported(key, v, &format!("{ok}")));
+            }
+        }
+    }
+    for key in ["rank_pattern", "alpha_pattern"] {
+        if let Some(v) = json.get(key) {
+            if !(v.is_null() || v.as_object().is_some_and(|m| m.is_empty())) {
+                return Err(unsupported(key, v, "none: one rank and α for every module"));
+            }
+        }
+    }
+    let rank = json
+        .get("r")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| err("`r` must be a positive integer".into()))? as usize;
+    let alpha = json
+        .get("lora_alpha")
+        .and_then(serde_json::Value::as_f64)
+        .ok_or_else(|| err("`lora_alpha` must be a number".into()))?;
+    let dropout = json
+        .get("lora_dropout")
+        .map_or(Some(0.0), serde_json::Value::as_f64)
+        .ok_or_else(|| err("`lora_dropout` must be a number".into()))?;
+    let targets: Vec<String> = match json.get("target_modules") {
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .map(|t| {
+                t.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| err("`target_modules` must list module names".into()))
+            })
+            .collect::<Result<_>>()?,
+        Some(v) => {
+            return Err(unsupported(
+                "target_modules",
+                v,
+                "a list of projection names",
+            ))
+        }
+        None => return Err(err("`target_modules` is missing".into())),
+    };
+    let config = LoraConfig {
+        rank,
+        alpha,
+        dropout,
+        targets,
+    };
+    config.validate().map_err(|e| err(e.to_string()))?;
+    let weights = WeightSet::open_files(&[dir.join(ADAPTER_WEIGHTS_FILE)])?;
+    Ok(PeftAdapter {
+        config,
+        weights,
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// The adapter of `module` (e.g. `model.layers.0.self_attn.q_proj`), read from PEFT weights
+/// and checked against the base projection's `[in, out]`.
+pub(crate) fn load_adapter<B: Backend>(
+    w: &WeightSet,
+    module: &str,
+    [d_in, d_out]: [usize; 2],
+    cfg: &LoraConfig,
+    device: &B::Device,
+) -> Result<LoraAdapter<B>> {
+    let a = w.tensor::<B, 2>(&peft_key(module, 'A'), [cfg.rank, d_in], device)?;
+    let b = w.tensor::<B, 2>(&peft_key(module, 'B'), [d_out, cfg.rank], device)?;
+    let mut adapter = LoraAdapter::init(d_in, d_out, cfg, device);
+    adapter.lora_a = Param::from_tensor(a.transpose());
+    adapter.lora_b = Param::from_tensor(b.transpose());
+    Ok(adapter)
+}
+
+/// Adds `module`'s adapter to `out` under PEFT names, `[r, in]` and `[out, r]`.
+pub(crate) fn export_adapter<B: Backend>(
+    out: &mut AdapterTensors,
+    module: &str,
+    adapter: &LoraAdapter<B>,
+) {
+    out.insert(
+        peft_key(module, 'A'),
+        OwnedTensor::from_tensor(adapter.lora_a.val().transpose(), StoreDtype::F32),
+    );
+    out.insert(
+        peft_key(module, 'B'),
+        OwnedTensor::from_tensor(adapter.lora_b.val().transpose(), StoreDtype::F32),
+    );
+}

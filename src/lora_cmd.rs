@@ -1,0 +1,278 @@
+//! `skipgpt finetune-lora` (stage 2: LoRA with frozen routers, or dense + LoRA on a model
+//! without routers) and the output shared with `tune-routers --joint-lora`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burn::backend::Autodiff;
+use burn::module::{AutodiffModule, Module};
+use burn::tensor::backend::Backend;
+use clap::Args;
+use skipgpt_eval::PerplexityReport;
+use skipgpt_model::lora::LORA_TARGETS;
+use skipgpt_model::{
+    load_peft_adapter, load_pretrained, save_peft_adapter, save_pretrained, LlamaForCausalLM,
+    LoraConfig, Routing, StoreDtype, Tokenizer,
+};
+use skipgpt_train::fit::run_dir;
+use skipgpt_train::resume::RunManifest;
+use skipgpt_train::{fit, Objective, RunDir, ScheduleKind};
+
+use crate::backend::BackendKind;
+use crate::commands::perplexity;
+use crate::train_cmd::{same_dir, CorpusArgs, Defaults, TrainArgs};
+use crate::{with_backend, RoutingArg};
+
+/// The adapters' shape: where they go, their rank, scale and dropout.
+#[derive(Args, Debug, Clone)]
+pub struct LoraArgs {
+    /// Rank r of each adapter.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// α: updates are scaled by α / r.
+    #[arg(long, default_value_t = 32.0)]
+    pub lora_alpha: f64,
+    /// Dropout on the adapters' input while training.
+    #[arg(long, default_value_t = 0.1)]
+    pub lora_dropout: f64,
+    /// Projections that get an adapter: any of q_proj, k_proj, v_proj, o_proj, gate_proj,
+    /// up_proj, down_proj (or q, k, v, o, gate, up, down).
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj,gate_proj")]
+    pub targets: Vec<String>,
+}
+
+impl LoraArgs {
+    pub fn config(&self) -> Result<LoraConfig> {
+        let targets = self
+            .targets
+            .iter()
+            .map(|t| {
+                let t = t.trim();
+                let long = format!("{t}_proj");
+                if LORA_TARGETS.contains(&long.as_str()) {
+                    long
+                } else {
+                    t.to_string()
+                }
+            })
+            .collect();
+        let cfg = LoraConfig {
+            rank: self.rank,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            targets,
+        };
+        cfg.validate().context("--rank/--lora-alpha/--lora-dropout/--targets")?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct FinetuneLoraArgs {
+    /// The model to adapt: a SkipGPT directory (its routers stay frozen) or a plain HF
+    /// directory (dense + LoRA), with tokenizer.json.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output directory. By default: the merged model (a self-contained SkipGPT or HF
+    /// directory) plus the adapter in PEFT layout under `adapter/`; and `train/`, the run.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    /// How the frozen routers decide while training: `deterministic` (as served) or
+    /// `sample` (each decision drawn from the router's softmax, seeded by --seed).
+    #[arg(long, value_enum, default_value = "deterministic")]
+    pub routing: RoutingArg,
+    /// Write only the merged model.
+    #[arg(long, conflicts_with = "adapter_only")]
+    pub merge: bool,
+    /// Write only the adapter, in the PEFT layout (`adapter_config.json`,
+    /// `adapter_model.safetensors`), directly in --out.
+    #[arg(long)]
+    pub adapter_only: bool,
+    /// Start from this PEFT adapter directory instead of fresh adapters; its rank, α, dropout
+    /// and targets replace --rank, --lora-alpha, --lora-dropout and --targets.
+    #[arg(long)]
+    pub resume_adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+pub fn finetune_lora_cmd(backend: BackendKind, args: FinetuneLoraArgs) -> Result<()> {
+    with_backend!(backend, |B, device| finetune_lora::<B>(&args, &device)
+        .map(drop))
+}
+
+/// Validation perplexity before and after a LoRA run, both with the model's routing.
+pub struct LoraReports {
+    pub before: PerplexityReport,
+    pub after: PerplexityReport,
+}
+
+/// Stage 2: trains LoRA adapters on a frozen model (routers included) with the LM loss only,
+/// then writes the merged model and/or the adapter. Returns the validation reports (none
+/// when the validation split is empty).
+pub fn finetune_lora<B: Backend>(
+    args: &FinetuneLoraArgs,
+    device: &B::Device,
+) -> Result<Option<LoraReports>> {
+    let label = "finetune-lora";
+    if same_dir(&args.model, &args.out) {
+        bail!(
+            "--out {} is the input model's directory: choose another, the input is left untouched",
+            args.out.display()
+        );
+    }
+    let run = RunDir {
+        path: run_dir(&args.out),
+        resume: args.train.resume,
+        label: label.into(),
+    };
+    RunManifest::check(&run.path, run.resume)?;
+    let adapter = args
+        .resume_adapter
+        .as_deref()
+        .map(load_peft_adapter)
+        .transpose()?;
+    let cfg = match &adapter {
+        Some(a) => a.config.clone(),
+        None => args.lora.config()?,
+    };
+    let pretrained = load_pretrained::<Autodiff<B>>(&args.model, device)?;
+    let tokenizer = pretrained.tokenizer.with_context(|| {
+        format!(
+            "{label} needs {} to tokenize the corpus",
+            args.model.join("tokenizer.json").display()
+        )
+    })?;
+    let mut model = pretrained.model;
+    if model.routing_config.is_some() {
+        model.routing = match args.routing {
+            RoutingArg::Deterministic => Routing::Deterministic,
+            RoutingArg::Sample => Routing::Sample,
+        };
+    }
+    let opts = args.train.options(Defaults {
+        steps: 200,
+        lr: 2e-4,
+        warmup_fraction: 0.03,
+        schedule: ScheduleKind::Cosine,
+    });
+    let docs = args.corpus.documents()?;
+    let eos = model.config.eos_token_ids.first().copied();
+    let (train, valid) = args.corpus.split(&docs, &tokenizer, eos)?;
+
+    Autodiff::<B>::seed(device, args.train.seed);
+    // everything frozen, routers included; then the adapters, which train
+    model = model.no_grad();
+    model = match &adapter {
+        Some(a) => model.load_lora(a)?,
+        None => model.with_lora(cfg.clone())?,
+    };
+    let routing = model.routing;
+    if !args.train.quiet {
+        let base = model.config.num_params();
+        eprintln!(
+            "{label}: LoRA r {} α {} dropout {} on {} ({} parameters, {:.3}% of {base}); {}; {} train / {} valid sequences of {} tokens, {} steps of {} sequences",
+            cfg.rank,
+            cfg.alpha,
+            cfg.dropout,
+            cfg.targets.join(","),
+            model.lora_params(),
+            100.0 * model.lora_params() as f64 / base as f64,
+            match routing {
+                Routing::Dense => "no routers (dense + LoRA)".to_string(),
+                r => format!("frozen routers, {r:?} gates"),
+            },
+            train.len(),
+            valid.len(),
+            train.seq_len,
+            opts.steps,
+            opts.batch_size * opts.grad_accum
+        );
+    }
+    let batch = args.train.batch_size;
+    let before = (!valid.is_empty())
+        .then(|| perplexity(&model.valid(), &valid, routing, batch, Some("before")));
+    let tuned = fit(
+        model,
+        Objective::Lm,
+        train,
+        valid.clone(),
+        &opts,
+        &run,
+        device,
+    )?;
+    write_adapted(
+        &tuned,
+        &tokenizer,
+        &args.model,
+        &args.out,
+        Output::from_flags(args.merge, args.adapter_only),
+    )?;
+    println!("{label}: saved to {}", args.out.display());
+    let Some(before) = before else {
+        return Ok(None);
+    };
+    let after = perplexity(&tuned, &valid, routing, batch, Some("after"));
+    for (name, r) in [("before", &before), ("after", &after)] {
+        println!(
+            "  {name:<7} validation perplexity {:>8.3}  skip: attention {:>5.1}%  mlp {:>5.1}%",
+            r.perplexity,
+            100.0 * r.attn_skip,
+            100.0 * r.mlp_skip,
+        );
+    }
+    Ok(Some(LoraReports { before, after }))
+}
+
+/// What a run with adapters writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// The merged model in `out`, the adapter in `out/adapter`.
+    Both,
+    Merged,
+    AdapterOnly,
+}
+
+impl Output {
+    pub fn from_flags(merge: bool, adapter_only: bool) -> Self {
+        match (merge, adapter_only) {
+            (true, _) => Output::Merged,
+            (false, true) => Output::AdapterOnly,
+            (false, false) => Output::Both,
+        }
+    }
+}
+
+/// Writes a model that carries adapters: merged into a self-contained model directory
+/// (routers and `skipgpt.json` included when it has them) and/or the adapter alone in PEFT
+/// layout. The adapter never shares a directory with full weights: transformers would load
+/// it on top of its base model a second time.
+pub fn write_adapted<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    tokenizer: &Tokenizer,
+    base: &Path,
+    out: &Path,
+    output: Output,
+) -> Result<()> {
+    let cfg = model
+        .lora_config
+        .clone()
+        .context("the model carries no adapters")?;
+    if output != Output::Merged {
+        let dir = match output {
+            Output::AdapterOnly => out.to_path_buf(),
+            _ => out.join("adapter"),
+        };
+        let base = base.canonicalize().unwrap_or_else(|_| base.to_path_buf());
+        save_peft_adapter(&dir, &cfg, &model.export_lora(), &base.display().to_string())?;
+    }
+    if output != Output::AdapterOnly {
+        let merged = model.clone().merge_lora();
+        save_pretrained(&merged, Some(tokenizer), out, StoreDtype::F32)?;
+    }
+    Ok(())
+}
