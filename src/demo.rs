@@ -2,12 +2,14 @@
 //!
 //! 1. pretrain a small dense LLaMA (and its BPE tokenizer) on the synthetic corpus;
 //! 2. tune SkipGPT routers on the frozen model towards the target skip rate;
-//! 3. compare dense and routed perplexity on held-out text (measured by tune-routers), show
-//!    the realised skip rates, reload the SkipGPT directory and let it continue a prompt
-//!    through the sparse engine.
+//! 3. fine-tune LoRA adapters with the routers frozen (stage 2) and merge them;
+//! 4. compare dense, routed and routed + LoRA perplexity on held-out text (measured by the
+//!    training commands), show the realised skip rates, reload the merged SkipGPT directory
+//!    and let it continue a prompt through the sparse engine.
 //!
-//! Each stage is the same code as its command (`pretrain`, `tune-routers`); a second demo run
-//! in the same directory resumes the finished runs instead of training again.
+//! Each stage is the same code as its command (`pretrain`, `tune-routers`, `finetune-lora`);
+//! a second demo run in the same directory resumes the finished runs instead of training
+//! again.
 
 use std::path::Path;
 
@@ -19,12 +21,12 @@ use skipgpt_train::fit::run_dir;
 use skipgpt_train::resume::RunManifest;
 
 use crate::backend::BackendKind;
-use crate::lora_cmd::LoraArgs;
+use crate::lora_cmd::{finetune_lora, FinetuneLoraArgs, LoraArgs};
 use crate::train_cmd::{
     pretrain, tune_routers, CorpusArgs, GranularityArg, KvPolicyArg, MlpInputArg, PretrainArgs,
     RouterArg, TrainArgs, TuneRoutersArgs,
 };
-use crate::{with_backend, DemoArgs};
+use crate::{with_backend, DemoArgs, RoutingArg};
 
 pub fn demo(backend: BackendKind, args: DemoArgs) -> Result<()> {
     with_backend!(backend, |B, device| demo_on::<B>(&args, &device))
@@ -71,9 +73,10 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
     };
     let dense_dir = args.out.join("dense");
     let routed_dir = args.out.join("skipgpt");
+    let lora_dir = args.out.join("skipgpt-lora");
 
     eprintln!(
-        "[1/3] pretraining a small LLaMA on {} synthetic documents -> {}",
+        "[1/4] pretraining a small LLaMA on {} synthetic documents -> {}",
         args.docs,
         dense_dir.display()
     );
@@ -95,7 +98,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
     )?;
 
     eprintln!(
-        "\n[2/3] tuning SkipGPT routers on the frozen model, target skip {} -> {}",
+        "\n[2/4] tuning SkipGPT routers on the frozen model, target skip {} -> {}",
         args.target_sparsity,
         routed_dir.display()
     );
@@ -103,7 +106,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         &TuneRoutersArgs {
             model: dense_dir.clone(),
             out: routed_dir.clone(),
-            corpus,
+            corpus: corpus.clone(),
             target_sparsity: args.target_sparsity,
             alpha: 8.0,
             attn_target: None,
@@ -127,19 +130,41 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
     // tune-routers has just measured both on the held-out split: report those numbers
     let reports =
         reports.ok_or_else(|| anyhow::anyhow!("the held-out split is empty: raise --docs"))?;
+
+    eprintln!(
+        "\n[3/4] LoRA fine-tuning with the routers frozen (stage 2) -> {}",
+        lora_dir.display()
+    );
+    let lora = finetune_lora::<B>(
+        &FinetuneLoraArgs {
+            model: routed_dir.clone(),
+            out: lora_dir.clone(),
+            corpus,
+            lora: default_lora(),
+            routing: RoutingArg::Deterministic,
+            merge: false,
+            adapter_only: false,
+            resume_adapter: None,
+            // 10x the paper's 2e-4, for a run of 200 steps rather than thousands
+            train: train_args(args.lora_steps, Some(2e-3), args.seed, &lora_dir),
+        },
+        device,
+    )?
+    .ok_or_else(|| anyhow::anyhow!("the held-out split is empty: raise --docs"))?;
     let rows = [
         ("dense", reports.dense),
         ("SkipGPT-RT (routed)", reports.routed),
+        ("SkipGPT-RT + LoRA", lora),
     ];
 
     eprintln!(
-        "\n[3/3] reloading {} and generating with the sparse engine",
-        routed_dir.display()
+        "\n[4/4] reloading {} and generating with the sparse engine",
+        lora_dir.display()
     );
-    let loaded = load_pretrained::<B>(&routed_dir, device)?;
+    let loaded = load_pretrained::<B>(&lora_dir, device)?;
     let tokenizer = loaded
         .tokenizer
-        .ok_or_else(|| anyhow::anyhow!("{} has no tokenizer", routed_dir.display()))?;
+        .ok_or_else(|| anyhow::anyhow!("{} has no tokenizer", lora_dir.display()))?;
     let model = loaded.model;
     println!();
     println!(
@@ -155,10 +180,11 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
             100.0 * r.param_skip
         );
     }
-    let (dense, routed) = (&rows[0].1, &rows[1].1);
+    let (dense, routed, adapted) = (&rows[0].1, &rows[1].1, &rows[2].1);
     println!(
-        "\nrouted / dense perplexity: {:.3} at {:.1}% of (token, module) executions skipped (target {:.0}%), {} held-out tokens",
+        "\nrouted / dense perplexity: {:.3}, with LoRA {:.3}, at {:.1}% of (token, module) executions skipped (target {:.0}%), {} held-out tokens",
         routed.perplexity / dense.perplexity,
+        adapted.perplexity / dense.perplexity,
         50.0 * (routed.attn_skip + routed.mlp_skip),
         100.0 * args.target_sparsity,
         routed.tokens
@@ -185,15 +211,16 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
     let (mut tokens, _, _) = generate_sparse(&model, &[prompt], &opts, model.routing)?;
     let tokens = tokens.remove(0);
     println!(
-        "\nrouted model continues {:?}: {:?}",
+        "\nrouted + LoRA model continues {:?}: {:?}",
         args.prompt,
         tokenizer.decode(&tokens)?
     );
     println!(
-        "\nmodels: {} (dense), {} (SkipGPT); try `skipgpt eval-ppl --model {} --synthetic {} --data-seed {} --seq-len 64`",
+        "\nmodels: {} (dense), {} (SkipGPT), {} (SkipGPT + LoRA, merged; adapter in PEFT layout under adapter/); try `skipgpt eval-ppl --model {} --synthetic {} --data-seed {} --seq-len 64`",
         dense_dir.display(),
         routed_dir.display(),
-        routed_dir.display(),
+        lora_dir.display(),
+        lora_dir.display(),
         args.docs,
         args.seed
     );

@@ -105,19 +105,13 @@ pub fn finetune_lora_cmd(backend: BackendKind, args: FinetuneLoraArgs) -> Result
         .map(drop))
 }
 
-/// Validation perplexity before and after a LoRA run, both with the model's routing.
-pub struct LoraReports {
-    pub before: PerplexityReport,
-    pub after: PerplexityReport,
-}
-
 /// Stage 2: trains LoRA adapters on a frozen model (routers included) with the LM loss only,
-/// then writes the merged model and/or the adapter. Returns the validation reports (none
-/// when the validation split is empty).
+/// then writes the merged model and/or the adapter. Returns the validation report after
+/// training, with the model's routing (none when the validation split is empty).
 pub fn finetune_lora<B: Backend>(
     args: &FinetuneLoraArgs,
     device: &B::Device,
-) -> Result<Option<LoraReports>> {
+) -> Result<Option<PerplexityReport>> {
     let label = "finetune-lora";
     if same_dir(&args.model, &args.out) {
         bail!(
@@ -225,7 +219,7 @@ pub fn finetune_lora<B: Backend>(
             100.0 * r.mlp_skip,
         );
     }
-    Ok(Some(LoraReports { before, after }))
+    Ok(Some(after))
 }
 
 /// What a run with adapters writes.

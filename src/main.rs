@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// The whole method on the built-in corpus (CPU, no downloads): pretrain a small model,
-    /// tune its routers, compare dense and routed perplexity.
+    /// tune its routers, fine-tune LoRA, compare dense, routed and routed + LoRA perplexity.
     Demo(DemoArgs),
     /// Train a dense LLaMA from a small config on a corpus and save it in the HF layout.
     Pretrain(PretrainArgs),
@@ -92,6 +92,9 @@ pub struct DemoArgs {
     /// Router-tuning steps.
     #[arg(long, default_value_t = 200)]
     pub tune_steps: usize,
+    /// LoRA fine-tuning steps (stage 2).
+    #[arg(long, default_value_t = 200)]
+    pub lora_steps: usize,
     /// Target fraction of (token, module) executions to skip.
     #[arg(long, default_value_t = 0.25)]
     pub target_sparsity: f64,

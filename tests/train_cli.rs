@@ -179,3 +179,144 @@ fn demo_runs_end_to_end_and_reruns_from_its_checkpoints() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("resuming"));
 }
+
+fn lora_args<'a>(model: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["finetune-lora", "--model", s(model), "--out", s(out)];
+    args.extend(["--steps", "40", "--lr", "5e-3", "--checkpoint-every", "20"]);
+    args.extend(CORPUS);
+    args.extend(extra);
+    args
+}
+
+/// The validation perplexities finetune-lora prints: (before, after).
+fn before_after(stdout: &[u8]) -> (f64, f64) {
+    let out = String::from_utf8_lossy(stdout);
+    let ppl = |label: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .unwrap_or_else(|| panic!("no `{label}` line in {out}"));
+        line.split_whitespace().nth(3).unwrap().parse().unwrap()
+    };
+    (ppl("before"), ppl("after"))
+}
+
+#[test]
+fn lora_stage_two_joint_and_dense_lora_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let (dense, tuned) = (p("dense"), p("tuned"));
+    pretrain(&dense);
+    let o = skipgpt(&tune_args(&dense, &tuned, &["--target-sparsity", "0.25"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // stage 2: merged SkipGPT directory plus the PEFT adapter
+    let lora = p("lora");
+    let o = skipgpt(&lora_args(&tuned, &lora, &[]));
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("frozen routers") && err.contains("skip"), "{err}");
+    let (before, after) = before_after(&o.stdout);
+    assert!(after < before, "{before} -> {after}");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "skipgpt.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ] {
+        assert!(lora.join(f).exists(), "{f}");
+    }
+    // the routers are frozen: byte-equal; the base changed by the merged adapters
+    let read = |d: &Path, f: &str| std::fs::read(d.join(f)).unwrap();
+    assert_eq!(
+        read(&tuned, "routers.safetensors"),
+        read(&lora, "routers.safetensors")
+    );
+    assert_ne!(
+        read(&tuned, "model.safetensors"),
+        read(&lora, "model.safetensors")
+    );
+    // the merged directory serves like any SkipGPT model, through the sparse engine
+    let o = skipgpt(&[
+        "generate",
+        "--model",
+        s(&lora),
+        "--prompt",
+        "the old dog",
+        "--max-new-tokens",
+        "5",
+        "--stats",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("engine sparse"), "{}", stderr(&o));
+
+    // a run killed at its last checkpoint resumes to the same adapters, dropout included
+    let killed = p("killed");
+    assert!(skipgpt(&lora_args(&tuned, &killed, &[])).status.success());
+    let ck = killed.join("train/checkpoint");
+    std::fs::remove_file(ck.join("optim-2.mpk")).unwrap();
+    std::fs::remove_file(ck.join("scheduler-2.mpk")).unwrap();
+    let o = skipgpt(&lora_args(&tuned, &killed, &["--resume"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        read(&lora, "adapter/adapter_model.safetensors"),
+        read(&killed, "adapter/adapter_model.safetensors")
+    );
+
+    // --adapter-only writes the PEFT files alone; --resume-adapter starts from them
+    let only = p("only");
+    let o = skipgpt(&lora_args(&tuned, &only, &["--adapter-only"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(only.join("adapter_model.safetensors").exists());
+    assert!(!only.join("model.safetensors").exists());
+    let again = p("again");
+    let o = skipgpt(&lora_args(
+        &tuned,
+        &again,
+        &["--resume-adapter", s(&only), "--merge"],
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (resumed_before, _) = before_after(&o.stdout);
+    assert_eq!(resumed_before, after, "did not start from the adapter");
+    assert!(!again.join("adapter").exists());
+
+    // dense + LoRA: a model without routers
+    let dense_lora = p("dense-lora");
+    let o = skipgpt(&lora_args(&dense, &dense_lora, &["--targets", "q,v,gate"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("dense + LoRA"), "{}", stderr(&o));
+    assert!(!dense_lora.join("routers.safetensors").exists());
+    let (b, a) = before_after(&o.stdout);
+    assert!(a < b, "{b} -> {a}");
+
+    // joint: routers and adapters together, written merged with the adapter beside
+    let joint = p("joint");
+    let o = skipgpt(&tune_args(&dense, &joint, &["--joint-lora", "--rank", "4"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("joint variant"), "{}", stderr(&o));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&read(&joint, "adapter/adapter_config.json")).unwrap();
+    assert_eq!(cfg["r"], 4);
+    assert!(joint.join("routers.safetensors").exists());
+    assert_ne!(
+        read(&dense, "model.safetensors"),
+        read(&joint, "model.safetensors")
+    );
+
+    // bad input names what is wrong
+    assert_clean_failure(
+        &lora_args(&tuned, &p("x1"), &["--targets", "q_proj,qkv"]),
+        &["qkv", "q_proj"],
+    );
+    assert_clean_failure(
+        &lora_args(&tuned, &p("x2"), &["--resume-adapter", s(&p("nope"))]),
+        &["nope", "adapter_config.json"],
+    );
+    assert_clean_failure(
+        &lora_args(&tuned, &p("x3"), &["--lora-dropout", "1.5"]),
+        &["dropout", "1.5"],
+    );
+    assert_clean_failure(&lora_args(&tuned, &tuned, &[]), &["input model"]);
+}

@@ -324,6 +324,7 @@ impl StoreDtype {
 }
 
 /// A tensor ready to be written: its bytes are already little-endian in `dtype`.
+#[derive(Debug, Clone)]
 pub struct OwnedTensor {
     dtype: Dtype,
     shape: Vec<usize>,

@@ -5,8 +5,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use burn::module::Module;
 use burn::tensor::backend::Backend;
-use skipgpt_model::{LlamaConfig, LlamaForCausalLM, RoutingConfig, StoreDtype, Tokenizer};
+use skipgpt_model::{LlamaConfig, LlamaForCausalLM, LoraConfig, RoutingConfig, StoreDtype, Tokenizer};
 use skipgpt_train::data::{pack, synthetic_corpus, PackedDataset};
 use skipgpt_train::loss::SparsityLossConfig;
 use skipgpt_train::progress::read_log;
@@ -283,5 +284,120 @@ fn bad_settings_are_rejected_before_training() {
         assert!(err.contains(key), "case {i}: {err}");
         // nothing was started
         assert!(!rd.path.join("run.json").exists());
+    }
+}
+
+/// Every router and base weight, and every adapter, of a model.
+fn weights(
+    model: &LlamaForCausalLM<B>,
+) -> (
+    std::collections::BTreeMap<String, Vec<u8>>,
+    std::collections::BTreeMap<String, Vec<u8>>,
+) {
+    let mut frozen: std::collections::BTreeMap<String, Vec<u8>> = model
+        .export(StoreDtype::F32)
+        .into_iter()
+        .map(|(k, v)| (k, v.bytes().to_vec()))
+        .collect();
+    frozen.extend(
+        model
+            .export_routers()
+            .into_iter()
+            .map(|(k, v)| (k, v.bytes().to_vec())),
+    );
+    let adapters = model
+        .export_lora()
+        .into_iter()
+        .map(|(k, v)| (k, v.bytes().to_vec()))
+        .collect();
+    (frozen, adapters)
+}
+
+fn inner_weights(
+    model: &LlamaForCausalLM<Inner>,
+) -> (
+    std::collections::BTreeMap<String, Vec<u8>>,
+    std::collections::BTreeMap<String, Vec<u8>>,
+) {
+    let bytes = |m: std::collections::BTreeMap<String, skipgpt_model::safetensors_io::OwnedTensor>| {
+        m.into_iter()
+            .map(|(k, v)| (k, v.bytes().to_vec()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let mut frozen = bytes(model.export(StoreDtype::F32));
+    frozen.extend(bytes(model.export_routers()));
+    (frozen, bytes(model.export_lora()))
+}
+
+#[test]
+fn lora_stage_two_trains_only_the_adapters_and_lowers_validation_loss() {
+    let c = corpus(32);
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = c.tokenizer.vocab_size();
+    // stage 2: everything frozen (routers included), then the adapters
+    let model = routed(vocab, 21, 22)
+        .no_grad()
+        .with_lora(LoraConfig {
+            targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+            ..LoraConfig::default()
+        })
+        .unwrap();
+    let (frozen_before, adapters_before) = weights(&model);
+    assert_eq!(adapters_before.len(), model.config.num_hidden_layers * 3 * 2);
+    let opts = quiet(TrainOptions {
+        steps: 40,
+        batch_size: 4,
+        lr: 3e-2,
+        warmup_steps: 2,
+        schedule: ScheduleKind::Cosine,
+        log_every: 5,
+        checkpoint_every: 5,
+        valid_sequences: 8,
+        ..TrainOptions::default()
+    });
+    let rd = run(dir.path(), "lora", false);
+    let device = Default::default();
+    let tuned = fit(model, Objective::Lm, c.train, c.valid, &opts, &rd, &device).unwrap();
+
+    let valid = rows(&rd, "valid");
+    let (first, last) = (valid[0].1["LM Loss"], valid.last().unwrap().1["LM Loss"]);
+    eprintln!("validation lm loss {first:.3} -> {last:.3}");
+    assert!(last < first - 0.1, "{first} -> {last}");
+    // the frozen routers were used (and shown) throughout
+    assert!(valid[0].1["Skip"] > 0.0 && !valid[0].1.contains_key("Temperature"));
+
+    let (frozen_after, adapters_after) = inner_weights(&tuned);
+    assert_eq!(frozen_before, frozen_after, "a frozen weight changed");
+    for (name, before) in &adapters_before {
+        assert_ne!(before, &adapters_after[name], "{name} did not train");
+    }
+}
+
+#[test]
+fn joint_variant_trains_routers_and_adapters_together() {
+    let c = corpus(16);
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = c.tokenizer.vocab_size();
+    let model = routed(vocab, 31, 32).with_lora(LoraConfig::default()).unwrap();
+    let (before, adapters_before) = weights(&model);
+    let opts = quiet(TrainOptions {
+        steps: 6,
+        batch_size: 2,
+        lr: 1e-2,
+        checkpoint_every: 6,
+        valid_sequences: 2,
+        ..TrainOptions::default()
+    });
+    let objective = Objective::Sparsity(SparsityLossConfig::new());
+    let rd = run(dir.path(), "joint", false);
+    let device = Default::default();
+    let tuned = fit(model, objective, c.train, c.valid, &opts, &rd, &device).unwrap();
+    let (after, adapters_after) = inner_weights(&tuned);
+    for (name, b) in &before {
+        let changed = b != &after[name];
+        assert_eq!(changed, name.contains("router"), "{name}");
+    }
+    for (name, b) in &adapters_before {
+        assert_ne!(b, &adapters_after[name], "{name} did not train");
     }
 }
