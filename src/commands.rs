@@ -19,6 +19,20 @@ use crate::{
     RoutingArg, RoutingArgs, SplitArg,
 };
 
+/// A model directory, with a PEFT LoRA adapter applied (unmerged) when one is given.
+fn load_model<B: Backend>(
+    dir: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+    device: &B::Device,
+) -> Result<skipgpt_model::Pretrained<B>> {
+    let mut pretrained = load_pretrained::<B>(dir, device)?;
+    if let Some(adapter) = adapter {
+        let adapter = skipgpt_model::load_peft_adapter(adapter)?;
+        pretrained.model = pretrained.model.load_lora(&adapter)?;
+    }
+    Ok(pretrained)
+}
+
 /// The routing mode the command line asks for (seeding the backend for `--routing sample`).
 fn routing_mode<B: Backend>(args: &RoutingArgs, device: &B::Device) -> Routing {
     match (args.dense, args.routing) {
@@ -61,7 +75,7 @@ fn logits_on<B: Backend>(args: &LogitsArgs, device: &B::Device) -> Result<()> {
             args.input.display()
         );
     }
-    let pretrained = load_pretrained::<B>(&args.model, device)?;
+    let pretrained = load_model::<B>(&args.model, args.adapter.as_deref(), device)?;
     let mut model = pretrained.model;
     apply_routing(&mut model, &args.routing, device);
     validate_ids(
@@ -123,7 +137,7 @@ pub fn generate(backend: BackendKind, args: GenerateArgs) -> Result<()> {
 }
 
 fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
-    let mut pretrained = load_pretrained::<B>(&args.model, device)?;
+    let mut pretrained = load_model::<B>(&args.model, args.adapter.as_deref(), device)?;
     apply_routing(&mut pretrained.model, &args.routing, device);
     let tokenizer = pretrained.tokenizer.as_ref();
     let prompt: Vec<u32> = match (&args.prompt, &args.prompt_ids) {
@@ -353,7 +367,7 @@ pub fn eval_ppl(backend: BackendKind, args: EvalPplArgs) -> Result<()> {
 fn eval_ppl_on<B: Backend>(args: &EvalPplArgs, device: &B::Device) -> Result<()> {
     use skipgpt_train::data::pack;
 
-    let pretrained = load_pretrained::<B>(&args.model, device)?;
+    let pretrained = load_model::<B>(&args.model, args.adapter.as_deref(), device)?;
     let tokenizer = pretrained.tokenizer.as_ref().with_context(|| {
         format!(
             "eval-ppl needs {}",

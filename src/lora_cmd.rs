@@ -62,7 +62,8 @@ impl LoraArgs {
             dropout: self.lora_dropout,
             targets,
         };
-        cfg.validate().context("--rank/--lora-alpha/--lora-dropout/--targets")?;
+        cfg.validate()
+            .context("--rank/--lora-alpha/--lora-dropout/--targets")?;
         Ok(cfg)
     }
 }
@@ -262,7 +263,12 @@ pub fn write_adapted<B: Backend>(
             _ => out.join("adapter"),
         };
         let base = base.canonicalize().unwrap_or_else(|_| base.to_path_buf());
-        save_peft_adapter(&dir, &cfg, &model.export_lora(), &base.display().to_string())?;
+        save_peft_adapter(
+            &dir,
+            &cfg,
+            &model.export_lora(),
+            &base.display().to_string(),
+        )?;
     }
     if output != Output::AdapterOnly {
         let merged = model.clone().merge_lora();

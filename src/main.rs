@@ -57,6 +57,9 @@ pub struct EvalPplArgs {
     /// Model directory (HF layout, optionally with routers).
     #[arg(long)]
     pub model: PathBuf,
+    /// A LoRA adapter in PEFT layout to apply on top of --model (unmerged).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     #[command(flatten)]
     pub corpus: CorpusArgs,
     #[arg(long, default_value_t = 8)]
@@ -151,6 +154,9 @@ pub struct LogitsArgs {
     /// Model directory (HF layout).
     #[arg(long)]
     pub model: PathBuf,
+    /// A LoRA adapter in PEFT layout to apply on top of --model (unmerged).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// safetensors file holding `input_ids`, i64 [batch, seq].
     #[arg(long)]
     pub input: PathBuf,
@@ -172,6 +178,9 @@ pub struct GenerateArgs {
     /// Model directory (HF layout).
     #[arg(long)]
     pub model: PathBuf,
+    /// A LoRA adapter in PEFT layout to apply on top of --model (unmerged).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Prompt text (needs tokenizer.json in the model directory).
     #[arg(
         long,

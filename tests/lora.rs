@@ -71,7 +71,10 @@ fn lora_forward_is_base_plus_scaled_low_rank_update() {
     assert!(a.iter().all(|v| v.abs() <= 0.5) && a.iter().any(|&v| v != 0.0));
     assert!(to_vec(adapter.lora_b.val()).iter().all(|&v| v == 0.0));
     let b: Vec<f32> = (0..15).map(|i| (i as f32 - 7.0) / 10.0).collect();
-    adapter.lora_b = Param::from_tensor(Tensor::from_data(TensorData::new(b.clone(), [3, 5]), &device));
+    adapter.lora_b = Param::from_tensor(Tensor::from_data(
+        TensorData::new(b.clone(), [3, 5]),
+        &device,
+    ));
     let x: Vec<f32> = (0..8).map(|i| (i as f32 * 0.37).sin()).collect();
     let got = to_vec(adapter.forward(Tensor::<B, 2>::from_data(
         TensorData::new(x.clone(), [2, 4]),
@@ -106,11 +109,11 @@ fn lora_forward_is_base_plus_scaled_low_rank_update() {
 fn fresh_adapters_leave_the_model_unchanged_and_merging_keeps_the_function() {
     let model = routed_model();
     let (base, base_gates) = logits(&model, Routing::Deterministic);
-    let fresh = model
-        .clone()
-        .with_lora(LoraConfig::default())
-        .unwrap();
-    assert_eq!(logits(&fresh, Routing::Deterministic), (base.clone(), base_gates));
+    let fresh = model.clone().with_lora(LoraConfig::default()).unwrap();
+    assert_eq!(
+        logits(&fresh, Routing::Deterministic),
+        (base.clone(), base_gates)
+    );
     // 3 layers × (q 64·16 + 16·64, v 64·16 + 16·32, gate 64·16 + 16·176)
     assert_eq!(fresh.lora_params(), 3 * (2048 + 1536 + 3840));
 
@@ -203,9 +206,16 @@ fn bad_adapters_are_refused_with_the_key_named() {
     let dir = save(&cfg, &tensors);
     let path = dir.path().join(ADAPTER_CONFIG_FILE);
     let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, text.replace("\"use_dora\": false", "\"use_dora\": true")).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("\"use_dora\": false", "\"use_dora\": true"),
+    )
+    .unwrap();
     let e = err(&dir);
-    assert!(e.contains("use_dora") && e.contains("adapter_config.json"), "{e}");
+    assert!(
+        e.contains("use_dora") && e.contains("adapter_config.json"),
+        "{e}"
+    );
     std::fs::write(&path, text.replace("\"q_proj\"", "\"qkv\"")).unwrap();
     let e = err(&dir);
     assert!(e.contains("qkv"), "{e}");
@@ -218,4 +228,41 @@ fn bad_adapters_are_refused_with_the_key_named() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("rank 0"), "{e}");
+}
+
+#[test]
+fn an_adapter_made_by_peft_gives_peft_logits() {
+    // tests/fixtures/peft-lora: made by peft (tools/make_peft_fixture.py) for the tiny model,
+    // rank 2 on all seven projections, scale 3, with the adapted model's logits
+    let dir = fixtures().join("peft-lora");
+    let adapter = load_peft_adapter(&dir).unwrap();
+    assert_eq!(adapter.config.rank, 2);
+    assert_eq!(adapter.config.targets.len(), 7);
+    let base = load_pretrained::<B>(&tiny().join("model"), &device())
+        .unwrap()
+        .model;
+    let model = base.clone().load_lora(&adapter).unwrap();
+    let r = reference(&dir);
+    let ids = ids_tensor(&r, "input_ids");
+    let adapted = model.forward(ids.clone(), None);
+    let d = diff_with(adapted.clone(), &r, "logits");
+    assert!(d < 1e-4, "adapted logits differ from peft's by {d}");
+    // the adapter matters, and merging keeps it
+    let plain = base.forward(ids.clone(), None);
+    assert!(max_abs_diff(&to_vec(plain), &to_vec(adapted)) > 0.1);
+    let d = diff_with(model.merge_lora().forward(ids, None), &r, "logits");
+    assert!(d < 1e-4, "merged logits differ from peft's by {d}");
+
+    // the command line applies it with --adapter
+    let out = tempfile::tempdir().unwrap();
+    let path = out.path().join("l.safetensors");
+    let model_dir = tiny().join("model");
+    let input = dir.join("reference.safetensors");
+    let mut args = logits_args(model_dir.to_str().unwrap(), &input, &path);
+    args.extend(["--adapter", dir.to_str().unwrap()]);
+    let o = skipgpt(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (got, _) = TensorFile::open(&path).unwrap().read_f32("logits").unwrap();
+    let (want, _) = r.read_f32("logits").unwrap();
+    assert!(max_abs_diff(&got, &want) < 1e-4);
 }

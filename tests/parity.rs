@@ -158,8 +158,18 @@ fn qwen2_bias_linear_rope_f16_matches() {
     let dir = variant("qwen2_linear_f16");
     let model = load(&dir);
     assert_eq!(model.config.model_type, "qwen2");
-    assert!(model.model.layers[0].self_attn.q_proj.bias.is_some());
-    assert!(model.model.layers[0].self_attn.o_proj.bias.is_none());
+    assert!(model.model.layers[0]
+        .self_attn
+        .q_proj
+        .base_layer
+        .bias
+        .is_some());
+    assert!(model.model.layers[0]
+        .self_attn
+        .o_proj
+        .base_layer
+        .bias
+        .is_none());
     check_forward(&dir);
     let r = reference(&dir);
     let got = generate(&model, &ids_rows(&r, "greedy_prompt"), &greedy(16)).unwrap();

@@ -215,7 +215,10 @@ fn lora_stage_two_joint_and_dense_lora_from_the_command_line() {
     let o = skipgpt(&lora_args(&tuned, &lora, &[]));
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("frozen routers") && err.contains("skip"), "{err}");
+    assert!(
+        err.contains("frozen routers") && err.contains("skip"),
+        "{err}"
+    );
     let (before, after) = before_after(&o.stdout);
     assert!(after < before, "{before} -> {after}");
     for f in [

@@ -3,8 +3,9 @@
 //! - `ci`: formatting check, clippy (warnings are errors), the test suite, and a compile check
 //!   of the GPU backends (`--features wgpu,cuda`; no GPU needed to compile).
 //! - `bench`: the sparse engine against dense, prefill and decode (`examples/bench_sparse.rs`).
-//! - `fixtures`: regenerates `tests/fixtures/variants/` with HF transformers
-//!   (needs a Python with torch, transformers, safetensors, tokenizers; set `PYTHON`).
+//! - `fixtures`: regenerates `tests/fixtures/variants/` with HF transformers and
+//!   `tests/fixtures/peft-lora/` with peft (needs a Python with torch, transformers, peft,
+//!   safetensors, tokenizers; set `PYTHON`).
 
 use std::process::Command;
 
@@ -72,7 +73,11 @@ fn fixtures() -> Result<()> {
             run("cp", &["-r", &format!("{tmp_s}/{item}"), &dest])?;
         }
     }
-    Ok(())
+    // a LoRA adapter made by peft itself, with the adapted model's logits
+    run(
+        &python,
+        &["tools/make_peft_fixture.py", "tests/fixtures/peft-lora"],
+    )
 }
 
 /// `cargo xtask bench [--features cuda] [bench args...]`: the sparse-engine benchmark

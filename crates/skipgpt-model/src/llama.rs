@@ -14,7 +14,9 @@ use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
-use crate::lora::{export_adapter, load_adapter, AdapterTensors, LoraAdapter, LoraConfig, LoraLinear, PeftAdapter};
+use crate::lora::{
+    export_adapter, load_adapter, AdapterTensors, LoraAdapter, LoraConfig, LoraLinear, PeftAdapter,
+};
 use crate::rope::{apply_rotary, RotaryEmbedding};
 use crate::router::{
     router_names, KvPolicy, MlpRouterInput, Router, RouterNoise, Routing, RoutingConfig,
@@ -670,7 +672,13 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 proj.lora = if cfg.targets(name) {
                     expected += 2;
                     let module = format!("model.layers.{i}.{block}.{name}");
-                    Some(load_adapter(&adapter.weights, &module, proj.dims(), &cfg, &device)?)
+                    Some(load_adapter(
+                        &adapter.weights,
+                        &module,
+                        proj.dims(),
+                        &cfg,
+                        &device,
+                    )?)
                 } else {
                     None
                 };
@@ -703,7 +711,11 @@ impl<B: Backend> LlamaForCausalLM<B> {
         for (i, layer) in self.model.layers.iter().enumerate() {
             for (block, name, proj) in layer.projections() {
                 if let Some(adapter) = &proj.lora {
-                    export_adapter(&mut out, &format!("model.layers.{i}.{block}.{name}"), adapter);
+                    export_adapter(
+                        &mut out,
+                        &format!("model.layers.{i}.{block}.{name}"),
+                        adapter,
+                    );
                 }
             }
         }

@@ -70,7 +70,10 @@ impl LoraConfig {
             return bad("LoRA rank 0: expected at least 1".into());
         }
         if !(self.alpha > 0.0 && self.alpha.is_finite()) {
-            return bad(format!("LoRA alpha {}: expected a positive number", self.alpha));
+            return bad(format!(
+                "LoRA alpha {}: expected a positive number",
+                self.alpha
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return bad(format!(
@@ -250,16 +253,14 @@ pub fn load_peft_adapter(dir: &Path) -> Result<PeftAdapter> {
         path: path.clone(),
         message,
     };
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-    let unsupported = |key: &str, value: &serde_json::Value, expected: &str| {
-        ModelError::Unsupported {
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let unsupported =
+        |key: &str, value: &serde_json::Value, expected: &str| ModelError::Unsupported {
             path: path.clone(),
             key: key.into(),
             value: value.to_string(),
             expected: expected.into(),
-        }
-    };
+        };
     if let Some(t) = json.get("peft_type") {
         if t != "LORA" {
             return Err(unsupported("peft_type", t, "LORA"));

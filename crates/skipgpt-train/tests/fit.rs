@@ -7,7 +7,9 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
-use skipgpt_model::{LlamaConfig, LlamaForCausalLM, LoraConfig, RoutingConfig, StoreDtype, Tokenizer};
+use skipgpt_model::{
+    LlamaConfig, LlamaForCausalLM, LoraConfig, RoutingConfig, StoreDtype, Tokenizer,
+};
 use skipgpt_train::data::{pack, synthetic_corpus, PackedDataset};
 use skipgpt_train::loss::SparsityLossConfig;
 use skipgpt_train::progress::read_log;
@@ -319,11 +321,12 @@ fn inner_weights(
     std::collections::BTreeMap<String, Vec<u8>>,
     std::collections::BTreeMap<String, Vec<u8>>,
 ) {
-    let bytes = |m: std::collections::BTreeMap<String, skipgpt_model::safetensors_io::OwnedTensor>| {
-        m.into_iter()
-            .map(|(k, v)| (k, v.bytes().to_vec()))
-            .collect::<std::collections::BTreeMap<_, _>>()
-    };
+    let bytes =
+        |m: std::collections::BTreeMap<String, skipgpt_model::safetensors_io::OwnedTensor>| {
+            m.into_iter()
+                .map(|(k, v)| (k, v.bytes().to_vec()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
     let mut frozen = bytes(model.export(StoreDtype::F32));
     frozen.extend(bytes(model.export_routers()));
     (frozen, bytes(model.export_lora()))
@@ -343,7 +346,10 @@ fn lora_stage_two_trains_only_the_adapters_and_lowers_validation_loss() {
         })
         .unwrap();
     let (frozen_before, adapters_before) = weights(&model);
-    assert_eq!(adapters_before.len(), model.config.num_hidden_layers * 3 * 2);
+    assert_eq!(
+        adapters_before.len(),
+        model.config.num_hidden_layers * 3 * 2
+    );
     let opts = quiet(TrainOptions {
         steps: 40,
         batch_size: 4,
@@ -378,7 +384,9 @@ fn joint_variant_trains_routers_and_adapters_together() {
     let c = corpus(16);
     let dir = tempfile::tempdir().unwrap();
     let vocab = c.tokenizer.vocab_size();
-    let model = routed(vocab, 31, 32).with_lora(LoraConfig::default()).unwrap();
+    let model = routed(vocab, 31, 32)
+        .with_lora(LoraConfig::default())
+        .unwrap();
     let (before, adapters_before) = weights(&model);
     let opts = quiet(TrainOptions {
         steps: 6,
