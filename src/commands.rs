@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// A model directory, with a PEFT LoRA adapter applied (unmerged) when one is given.
-fn load_model<B: Backend>(
+pub(crate) fn load_model<B: Backend>(
     dir: &std::path::Path,
     adapter: Option<&std::path::Path>,
     device: &B::Device,

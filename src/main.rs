@@ -6,6 +6,7 @@
 mod backend;
 mod commands;
 mod demo;
+mod eval_cmd;
 mod lora_cmd;
 mod train_cmd;
 
@@ -50,6 +51,11 @@ enum Command {
     Inspect(InspectArgs),
     /// Perplexity on a corpus, dense and routed, with the realised skip rates.
     EvalPpl(EvalPplArgs),
+    /// ShortGPT-style static pruning (Block Influence), written as a SkipGPT directory with
+    /// constant routers: the static baseline.
+    PruneStatic(eval_cmd::PruneStaticArgs),
+    /// Zero-shot multiple-choice accuracy (lm-evaluation-harness style), dense and routed.
+    EvalMc(eval_cmd::EvalMcArgs),
 }
 
 #[derive(Args, Debug)]
@@ -237,6 +243,8 @@ fn main() {
         Command::Generate(args) => commands::generate(backend, args),
         Command::Inspect(args) => commands::inspect(args),
         Command::EvalPpl(args) => commands::eval_ppl(backend, args),
+        Command::EvalMc(args) => eval_cmd::eval_mc(backend, args),
+        Command::PruneStatic(args) => eval_cmd::prune_static_cmd(backend, args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -553,7 +553,7 @@ pub fn tune_routers<B: Backend>(
 /// The input model's files (hard-linked where possible: they are never written in place)
 /// plus the routers and `skipgpt.json`; `config.json` last, so a directory with a config is
 /// complete.
-fn write_skipgpt_dir<B: Backend>(
+pub(crate) fn write_skipgpt_dir<B: Backend>(
     src: &Path,
     model: &LlamaForCausalLM<B>,
     out: &Path,

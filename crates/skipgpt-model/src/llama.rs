@@ -596,6 +596,37 @@ impl<B: Backend> LlamaForCausalLM<B> {
         self
     }
 
+    /// Static pruning as routing: layer `i` runs attention iff `attn_exec[i]` and its MLP iff
+    /// `mlp_exec[i]`, for every token (constant routers). Skipped attention leaves no keys or
+    /// values (`kv_policy = drop`): nothing reads them, so nothing computes or caches them.
+    pub fn with_static_routes(mut self, attn_exec: &[bool], mlp_exec: &[bool]) -> Result<Self> {
+        let layers = self.config.num_hidden_layers;
+        if attn_exec.len() != layers || mlp_exec.len() != layers {
+            return Err(ModelError::InvalidInput(format!(
+                "static routes for {} attention and {} MLP modules, the model has {layers} layers",
+                attn_exec.len(),
+                mlp_exec.len()
+            )));
+        }
+        let device = self.device();
+        let h = self.config.hidden_size;
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            layer.attn_router = Some(Router::constant(attn_exec[i], h, &device));
+            layer.mlp_router = Some(Router::constant(mlp_exec[i], h, &device));
+        }
+        let (pa, pm) = (self.config.attention_params(), self.config.mlp_params());
+        let skipped: usize = attn_exec.iter().filter(|&&e| !e).count() * pa
+            + mlp_exec.iter().filter(|&&e| !e).count() * pm;
+        self.routing_config = Some(
+            RoutingConfig::new()
+                .with_kv_policy(KvPolicy::Drop)
+                .with_mlp_router_input(MlpRouterInput::BlockInput)
+                .with_target_sparsity(skipped as f64 / (layers * (pa + pm)) as f64),
+        );
+        self.routing = Routing::Deterministic;
+        Ok(self)
+    }
+
     /// Loads routers saved by [`LlamaForCausalLM::export_routers`] (`routers.safetensors`).
     pub fn load_routers(mut self, routing: RoutingConfig, w: &WeightSet) -> Result<Self> {
         let device = self.device();

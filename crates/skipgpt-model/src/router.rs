@@ -146,6 +146,23 @@ impl<B: Backend> Router<B> {
         }
     }
 
+    /// A router that ignores its input and always decides the same way: a zero weight and a
+    /// bias of ±1. Static pruning (a removed layer or module) expressed as routing, so that it
+    /// is evaluated, saved and served exactly like a trained router.
+    pub fn constant(execute: bool, hidden: usize, device: &B::Device) -> Self {
+        let bias = if execute { [1.0f32, -1.0] } else { [-1.0, 1.0] };
+        Router {
+            fc1: None,
+            fc2: Linear {
+                weight: Param::from_tensor(Tensor::zeros([hidden, 2], device)),
+                bias: Some(Param::from_tensor(Tensor::from_data(
+                    TensorData::new(bias.to_vec(), [2]),
+                    device,
+                ))),
+            },
+        }
+    }
+
     /// Weight names: `{p}.weight`/`{p}.bias` for `linear` (the fixture's layout),
     /// `{p}.fc1.*` and `{p}.fc2.*` for `mlp`.
     pub fn load(

@@ -64,7 +64,7 @@ fn jsonl_texts(path: &Path, text: &str) -> Result<Vec<String>> {
 }
 
 /// Word lists of the synthetic corpus.
-const SUBJECTS: [&str; 12] = [
+pub const SUBJECTS: [&str; 12] = [
     "the cat",
     "a dog",
     "the editor",
@@ -78,10 +78,10 @@ const SUBJECTS: [&str; 12] = [
     "the teacher",
     "the sailor",
 ];
-const VERBS: [&str; 10] = [
+pub const VERBS: [&str; 10] = [
     "sees", "likes", "moves", "writes", "finds", "keeps", "opens", "paints", "reads", "fixes",
 ];
-const OBJECTS: [&str; 12] = [
+pub const OBJECTS: [&str; 12] = [
     "the red box",
     "a small boat",
     "the old map",

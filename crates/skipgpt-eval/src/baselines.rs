@@ -1,0 +1,156 @@
+//! Static pruning baselines in the manner of ShortGPT (Men et al., 2024): rank layers by their
+//! Block Influence on calibration data and remove the least influential ones, for good.
+//!
+//! Block Influence of a layer is `1 − mean over tokens of cos(input, output)`: a layer that
+//! barely turns the residual stream does little. The attention variant scores each attention
+//! module by `1 − cos(x, x + Attn(norm(x)))` and removes attention modules only.
+//!
+//! The result is a pair of per-layer execute masks, applied with
+//! [`LlamaForCausalLM::with_static_routes`] so that a pruned model is evaluated, saved and
+//! served (sparse engine included) exactly like a SkipGPT model.
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use serde::Serialize;
+use skipgpt_model::llama::LayerRouting;
+use skipgpt_model::{KvPolicy, LlamaForCausalLM, MlpRouterInput, Routing};
+use skipgpt_train::data::PackedDataset;
+
+use crate::error::{EvalError, Result};
+
+/// Block Influence per layer, and of each layer's attention module.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BlockInfluence {
+    pub layer: Vec<f64>,
+    pub attention: Vec<f64>,
+    /// Calibration tokens it was measured on.
+    pub tokens: usize,
+}
+
+/// Measures Block Influence on `data` (dense forward, no routing).
+pub fn block_influence<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    data: &PackedDataset,
+    batch_size: usize,
+) -> Result<BlockInfluence> {
+    if data.is_empty() {
+        return Err(EvalError::Input(
+            "no calibration sequences for Block Influence".into(),
+        ));
+    }
+    let device = model.device();
+    let layers = model.config.num_hidden_layers;
+    let t = data.seq_len;
+    let dense = LayerRouting {
+        routing: Routing::Dense,
+        mlp_router_input: MlpRouterInput::PostAttn,
+        kv_policy: KvPolicy::Keep,
+    };
+    let (mut layer_cos, mut attn_cos) = (vec![0.0f64; layers], vec![0.0f64; layers]);
+    let mut tokens = 0;
+    for chunk in data.sequences.chunks(batch_size.max(1)) {
+        let b = chunk.len();
+        let flat: Vec<i64> = chunk
+            .iter()
+            .flat_map(|s| s[..t].iter().map(|&i| i as i64))
+            .collect();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, t]), &device);
+        let ctx = model.attention_context(0, t);
+        let mut x = model.model.embed_tokens.forward(ids);
+        for (l, layer) in model.model.layers.iter().enumerate() {
+            let attn =
+                layer
+                    .self_attn
+                    .forward(layer.input_layernorm.forward(x.clone()), &ctx, None, None);
+            let h = x.clone() + attn;
+            let y = layer.forward(x.clone(), &ctx, None, &dense, None).hidden;
+            attn_cos[l] += cosine_sum(x.clone(), h);
+            layer_cos[l] += cosine_sum(x, y.clone());
+            x = y;
+        }
+        tokens += b * t;
+    }
+    let bi = |v: Vec<f64>| v.into_iter().map(|c| 1.0 - c / tokens as f64).collect();
+    Ok(BlockInfluence {
+        layer: bi(layer_cos),
+        attention: bi(attn_cos),
+        tokens,
+    })
+}
+
+/// Sum over tokens of cos(a, b), `[batch, seq, hidden]` each.
+fn cosine_sum<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f64 {
+    let dot = (a.clone() * b.clone()).sum_dim(2);
+    let na = a.powi_scalar(2).sum_dim(2).sqrt();
+    let nb = b.powi_scalar(2).sum_dim(2).sqrt();
+    (dot / (na * nb).clamp_min(1e-12))
+        .sum()
+        .into_data()
+        .convert::<f64>()
+        .into_vec::<f64>()
+        .expect("f64 after convert")[0]
+}
+
+/// What a static baseline removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StaticMode {
+    /// Whole layers (ShortGPT).
+    Block,
+    /// Attention modules only.
+    Attention,
+}
+
+/// Which modules a static baseline keeps.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StaticPlan {
+    pub mode: StaticMode,
+    pub attn_exec: Vec<bool>,
+    pub mlp_exec: Vec<bool>,
+    /// Fraction of the decoder's parameters removed.
+    pub param_skip: f64,
+}
+
+/// Removes the least influential layers (or attention modules) until at least `target` of
+/// the decoder's parameters are gone: the parameter budget of a SkipGPT model at that
+/// sparsity. Attention alone may hold less than `target`; then every attention module goes.
+pub fn static_plan(
+    bi: &BlockInfluence,
+    mode: StaticMode,
+    target: f64,
+    attention_params: usize,
+    mlp_params: usize,
+) -> StaticPlan {
+    let layers = bi.layer.len();
+    let scores = match mode {
+        StaticMode::Block => &bi.layer,
+        StaticMode::Attention => &bi.attention,
+    };
+    let mut order: Vec<usize> = (0..layers).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let (pa, pm) = (attention_params as f64, mlp_params as f64);
+    let total = layers as f64 * (pa + pm);
+    let per_removal = match mode {
+        StaticMode::Block => pa + pm,
+        StaticMode::Attention => pa,
+    };
+    let (mut attn_exec, mut mlp_exec) = (vec![true; layers], vec![true; layers]);
+    let mut removed = 0.0;
+    for &l in &order {
+        // the nearest whole number of removals to the budget
+        let after = removed + per_removal;
+        if (after / total - target).abs() > (removed / total - target).abs() {
+            break;
+        }
+        attn_exec[l] = false;
+        if mode == StaticMode::Block {
+            mlp_exec[l] = false;
+        }
+        removed = after;
+    }
+    StaticPlan {
+        mode,
+        attn_exec,
+        mlp_exec,
+        param_skip: removed / total,
+    }
+}

@@ -1,0 +1,304 @@
+//! `skipgpt eval-mc`: zero-shot multiple-choice accuracy, dense and routed side by side.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::Backend;
+use clap::Args;
+use skipgpt_eval::{evaluate_mc, synthetic_mc_tasks, McReport, McTask};
+use skipgpt_model::{LlamaForCausalLM, Routing, Tokenizer};
+
+use crate::backend::BackendKind;
+use crate::with_backend;
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalMcArgs {
+    /// Model directory (HF layout, optionally with routers), with tokenizer.json.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A LoRA adapter in PEFT layout to apply on top of --model (unmerged).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Task files, comma-separated: JSONL, one `{"context", "choices", "gold"}` per line.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "synthetic_tasks"
+    )]
+    pub tasks: Vec<PathBuf>,
+    /// Use the built-in tasks on the synthetic corpus' grammar, N examples each.
+    #[arg(long, conflicts_with = "tasks")]
+    pub synthetic_tasks: Option<usize>,
+    /// Also write the tasks used to this directory (JSONL).
+    #[arg(long)]
+    pub write_tasks: Option<PathBuf>,
+    /// (context, choice) pairs per forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn eval_mc(backend: BackendKind, args: EvalMcArgs) -> Result<()> {
+    with_backend!(backend, |B, device| eval_mc_on::<B>(&args, &device))
+}
+
+/// A task's accuracy dense and, for a routed model, routed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct McRow {
+    pub dense: McReport,
+    pub routed: Option<McReport>,
+}
+
+impl McRow {
+    /// routed acc / dense acc.
+    pub fn retention(&self) -> Option<f64> {
+        self.routed
+            .as_ref()
+            .map(|r| r.acc / self.dense.acc.max(f64::MIN_POSITIVE))
+    }
+}
+
+/// Scores every task dense and (if the model routes) with its routing.
+pub fn score_tasks<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    tokenizer: &Tokenizer,
+    tasks: &[McTask],
+    batch_size: usize,
+    quiet: bool,
+) -> Result<Vec<McRow>> {
+    let show = !quiet && std::io::stderr().is_terminal();
+    let mut rows = Vec::new();
+    for task in tasks {
+        let run = |routing: Routing, label: &str| {
+            let r = evaluate_mc(
+                model,
+                tokenizer,
+                task,
+                routing,
+                batch_size,
+                |done, total| {
+                    if show {
+                        eprint!("\r  {} ({label}): {done}/{total}", task.name);
+                    }
+                },
+            );
+            if show {
+                eprint!("\r\x1b[K");
+            }
+            r
+        };
+        let dense = run(Routing::Dense, "dense")?;
+        let routed = if model.routing_config.is_some() && model.routing != Routing::Dense {
+            Some(run(model.routing, "routed")?)
+        } else {
+            None
+        };
+        rows.push(McRow { dense, routed });
+    }
+    Ok(rows)
+}
+
+fn eval_mc_on<B: Backend>(args: &EvalMcArgs, device: &B::Device) -> Result<()> {
+    let pretrained =
+        crate::commands::load_model::<B>(&args.model, args.adapter.as_deref(), device)?;
+    let tokenizer = pretrained.tokenizer.as_ref().with_context(|| {
+        format!(
+            "eval-mc needs {}",
+            args.model.join("tokenizer.json").display()
+        )
+    })?;
+    let tasks = match args.synthetic_tasks {
+        Some(n) => synthetic_mc_tasks(n, 0),
+        None => args
+            .tasks
+            .iter()
+            .map(|p| McTask::read(p))
+            .collect::<std::result::Result<Vec<_>, _>>()?,
+    };
+    if tasks.is_empty() {
+        bail!("no tasks: give --tasks FILE.jsonl[,...] or --synthetic-tasks N");
+    }
+    if let Some(dir) = &args.write_tasks {
+        for t in &tasks {
+            t.write(dir)?;
+        }
+    }
+    let rows = score_tasks(
+        &pretrained.model,
+        tokenizer,
+        &tasks,
+        args.batch_size,
+        args.json,
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+/// The paper-style table: per task acc / acc_norm, dense and routed, and the retention.
+pub fn print_table(rows: &[McRow]) {
+    println!(
+        "{:<14} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "task", "n", "dense acc", "acc_norm", "routed acc", "acc_norm", "retention"
+    );
+    let pct = |v: f64| format!("{:.1}%", 100.0 * v);
+    for r in rows {
+        let (ra, rn, ret) = match &r.routed {
+            Some(x) => (
+                pct(x.acc),
+                pct(x.acc_norm),
+                format!("{:.3}", r.retention().unwrap_or(0.0)),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "{:<14} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            r.dense.task,
+            r.dense.examples,
+            pct(r.dense.acc),
+            pct(r.dense.acc_norm),
+            ra,
+            rn,
+            ret
+        );
+    }
+    let n = rows.len() as f64;
+    let mean = |f: &dyn Fn(&McRow) -> f64| rows.iter().map(f).sum::<f64>() / n;
+    let dense = mean(&|r| r.dense.acc);
+    if rows.iter().all(|r| r.routed.is_some()) {
+        let routed = mean(&|r| r.routed.as_ref().map_or(0.0, |x| x.acc));
+        println!(
+            "{:<14} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10.3}",
+            "average",
+            "",
+            pct(dense),
+            "",
+            pct(routed),
+            "",
+            routed / dense.max(f64::MIN_POSITIVE)
+        );
+    } else {
+        println!("{:<14} {:>6} {:>10}", "average", "", pct(dense));
+    }
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaticModeArg {
+    /// Remove whole layers (ShortGPT).
+    Block,
+    /// Remove attention modules only.
+    Attention,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PruneStaticArgs {
+    /// The model to prune: a Hugging Face directory with tokenizer.json.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output: a SkipGPT directory whose constant routers remove the chosen modules for every
+    /// token (so it is evaluated and served like any SkipGPT model).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub corpus: crate::train_cmd::CorpusArgs,
+    /// Fraction of the decoder's parameters to remove (rounded to whole modules).
+    #[arg(long, default_value_t = 0.25)]
+    pub target_sparsity: f64,
+    #[arg(long, value_enum, default_value = "block")]
+    pub mode: StaticModeArg,
+    /// Calibration sequences (from the training split) for Block Influence.
+    #[arg(long, default_value_t = 64)]
+    pub calibration_sequences: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+}
+
+pub fn prune_static_cmd(backend: BackendKind, args: PruneStaticArgs) -> Result<()> {
+    with_backend!(backend, |B, device| prune_static::<B>(&args, &device)
+        .map(drop))
+}
+
+/// ShortGPT-style static pruning: Block Influence on calibration text, then the least
+/// influential layers (or attention modules) removed to the parameter budget.
+pub fn prune_static<B: Backend>(
+    args: &PruneStaticArgs,
+    device: &B::Device,
+) -> Result<skipgpt_eval::StaticPlan> {
+    use skipgpt_eval::{block_influence, static_plan, StaticMode};
+    if !(0.0..1.0).contains(&args.target_sparsity) {
+        bail!(
+            "--target-sparsity {}: expected a fraction in [0, 1)",
+            args.target_sparsity
+        );
+    }
+    if crate::train_cmd::same_dir(&args.model, &args.out) {
+        bail!(
+            "--out {} is the input model's directory: choose another, the input is left untouched",
+            args.out.display()
+        );
+    }
+    let pretrained = skipgpt_model::load_pretrained::<B>(&args.model, device)?;
+    let tokenizer = pretrained.tokenizer.as_ref().with_context(|| {
+        format!(
+            "prune-static needs {} to tokenize the calibration text",
+            args.model.join("tokenizer.json").display()
+        )
+    })?;
+    let model = pretrained.model;
+    let docs = args.corpus.documents()?;
+    let eos = model.config.eos_token_ids.first().copied();
+    let (mut calibration, _) = args.corpus.split(&docs, tokenizer, eos)?;
+    calibration
+        .sequences
+        .truncate(args.calibration_sequences.max(1));
+    let bi = block_influence(&model, &calibration, args.batch_size)?;
+    let mode = match args.mode {
+        StaticModeArg::Block => StaticMode::Block,
+        StaticModeArg::Attention => StaticMode::Attention,
+    };
+    let plan = static_plan(
+        &bi,
+        mode,
+        args.target_sparsity,
+        model.config.attention_params(),
+        model.config.mlp_params(),
+    );
+    println!(
+        "block influence ({} calibration tokens), layer / attention: {}",
+        bi.tokens,
+        bi.layer
+            .iter()
+            .zip(&bi.attention)
+            .enumerate()
+            .map(|(i, (l, a))| format!("L{i} {l:.3}/{a:.3}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+    );
+    let removed: Vec<String> = (0..plan.attn_exec.len())
+        .filter_map(|i| match (plan.attn_exec[i], plan.mlp_exec[i]) {
+            (false, false) => Some(format!("layer {i}")),
+            (false, true) => Some(format!("attention {i}")),
+            _ => None,
+        })
+        .collect();
+    println!(
+        "removed: {} ({:.1}% of decoder parameters, target {:.0}%)",
+        if removed.is_empty() {
+            "nothing".to_string()
+        } else {
+            removed.join(", ")
+        },
+        100.0 * plan.param_skip,
+        100.0 * args.target_sparsity
+    );
+    let pruned = model.with_static_routes(&plan.attn_exec, &plan.mlp_exec)?;
+    crate::train_cmd::write_skipgpt_dir(&args.model, &pruned, &args.out)?;
+    println!("prune-static: saved to {}", args.out.display());
+    Ok(plan)
+}
