@@ -1,26 +1,39 @@
-//! `skipgpt demo`: the method end to end on the built-in corpus, on a CPU in a few minutes.
+//! `skipgpt demo`: the method end to end on the built-in corpus, on a CPU in a few minutes,
+//! compared with its baselines.
 //!
 //! 1. pretrain a small dense LLaMA (and its BPE tokenizer) on the synthetic corpus;
-//! 2. tune SkipGPT routers on the frozen model towards the target skip rate;
-//! 3. fine-tune LoRA adapters with the routers frozen (stage 2) and merge them;
-//! 4. compare dense, routed and routed + LoRA perplexity on held-out text (measured by the
-//!    training commands), show the realised skip rates, reload the merged SkipGPT directory
-//!    and let it continue a prompt through the sparse engine.
+//! 2. SkipGPT-RT: tune decoupled routers (one per module) on the frozen model;
+//! 3. SkipGPT-RT + LoRA: fine-tune LoRA adapters with the routers frozen, merged;
+//! 4. MoD-D style: one router per layer gating both modules (coupled), same budget;
+//! 5. ShortGPT: remove the layers with the least Block Influence to the same parameter budget;
+//! 6. evaluate all of them the same way (held-out perplexity, the built-in multiple-choice
+//!    tasks, realised skip rates, the sparse engine's measured prefill speedup), draw the
+//!    routing pictures of SkipGPT-RT, and let the final model continue a prompt.
 //!
-//! Each stage is the same code as its command (`pretrain`, `tune-routers`, `finetune-lora`);
-//! a second demo run in the same directory resumes the finished runs instead of training
-//! again.
+//! Each stage is the same code as its command (`pretrain`, `tune-routers`, `finetune-lora`,
+//! `prune-static`, `eval-mc`, `analyze`); a second run in the same directory resumes the
+//! finished runs instead of training again. `summary.json` holds every number of the table
+//! (`cargo xtask experiment` builds `docs/results.md` from it).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
-use skipgpt_model::sparse::generate_sparse;
-use skipgpt_model::{load_pretrained, GenerateOptions, Sampling};
+use serde::Serialize;
+use skipgpt_eval::{synthetic_mc_tasks, PerplexityReport};
+use skipgpt_model::sparse::EngineStats;
+use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
+use skipgpt_model::{load_pretrained, GenerateOptions, LlamaForCausalLM, Routing, Sampling};
+use skipgpt_train::data::PackedDataset;
 use skipgpt_train::fit::run_dir;
 use skipgpt_train::resume::RunManifest;
 
 use crate::backend::BackendKind;
+use crate::commands::perplexity;
+use crate::eval_cmd::{
+    analyze, prune_static, score_tasks, AnalyzeArgs, PruneStaticArgs, StaticModeArg,
+};
 use crate::lora_cmd::{finetune_lora, FinetuneLoraArgs, LoraArgs};
 use crate::train_cmd::{
     pretrain, tune_routers, CorpusArgs, GranularityArg, KvPolicyArg, MlpInputArg, PretrainArgs,
@@ -63,20 +76,79 @@ fn default_lora() -> LoraArgs {
     }
 }
 
+/// One row of the comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoRow {
+    pub name: String,
+    pub dir: PathBuf,
+    pub perplexity: f64,
+    /// Mean accuracy over the multiple-choice tasks, with the model's routing.
+    pub mc_acc: f64,
+    pub mc_acc_per_task: Vec<(String, f64)>,
+    pub attn_skip: f64,
+    pub mlp_skip: f64,
+    pub param_skip: f64,
+    /// Sparse-engine prefill time dense / routed, measured; and dense / routed FLOPs.
+    pub speedup: f64,
+    pub ideal_speedup: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoSummary {
+    pub target_sparsity: f64,
+    pub model_params: usize,
+    pub layers: usize,
+    pub hidden_size: usize,
+    pub pretrain_steps: usize,
+    pub tune_steps: usize,
+    pub lora_steps: usize,
+    pub heldout_tokens: usize,
+    pub rows: Vec<DemoRow>,
+    pub analysis: skipgpt_eval::RoutingAnalysis,
+}
+
 fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
+    let started = Instant::now();
     let corpus = CorpusArgs {
         data: Vec::new(),
         synthetic: Some(args.docs),
         data_seed: args.seed,
-        seq_len: 64,
+        seq_len: args.seq_len,
         valid_fraction: 0.1,
     };
+    let t = (100.0 * args.target_sparsity).round() as u32;
     let dense_dir = args.out.join("dense");
-    let routed_dir = args.out.join("skipgpt");
-    let lora_dir = args.out.join("skipgpt-lora");
+    let rt_dir = args.out.join(format!("skipgpt-t{t}"));
+    let lora_dir = args.out.join(format!("skipgpt-lora-t{t}"));
+    let modd_dir = args.out.join(format!("mod-d-t{t}"));
+    let short_dir = args.out.join(format!("shortgpt-t{t}"));
+    let joint_dir = args.out.join(format!("joint-t{t}"));
+    let pictures = args.out.join(format!("analysis-t{t}"));
+    let tune = |out: &Path, granularity: GranularityArg| TuneRoutersArgs {
+        model: dense_dir.clone(),
+        out: out.to_path_buf(),
+        corpus: corpus.clone(),
+        target_sparsity: args.target_sparsity,
+        alpha: 8.0,
+        attn_target: None,
+        mlp_target: None,
+        router: RouterArg::Linear,
+        mlp_router_input: MlpInputArg::PostAttn,
+        granularity,
+        kv_policy: KvPolicyArg::Keep,
+        temperature_start: 5.0,
+        temperature_end: 1.0,
+        joint_lora: false,
+        lora: default_lora(),
+        // The paper's 2e-3 is for 10k steps. In 200 steps it reaches the target under the
+        // Gumbel gates, but the routers stay unsure, and the deterministic gates of
+        // inference skip far less (measured: 10% for a 25% target); 10x converges.
+        train: train_args(args.tune_steps, Some(2e-2), args.seed, out),
+    };
+    let empty = || anyhow::anyhow!("the held-out split is empty: raise --docs");
 
     eprintln!(
-        "[1/4] pretraining a small LLaMA on {} synthetic documents -> {}",
+        "[1/6] pretraining a small LLaMA on {} synthetic documents -> {}",
         args.docs,
         dense_dir.display()
     );
@@ -87,10 +159,10 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
             tokenizer: None,
             vocab_size: 384,
             config: None,
-            hidden_size: 128,
-            layers: 4,
-            heads: 4,
-            kv_heads: 2,
+            hidden_size: args.hidden_size,
+            layers: args.layers,
+            heads: args.heads,
+            kv_heads: (args.heads / 2).max(1),
             intermediate_size: None,
             train: train_args(args.pretrain_steps, None, args.seed, &dense_dir),
         },
@@ -98,48 +170,22 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
     )?;
 
     eprintln!(
-        "\n[2/4] tuning SkipGPT routers on the frozen model, target skip {} -> {}",
+        "\n[2/6] SkipGPT-RT: routers before every attention and MLP module, target skip {} -> {}",
         args.target_sparsity,
-        routed_dir.display()
+        rt_dir.display()
     );
-    let reports = tune_routers::<B>(
-        &TuneRoutersArgs {
-            model: dense_dir.clone(),
-            out: routed_dir.clone(),
-            corpus: corpus.clone(),
-            target_sparsity: args.target_sparsity,
-            alpha: 8.0,
-            attn_target: None,
-            mlp_target: None,
-            router: RouterArg::Linear,
-            mlp_router_input: MlpInputArg::PostAttn,
-            granularity: GranularityArg::Module,
-            kv_policy: KvPolicyArg::Keep,
-            temperature_start: 5.0,
-            temperature_end: 1.0,
-            joint_lora: false,
-            lora: default_lora(),
-            // The paper's 2e-3 is for 10k steps. In 200 steps it reaches the target under the
-            // Gumbel gates, but the routers stay unsure, and the deterministic gates of
-            // inference skip far less (measured: 10% for a 25% target); 10x converges.
-            train: train_args(args.tune_steps, Some(2e-2), args.seed, &routed_dir),
-        },
-        device,
-    )?;
-
-    // tune-routers has just measured both on the held-out split: report those numbers
-    let reports =
-        reports.ok_or_else(|| anyhow::anyhow!("the held-out split is empty: raise --docs"))?;
+    let rt =
+        tune_routers::<B>(&tune(&rt_dir, GranularityArg::Module), device)?.ok_or_else(empty)?;
 
     eprintln!(
-        "\n[3/4] LoRA fine-tuning with the routers frozen (stage 2) -> {}",
+        "\n[3/6] SkipGPT-RT + LoRA: adapters with the routers frozen (stage 2) -> {}",
         lora_dir.display()
     );
     let lora = finetune_lora::<B>(
         &FinetuneLoraArgs {
-            model: routed_dir.clone(),
+            model: rt_dir.clone(),
             out: lora_dir.clone(),
-            corpus,
+            corpus: corpus.clone(),
             lora: default_lora(),
             routing: RoutingArg::Deterministic,
             merge: false,
@@ -150,79 +196,250 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         },
         device,
     )?
-    .ok_or_else(|| anyhow::anyhow!("the held-out split is empty: raise --docs"))?;
-    let rows = [
-        ("dense", reports.dense),
-        ("SkipGPT-RT (routed)", reports.routed),
-        ("SkipGPT-RT + LoRA", lora),
-    ];
+    .ok_or_else(empty)?;
 
     eprintln!(
-        "\n[4/4] reloading {} and generating with the sparse engine",
-        lora_dir.display()
+        "\n[4/6] MoD-D style: one router per layer gating both modules -> {}",
+        modd_dir.display()
     );
-    let loaded = load_pretrained::<B>(&lora_dir, device)?;
+    let modd =
+        tune_routers::<B>(&tune(&modd_dir, GranularityArg::Layer), device)?.ok_or_else(empty)?;
+
+    eprintln!(
+        "\n[5/6] ShortGPT: removing the least influential layers to the same parameter budget -> {}",
+        short_dir.display()
+    );
+    prune_static::<B>(
+        &PruneStaticArgs {
+            model: dense_dir.clone(),
+            out: short_dir.clone(),
+            corpus: corpus.clone(),
+            target_sparsity: args.target_sparsity,
+            mode: StaticModeArg::Block,
+            calibration_sequences: 64,
+            batch_size: 8,
+        },
+        device,
+    )?;
+
+    let joint = if args.joint {
+        eprintln!(
+            "\n[5b/6] joint ablation: routers and LoRA trained together -> {}",
+            joint_dir.display()
+        );
+        let mut a = tune(&joint_dir, GranularityArg::Module);
+        a.joint_lora = true;
+        a.train = train_args(
+            args.tune_steps + args.lora_steps,
+            Some(2e-2),
+            args.seed,
+            &joint_dir,
+        );
+        Some(tune_routers::<B>(&a, device)?.ok_or_else(empty)?)
+    } else {
+        None
+    };
+
+    eprintln!("\n[6/6] evaluating every model the same way");
+    let loaded = load_pretrained::<B>(&dense_dir, device)?;
     let tokenizer = loaded
         .tokenizer
-        .ok_or_else(|| anyhow::anyhow!("{} has no tokenizer", lora_dir.display()))?;
-    let model = loaded.model;
-    println!();
-    println!(
-        "{:<22} {:>10} {:>10} {:>10} {:>11}",
-        "model", "perplexity", "attn skip", "mlp skip", "param skip"
+        .with_context(|| format!("{} has no tokenizer", dense_dir.display()))?;
+    let docs = corpus.documents()?;
+    let eos = loaded.model.config.eos_token_ids.first().copied();
+    let (_, valid) = corpus.split(&docs, &tokenizer, eos)?;
+    let short_model = load_pretrained::<B>(&short_dir, device)?.model;
+    let short = perplexity(
+        &short_model,
+        &valid,
+        Routing::Deterministic,
+        16,
+        Some("ShortGPT"),
     );
-    for (name, r) in &rows {
-        println!(
-            "{name:<22} {:>10.3} {:>9.1}% {:>9.1}% {:>10.1}%",
-            r.perplexity,
-            100.0 * r.attn_skip,
-            100.0 * r.mlp_skip,
-            100.0 * r.param_skip
-        );
+    let tasks = synthetic_mc_tasks(args.mc_examples, args.seed ^ 0x6d63);
+    let mut entries: Vec<(&str, &PathBuf, &PerplexityReport)> = vec![
+        ("dense", &dense_dir, &rt.dense),
+        ("SkipGPT-RT", &rt_dir, &rt.routed),
+        ("SkipGPT-RT + LoRA", &lora_dir, &lora),
+        ("MoD-D (coupled)", &modd_dir, &modd.routed),
+        ("ShortGPT (static)", &short_dir, &short),
+    ];
+    if let Some(j) = &joint {
+        entries.push(("joint (RT + LoRA)", &joint_dir, &j.routed));
     }
-    let (dense, routed, adapted) = (&rows[0].1, &rows[1].1, &rows[2].1);
+    let mut rows = Vec::new();
+    for (name, dir, report) in entries {
+        let model = load_pretrained::<B>(dir, device)?.model;
+        let mc = score_tasks(&model, &tokenizer, &tasks, 16, false)?;
+        let per_task: Vec<(String, f64)> = mc
+            .iter()
+            .map(|r| {
+                (
+                    r.dense.task.clone(),
+                    r.routed.as_ref().unwrap_or(&r.dense).acc,
+                )
+            })
+            .collect();
+        let mc_acc = per_task.iter().map(|t| t.1).sum::<f64>() / per_task.len() as f64;
+        let (speedup, ideal_speedup) = engine_speedup(&model, &valid);
+        rows.push(DemoRow {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            perplexity: report.perplexity,
+            mc_acc,
+            mc_acc_per_task: per_task,
+            attn_skip: report.attn_skip,
+            mlp_skip: report.mlp_skip,
+            param_skip: report.param_skip,
+            speedup,
+            ideal_speedup,
+        });
+    }
+    let rt_model = load_pretrained::<B>(&rt_dir, device)?.model;
+    let analysis = analyze::<B>(
+        &AnalyzeArgs {
+            model: rt_dir.clone(),
+            corpus: corpus.clone(),
+            text: format!(
+                "{} keeps the long road. then it counts 10 11 12 13 14 15. and so on, the end.",
+                args.prompt
+            ),
+            out: pictures.clone(),
+            sequences: 256,
+            batch_size: 16,
+        },
+        device,
+    )?;
+
+    println!();
+    print_table(
+        &rows,
+        &tasks.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
+    );
+    let (dense, routed, adapted) = (&rows[0], &rows[1], &rows[2]);
     println!(
-        "\nrouted / dense perplexity: {:.3}, with LoRA {:.3}, at {:.1}% of (token, module) executions skipped (target {:.0}%), {} held-out tokens",
+        "\nSkipGPT-RT / dense perplexity: {:.3}, with LoRA {:.3}; {:.1}% of (token, module) executions skipped (target {:.0}%), {} held-out tokens",
         routed.perplexity / dense.perplexity,
         adapted.perplexity / dense.perplexity,
         50.0 * (routed.attn_skip + routed.mlp_skip),
         100.0 * args.target_sparsity,
-        routed.tokens
+        rt.routed.tokens
     );
     println!(
-        "per layer (attention / mlp skip): {}",
-        routed
+        "SkipGPT-RT per layer (attention / mlp skip): {}",
+        rt.routed
             .attn_skip_per_layer
             .iter()
-            .zip(&routed.mlp_skip_per_layer)
+            .zip(&rt.routed.mlp_skip_per_layer)
             .enumerate()
             .map(|(i, (a, m))| format!("L{i} {:.0}%/{:.0}%", 100.0 * a, 100.0 * m))
             .collect::<Vec<_>>()
             .join("  ")
     );
+    println!(
+        "speedup: the sparse engine's prefill time, dense / routed, on {} held-out sequences (ideal: by FLOPs); a model this small is bound by per-operation overhead, not arithmetic",
+        SPEED_SEQUENCES.min(valid.len())
+    );
 
+    let final_model = load_pretrained::<B>(&lora_dir, device)?.model;
     let prompt = tokenizer.encode(&args.prompt)?;
     let opts = GenerateOptions {
         max_new_tokens: 24,
         sampling: Sampling::Greedy,
-        eos_token_ids: model.config.eos_token_ids.clone(),
+        eos_token_ids: final_model.config.eos_token_ids.clone(),
         ignore_eos: false,
     };
-    let (mut tokens, _, _) = generate_sparse(&model, &[prompt], &opts, model.routing)?;
-    let tokens = tokens.remove(0);
+    let (mut tokens, _, _) = generate_sparse(&final_model, &[prompt], &opts, final_model.routing)?;
     println!(
-        "\nrouted + LoRA model continues {:?}: {:?}",
+        "\nSkipGPT-RT + LoRA continues {:?}: {:?}",
         args.prompt,
-        tokenizer.decode(&tokens)?
+        tokenizer.decode(&tokens.remove(0))?
     );
+
+    let summary = DemoSummary {
+        target_sparsity: args.target_sparsity,
+        model_params: rt_model.config.num_params(),
+        layers: rt_model.config.num_hidden_layers,
+        hidden_size: rt_model.config.hidden_size,
+        pretrain_steps: args.pretrain_steps,
+        tune_steps: args.tune_steps,
+        lora_steps: args.lora_steps,
+        heldout_tokens: rt.routed.tokens,
+        rows,
+        analysis,
+    };
+    let summary_path = args.out.join(format!("summary-t{t}.json"));
+    std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)?)
+        .with_context(|| summary_path.display().to_string())?;
     println!(
-        "\nmodels: {} (dense), {} (SkipGPT), {} (SkipGPT + LoRA, merged; adapter in PEFT layout under adapter/); try `skipgpt eval-ppl --model {} --synthetic {} --data-seed {} --seq-len 64`",
-        dense_dir.display(),
-        routed_dir.display(),
-        lora_dir.display(),
-        lora_dir.display(),
-        args.docs,
-        args.seed
+        "\nrouting pictures: {}/*.svg; numbers: {}; models under {} ({:.0} s)",
+        pictures.display(),
+        summary_path.display(),
+        args.out.display(),
+        started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn print_table(rows: &[DemoRow], tasks: &[String]) {
+    println!(
+        "{:<20} {:>10} {:>8} {:>9} {:>9} {:>10} {:>14}",
+        "model", "perplexity", "MC acc", "attn skip", "mlp skip", "param skip", "speedup (ideal)"
+    );
+    for r in rows {
+        println!(
+            "{:<20} {:>10.3} {:>7.1}% {:>8.1}% {:>8.1}% {:>9.1}% {:>8.2}x ({:.2}x)",
+            r.name,
+            r.perplexity,
+            100.0 * r.mc_acc,
+            100.0 * r.attn_skip,
+            100.0 * r.mlp_skip,
+            100.0 * r.param_skip,
+            r.speedup,
+            r.ideal_speedup
+        );
+    }
+    println!(
+        "MC acc: mean over the built-in tasks ({})",
+        tasks.join(", ")
+    );
+}
+
+const SPEED_SEQUENCES: usize = 64;
+
+/// Prefill of held-out sequences through the sparse engine: dense time / routed time
+/// (median of 3 after a warm-up) and the FLOP ratio. (1, 1) for a model without routers.
+fn engine_speedup<B: Backend>(model: &LlamaForCausalLM<B>, data: &PackedDataset) -> (f64, f64) {
+    if model.routing_config.is_none() {
+        return (1.0, 1.0);
+    }
+    let rows: Vec<Vec<u32>> = data
+        .sequences
+        .iter()
+        .take(SPEED_SEQUENCES)
+        .map(|s| s[..data.seq_len].to_vec())
+        .collect();
+    let layers = model.config.num_hidden_layers;
+    let mut stats = EngineStats::default();
+    let mut time = |routing: Routing| {
+        let mut run = || {
+            let t = Instant::now();
+            stats = EngineStats::default();
+            for chunk in rows.chunks(8) {
+                let mut cache = SparseCache::new(chunk.len(), layers);
+                let out = sparse_forward(model, chunk, &mut cache, routing, LogitRows::Last)
+                    .expect("valid held-out ids");
+                let _ = out.logits.into_data();
+                stats.add(&out.stats);
+            }
+            t.elapsed().as_secs_f64()
+        };
+        run();
+        let mut times = [run(), run(), run()];
+        times.sort_by(f64::total_cmp);
+        times[1]
+    };
+    let dense = time(Routing::Dense);
+    let routed = time(model.routing);
+    (dense / routed, stats.ideal_speedup())
 }

@@ -302,3 +302,104 @@ pub fn prune_static<B: Backend>(
     println!("prune-static: saved to {}", args.out.display());
     Ok(plan)
 }
+
+#[derive(Args, Debug, Clone)]
+pub struct AnalyzeArgs {
+    /// A SkipGPT model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub corpus: crate::train_cmd::CorpusArgs,
+    /// Text whose per-token routing is drawn as a heatmap.
+    #[arg(
+        long,
+        default_value = "the old dog keeps the long road. then it counts 10 11 12 13 14 15. and so on, the end."
+    )]
+    pub text: String,
+    /// Where `routing.json` and the SVG pictures go.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Sequences of the held-out split to analyse (0: all).
+    #[arg(long, default_value_t = 256)]
+    pub sequences: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+}
+
+pub fn analyze_cmd(backend: BackendKind, args: AnalyzeArgs) -> Result<()> {
+    with_backend!(backend, |B, device| analyze::<B>(&args, &device).map(drop))
+}
+
+/// Routing analysis of a SkipGPT model on held-out text: JSON and pictures in `args.out`.
+pub fn analyze<B: Backend>(
+    args: &AnalyzeArgs,
+    device: &B::Device,
+) -> Result<skipgpt_eval::RoutingAnalysis> {
+    use skipgpt_eval::{analyze_routing, token_map, write_analysis};
+    let pretrained = skipgpt_model::load_pretrained::<B>(&args.model, device)?;
+    let tokenizer = pretrained.tokenizer.as_ref().with_context(|| {
+        format!(
+            "analyze needs {}",
+            args.model.join("tokenizer.json").display()
+        )
+    })?;
+    let model = pretrained.model;
+    let docs = args.corpus.documents()?;
+    let eos = model.config.eos_token_ids.first().copied();
+    let (train, mut valid) = args.corpus.split(&docs, tokenizer, eos)?;
+    if valid.is_empty() {
+        valid = train;
+    }
+    if args.sequences > 0 {
+        valid.sequences.truncate(args.sequences);
+    }
+    let analysis = analyze_routing(&model, &valid, Some(tokenizer), args.batch_size)?;
+    let map = token_map(&model, tokenizer, &args.text)?;
+    let files = write_analysis(&analysis, Some(&map), &args.out)?;
+    let o = &analysis.observations;
+    println!(
+        "{} tokens: attention skip {:.1}%, MLP skip {:.1}%",
+        analysis.tokens,
+        100.0 * analysis.attn_skip,
+        100.0 * analysis.mlp_skip
+    );
+    println!(
+        "attention skipped more than MLP: {}",
+        if o.attention_skipped_more_than_mlp {
+            "yes"
+        } else {
+            "no"
+        }
+    );
+    println!(
+        "later positions (second half vs first): attention executed {:.1}% vs {:.1}% ({}), MLP executed {:.1}% vs {:.1}% ({})",
+        100.0 * o.attn_executed_early_late.1,
+        100.0 * o.attn_executed_early_late.0,
+        if o.later_positions_use_more_attention { "more" } else { "not more" },
+        100.0 * o.mlp_executed_early_late.1,
+        100.0 * o.mlp_executed_early_late.0,
+        if o.later_positions_use_less_mlp { "less" } else { "not less" },
+    );
+    println!(
+        "compute by frequency class (most frequent first): {}",
+        analysis
+            .by_frequency
+            .iter()
+            .map(|c| format!("{:.1}%", 100.0 * c.executed))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let show = |v: &[skipgpt_eval::analysis::TokenCompute]| {
+        v.iter()
+            .take(5)
+            .map(|t| format!("{:?} {:.0}%", t.text, 100.0 * t.executed))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("most compute: {}", show(&analysis.most_compute));
+    println!("least compute: {}", show(&analysis.least_compute));
+    for f in files {
+        println!("wrote {}", f.display());
+    }
+    Ok(analysis)
+}

@@ -34,7 +34,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// The whole method on the built-in corpus (CPU, no downloads): pretrain a small model,
-    /// tune its routers, fine-tune LoRA, compare dense, routed and routed + LoRA perplexity.
+    /// tune its routers, fine-tune LoRA, and compare with coupled routing and static pruning
+    /// (perplexity, multiple choice, skip rates, measured speedup, routing pictures).
     Demo(DemoArgs),
     /// Train a dense LLaMA from a small config on a corpus and save it in the HF layout.
     Pretrain(PretrainArgs),
@@ -54,6 +55,9 @@ enum Command {
     /// ShortGPT-style static pruning (Block Influence), written as a SkipGPT directory with
     /// constant routers: the static baseline.
     PruneStatic(eval_cmd::PruneStaticArgs),
+    /// Where the routers spend compute: per layer, by position, by token frequency, and a
+    /// per-token heatmap; JSON plus SVG pictures.
+    Analyze(eval_cmd::AnalyzeArgs),
     /// Zero-shot multiple-choice accuracy (lm-evaluation-harness style), dense and routed.
     EvalMc(eval_cmd::EvalMcArgs),
 }
@@ -89,16 +93,29 @@ pub enum SplitArg {
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Where the demo writes its models (`dense/`, `skipgpt/`); rerunning reuses them.
+    /// Where the demo writes its models, pictures and `summary.json`; rerunning reuses the
+    /// finished models.
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
     /// Documents of the built-in synthetic corpus.
     #[arg(long, default_value_t = 1500)]
     pub docs: usize,
+    /// Tokens per training sequence.
+    #[arg(long, default_value_t = 64)]
+    pub seq_len: usize,
+    /// Width of the pretrained model.
+    #[arg(long, default_value_t = 128)]
+    pub hidden_size: usize,
+    /// Decoder layers of the pretrained model.
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    /// Attention heads (key/value heads: half as many).
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
     /// Pretraining steps.
     #[arg(long, default_value_t = 400)]
     pub pretrain_steps: usize,
-    /// Router-tuning steps.
+    /// Router-tuning steps (SkipGPT and the coupled MoD-D-style routers).
     #[arg(long, default_value_t = 200)]
     pub tune_steps: usize,
     /// LoRA fine-tuning steps (stage 2).
@@ -107,6 +124,12 @@ pub struct DemoArgs {
     /// Target fraction of (token, module) executions to skip.
     #[arg(long, default_value_t = 0.25)]
     pub target_sparsity: f64,
+    /// Also train the joint ablation (routers and LoRA together, for the tune + LoRA steps).
+    #[arg(long)]
+    pub joint: bool,
+    /// Examples per built-in multiple-choice task.
+    #[arg(long, default_value_t = 200)]
+    pub mc_examples: usize,
     /// Seed of the corpus, the initialisation and the training runs.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -244,6 +267,7 @@ fn main() {
         Command::Inspect(args) => commands::inspect(args),
         Command::EvalPpl(args) => commands::eval_ppl(backend, args),
         Command::EvalMc(args) => eval_cmd::eval_mc(backend, args),
+        Command::Analyze(args) => eval_cmd::analyze_cmd(backend, args),
         Command::PruneStatic(args) => eval_cmd::prune_static_cmd(backend, args),
     };
     if let Err(err) = result {

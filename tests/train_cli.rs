@@ -165,15 +165,48 @@ fn demo_runs_end_to_end_and_reruns_from_its_checkpoints() {
         "6",
         "--tune-steps",
         "4",
+        "--lora-steps",
+        "4",
+        "--mc-examples",
+        "4",
     ];
     let o = skipgpt(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        out.contains("SkipGPT-RT") && out.contains("perplexity"),
-        "{out}"
-    );
-    assert!(dir.path().join("skipgpt/routers.safetensors").exists());
+    for row in [
+        "dense",
+        "SkipGPT-RT + LoRA",
+        "MoD-D",
+        "ShortGPT",
+        "MC acc",
+        "speedup",
+    ] {
+        assert!(out.contains(row), "{row}: {out}");
+    }
+    let p = dir.path();
+    assert!(p.join("skipgpt-t25/routers.safetensors").exists());
+    assert!(p
+        .join("skipgpt-lora-t25/adapter/adapter_model.safetensors")
+        .exists());
+    for picture in [
+        "skip-per-layer",
+        "skip-by-position",
+        "compute-by-frequency",
+        "token-heatmap",
+    ] {
+        let svg = std::fs::read_to_string(p.join(format!("analysis-t25/{picture}.svg"))).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("</svg>"),
+            "{picture}"
+        );
+    }
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.join("summary-t25.json")).unwrap()).unwrap();
+    let rows = summary["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    // ShortGPT removes one of the tiny model's 4 layers: exactly 25% of the parameters
+    assert_eq!(rows[4]["param_skip"], 0.25);
+    assert!(rows.iter().all(|r| r["mc_acc"].as_f64().unwrap() <= 1.0));
     // a second run reuses the finished runs rather than failing on them
     let o = skipgpt(&args);
     assert!(o.status.success(), "{}", stderr(&o));

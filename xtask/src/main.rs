@@ -3,15 +3,19 @@
 //! - `ci`: formatting check, clippy (warnings are errors), the test suite, and a compile check
 //!   of the GPU backends (`--features wgpu,cuda`; no GPU needed to compile).
 //! - `bench`: the sparse engine against dense, prefill and decode (`examples/bench_sparse.rs`).
+//! - `experiment`: the demo's comparison with a larger model at 25% and 40% skip, written up
+//!   as `docs/results.md` (`report [DIR]` rewrites it from a finished run).
 //! - `fixtures`: regenerates `tests/fixtures/variants/` with HF transformers and
 //!   `tests/fixtures/peft-lora/` with peft (needs a Python with torch, transformers, peft,
 //!   safetensors, tokenizers; set `PYTHON`).
+
+mod experiment;
 
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-fn run(program: &str, args: &[&str]) -> Result<()> {
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<()> {
     eprintln!("$ {program} {}", args.join(" "));
     let status = Command::new(program)
         .args(args)
@@ -109,6 +113,12 @@ fn main() -> Result<()> {
         "ci" => ci(),
         "fixtures" => fixtures(),
         "bench" => bench(&args[1..]),
-        _ => bail!("usage: cargo xtask <ci|fixtures|bench [--features cuda] [--layers 8 --hidden 512 ...]>"),
+        "experiment" => experiment::experiment(&args[1..]),
+        "report" => experiment::write_report(
+            std::path::Path::new(args.get(1).map_or("runs/experiment", String::as_str)),
+            &[],
+            "ndarray",
+        ),
+        _ => bail!("usage: cargo xtask <ci|fixtures|bench [--features cuda] [--layers 8 --hidden 512 ...]|experiment [--features cuda] [--hidden-size 192 ...]|report [DIR]>"),
     }
 }
