@@ -13,14 +13,14 @@ use crate::run;
 
 /// Settings of the larger model; every one can be overridden as `--name value`.
 const DEFAULTS: [(&str, &str); 9] = [
-    ("--docs", "3000"),
+    ("--docs", "2500"),
     ("--seq-len", "64"),
     ("--hidden-size", "192"),
     ("--layers", "6"),
     ("--heads", "6"),
-    ("--pretrain-steps", "800"),
-    ("--tune-steps", "300"),
-    ("--lora-steps", "300"),
+    ("--pretrain-steps", "600"),
+    ("--tune-steps", "250"),
+    ("--lora-steps", "250"),
     ("--mc-examples", "300"),
 ];
 

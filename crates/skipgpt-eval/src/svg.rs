@@ -185,7 +185,7 @@ pub fn heatmap(title: &str, tokens: &[String], rows: &[(String, Vec<bool>)]) -> 
     let cell = 18.0;
     let label_w = 70.0;
     let token_h = 90.0;
-    let w = label_w + cell * tokens.len() as f64 + 20.0;
+    let w = label_w + cell * tokens.len() as f64 + 90.0;
     let h = TOP + cell * rows.len() as f64 + token_h + 30.0;
     let mut out = String::new();
     header(&mut out, w.max(300.0), h, title);
