@@ -239,3 +239,87 @@ fn prune_static_and_eval_mc_from_the_command_line() {
     args.extend(corpus);
     assert_clean_failure(&args, &["input model"]);
 }
+
+#[test]
+fn routing_analysis_aggregates_the_reference_gates() {
+    use skipgpt_eval::{analyze_routing, token_map, write_analysis};
+    let p = load_pretrained::<B>(&tiny().join("model-routed"), &device()).unwrap();
+    let (model, tok) = (p.model, p.tokenizer.unwrap());
+    let r = reference(&tiny());
+    // the fixture's two rows: positions 0..23 are what the reference gates cover
+    let data = skipgpt_train::data::PackedDataset {
+        seq_len: 24,
+        sequences: ids_rows(&r, "input_ids")
+            .into_iter()
+            .map(|mut s| {
+                s.push(0);
+                s
+            })
+            .collect(),
+    };
+    let a = analyze_routing(&model, &data, Some(&tok), 2).unwrap();
+    let (attn, _) = r.read_f32("routed.post_attn.attn_gates").unwrap(); // [3, 2, 24]
+    let (mlp, _) = r.read_f32("routed.post_attn.mlp_gates").unwrap();
+    for l in 0..3 {
+        let skip = |g: &[f32]| 1.0 - g[l * 48..(l + 1) * 48].iter().sum::<f32>() as f64 / 48.0;
+        assert!(
+            (a.attn_skip_per_layer[l] - skip(&attn)).abs() < 1e-9,
+            "layer {l}"
+        );
+        assert!(
+            (a.mlp_skip_per_layer[l] - skip(&mlp)).abs() < 1e-9,
+            "layer {l}"
+        );
+    }
+    for p in [0, 7, 23] {
+        let skip = |g: &[f32]| {
+            1.0 - (0..3)
+                .flat_map(|l| (0..2).map(move |s| l * 48 + s * 24 + p))
+                .map(|i| g[i] as f64)
+                .sum::<f64>()
+                / 6.0
+        };
+        assert!(
+            (a.attn_skip_by_position[p] - skip(&attn)).abs() < 1e-9,
+            "position {p}"
+        );
+        assert!(
+            (a.mlp_skip_by_position[p] - skip(&mlp)).abs() < 1e-9,
+            "position {p}"
+        );
+    }
+    assert_eq!(a.tokens, 48);
+    assert_eq!(
+        a.observations.attention_skipped_more_than_mlp,
+        a.attn_skip > a.mlp_skip
+    );
+    // compute by frequency covers every occurrence once
+    let occurrences: usize = a.by_frequency.iter().map(|c| c.occurrences).sum();
+    assert_eq!(occurrences, 48);
+
+    // the per-token map of the first row's text gives that row's gates
+    let text = tok.decode(&ids_rows(&r, "input_ids")[0]).unwrap();
+    let map = token_map(&model, &tok, &text).unwrap();
+    assert_eq!(map.tokens.len(), 24);
+    let first: Vec<bool> = (0..24).map(|p| attn[p] > 0.5).collect();
+    assert_eq!(map.attn[0], first);
+    let dir = tempfile::tempdir().unwrap();
+    let files = write_analysis(&a, Some(&map), dir.path()).unwrap();
+    assert_eq!(files.len(), 5);
+    let heatmap = std::fs::read_to_string(dir.path().join("token-heatmap.svg")).unwrap();
+    // one cell per (token, module row)
+    let cells =
+        heatmap.matches("executed</title>").count() + heatmap.matches("skipped</title>").count();
+    assert_eq!(cells, map.tokens.len() * 6);
+    assert!(heatmap.trim_end().ends_with("</svg>"));
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("routing.json")).unwrap()).unwrap();
+    assert_eq!(json["analysis"]["tokens"], 48);
+
+    // a dense model has nothing to analyse
+    let (dense, _) = tiny_model();
+    let e = analyze_routing(&dense, &data, None, 2)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no routers"), "{e}");
+}
