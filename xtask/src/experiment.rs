@@ -90,6 +90,14 @@ fn f(v: &Value, key: &str) -> f64 {
 
 /// Writes `docs/results.md` (and copies the pictures to `docs/images/results/`) from the
 /// summaries of a finished experiment in `out`.
+/// The settings `experiment` runs with unless overridden (for `report`).
+pub fn default_settings() -> Vec<(String, String)> {
+    DEFAULTS
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 pub fn write_report(out: &Path, settings: &[(String, String)], backend: &str) -> Result<()> {
     let summaries: Vec<(u32, Value)> = [25u32, 40]
         .iter()
@@ -272,6 +280,21 @@ pub fn write_report(out: &Path, settings: &[(String, String)], backend: &str) ->
             cell(&cells[0]),
             cell(&cells[1])
         );
+    }
+    // budgets that whole-layer removal could not match
+    for (t, s) in &summaries {
+        if let (Some(rt), Some(short)) = (row(s, "SkipGPT-RT"), row(s, "ShortGPT")) {
+            let (a, b) = (f(rt, "param_skip"), f(short, "param_skip"));
+            if (a - b).abs() > 0.03 {
+                let _ = writeln!(
+                    md,
+                    "\nAt {t}%, ShortGPT removes whole layers, so its parameter skip ({:.1}%) cannot match SkipGPT-RT's ({:.1}%): the perplexity comparison is at {} budget for the static model.",
+                    100.0 * b,
+                    100.0 * a,
+                    if b > a { "a larger" } else { "a smaller" }
+                );
+            }
+        }
     }
     let _ = writeln!(
         md,

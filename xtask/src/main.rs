@@ -116,7 +116,7 @@ fn main() -> Result<()> {
         "experiment" => experiment::experiment(&args[1..]),
         "report" => experiment::write_report(
             std::path::Path::new(args.get(1).map_or("runs/experiment", String::as_str)),
-            &[],
+            &experiment::default_settings(),
             "ndarray",
         ),
         _ => bail!("usage: cargo xtask <ci|fixtures|bench [--features cuda] [--layers 8 --hidden 512 ...]|experiment [--features cuda] [--hidden-size 192 ...]|report [DIR]>"),

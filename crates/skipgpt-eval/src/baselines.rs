@@ -110,9 +110,10 @@ pub struct StaticPlan {
     pub param_skip: f64,
 }
 
-/// Removes the least influential layers (or attention modules) until at least `target` of
-/// the decoder's parameters are gone: the parameter budget of a SkipGPT model at that
-/// sparsity. Attention alone may hold less than `target`; then every attention module goes.
+/// Removes the least influential layers (or attention modules), as many as brings the removed
+/// share of the decoder's parameters nearest to `target` (the parameter budget of a SkipGPT
+/// model at that sparsity; a tie goes to the larger removal). Attention alone may hold less
+/// than `target`; then every attention module goes.
 pub fn static_plan(
     bi: &BlockInfluence,
     mode: StaticMode,
