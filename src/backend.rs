@@ -36,7 +36,8 @@ impl BackendKind {
 
 /// Starts `B` on `device` by allocating one small tensor, turning a panic from inside the
 /// backend (cudarc panics when libcuda is missing; wgpu when no adapter is found) into an
-/// error that says what is missing.
+/// error that says what is missing. (The CPU backend cannot fail to start.)
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub fn probe<B: burn::tensor::backend::Backend>(
     kind: BackendKind,
     device: &B::Device,
@@ -69,7 +70,7 @@ pub fn probe<B: burn::tensor::backend::Backend>(
 }
 
 /// Runs `$body` with `B` bound to the chosen backend type and `device` to its default device,
-/// after checking that the backend starts. A backend that was not compiled in is a clear
+/// after checking that a GPU backend starts. A backend that was not compiled in is a clear
 /// error naming the cargo feature.
 #[macro_export]
 macro_rules! with_backend {
@@ -79,7 +80,6 @@ macro_rules! with_backend {
             $crate::backend::BackendKind::Ndarray => {
                 type $B = burn::backend::NdArray<f32>;
                 let $device = burn::backend::ndarray::NdArrayDevice::default();
-                $crate::backend::probe::<$B>($kind, &$device)?;
                 $body
             }
             #[cfg(feature = "wgpu")]

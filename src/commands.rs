@@ -19,18 +19,42 @@ use crate::{
     RoutingArg, RoutingArgs, SplitArg,
 };
 
-/// A model directory, with a PEFT LoRA adapter applied (unmerged) when one is given.
-pub(crate) fn load_model<B: Backend>(
-    dir: &std::path::Path,
-    adapter: Option<&std::path::Path>,
-    device: &B::Device,
-) -> Result<skipgpt_model::Pretrained<B>> {
-    let mut pretrained = load_pretrained::<B>(dir, device)?;
-    if let Some(adapter) = adapter {
-        let adapter = skipgpt_model::load_peft_adapter(adapter)?;
-        pretrained.model = pretrained.model.load_lora(&adapter)?;
+/// `--model DIR [--adapter PEFT_DIR]`: the model a serving or evaluation command runs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model directory (HF layout, optionally with SkipGPT routers).
+    #[arg(long = "model")]
+    pub dir: std::path::PathBuf,
+    /// A LoRA adapter in PEFT layout to apply on top of --model (unmerged).
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
+}
+
+impl ModelArgs {
+    /// The model directory, with the adapter applied when one is given.
+    pub fn load<B: Backend>(&self, device: &B::Device) -> Result<skipgpt_model::Pretrained<B>> {
+        let mut pretrained = load_pretrained::<B>(&self.dir, device)?;
+        if let Some(adapter) = &self.adapter {
+            let adapter = skipgpt_model::load_peft_adapter(adapter)?;
+            pretrained.model = pretrained.model.load_lora(&adapter)?;
+        }
+        Ok(pretrained)
     }
-    Ok(pretrained)
+}
+
+/// The tokenizer of a loaded model directory, or an error naming the missing file and the
+/// command that needs it.
+pub(crate) fn require_tokenizer<T>(
+    tokenizer: Option<T>,
+    dir: &std::path::Path,
+    command: &str,
+) -> Result<T> {
+    tokenizer.with_context(|| {
+        format!(
+            "{command} needs {} to turn text into tokens",
+            dir.join("tokenizer.json").display()
+        )
+    })
 }
 
 /// The routing mode the command line asks for (seeding the backend for `--routing sample`).
@@ -75,7 +99,7 @@ fn logits_on<B: Backend>(args: &LogitsArgs, device: &B::Device) -> Result<()> {
             args.input.display()
         );
     }
-    let pretrained = load_model::<B>(&args.model, args.adapter.as_deref(), device)?;
+    let pretrained = args.model.load::<B>(device)?;
     let mut model = pretrained.model;
     apply_routing(&mut model, &args.routing, device);
     validate_ids(
@@ -137,7 +161,7 @@ pub fn generate(backend: BackendKind, args: GenerateArgs) -> Result<()> {
 }
 
 fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
-    let mut pretrained = load_model::<B>(&args.model, args.adapter.as_deref(), device)?;
+    let mut pretrained = args.model.load::<B>(device)?;
     apply_routing(&mut pretrained.model, &args.routing, device);
     let tokenizer = pretrained.tokenizer.as_ref();
     let prompt: Vec<u32> = match (&args.prompt, &args.prompt_ids) {
@@ -145,7 +169,7 @@ fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()
             let tok = tokenizer.with_context(|| {
                 format!(
                     "--prompt needs {}; pass --prompt-ids instead",
-                    args.model.join("tokenizer.json").display()
+                    args.model.dir.join("tokenizer.json").display()
                 )
             })?;
             tok.encode(text)?
@@ -367,13 +391,8 @@ pub fn eval_ppl(backend: BackendKind, args: EvalPplArgs) -> Result<()> {
 fn eval_ppl_on<B: Backend>(args: &EvalPplArgs, device: &B::Device) -> Result<()> {
     use skipgpt_train::data::pack;
 
-    let pretrained = load_model::<B>(&args.model, args.adapter.as_deref(), device)?;
-    let tokenizer = pretrained.tokenizer.as_ref().with_context(|| {
-        format!(
-            "eval-ppl needs {}",
-            args.model.join("tokenizer.json").display()
-        )
-    })?;
+    let pretrained = args.model.load::<B>(device)?;
+    let tokenizer = require_tokenizer(pretrained.tokenizer.as_ref(), &args.model.dir, "eval-ppl")?;
     let model = pretrained.model;
     let docs = args.corpus.documents()?;
     let eos = model.config.eos_token_ids.first().copied();

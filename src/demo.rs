@@ -24,7 +24,9 @@ use serde::Serialize;
 use skipgpt_eval::{synthetic_mc_tasks, PerplexityReport};
 use skipgpt_model::sparse::EngineStats;
 use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
-use skipgpt_model::{load_pretrained, GenerateOptions, LlamaForCausalLM, Routing, Sampling};
+use skipgpt_model::{
+    load_config, load_pretrained, GenerateOptions, LlamaForCausalLM, Routing, Sampling, Tokenizer,
+};
 use skipgpt_train::data::PackedDataset;
 use skipgpt_train::fit::run_dir;
 use skipgpt_train::resume::RunManifest;
@@ -241,35 +243,27 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
     };
 
     eprintln!("\n[6/6] evaluating every model the same way");
-    let loaded = load_pretrained::<B>(&dense_dir, device)?;
-    let tokenizer = loaded
-        .tokenizer
-        .with_context(|| format!("{} has no tokenizer", dense_dir.display()))?;
-    let docs = corpus.documents()?;
-    let eos = loaded.model.config.eos_token_ids.first().copied();
-    let (_, valid) = corpus.split(&docs, &tokenizer, eos)?;
-    let short_model = load_pretrained::<B>(&short_dir, device)?.model;
-    let short = perplexity(
-        &short_model,
-        &valid,
-        Routing::Deterministic,
-        16,
-        Some("ShortGPT"),
-    );
+    let tokenizer = Tokenizer::from_file(&dense_dir.join("tokenizer.json"))?;
+    let config = load_config(&dense_dir)?;
+    let (_, valid) = corpus.load_split(&tokenizer, &config)?;
     let tasks = synthetic_mc_tasks(args.mc_examples, args.seed ^ 0x6d63);
-    let mut entries: Vec<(&str, &PathBuf, &PerplexityReport)> = vec![
-        ("dense", &dense_dir, &rt.dense),
-        ("SkipGPT-RT", &rt_dir, &rt.routed),
-        ("SkipGPT-RT + LoRA", &lora_dir, &lora),
-        ("MoD-D (coupled)", &modd_dir, &modd.routed),
-        ("ShortGPT (static)", &short_dir, &short),
+    // (name, directory, held-out report when its training command measured it)
+    let mut entries: Vec<(&str, &PathBuf, Option<PerplexityReport>)> = vec![
+        ("dense", &dense_dir, Some(rt.dense)),
+        ("SkipGPT-RT", &rt_dir, Some(rt.routed.clone())),
+        ("SkipGPT-RT + LoRA", &lora_dir, Some(lora)),
+        ("MoD-D (coupled)", &modd_dir, Some(modd.routed)),
+        ("ShortGPT (static)", &short_dir, None),
     ];
-    if let Some(j) = &joint {
-        entries.push(("joint (RT + LoRA)", &joint_dir, &j.routed));
+    if let Some(j) = joint {
+        entries.push(("joint (RT + LoRA)", &joint_dir, Some(j.routed)));
     }
     let mut rows = Vec::new();
+    let mut final_model = None;
     for (name, dir, report) in entries {
         let model = load_pretrained::<B>(dir, device)?.model;
+        let report =
+            report.unwrap_or_else(|| perplexity(&model, &valid, model.routing, 16, Some(name)));
         let mc = score_tasks(&model, &tokenizer, &tasks, 16, false)?;
         let per_task: Vec<(String, f64)> = mc
             .iter()
@@ -294,8 +288,10 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
             speedup,
             ideal_speedup,
         });
+        if dir == &lora_dir {
+            final_model = Some(model);
+        }
     }
-    let rt_model = load_pretrained::<B>(&rt_dir, device)?.model;
     let analysis = analyze::<B>(
         &AnalyzeArgs {
             model: rt_dir.clone(),
@@ -341,7 +337,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         SPEED_SEQUENCES.min(valid.len())
     );
 
-    let final_model = load_pretrained::<B>(&lora_dir, device)?.model;
+    let final_model = final_model.expect("the LoRA model is one of the rows");
     let prompt = tokenizer.encode(&args.prompt)?;
     let opts = GenerateOptions {
         max_new_tokens: 24,
@@ -358,9 +354,9 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
 
     let summary = DemoSummary {
         target_sparsity: args.target_sparsity,
-        model_params: rt_model.config.num_params(),
-        layers: rt_model.config.num_hidden_layers,
-        hidden_size: rt_model.config.hidden_size,
+        model_params: config.num_params(),
+        layers: config.num_hidden_layers,
+        hidden_size: config.hidden_size,
         pretrain_steps: args.pretrain_steps,
         tune_steps: args.tune_steps,
         lora_steps: args.lora_steps,

@@ -3,23 +3,21 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
 use clap::Args;
 use skipgpt_eval::{evaluate_mc, synthetic_mc_tasks, McReport, McTask};
 use skipgpt_model::{LlamaForCausalLM, Routing, Tokenizer};
 
 use crate::backend::BackendKind;
+use crate::commands::require_tokenizer;
+use crate::train_cmd::check_out_dir;
 use crate::with_backend;
 
 #[derive(Args, Debug, Clone)]
 pub struct EvalMcArgs {
-    /// Model directory (HF layout, optionally with routers), with tokenizer.json.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// A LoRA adapter in PEFT layout to apply on top of --model (unmerged).
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: crate::commands::ModelArgs,
     /// Task files, comma-separated: JSONL, one `{"context", "choices", "gold"}` per line.
     #[arg(
         long,
@@ -102,14 +100,8 @@ pub fn score_tasks<B: Backend>(
 }
 
 fn eval_mc_on<B: Backend>(args: &EvalMcArgs, device: &B::Device) -> Result<()> {
-    let pretrained =
-        crate::commands::load_model::<B>(&args.model, args.adapter.as_deref(), device)?;
-    let tokenizer = pretrained.tokenizer.as_ref().with_context(|| {
-        format!(
-            "eval-mc needs {}",
-            args.model.join("tokenizer.json").display()
-        )
-    })?;
+    let pretrained = args.model.load::<B>(device)?;
+    let tokenizer = require_tokenizer(pretrained.tokenizer.as_ref(), &args.model.dir, "eval-mc")?;
     let tasks = match args.synthetic_tasks {
         Some(n) => synthetic_mc_tasks(n, 0),
         None => args
@@ -237,23 +229,11 @@ pub fn prune_static<B: Backend>(
             args.target_sparsity
         );
     }
-    if crate::train_cmd::same_dir(&args.model, &args.out) {
-        bail!(
-            "--out {} is the input model's directory: choose another, the input is left untouched",
-            args.out.display()
-        );
-    }
+    check_out_dir(&args.model, &args.out)?;
     let pretrained = skipgpt_model::load_pretrained::<B>(&args.model, device)?;
-    let tokenizer = pretrained.tokenizer.as_ref().with_context(|| {
-        format!(
-            "prune-static needs {} to tokenize the calibration text",
-            args.model.join("tokenizer.json").display()
-        )
-    })?;
+    let tokenizer = require_tokenizer(pretrained.tokenizer.as_ref(), &args.model, "prune-static")?;
     let model = pretrained.model;
-    let docs = args.corpus.documents()?;
-    let eos = model.config.eos_token_ids.first().copied();
-    let (mut calibration, _) = args.corpus.split(&docs, tokenizer, eos)?;
+    let (mut calibration, _) = args.corpus.load_split(tokenizer, &model.config)?;
     calibration
         .sequences
         .truncate(args.calibration_sequences.max(1));
@@ -337,16 +317,9 @@ pub fn analyze<B: Backend>(
 ) -> Result<skipgpt_eval::RoutingAnalysis> {
     use skipgpt_eval::{analyze_routing, token_map, write_analysis};
     let pretrained = skipgpt_model::load_pretrained::<B>(&args.model, device)?;
-    let tokenizer = pretrained.tokenizer.as_ref().with_context(|| {
-        format!(
-            "analyze needs {}",
-            args.model.join("tokenizer.json").display()
-        )
-    })?;
+    let tokenizer = require_tokenizer(pretrained.tokenizer.as_ref(), &args.model, "analyze")?;
     let model = pretrained.model;
-    let docs = args.corpus.documents()?;
-    let eos = model.config.eos_token_ids.first().copied();
-    let (train, mut valid) = args.corpus.split(&docs, tokenizer, eos)?;
+    let (train, mut valid) = args.corpus.load_split(tokenizer, &model.config)?;
     if valid.is_empty() {
         valid = train;
     }

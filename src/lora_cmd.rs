@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::Backend;
@@ -11,16 +11,14 @@ use clap::Args;
 use skipgpt_eval::PerplexityReport;
 use skipgpt_model::lora::LORA_TARGETS;
 use skipgpt_model::{
-    load_peft_adapter, load_pretrained, save_peft_adapter, save_pretrained, LlamaForCausalLM,
-    LoraConfig, Routing, StoreDtype, Tokenizer,
+    load_peft_adapter, save_peft_adapter, save_pretrained, LlamaForCausalLM, LoraConfig, Routing,
+    StoreDtype, Tokenizer,
 };
-use skipgpt_train::fit::run_dir;
-use skipgpt_train::resume::RunManifest;
-use skipgpt_train::{fit, Objective, RunDir, ScheduleKind};
+use skipgpt_train::{fit, Objective, ScheduleKind};
 
 use crate::backend::BackendKind;
 use crate::commands::perplexity;
-use crate::train_cmd::{same_dir, CorpusArgs, Defaults, TrainArgs};
+use crate::train_cmd::{print_validation, start_training_from, CorpusArgs, Defaults, TrainArgs};
 use crate::{with_backend, RoutingArg};
 
 /// The adapters' shape: where they go, their rank, scale and dropout.
@@ -114,18 +112,6 @@ pub fn finetune_lora<B: Backend>(
     device: &B::Device,
 ) -> Result<Option<PerplexityReport>> {
     let label = "finetune-lora";
-    if same_dir(&args.model, &args.out) {
-        bail!(
-            "--out {} is the input model's directory: choose another, the input is left untouched",
-            args.out.display()
-        );
-    }
-    let run = RunDir {
-        path: run_dir(&args.out),
-        resume: args.train.resume,
-        label: label.into(),
-    };
-    RunManifest::check(&run.path, run.resume)?;
     let adapter = args
         .resume_adapter
         .as_deref()
@@ -135,14 +121,8 @@ pub fn finetune_lora<B: Backend>(
         Some(a) => a.config.clone(),
         None => args.lora.config()?,
     };
-    let pretrained = load_pretrained::<Autodiff<B>>(&args.model, device)?;
-    let tokenizer = pretrained.tokenizer.with_context(|| {
-        format!(
-            "{label} needs {} to tokenize the corpus",
-            args.model.join("tokenizer.json").display()
-        )
-    })?;
-    let mut model = pretrained.model;
+    let (run, mut model, tokenizer) =
+        start_training_from::<B>(&args.model, &args.out, &args.train, label, device)?;
     if model.routing_config.is_some() {
         model.routing = match args.routing {
             RoutingArg::Deterministic => Routing::Deterministic,
@@ -155,9 +135,7 @@ pub fn finetune_lora<B: Backend>(
         warmup_fraction: 0.03,
         schedule: ScheduleKind::Cosine,
     });
-    let docs = args.corpus.documents()?;
-    let eos = model.config.eos_token_ids.first().copied();
-    let (train, valid) = args.corpus.split(&docs, &tokenizer, eos)?;
+    let (train, valid) = args.corpus.load_split(&tokenizer, &model.config)?;
 
     Autodiff::<B>::seed(device, args.train.seed);
     // everything frozen, routers included; then the adapters, which train
@@ -212,14 +190,8 @@ pub fn finetune_lora<B: Backend>(
         return Ok(None);
     };
     let after = perplexity(&tuned, &valid, routing, batch, Some("after"));
-    for (name, r) in [("before", &before), ("after", &after)] {
-        println!(
-            "  {name:<7} validation perplexity {:>8.3}  skip: attention {:>5.1}%  mlp {:>5.1}%",
-            r.perplexity,
-            100.0 * r.attn_skip,
-            100.0 * r.mlp_skip,
-        );
-    }
+    print_validation("before", &before);
+    print_validation("after", &after);
     Ok(Some(after))
 }
 

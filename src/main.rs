@@ -64,12 +64,8 @@ enum Command {
 
 #[derive(Args, Debug)]
 pub struct EvalPplArgs {
-    /// Model directory (HF layout, optionally with routers).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// A LoRA adapter in PEFT layout to apply on top of --model (unmerged).
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: commands::ModelArgs,
     #[command(flatten)]
     pub corpus: CorpusArgs,
     #[arg(long, default_value_t = 8)]
@@ -180,12 +176,8 @@ pub enum RoutingArg {
 
 #[derive(Args, Debug)]
 pub struct LogitsArgs {
-    /// Model directory (HF layout).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// A LoRA adapter in PEFT layout to apply on top of --model (unmerged).
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: commands::ModelArgs,
     /// safetensors file holding `input_ids`, i64 [batch, seq].
     #[arg(long)]
     pub input: PathBuf,
@@ -204,12 +196,8 @@ pub struct LogitsArgs {
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Model directory (HF layout).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// A LoRA adapter in PEFT layout to apply on top of --model (unmerged).
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: commands::ModelArgs,
     /// Prompt text (needs tokenizer.json in the model directory).
     #[arg(
         long,

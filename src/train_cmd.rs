@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::backend::BackendKind;
-use crate::commands::perplexity;
+use crate::commands::{perplexity, require_tokenizer};
 use crate::lora_cmd::{write_adapted, LoraArgs, Output};
 use crate::with_backend;
 use anyhow::{bail, Context, Result};
@@ -51,6 +51,17 @@ impl CorpusArgs {
             Some(n) => synthetic_corpus(n, self.data_seed),
             None => read_documents(&self.data)?,
         })
+    }
+
+    /// The documents, tokenized, packed (documents joined by the model's EOS) and split into
+    /// (train, validation).
+    pub fn load_split(
+        &self,
+        tokenizer: &Tokenizer,
+        config: &LlamaConfig,
+    ) -> Result<(PackedDataset, PackedDataset)> {
+        let docs = self.documents()?;
+        self.split(&docs, tokenizer, config.eos_token_ids.first().copied())
     }
 
     /// Tokenized, packed and split into (train, validation).
@@ -428,26 +439,8 @@ pub fn tune_routers<B: Backend>(
     device: &B::Device,
 ) -> Result<Option<TunedReports>> {
     let label = "tune-routers";
-    if same_dir(&args.model, &args.out) {
-        bail!(
-            "--out {} is the input model's directory: choose another, the input is left untouched",
-            args.out.display()
-        );
-    }
-    let run = RunDir {
-        path: run_dir(&args.out),
-        resume: args.train.resume,
-        label: label.into(),
-    };
-    RunManifest::check(&run.path, run.resume)?;
-    let pretrained = load_pretrained::<Autodiff<B>>(&args.model, device)?;
-    let tokenizer = pretrained.tokenizer.with_context(|| {
-        format!(
-            "tune-routers needs {} to tokenize the corpus",
-            args.model.join("tokenizer.json").display()
-        )
-    })?;
-    let mut model = pretrained.model;
+    let (run, mut model, tokenizer) =
+        start_training_from::<B>(&args.model, &args.out, &args.train, label, device)?;
     if model.routing_config.is_some() && !args.train.quiet {
         eprintln!(
             "{label}: {} has routers; training new ones",
@@ -471,9 +464,7 @@ pub fn tune_routers<B: Backend>(
 
     let lora = args.joint_lora.then(|| args.lora.config()).transpose()?;
 
-    let docs = args.corpus.documents()?;
-    let eos = model.config.eos_token_ids.first().copied();
-    let (train, valid) = args.corpus.split(&docs, &tokenizer, eos)?;
+    let (train, valid) = args.corpus.load_split(&tokenizer, &model.config)?;
     Autodiff::<B>::seed(device, args.train.seed);
     model = model.with_new_routers(routing.clone()).freeze_base();
     if let Some(lora) = lora {
@@ -538,15 +529,8 @@ pub fn tune_routers<B: Backend>(
             Some("routed"),
         ),
     };
-    for (name, r) in [("dense", &reports.dense), ("routed", &reports.routed)] {
-        println!(
-            "  {name:<7} validation perplexity {:>8.3}  skip: attention {:>5.1}%  mlp {:>5.1}%  params {:>5.1}%",
-            r.perplexity,
-            100.0 * r.attn_skip,
-            100.0 * r.mlp_skip,
-            100.0 * r.param_skip
-        );
-    }
+    print_validation("dense", &reports.dense);
+    print_validation("routed", &reports.routed);
     Ok(Some(reports))
 }
 
@@ -595,7 +579,52 @@ fn place_copy(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn same_dir(a: &Path, b: &Path) -> bool {
+/// Refuses an output directory that is the input model's: a command never writes into the
+/// model it reads.
+pub(crate) fn check_out_dir(model: &Path, out: &Path) -> Result<()> {
+    if same_dir(model, out) {
+        bail!(
+            "--out {} is the input model's directory: choose another, the input is left untouched",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// The start of a command that trains on top of `model` into `out`: the output is not the
+/// input, the run directory may be (re)started, and the model (with autodiff) and its
+/// tokenizer are loaded.
+pub(crate) fn start_training_from<B: Backend>(
+    model: &Path,
+    out: &Path,
+    train: &TrainArgs,
+    label: &str,
+    device: &B::Device,
+) -> Result<(RunDir, LlamaForCausalLM<Autodiff<B>>, Tokenizer)> {
+    check_out_dir(model, out)?;
+    let run = RunDir {
+        path: run_dir(out),
+        resume: train.resume,
+        label: label.into(),
+    };
+    RunManifest::check(&run.path, run.resume)?;
+    let pretrained = load_pretrained::<Autodiff<B>>(model, device)?;
+    let tokenizer = require_tokenizer(pretrained.tokenizer, model, label)?;
+    Ok((run, pretrained.model, tokenizer))
+}
+
+/// `  {name} validation perplexity ...  skip: ...` after a training command.
+pub(crate) fn print_validation(name: &str, r: &PerplexityReport) {
+    println!(
+        "  {name:<7} validation perplexity {:>8.3}  skip: attention {:>5.1}%  mlp {:>5.1}%  params {:>5.1}%",
+        r.perplexity,
+        100.0 * r.attn_skip,
+        100.0 * r.mlp_skip,
+        100.0 * r.param_skip
+    );
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,

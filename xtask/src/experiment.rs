@@ -25,7 +25,7 @@ const DEFAULTS: [(&str, &str); 9] = [
 ];
 
 pub fn experiment(args: &[String]) -> Result<()> {
-    let mut features: Vec<&str> = Vec::new();
+    let mut features: Vec<String> = Vec::new();
     let mut settings: Vec<(String, String)> = DEFAULTS
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -35,7 +35,7 @@ pub fn experiment(args: &[String]) -> Result<()> {
     while i < args.len() {
         let value = args.get(i + 1).cloned().unwrap_or_default();
         match args[i].as_str() {
-            "--features" => features.push(args[i + 1].as_str()),
+            "--features" => features.push(value),
             "--out" => out = value,
             key => match settings.iter_mut().find(|(k, _)| k == key) {
                 Some(slot) => slot.1 = value,
@@ -53,7 +53,7 @@ pub fn experiment(args: &[String]) -> Result<()> {
     }
     let mut build = vec!["build", "--release"];
     for f in &features {
-        build.extend(["--features", f]);
+        build.extend(["--features", f.as_str()]);
     }
     run("cargo", &build)?;
     let backend = if features.iter().any(|f| f.contains("cuda")) {

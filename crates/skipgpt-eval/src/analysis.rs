@@ -14,6 +14,7 @@ use skipgpt_train::data::PackedDataset;
 
 use crate::error::{EvalError, Result};
 use crate::svg::{self, Series};
+use crate::{batch_ids, host_f64};
 
 /// Compute spent on the tokens of one frequency class.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -93,39 +94,23 @@ pub fn analyze_routing<B: Backend>(
     let mut tokens = 0;
     for chunk in data.sequences.chunks(batch_size.max(1)) {
         let b = chunk.len();
-        let flat: Vec<i64> = chunk
-            .iter()
-            .flat_map(|s| s[..t].iter().map(|&i| i as i64))
-            .collect();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, t]), &device);
+        let ids = batch_ids::<B>(chunk, t, &device);
         let out = model.forward_routed(ids, None, model.routing, false);
-        let read = |g: Vec<Tensor<B, 2>>| -> Vec<Vec<f32>> {
-            g.into_iter()
-                .map(|g| {
-                    g.into_data()
-                        .convert::<f32>()
-                        .into_vec::<f32>()
-                        .expect("f32 gates")
-                })
-                .collect()
-        };
-        let (attn, mlp) = (read(out.attn_gates), read(out.mlp_gates));
-        for l in 0..layers {
-            for s in 0..b {
-                for p in 0..t {
-                    let (a, m) = (attn[l][s * t + p] as f64, mlp[l][s * t + p] as f64);
+        let (attn, mlp) = (host_gates(out.attn_gates), host_gates(out.mlp_gates));
+        for s in 0..b {
+            for p in 0..t {
+                let mut executed = 0.0;
+                for l in 0..layers {
+                    let (a, m) = (attn[l][s * t + p], mlp[l][s * t + p]);
                     attn_layer[l] += 1.0 - a;
                     mlp_layer[l] += 1.0 - m;
                     attn_pos[p] += 1.0 - a;
                     mlp_pos[p] += 1.0 - m;
-                    let e = per_id.entry(chunk[s][p]).or_insert((0, 0.0));
-                    e.1 += a + m;
+                    executed += a + m;
                 }
-            }
-        }
-        for seq in chunk {
-            for &id in &seq[..t] {
-                per_id.entry(id).or_insert((0, 0.0)).0 += 1;
+                let e = per_id.entry(chunk[s][p]).or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += executed;
             }
         }
         tokens += b * t;
@@ -201,6 +186,11 @@ pub fn analyze_routing<B: Backend>(
     })
 }
 
+/// Per layer, the gates (1 executed, 0 skipped) on the host, flattened `[batch * seq]`.
+fn host_gates<B: Backend>(gates: Vec<Tensor<B, 2>>) -> Vec<Vec<f64>> {
+    gates.into_iter().map(host_f64).collect()
+}
+
 /// Which modules every token of one text executed.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct TokenMap {
@@ -227,17 +217,10 @@ pub fn token_map<B: Backend>(
         &model.device(),
     );
     let out = model.forward_routed(input, None, model.routing, false);
-    let read = |g: Vec<Tensor<B, 2>>| -> Vec<Vec<bool>> {
-        g.into_iter()
-            .map(|g| {
-                g.into_data()
-                    .convert::<f32>()
-                    .into_vec::<f32>()
-                    .expect("f32 gates")
-                    .into_iter()
-                    .map(|v| v > 0.5)
-                    .collect()
-            })
+    let executed = |g: Vec<Tensor<B, 2>>| -> Vec<Vec<bool>> {
+        host_gates(g)
+            .into_iter()
+            .map(|l| l.into_iter().map(|v| v > 0.5).collect())
             .collect()
     };
     Ok(TokenMap {
@@ -245,8 +228,8 @@ pub fn token_map<B: Backend>(
             .iter()
             .map(|&i| tokenizer.decode(&[i]).unwrap_or_default())
             .collect(),
-        attn: read(out.attn_gates),
-        mlp: read(out.mlp_gates),
+        attn: executed(out.attn_gates),
+        mlp: executed(out.mlp_gates),
     })
 }
 

@@ -9,13 +9,13 @@
 //! [`LlamaForCausalLM::with_static_routes`] so that a pruned model is evaluated, saved and
 //! served (sparse engine included) exactly like a SkipGPT model.
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor};
 use serde::Serialize;
-use skipgpt_model::llama::LayerRouting;
-use skipgpt_model::{KvPolicy, LlamaForCausalLM, MlpRouterInput, Routing};
+use skipgpt_model::LlamaForCausalLM;
 use skipgpt_train::data::PackedDataset;
 
 use crate::error::{EvalError, Result};
+use crate::{batch_ids, host_f64};
 
 /// Block Influence per layer, and of each layer's attention module.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -40,29 +40,27 @@ pub fn block_influence<B: Backend>(
     let device = model.device();
     let layers = model.config.num_hidden_layers;
     let t = data.seq_len;
-    let dense = LayerRouting {
-        routing: Routing::Dense,
-        mlp_router_input: MlpRouterInput::PostAttn,
-        kv_policy: KvPolicy::Keep,
-    };
     let (mut layer_cos, mut attn_cos) = (vec![0.0f64; layers], vec![0.0f64; layers]);
     let mut tokens = 0;
     for chunk in data.sequences.chunks(batch_size.max(1)) {
         let b = chunk.len();
-        let flat: Vec<i64> = chunk
-            .iter()
-            .flat_map(|s| s[..t].iter().map(|&i| i as i64))
-            .collect();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, t]), &device);
         let ctx = model.attention_context(0, t);
-        let mut x = model.model.embed_tokens.forward(ids);
+        let mut x = model
+            .model
+            .embed_tokens
+            .forward(batch_ids::<B>(chunk, t, &device));
         for (l, layer) in model.model.layers.iter().enumerate() {
+            // the dense block, one module at a time, so that attention runs once for both
+            // measures
             let attn =
                 layer
                     .self_attn
                     .forward(layer.input_layernorm.forward(x.clone()), &ctx, None, None);
             let h = x.clone() + attn;
-            let y = layer.forward(x.clone(), &ctx, None, &dense, None).hidden;
+            let y = h.clone()
+                + layer
+                    .mlp
+                    .forward(layer.post_attention_layernorm.forward(h.clone()));
             attn_cos[l] += cosine_sum(x.clone(), h);
             layer_cos[l] += cosine_sum(x, y.clone());
             x = y;
@@ -82,12 +80,7 @@ fn cosine_sum<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f64 {
     let dot = (a.clone() * b.clone()).sum_dim(2);
     let na = a.powi_scalar(2).sum_dim(2).sqrt();
     let nb = b.powi_scalar(2).sum_dim(2).sqrt();
-    (dot / (na * nb).clamp_min(1e-12))
-        .sum()
-        .into_data()
-        .convert::<f64>()
-        .into_vec::<f64>()
-        .expect("f64 after convert")[0]
+    host_f64((dot / (na * nb).clamp_min(1e-12)).sum())[0]
 }
 
 /// What a static baseline removes.

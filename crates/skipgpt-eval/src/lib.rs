@@ -16,3 +16,26 @@ pub use baselines::{block_influence, static_plan, BlockInfluence, StaticMode, St
 pub use error::{EvalError, Result};
 pub use multiple_choice::{evaluate_mc, synthetic_mc_tasks, McExample, McReport, McTask};
 pub use perplexity::{evaluate_perplexity, PerplexityReport};
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+
+/// The first `len` tokens of each sequence as a `[sequences, len]` id tensor.
+pub(crate) fn batch_ids<B: Backend>(
+    sequences: &[Vec<u32>],
+    len: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let flat: Vec<i64> = sequences
+        .iter()
+        .flat_map(|s| s[..len].iter().map(|&i| i as i64))
+        .collect();
+    Tensor::from_data(TensorData::new(flat, [sequences.len(), len]), device)
+}
+
+/// A tensor's values on the host, as f64.
+pub(crate) fn host_f64<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    t.into_data()
+        .convert::<f64>()
+        .into_vec::<f64>()
+        .expect("f64 after convert")
+}

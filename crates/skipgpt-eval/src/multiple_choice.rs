@@ -18,6 +18,7 @@ use skipgpt_model::{LlamaForCausalLM, Routing, Tokenizer};
 use skipgpt_train::data::{OBJECTS, SUBJECTS, VERBS};
 
 use crate::error::{EvalError, Result};
+use crate::host_f64;
 
 /// One question: the context, the candidate continuations and the index of the right one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -158,7 +159,8 @@ pub fn evaluate_mc<B: Backend>(
     let device = model.device();
     let mut loglik = vec![0.0f64; requests.len()];
     let total = requests.len();
-    for (c, chunk) in requests.chunks(batch_size.max(1)).enumerate() {
+    let batch_size = batch_size.max(1);
+    for (c, chunk) in requests.chunks(batch_size).enumerate() {
         let b = chunk.len();
         let t = chunk.iter().map(|r| r.1.len() - 1).max().unwrap_or(1);
         // right padding: causal attention and per-token routing keep it from the real tokens
@@ -172,18 +174,13 @@ pub fn evaluate_mc<B: Backend>(
         let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(inputs, [b, t]), &device);
         let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b, t]), &device);
         let logits = model.forward_routed(inputs, None, routing, false).logits;
-        let logp = activation::log_softmax(logits, 2)
-            .gather(2, targets.unsqueeze_dim(2))
-            .into_data()
-            .convert::<f64>()
-            .into_vec::<f64>()
-            .expect("f64 after convert");
+        let logp = host_f64(activation::log_softmax(logits, 2).gather(2, targets.unsqueeze_dim(2)));
         for (i, (_, ids, n_cont)) in chunk.iter().enumerate() {
             let end = ids.len() - 1;
-            let r = c * batch_size.max(1) + i;
+            let r = c * batch_size + i;
             loglik[r] = logp[i * t + end - n_cont..i * t + end].iter().sum();
         }
-        progress((c * batch_size.max(1) + b).min(total), total);
+        progress((c * batch_size + b).min(total), total);
     }
 
     let (mut right, mut right_norm) = (0usize, 0usize);

@@ -1,10 +1,12 @@
 //! Perplexity and realised skip rates over a packed dataset.
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor};
 use serde::Serialize;
 use skipgpt_model::{LlamaForCausalLM, Routing};
 use skipgpt_train::data::PackedDataset;
 use skipgpt_train::loss::lm_loss;
+
+use crate::{batch_ids, host_f64};
 
 /// What [`evaluate_perplexity`] measured.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -46,8 +48,7 @@ pub fn evaluate_perplexity<B: Backend>(
     let batch_size = batch_size.max(1);
     for (done, chunk) in data.sequences.chunks(batch_size).enumerate() {
         let b = chunk.len();
-        let flat: Vec<i64> = chunk.iter().flatten().map(|&i| i as i64).collect();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, t + 1]), &device);
+        let ids = batch_ids::<B>(chunk, t + 1, &device);
         let inputs = ids.clone().slice([0..b, 0..t]);
         let targets = ids.slice([0..b, 1..t + 1]);
         let out = model.forward_routed(inputs, None, routing, false);
@@ -89,8 +90,5 @@ pub fn evaluate_perplexity<B: Backend>(
 }
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
-    t.into_data()
-        .convert::<f64>()
-        .into_vec::<f64>()
-        .expect("f64 after convert")[0]
+    host_f64(t)[0]
 }

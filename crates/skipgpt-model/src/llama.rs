@@ -681,7 +681,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let device = self.device();
         for layer in self.model.layers.iter_mut() {
             for (_, name, proj) in layer.projections_mut() {
-                proj.lora = cfg.targets(name).then(|| {
+                proj.lora = cfg.applies_to(name).then(|| {
                     let [d_in, d_out] = proj.dims();
                     LoraAdapter::init(d_in, d_out, &cfg, &device)
                 });
@@ -700,7 +700,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let mut expected = 0;
         for (i, layer) in self.model.layers.iter_mut().enumerate() {
             for (block, name, proj) in layer.projections_mut() {
-                proj.lora = if cfg.targets(name) {
+                proj.lora = if cfg.applies_to(name) {
                     expected += 2;
                     let module = format!("model.layers.{i}.{block}.{name}");
                     Some(load_adapter(

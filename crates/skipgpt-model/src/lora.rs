@@ -95,7 +95,8 @@ impl LoraConfig {
         Ok(())
     }
 
-    pub fn targets(&self, name: &str) -> bool {
+    /// Whether the projection named `name` (`q_proj`, ...) gets an adapter.
+    pub fn applies_to(&self, name: &str) -> bool {
         self.targets.iter().any(|t| t == name)
     }
 }
