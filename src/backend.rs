@@ -42,6 +42,52 @@ pub fn probe<B: burn::tensor::backend::Backend>(
     kind: BackendKind,
     device: &B::Device,
 ) -> anyhow::Result<()> {
+    start::<B>(device).map_err(|why| {
+        let need = match kind {
+            BackendKind::Cuda => {
+                "an NVIDIA driver (libcuda.so) and a visible GPU (check `nvidia-smi`)"
+            }
+            BackendKind::Wgpu => "a GPU with a Vulkan, Metal or DirectX 12 driver",
+            BackendKind::Ndarray => "nothing",
+        };
+        anyhow::anyhow!(
+            "the {} backend could not start ({why}): it needs {need}; `--backend ndarray` runs on the CPU",
+            kind.name(),
+        )
+    })
+}
+
+/// The devices of `--devices 0,1,...` (device `i` is the i-th CUDA GPU, or the i-th discrete
+/// GPU wgpu finds), or `default` alone when none are given. Each must start. On the CPU
+/// backend every index names the same CPU: N indices run N data-parallel workers sharing its
+/// cores, which computes what N GPUs would (useful for testing, not for speed).
+pub fn training_devices<B: burn::tensor::backend::Backend>(
+    indices: &[usize],
+    default: &B::Device,
+) -> anyhow::Result<Vec<B::Device>> {
+    use burn::tensor::backend::{Device, DeviceId};
+    if indices.is_empty() {
+        return Ok(vec![default.clone()]);
+    }
+    let mut devices = Vec::with_capacity(indices.len());
+    for (k, &i) in indices.iter().enumerate() {
+        if indices[..k].contains(&i) {
+            anyhow::bail!("--devices: device {i} is given twice");
+        }
+        let index = u16::try_from(i)
+            .map_err(|_| anyhow::anyhow!("--devices: {i} is not a device index"))?;
+        // type 0 is "a GPU by index" for both cubecl runtimes; the CPU backend ignores it
+        let device = B::Device::from_id(DeviceId::new(0, index));
+        start::<B>(&device).map_err(|why| {
+            anyhow::anyhow!("--devices: device {i} ({device:?}) could not start: {why}")
+        })?;
+        devices.push(device);
+    }
+    Ok(devices)
+}
+
+/// Allocates one small tensor on `device`, turning a panic inside the backend into its message.
+fn start<B: burn::tensor::backend::Backend>(device: &B::Device) -> Result<(), String> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -54,18 +100,7 @@ pub fn probe<B: burn::tensor::backend::Backend>(
             .map(String::as_str)
             .or_else(|| panic.downcast_ref::<&str>().copied())
             .unwrap_or("unknown error");
-        let need = match kind {
-            BackendKind::Cuda => {
-                "an NVIDIA driver (libcuda.so) and a visible GPU (check `nvidia-smi`)"
-            }
-            BackendKind::Wgpu => "a GPU with a Vulkan, Metal or DirectX 12 driver",
-            BackendKind::Ndarray => "nothing",
-        };
-        anyhow::anyhow!(
-            "the {} backend could not start ({}): it needs {need}; `--backend ndarray` runs on the CPU",
-            kind.name(),
-            why.lines().next().unwrap_or(why)
-        )
+        why.lines().next().unwrap_or(why).to_string()
     })
 }
 

@@ -64,6 +64,7 @@ fn train_args(steps: usize, lr: Option<f64>, seed: u64, out: &Path) -> TrainArgs
         // a finished (or killed) earlier demo run is picked up where it stopped
         resume: run_dir(out).join(RunManifest::FILE).exists(),
         quiet: false,
+        devices: Vec::new(),
     }
 }
 

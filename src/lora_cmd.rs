@@ -112,6 +112,7 @@ pub fn finetune_lora<B: Backend>(
     device: &B::Device,
 ) -> Result<Option<PerplexityReport>> {
     let label = "finetune-lora";
+    let devices = crate::backend::training_devices::<Autodiff<B>>(&args.train.devices, device)?;
     let adapter = args
         .resume_adapter
         .as_deref()
@@ -163,7 +164,7 @@ pub fn finetune_lora<B: Backend>(
             valid.len(),
             train.seq_len,
             opts.steps,
-            opts.batch_size * opts.grad_accum
+            opts.batch_size * opts.grad_accum * devices.len()
         );
     }
     let batch = args.train.batch_size;
@@ -176,7 +177,7 @@ pub fn finetune_lora<B: Backend>(
         valid.clone(),
         &opts,
         &run,
-        device,
+        &devices,
     )?;
     write_adapted(
         &tuned,

@@ -126,6 +126,12 @@ pub struct TrainArgs {
     /// Print only the final summary.
     #[arg(long)]
     pub quiet: bool,
+    /// Data-parallel training on these devices, e.g. `0,1,2,3` (burn-train's multi-device
+    /// strategy): every device runs --grad-accum micro-batches of --batch-size per step and
+    /// the gradients of all are averaged, so a step sees batch × grad-accum × devices
+    /// sequences. One device gives what one gives today. Default: the backend's default device.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<usize>,
 }
 
 /// Per-command defaults for the settings [`TrainArgs`] leaves open.
@@ -310,6 +316,7 @@ pub fn tune_routers_cmd(backend: BackendKind, args: TuneRoutersArgs) -> Result<(
 /// Pretrains a dense model and saves it in the HF layout (`args.out`).
 pub fn pretrain<B: Backend>(args: &PretrainArgs, device: &B::Device) -> Result<()> {
     let label = "pretrain";
+    let devices = crate::backend::training_devices::<Autodiff<B>>(&args.train.devices, device)?;
     let docs = args.corpus.documents()?;
     let run = RunDir {
         path: run_dir(&args.out),
@@ -338,7 +345,7 @@ pub fn pretrain<B: Backend>(args: &PretrainArgs, device: &B::Device) -> Result<(
             valid.len(),
             train.seq_len,
             opts.steps,
-            opts.batch_size * opts.grad_accum
+            opts.batch_size * opts.grad_accum * devices.len()
         );
     }
     Autodiff::<B>::seed(device, args.train.seed);
@@ -350,7 +357,7 @@ pub fn pretrain<B: Backend>(args: &PretrainArgs, device: &B::Device) -> Result<(
         valid.clone(),
         &opts,
         &run,
-        device,
+        &devices,
     )?;
     save_pretrained(&model, Some(&tokenizer), &args.out, StoreDtype::F32)?;
     println!("{label}: saved to {}", args.out.display());
@@ -439,6 +446,7 @@ pub fn tune_routers<B: Backend>(
     device: &B::Device,
 ) -> Result<Option<TunedReports>> {
     let label = "tune-routers";
+    let devices = crate::backend::training_devices::<Autodiff<B>>(&args.train.devices, device)?;
     let (run, mut model, tokenizer) =
         start_training_from::<B>(&args.model, &args.out, &args.train, label, device)?;
     if model.routing_config.is_some() && !args.train.quiet {
@@ -495,7 +503,7 @@ pub fn tune_routers<B: Backend>(
             valid.len(),
             train.seq_len,
             opts.steps,
-            opts.batch_size * opts.grad_accum
+            opts.batch_size * opts.grad_accum * devices.len()
         );
     }
     let tuned = fit(
@@ -505,7 +513,7 @@ pub fn tune_routers<B: Backend>(
         valid.clone(),
         &opts,
         &run,
-        device,
+        &devices,
     )?;
     if tuned.lora_config.is_some() {
         // the joint variant changed the base's function: write it merged

@@ -111,6 +111,24 @@ fn pretrain_then_tune_routers_then_evaluate() {
         &["weight_decay", "0.01", "0.1"],
     );
 
+    // data-parallel on two workers (both the CPU here): a step sees twice the batch, and a run
+    // resumes only on as many devices as it started on
+    let dp = dir.path().join("dp");
+    let o = skipgpt(&tune_args(&dense, &dp, &["--devices", "0,1"]));
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("data-parallel on 2 devices"), "{err}");
+    assert!(err.contains("40 steps of 16 sequences"), "{err}");
+    assert!(err.contains("step 40/40"), "{err}");
+    assert_clean_failure(
+        &tune_args(&dense, &tuned, &["--resume", "--devices", "0,1"]),
+        &["devices", "1", "2"],
+    );
+    assert_clean_failure(
+        &tune_args(&dense, &dir.path().join("t5"), &["--devices", "0,0"]),
+        &["--devices", "device 0 is given twice"],
+    );
+
     // bad input
     assert_clean_failure(
         &tune_args(

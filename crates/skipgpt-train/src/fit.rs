@@ -9,7 +9,7 @@ use burn::optim::AdamWConfig;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::LearningRateMetric;
-use burn::train::{Learner, SupervisedTraining};
+use burn::train::{ExecutionStrategy, Learner, MultiDeviceOptim, SupervisedTraining};
 use serde::{Deserialize, Serialize};
 use skipgpt_model::{LlamaForCausalLM, Routing};
 
@@ -164,6 +164,14 @@ impl RunDir {
 /// A run is cut into burn-train epochs of `checkpoint_every` steps; each ends with a
 /// validation pass and an atomic checkpoint. With `run.resume`, training continues after the
 /// last complete checkpoint and ends with the same parameters as an uninterrupted run.
+///
+/// # Data parallelism
+/// With several `devices`, burn-train's multi-device strategy keeps a copy of the model on
+/// each; every optimizer step gives each device `grad_accum` micro-batches of `batch_size`
+/// and averages all their gradients on the first device, which runs the optimizer. An
+/// optimizer step therefore sees `batch_size × grad_accum × devices` sequences, and micro-batch
+/// `k` of a step goes to device `k mod devices`: N devices compute exactly what one device
+/// computes with `grad_accum × N` (up to the order of floating-point sums).
 pub fn fit<B: AutodiffBackend>(
     model: LlamaForCausalLM<B>,
     objective: Objective,
@@ -171,9 +179,17 @@ pub fn fit<B: AutodiffBackend>(
     valid: PackedDataset,
     opts: &TrainOptions,
     run: &RunDir,
-    device: &B::Device,
+    devices: &[B::Device],
 ) -> Result<LlamaForCausalLM<B::InnerBackend>> {
     opts.validate()?;
+    let Some(device) = devices.first() else {
+        return Err(TrainError::InvalidSetting {
+            name: "devices",
+            value: "none".into(),
+            expected: "at least one device",
+        });
+    };
+    let replicas = devices.len();
     if let Objective::Sparsity(cfg) = &objective {
         cfg.validate()?;
     }
@@ -197,12 +213,15 @@ pub fn fit<B: AutodiffBackend>(
             .collect();
     }
 
-    let manifest = manifest(&objective, &model, &train, &valid, opts);
+    let mut manifest = manifest(&objective, &model, &train, &valid, opts);
+    // the devices set the batch of a step: a resume must use as many
+    manifest.0.insert("devices".into(), replicas.into());
     let done_epochs = manifest.begin(&run.path, run.resume)?;
     let plan = StepPlan {
         total_steps: opts.steps,
         batch_size: opts.batch_size,
-        accumulation: opts.grad_accum,
+        // micro-batches per optimizer step, over all devices
+        accumulation: opts.grad_accum * replicas,
         steps_per_epoch: opts.checkpoint_every,
         seed: opts.seed,
         temperature: opts.temperature,
@@ -232,9 +251,10 @@ pub fn fit<B: AutodiffBackend>(
     let layout = ProgressLayout {
         total_steps: opts.steps,
         steps_per_epoch: opts.checkpoint_every,
-        accumulation: opts.grad_accum,
+        // burn-train reports every micro-batch of every device as an iteration
+        accumulation: opts.grad_accum * replicas,
         log_every: opts.log_every,
-        tokens_per_step: opts.batch_size * opts.grad_accum * train.seq_len,
+        tokens_per_step: opts.batch_size * opts.grad_accum * replicas * train.seq_len,
         label: run.label.clone(),
         quiet: opts.quiet,
     };
@@ -249,6 +269,8 @@ pub fn fit<B: AutodiffBackend>(
                 .map(|c| GradientClippingConfig::Norm(c as f32)),
         )
         .init();
+    // burn-train steps the schedule once per micro-batch on one device, and once per round of
+    // one micro-batch on every device with several: `grad_accum` calls per optimizer step
     let schedule = WarmupSchedule::new(
         opts.lr,
         opts.warmup_steps,
@@ -273,6 +295,17 @@ pub fn fit<B: AutodiffBackend>(
     }
     if opts.grad_accum > 1 {
         training = training.grads_accumulation(opts.grad_accum);
+    }
+    if replicas > 1 {
+        if !opts.quiet {
+            eprintln!(
+                "{}: data-parallel on {replicas} devices {devices:?}",
+                run.label
+            );
+        }
+        training = training.with_training_strategy(
+            ExecutionStrategy::multi(devices.to_vec(), MultiDeviceOptim::OptimMainDevice).into(),
+        );
     }
     if done_epochs > 0 {
         training = training.checkpoint(done_epochs);

@@ -104,8 +104,10 @@ pub struct TrainLoader<B: Backend> {
     plan: Arc<StepPlan>,
     /// The 1-based epoch the next `iter()` yields; shared by the copies `to_device` makes.
     next_epoch: Arc<AtomicUsize>,
-    /// Items (sequences) of each epoch this loader yields: all, or a slice for one device.
-    items: Option<(usize, usize)>,
+    /// `(index, count)` when this loader is one device's share of `count`: it yields the
+    /// micro-batches `k` with `k mod count == index`, so that the micro-batches of one optimizer
+    /// step are spread over the devices in the order one device would take them.
+    shard: Option<(usize, usize)>,
     device: B::Device,
 }
 
@@ -122,7 +124,7 @@ impl<B: Backend> TrainLoader<B> {
             data,
             plan: Arc::new(plan),
             next_epoch: Arc::new(AtomicUsize::new(first_epoch)),
-            items: None,
+            shard: None,
             device: device.clone(),
         }
     }
@@ -169,13 +171,8 @@ impl<B: Backend> DataLoader<B, LmBatch<B>> for TrainLoader<B> {
         let (start, _) = self.plan.epoch_steps(epoch);
         let first = start * self.plan.accumulation;
         let count = self.plan.epoch_micro_batches(epoch);
-        let bs = self.plan.batch_size;
-        // with a slice (one device of several), keep the micro-batches whose first item is in it
         let micros: Vec<usize> = (0..count)
-            .filter(|k| {
-                self.items
-                    .is_none_or(|(lo, hi)| (lo..hi).contains(&(k * bs)))
-            })
+            .filter(|k| self.shard.is_none_or(|(i, n)| k % n == i))
             .map(|k| first + k)
             .collect();
         Box::new(TrainIter {
@@ -188,8 +185,12 @@ impl<B: Backend> DataLoader<B, LmBatch<B>> for TrainLoader<B> {
 
     fn num_items(&self) -> usize {
         let epoch = self.next_epoch.load(Ordering::SeqCst);
-        let all = self.plan.epoch_micro_batches(epoch) * self.plan.batch_size;
-        self.items.map_or(all, |(lo, hi)| hi.min(all) - lo.min(all))
+        let micros = self.plan.epoch_micro_batches(epoch);
+        let mine = match self.shard {
+            None => micros,
+            Some((i, n)) => (0..micros).filter(|k| k % n == i).count(),
+        };
+        mine * self.plan.batch_size
     }
 
     fn to_device(&self, device: &B::Device) -> Arc<dyn DataLoader<B, LmBatch<B>>> {
@@ -197,19 +198,30 @@ impl<B: Backend> DataLoader<B, LmBatch<B>> for TrainLoader<B> {
             data: self.data.clone(),
             plan: self.plan.clone(),
             next_epoch: self.next_epoch.clone(),
-            items: self.items,
+            shard: self.shard,
             device: device.clone(),
         })
     }
 
+    /// burn-train's multi-device strategy splits a loader into equal item ranges, one per
+    /// device (`split_dataloader`). A range is read as a share: range `i` of `n` becomes
+    /// "micro-batches `k` with `k mod n == i`". Ranges are equal because a step's micro-batches
+    /// are `grad_accum × devices` (see `fit`).
     fn slice(&self, start: usize, end: usize) -> Arc<dyn DataLoader<B, LmBatch<B>>> {
-        let (lo, hi) = self.items.unwrap_or((0, usize::MAX));
+        let all = self.num_items();
+        let size = end.saturating_sub(start).max(1);
+        let (index, count) = (start / size, (all / size).max(1));
+        // a share of a share: positions within this share, composed
+        let shard = match self.shard {
+            None => (index, count),
+            Some((i, n)) => (i + n * index, n * count),
+        };
         Arc::new(TrainLoader {
             data: self.data.clone(),
             plan: self.plan.clone(),
-            // a slice is iterated once per epoch on its own, so it counts epochs on its own
+            // a share is iterated once per epoch on its own, so it counts epochs on its own
             next_epoch: Arc::new(AtomicUsize::new(self.next_epoch.load(Ordering::SeqCst))),
-            items: Some((lo + start, (lo + end).min(hi))),
+            shard: Some(shard),
             device: self.device.clone(),
         })
     }
@@ -382,17 +394,34 @@ mod tests {
     }
 
     #[test]
-    fn slices_split_an_epoch_between_devices() {
-        let device = Default::default();
-        let loader = TrainLoader::<B>::new(data(5), plan(), 1, &device);
-        assert_eq!(loader.num_items(), 12);
-        let a: Vec<LmBatch<B>> = loader.slice(0, 6).iter().collect();
-        let b: Vec<LmBatch<B>> = loader.slice(6, 12).iter().collect();
-        let all: Vec<LmBatch<B>> = loader.iter().collect();
-        assert_eq!(a.len() + b.len(), all.len());
-        let mut joined = firsts(&a);
-        joined.extend(firsts(&b));
-        assert_eq!(joined, firsts(&all));
+    fn devices_share_each_step_in_the_order_one_device_takes_it() {
+        use burn::data::dataloader::split::split_dataloader;
+        let device: burn::backend::ndarray::NdArrayDevice = Default::default();
+        // two devices, one micro-batch each per step: accumulation 2 over the devices
+        let one = TrainLoader::<B>::new(data(5), plan(), 1, &device);
+        let shares = split_dataloader(
+            Arc::new(TrainLoader::<B>::new(data(5), plan(), 1, &device)),
+            &[device, device],
+        );
+        assert_eq!(shares.len(), 2);
+        assert_eq!(shares[0].num_items(), 6);
+        for epoch in 1..=3 {
+            let all: Vec<LmBatch<B>> = one.iter().collect();
+            let a: Vec<LmBatch<B>> = shares[0].iter().collect();
+            let b: Vec<LmBatch<B>> = shares[1].iter().collect();
+            assert_eq!(a.len(), b.len(), "epoch {epoch}");
+            assert_eq!(a.len() + b.len(), all.len(), "epoch {epoch}");
+            // round r of the multi-device loop takes a[r] and b[r]: micro-batches 2r and 2r + 1
+            let interleaved: Vec<LmBatch<B>> =
+                a.into_iter().zip(b).flat_map(|(x, y)| [x, y]).collect();
+            assert_eq!(firsts(&interleaved), firsts(&all), "epoch {epoch}");
+            let key = |v: &[LmBatch<B>]| {
+                v.iter()
+                    .map(|b| (b.step, b.noise_seed, b.loss_scale.to_bits()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(key(&interleaved), key(&all), "epoch {epoch}");
+        }
     }
 
     #[test]

@@ -117,8 +117,17 @@ impl RunManifest {
                 line: e.line(),
                 message: e.to_string(),
             })?;
+        // settings added after a run was made, with the value every earlier run had
+        let earlier_default = |key: &str| match key {
+            "devices" => serde_json::json!(1),
+            _ => serde_json::Value::Null,
+        };
         for (key, value) in &self.0 {
-            let before = saved.get(key).unwrap_or(&serde_json::Value::Null);
+            let before = saved
+                .get(key)
+                .cloned()
+                .unwrap_or_else(|| earlier_default(key));
+            let before = &before;
             if before != value {
                 return Err(TrainError::ResumeMismatch {
                     path,

@@ -101,7 +101,16 @@ fn router_tuning_reaches_the_target_and_keeps_the_base() {
     let objective = Objective::Sparsity(SparsityLossConfig::new().with_target(0.5));
     let rd = run(dir.path(), "tune", false);
     let device = Default::default();
-    let tuned = fit(model, objective, c.train, c.valid, &opts, &rd, &device).unwrap();
+    let tuned = fit(
+        model,
+        objective,
+        c.train,
+        c.valid,
+        &opts,
+        &rd,
+        std::slice::from_ref(&device),
+    )
+    .unwrap();
 
     // the skip rate of the last logged window, under the Gumbel gates training used
     let (step, row) = rows(&rd, "train").pop().unwrap();
@@ -146,7 +155,16 @@ fn pretraining_lowers_the_loss() {
     });
     let rd = run(dir.path(), "pretrain", false);
     let device = Default::default();
-    fit(model, Objective::Lm, c.train, c.valid, &opts, &rd, &device).unwrap();
+    fit(
+        model,
+        Objective::Lm,
+        c.train,
+        c.valid,
+        &opts,
+        &rd,
+        std::slice::from_ref(&device),
+    )
+    .unwrap();
     let train = rows(&rd, "train");
     let first = train.first().unwrap().1["LM Loss"];
     let last = train.last().unwrap().1["LM Loss"];
@@ -184,7 +202,7 @@ fn a_killed_run_resumes_to_the_same_parameters() {
             c.valid.clone(),
             opts,
             rd,
-            &device,
+            std::slice::from_ref(&device),
         )
     };
 
@@ -235,6 +253,113 @@ fn a_killed_run_resumes_to_the_same_parameters() {
     assert!(err.contains("--resume"), "{err}");
 }
 
+/// burn-train's multi-device strategy with two workers (on the CPU, both are the CPU): every
+/// step averages the gradients of one micro-batch per device, which must equal one device
+/// accumulating two micro-batches. The loss is scaled by 1/(accumulation × devices): with the
+/// sum burn-train makes instead of a mean, the routers would move differently.
+#[test]
+fn two_devices_train_like_one_device_accumulating_two_micro_batches() {
+    let c = corpus(16);
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = c.tokenizer.vocab_size();
+    let device: burn::backend::ndarray::NdArrayDevice = Default::default();
+    let opts = quiet(TrainOptions {
+        steps: 4,
+        batch_size: 2,
+        lr: 1e-2,
+        log_every: 1,
+        checkpoint_every: 2,
+        valid_sequences: 2,
+        ..TrainOptions::default()
+    });
+    let objective = Objective::Sparsity(SparsityLossConfig::new().with_target(0.4));
+    let start = routed(vocab, 21, 22);
+    let go =
+        |opts: &TrainOptions, label: &str, devices: &[burn::backend::ndarray::NdArrayDevice]| {
+            let rd = run(dir.path(), label, false);
+            let model = fit(
+                start.clone(),
+                objective.clone(),
+                c.train.clone(),
+                c.valid.clone(),
+                opts,
+                &rd,
+                devices,
+            )
+            .unwrap();
+            (model, rd)
+        };
+    let (one, one_rd) = go(
+        &TrainOptions {
+            grad_accum: 2,
+            ..opts.clone()
+        },
+        "one",
+        &[device],
+    );
+    let (two, two_rd) = go(&opts, "two", &[device, device]);
+    let (once, _) = go(&opts, "once", &[device]);
+
+    let (r1, r2, r0) = (
+        one.export_routers(),
+        two.export_routers(),
+        once.export_routers(),
+    );
+    let mut max_diff = 0.0f32;
+    let mut from_single_batch = 0.0f32;
+    for (name, t) in &r1 {
+        let f = |t: &skipgpt_model::safetensors_io::OwnedTensor| -> Vec<f32> {
+            t.bytes()
+                .chunks(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        };
+        let (a, b, z) = (f(t), f(&r2[name]), f(&r0[name]));
+        for ((x, y), w) in a.iter().zip(&b).zip(&z) {
+            max_diff = max_diff.max((x - y).abs());
+            from_single_batch = from_single_batch.max((x - w).abs());
+        }
+    }
+    eprintln!(
+        "two devices vs accumulation: {max_diff:e}; vs half the batch: {from_single_batch:e}"
+    );
+    assert!(
+        max_diff < 1e-6,
+        "two devices differ from accumulation by {max_diff}"
+    );
+    // the comparison has power: half the batch per step ends elsewhere
+    assert!(from_single_batch > 1e-3, "{from_single_batch}");
+    // the same steps were logged, with the same losses
+    let losses = |rd: &RunDir| -> Vec<(usize, f64)> {
+        rows(rd, "train")
+            .into_iter()
+            .map(|(s, v)| (s, v["Loss"]))
+            .collect()
+    };
+    let (l1, l2) = (losses(&one_rd), losses(&two_rd));
+    assert_eq!(l1.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert_eq!(l2.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    for (a, b) in l1.iter().zip(&l2) {
+        assert!((a.1 - b.1).abs() < 1e-5, "{l1:?} vs {l2:?}");
+    }
+    // a run on two devices resumes only on two
+    let err = fit(
+        start.clone(),
+        objective.clone(),
+        c.train.clone(),
+        c.valid.clone(),
+        &opts,
+        &RunDir {
+            resume: true,
+            ..two_rd.clone()
+        },
+        &[device],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("devices"), "{err}");
+}
+
 #[test]
 fn bad_settings_are_rejected_before_training() {
     let c = corpus(16);
@@ -279,7 +404,7 @@ fn bad_settings_are_rejected_before_training() {
             c.valid.clone(),
             &opts,
             &rd,
-            &device,
+            std::slice::from_ref(&device),
         )
         .unwrap_err()
         .to_string();
@@ -363,7 +488,16 @@ fn lora_stage_two_trains_only_the_adapters_and_lowers_validation_loss() {
     });
     let rd = run(dir.path(), "lora", false);
     let device = Default::default();
-    let tuned = fit(model, Objective::Lm, c.train, c.valid, &opts, &rd, &device).unwrap();
+    let tuned = fit(
+        model,
+        Objective::Lm,
+        c.train,
+        c.valid,
+        &opts,
+        &rd,
+        std::slice::from_ref(&device),
+    )
+    .unwrap();
 
     let valid = rows(&rd, "valid");
     let (first, last) = (valid[0].1["LM Loss"], valid.last().unwrap().1["LM Loss"]);
@@ -399,7 +533,16 @@ fn joint_variant_trains_routers_and_adapters_together() {
     let objective = Objective::Sparsity(SparsityLossConfig::new());
     let rd = run(dir.path(), "joint", false);
     let device = Default::default();
-    let tuned = fit(model, objective, c.train, c.valid, &opts, &rd, &device).unwrap();
+    let tuned = fit(
+        model,
+        objective,
+        c.train,
+        c.valid,
+        &opts,
+        &rd,
+        std::slice::from_ref(&device),
+    )
+    .unwrap();
     let (after, adapters_after) = inner_weights(&tuned);
     for (name, b) in &before {
         let changed = b != &after[name];
