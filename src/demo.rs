@@ -65,6 +65,7 @@ fn train_args(steps: usize, lr: Option<f64>, seed: u64, out: &Path) -> TrainArgs
         resume: run_dir(out).join(RunManifest::FILE).exists(),
         quiet: false,
         devices: Vec::new(),
+        checkpoint_layers: false,
     }
 }
 

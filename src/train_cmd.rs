@@ -132,6 +132,11 @@ pub struct TrainArgs {
     /// sequences. One device gives what one gives today. Default: the backend's default device.
     #[arg(long, value_delimiter = ',')]
     pub devices: Vec<usize>,
+    /// Gradient checkpointing per decoder layer: the backward pass recomputes one layer at a
+    /// time from its saved input, so activation memory is one layer's instead of all layers'
+    /// (about a third more compute; same gradients). For long sequences and large models.
+    #[arg(long)]
+    pub checkpoint_layers: bool,
 }
 
 /// Per-command defaults for the settings [`TrainArgs`] leaves open.
@@ -165,6 +170,7 @@ impl TrainArgs {
             checkpoint_every: self.checkpoint_every,
             valid_sequences: self.valid_sequences,
             quiet: self.quiet,
+            checkpoint_layers: self.checkpoint_layers,
             ..TrainOptions::default()
         }
     }

@@ -894,18 +894,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let [_, t] = input_ids.dims();
         let start = cache.as_ref().map_or(0, |c| c.len());
         let ctx = self.attention_context(start, t);
-        let layer_routing = match &self.routing_config {
-            Some(rc) => LayerRouting {
-                routing,
-                mlp_router_input: rc.mlp_router_input,
-                kv_policy: rc.kv_policy,
-            },
-            None => LayerRouting {
-                routing: Routing::Dense,
-                mlp_router_input: MlpRouterInput::default(),
-                kv_policy: KvPolicy::default(),
-            },
-        };
+        let layer_routing = self.layer_routing(routing);
         let mut x = self.model.embed_tokens.forward(input_ids);
         let mut hidden_states = Vec::new();
         let (mut attn_gates, mut mlp_gates) = (Vec::new(), Vec::new());
@@ -936,6 +925,22 @@ impl<B: Backend> LlamaForCausalLM<B> {
             hidden_states,
             attn_gates,
             mlp_gates,
+        }
+    }
+
+    /// What every layer needs to know to route with `routing` (dense without routers).
+    pub fn layer_routing(&self, routing: Routing) -> LayerRouting {
+        match &self.routing_config {
+            Some(rc) => LayerRouting {
+                routing,
+                mlp_router_input: rc.mlp_router_input,
+                kv_policy: rc.kv_policy,
+            },
+            None => LayerRouting {
+                routing: Routing::Dense,
+                mlp_router_input: MlpRouterInput::default(),
+                kv_policy: KvPolicy::default(),
+            },
         }
     }
 

@@ -52,6 +52,11 @@ pub struct TrainOptions {
     /// Print nothing while training.
     #[serde(skip)]
     pub quiet: bool,
+    /// Gradient checkpointing per decoder layer: keep each layer's input instead of its whole
+    /// graph and recompute one layer at a time in the backward pass (a second forward pass for
+    /// the memory of one layer's activations). The gradients are the same.
+    #[serde(skip)]
+    pub checkpoint_layers: bool,
 }
 
 impl Default for TrainOptions {
@@ -72,6 +77,7 @@ impl Default for TrainOptions {
             checkpoint_every: 50,
             valid_sequences: 64,
             quiet: false,
+            checkpoint_layers: false,
         }
     }
 }
@@ -278,7 +284,8 @@ pub fn fit<B: AutodiffBackend>(
         opts.schedule,
         opts.grad_accum,
     );
-    let learner = Learner::new(LmTrainer::new(model, objective), optimizer, schedule);
+    let trainer = LmTrainer::new(model, objective).with_checkpoint_layers(opts.checkpoint_layers);
+    let learner = Learner::new(trainer, optimizer, schedule);
 
     let mut training =
         SupervisedTraining::new(&run.path, Arc::new(train_loader), Arc::new(valid_loader))

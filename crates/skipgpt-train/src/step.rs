@@ -8,8 +8,11 @@ use burn::train::metric::ItemLazy;
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use skipgpt_model::{LlamaForCausalLM, RouterNoise, Routing};
 
+use burn::optim::{GradientsAccumulator, GradientsParams};
+
+use crate::data::mix;
 use crate::loader::LmBatch;
-use crate::loss::{skipgpt_loss, SparsityLossConfig};
+use crate::loss::{skipgpt_loss, LossParts, SparsityLossConfig};
 
 /// What a run optimises.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,11 +39,72 @@ pub struct LmTrainer<B: Backend> {
     pub model: LlamaForCausalLM<B>,
     #[module(skip)]
     pub objective: Objective,
+    /// Gradient checkpointing per decoder layer (see [`LmTrainer::checkpointed_step`]).
+    #[module(skip)]
+    pub checkpoint_layers: bool,
 }
 
 impl<B: Backend> LmTrainer<B> {
     pub fn new(model: LlamaForCausalLM<B>, objective: Objective) -> Self {
-        LmTrainer { model, objective }
+        LmTrainer {
+            model,
+            objective,
+            checkpoint_layers: false,
+        }
+    }
+
+    pub fn with_checkpoint_layers(self, checkpoint_layers: bool) -> Self {
+        LmTrainer {
+            checkpoint_layers,
+            ..self
+        }
+    }
+
+    /// The routing a batch trains (or validates) with.
+    fn routing_for(&self, batch: &LmBatch<B>, training: bool) -> Routing {
+        match (&self.objective, training) {
+            (Objective::Sparsity(_), true) => Routing::Gumbel {
+                temperature: batch.temperature,
+            },
+            (Objective::Sparsity(_), false) => Routing::Deterministic,
+            (Objective::Lm, _) => self.model.routing,
+        }
+    }
+
+    /// The Gumbel noise of a batch: a function of its seed, so a resumed run draws the same.
+    fn noise_for(&self, batch: &LmBatch<B>, routing: Routing) -> Option<RouterNoise<B>> {
+        matches!(routing, Routing::Gumbel { .. } | Routing::Sample).then(|| {
+            let [b, t] = batch.inputs.dims();
+            RouterNoise::from_seed(
+                batch.noise_seed,
+                self.model.config.num_hidden_layers,
+                b,
+                t,
+                &batch.inputs.device(),
+            )
+        })
+    }
+
+    fn stats(&self, parts: &LossParts<B>, routing: Routing, batch: &LmBatch<B>) -> StepOutput<B> {
+        let stats = Tensor::cat(
+            vec![
+                parts.total.clone(),
+                parts.lm.clone(),
+                parts.attn_skip.clone(),
+                parts.mlp_skip.clone(),
+            ],
+            0,
+        )
+        .detach();
+        let temperature = match routing {
+            Routing::Gumbel { temperature } => temperature,
+            _ => f64::NAN,
+        };
+        StepOutput {
+            stats,
+            temperature,
+            tokens: batch.num_tokens(),
+        }
     }
 
     /// The loss of one batch and its statistics.
@@ -52,24 +116,8 @@ impl<B: Backend> LmTrainer<B> {
         batch: &LmBatch<B>,
         training: bool,
     ) -> (Tensor<B, 1>, StepOutput<B>) {
-        let routing = match (&self.objective, training) {
-            (Objective::Sparsity(_), true) => Routing::Gumbel {
-                temperature: batch.temperature,
-            },
-            (Objective::Sparsity(_), false) => Routing::Deterministic,
-            (Objective::Lm, _) => self.model.routing,
-        };
-        // the noise of a step is a function of its seed, so a resumed run draws the same
-        let noise = matches!(routing, Routing::Gumbel { .. } | Routing::Sample).then(|| {
-            let [b, t] = batch.inputs.dims();
-            RouterNoise::from_seed(
-                batch.noise_seed,
-                self.model.config.num_hidden_layers,
-                b,
-                t,
-                &batch.inputs.device(),
-            )
-        });
+        let routing = self.routing_for(batch, training);
+        let noise = self.noise_for(batch, routing);
         let out = self.model.forward_with_noise(
             batch.inputs.clone(),
             None,
@@ -86,26 +134,138 @@ impl<B: Backend> LmTrainer<B> {
             &out.attn_gates,
             &out.mlp_gates,
         );
-        let stats = Tensor::cat(
-            vec![
-                parts.total.clone(),
-                parts.lm,
-                parts.attn_skip,
-                parts.mlp_skip,
-            ],
-            0,
-        )
-        .detach();
-        let temperature = match routing {
-            Routing::Gumbel { temperature } => temperature,
-            _ => f64::NAN,
-        };
-        let output = StepOutput {
-            stats,
-            temperature,
-            tokens: batch.num_tokens(),
-        };
+        let output = self.stats(&parts, routing, batch);
         (parts.total, output)
+    }
+}
+
+impl<B: AutodiffBackend> LmTrainer<B> {
+    /// LoRA dropout draws from the backend's generator: seed it from the step (and, when
+    /// checkpointing, the layer), so that a run, a resumed run and a recomputed layer draw the
+    /// same masks.
+    fn seed_dropout(&self, batch: &LmBatch<B>, layer: Option<usize>) {
+        if self
+            .model
+            .lora_config
+            .as_ref()
+            .is_some_and(|c| c.dropout > 0.0)
+        {
+            let salt = layer.map_or(0, |l| mix(0x1a7e, l as u64));
+            B::seed(
+                &batch.inputs.device(),
+                batch.noise_seed ^ 0x5eed_d20f ^ salt,
+            );
+        }
+    }
+
+    /// One training step's gradients with the whole graph in memory.
+    fn full_step(&self, batch: &LmBatch<B>) -> (GradientsParams, StepOutput<B>) {
+        self.seed_dropout(batch, None);
+        let (loss, output) = self.forward_loss(batch, true);
+        let grads = (loss * batch.loss_scale).backward();
+        (GradientsParams::from_grads(grads, self), output)
+    }
+
+    /// One training step's gradients with gradient checkpointing per decoder layer: the
+    /// forward pass keeps only each layer's input (no graph); the backward pass then rebuilds
+    /// one layer's graph at a time, from the last layer down, and pushes the gradient through
+    /// it. Activation memory is that of one layer plus `layers × batch × seq × hidden` values,
+    /// instead of every layer's; the price is a second forward pass.
+    ///
+    /// The loss is the same function: the head's backward gives ∂L/∂(last hidden state) and
+    /// ∂L/∂(every gate) (the sparsity term couples all gates, so it is differentiated once, on
+    /// all of them); layer `l` is then differentiated through
+    /// `Σ out_l·∂L/∂out_l + Σ gate_l·∂L/∂gate_l`, whose gradient with respect to the layer's
+    /// parameters and input is the chain rule's.
+    pub fn checkpointed_step(&self, batch: &LmBatch<B>) -> (GradientsParams, StepOutput<B>) {
+        let routing = self.routing_for(batch, true);
+        let noise = self.noise_for(batch, routing);
+        let device = batch.inputs.device();
+        let [_, t] = batch.inputs.dims();
+        let layers = &self.model.model.layers;
+        let ctx = self.model.attention_context(0, t);
+        let layer_routing = self.model.layer_routing(routing);
+        let mut acc = GradientsAccumulator::<LlamaForCausalLM<B>>::new();
+
+        // forward without a graph: the same backend (so LoRA dropout is live), nothing tracked
+        let untracked = self.model.clone().no_grad();
+        let mut x = untracked
+            .model
+            .embed_tokens
+            .forward(batch.inputs.clone())
+            .detach();
+        let mut inputs = Vec::with_capacity(layers.len());
+        let (mut attn_gates, mut mlp_gates) = (Vec::new(), Vec::new());
+        for (i, layer) in untracked.model.layers.iter().enumerate() {
+            self.seed_dropout(batch, Some(i));
+            inputs.push(x.clone());
+            let out = layer.forward(
+                x,
+                &ctx,
+                None,
+                &layer_routing,
+                noise.as_ref().map(|n| &n.layers[i]),
+            );
+            x = out.hidden.detach();
+            attn_gates.push(out.attn_gate.map(|g| g.detach().require_grad()));
+            mlp_gates.push(out.mlp_gate.map(|g| g.detach().require_grad()));
+        }
+
+        // the head and the loss, with the last hidden state and every gate as leaves
+        let last = x.require_grad();
+        let logits = self.model.head(self.model.model.norm.forward(last.clone()));
+        let mask = Tensor::ones(batch.inputs.dims(), &device);
+        let flat = |g: &[Option<Tensor<B, 2>>]| g.iter().flatten().cloned().collect::<Vec<_>>();
+        let parts = skipgpt_loss(
+            &self.objective.loss_config(),
+            logits,
+            batch.targets.clone(),
+            mask,
+            &flat(&attn_gates),
+            &flat(&mlp_gates),
+        );
+        let output = self.stats(&parts, routing, batch);
+        let grads = (parts.total * batch.loss_scale).backward();
+        let mut upstream = last
+            .grad(&grads)
+            .expect("the loss depends on the last layer");
+        let gate_grad = |g: &Option<Tensor<B, 2>>| g.as_ref().and_then(|g| g.grad(&grads));
+        let attn_up: Vec<_> = attn_gates.iter().map(gate_grad).collect();
+        let mlp_up: Vec<_> = mlp_gates.iter().map(gate_grad).collect();
+        acc.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
+
+        // the layers, last first, one graph at a time
+        let embed_trains = self.model.model.embed_tokens.weight.is_require_grad();
+        for (i, layer) in layers.iter().enumerate().rev() {
+            self.seed_dropout(batch, Some(i));
+            let input = inputs[i].clone().require_grad();
+            let out = layer.forward(
+                input.clone(),
+                &ctx,
+                None,
+                &layer_routing,
+                noise.as_ref().map(|n| &n.layers[i]),
+            );
+            let mut surrogate = (out.hidden * Tensor::from_inner(upstream.clone())).sum();
+            for (gate, up) in [(out.attn_gate, &attn_up[i]), (out.mlp_gate, &mlp_up[i])] {
+                if let (Some(g), Some(up)) = (gate, up) {
+                    surrogate = surrogate + (g * Tensor::from_inner(up.clone())).sum();
+                }
+            }
+            let grads = surrogate.backward();
+            if i > 0 || embed_trains {
+                upstream = input
+                    .grad(&grads)
+                    .expect("a layer's output depends on its input");
+            }
+            acc.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
+        }
+        if embed_trains {
+            let embedded = self.model.model.embed_tokens.forward(batch.inputs.clone());
+            let grads = (embedded * Tensor::from_inner(upstream)).sum().backward();
+            acc.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
+        }
+        (acc.grads(), output)
     }
 }
 
@@ -114,19 +274,12 @@ impl<B: AutodiffBackend> TrainStep for LmTrainer<B> {
     type Output = StepOutput<B>;
 
     fn step(&self, batch: LmBatch<B>) -> TrainOutput<StepOutput<B>> {
-        if self
-            .model
-            .lora_config
-            .as_ref()
-            .is_some_and(|c| c.dropout > 0.0)
-        {
-            // LoRA dropout draws from the backend's generator: seed it from the step, so a
-            // run (and a resumed run) draws the same masks
-            B::seed(&batch.inputs.device(), batch.noise_seed ^ 0x5eed_d20f);
-        }
-        let (loss, output) = self.forward_loss(&batch, true);
-        let grads = (loss * batch.loss_scale).backward();
-        TrainOutput::new(self, grads, output)
+        let (grads, item) = if self.checkpoint_layers {
+            self.checkpointed_step(&batch)
+        } else {
+            self.full_step(&batch)
+        };
+        TrainOutput { grads, item }
     }
 }
 
