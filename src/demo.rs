@@ -33,9 +33,7 @@ use skipgpt_train::resume::RunManifest;
 
 use crate::backend::BackendKind;
 use crate::commands::perplexity;
-use crate::eval_cmd::{
-    analyze, prune_static, score_tasks, AnalyzeArgs, PruneStaticArgs, StaticModeArg,
-};
+use crate::eval_cmd::{analyze_model, prune_static, score_tasks, PruneStaticArgs, StaticModeArg};
 use crate::lora_cmd::{finetune_lora, FinetuneLoraArgs, LoraArgs};
 use crate::train_cmd::{
     pretrain, tune_routers, CorpusArgs, GranularityArg, KvPolicyArg, MlpInputArg, PretrainArgs,
@@ -261,7 +259,8 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         entries.push(("joint (RT + LoRA)", &joint_dir, Some(j.routed)));
     }
     let mut rows = Vec::new();
-    let mut final_model = None;
+    // kept from the loop: the routed model is analysed, the adapted one generates
+    let (mut rt_model, mut final_model) = (None, None);
     for (name, dir, report) in entries {
         let model = load_pretrained::<B>(dir, device)?.model;
         let report =
@@ -290,23 +289,26 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
             speedup,
             ideal_speedup,
         });
-        if dir == &lora_dir {
+        if dir == &rt_dir {
+            rt_model = Some(model);
+        } else if dir == &lora_dir {
             final_model = Some(model);
         }
     }
-    let analysis = analyze::<B>(
-        &AnalyzeArgs {
-            model: rt_dir.clone(),
-            corpus: corpus.clone(),
-            text: format!(
-                "{} keeps the long road. then it counts 10 11 12 13 14 15. and so on, the end.",
-                args.prompt
-            ),
-            out: pictures.clone(),
-            sequences: 256,
-            batch_size: 16,
-        },
-        device,
+    let analysed = PackedDataset {
+        seq_len: valid.seq_len,
+        sequences: valid.sequences.iter().take(256).cloned().collect(),
+    };
+    let analysis = analyze_model(
+        &rt_model.expect("SkipGPT-RT is one of the rows"),
+        &tokenizer,
+        &analysed,
+        &format!(
+            "{} keeps the long road. then it counts 10 11 12 13 14 15. and so on, the end.",
+            args.prompt
+        ),
+        &pictures,
+        16,
     )?;
 
     println!();

@@ -1,7 +1,7 @@
 //! `skipgpt eval-mc`: zero-shot multiple-choice accuracy, dense and routed side by side.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
@@ -315,7 +315,6 @@ pub fn analyze<B: Backend>(
     args: &AnalyzeArgs,
     device: &B::Device,
 ) -> Result<skipgpt_eval::RoutingAnalysis> {
-    use skipgpt_eval::{analyze_routing, token_map, write_analysis};
     let pretrained = skipgpt_model::load_pretrained::<B>(&args.model, device)?;
     let tokenizer = require_tokenizer(pretrained.tokenizer.as_ref(), &args.model, "analyze")?;
     let model = pretrained.model;
@@ -326,9 +325,30 @@ pub fn analyze<B: Backend>(
     if args.sequences > 0 {
         valid.sequences.truncate(args.sequences);
     }
-    let analysis = analyze_routing(&model, &valid, Some(tokenizer), args.batch_size)?;
-    let map = token_map(&model, tokenizer, &args.text)?;
-    let files = write_analysis(&analysis, Some(&map), &args.out)?;
+    analyze_model(
+        &model,
+        tokenizer,
+        &valid,
+        &args.text,
+        &args.out,
+        args.batch_size,
+    )
+}
+
+/// The routing analysis of a loaded model on `data`, with the heatmap of `text`: printed,
+/// and written (JSON and pictures) into `out`.
+pub fn analyze_model<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    tokenizer: &Tokenizer,
+    data: &skipgpt_train::data::PackedDataset,
+    text: &str,
+    out: &Path,
+    batch_size: usize,
+) -> Result<skipgpt_eval::RoutingAnalysis> {
+    use skipgpt_eval::{analyze_routing, token_map, write_analysis};
+    let analysis = analyze_routing(model, data, Some(tokenizer), batch_size)?;
+    let map = token_map(model, tokenizer, text)?;
+    let files = write_analysis(&analysis, Some(&map), out)?;
     let o = &analysis.observations;
     println!(
         "{} tokens: attention skip {:.1}%, MLP skip {:.1}%",

@@ -20,10 +20,10 @@ use burn::backend::wgpu::{Wgpu, WgpuDevice};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use common::{ids_rows, reference, tiny};
+use common::{diff_with, ids_rows, reference, tiny, to_vec};
 use skipgpt_model::safetensors_io::TensorFile;
 use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
-use skipgpt_model::{generate, load_pretrained, LlamaForCausalLM, RouterNoise, Routing};
+use skipgpt_model::{generate, load_pretrained, LlamaForCausalLM, Routing};
 use skipgpt_train::data::PackedDataset;
 use skipgpt_train::loader::LmBatch;
 use skipgpt_train::loss::SparsityLossConfig;
@@ -74,18 +74,9 @@ fn wgpu_device(test: &str) -> Option<WgpuDevice> {
     }
 }
 
-fn to_vec<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec().unwrap()
-}
-
 fn ids<Bk: Backend>(file: &TensorFile, name: &str, device: &Bk::Device) -> Tensor<Bk, 2, Int> {
     let (ids, shape) = file.read_i64(name).unwrap();
     Tensor::from_data(TensorData::new(ids, [shape[0], shape[1]]), device)
-}
-
-fn max_diff_with(got: &[f32], file: &TensorFile, name: &str) -> f32 {
-    let (expected, _) = file.read_f32(name).unwrap();
-    common::max_abs_diff(got, &expected)
 }
 
 /// `model-routed` with its default `skipgpt.json` (MLP router reads the post-attention state).
@@ -106,10 +97,10 @@ fn wgpu_dense_logits_hidden_states_and_greedy_match_hf() {
     let r = reference(&tiny());
     let out = model.forward_full(ids::<W>(&r, "input_ids", &device), None, true);
     for (k, h) in out.hidden_states.into_iter().enumerate() {
-        let d = max_diff_with(&to_vec(h), &r, &format!("hidden_states.{k}"));
+        let d = diff_with(h, &r, &format!("hidden_states.{k}"));
         assert!(d < GPU_TOL, "hidden_states.{k} differs by {d}");
     }
-    let d = max_diff_with(&to_vec(out.logits), &r, "logits");
+    let d = diff_with(out.logits, &r, "logits");
     eprintln!("wgpu dense: max |Δ logits| = {d:e}");
     assert!(d < GPU_TOL, "dense logits differ by {d}");
 
@@ -133,7 +124,7 @@ fn wgpu_routed_logits_gates_and_sparse_engine_match_hf() {
 
     // the gated computation
     let out = model.forward_full(ids::<W>(&r, "input_ids", &device), None, false);
-    let d = max_diff_with(&to_vec(out.logits), &r, &format!("routed.{mode}.logits"));
+    let d = diff_with(out.logits, &r, &format!("routed.{mode}.logits"));
     eprintln!("wgpu routed (gated): max |Δ logits| = {d:e}");
     assert!(d < GPU_TOL, "routed logits differ by {d}");
     for (name, gates) in [("attn_gates", out.attn_gates), ("mlp_gates", out.mlp_gates)] {
@@ -153,7 +144,9 @@ fn wgpu_routed_logits_gates_and_sparse_engine_match_hf() {
         LogitRows::All,
     )
     .unwrap();
-    let d = max_diff_with(&to_vec(sparse.logits), &r, &format!("routed.{mode}.logits"));
+    let [n, v] = sparse.logits.dims();
+    let logits = sparse.logits.reshape([rows.len(), n / rows.len(), v]);
+    let d = diff_with(logits, &r, &format!("routed.{mode}.logits"));
     eprintln!("wgpu routed (sparse engine): max |Δ logits| = {d:e}");
     assert!(d < GPU_TOL, "sparse-engine logits differ by {d}");
     let (expected, _) = r.read_f32(&format!("routed.{mode}.attn_gates")).unwrap();
@@ -176,6 +169,17 @@ fn wgpu_routed_logits_gates_and_sparse_engine_match_hf() {
     assert_eq!(generate(&model, &prompts, &opts).unwrap(), expected);
     let (tokens, _, _) = generate_sparse(&model, &prompts, &opts, Routing::Deterministic).unwrap();
     assert_eq!(tokens, expected, "sparse-engine greedy tokens");
+}
+
+/// Every router's output weight, flattened, layer by layer.
+fn router_weights<Bk: Backend>(model: &LlamaForCausalLM<Bk>) -> Vec<f32> {
+    model
+        .model
+        .layers
+        .iter()
+        .flat_map(|l| [&l.attn_router, &l.mlp_router])
+        .flat_map(|r| to_vec(r.as_ref().unwrap().fc2.weight.val()))
+        .collect()
 }
 
 /// Stage-1 loss and router gradients of one batch, with fixed Gumbel noise.
@@ -215,10 +219,7 @@ fn wgpu_router_tuning_step_matches_the_cpu() {
     let Some(device) = wgpu_device("wgpu router tuning") else {
         return;
     };
-    // noise drawn on the host from one seed: both backends see the same Gumbel samples
-    let n = RouterNoise::<W>::from_seed(7, 1, 1, 2, &device);
-    assert_eq!(n.layers.len(), 1);
-
+    // the Gumbel noise is drawn on the host from the batch's seed: both backends see the same
     let (cpu_loss, cpu_grads) = router_tuning_grads::<Autodiff<Cpu>>(&Default::default());
     let (gpu_loss, gpu_grads) = router_tuning_grads::<Autodiff<W>>(&device);
     assert!(cpu_loss.is_finite() && cpu_grads.iter().any(|g| *g != 0.0));
@@ -286,23 +287,8 @@ fn wgpu_router_tuning_step_matches_the_cpu() {
         std::slice::from_ref(&device),
     )
     .unwrap();
-    let before = routed::<Cpu>(&Default::default());
-    let weights = |m: &LlamaForCausalLM<Cpu>| -> Vec<f32> {
-        m.model
-            .layers
-            .iter()
-            .flat_map(|l| [&l.attn_router, &l.mlp_router])
-            .flat_map(|r| to_vec(r.as_ref().unwrap().fc2.weight.val()))
-            .collect()
-    };
-    let gpu_after: Vec<f32> = gpu
-        .model
-        .layers
-        .iter()
-        .flat_map(|l| [&l.attn_router, &l.mlp_router])
-        .flat_map(|r| to_vec(r.as_ref().unwrap().fc2.weight.val()))
-        .collect();
-    let (w0, w_cpu) = (weights(&before), weights(&cpu));
+    let w0 = router_weights(&routed::<Cpu>(&Default::default()));
+    let (w_cpu, gpu_after) = (router_weights(&cpu), router_weights(&gpu));
     let moved = common::max_abs_diff(&w0, &w_cpu);
     assert!(moved > 1e-4, "one step changed the routers by only {moved}");
     let d = common::max_abs_diff(&w_cpu, &gpu_after);

@@ -43,7 +43,8 @@ pub fn ids_rows(file: &TensorFile, name: &str) -> Vec<Vec<u32>> {
         .collect()
 }
 
-pub fn to_vec<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+/// A tensor's values on the host (any backend).
+pub fn to_vec<Bk: burn::tensor::backend::Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec().unwrap()
 }
 
@@ -57,7 +58,11 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Compares a tensor with a reference tensor, returning the max |Δ|.
-pub fn diff_with<const D: usize>(t: Tensor<B, D>, reference: &TensorFile, name: &str) -> f32 {
+pub fn diff_with<Bk: burn::tensor::backend::Backend, const D: usize>(
+    t: Tensor<Bk, D>,
+    reference: &TensorFile,
+    name: &str,
+) -> f32 {
     let (expected, shape) = reference.read_f32(name).unwrap();
     assert_eq!(t.dims().to_vec(), shape, "shape of {name}");
     max_abs_diff(&to_vec(t), &expected)

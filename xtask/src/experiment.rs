@@ -189,31 +189,15 @@ pub fn write_report(out: &Path, settings: &[(String, String)], backend: &str) ->
         (
             "decoupled > coupled",
             "perplexity, SkipGPT-RT vs MoD-D",
-            |s| {
-                let (a, b) = (row(s, "SkipGPT-RT")?, row(s, "MoD-D")?);
-                Some((
-                    format!("{:.3} vs {:.3}", f(a, "perplexity"), f(b, "perplexity")),
-                    f(a, "perplexity") < f(b, "perplexity"),
-                ))
-            },
+            |s| lower_perplexity(s, "SkipGPT-RT", "MoD-D"),
         ),
         (
             "dynamic > static",
             "perplexity, SkipGPT-RT vs ShortGPT",
-            |s| {
-                let (a, b) = (row(s, "SkipGPT-RT")?, row(s, "ShortGPT")?);
-                Some((
-                    format!("{:.3} vs {:.3}", f(a, "perplexity"), f(b, "perplexity")),
-                    f(a, "perplexity") < f(b, "perplexity"),
-                ))
-            },
+            |s| lower_perplexity(s, "SkipGPT-RT", "ShortGPT"),
         ),
         ("two-stage > joint", "perplexity, RT + LoRA vs joint", |s| {
-            let (a, b) = (row(s, "SkipGPT-RT + LoRA")?, row(s, "joint")?);
-            Some((
-                format!("{:.3} vs {:.3}", f(a, "perplexity"), f(b, "perplexity")),
-                f(a, "perplexity") < f(b, "perplexity"),
-            ))
+            lower_perplexity(s, "SkipGPT-RT + LoRA", "joint")
         }),
         (
             "LoRA recovers quality",
@@ -303,4 +287,10 @@ pub fn write_report(out: &Path, settings: &[(String, String)], backend: &str) ->
     std::fs::write("docs/results.md", md)?;
     eprintln!("wrote docs/results.md");
     Ok(())
+}
+
+/// "a vs b" perplexities of two rows of a summary, and whether `a` is the lower.
+fn lower_perplexity(s: &Value, a: &str, b: &str) -> Option<(String, bool)> {
+    let (a, b) = (f(row(s, a)?, "perplexity"), f(row(s, b)?, "perplexity"));
+    Some((format!("{a:.3} vs {b:.3}"), a < b))
 }

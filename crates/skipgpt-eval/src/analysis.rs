@@ -233,6 +233,22 @@ pub fn token_map<B: Backend>(
     })
 }
 
+/// An attention and an MLP series, in the colours every picture uses for them.
+fn attn_and_mlp<'a>(attn: &'a [f64], mlp: &'a [f64]) -> [Series<'a>; 2] {
+    [
+        Series {
+            label: "attention",
+            colour: "#9467bd",
+            values: attn,
+        },
+        Series {
+            label: "MLP",
+            colour: "#2ca02c",
+            values: mlp,
+        },
+    ]
+}
+
 /// Writes `routing.json` and the pictures into `dir`; returns the files written.
 pub fn write_analysis(
     analysis: &RoutingAnalysis,
@@ -264,18 +280,7 @@ pub fn write_analysis(
         svg::bars(
             "skip rate per layer",
             &layers,
-            &[
-                Series {
-                    label: "attention",
-                    colour: "#9467bd",
-                    values: &analysis.attn_skip_per_layer,
-                },
-                Series {
-                    label: "MLP",
-                    colour: "#2ca02c",
-                    values: &analysis.mlp_skip_per_layer,
-                },
-            ],
+            &attn_and_mlp(&analysis.attn_skip_per_layer, &analysis.mlp_skip_per_layer),
             "skipped",
         ),
     )?;
@@ -284,18 +289,10 @@ pub fn write_analysis(
         svg::lines(
             "skip rate by token position (mean over layers)",
             "position in the sequence",
-            &[
-                Series {
-                    label: "attention",
-                    colour: "#9467bd",
-                    values: &analysis.attn_skip_by_position,
-                },
-                Series {
-                    label: "MLP",
-                    colour: "#2ca02c",
-                    values: &analysis.mlp_skip_by_position,
-                },
-            ],
+            &attn_and_mlp(
+                &analysis.attn_skip_by_position,
+                &analysis.mlp_skip_by_position,
+            ),
             "skipped",
         ),
     )?;

@@ -42,9 +42,9 @@ pub fn block_influence<B: Backend>(
     let t = data.seq_len;
     let (mut layer_cos, mut attn_cos) = (vec![0.0f64; layers], vec![0.0f64; layers]);
     let mut tokens = 0;
+    let ctx = model.attention_context(0, t);
     for chunk in data.sequences.chunks(batch_size.max(1)) {
         let b = chunk.len();
-        let ctx = model.attention_context(0, t);
         let mut x = model
             .model
             .embed_tokens

@@ -117,13 +117,22 @@ impl<B: Backend> LoraAdapter<B> {
     /// A fresh adapter: `A` uniform in ±1/√in (Kaiming-uniform with a = √5, as PEFT), `B` zero.
     pub fn init(d_in: usize, d_out: usize, cfg: &LoraConfig, device: &B::Device) -> Self {
         let bound = 1.0 / (d_in as f64).sqrt();
-        LoraAdapter {
-            lora_a: Param::from_tensor(Tensor::random(
+        Self::from_matrices(
+            Tensor::random(
                 [d_in, cfg.rank],
                 Distribution::Uniform(-bound, bound),
                 device,
-            )),
-            lora_b: Param::from_tensor(Tensor::zeros([cfg.rank, d_out], device)),
+            ),
+            Tensor::zeros([cfg.rank, d_out], device),
+            cfg,
+        )
+    }
+
+    /// An adapter with the given `A` (`[in, r]`) and `B` (`[r, out]`).
+    pub fn from_matrices(a: Tensor<B, 2>, b: Tensor<B, 2>, cfg: &LoraConfig) -> Self {
+        LoraAdapter {
+            lora_a: Param::from_tensor(a),
+            lora_b: Param::from_tensor(b),
             dropout: DropoutConfig::new(cfg.dropout).init(),
             scale: cfg.scale(),
         }
@@ -342,10 +351,11 @@ pub(crate) fn load_adapter<B: Backend>(
 ) -> Result<LoraAdapter<B>> {
     let a = w.tensor::<B, 2>(&peft_key(module, 'A'), [cfg.rank, d_in], device)?;
     let b = w.tensor::<B, 2>(&peft_key(module, 'B'), [d_out, cfg.rank], device)?;
-    let mut adapter = LoraAdapter::init(d_in, d_out, cfg, device);
-    adapter.lora_a = Param::from_tensor(a.transpose());
-    adapter.lora_b = Param::from_tensor(b.transpose());
-    Ok(adapter)
+    Ok(LoraAdapter::from_matrices(
+        a.transpose(),
+        b.transpose(),
+        cfg,
+    ))
 }
 
 /// Adds `module`'s adapter to `out` under PEFT names, `[r, in]` and `[out, r]`.

@@ -68,10 +68,8 @@ impl<B: Backend> LayerCache<B> {
             };
             t.reshape([batch * cap, width])
         };
-        self.kv = Some(match self.kv.take() {
-            Some((k, v)) => (grow(Some(k)), grow(Some(v))),
-            None => (grow(None), grow(None)),
-        });
+        let (k, v) = self.kv.take().unzip();
+        self.kv = Some((grow(k), grow(v)));
         self.capacity = cap;
     }
 
@@ -336,12 +334,12 @@ pub fn sparse_forward<B: Backend>(
             let attn = &layer.self_attn;
             let xn = layer
                 .input_layernorm
-                .forward(gather_rows(x.clone(), &kv_rows, n));
+                .forward(gather_rows(x.clone(), &kv_rows));
             let rot = |t: Tensor<B, 3>, which: &[usize]| {
                 // [rows, heads, hd] -> rotate with each row's own position
                 let [r, heads, d] = t.dims();
-                let c = gather_rows(cos.clone(), which, n);
-                let s = gather_rows(sin.clone(), which, n);
+                let c = gather_rows(cos.clone(), which);
+                let s = gather_rows(sin.clone(), which);
                 let t4 = t.swap_dims(0, 1).reshape([1, heads, r, d]);
                 crate::rope::apply_rotary(t4, &c, &s)
                     .reshape([heads, r, d])
@@ -362,7 +360,7 @@ pub fn sparse_forward<B: Backend>(
                 None
             } else {
                 let e = exec.len();
-                let q_in = gather_rows(xn, &q_local, kv_rows.len());
+                let q_in = gather_rows(xn, &q_local);
                 Some(rot(attn.q_proj.forward(q_in).reshape([e, nh, hd]), &exec))
             };
             // store the new keys/values, then attend for the executing queries of every
@@ -408,7 +406,7 @@ pub fn sparse_forward<B: Backend>(
             stats.weight_bytes += cost.mlp_bytes;
             let hsel = layer
                 .post_attention_layernorm
-                .forward(gather_rows(x.clone(), &mlp_rows, n));
+                .forward(gather_rows(x.clone(), &mlp_rows));
             x = add_rows(x, &mlp_rows, layer.mlp.forward(hsel));
         }
         if routed {
@@ -519,9 +517,9 @@ fn decide<B: Backend>(router: &Router<B>, x: Tensor<B, 2>, routing: Routing) -> 
         .collect()
 }
 
-/// Rows `which` (sorted, distinct) of `t`, which has `n` rows; no copy when that is all of them.
-fn gather_rows<B: Backend>(t: Tensor<B, 2>, which: &[usize], n: usize) -> Tensor<B, 2> {
-    if which.len() == n {
+/// Rows `which` (sorted, distinct) of `t`; no copy when that is all of them.
+fn gather_rows<B: Backend>(t: Tensor<B, 2>, which: &[usize]) -> Tensor<B, 2> {
+    if which.len() == t.dims()[0] {
         t
     } else {
         let device = t.device();

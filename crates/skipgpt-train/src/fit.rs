@@ -219,9 +219,7 @@ pub fn fit<B: AutodiffBackend>(
             .collect();
     }
 
-    let mut manifest = manifest(&objective, &model, &train, &valid, opts);
-    // the devices set the batch of a step: a resume must use as many
-    manifest.0.insert("devices".into(), replicas.into());
+    let manifest = manifest(&objective, &model, &train, &valid, opts, replicas);
     let done_epochs = manifest.begin(&run.path, run.resume)?;
     let plan = StepPlan {
         total_steps: opts.steps,
@@ -336,6 +334,7 @@ fn manifest<B: AutodiffBackend>(
     train: &PackedDataset,
     valid: &PackedDataset,
     opts: &TrainOptions,
+    devices: usize,
 ) -> RunManifest {
     let mut map = match serde_json::to_value(opts).expect("options serialise") {
         serde_json::Value::Object(m) => m,
@@ -361,6 +360,8 @@ fn manifest<B: AutodiffBackend>(
         serde_json::json!(model.routing_config.as_ref().map(|r| r.to_json())),
     );
     map.insert("routing_mode".into(), format!("{:?}", model.routing).into());
+    // the devices set the batch of a step: a resume must use as many
+    map.insert("devices".into(), devices.into());
     map.insert("seq_len".into(), train.seq_len.into());
     map.insert("train_sequences".into(), train.len().into());
     map.insert(

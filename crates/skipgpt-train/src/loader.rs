@@ -186,9 +186,10 @@ impl<B: Backend> DataLoader<B, LmBatch<B>> for TrainLoader<B> {
     fn num_items(&self) -> usize {
         let epoch = self.next_epoch.load(Ordering::SeqCst);
         let micros = self.plan.epoch_micro_batches(epoch);
+        // k < micros with k mod n == i
         let mine = match self.shard {
             None => micros,
-            Some((i, n)) => (0..micros).filter(|k| k % n == i).count(),
+            Some((i, n)) => micros / n + usize::from(i < micros % n),
         };
         mine * self.plan.batch_size
     }

@@ -127,8 +127,7 @@ impl RunManifest {
                 .get(key)
                 .cloned()
                 .unwrap_or_else(|| earlier_default(key));
-            let before = &before;
-            if before != value {
+            if &before != value {
                 return Err(TrainError::ResumeMismatch {
                     path,
                     key: key.clone(),

@@ -2,13 +2,12 @@
 //! the metrics show.
 
 use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use burn::train::metric::ItemLazy;
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use skipgpt_model::{LlamaForCausalLM, RouterNoise, Routing};
-
-use burn::optim::{GradientsAccumulator, GradientsParams};
 
 use crate::data::mix;
 use crate::loader::LmBatch;
@@ -85,6 +84,25 @@ impl<B: Backend> LmTrainer<B> {
         })
     }
 
+    /// The objective's loss over every position of the batch.
+    fn loss(
+        &self,
+        logits: Tensor<B, 3>,
+        batch: &LmBatch<B>,
+        attn_gates: &[Tensor<B, 2>],
+        mlp_gates: &[Tensor<B, 2>],
+    ) -> LossParts<B> {
+        let mask = Tensor::ones(batch.inputs.dims(), &batch.inputs.device());
+        skipgpt_loss(
+            &self.objective.loss_config(),
+            logits,
+            batch.targets.clone(),
+            mask,
+            attn_gates,
+            mlp_gates,
+        )
+    }
+
     fn stats(&self, parts: &LossParts<B>, routing: Routing, batch: &LmBatch<B>) -> StepOutput<B> {
         let stats = Tensor::cat(
             vec![
@@ -125,15 +143,7 @@ impl<B: Backend> LmTrainer<B> {
             false,
             noise.as_ref(),
         );
-        let mask = Tensor::ones(batch.inputs.dims(), &batch.inputs.device());
-        let parts = skipgpt_loss(
-            &self.objective.loss_config(),
-            out.logits,
-            batch.targets.clone(),
-            mask,
-            &out.attn_gates,
-            &out.mlp_gates,
-        );
+        let parts = self.loss(out.logits, batch, &out.attn_gates, &out.mlp_gates);
         let output = self.stats(&parts, routing, batch);
         (parts.total, output)
     }
@@ -180,7 +190,6 @@ impl<B: AutodiffBackend> LmTrainer<B> {
     pub fn checkpointed_step(&self, batch: &LmBatch<B>) -> (GradientsParams, StepOutput<B>) {
         let routing = self.routing_for(batch, true);
         let noise = self.noise_for(batch, routing);
-        let device = batch.inputs.device();
         let [_, t] = batch.inputs.dims();
         let layers = &self.model.model.layers;
         let ctx = self.model.attention_context(0, t);
@@ -214,16 +223,8 @@ impl<B: AutodiffBackend> LmTrainer<B> {
         // the head and the loss, with the last hidden state and every gate as leaves
         let last = x.require_grad();
         let logits = self.model.head(self.model.model.norm.forward(last.clone()));
-        let mask = Tensor::ones(batch.inputs.dims(), &device);
         let flat = |g: &[Option<Tensor<B, 2>>]| g.iter().flatten().cloned().collect::<Vec<_>>();
-        let parts = skipgpt_loss(
-            &self.objective.loss_config(),
-            logits,
-            batch.targets.clone(),
-            mask,
-            &flat(&attn_gates),
-            &flat(&mlp_gates),
-        );
+        let parts = self.loss(logits, batch, &flat(&attn_gates), &flat(&mlp_gates));
         let output = self.stats(&parts, routing, batch);
         let grads = (parts.total * batch.loss_scale).backward();
         let mut upstream = last

@@ -3,6 +3,8 @@
 //! one-router-per-layer variant, pretraining (every weight, embeddings and head included) and
 //! LoRA adapters.
 
+mod common;
+
 use burn::module::{Module, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::Backend;
@@ -15,6 +17,8 @@ use skipgpt_train::loader::LmBatch;
 use skipgpt_train::loss::SparsityLossConfig;
 use skipgpt_train::step::LmTrainer;
 use skipgpt_train::Objective;
+
+use common::{max_abs_diff, router_values};
 
 type Inner = burn::backend::NdArray<f32>;
 type B = burn::backend::Autodiff<Inner>;
@@ -247,35 +251,12 @@ fn a_checkpointed_run_trains_the_same_routers() {
             &[device],
         )
         .unwrap();
-        let routers = model.export_routers();
-        routers
-            .values()
-            .flat_map(|t| {
-                t.bytes()
-                    .chunks(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                    .collect::<Vec<_>>()
-            })
-            .collect::<Vec<f32>>()
+        router_values(&model)
     };
     let (plain, ckpt) = (go(false), go(true));
-    let before: Vec<f32> = start
-        .export_routers()
-        .values()
-        .flat_map(|t| {
-            t.bytes()
-                .chunks(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    let max = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
-    };
-    let moved = max(&before, &plain);
-    let d = max(&plain, &ckpt);
+    let before = router_values(&start);
+    let moved = max_abs_diff(&before, &plain);
+    let d = max_abs_diff(&plain, &ckpt);
     assert!(moved > 1e-3, "{moved}");
     assert!(
         d < 1e-4 * moved.max(1.0),

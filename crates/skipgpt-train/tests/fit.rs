@@ -4,7 +4,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 
+mod common;
+
+use common::{max_abs_diff, router_values};
+
+use burn::backend::ndarray::NdArrayDevice;
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use skipgpt_model::{
@@ -41,21 +47,60 @@ fn corpus(seq_len: usize) -> Corpus {
     }
 }
 
-fn tiny_model(vocab: usize, seed: u64) -> LlamaForCausalLM<B> {
-    let device = Default::default();
-    B::seed(&device, seed);
-    LlamaConfig::tiny(vocab).init::<B>(&device)
+/// The backend's generator is global and the tests run in parallel: whatever seeds it or
+/// draws from it holds this lock, so that a seeded initialisation draws what its seed says.
+static GENERATOR: Mutex<()> = Mutex::new(());
+
+fn generator() -> MutexGuard<'static, ()> {
+    GENERATOR.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A tiny model with fresh routers, every parameter drawn now: parameters initialise lazily,
-/// clones of an uninitialised one draw their own values, and the tests run in parallel on one
-/// global generator, so runs that must start equal start from clones of this.
+/// A tiny model with every parameter drawn from `seed` (the caller holds [`generator`]).
+/// Parameters initialise lazily, so they are drawn here, not at the first forward pass.
+fn draw_tiny(vocab: usize, seed: u64) -> LlamaForCausalLM<B> {
+    let device = NdArrayDevice::Cpu;
+    B::seed(&device, seed);
+    let model = LlamaConfig::tiny(vocab).init::<B>(&device);
+    let _ = model.export(StoreDtype::F32);
+    model
+}
+
+fn tiny_model(vocab: usize, seed: u64) -> LlamaForCausalLM<B> {
+    let _generator = generator();
+    draw_tiny(vocab, seed)
+}
+
+/// A tiny model with fresh routers, every parameter drawn now: clones of an uninitialised
+/// parameter draw their own values, so runs that must start equal start from clones of this.
 fn routed(vocab: usize, seed: u64, router_seed: u64) -> LlamaForCausalLM<B> {
-    let base = tiny_model(vocab, seed);
+    let _generator = generator();
+    let base = draw_tiny(vocab, seed);
     B::seed(&Default::default(), router_seed);
     let model = base.with_new_routers(RoutingConfig::new()).freeze_base();
     let _ = model.export(StoreDtype::F32);
     model
+}
+
+const CPU: [NdArrayDevice; 1] = [NdArrayDevice::Cpu];
+
+/// [`fit`] on the corpus' training and validation splits.
+fn train_on(
+    c: &Corpus,
+    model: LlamaForCausalLM<B>,
+    objective: Objective,
+    opts: &TrainOptions,
+    rd: &RunDir,
+    devices: &[NdArrayDevice],
+) -> skipgpt_train::Result<LlamaForCausalLM<Inner>> {
+    fit(
+        model,
+        objective,
+        c.train.clone(),
+        c.valid.clone(),
+        opts,
+        rd,
+        devices,
+    )
 }
 
 fn run(dir: &Path, label: &str, resume: bool) -> RunDir {
@@ -100,17 +145,7 @@ fn router_tuning_reaches_the_target_and_keeps_the_base() {
     });
     let objective = Objective::Sparsity(SparsityLossConfig::new().with_target(0.5));
     let rd = run(dir.path(), "tune", false);
-    let device = Default::default();
-    let tuned = fit(
-        model,
-        objective,
-        c.train,
-        c.valid,
-        &opts,
-        &rd,
-        std::slice::from_ref(&device),
-    )
-    .unwrap();
+    let tuned = train_on(&c, model, objective, &opts, &rd, &CPU).unwrap();
 
     // the skip rate of the last logged window, under the Gumbel gates training used
     let (step, row) = rows(&rd, "train").pop().unwrap();
@@ -154,17 +189,7 @@ fn pretraining_lowers_the_loss() {
         ..TrainOptions::default()
     });
     let rd = run(dir.path(), "pretrain", false);
-    let device = Default::default();
-    fit(
-        model,
-        Objective::Lm,
-        c.train,
-        c.valid,
-        &opts,
-        &rd,
-        std::slice::from_ref(&device),
-    )
-    .unwrap();
+    train_on(&c, model, Objective::Lm, &opts, &rd, &CPU).unwrap();
     let train = rows(&rd, "train");
     let first = train.first().unwrap().1["LM Loss"];
     let last = train.last().unwrap().1["LM Loss"];
@@ -193,17 +218,8 @@ fn a_killed_run_resumes_to_the_same_parameters() {
         ..TrainOptions::default()
     });
     let objective = Objective::Sparsity(SparsityLossConfig::new().with_target(0.4));
-    let device = Default::default();
     let go = |model, opts: &TrainOptions, rd: &RunDir| {
-        fit(
-            model,
-            objective.clone(),
-            c.train.clone(),
-            c.valid.clone(),
-            opts,
-            rd,
-            std::slice::from_ref(&device),
-        )
+        train_on(&c, model, objective.clone(), opts, rd, &CPU)
     };
 
     let start = routed(vocab, 11, 12);
@@ -262,7 +278,7 @@ fn two_devices_train_like_one_device_accumulating_two_micro_batches() {
     let c = corpus(16);
     let dir = tempfile::tempdir().unwrap();
     let vocab = c.tokenizer.vocab_size();
-    let device: burn::backend::ndarray::NdArrayDevice = Default::default();
+    let device: NdArrayDevice = Default::default();
     let opts = quiet(TrainOptions {
         steps: 4,
         batch_size: 2,
@@ -274,21 +290,11 @@ fn two_devices_train_like_one_device_accumulating_two_micro_batches() {
     });
     let objective = Objective::Sparsity(SparsityLossConfig::new().with_target(0.4));
     let start = routed(vocab, 21, 22);
-    let go =
-        |opts: &TrainOptions, label: &str, devices: &[burn::backend::ndarray::NdArrayDevice]| {
-            let rd = run(dir.path(), label, false);
-            let model = fit(
-                start.clone(),
-                objective.clone(),
-                c.train.clone(),
-                c.valid.clone(),
-                opts,
-                &rd,
-                devices,
-            )
-            .unwrap();
-            (model, rd)
-        };
+    let go = |opts: &TrainOptions, label: &str, devices: &[NdArrayDevice]| {
+        let rd = run(dir.path(), label, false);
+        let model = train_on(&c, start.clone(), objective.clone(), opts, &rd, devices).unwrap();
+        (model, rd)
+    };
     let (one, one_rd) = go(
         &TrainOptions {
             grad_accum: 2,
@@ -301,25 +307,12 @@ fn two_devices_train_like_one_device_accumulating_two_micro_batches() {
     let (once, _) = go(&opts, "once", &[device]);
 
     let (r1, r2, r0) = (
-        one.export_routers(),
-        two.export_routers(),
-        once.export_routers(),
+        router_values(&one),
+        router_values(&two),
+        router_values(&once),
     );
-    let mut max_diff = 0.0f32;
-    let mut from_single_batch = 0.0f32;
-    for (name, t) in &r1 {
-        let f = |t: &skipgpt_model::safetensors_io::OwnedTensor| -> Vec<f32> {
-            t.bytes()
-                .chunks(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect()
-        };
-        let (a, b, z) = (f(t), f(&r2[name]), f(&r0[name]));
-        for ((x, y), w) in a.iter().zip(&b).zip(&z) {
-            max_diff = max_diff.max((x - y).abs());
-            from_single_batch = from_single_batch.max((x - w).abs());
-        }
-    }
+    let max_diff = max_abs_diff(&r1, &r2);
+    let from_single_batch = max_abs_diff(&r1, &r0);
     eprintln!(
         "two devices vs accumulation: {max_diff:e}; vs half the batch: {from_single_batch:e}"
     );
@@ -365,7 +358,6 @@ fn bad_settings_are_rejected_before_training() {
     let c = corpus(16);
     let dir = tempfile::tempdir().unwrap();
     let vocab = c.tokenizer.vocab_size();
-    let device = Default::default();
     let cases: Vec<(TrainOptions, Objective, &str)> = vec![
         (
             TrainOptions {
@@ -397,17 +389,9 @@ fn bad_settings_are_rejected_before_training() {
     for (i, (opts, objective, key)) in cases.into_iter().enumerate() {
         let rd = run(dir.path(), &format!("bad{i}"), false);
         let model = routed(vocab, 1, 2);
-        let err = fit(
-            model,
-            objective,
-            c.train.clone(),
-            c.valid.clone(),
-            &opts,
-            &rd,
-            std::slice::from_ref(&device),
-        )
-        .unwrap_err()
-        .to_string();
+        let err = train_on(&c, model, objective, &opts, &rd, &CPU)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(key), "case {i}: {err}");
         // nothing was started
         assert!(!rd.path.join("run.json").exists());
@@ -462,8 +446,11 @@ fn lora_stage_two_trains_only_the_adapters_and_lowers_validation_loss() {
     let c = corpus(32);
     let dir = tempfile::tempdir().unwrap();
     let vocab = c.tokenizer.vocab_size();
+    let model = routed(vocab, 21, 22);
+    // the adapters draw from the generator, and training reseeds it for LoRA dropout
+    let _generator = generator();
     // stage 2: everything frozen (routers included), then the adapters
-    let model = routed(vocab, 21, 22)
+    let model = model
         .no_grad()
         .with_lora(LoraConfig {
             targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
@@ -487,17 +474,7 @@ fn lora_stage_two_trains_only_the_adapters_and_lowers_validation_loss() {
         ..TrainOptions::default()
     });
     let rd = run(dir.path(), "lora", false);
-    let device = Default::default();
-    let tuned = fit(
-        model,
-        Objective::Lm,
-        c.train,
-        c.valid,
-        &opts,
-        &rd,
-        std::slice::from_ref(&device),
-    )
-    .unwrap();
+    let tuned = train_on(&c, model, Objective::Lm, &opts, &rd, &CPU).unwrap();
 
     let valid = rows(&rd, "valid");
     let (first, last) = (valid[0].1["LM Loss"], valid.last().unwrap().1["LM Loss"]);
@@ -518,9 +495,10 @@ fn joint_variant_trains_routers_and_adapters_together() {
     let c = corpus(16);
     let dir = tempfile::tempdir().unwrap();
     let vocab = c.tokenizer.vocab_size();
-    let model = routed(vocab, 31, 32)
-        .with_lora(LoraConfig::default())
-        .unwrap();
+    let model = routed(vocab, 31, 32);
+    // the adapters draw from the generator, and training reseeds it for LoRA dropout
+    let _generator = generator();
+    let model = model.with_lora(LoraConfig::default()).unwrap();
     let (before, adapters_before) = weights(&model);
     let opts = quiet(TrainOptions {
         steps: 6,
@@ -532,17 +510,7 @@ fn joint_variant_trains_routers_and_adapters_together() {
     });
     let objective = Objective::Sparsity(SparsityLossConfig::new());
     let rd = run(dir.path(), "joint", false);
-    let device = Default::default();
-    let tuned = fit(
-        model,
-        objective,
-        c.train,
-        c.valid,
-        &opts,
-        &rd,
-        std::slice::from_ref(&device),
-    )
-    .unwrap();
+    let tuned = train_on(&c, model, objective, &opts, &rd, &CPU).unwrap();
     let (after, adapters_after) = inner_weights(&tuned);
     for (name, b) in &before {
         let changed = b != &after[name];
