@@ -2,19 +2,14 @@
 //! model big enough that matrix work dominates. Run through `cargo xtask bench` (or
 //! `cargo run --release --example bench_sparse -- --help`).
 //!
-//! The routers are random linear maps whose biases are calibrated, layer by layer, so that a
-//! chosen fraction of tokens skips each module. Dense and routed runs happen in the same
-//! process, on the same inputs, and every speedup is a ratio of times measured here.
+//! The measurement itself (calibrated random routers, dense and routed runs in one process)
+//! is `support/engine_bench.rs`, shared with `gpu_check`.
 
-use std::time::Instant;
+#[path = "support/engine_bench.rs"]
+mod engine_bench;
 
-use burn::module::Param;
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
-use skipgpt_model::{
-    generate, GenerateOptions, KvPolicy, LlamaConfig, LlamaForCausalLM, MlpRouterInput, Routing,
-    RoutingConfig, Sampling, StoreDtype,
-};
+use burn::tensor::backend::Backend;
+use skipgpt_model::{LlamaConfig, StoreDtype};
 
 #[cfg(feature = "cuda")]
 type B = burn::backend::Cuda;
@@ -108,187 +103,29 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &batch in &args.batches {
-        let prompts: Vec<Vec<u32>> = (0..batch)
-            .map(|s| {
-                (0..args.prefill)
-                    .map(|i| ((i * 31 + s * 17 + 5) % 4000) as u32)
-                    .collect()
-            })
-            .collect();
+        let prompts = engine_bench::prompts(batch, args.prefill, config.vocab_size);
         for &skip in &args.skips {
-            let keep = calibrated(&base, skip, KvPolicy::Keep, &prompts);
-            // calibrated on its own: hiding keys changes what the later routers see
-            let drop = calibrated(&base, skip, KvPolicy::Drop, &prompts);
-            let mut dense = keep.clone();
-            dense.routing = Routing::Dense;
-
-            // prefill: the dense model's forward vs the sparse engine
-            let ids: Vec<i64> = prompts.iter().flatten().map(|&t| t as i64).collect();
-            let input = || {
-                Tensor::<B, 2, Int>::from_data(
-                    TensorData::new(ids.clone(), [batch, args.prefill]),
-                    &device,
-                )
-            };
-            let t_dense = median(args.repeats, || {
-                let _ = dense.forward(input(), None).into_data();
-            });
-            let mut stats = None;
-            let t_routed = median(args.repeats, || {
-                let mut cache = SparseCache::new(batch, args.layers);
-                let out = sparse_forward(
-                    &keep,
-                    &prompts,
-                    &mut cache,
-                    Routing::Deterministic,
-                    LogitRows::All,
-                )
-                .unwrap();
-                let _ = out.logits.into_data();
-                stats = Some(out.stats);
-            });
-            let s = stats.unwrap();
-            let prefill_tokens = (batch * args.prefill) as f64;
-
-            // decode: dense generation vs sparse generation, after a shared-length prompt
-            let opts = GenerateOptions {
-                max_new_tokens: args.decode,
-                sampling: Sampling::Greedy,
-                eos_token_ids: vec![],
-                ignore_eos: true,
-            };
-            let short: Vec<Vec<u32>> = prompts
-                .iter()
-                .map(|p| p[..16.min(p.len())].to_vec())
-                .collect();
-            // decode baseline: the same engine executing every module. The gated reference
-            // path (`generate` on the dense model) is printed too; at batch 8 it is several
-            // times slower than the engine, so it would flatter the routed numbers.
-            let t_dense_dec = median(args.repeats, || {
-                let _ = generate_sparse(&keep, &short, &opts, Routing::Dense).unwrap();
-            });
-            let t_reference_dec = median(args.repeats, || {
-                let _ = generate(&dense, &short, &opts).unwrap();
-            });
-            let mut dec_stats = None;
-            let t_routed_dec = median(args.repeats, || {
-                let (_, st, _) =
-                    generate_sparse(&keep, &short, &opts, Routing::Deterministic).unwrap();
-                dec_stats = Some(st);
-            });
-            let ds = dec_stats.unwrap();
-            let dec_tokens = (batch * args.decode) as f64;
-
-            let kv = |m: &LlamaForCausalLM<B>| {
-                let mut cache = SparseCache::new(batch, args.layers);
-                let out = sparse_forward(
-                    m,
-                    &prompts,
-                    &mut cache,
-                    Routing::Deterministic,
-                    LogitRows::Last,
-                )
-                .unwrap();
-                let (kvh, hd) = (config.num_key_value_heads, config.head_dim);
-                (
-                    cache.bytes(kvh, hd),
-                    cache.dense_bytes(kvh, hd),
-                    out.stats.attn_skip(),
-                )
-            };
-            let (kv_keep, kv_dense, _) = kv(&keep);
-            let (kv_drop, _, drop_skip) = kv(&drop);
-            let sp = t_dense / t_routed;
-            let dsp = t_dense_dec / t_routed_dec;
+            let r = engine_bench::measure(&base, &prompts, skip, args.decode, args.repeats);
+            let sp = r.prefill_routed / r.prefill_dense;
+            let dsp = r.decode_routed / r.decode_dense;
             println!(
                 "| {batch} | {skip:.2} | {:.2}/{:.2} | {:.0} | {:.0} | {sp:.2}x | {:.2}x | {:.2} | {:.0} | {:.0} | {:.0} | {dsp:.2}x | {:.2}x | {:.2} | {:.2}x | {:.0}% | {:.0}% ({:.2}) |",
-                s.attn_skip(),
-                s.mlp_skip(),
-                prefill_tokens / t_dense,
-                prefill_tokens / t_routed,
-                s.ideal_speedup(),
-                sp / s.ideal_speedup(),
-                dec_tokens / t_reference_dec,
-                dec_tokens / t_dense_dec,
-                dec_tokens / t_routed_dec,
-                ds.ideal_speedup(),
-                dsp / ds.ideal_speedup(),
-                ds.weight_ideal_speedup(),
-                100.0 * kv_keep as f64 / kv_dense as f64,
-                100.0 * kv_drop as f64 / kv_dense as f64,
-                drop_skip,
+                r.attn_skip,
+                r.mlp_skip,
+                r.prefill_dense,
+                r.prefill_routed,
+                r.prefill_ideal,
+                sp / r.prefill_ideal,
+                r.decode_reference_dense,
+                r.decode_dense,
+                r.decode_routed,
+                r.decode_ideal,
+                dsp / r.decode_ideal,
+                r.decode_weight_ideal,
+                100.0 * r.kv_keep,
+                100.0 * r.kv_drop,
+                r.kv_drop_attn_skip,
             );
         }
     }
-}
-
-/// Median wall time (seconds) of `n` runs after one warm-up.
-fn median(n: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut times: Vec<f64> = (0..n.max(1))
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
-
-/// `base` with random linear routers reading the block input, each router's bias set so that
-/// a fraction `skip` of the calibration tokens skips its module.
-fn calibrated(
-    base: &LlamaForCausalLM<B>,
-    skip: f64,
-    kv: KvPolicy,
-    prompts: &[Vec<u32>],
-) -> LlamaForCausalLM<B> {
-    let device = base.device();
-    let routing = RoutingConfig::new()
-        .with_mlp_router_input(MlpRouterInput::BlockInput)
-        .with_kv_policy(kv)
-        .with_target_sparsity(skip);
-    B::seed(&device, 11);
-    let mut model = base.clone().with_new_routers(routing);
-    let (b, t) = (prompts.len(), prompts[0].len());
-    let ids: Vec<i64> = prompts.iter().flatten().map(|&x| x as i64).collect();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
-    for l in 0..model.config.num_hidden_layers {
-        // the block input of layer l, with the layers before it already routed
-        let x = model
-            .forward_routed(ids.clone(), None, Routing::Deterministic, true)
-            .hidden_states[l]
-            .clone();
-        let layer = &mut model.model.layers[l];
-        for router in [layer.attn_router.as_mut(), layer.mlp_router.as_mut()]
-            .into_iter()
-            .flatten()
-        {
-            let w = router.fc2.weight.val(); // [hidden, 2]
-            let [_, _, hdim] = x.dims();
-            let diff: Vec<f32> = x
-                .clone()
-                .reshape([b * t, hdim])
-                .matmul(w.clone().slice([0..hdim, 0..1]) - w.slice([0..hdim, 1..2]))
-                .into_data()
-                .convert::<f32>()
-                .into_vec()
-                .unwrap();
-            let mut sorted = diff.clone();
-            sorted.sort_by(f32::total_cmp);
-            // skip iff diff + bias < 0: put the bias at the `skip` quantile
-            let bias = if skip <= 0.0 {
-                1e6
-            } else {
-                -sorted[((skip * sorted.len() as f64) as usize).min(sorted.len() - 1)]
-            };
-            router.fc2.bias = Some(Param::from_tensor(Tensor::from_data(
-                TensorData::new(vec![bias, 0.0f32], [2]),
-                &device,
-            )));
-        }
-    }
-    model.routing = Routing::Deterministic;
-    model
 }

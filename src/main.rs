@@ -7,6 +7,7 @@ mod backend;
 mod commands;
 mod demo;
 mod eval_cmd;
+mod gguf_cmd;
 mod lora_cmd;
 mod train_cmd;
 
@@ -48,6 +49,11 @@ enum Command {
     Logits(LogitsArgs),
     /// Continue a prompt (greedy by default) using the KV cache.
     Generate(GenerateArgs),
+    /// Convert a llama.cpp GGUF file (LLaMA architecture, quantized or not) into a HF model
+    /// directory that every command loads.
+    ImportGguf(gguf_cmd::ImportGgufArgs),
+    /// Print the token ids of a text (no special tokens added).
+    Tokenize(gguf_cmd::TokenizeArgs),
     /// Describe a model directory: architecture, parameter count, dtype, context length.
     Inspect(InspectArgs),
     /// Perplexity on a corpus, dense and routed, with the realised skip rates.
@@ -253,6 +259,8 @@ fn main() {
         Command::Logits(args) => commands::logits(backend, args),
         Command::Generate(args) => commands::generate(backend, args),
         Command::Inspect(args) => commands::inspect(args),
+        Command::ImportGguf(args) => gguf_cmd::import_gguf_cmd(args),
+        Command::Tokenize(args) => gguf_cmd::tokenize_cmd(args),
         Command::EvalPpl(args) => commands::eval_ppl(backend, args),
         Command::EvalMc(args) => eval_cmd::eval_mc(backend, args),
         Command::Analyze(args) => eval_cmd::analyze_cmd(backend, args),

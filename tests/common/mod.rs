@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: fixture paths, the CPU backend, tensor comparison.
 #![allow(dead_code)]
 
+pub mod gguf_writer;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -5,6 +5,10 @@
 //! - `bench`: the sparse engine against dense, prefill and decode (`examples/bench_sparse.rs`).
 //! - `experiment`: the demo's comparison with a larger model at 25% and 40% skip, written up
 //!   as `docs/results.md` (`report [DIR]` rewrites it from a finished run).
+//! - `gpu-check`: builds `examples/gpu_check.rs` with CUDA into `gpu-check/` (git-ignored; one
+//!   file to carry to a GPU machine that has no toolchain or network) and, with `--run`, runs it
+//!   here: parity on the tiny fixtures, the sparse engine on a 1B-shape model at f32 and bf16,
+//!   router-tuning throughput and memory (see `docs/backends.md`).
 //! - `fixtures`: regenerates `tests/fixtures/variants/` with HF transformers and
 //!   `tests/fixtures/peft-lora/` with peft (needs a Python with torch, transformers, peft,
 //!   safetensors, tokenizers; set `PYTHON`).
@@ -107,18 +111,59 @@ fn bench(args: &[String]) -> Result<()> {
     run("cargo", &cargo)
 }
 
+/// `cargo xtask gpu-check [--run] [gpu_check args...]`.
+fn gpu_check(args: &[String]) -> Result<()> {
+    // The GPU machine runs the binary from the repository root (the fixtures travel with the
+    // working tree), so only the binary needs carrying.
+    run(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "--features",
+            "cuda",
+            "--example",
+            "gpu_check",
+        ],
+    )?;
+    std::fs::create_dir_all("gpu-check")?;
+    std::fs::copy("target/release/examples/gpu_check", "gpu-check/gpu_check")
+        .context("copy the gpu_check binary into gpu-check/")?;
+    // debug info would double the size of what has to travel
+    if run("strip", &["gpu-check/gpu_check"]).is_err() {
+        eprintln!("(strip failed; the binary keeps its symbols)");
+    }
+    let rest: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--run")
+        .collect();
+    if args.iter().any(|a| a == "--run") {
+        let mut all = vec!["--out", "gpu-check/out"];
+        all.extend(rest);
+        run("gpu-check/gpu_check", &all)
+    } else {
+        eprintln!(
+            "built gpu-check/gpu_check; on the GPU machine, from the repository root: \
+             tools/gpu-check.sh DIR (report in DIR/gpu-check.md)"
+        );
+        Ok(())
+    }
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str).unwrap_or_default() {
         "ci" => ci(),
         "fixtures" => fixtures(),
         "bench" => bench(&args[1..]),
+        "gpu-check" => gpu_check(&args[1..]),
         "experiment" => experiment::experiment(&args[1..]),
         "report" => experiment::write_report(
             std::path::Path::new(args.get(1).map_or("runs/experiment", String::as_str)),
             &experiment::default_settings(),
             "ndarray",
         ),
-        _ => bail!("usage: cargo xtask <ci|fixtures|bench [--features cuda] [--layers 8 --hidden 512 ...]|experiment [--features cuda] [--hidden-size 192 ...]|report [DIR]>"),
+        _ => bail!("usage: cargo xtask <ci|fixtures|gpu-check [--run]|bench [--features cuda] [--layers 8 --hidden 512 ...]|experiment [--features cuda] [--hidden-size 192 ...]|report [DIR]>"),
     }
 }

@@ -57,6 +57,9 @@ pub enum ModelError {
 
     #[error("invalid input: {0}")]
     InvalidInput(String),
+
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
 }
 
 impl ModelError {

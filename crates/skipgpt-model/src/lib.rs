@@ -9,6 +9,7 @@
 //! - [`rope`]: rotary embeddings with default, linear, dynamic and llama3 scaling;
 //! - [`cache`]: the KV cache for incremental decoding;
 //! - [`checkpoint`] and [`safetensors_io`]: reading/writing model directories;
+//! - [`gguf`]: llama.cpp's GGUF files (dequantized) into a HF model directory;
 //! - [`tokenizer`], [`generate`]: text in, text out.
 
 pub mod cache;
@@ -16,6 +17,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod gguf;
 pub mod llama;
 pub mod lora;
 pub mod rope;

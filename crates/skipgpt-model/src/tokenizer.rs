@@ -68,6 +68,14 @@ impl Tokenizer {
             .to_vec())
     }
 
+    /// Token ids and token strings of `text` alone, with nothing added around it
+    /// (transformers' `add_special_tokens=False`). Special tokens written in the text are
+    /// still recognised.
+    pub fn encode_plain(&self, text: &str) -> Result<(Vec<u32>, Vec<String>)> {
+        let enc = self.inner.encode(text, false).map_err(|e| self.err(e))?;
+        Ok((enc.get_ids().to_vec(), enc.get_tokens().to_vec()))
+    }
+
     /// Text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| self.err(e))

@@ -1,0 +1,660 @@
+//! A LLaMA GGUF file → a Hugging Face model directory that every command (and transformers)
+//! loads: `config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`.
+//!
+//! The weights are streamed: the safetensors header is written from the tensor infos alone,
+//! then each tensor is dequantized, un-permuted, converted and appended, so memory holds one
+//! tensor at a time. Every file is written under a temporary name and renamed into place.
+//!
+//! llama.cpp's converter reorders the rows of `q_proj` and `k_proj` within each head (from
+//! HF's "first half, second half" rotary layout to interleaved pairs); [`unpermute_rows`] undoes
+//! that, as transformers does when it loads a GGUF.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde_json::{json, Value};
+
+use super::reader::{GgufFile, TensorInfo};
+use super::tokenizer::{tokenizer_config, tokenizer_from_gguf};
+use super::GgufError;
+use crate::config::{LlamaConfig, RopeScaling};
+use crate::error::{ModelError, Result};
+use crate::rope::RotaryEmbedding;
+use crate::safetensors_io::{atomic_write, OwnedTensor, StoreDtype};
+
+/// How to import.
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    /// The dtype of `model.safetensors`.
+    pub dtype: StoreDtype,
+    /// Replace the model files of an existing directory.
+    pub overwrite: bool,
+}
+
+impl Default for ImportOptions {
+    fn default() -> Self {
+        ImportOptions {
+            dtype: StoreDtype::F32,
+            overwrite: false,
+        }
+    }
+}
+
+/// What an import did.
+#[derive(Debug, Clone)]
+pub struct ImportReport {
+    pub config: LlamaConfig,
+    pub tensors: usize,
+    /// Tensor count per GGUF type, e.g. `{"Q4_1": 210, "F32": 61, "Q8_0": 1}`.
+    pub source_types: BTreeMap<String, usize>,
+    /// GGUF tensors that have no place in the HF model (named, so a user can tell).
+    pub ignored: Vec<String>,
+    pub bytes_written: u64,
+    pub files: Vec<PathBuf>,
+}
+
+/// One output tensor: where it comes from and what it must look like.
+struct Planned<'a> {
+    hf_name: String,
+    source: &'a TensorInfo,
+    shape: Vec<usize>,
+    /// Row permutation to undo: the number of heads of a q or k projection.
+    unpermute_heads: Option<usize>,
+}
+
+/// Imports `gguf_path` into `out` (created if needed). `progress(done, total, tensor)` is called
+/// after each tensor with the source bytes handled so far.
+pub fn import_gguf(
+    gguf_path: &Path,
+    out: &Path,
+    opts: &ImportOptions,
+    progress: &mut dyn FnMut(u64, u64, &str),
+) -> Result<ImportReport> {
+    let gguf = GgufFile::open(gguf_path)?;
+    let config = llama_config(&gguf, opts.dtype)?;
+    let (plan, ignored) = plan_tensors(&gguf, &config)?;
+    let (tokenizer, special) = tokenizer_from_gguf(&gguf)?;
+
+    if !opts.overwrite {
+        for name in [
+            "config.json",
+            "model.safetensors",
+            "model.safetensors.index.json",
+        ] {
+            let p = out.join(name);
+            if p.exists() {
+                return Err(ModelError::InvalidInput(format!(
+                    "{} already exists: import into a new directory, or pass --overwrite to replace its model files",
+                    p.display()
+                )));
+            }
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
+
+    let weights = out.join("model.safetensors");
+    let bytes_written = write_streamed(&gguf, &plan, &weights, opts.dtype, progress)?;
+
+    // the tokenizer must parse with the library every command loads it with
+    let text = serde_json::to_string(&tokenizer).expect("tokenizer JSON serialises");
+    tokenizers::Tokenizer::from_str(&text).map_err(|e| ModelError::Tokenizer {
+        path: gguf_path.to_path_buf(),
+        message: format!("the tokenizer rebuilt from tokenizer.ggml.* does not load: {e}"),
+    })?;
+    let files = [
+        ("tokenizer.json", text),
+        (
+            "tokenizer_config.json",
+            pretty(&tokenizer_config(&special, config.max_position_embeddings)),
+        ),
+        (
+            "generation_config.json",
+            pretty(&generation_config(&config)),
+        ),
+        // last: a directory with a config.json is a model; it appears once the rest is there
+        ("config.json", pretty(&config.to_hf_json())),
+    ];
+    for (name, text) in &files {
+        atomic_write(&out.join(name), text.as_bytes())?;
+    }
+    let mut source_types = BTreeMap::new();
+    for p in &plan {
+        *source_types
+            .entry(p.source.kind.name().to_string())
+            .or_insert(0) += 1;
+    }
+    Ok(ImportReport {
+        tensors: plan.len(),
+        source_types,
+        ignored,
+        bytes_written,
+        files: std::iter::once(weights)
+            .chain(files.iter().map(|(n, _)| out.join(n)))
+            .collect(),
+        config,
+    })
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).expect("JSON serialises") + "\n"
+}
+
+fn generation_config(c: &LlamaConfig) -> Value {
+    let eos = match c.eos_token_ids.as_slice() {
+        [one] => json!(one),
+        many => json!(many),
+    };
+    json!({"bos_token_id": c.bos_token_id, "eos_token_id": eos})
+}
+
+/// The model's shape from the `llama.*` metadata.
+fn llama_config(g: &GgufFile, dtype: StoreDtype) -> Result<LlamaConfig, GgufError> {
+    let arch = g.string("general.architecture")?;
+    if arch != "llama" {
+        return Err(GgufError::Unsupported {
+            path: g.path().to_path_buf(),
+            key: "general.architecture".into(),
+            value: arch.into(),
+            supported: "supported: llama".into(),
+        });
+    }
+    let key = |k: &str| format!("llama.{k}");
+    let uint = |k: &str| g.uint(&key(k)).map(|v| v as usize);
+    let hidden = uint("embedding_length")?;
+    let heads = uint("attention.head_count")?;
+    let kv_heads = g
+        .optional(&key("attention.head_count_kv"), |g, k| g.uint(k))?
+        .map_or(heads, |v| v as usize);
+    let invalid = |message: String| GgufError::Invalid {
+        path: g.path().to_path_buf(),
+        message,
+    };
+    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(invalid(format!(
+            "llama.attention.head_count = {heads} is not a multiple of llama.attention.head_count_kv = {kv_heads}"
+        )));
+    }
+    let head_dim = match g.optional(&key("attention.key_length"), |g, k| g.uint(k))? {
+        Some(d) => d as usize,
+        None if hidden % heads == 0 => hidden / heads,
+        None => {
+            return Err(invalid(format!(
+                "llama.embedding_length = {hidden} is not a multiple of llama.attention.head_count = {heads}"
+            )))
+        }
+    };
+    if let Some(rot) = g.optional(&key("rope.dimension_count"), |g, k| g.uint(k))? {
+        if rot as usize != head_dim {
+            return Err(GgufError::Unsupported {
+                path: g.path().to_path_buf(),
+                key: key("rope.dimension_count"),
+                value: rot.to_string(),
+                supported: format!("partial rotary embeddings are not supported: it must equal the head size {head_dim}"),
+            });
+        }
+    }
+    let embed = g
+        .tensor("token_embd.weight")
+        .ok_or_else(|| GgufError::MissingTensor {
+            path: g.path().to_path_buf(),
+            name: "token_embd.weight".into(),
+            needed_for: "the token embedding".into(),
+        })?;
+    let vocab = match g.optional(&key("vocab_size"), |g, k| g.uint(k))? {
+        Some(v) => v as usize,
+        None => embed.dims.get(1).copied().unwrap_or(0) as usize,
+    };
+    let mut c = LlamaConfig::new(
+        vocab,
+        hidden,
+        uint("feed_forward_length")?,
+        uint("block_count")?,
+        heads,
+        kv_heads,
+        head_dim,
+    );
+    c.rms_norm_eps = g.float(&key("attention.layer_norm_rms_epsilon"))?;
+    if let Some(theta) = g.optional(&key("rope.freq_base"), |g, k| g.float(k))? {
+        c.rope_theta = theta;
+    }
+    c.max_position_embeddings = uint("context_length")?;
+    c.tie_word_embeddings = g.tensor("output.weight").is_none();
+    c.qkv_bias = g.tensor("blk.0.attn_q.bias").is_some();
+    c.o_bias = g.tensor("blk.0.attn_output.bias").is_some();
+    c.mlp_bias = g.tensor("blk.0.ffn_up.bias").is_some();
+    c.bos_token_id = g
+        .optional("tokenizer.ggml.bos_token_id", |g, k| g.uint(k))?
+        .map(|v| v as u32);
+    c.eos_token_ids = g
+        .optional("tokenizer.ggml.eos_token_id", |g, k| g.uint(k))?
+        .map(|v| v as u32)
+        .into_iter()
+        .collect();
+    c.rope_scaling = rope_scaling(g, &c)?;
+    c.dtype = dtype.hf_name().into();
+    for (name, v) in [
+        ("llama.embedding_length", c.hidden_size),
+        ("llama.feed_forward_length", c.intermediate_size),
+        ("llama.block_count", c.num_hidden_layers),
+        ("llama.context_length", c.max_position_embeddings),
+        ("the vocabulary size", c.vocab_size),
+    ] {
+        if v == 0 {
+            return Err(invalid(format!("{name} is 0")));
+        }
+    }
+    if !(c.rms_norm_eps > 0.0 && c.rope_theta > 0.0) {
+        return Err(invalid(format!(
+            "llama.attention.layer_norm_rms_epsilon = {} and llama.rope.freq_base = {} must be positive",
+            c.rms_norm_eps, c.rope_theta
+        )));
+    }
+    Ok(c)
+}
+
+/// RoPE scaling from `llama.rope.scaling.*`, or LLaMA 3.1's per-frequency factors in the
+/// `rope_freqs.weight` tensor, matched against transformers' `llama3` rule.
+fn rope_scaling(g: &GgufFile, c: &LlamaConfig) -> Result<RopeScaling, GgufError> {
+    let unsupported = |key: &str, value: String, supported: &str| GgufError::Unsupported {
+        path: g.path().to_path_buf(),
+        key: key.into(),
+        value,
+        supported: supported.into(),
+    };
+    let kind = g.optional("llama.rope.scaling.type", |g, k| g.string(k))?;
+    let factor = g.optional("llama.rope.scaling.factor", |g, k| g.float(k))?;
+    let scaling = match (kind, factor) {
+        (None | Some("none"), _) => RopeScaling::Default,
+        (Some("linear"), Some(f)) if f > 0.0 => RopeScaling::Linear { factor: f },
+        (Some(other), _) => {
+            return Err(unsupported(
+                "llama.rope.scaling.type",
+                other.into(),
+                "supported: none, linear (with a positive llama.rope.scaling.factor)",
+            ))
+        }
+    };
+    let Some(t) = g.tensor("rope_freqs.weight") else {
+        return Ok(scaling);
+    };
+    let freqs = g.tensor_f32(t);
+    let half = c.head_dim / 2;
+    if freqs.len() != half {
+        return Err(GgufError::TensorShape {
+            path: g.path().to_path_buf(),
+            name: t.name.clone(),
+            expected: vec![half],
+            found: t.torch_shape(),
+        });
+    }
+    let factor = freqs.iter().copied().fold(0.0f32, f32::max) as f64;
+    let original = g
+        .optional("llama.rope.scaling.original_context_length", |g, k| {
+            g.uint(k)
+        })?
+        .map_or(8192, |v| v as usize);
+    // LLaMA 3.1 / 3.2 use low 1, high 4; the factor is the largest divisor
+    let candidate = RopeScaling::Llama3 {
+        factor,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: original,
+    };
+    let with = |s: RopeScaling| {
+        let mut cc = c.clone();
+        cc.rope_scaling = s;
+        RotaryEmbedding::new(&cc).inv_freq(0)
+    };
+    let (plain, scaled) = (with(RopeScaling::Default), with(candidate.clone()));
+    let matches = plain
+        .iter()
+        .zip(&scaled)
+        .zip(&freqs)
+        .all(|((p, s), f)| ((p / s) - f).abs() <= 1e-3 * f.abs().max(1.0));
+    if matches {
+        Ok(candidate)
+    } else {
+        Err(unsupported(
+            "rope_freqs.weight",
+            format!("{:?}", &freqs[..freqs.len().min(8)]),
+            "per-frequency RoPE factors are read only when they follow LLaMA 3.1's rule (low_freq_factor 1, high_freq_factor 4)",
+        ))
+    }
+}
+
+/// A tensor the HF model has: its GGUF source name and what it must look like.
+struct Spec {
+    gguf: String,
+    hf: String,
+    shape: Vec<usize>,
+    unpermute_heads: Option<usize>,
+    /// The config says the model has it (a bias is optional, the projections are not).
+    present: bool,
+}
+
+/// Every tensor of a LLaMA model with `c`'s shape, under its GGUF and its HF name.
+fn llama_specs(c: &LlamaConfig) -> Vec<Spec> {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    let spec = |gguf: String, hf: String, shape: Vec<usize>, heads: Option<usize>, present| Spec {
+        gguf,
+        hf,
+        shape,
+        unpermute_heads: heads,
+        present,
+    };
+    let mut specs = vec![
+        spec(
+            "token_embd.weight".into(),
+            "model.embed_tokens.weight".into(),
+            vec![c.vocab_size, h],
+            None,
+            true,
+        ),
+        spec(
+            "output_norm.weight".into(),
+            "model.norm.weight".into(),
+            vec![h],
+            None,
+            true,
+        ),
+        spec(
+            "output.weight".into(),
+            "lm_head.weight".into(),
+            vec![c.vocab_size, h],
+            None,
+            !c.tie_word_embeddings,
+        ),
+    ];
+    let (qh, kvh) = (Some(c.num_attention_heads), Some(c.num_key_value_heads));
+    let (qkv_b, o_b, mlp_b) = (c.qkv_bias, c.o_bias, c.mlp_bias);
+    for l in 0..c.num_hidden_layers {
+        let layer = [
+            (
+                "attn_norm.weight",
+                "input_layernorm.weight",
+                vec![h],
+                None,
+                true,
+            ),
+            (
+                "attn_q.weight",
+                "self_attn.q_proj.weight",
+                vec![q, h],
+                qh,
+                true,
+            ),
+            (
+                "attn_k.weight",
+                "self_attn.k_proj.weight",
+                vec![kv, h],
+                kvh,
+                true,
+            ),
+            (
+                "attn_v.weight",
+                "self_attn.v_proj.weight",
+                vec![kv, h],
+                None,
+                true,
+            ),
+            (
+                "attn_output.weight",
+                "self_attn.o_proj.weight",
+                vec![h, q],
+                None,
+                true,
+            ),
+            (
+                "ffn_norm.weight",
+                "post_attention_layernorm.weight",
+                vec![h],
+                None,
+                true,
+            ),
+            (
+                "ffn_gate.weight",
+                "mlp.gate_proj.weight",
+                vec![i, h],
+                None,
+                true,
+            ),
+            (
+                "ffn_up.weight",
+                "mlp.up_proj.weight",
+                vec![i, h],
+                None,
+                true,
+            ),
+            (
+                "ffn_down.weight",
+                "mlp.down_proj.weight",
+                vec![h, i],
+                None,
+                true,
+            ),
+            ("attn_q.bias", "self_attn.q_proj.bias", vec![q], qh, qkv_b),
+            ("attn_k.bias", "self_attn.k_proj.bias", vec![kv], kvh, qkv_b),
+            (
+                "attn_v.bias",
+                "self_attn.v_proj.bias",
+                vec![kv],
+                None,
+                qkv_b,
+            ),
+            (
+                "attn_output.bias",
+                "self_attn.o_proj.bias",
+                vec![h],
+                None,
+                o_b,
+            ),
+            ("ffn_gate.bias", "mlp.gate_proj.bias", vec![i], None, mlp_b),
+            ("ffn_up.bias", "mlp.up_proj.bias", vec![i], None, mlp_b),
+            ("ffn_down.bias", "mlp.down_proj.bias", vec![h], None, mlp_b),
+        ];
+        for (src, dst, shape, heads, present) in layer {
+            specs.push(spec(
+                format!("blk.{l}.{src}"),
+                format!("model.layers.{l}.{dst}"),
+                shape,
+                heads,
+                present,
+            ));
+        }
+    }
+    specs
+}
+
+/// Maps every GGUF tensor to its HF name and expected shape; returns the tensors left over.
+fn plan_tensors<'a>(
+    g: &'a GgufFile,
+    c: &LlamaConfig,
+) -> Result<(Vec<Planned<'a>>, Vec<String>), GgufError> {
+    let mut plan = Vec::new();
+    for s in llama_specs(c) {
+        let Some(t) = g.tensor(&s.gguf) else {
+            if s.present {
+                return Err(GgufError::MissingTensor {
+                    path: g.path().to_path_buf(),
+                    name: s.gguf,
+                    needed_for: s.hf,
+                });
+            }
+            continue;
+        };
+        if !s.present {
+            // a bias on one layer but not on layer 0 would be silently dropped otherwise
+            return Err(GgufError::Invalid {
+                path: g.path().to_path_buf(),
+                message: format!(
+                    "tensor `{}` is present but layer 0 has no such tensor",
+                    s.gguf
+                ),
+            });
+        }
+        if t.torch_shape() != s.shape {
+            return Err(GgufError::TensorShape {
+                path: g.path().to_path_buf(),
+                name: s.gguf,
+                expected: s.shape,
+                found: t.torch_shape(),
+            });
+        }
+        plan.push(Planned {
+            hf_name: s.hf,
+            source: t,
+            shape: s.shape,
+            unpermute_heads: s.unpermute_heads,
+        });
+    }
+    let used: std::collections::HashSet<&str> =
+        plan.iter().map(|p| p.source.name.as_str()).collect();
+    let ignored = g
+        .tensors
+        .iter()
+        .map(|t| t.name.as_str())
+        // rope_freqs was read into the config's RoPE scaling
+        .filter(|n| !used.contains(n) && *n != "rope_freqs.weight")
+        .map(str::to_string)
+        .collect();
+    plan.sort_by(|a, b| a.hf_name.cmp(&b.hf_name));
+    Ok((plan, ignored))
+}
+
+/// Undoes llama.cpp's `permute(w, n_head)`: within each head of `rows / heads` rows, GGUF row
+/// `2i + j` holds HF row `j·half + i` (j in {0, 1}, i < half). `cols` is 1 for a bias.
+pub fn unpermute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let rows = w.len() / cols;
+    let head = rows / heads;
+    let half = head / 2;
+    let mut out = vec![0.0; w.len()];
+    for hd in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = hd * head + 2 * i + j;
+                let dst = hd * head + j * half + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+fn dtype_tag(d: StoreDtype) -> (&'static str, usize) {
+    match d {
+        StoreDtype::F32 => ("F32", 4),
+        StoreDtype::F16 => ("F16", 2),
+        StoreDtype::BF16 => ("BF16", 2),
+    }
+}
+
+/// Writes `model.safetensors` one tensor at a time: the header (names, shapes, offsets) first,
+/// from the plan alone, then each tensor's bytes.
+fn write_streamed(
+    g: &GgufFile,
+    plan: &[Planned],
+    path: &Path,
+    dtype: StoreDtype,
+    progress: &mut dyn FnMut(u64, u64, &str),
+) -> Result<u64> {
+    let (tag, elem) = dtype_tag(dtype);
+    let mut header = serde_json::Map::new();
+    header.insert(
+        "__metadata__".into(),
+        json!({"format": "pt", "source": g.path().file_name().map(|n| n.to_string_lossy().into_owned())}),
+    );
+    let mut offset = 0usize;
+    for p in plan {
+        let n = p.shape.iter().product::<usize>() * elem;
+        header.insert(
+            p.hf_name.clone(),
+            json!({"dtype": tag, "shape": p.shape, "data_offsets": [offset, offset + n]}),
+        );
+        offset += n;
+    }
+    let mut head = serde_json::to_vec(&Value::Object(header)).expect("header serialises");
+    // the data section starts 8-aligned, as the safetensors writer pads it
+    head.resize(head.len().div_ceil(8) * 8, b' ');
+
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".model.safetensors.{}.tmp", std::process::id()));
+    let io = |e| ModelError::io(path, e);
+    let result = (|| -> Result<()> {
+        let mut f =
+            std::io::BufWriter::with_capacity(1 << 22, std::fs::File::create(&tmp).map_err(io)?);
+        f.write_all(&(head.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        f.write_all(&head).map_err(io)?;
+        let total: u64 = plan
+            .iter()
+            .map(|p| g.tensor_bytes(p.source).len() as u64)
+            .sum();
+        let mut done = 0u64;
+        for p in plan {
+            let mut values = g.tensor_f32(p.source);
+            if let Some(heads) = p.unpermute_heads {
+                let cols = if p.shape.len() == 2 { p.shape[1] } else { 1 };
+                values = unpermute_rows(&values, heads, cols);
+            }
+            if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+                return Err(GgufError::BadTensor {
+                    path: g.path().to_path_buf(),
+                    name: p.source.name.clone(),
+                    message: format!("element {bad} dequantizes to {}", values[bad]),
+                }
+                .into());
+            }
+            let t = OwnedTensor::from_f32(&values, p.shape.clone(), dtype);
+            f.write_all(t.bytes()).map_err(io)?;
+            done += g.tensor_bytes(p.source).len() as u64;
+            progress(done, total, &p.hf_name);
+        }
+        let file = f.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map(|()| 8 + head.len() as u64 + offset as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// llama.cpp's permute, as `convert_hf_to_gguf.py` writes it.
+    fn permute(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+        let head = w.len() / cols / heads;
+        let half = head / 2;
+        let mut out = vec![0.0; w.len()];
+        for hd in 0..heads {
+            for j in 0..2 {
+                for i in 0..half {
+                    let src = hd * head + j * half + i; // HF row
+                    let dst = hd * head + 2 * i + j;
+                    out[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&w[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        let (heads, head, cols) = (3, 8, 5);
+        let w: Vec<f32> = (0..heads * head * cols).map(|x| x as f32).collect();
+        let p = permute(&w, heads, cols);
+        assert_ne!(p, w);
+        assert_eq!(unpermute_rows(&p, heads, cols), w);
+        // head 0, GGUF row 1 (i 0, j 1) is HF row 4 (= half)
+        assert_eq!(p[cols..2 * cols], w[4 * cols..5 * cols]);
+    }
+}

@@ -1,0 +1,229 @@
+//! The sparse engine against dense on one model: shared by `bench_sparse` (CPU and any
+//! backend) and `gpu_check` (CUDA, f32 and bf16).
+//!
+//! The routers are random linear maps whose biases are calibrated, layer by layer, so that a
+//! chosen fraction of tokens skips each module. Dense and routed runs happen in the same
+//! process, on the same inputs, and every speedup is a ratio of times measured here.
+
+use std::time::Instant;
+
+use burn::module::Param;
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
+use skipgpt_model::{
+    generate, GenerateOptions, KvPolicy, LlamaForCausalLM, MlpRouterInput, Routing, RoutingConfig,
+    Sampling,
+};
+
+/// What one (batch, target skip) point measured. Throughputs are tokens per second.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EngineRow {
+    pub batch: usize,
+    pub target_skip: f64,
+    pub attn_skip: f64,
+    pub mlp_skip: f64,
+    pub prefill_dense: f64,
+    pub prefill_routed: f64,
+    /// FLOP ratio dense / routed of the prefill.
+    pub prefill_ideal: f64,
+    /// The gated reference path (`generate` on the dense model), not the engine.
+    pub decode_reference_dense: f64,
+    pub decode_dense: f64,
+    pub decode_routed: f64,
+    pub decode_ideal: f64,
+    /// Weight-byte ratio dense / routed of the decode (what bounds batch-1 decode).
+    pub decode_weight_ideal: f64,
+    /// KV cache kept / dense, with the keep and the drop policy (and drop's attention skip).
+    pub kv_keep: f64,
+    pub kv_drop: f64,
+    pub kv_drop_attn_skip: f64,
+}
+
+/// Deterministic prompts: `batch` rows of `len` token ids below `vocab`.
+pub fn prompts(batch: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
+    (0..batch)
+        .map(|s| {
+            (0..len)
+                .map(|i| ((i * 31 + s * 17 + 5) % vocab.min(4000)) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// Prefill `prompts`, then decode `decode` steps from their first 16 tokens, dense and routed
+/// at `skip`; each time the median of `repeats` runs after one warm-up.
+pub fn measure<B: Backend>(
+    base: &LlamaForCausalLM<B>,
+    prompts: &[Vec<u32>],
+    skip: f64,
+    decode: usize,
+    repeats: usize,
+) -> EngineRow {
+    let device = base.device();
+    let (batch, prefill) = (prompts.len(), prompts[0].len());
+    let layers = base.config.num_hidden_layers;
+    let keep = calibrated(base, skip, KvPolicy::Keep, prompts);
+    // calibrated on its own: hiding keys changes what the later routers see
+    let drop = calibrated(base, skip, KvPolicy::Drop, prompts);
+    let mut dense = keep.clone();
+    dense.routing = Routing::Dense;
+
+    // prefill: the dense model's forward vs the sparse engine
+    let ids: Vec<i64> = prompts.iter().flatten().map(|&t| t as i64).collect();
+    let input =
+        || Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [batch, prefill]), &device);
+    let t_dense = median(repeats, || {
+        let _ = dense.forward(input(), None).into_data();
+    });
+    let mut stats = None;
+    let t_routed = median(repeats, || {
+        let mut cache = SparseCache::new(batch, layers);
+        let out = sparse_forward(
+            &keep,
+            prompts,
+            &mut cache,
+            Routing::Deterministic,
+            LogitRows::All,
+        )
+        .unwrap();
+        let _ = out.logits.into_data();
+        stats = Some(out.stats);
+    });
+    let s = stats.unwrap();
+
+    // decode: the same engine executing every module is the baseline. The gated reference
+    // path (`generate` on the dense model) is reported too; at batch 8 it is several times
+    // slower than the engine, so it would flatter the routed numbers.
+    let opts = GenerateOptions {
+        max_new_tokens: decode,
+        sampling: Sampling::Greedy,
+        eos_token_ids: vec![],
+        ignore_eos: true,
+    };
+    let short: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| p[..16.min(p.len())].to_vec())
+        .collect();
+    let t_dense_dec = median(repeats, || {
+        let _ = generate_sparse(&keep, &short, &opts, Routing::Dense).unwrap();
+    });
+    let t_reference_dec = median(repeats, || {
+        let _ = generate(&dense, &short, &opts).unwrap();
+    });
+    let mut dec_stats = None;
+    let t_routed_dec = median(repeats, || {
+        let (_, st, _) = generate_sparse(&keep, &short, &opts, Routing::Deterministic).unwrap();
+        dec_stats = Some(st);
+    });
+    let ds = dec_stats.unwrap();
+
+    let kv = |m: &LlamaForCausalLM<B>| {
+        let mut cache = SparseCache::new(batch, layers);
+        let out = sparse_forward(
+            m,
+            prompts,
+            &mut cache,
+            Routing::Deterministic,
+            LogitRows::Last,
+        )
+        .unwrap();
+        let (kvh, hd) = (m.config.num_key_value_heads, m.config.head_dim);
+        (
+            cache.bytes(kvh, hd) as f64 / cache.dense_bytes(kvh, hd) as f64,
+            out.stats.attn_skip(),
+        )
+    };
+    let (kv_keep, _) = kv(&keep);
+    let (kv_drop, kv_drop_attn_skip) = kv(&drop);
+    let prefill_tokens = (batch * prefill) as f64;
+    let dec_tokens = (batch * decode) as f64;
+    EngineRow {
+        batch,
+        target_skip: skip,
+        attn_skip: s.attn_skip(),
+        mlp_skip: s.mlp_skip(),
+        prefill_dense: prefill_tokens / t_dense,
+        prefill_routed: prefill_tokens / t_routed,
+        prefill_ideal: s.ideal_speedup(),
+        decode_reference_dense: dec_tokens / t_reference_dec,
+        decode_dense: dec_tokens / t_dense_dec,
+        decode_routed: dec_tokens / t_routed_dec,
+        decode_ideal: ds.ideal_speedup(),
+        decode_weight_ideal: ds.weight_ideal_speedup(),
+        kv_keep,
+        kv_drop,
+        kv_drop_attn_skip,
+    }
+}
+
+/// Median wall time (seconds) of `n` runs after one warm-up. `f` must wait for its results
+/// (read them back), so that asynchronous GPU backends are timed to completion.
+pub fn median(n: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times: Vec<f64> = (0..n.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// `base` with random linear routers reading the block input, each router's bias set so that
+/// a fraction `skip` of the calibration tokens skips its module.
+pub fn calibrated<B: Backend>(
+    base: &LlamaForCausalLM<B>,
+    skip: f64,
+    kv: KvPolicy,
+    prompts: &[Vec<u32>],
+) -> LlamaForCausalLM<B> {
+    let device = base.device();
+    let routing = RoutingConfig::new()
+        .with_mlp_router_input(MlpRouterInput::BlockInput)
+        .with_kv_policy(kv)
+        .with_target_sparsity(skip);
+    B::seed(&device, 11);
+    let mut model = base.clone().with_new_routers(routing);
+    let (b, t) = (prompts.len(), prompts[0].len());
+    let ids: Vec<i64> = prompts.iter().flatten().map(|&x| x as i64).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
+    for l in 0..model.config.num_hidden_layers {
+        // the block input of layer l, with the layers before it already routed
+        let x = model
+            .forward_routed(ids.clone(), None, Routing::Deterministic, true)
+            .hidden_states[l]
+            .clone();
+        let layer = &mut model.model.layers[l];
+        for router in [layer.attn_router.as_mut(), layer.mlp_router.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            let w = router.fc2.weight.val(); // [hidden, 2]
+            let [_, _, hdim] = x.dims();
+            let diff: Vec<f32> = x
+                .clone()
+                .reshape([b * t, hdim])
+                .matmul(w.clone().slice([0..hdim, 0..1]) - w.slice([0..hdim, 1..2]))
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .unwrap();
+            let mut sorted = diff.clone();
+            sorted.sort_by(f32::total_cmp);
+            // skip iff diff + bias < 0: put the bias at the `skip` quantile
+            let bias = if skip <= 0.0 {
+                1e6
+            } else {
+                -sorted[((skip * sorted.len() as f64) as usize).min(sorted.len() - 1)]
+            };
+            router.fc2.bias = Some(Param::from_tensor(Tensor::from_data(
+                TensorData::new(vec![bias, 0.0f32], [2]),
+                &device,
+            )));
+        }
+    }
+    model.routing = Routing::Deterministic;
+    model
+}
