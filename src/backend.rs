@@ -5,7 +5,9 @@ use clap::ValueEnum;
 /// A Burn backend the binary may have been built with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
-    /// CPU (burn-ndarray): always works, slowest. Feature `ndarray` (default).
+    /// CPU (burn-flex: gemm kernels, every core). Feature `cpu` (default).
+    Cpu,
+    /// CPU through burn-ndarray: the reference CPU backend, slower. Feature `ndarray` (default).
     Ndarray,
     /// GPU through WebGPU/Vulkan/Metal (burn-wgpu). Feature `wgpu`.
     Wgpu,
@@ -20,6 +22,8 @@ impl BackendKind {
             BackendKind::Cuda
         } else if cfg!(feature = "wgpu") {
             BackendKind::Wgpu
+        } else if cfg!(feature = "cpu") {
+            BackendKind::Cpu
         } else {
             BackendKind::Ndarray
         }
@@ -27,6 +31,7 @@ impl BackendKind {
 
     pub fn name(self) -> &'static str {
         match self {
+            BackendKind::Cpu => "cpu",
             BackendKind::Ndarray => "ndarray",
             BackendKind::Wgpu => "wgpu",
             BackendKind::Cuda => "cuda",
@@ -48,10 +53,10 @@ pub fn probe<B: burn::tensor::backend::Backend>(
                 "an NVIDIA driver (libcuda.so) and a visible GPU (check `nvidia-smi`)"
             }
             BackendKind::Wgpu => "a GPU with a Vulkan, Metal or DirectX 12 driver",
-            BackendKind::Ndarray => "nothing",
+            BackendKind::Cpu | BackendKind::Ndarray => "nothing",
         };
         anyhow::anyhow!(
-            "the {} backend could not start ({why}): it needs {need}; `--backend ndarray` runs on the CPU",
+            "the {} backend could not start ({why}): it needs {need}; `--backend cpu` runs on the CPU",
             kind.name(),
         )
     })
@@ -111,6 +116,12 @@ fn start<B: burn::tensor::backend::Backend>(device: &B::Device) -> Result<(), St
 macro_rules! with_backend {
     ($kind:expr, |$B:ident, $device:ident| $body:expr) => {{
         match $kind {
+            #[cfg(feature = "cpu")]
+            $crate::backend::BackendKind::Cpu => {
+                type $B = burn::backend::Flex;
+                let $device = burn::backend::flex::FlexDevice;
+                $body
+            }
             #[cfg(feature = "ndarray")]
             $crate::backend::BackendKind::Ndarray => {
                 type $B = burn::backend::NdArray<f32>;

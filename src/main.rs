@@ -9,6 +9,7 @@ mod demo;
 mod eval_cmd;
 mod gguf_cmd;
 mod lora_cmd;
+mod threads;
 mod train_cmd;
 
 use std::path::PathBuf;
@@ -28,6 +29,9 @@ struct Cli {
     /// Compute backend (only those compiled in with cargo features are available).
     #[arg(long, global = true, value_enum, env = "SKIPGPT_BACKEND")]
     backend: Option<BackendKind>,
+    /// CPU threads (default: `RAYON_NUM_THREADS`, else every core).
+    #[arg(long, global = true, env = "SKIPGPT_THREADS")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -251,6 +255,10 @@ pub struct InspectArgs {
 fn main() {
     let cli = Cli::parse();
     let backend = cli.backend.unwrap_or_else(BackendKind::best_available);
+    if let Err(err) = threads::set_threads(cli.threads) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
     let result = match cli.command {
         Command::Demo(args) => demo::demo(backend, args),
         Command::Pretrain(args) => train_cmd::pretrain_cmd(backend, args),

@@ -5,6 +5,9 @@
 //! chosen fraction of tokens skips each module. Dense and routed runs happen in the same
 //! process, on the same inputs, and every speedup is a ratio of times measured here.
 
+// each example that includes this file uses a part of it
+#![allow(dead_code)]
+
 use std::time::Instant;
 
 use burn::module::Param;

@@ -5,6 +5,8 @@
 //! - `bench`: the sparse engine against dense, prefill and decode (`examples/bench_sparse.rs`).
 //! - `experiment`: the demo's comparison with a larger model at 25% and 40% skip, written up
 //!   as `docs/results.md` (`report [DIR]` rewrites it from a finished run).
+//! - `bench-real`: the project against llama.cpp and transformers on SmolLM2-135M, same
+//!   weights and threads (sets up its own Python venv and files under `target/`).
 //! - `gpu-check`: builds `examples/gpu_check.rs` with CUDA into `gpu-check/` (git-ignored; one
 //!   file to carry to a GPU machine that has no toolchain or network) and, with `--run`, runs it
 //!   here: parity on the tiny fixtures, the sparse engine on a 1B-shape model at f32 and bf16,
@@ -13,6 +15,7 @@
 //!   `tests/fixtures/peft-lora/` with peft (needs a Python with torch, transformers, peft,
 //!   safetensors, tokenizers; set `PYTHON`).
 
+mod bench_real;
 mod experiment;
 
 use std::process::Command;
@@ -158,12 +161,13 @@ fn main() -> Result<()> {
         "fixtures" => fixtures(),
         "bench" => bench(&args[1..]),
         "gpu-check" => gpu_check(&args[1..]),
+        "bench-real" => bench_real::bench_real(&args[1..]),
         "experiment" => experiment::experiment(&args[1..]),
         "report" => experiment::write_report(
             std::path::Path::new(args.get(1).map_or("runs/experiment", String::as_str)),
             &experiment::default_settings(),
             "ndarray",
         ),
-        _ => bail!("usage: cargo xtask <ci|fixtures|gpu-check [--run]|bench [--features cuda] [--layers 8 --hidden 512 ...]|experiment [--features cuda] [--hidden-size 192 ...]|report [DIR]>"),
+        _ => bail!("usage: cargo xtask <ci|fixtures|bench-real [--threads N]|gpu-check [--run]|bench [--features cuda] [--layers 8 --hidden 512 ...]|experiment [--features cuda] [--hidden-size 192 ...]|report [DIR]>"),
     }
 }

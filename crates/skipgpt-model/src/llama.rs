@@ -45,7 +45,7 @@ pub(crate) fn load_linear<B: Backend>(
     bias: bool,
     device: &B::Device,
 ) -> Result<Linear<B>> {
-    let weight = w.tensor::<B, 2>(&format!("{name}.weight"), [d_out, d_in], device)?;
+    let weight = w.tensor_transposed::<B>(&format!("{name}.weight"), [d_out, d_in], device)?;
     let bias = if bias {
         Some(Param::from_tensor(w.tensor::<B, 1>(
             &format!("{name}.bias"),
@@ -56,7 +56,7 @@ pub(crate) fn load_linear<B: Backend>(
         None
     };
     Ok(Linear {
-        weight: Param::from_tensor(weight.transpose()),
+        weight: Param::from_tensor(weight),
         bias,
     })
 }
@@ -948,7 +948,17 @@ impl<B: Backend> LlamaForCausalLM<B> {
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(x),
-            None => x.matmul(self.model.embed_tokens.weight.val().transpose().unsqueeze()),
+            None => {
+                // [vocab, hidden] · [hidden, rows]: the tied embedding is read in its stored
+                // layout (a transposed view of it would be copied by some backends on every
+                // call); only the few activation rows are transposed
+                let [b, t, h] = x.dims();
+                let w = self.model.embed_tokens.weight.val();
+                let vocab = w.dims()[0];
+                w.matmul(x.reshape([b * t, h]).transpose())
+                    .transpose()
+                    .reshape([b, t, vocab])
+            }
         }
     }
 

@@ -349,13 +349,10 @@ pub(crate) fn load_adapter<B: Backend>(
     cfg: &LoraConfig,
     device: &B::Device,
 ) -> Result<LoraAdapter<B>> {
-    let a = w.tensor::<B, 2>(&peft_key(module, 'A'), [cfg.rank, d_in], device)?;
-    let b = w.tensor::<B, 2>(&peft_key(module, 'B'), [d_out, cfg.rank], device)?;
-    Ok(LoraAdapter::from_matrices(
-        a.transpose(),
-        b.transpose(),
-        cfg,
-    ))
+    // transposed on the host: the adapter runs in Burn's `[in, out]` layout, contiguous
+    let a = w.tensor_transposed::<B>(&peft_key(module, 'A'), [cfg.rank, d_in], device)?;
+    let b = w.tensor_transposed::<B>(&peft_key(module, 'B'), [d_out, cfg.rank], device)?;
+    Ok(LoraAdapter::from_matrices(a, b, cfg))
 }
 
 /// Adds `module`'s adapter to `out` under PEFT names, `[r, in]` and `[out, r]`.

@@ -125,6 +125,27 @@ impl TensorFile {
         shape: [usize; D],
         device: &B::Device,
     ) -> Result<Tensor<B, D>> {
+        let values = self.values_of_shape(name, &shape)?;
+        Ok(Tensor::from_data(TensorData::new(values, shape), device))
+    }
+
+    /// A matrix stored `[rows, cols]`, transposed on the host into a contiguous `[cols, rows]`
+    /// tensor: linear layers keep Burn's `[d_in, d_out]` layout without a strided view that
+    /// kernels would copy on every call.
+    pub fn tensor_transposed<B: Backend>(
+        &self,
+        name: &str,
+        [rows, cols]: [usize; 2],
+        device: &B::Device,
+    ) -> Result<Tensor<B, 2>> {
+        let values = self.values_of_shape(name, &[rows, cols])?;
+        Ok(Tensor::from_data(
+            TensorData::new(transpose(&values, rows, cols), [cols, rows]),
+            device,
+        ))
+    }
+
+    fn values_of_shape(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let found = self.shape(name)?;
         if found != shape {
             return Err(ModelError::ShapeMismatch {
@@ -134,8 +155,7 @@ impl TensorFile {
                 found,
             });
         }
-        let (values, _) = self.read_f32(name)?;
-        Ok(Tensor::from_data(TensorData::new(values, shape), device))
+        Ok(self.read_f32(name)?.0)
     }
 
     fn dtype_error(&self, name: &str, expected: &str, found: Dtype) -> ModelError {
@@ -282,6 +302,17 @@ impl WeightSet {
         self.file_of(name)?.tensor(name, shape, device)
     }
 
+    /// A `[rows, cols]` matrix as a contiguous `[cols, rows]` tensor (see
+    /// [`TensorFile::tensor_transposed`]).
+    pub fn tensor_transposed<B: Backend>(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        device: &B::Device,
+    ) -> Result<Tensor<B, 2>> {
+        self.file_of(name)?.tensor_transposed(name, shape, device)
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.location.keys().map(String::as_str)
     }
@@ -303,6 +334,22 @@ impl WeightSet {
     pub fn paths(&self) -> Vec<&Path> {
         self.files.iter().map(|f| f.path()).collect()
     }
+}
+
+/// `[rows, cols]` row-major → `[cols, rows]` row-major, in cache-sized tiles.
+pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 32;
+    let mut out = vec![0.0f32; values.len()];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    out[c * rows + r] = values[r * cols + c];
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Storage precision for floats written to safetensors.

