@@ -111,7 +111,7 @@ fn logits_on<B: Backend>(args: &LogitsArgs, device: &B::Device) -> Result<()> {
     let v = model.config.vocab_size;
     let mut tensors = BTreeMap::new();
     let f32_tensor = |t: Tensor<B, 3>| OwnedTensor::from_tensor(t, StoreDtype::F32);
-    if use_sparse(&model, &args.engine) && !args.hidden_states {
+    if use_sparse(&args.engine) && !args.hidden_states {
         let rows: Vec<Vec<u32>> = ids
             .chunks(s)
             .map(|r| r.iter().map(|&i| i as u32).collect())
@@ -122,8 +122,13 @@ fn logits_on<B: Backend>(args: &LogitsArgs, device: &B::Device) -> Result<()> {
             print_stats(&out.stats, None);
         }
         tensors.insert("logits".into(), f32_tensor(out.logits.reshape([b, s, v])));
-        // the 0/1 decisions as [layers, batch, seq]
-        for (name, gates) in [("attn_gates", out.attn_gates), ("mlp_gates", out.mlp_gates)] {
+        // the 0/1 decisions as [layers, batch, seq], for a model that routes
+        let gates = if routes(&model) {
+            vec![("attn_gates", out.attn_gates), ("mlp_gates", out.mlp_gates)]
+        } else {
+            vec![]
+        };
+        for (name, gates) in gates {
             let flat: Vec<f32> = gates
                 .into_iter()
                 .flatten()
@@ -194,7 +199,7 @@ fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()
         eos_token_ids: pretrained.model.config.eos_token_ids.clone(),
         ignore_eos: args.ignore_eos,
     };
-    let tokens = if use_sparse(&pretrained.model, &args.engine) {
+    let tokens = if use_sparse(&args.engine) {
         let model = &pretrained.model;
         let (mut out, stats, cache) = generate_sparse(model, &[prompt], &opts, model.routing)?;
         if args.engine.stats {
@@ -227,11 +232,15 @@ fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()
     Ok(())
 }
 
-/// The sparse engine serves routed models unless `--engine dense-gated`.
-fn use_sparse<B: Backend>(model: &LlamaForCausalLM<B>, engine: &EngineArgs) -> bool {
-    model.routing_config.is_some()
-        && model.routing != Routing::Dense
-        && engine.engine == EngineArg::Sparse
+/// The engine serves every model, dense ones with every gate open, unless `--engine
+/// dense-gated` asks for the reference computation.
+fn use_sparse(engine: &EngineArgs) -> bool {
+    engine.engine == EngineArg::Sparse
+}
+
+/// The model has routers and uses them.
+fn routes<B: Backend>(model: &LlamaForCausalLM<B>) -> bool {
+    model.routing_config.is_some() && model.routing != Routing::Dense
 }
 
 /// `--stats` of the sparse engine; `kv`: (bytes cached, bytes a dense cache would hold).

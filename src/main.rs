@@ -159,12 +159,12 @@ pub struct RoutingArgs {
     pub routing_seed: u64,
 }
 
-/// Which computation serves a routed model.
+/// Which computation serves the model.
 #[derive(Args, Debug, Clone)]
 pub struct EngineArgs {
-    /// `sparse`: skipped modules are not computed (default for routed models);
-    /// `dense-gated`: every module is computed and multiplied by its gate, as the reference
-    /// code does (for checking).
+    /// `sparse` (default): the inference engine, which does not compute skipped modules (a
+    /// dense model runs through it with every module executing); `dense-gated`: every module
+    /// computed and multiplied by its gate, as the reference code does (for checking).
     #[arg(long, value_enum, default_value = "sparse")]
     pub engine: EngineArg,
     /// Print the realised skip rates and the FLOPs and weight bytes saved.

@@ -14,7 +14,6 @@
 //! stdout and `target/bench-real/table.md`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;

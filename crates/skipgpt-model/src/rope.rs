@@ -156,13 +156,38 @@ pub fn apply_rotary<B: Backend>(
     cos: &Tensor<B, 2>,
     sin: &Tensor<B, 2>,
 ) -> Tensor<B, 4> {
-    let [b, h, t, d] = x.dims();
-    let half = d / 2;
-    let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..half]);
-    let x2 = x.clone().slice([0..b, 0..h, 0..t, half..d]);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    let cos = cos.clone().unsqueeze::<4>();
-    let sin = sin.clone().unsqueeze::<4>();
+    rotate(
+        x,
+        cos.clone().unsqueeze::<4>(),
+        sin.clone().unsqueeze::<4>(),
+    )
+}
+
+/// The same rotation on a token-major layout, each row at its own position (the sparse
+/// engine's layout: no transposition to heads-first, so no strided copy).
+///
+/// # Shapes
+/// - x: `[rows, heads, head_dim]`
+/// - cos, sin: `[rows, head_dim]`
+/// - output: like x
+pub fn apply_rotary_rows<B: Backend>(
+    x: Tensor<B, 3>,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+) -> Tensor<B, 3> {
+    rotate(x, cos.unsqueeze_dim(1), sin.unsqueeze_dim(1))
+}
+
+/// `x * cos + rotate_half(x) * sin` over the last axis; cos and sin broadcast.
+fn rotate<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    cos: Tensor<B, D>,
+    sin: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let half = x.dims()[D - 1] / 2;
+    let x1 = x.clone().narrow(D - 1, 0, half);
+    let x2 = x.clone().narrow(D - 1, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], D - 1);
     x * cos + rotated * sin
 }
 

@@ -97,7 +97,24 @@ impl TensorFile {
                 return Err(self.dtype_error(name, "a float type (F32, BF16, F16, F64)", other))
             }
         };
+        self.release(info);
         Ok((values, info.shape.clone()))
+    }
+
+    /// Lets the kernel drop the file pages of a tensor that has been copied out, so that a
+    /// loaded model is resident once (its tensors), not twice (tensors and mapped file). The
+    /// pages are read again from the file if the tensor is read again.
+    fn release(&self, info: &TensorInfo) {
+        let (start, end) = info.data_offsets;
+        // SAFETY: the map is a read-only, file-backed map: dropping its pages loses nothing,
+        // and no slice of them outlives this call's caller (the values were copied).
+        let _ = unsafe {
+            self.bytes.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.data_start + start,
+                end - start,
+            )
+        };
     }
 
     /// An integer tensor (i64 or i32) as i64 values with its shape.

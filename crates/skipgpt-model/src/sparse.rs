@@ -17,7 +17,7 @@
 //! the floating-point work done and the weight bytes read, next to what the dense model would
 //! have needed.
 
-use burn::tensor::{activation, backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::error::{ModelError, Result};
 use crate::generate::{pick, GenerateOptions, Sampling};
@@ -335,15 +335,13 @@ pub fn sparse_forward<B: Backend>(
             let xn = layer
                 .input_layernorm
                 .forward(gather_rows(x.clone(), &kv_rows));
+            // [rows, heads, hd], each row rotated at its own position
             let rot = |t: Tensor<B, 3>, which: &[usize]| {
-                // [rows, heads, hd] -> rotate with each row's own position
-                let [r, heads, d] = t.dims();
-                let c = gather_rows(cos.clone(), which);
-                let s = gather_rows(sin.clone(), which);
-                let t4 = t.swap_dims(0, 1).reshape([1, heads, r, d]);
-                crate::rope::apply_rotary(t4, &c, &s)
-                    .reshape([heads, r, d])
-                    .swap_dims(0, 1)
+                crate::rope::apply_rotary_rows(
+                    t,
+                    gather_rows(cos.clone(), which),
+                    gather_rows(sin.clone(), which),
+                )
             };
             let m = kv_rows.len();
             let k = rot(
@@ -599,11 +597,23 @@ fn attend_batched<B: Backend>(
             }
         }
     }
-    let mask = Tensor::<B, 3>::from_data(TensorData::new(mask, [n_seq, q_max, k_max]), &device);
+    let n_rep = nh / nkv;
+    // no mask at all when every query sees every stored key (decoding equal-length sequences)
+    let mask = (visible < mask.len()).then(|| {
+        // one row per stacked (head, query) row, shared by all key/value heads: the backend's
+        // attention broadcasts it instead of a copy per head
+        let rows: Vec<f32> = mask
+            .chunks(q_max * k_max)
+            .flat_map(|seq| std::iter::repeat_n(seq, n_rep).flatten().copied())
+            .collect();
+        Tensor::<B, 4>::from_data(
+            TensorData::new(rows, [n_seq, 1, n_rep * q_max, k_max]),
+            &device,
+        )
+    });
 
     // queries [n_seq, kv_heads, n_rep * q_max, hd]: heads sharing a key/value head are
     // stacked along the query axis, as in the dense path
-    let n_rep = nh / nkv;
     let padded = seqs.iter().any(|t| t.2 != q_max);
     let q = if padded {
         let idx: Vec<usize> = seqs
@@ -640,10 +650,10 @@ fn attend_batched<B: Backend>(
     };
     let (k, v) = (take(ck), take(cv));
 
-    let mask = mask.repeat_dim(1, n_rep).unsqueeze_dim::<4>(1);
-    let scores = q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5) + mask;
-    let out = activation::softmax(scores, 3)
-        .matmul(v)
+    // the backend's attention op (scaled by 1/√hd): burn-flex runs it as two gemms per head,
+    // or tiled with an online softmax for long key ranges; the CubeCL GPU backends use a
+    // flash kernel when there is no mask and separate kernels when there is one
+    let out = burn::tensor::module::attention(q, k, v, None, mask, Default::default())
         .reshape([n_seq, nh, q_max, hd])
         .swap_dims(1, 2)
         .reshape([n_seq * q_max, nh * hd]);
