@@ -354,3 +354,31 @@ fn bad_generate_arguments() {
         &["top-p"],
     );
 }
+
+#[test]
+fn both_cpu_backends_and_thread_counts_give_the_reference_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = tiny().join("reference.safetensors");
+    let (expected, _) = reference(&tiny()).read_f32("logits").unwrap();
+    let model = model_dir();
+    for extra in [
+        ["--backend", "cpu", "--threads", "1"],
+        ["--backend", "cpu", "--threads", "2"],
+        ["--backend", "ndarray", "--threads", "2"],
+    ] {
+        let out = dir
+            .path()
+            .join(format!("{}-{}.safetensors", extra[1], extra[3]));
+        let mut args = logits_args(&model, &input, &out);
+        args.extend(extra);
+        let o = skipgpt(&args);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        let (logits, _) = TensorFile::open(&out).unwrap().read_f32("logits").unwrap();
+        let d = max_abs_diff(&logits, &expected);
+        assert!(d < 1e-4, "{extra:?}: logits differ by {d}");
+    }
+    let out = dir.path().join("none.safetensors");
+    let mut args = logits_args(&model, &input, &out);
+    args.extend(["--threads", "0"]);
+    assert_clean_failure(&args, &["--threads"]);
+}
