@@ -371,3 +371,37 @@ fn cli_imports_and_tokenizes() {
         &["already exists"],
     );
 }
+
+#[test]
+fn pre_tokenizers_split_as_llama_cpp_groups_them() {
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+    let dir = tempfile::tempdir().unwrap();
+    // how "abc 12345" is cut before merging: GPT-2 keeps digit runs, SmolLM splits every
+    // digit, LLaMA 3 groups digits by three, Qwen2 splits every digit
+    for (pre, expected) in [
+        ("gpt2", vec!["abc", "Ġ12345"]),
+        ("smollm", vec!["abc", "Ġ", "1", "2", "3", "4", "5"]),
+        ("llama-bpe", vec!["abc", "Ġ", "123", "45"]),
+        ("qwen2", vec!["abc", "Ġ", "1", "2", "3", "4", "5"]),
+    ] {
+        let mut g = llama_tiny_gguf(&tiny().join("model"));
+        g.set("tokenizer.ggml.pre", Meta::Str(pre.into()));
+        let gguf = dir.path().join(format!("{pre}.gguf"));
+        g.write(&gguf);
+        let out = dir.path().join(pre);
+        import(&gguf, &out, StoreDtype::F32).unwrap();
+        let tok = Tokenizer::from_file(&out.join("tokenizer.json")).unwrap();
+        let mut text = PreTokenizedString::from("abc 12345");
+        tok.inner()
+            .get_pre_tokenizer()
+            .expect("a pre-tokenizer")
+            .pre_tokenize(&mut text)
+            .unwrap();
+        let pieces: Vec<String> = text
+            .get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(s, _, _)| s.to_string())
+            .collect();
+        assert_eq!(pieces, expected, "pre = {pre}");
+    }
+}

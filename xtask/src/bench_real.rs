@@ -168,15 +168,14 @@ pub fn bench_real(args: &[String]) -> Result<()> {
             s(&out),
         ];
         a.extend(extra.iter().map(String::as_str));
-        run("target/release/examples/bench_real", &a)?;
-        results.push(serde_json::from_str(&std::fs::read_to_string(&out)?)?);
+        results.push(run_json("target/release/examples/bench_real", &a, &out)?);
     }
     for (system, model_flag, model) in [
         ("llamacpp", "--gguf", &f32_gguf),
         ("transformers", "--hf", &hf),
     ] {
         let out = work.join(format!("results/{system}.json"));
-        run(
+        let r = run_json(
             s(&py),
             &[
                 "tools/bench_anchors.py",
@@ -195,13 +194,22 @@ pub fn bench_real(args: &[String]) -> Result<()> {
                 "--out",
                 s(&out),
             ],
+            &out,
         )?;
-        results.push(serde_json::from_str(&std::fs::read_to_string(&out)?)?);
+        results.push(r);
     }
     let table = table(&results, threads, decode);
     std::fs::write(work.join("table.md"), &table)?;
     println!("{table}");
     Ok(())
+}
+
+/// Runs one system, which writes its figures to `out`, and reads them.
+fn run_json(program: &str, args: &[&str], out: &Path) -> Result<Value> {
+    run(program, args)?;
+    let text = std::fs::read_to_string(out)
+        .with_context(|| format!("{} was not written", out.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", out.display()))
 }
 
 fn num(v: &Value) -> f64 {

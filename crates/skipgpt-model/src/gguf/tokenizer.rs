@@ -15,17 +15,26 @@ use super::{GgufError, GgufFile};
 const CONTROL: i64 = 3;
 const USER_DEFINED: i64 = 4;
 
-/// The GPT-2 split (contractions, letters, digits, other symbols, whitespace).
-const GPT2_SPLIT: &str = "ByteLevel";
 /// LLaMA 3 (tiktoken cl100k-style): digits in groups of at most three.
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2: as LLaMA 3, with every digit on its own.
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// `tokenizer.ggml.pre` values and the pre-tokenizer each stands for, grouped as llama.cpp
-/// groups them.
-const PRE: [(&[&str], &str); 4] = [
-    (&["default", "gpt2", "gpt-2", "mpt", "olmo"], GPT2_SPLIT),
+/// How a byte-level BPE vocabulary splits text before merging.
+#[derive(Clone, Copy)]
+enum Split {
+    /// GPT-2's rule (contractions, letters, digits, other symbols, whitespace).
+    Gpt2,
+    /// Every digit on its own, then GPT-2's rule (SmolLM, StarCoder).
+    DigitsThenGpt2,
+    Llama3,
+    Qwen2,
+}
+
+/// `tokenizer.ggml.pre` values and the split each stands for, grouped as llama.cpp groups
+/// them.
+const PRE: [(&[&str], Split); 4] = [
+    (&["default", "gpt2", "gpt-2", "mpt", "olmo"], Split::Gpt2),
     (
         &[
             "smollm",
@@ -36,10 +45,13 @@ const PRE: [(&[&str], &str); 4] = [
             "exaone",
             "minerva",
         ],
-        "digits+ByteLevel",
+        Split::DigitsThenGpt2,
     ),
-    (&["llama3", "llama-v3", "llama-bpe", "falcon3"], "llama3"),
-    (&["qwen2", "deepseek-r1-qwen"], "qwen2"),
+    (
+        &["llama3", "llama-v3", "llama-bpe", "falcon3"],
+        Split::Llama3,
+    ),
+    (&["qwen2", "deepseek-r1-qwen"], Split::Qwen2),
 ];
 
 fn supported_pre() -> String {
@@ -69,17 +81,17 @@ fn pre_tokenizer(gguf: &GgufFile, pre: &str) -> Result<(Value, bool), GgufError>
             supported: supported_pre(),
         })?;
     Ok(match kind {
-        GPT2_SPLIT => (byte_level(true), false),
-        "digits+ByteLevel" => (
+        Split::Gpt2 => (byte_level(true), false),
+        Split::DigitsThenGpt2 => (
             json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
             false,
         ),
-        "llama3" => (
+        Split::Llama3 => (
             json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_REGEX), byte_level(false)]}),
             true,
         ),
-        _ => (
+        Split::Qwen2 => (
             json!({"type": "Sequence", "pretokenizers": [split(QWEN2_REGEX), byte_level(false)]}),
             false,
         ),
