@@ -4,7 +4,7 @@
 //! `tools/bench_anchors.py`, on the token ids this writes with `--ids-out`.
 //!
 //! ```text
-//! bench_real --model DIR --text FILE [--backend cpu|ndarray] [--threads N] [--skip 0.25 --kv keep|drop]
+//! bench_real --model DIR --text FILE [--backend cpu|ndarray] [--threads N] [--dtype f32|f16|bf16] [--skip 0.25 --kv keep|drop]
 //!            [--prefill 512] [--decode 128] [--batches 1,8] [--repeats 3] [--ids-out ids.json] [--json OUT]
 //! ```
 //!
@@ -24,13 +24,14 @@ use std::time::Instant;
 use burn::tensor::backend::Backend;
 use serde_json::json;
 use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
-use skipgpt_model::{load_pretrained, GenerateOptions, KvPolicy, Routing, Sampling};
+use skipgpt_model::{load_pretrained_as, GenerateOptions, KvPolicy, Routing, Sampling, StoreDtype};
 
 struct Args {
     model: std::path::PathBuf,
     text: std::path::PathBuf,
     backend: String,
     threads: Option<usize>,
+    dtype: StoreDtype,
     skip: Option<f64>,
     kv: KvPolicy,
     prefill: usize,
@@ -47,6 +48,7 @@ fn parse() -> Args {
         text: Default::default(),
         backend: "cpu".into(),
         threads: None,
+        dtype: StoreDtype::F32,
         skip: None,
         kv: KvPolicy::Keep,
         prefill: 512,
@@ -58,7 +60,7 @@ fn parse() -> Args {
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let fail = |m: String| -> ! {
-        eprintln!("{m}\nusage: bench_real --model DIR --text FILE [--backend cpu|ndarray] [--threads N] [--skip 0.25 --kv keep|drop] [--prefill 512] [--decode 128] [--batches 1,8] [--repeats 3] [--ids-out FILE] [--json FILE]");
+        eprintln!("{m}\nusage: bench_real --model DIR --text FILE [--backend cpu|ndarray] [--threads N] [--dtype f32|f16|bf16] [--skip 0.25 --kv keep|drop] [--prefill 512] [--decode 128] [--batches 1,8] [--repeats 3] [--ids-out FILE] [--json FILE]");
         std::process::exit(2)
     };
     let num = |flag: &str, v: &str| -> f64 {
@@ -75,6 +77,14 @@ fn parse() -> Args {
             "--backend" => a.backend = v,
             "--threads" => a.threads = Some(num(flag, &v) as usize),
             "--skip" => a.skip = Some(num(flag, &v)),
+            "--dtype" => {
+                a.dtype = match v.as_str() {
+                    "f32" => StoreDtype::F32,
+                    "f16" => StoreDtype::F16,
+                    "bf16" => StoreDtype::BF16,
+                    _ => fail(format!("--dtype f32|f16|bf16, got {v:?}")),
+                }
+            }
             "--kv" => {
                 a.kv = match v.as_str() {
                     "keep" => KvPolicy::Keep,
@@ -129,7 +139,7 @@ fn peak_rss_mb() -> Option<f64> {
 
 fn run<B: Backend>(a: &Args, device: &B::Device) -> serde_json::Value {
     let t = Instant::now();
-    let pretrained = load_pretrained::<B>(&a.model, device).expect("load --model");
+    let pretrained = load_pretrained_as::<B>(&a.model, device, a.dtype).expect("load --model");
     let mut model = pretrained.model;
     let tok = pretrained
         .tokenizer
@@ -211,7 +221,7 @@ fn run<B: Backend>(a: &Args, device: &B::Device) -> serde_json::Value {
         );
     }
     let ps = prefill_stats.unwrap();
-    let system = match a.skip {
+    let mut system = match a.skip {
         Some(s) => format!(
             "skipgpt routed {:.0}% {}",
             100.0 * s,
@@ -223,17 +233,28 @@ fn run<B: Backend>(a: &Args, device: &B::Device) -> serde_json::Value {
         ),
         None => "skipgpt dense".into(),
     };
+    if a.dtype != StoreDtype::F32 {
+        system = format!("{system} {}", dtype_name(a.dtype));
+    }
     json!({
         "system": system,
         "backend": a.backend,
         "threads": a.threads,
-        "dtype": model.config.dtype,
+        "dtype": dtype_name(a.dtype),
         "load_s": load_s,
         "prefill_tok_s": a.prefill as f64 / t_prefill,
         "decode": decode,
         "prefill_stats": {"attn_skip": ps.attn_skip(), "mlp_skip": ps.mlp_skip(), "ideal_speedup": ps.ideal_speedup()},
         "decode_stats": decode_stats,
         "peak_rss_mb": peak_rss_mb(),
-        "weight_mb": (model.config.num_params() * 4) as f64 / 1e6,
+        "weight_mb": (model.config.num_params() * a.dtype.size()) as f64 / 1e6,
     })
+}
+
+fn dtype_name(d: StoreDtype) -> &'static str {
+    match d {
+        StoreDtype::F32 => "f32",
+        StoreDtype::F16 => "f16",
+        StoreDtype::BF16 => "bf16",
+    }
 }

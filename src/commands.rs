@@ -9,8 +9,8 @@ use skipgpt_model::generate::validate_ids;
 use skipgpt_model::safetensors_io::{write_safetensors, OwnedTensor, TensorFile, WeightSet};
 use skipgpt_model::sparse::{generate_sparse, sparse_forward, EngineStats, LogitRows, SparseCache};
 use skipgpt_model::{
-    generate as gen, load_config, load_pretrained, load_routing_config, GenerateOptions,
-    LlamaForCausalLM, Routing, Sampling, StoreDtype, Tokenizer,
+    generate as gen, load_config, load_routing_config, GenerateOptions, LlamaForCausalLM, Routing,
+    Sampling, StoreDtype, Tokenizer,
 };
 
 use crate::backend::BackendKind;
@@ -28,12 +28,18 @@ pub struct ModelArgs {
     /// A LoRA adapter in PEFT layout to apply on top of --model (unmerged).
     #[arg(long)]
     pub adapter: Option<std::path::PathBuf>,
+    /// What the projection and embedding matrices are held in, whatever the file stores:
+    /// f16 or bf16 take half the memory and decode faster where memory bandwidth bounds it.
+    /// The residual stream, norms, routers, attention and the cache stay f32.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: crate::gguf_cmd::DtypeArg,
 }
 
 impl ModelArgs {
     /// The model directory, with the adapter applied when one is given.
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<skipgpt_model::Pretrained<B>> {
-        let mut pretrained = load_pretrained::<B>(&self.dir, device)?;
+        let mut pretrained =
+            skipgpt_model::load_pretrained_as::<B>(&self.dir, device, self.dtype.into())?;
         if let Some(adapter) = &self.adapter {
             let adapter = skipgpt_model::load_peft_adapter(adapter)?;
             pretrained.model = pretrained.model.load_lora(&adapter)?;
@@ -169,21 +175,24 @@ fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()
     let mut pretrained = args.model.load::<B>(device)?;
     apply_routing(&mut pretrained.model, &args.routing, device);
     let tokenizer = pretrained.tokenizer.as_ref();
-    let prompt: Vec<u32> = match (&args.prompt, &args.prompt_ids) {
-        (Some(text), _) => {
+    let prompts: Vec<Vec<u32>> = match (args.prompt.as_slice(), &args.prompt_ids) {
+        (texts @ [_, ..], _) => {
             let tok = tokenizer.with_context(|| {
                 format!(
                     "--prompt needs {}; pass --prompt-ids instead",
                     args.model.dir.join("tokenizer.json").display()
                 )
             })?;
-            tok.encode(text)?
+            texts
+                .iter()
+                .map(|t| tok.encode(t))
+                .collect::<std::result::Result<_, _>>()?
         }
-        (None, Some(ids)) => {
+        ([], Some(ids)) => {
             validate_ids(ids, pretrained.model.config.vocab_size, "--prompt-ids")?;
-            ids.iter().map(|&i| i as u32).collect()
+            vec![ids.iter().map(|&i| i as u32).collect()]
         }
-        (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+        ([], None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
     };
     let sampling = match (args.temperature, args.top_p) {
         (None, None) => Sampling::Greedy,
@@ -199,9 +208,10 @@ fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()
         eos_token_ids: pretrained.model.config.eos_token_ids.clone(),
         ignore_eos: args.ignore_eos,
     };
-    let tokens = if use_sparse(&args.engine) {
+    // every prompt in one batch: the engine keeps a cache per sequence, so lengths may differ
+    let continuations = if use_sparse(&args.engine) {
         let model = &pretrained.model;
-        let (mut out, stats, cache) = generate_sparse(model, &[prompt], &opts, model.routing)?;
+        let (out, stats, cache) = generate_sparse(model, &prompts, &opts, model.routing)?;
         if args.engine.stats {
             let (kv, hd) = (model.config.num_key_value_heads, model.config.head_dim);
             print_stats(
@@ -209,24 +219,26 @@ fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()
                 Some((cache.bytes(kv, hd), cache.dense_bytes(kv, hd))),
             );
         }
-        out.remove(0)
+        out
     } else {
-        gen(&pretrained.model, &[prompt], &opts)?.remove(0)
+        gen(&pretrained.model, &prompts, &opts)?
     };
-    let text = tokenizer.map(|t| t.decode(&tokens)).transpose()?;
-    if args.json {
-        println!("{}", serde_json::json!({ "tokens": tokens, "text": text }));
-    } else {
-        match text {
-            Some(text) => println!("{text}"),
-            None => println!(
-                "{}",
-                tokens
-                    .iter()
-                    .map(u32::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
+    for tokens in continuations {
+        let text = tokenizer.map(|t| t.decode(&tokens)).transpose()?;
+        if args.json {
+            println!("{}", serde_json::json!({ "tokens": tokens, "text": text }));
+        } else {
+            match text {
+                Some(text) => println!("{text}"),
+                None => println!(
+                    "{}",
+                    tokens
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            }
         }
     }
     Ok(())
@@ -431,7 +443,7 @@ fn eval_ppl_on<B: Backend>(args: &EvalPplArgs, device: &B::Device) -> Result<()>
     let mut reports = serde_json::Map::new();
     for (name, routing) in runs {
         let label = (!args.json).then_some(name);
-        let report = perplexity(&model, &data, routing, args.batch_size, label);
+        let report = perplexity(&model, &data, routing, args.batch_size, label)?;
         if !args.json {
             println!(
                 "{name:<7} perplexity {:>9.3}  (nll {:.4}, {} tokens)  skip: attention {:.1}%  mlp {:.1}%  params {:.1}%",
@@ -459,7 +471,7 @@ pub fn perplexity<B: Backend>(
     routing: Routing,
     batch: usize,
     label: Option<&str>,
-) -> skipgpt_eval::PerplexityReport {
+) -> Result<skipgpt_eval::PerplexityReport> {
     let label = label.filter(|_| std::io::stderr().is_terminal());
     let report = skipgpt_eval::evaluate_perplexity(model, data, routing, batch, |done, total| {
         if let Some(label) = label {
@@ -469,5 +481,5 @@ pub fn perplexity<B: Backend>(
     if label.is_some() {
         eprintln!();
     }
-    report
+    Ok(report?)
 }

@@ -263,8 +263,10 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
     let (mut rt_model, mut final_model) = (None, None);
     for (name, dir, report) in entries {
         let model = load_pretrained::<B>(dir, device)?.model;
-        let report =
-            report.unwrap_or_else(|| perplexity(&model, &valid, model.routing, 16, Some(name)));
+        let report = match report {
+            Some(r) => r,
+            None => perplexity(&model, &valid, model.routing, 16, Some(name))?,
+        };
         let mc = score_tasks(&model, &tokenizer, &tasks, 16, false)?;
         let per_task: Vec<(String, f64)> = mc
             .iter()

@@ -169,7 +169,8 @@ pub fn finetune_lora<B: Backend>(
     }
     let batch = args.train.batch_size;
     let before = (!valid.is_empty())
-        .then(|| perplexity(&model.valid(), &valid, routing, batch, Some("before")));
+        .then(|| perplexity(&model.valid(), &valid, routing, batch, Some("before")))
+        .transpose()?;
     let tuned = fit(
         model,
         Objective::Lm,
@@ -190,7 +191,7 @@ pub fn finetune_lora<B: Backend>(
     let Some(before) = before else {
         return Ok(None);
     };
-    let after = perplexity(&tuned, &valid, routing, batch, Some("after"));
+    let after = perplexity(&tuned, &valid, routing, batch, Some("after"))?;
     print_validation("before", &before);
     print_validation("after", &after);
     Ok(Some(after))

@@ -208,13 +208,15 @@ pub struct LogitsArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: commands::ModelArgs,
-    /// Prompt text (needs tokenizer.json in the model directory).
+    /// Prompt text (needs tokenizer.json in the model directory). Repeat it to continue several
+    /// prompts (of any lengths) in one batch: each continuation is printed on its own line
+    /// (with --json, one object per line).
     #[arg(
         long,
         conflicts_with = "prompt_ids",
         required_unless_present = "prompt_ids"
     )]
-    pub prompt: Option<String>,
+    pub prompt: Vec<String>,
     /// Prompt as comma-separated token ids, e.g. 1,2,3.
     #[arg(long, value_delimiter = ',')]
     pub prompt_ids: Option<Vec<i64>>,
@@ -233,7 +235,7 @@ pub struct GenerateArgs {
     /// Keep generating past the end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Print `{"tokens": [...], "text": "..."}` instead of the text.
+    /// Print `{"tokens": [...], "text": "..."}` instead of the text (one line per prompt).
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]

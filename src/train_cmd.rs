@@ -374,7 +374,7 @@ pub fn pretrain<B: Backend>(args: &PretrainArgs, device: &B::Device) -> Result<(
             Routing::Dense,
             args.train.batch_size,
             Some(label),
-        );
+        )?;
         println!(
             "  validation perplexity {:.3} ({} tokens)",
             r.perplexity, r.tokens
@@ -534,14 +534,14 @@ pub fn tune_routers<B: Backend>(
     }
     let batch = args.train.batch_size;
     let reports = TunedReports {
-        dense: perplexity(&tuned, &valid, Routing::Dense, batch, Some("dense")),
+        dense: perplexity(&tuned, &valid, Routing::Dense, batch, Some("dense"))?,
         routed: perplexity(
             &tuned,
             &valid,
             Routing::Deterministic,
             batch,
             Some("routed"),
-        ),
+        )?,
     };
     print_validation("dense", &reports.dense);
     print_validation("routed", &reports.routed);

@@ -382,3 +382,73 @@ fn both_cpu_backends_and_thread_counts_give_the_reference_logits() {
     args.extend(["--threads", "0"]);
     assert_clean_failure(&args, &["--threads"]);
 }
+
+/// `--dtype f16|bf16` holds the matrices in half precision: the tiny model's logits (values up to
+/// a few units) move by the rounding of 11 or 8 significant bits, not more; a backend without
+/// half types refuses, naming itself and the dtype.
+#[test]
+fn half_precision_weights_give_logits_close_to_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = tiny().join("reference.safetensors");
+    let (expected, _) = reference(&tiny()).read_f32("logits").unwrap();
+    let scale = expected.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let model = model_dir();
+    for (dtype, tolerance) in [("f32", 1e-4), ("f16", 5e-3), ("bf16", 5e-2)] {
+        let out = dir.path().join(format!("{dtype}.safetensors"));
+        let mut args = logits_args(&model, &input, &out);
+        args.extend(["--backend", "cpu", "--dtype", dtype]);
+        let o = skipgpt(&args);
+        assert!(o.status.success(), "{dtype}: {}", stderr(&o));
+        let (logits, _) = TensorFile::open(&out).unwrap().read_f32("logits").unwrap();
+        let d = max_abs_diff(&logits, &expected);
+        eprintln!("--dtype {dtype}: max |Δ logits| {d:.2e} (logits up to {scale:.2})");
+        assert!(d < tolerance * scale, "{dtype}: logits differ by {d}");
+        if dtype != "f32" {
+            assert!(d > 0.0, "{dtype}: the weights were not rounded");
+        }
+    }
+    let out = dir.path().join("ndarray.safetensors");
+    let mut args = logits_args(&model, &input, &out);
+    args.extend(["--backend", "ndarray", "--dtype", "f16"]);
+    assert_clean_failure(&args, &["ndarray", "float16"]);
+}
+
+/// Several `--prompt`s of different lengths decode in one ragged batch, each continuation as it
+/// would be alone, one JSON line each, in order.
+#[test]
+fn generate_batches_prompts_of_different_lengths() {
+    let prompts = [
+        "The quick brown fox",
+        "A",
+        "Once upon a time, in a land far away",
+    ];
+    let model = model_dir();
+    let run = |ps: &[&str]| {
+        let mut owned: Vec<String> = ["generate", "--model", &model, "--max-new-tokens", "10"]
+            .into_iter()
+            .chain(["--ignore-eos", "--json"])
+            .map(String::from)
+            .collect();
+        for p in ps {
+            owned.push("--prompt".into());
+            owned.push(p.to_string());
+        }
+        let refs: Vec<&str> = owned.iter().map(String::as_str).collect();
+        let o = skipgpt(&refs);
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let j: serde_json::Value = serde_json::from_str(l).unwrap();
+                serde_json::from_value::<Vec<u32>>(j["tokens"].clone()).unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    let batched = run(&prompts);
+    assert_eq!(batched.len(), 3);
+    for (p, got) in prompts.iter().zip(&batched) {
+        assert_eq!(got.len(), 10);
+        assert_eq!(run(&[p]), vec![got.clone()], "prompt {p:?}");
+    }
+}

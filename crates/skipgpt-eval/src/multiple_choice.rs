@@ -14,6 +14,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use skipgpt_model::sparse::{sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{LlamaForCausalLM, Routing, Tokenizer};
 use skipgpt_train::data::{OBJECTS, SUBJECTS, VERBS};
 
@@ -115,7 +116,8 @@ pub struct McReport {
 }
 
 /// Scores every example of `task`: one forward pass per (context, choice) pair, in batches of
-/// `batch_size` pairs. `progress` gets (pairs done, total).
+/// `batch_size` pairs, through the sparse engine (skipped work is not computed, as at
+/// inference). `progress` gets (pairs done, total).
 pub fn evaluate_mc<B: Backend>(
     model: &LlamaForCausalLM<B>,
     tokenizer: &Tokenizer,
@@ -157,30 +159,32 @@ pub fn evaluate_mc<B: Backend>(
         }
     }
     let device = model.device();
+    let layers = model.config.num_hidden_layers;
     let mut loglik = vec![0.0f64; requests.len()];
     let total = requests.len();
     let batch_size = batch_size.max(1);
     for (c, chunk) in requests.chunks(batch_size).enumerate() {
-        let b = chunk.len();
-        let t = chunk.iter().map(|r| r.1.len() - 1).max().unwrap_or(1);
-        // right padding: causal attention and per-token routing keep it from the real tokens
-        let (mut inputs, mut targets) = (vec![0i64; b * t], vec![0i64; b * t]);
-        for (i, (_, ids, _)) in chunk.iter().enumerate() {
-            for (j, w) in ids.windows(2).enumerate() {
-                inputs[i * t + j] = w[0] as i64;
-                targets[i * t + j] = w[1] as i64;
-            }
-        }
-        let inputs = Tensor::<B, 2, Int>::from_data(TensorData::new(inputs, [b, t]), &device);
-        let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b, t]), &device);
-        let logits = model.forward_routed(inputs, None, routing, false).logits;
-        let logp = host_f64(activation::log_softmax(logits, 2).gather(2, targets.unsqueeze_dim(2)));
+        // the engine takes sequences of different lengths as they are: no padding
+        let inputs: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|(_, ids, _)| ids[..ids.len() - 1].to_vec())
+            .collect();
+        let targets: Vec<i64> = chunk
+            .iter()
+            .flat_map(|(_, ids, _)| ids[1..].iter().map(|&i| i as i64))
+            .collect();
+        let rows = targets.len();
+        let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [rows, 1]), &device);
+        let mut cache = SparseCache::new(chunk.len(), layers);
+        let logits = sparse_forward(model, &inputs, &mut cache, routing, LogitRows::All)?.logits;
+        let logp = host_f64(activation::log_softmax(logits, 1).gather(1, targets));
+        let mut start = 0;
         for (i, (_, ids, n_cont)) in chunk.iter().enumerate() {
-            let end = ids.len() - 1;
-            let r = c * batch_size + i;
-            loglik[r] = logp[i * t + end - n_cont..i * t + end].iter().sum();
+            let end = start + ids.len() - 1;
+            loglik[c * batch_size + i] = logp[end - n_cont..end].iter().sum();
+            start = end;
         }
-        progress((c * batch_size + b).min(total), total);
+        progress((c * batch_size + chunk.len()).min(total), total);
     }
 
     let (mut right, mut right_norm) = (0usize, 0usize);

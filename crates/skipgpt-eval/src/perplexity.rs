@@ -2,11 +2,12 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 use serde::Serialize;
+use skipgpt_model::sparse::{sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{LlamaForCausalLM, Routing};
 use skipgpt_train::data::PackedDataset;
 use skipgpt_train::loss::lm_loss;
 
-use crate::{batch_ids, host_f64};
+use crate::{batch_ids, host_f64, Result};
 
 /// What [`evaluate_perplexity`] measured.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -30,7 +31,8 @@ pub struct PerplexityReport {
     pub mlp_skip_per_layer: Vec<f64>,
 }
 
-/// Runs the model over every sequence (inputs `seq[..n]`, targets `seq[1..]`) in batches.
+/// Runs the model over every sequence (inputs `seq[..n]`, targets `seq[1..]`) in batches,
+/// through the sparse engine: what is skipped is not computed, as at inference.
 /// `progress` is called with (sequences done, total) after each batch.
 pub fn evaluate_perplexity<B: Backend>(
     model: &LlamaForCausalLM<B>,
@@ -38,7 +40,7 @@ pub fn evaluate_perplexity<B: Backend>(
     routing: Routing,
     batch_size: usize,
     mut progress: impl FnMut(usize, usize),
-) -> PerplexityReport {
+) -> Result<PerplexityReport> {
     let device = model.device();
     let layers = model.config.num_hidden_layers;
     let t = data.seq_len;
@@ -48,12 +50,13 @@ pub fn evaluate_perplexity<B: Backend>(
     let batch_size = batch_size.max(1);
     for (done, chunk) in data.sequences.chunks(batch_size).enumerate() {
         let b = chunk.len();
-        let ids = batch_ids::<B>(chunk, t + 1, &device);
-        let inputs = ids.clone().slice([0..b, 0..t]);
-        let targets = ids.slice([0..b, 1..t + 1]);
-        let out = model.forward_routed(inputs, None, routing, false);
+        let inputs: Vec<Vec<u32>> = chunk.iter().map(|s| s[..t].to_vec()).collect();
+        let targets = batch_ids::<B>(chunk, t + 1, &device).slice([0..b, 1..t + 1]);
+        let mut cache = SparseCache::new(b, layers);
+        let out = sparse_forward(model, &inputs, &mut cache, routing, LogitRows::All)?;
+        let vocab = out.logits.dims()[1];
         let mask = Tensor::<B, 2>::ones([b, t], &device);
-        let nll = scalar(lm_loss(out.logits, targets, mask));
+        let nll = scalar(lm_loss(out.logits.reshape([b, t, vocab]), targets, mask));
         nll_sum += nll * (b * t) as f64;
         tokens += b * t;
         for (sum, gates) in [
@@ -61,7 +64,7 @@ pub fn evaluate_perplexity<B: Backend>(
             (&mut mlp_skipped, out.mlp_gates),
         ] {
             for (l, g) in gates.into_iter().enumerate() {
-                sum[l] += (b * t) as f64 - scalar(g.sum());
+                sum[l] += g.iter().filter(|&&executed| !executed).count() as f64;
             }
         }
         progress((done * batch_size + b).min(data.len()), data.len());
@@ -77,7 +80,7 @@ pub fn evaluate_perplexity<B: Backend>(
     let (attn_skip, mlp_skip) = (mean(&attn_skip_per_layer), mean(&mlp_skip_per_layer));
     let (pa, pm) = (model.config.attention_params(), model.config.mlp_params());
     let nll = nll_sum / tokens.max(1) as f64;
-    PerplexityReport {
+    Ok(PerplexityReport {
         tokens,
         nll,
         perplexity: nll.exp(),
@@ -86,7 +89,7 @@ pub fn evaluate_perplexity<B: Backend>(
         param_skip: (pa as f64 * attn_skip + pm as f64 * mlp_skip) / (pa + pm) as f64,
         attn_skip_per_layer,
         mlp_skip_per_layer,
-    }
+    })
 }
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {

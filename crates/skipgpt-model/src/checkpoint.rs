@@ -41,8 +41,19 @@ pub fn load_config(dir: &Path) -> Result<LlamaConfig> {
 
 /// Loads config, weights and (if present) tokenizer from a HF model directory.
 pub fn load_pretrained<B: Backend>(dir: &Path, device: &B::Device) -> Result<Pretrained<B>> {
+    load_pretrained_as(dir, device, StoreDtype::F32)
+}
+
+/// [`load_pretrained`] with the projection and embedding matrices held in `dtype` whatever the
+/// file stores (see [`crate::precision`]); routers, norms and biases stay f32.
+pub fn load_pretrained_as<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    dtype: StoreDtype,
+) -> Result<Pretrained<B>> {
+    crate::precision::check_supported::<B>(dtype, device)?;
     let config = load_config(dir)?;
-    let weights = WeightSet::open_dir(dir)?;
+    let weights = WeightSet::open_dir(dir)?.with_matrix_dtype(dtype);
     let mut model = LlamaForCausalLM::load(&config, &weights, device)?;
     if let Some(routing) = load_routing_config(dir)? {
         let routers = WeightSet::open_files(&[dir.join(ROUTERS_FILE)])?;

@@ -6,6 +6,7 @@
 //! - [`config`]: `config.json` (transformers 4.x and 5.x layouts) → [`LlamaConfig`];
 //! - [`llama`]: the model, its modules named like the HF weight keys;
 //! - [`lora`]: LoRA adapters on the projections, merging, and the PEFT adapter format;
+//! - [`precision`]: f16/bf16 weights against the f32 residual stream;
 //! - [`rope`]: rotary embeddings with default, linear, dynamic and llama3 scaling;
 //! - [`cache`]: the KV cache for incremental decoding;
 //! - [`checkpoint`] and [`safetensors_io`]: reading/writing model directories;
@@ -20,6 +21,7 @@ pub mod generate;
 pub mod gguf;
 pub mod llama;
 pub mod lora;
+pub mod precision;
 pub mod rope;
 pub mod router;
 pub mod safetensors_io;
@@ -28,7 +30,8 @@ pub mod tokenizer;
 
 pub use cache::KvCache;
 pub use checkpoint::{
-    load_config, load_pretrained, load_routing_config, save_pretrained, save_routers, Pretrained,
+    load_config, load_pretrained, load_pretrained_as, load_routing_config, save_pretrained,
+    save_routers, Pretrained,
 };
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};

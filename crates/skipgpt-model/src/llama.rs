@@ -545,7 +545,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// exact shape the config implies.
     pub fn load(config: &LlamaConfig, w: &WeightSet, device: &B::Device) -> Result<Self> {
         let c = config;
-        let embed = w.tensor::<B, 2>(
+        let embed = w.matrix::<B>(
             "model.embed_tokens.weight",
             [c.vocab_size, c.hidden_size],
             device,
@@ -895,7 +895,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let start = cache.as_ref().map_or(0, |c| c.len());
         let ctx = self.attention_context(start, t);
         let layer_routing = self.layer_routing(routing);
-        let mut x = self.model.embed_tokens.forward(input_ids);
+        let mut x = crate::precision::embed(&self.model.embed_tokens, input_ids);
         let mut hidden_states = Vec::new();
         let (mut attn_gates, mut mlp_gates) = (Vec::new(), Vec::new());
         for (i, layer) in self.model.layers.iter().enumerate() {
@@ -947,7 +947,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// The output projection, `[.., hidden] -> [.., vocab]`.
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(head) => head.forward(x),
+            Some(head) => crate::precision::linear_forward(head, x),
             None => {
                 // [vocab, hidden] · [hidden, rows]: the tied embedding is read in its stored
                 // layout (a transposed view of it would be copied by some backends on every
@@ -955,7 +955,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 let [b, t, h] = x.dims();
                 let w = self.model.embed_tokens.weight.val();
                 let vocab = w.dims()[0];
-                w.matmul(x.reshape([b * t, h]).transpose())
+                crate::precision::matmul_weight_rows(w, x.reshape([b * t, h]))
                     .transpose()
                     .reshape([b, t, vocab])
             }

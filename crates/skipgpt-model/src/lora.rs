@@ -19,6 +19,7 @@ use burn::tensor::{backend::Backend, module::linear, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
+use crate::precision::linear_forward;
 use crate::safetensors_io::{atomic_write, write_safetensors, OwnedTensor, StoreDtype, WeightSet};
 
 /// Adapter settings: which projections get one, their rank, scale and dropout.
@@ -181,8 +182,8 @@ impl<B: Backend> LoraLinear<B> {
     /// - output: `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.lora {
-            None => self.base_layer.forward(x),
-            Some(lora) => self.base_layer.forward(x.clone()) + lora.forward(x),
+            None => linear_forward(&self.base_layer, x),
+            Some(lora) => linear_forward(&self.base_layer, x.clone()) + lora.forward(x),
         }
     }
 
@@ -195,7 +196,9 @@ impl<B: Backend> LoraLinear<B> {
     /// function at inference, at the cost of a plain linear layer.
     pub fn merge(&mut self) {
         if let Some(lora) = self.lora.take() {
-            let weight = self.base_layer.weight.val() + lora.delta();
+            // in the base weight's type: merging keeps a half-precision model half
+            let base = self.base_layer.weight.val();
+            let weight = base.clone() + lora.delta().cast(base.dtype());
             self.base_layer.weight = Param::from_tensor(weight);
         }
     }

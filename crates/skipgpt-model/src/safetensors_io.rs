@@ -155,11 +155,34 @@ impl TensorFile {
         [rows, cols]: [usize; 2],
         device: &B::Device,
     ) -> Result<Tensor<B, 2>> {
+        self.tensor_transposed_as(name, [rows, cols], StoreDtype::F32, device)
+    }
+
+    /// [`TensorFile::tensor_transposed`], held in `dtype` (rounded on the host, so the f32 copy
+    /// never reaches the device).
+    pub fn tensor_transposed_as<B: Backend>(
+        &self,
+        name: &str,
+        [rows, cols]: [usize; 2],
+        dtype: StoreDtype,
+        device: &B::Device,
+    ) -> Result<Tensor<B, 2>> {
         let values = self.values_of_shape(name, &[rows, cols])?;
-        Ok(Tensor::from_data(
-            TensorData::new(transpose(&values, rows, cols), [cols, rows]),
-            device,
-        ))
+        let data = TensorData::new(transpose(&values, rows, cols), [cols, rows]);
+        drop(values);
+        Ok(tensor_in(data, dtype, device))
+    }
+
+    /// [`TensorFile::tensor`], held in `dtype`.
+    pub fn tensor_as<B: Backend, const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+        dtype: StoreDtype,
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>> {
+        let values = self.values_of_shape(name, &shape)?;
+        Ok(tensor_in(TensorData::new(values, shape), dtype, device))
     }
 
     fn values_of_shape(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
@@ -198,11 +221,28 @@ fn describe_st_error(e: &safetensors::SafeTensorError) -> String {
     }
 }
 
+/// f32 host values as a tensor held in `dtype` (f32: the backend's default float tensor).
+fn tensor_in<B: Backend, const D: usize>(
+    data: TensorData,
+    dtype: StoreDtype,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    match dtype {
+        StoreDtype::F32 => Tensor::from_data(data, device),
+        half => {
+            let dtype = half.burn_dtype();
+            Tensor::from_data(data.convert_dtype(dtype), (device, dtype))
+        }
+    }
+}
+
 /// The weights of a checkpoint: one file or several shards named by an index.
 pub struct WeightSet {
     files: Vec<TensorFile>,
     /// Tensor name → index into `files`.
     location: HashMap<String, usize>,
+    /// What the model's matrices (projections, embeddings) are held in once loaded.
+    matrix_dtype: StoreDtype,
 }
 
 impl WeightSet {
@@ -239,7 +279,11 @@ impl WeightSet {
             }
             files.push(file);
         }
-        Ok(WeightSet { files, location })
+        Ok(WeightSet {
+            files,
+            location,
+            matrix_dtype: StoreDtype::F32,
+        })
     }
 
     fn open_index(index: &Path) -> Result<Self> {
@@ -290,6 +334,18 @@ impl WeightSet {
         Ok(set)
     }
 
+    /// Holds the matrices read through [`WeightSet::matrix`] and
+    /// [`WeightSet::tensor_transposed`] in `dtype` (see [`crate::precision`]); vectors (norms,
+    /// biases) stay f32.
+    pub fn with_matrix_dtype(mut self, dtype: StoreDtype) -> Self {
+        self.matrix_dtype = dtype;
+        self
+    }
+
+    pub fn matrix_dtype(&self) -> StoreDtype {
+        self.matrix_dtype
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.location.contains_key(name)
     }
@@ -327,7 +383,19 @@ impl WeightSet {
         shape: [usize; 2],
         device: &B::Device,
     ) -> Result<Tensor<B, 2>> {
-        self.file_of(name)?.tensor_transposed(name, shape, device)
+        self.file_of(name)?
+            .tensor_transposed_as(name, shape, self.matrix_dtype, device)
+    }
+
+    /// A weight matrix of exactly `shape`, held in the set's matrix dtype.
+    pub fn matrix<B: Backend>(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        device: &B::Device,
+    ) -> Result<Tensor<B, 2>> {
+        self.file_of(name)?
+            .tensor_as(name, shape, self.matrix_dtype, device)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {

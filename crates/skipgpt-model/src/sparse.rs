@@ -30,15 +30,17 @@ const CACHE_BLOCK: usize = 64;
 
 /// One layer's keys and values for every sequence of the batch, in preallocated buffers.
 ///
-/// Sequence `s`'s `j`-th stored token lives in row `s * capacity + j` of `k` and `v`. Rows past
-/// a sequence's stored count are zero, so a new entry is written by adding it in place (the one
-/// indexed update every backend implements), and one batched attention can read every
-/// sequence at once through a padding mask.
+/// Sequence `s`'s `j`-th stored token for key/value head `h` lives in row
+/// `(s * kv_heads + h) * capacity + j` of `k` and `v`: the buffers are `[batch, kv_heads,
+/// capacity, head_dim]`, the layout attention reads, so it reads them in place instead of
+/// copying every stored key and value on every step. Rows past a sequence's stored count are
+/// zero, so a new entry is written by adding it in place (the one indexed update every backend
+/// implements), and are hidden from attention by its mask.
 #[derive(Debug, Clone)]
 struct LayerCache<B: Backend> {
-    /// `[batch * capacity, kv_heads * head_dim]` each, rotated keys and values.
+    /// `[batch * kv_heads * capacity, head_dim]` each, rotated keys and values.
     kv: Option<(Tensor<B, 2>, Tensor<B, 2>)>,
-    /// Rows reserved per sequence.
+    /// Rows reserved per sequence and head.
     capacity: usize,
     /// Per sequence: the position of each stored token, in storage order.
     positions: Vec<Vec<usize>>,
@@ -54,36 +56,36 @@ impl<B: Backend> LayerCache<B> {
     }
 
     /// Makes room for `needed` entries per sequence, growing by whole blocks.
-    fn reserve(&mut self, needed: usize, width: usize, device: &B::Device) {
+    fn reserve(&mut self, needed: usize, [heads, hd]: [usize; 2], device: &B::Device) {
         if needed <= self.capacity {
             return;
         }
-        let (batch, old) = (self.positions.len(), self.capacity);
+        let (lanes, old) = (self.positions.len() * heads, self.capacity);
         let cap = needed.div_ceil(CACHE_BLOCK) * CACHE_BLOCK;
         let grow = |t: Option<Tensor<B, 2>>| {
-            let zeros = Tensor::<B, 3>::zeros([batch, cap - old, width], device);
+            let zeros = Tensor::<B, 3>::zeros([lanes, cap - old, hd], device);
             let t = match t {
                 None => zeros,
-                Some(t) => Tensor::cat(vec![t.reshape([batch, old, width]), zeros], 1),
+                Some(t) => Tensor::cat(vec![t.reshape([lanes, old, hd]), zeros], 1),
             };
-            t.reshape([batch * cap, width])
+            t.reshape([lanes * cap, hd])
         };
         let (k, v) = self.kv.take().unzip();
         self.kv = Some((grow(k), grow(v)));
         self.capacity = cap;
     }
 
-    /// Stores `k`, `v` (`[m, width]`) for entries whose sequences are `seqs` (sorted by
-    /// sequence, `m` long) at `pos` positions.
+    /// Stores `k`, `v` (`[m, kv_heads, head_dim]`) for entries whose sequences are `seqs`
+    /// (sorted by sequence, `m` long) at `pos` positions.
     fn append(
         &mut self,
-        k: Tensor<B, 2>,
-        v: Tensor<B, 2>,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
         seqs: &[usize],
         pos: &[usize],
         device: &B::Device,
     ) {
-        let width = k.dims()[1];
+        let [m, heads, hd] = k.dims();
         let mut added = vec![0usize; self.positions.len()];
         for &s in seqs {
             added[s] += 1;
@@ -92,21 +94,24 @@ impl<B: Backend> LayerCache<B> {
             .map(|s| self.positions[s].len() + added[s])
             .max()
             .unwrap_or(0);
-        self.reserve(needed, width, device);
-        let slots: Vec<usize> = seqs
-            .iter()
-            .zip(pos)
-            .map(|(&s, &p)| {
-                let slot = s * self.capacity + self.positions[s].len();
-                self.positions[s].push(p);
-                slot
-            })
-            .collect();
+        self.reserve(needed, [heads, hd], device);
+        // rows of `k.reshape([m * heads, hd])`, token-major, and where each one goes
+        let mut slots = Vec::with_capacity(m * heads);
+        for (&s, &p) in seqs.iter().zip(pos) {
+            let j = self.positions[s].len();
+            self.positions[s].push(p);
+            slots.extend((0..heads).map(|h| (s * heads + h) * self.capacity + j));
+        }
         let idx = index_tensor::<B>(&slots, device);
         let (ck, cv) = self.kv.take().expect("reserved above");
         self.kv = Some((
-            ck.select_assign(0, idx.clone(), k, IndexingUpdateOp::Add),
-            cv.select_assign(0, idx, v, IndexingUpdateOp::Add),
+            ck.select_assign(
+                0,
+                idx.clone(),
+                k.reshape([m * heads, hd]),
+                IndexingUpdateOp::Add,
+            ),
+            cv.select_assign(0, idx, v.reshape([m * heads, hd]), IndexingUpdateOp::Add),
         ));
     }
 }
@@ -188,7 +193,7 @@ pub struct EngineStats {
     pub flops: f64,
     pub dense_flops: f64,
     /// Weight bytes read: a module's weights are read once per forward call if any token uses
-    /// them (4 bytes per parameter).
+    /// them (4 bytes per parameter, 2 for half-precision weights).
     pub weight_bytes: f64,
     pub dense_weight_bytes: f64,
 }
@@ -286,7 +291,8 @@ pub fn sparse_forward<B: Backend>(
         cfg.head_dim,
     );
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
-    let mut x: Tensor<B, 2> = model.model.embed_tokens.forward(ids).reshape([n, h]);
+    let mut x: Tensor<B, 2> =
+        crate::precision::embed(&model.model.embed_tokens, ids).reshape([n, h]);
     let positions: Vec<usize> = rows.iter().map(|r| r.1).collect();
     let (cos, sin) = model.rope.cos_sin_at::<B>(&positions, &device);
     let (routed, kv_policy, mlp_input) = match &model.routing_config {
@@ -294,7 +300,9 @@ pub fn sparse_forward<B: Backend>(
         _ => (false, KvPolicy::Keep, MlpRouterInput::PostAttn),
     };
     let window = cfg.sliding_window.unwrap_or(usize::MAX);
-    let cost = Costs::new(cfg);
+    // bytes per weight as held (f32, or f16/bf16 with `--dtype`)
+    let weight_size = model.model.embed_tokens.weight.val().dtype().size() as f64;
+    let cost = Costs::new(cfg, weight_size);
     // the dense model: every token attends to every earlier position (within the window)
     let dense_attn_flops: f64 = positions
         .iter()
@@ -366,13 +374,7 @@ pub fn sparse_forward<B: Backend>(
             let store = &mut cache.layers[l];
             let kv_seqs: Vec<usize> = kv_rows.iter().map(|&r| rows[r].0).collect();
             let kv_pos: Vec<usize> = kv_rows.iter().map(|&r| rows[r].1).collect();
-            store.append(
-                k.reshape([m, nkv * hd]),
-                v.reshape([m, nkv * hd]),
-                &kv_seqs,
-                &kv_pos,
-                &device,
-            );
+            store.append(k, v, &kv_seqs, &kv_pos, &device);
             if let Some(q) = q {
                 let queries: Vec<(usize, usize)> = exec.iter().map(|&r| rows[r]).collect();
                 let (out, visible) = attend_batched(q, store, &queries, window, (nh, nkv, hd));
@@ -577,11 +579,9 @@ fn attend_batched<B: Backend>(
     }
     let n_seq = seqs.len();
     let q_max = seqs.iter().map(|t| t.2).max().unwrap_or(0);
-    let k_max = seqs
-        .iter()
-        .map(|t| store.positions[t.0].len())
-        .max()
-        .unwrap_or(0);
+    // every reserved slot: the buffers are read whole, in place, and the mask hides the
+    // slots a sequence has not filled
+    let k_max = store.capacity;
 
     // additive mask [n_seq, q_max, k_max]; padded query rows see nothing and are dropped
     let mut mask = vec![MASKED; n_seq * q_max * k_max];
@@ -598,7 +598,7 @@ fn attend_batched<B: Backend>(
         }
     }
     let n_rep = nh / nkv;
-    // no mask at all when every query sees every stored key (decoding equal-length sequences)
+    // no mask at all when every query sees every slot (the cache exactly full)
     let mask = (visible < mask.len()).then(|| {
         // one row per stacked (head, query) row, shared by all key/value heads: the backend's
         // attention broadcasts it instead of a copy per head
@@ -637,16 +637,12 @@ fn attend_batched<B: Backend>(
     let all_seqs = n_seq == batch;
     let seq_idx = index_tensor::<B>(&seqs.iter().map(|t| t.0).collect::<Vec<_>>(), &device);
     let take = |t: &Tensor<B, 2>| {
-        let t = t
-            .clone()
-            .reshape([batch, store.capacity, nkv * hd])
-            .narrow(1, 0, k_max);
-        let t = if all_seqs {
+        let t = t.clone().reshape([batch, nkv, k_max, hd]);
+        if all_seqs {
             t
         } else {
             t.select(0, seq_idx.clone())
-        };
-        t.reshape([n_seq, k_max, nkv, hd]).swap_dims(1, 2)
+        }
     };
     let (k, v) = (take(ck), take(cv));
 
@@ -686,7 +682,7 @@ struct Costs {
 }
 
 impl Costs {
-    fn new(c: &crate::config::LlamaConfig) -> Self {
+    fn new(c: &crate::config::LlamaConfig, weight_size: f64) -> Self {
         let h = c.hidden_size as f64;
         let q = (c.num_attention_heads * c.head_dim) as f64;
         let kv = (c.num_key_value_heads * c.head_dim) as f64;
@@ -700,10 +696,10 @@ impl Costs {
             mlp: 2.0 * 3.0 * h * i,
             router: 2.0 * 2.0 * h,
             head: 2.0 * h * v,
-            kv_bytes: 4.0 * (2.0 * h * kv + kv_bias),
-            attn_bytes: 4.0 * c.attention_params() as f64,
-            mlp_bytes: 4.0 * c.mlp_params() as f64,
-            head_bytes: 4.0 * h * v,
+            kv_bytes: weight_size * (2.0 * h * kv + kv_bias),
+            attn_bytes: weight_size * c.attention_params() as f64,
+            mlp_bytes: weight_size * c.mlp_params() as f64,
+            head_bytes: weight_size * h * v,
         }
     }
 }

@@ -262,7 +262,10 @@ impl<B: AutodiffBackend> LmTrainer<B> {
             acc.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
         }
         if embed_trains {
-            let embedded = self.model.model.embed_tokens.forward(batch.inputs.clone());
+            let embedded = skipgpt_model::precision::embed(
+                &self.model.model.embed_tokens,
+                batch.inputs.clone(),
+            );
             let grads = (embedded * Tensor::from_inner(upstream)).sum().backward();
             acc.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
         }
