@@ -26,90 +26,66 @@ use serde_json::json;
 use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{load_pretrained_as, GenerateOptions, KvPolicy, Routing, Sampling, StoreDtype};
 
+/// One system of `cargo xtask bench-real` on a real checkpoint.
+#[derive(clap::Parser, Debug)]
 struct Args {
+    /// Model directory (HF layout, with tokenizer.json).
+    #[arg(long)]
     model: std::path::PathBuf,
+    /// Text to take the prompts and the routers' calibration from.
+    #[arg(long)]
     text: std::path::PathBuf,
+    #[arg(long, value_parser = ["cpu", "ndarray"], default_value = "cpu")]
     backend: String,
+    #[arg(long)]
     threads: Option<usize>,
-    dtype: StoreDtype,
+    /// What the weight matrices are held in.
+    #[arg(long, value_parser = ["f32", "f16", "bf16"], default_value = "f32")]
+    dtype: String,
+    /// Route with calibrated random routers skipping this fraction of each module.
+    #[arg(long)]
     skip: Option<f64>,
-    kv: KvPolicy,
+    #[arg(long, value_parser = ["keep", "drop"], default_value = "keep")]
+    kv: String,
+    /// Tokens of the prefill figure.
+    #[arg(long, default_value_t = 512)]
     prefill: usize,
+    /// New tokens per sequence of the decode figures.
+    #[arg(long, default_value_t = 128)]
     decode: usize,
+    /// Batch sizes of the decode figures.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
     batches: Vec<usize>,
+    #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Writes the token ids used, for the anchors.
+    #[arg(long)]
     ids_out: Option<std::path::PathBuf>,
+    /// Writes the figures as JSON.
+    #[arg(long)]
     json: Option<std::path::PathBuf>,
 }
 
-fn parse() -> Args {
-    let mut a = Args {
-        model: Default::default(),
-        text: Default::default(),
-        backend: "cpu".into(),
-        threads: None,
-        dtype: StoreDtype::F32,
-        skip: None,
-        kv: KvPolicy::Keep,
-        prefill: 512,
-        decode: 128,
-        batches: vec![1, 8],
-        repeats: 3,
-        ids_out: None,
-        json: None,
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let fail = |m: String| -> ! {
-        eprintln!("{m}\nusage: bench_real --model DIR --text FILE [--backend cpu|ndarray] [--threads N] [--dtype f32|f16|bf16] [--skip 0.25 --kv keep|drop] [--prefill 512] [--decode 128] [--batches 1,8] [--repeats 3] [--ids-out FILE] [--json FILE]");
-        std::process::exit(2)
-    };
-    let num = |flag: &str, v: &str| -> f64 {
-        v.parse()
-            .unwrap_or_else(|_| fail(format!("{flag}: expected a number, got {v:?}")))
-    };
-    let mut i = 0;
-    while i < argv.len() {
-        let v = argv.get(i + 1).cloned().unwrap_or_default();
-        let flag = argv[i].as_str();
-        match flag {
-            "--model" => a.model = v.into(),
-            "--text" => a.text = v.into(),
-            "--backend" => a.backend = v,
-            "--threads" => a.threads = Some(num(flag, &v) as usize),
-            "--skip" => a.skip = Some(num(flag, &v)),
-            "--dtype" => {
-                a.dtype = match v.as_str() {
-                    "f32" => StoreDtype::F32,
-                    "f16" => StoreDtype::F16,
-                    "bf16" => StoreDtype::BF16,
-                    _ => fail(format!("--dtype f32|f16|bf16, got {v:?}")),
-                }
-            }
-            "--kv" => {
-                a.kv = match v.as_str() {
-                    "keep" => KvPolicy::Keep,
-                    "drop" => KvPolicy::Drop,
-                    _ => fail(format!("--kv keep|drop, got {v:?}")),
-                }
-            }
-            "--prefill" => a.prefill = num(flag, &v) as usize,
-            "--decode" => a.decode = num(flag, &v) as usize,
-            "--repeats" => a.repeats = num(flag, &v) as usize,
-            "--batches" => a.batches = v.split(',').map(|x| num(flag, x) as usize).collect(),
-            "--ids-out" => a.ids_out = Some(v.into()),
-            "--json" => a.json = Some(v.into()),
-            other => fail(format!("unknown argument {other}")),
+impl Args {
+    fn dtype(&self) -> StoreDtype {
+        match self.dtype.as_str() {
+            "f16" => StoreDtype::F16,
+            "bf16" => StoreDtype::BF16,
+            _ => StoreDtype::F32,
         }
-        i += 2;
     }
-    if a.model.as_os_str().is_empty() || a.text.as_os_str().is_empty() {
-        fail("--model and --text are required".into());
+
+    fn kv(&self) -> KvPolicy {
+        if self.kv == "drop" {
+            KvPolicy::Drop
+        } else {
+            KvPolicy::Keep
+        }
     }
-    a
 }
 
 fn main() {
-    let a = parse();
+    let a = <Args as clap::Parser>::parse();
     if let Err(e) = threads::set_threads(a.threads) {
         eprintln!("{e}");
         std::process::exit(2);
@@ -139,7 +115,7 @@ fn peak_rss_mb() -> Option<f64> {
 
 fn run<B: Backend>(a: &Args, device: &B::Device) -> serde_json::Value {
     let t = Instant::now();
-    let pretrained = load_pretrained_as::<B>(&a.model, device, a.dtype).expect("load --model");
+    let pretrained = load_pretrained_as::<B>(&a.model, device, a.dtype()).expect("load --model");
     let mut model = pretrained.model;
     let tok = pretrained
         .tokenizer
@@ -178,7 +154,7 @@ fn run<B: Backend>(a: &Args, device: &B::Device) -> serde_json::Value {
 
     let routing = match a.skip {
         Some(skip) => {
-            model = engine_bench::calibrated(&model, skip, a.kv, &calib);
+            model = engine_bench::calibrated(&model, skip, a.kv(), &calib);
             Routing::Deterministic
         }
         None => Routing::Dense,
@@ -225,7 +201,7 @@ fn run<B: Backend>(a: &Args, device: &B::Device) -> serde_json::Value {
         Some(s) => format!(
             "skipgpt routed {:.0}% {}",
             100.0 * s,
-            if a.kv == KvPolicy::Keep {
+            if a.kv() == KvPolicy::Keep {
                 "keep"
             } else {
                 "drop"
@@ -233,28 +209,20 @@ fn run<B: Backend>(a: &Args, device: &B::Device) -> serde_json::Value {
         ),
         None => "skipgpt dense".into(),
     };
-    if a.dtype != StoreDtype::F32 {
-        system = format!("{system} {}", dtype_name(a.dtype));
+    if a.dtype() != StoreDtype::F32 {
+        system = format!("{system} {}", a.dtype);
     }
     json!({
         "system": system,
         "backend": a.backend,
         "threads": a.threads,
-        "dtype": dtype_name(a.dtype),
+        "dtype": a.dtype,
         "load_s": load_s,
         "prefill_tok_s": a.prefill as f64 / t_prefill,
         "decode": decode,
         "prefill_stats": {"attn_skip": ps.attn_skip(), "mlp_skip": ps.mlp_skip(), "ideal_speedup": ps.ideal_speedup()},
         "decode_stats": decode_stats,
         "peak_rss_mb": peak_rss_mb(),
-        "weight_mb": (model.config.num_params() * a.dtype.size()) as f64 / 1e6,
+        "weight_mb": (model.config.num_params() * a.dtype().size()) as f64 / 1e6,
     })
-}
-
-fn dtype_name(d: StoreDtype) -> &'static str {
-    match d {
-        StoreDtype::F32 => "f32",
-        StoreDtype::F16 => "f16",
-        StoreDtype::BF16 => "bf16",
-    }
 }

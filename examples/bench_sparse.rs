@@ -18,57 +18,30 @@ type B = burn::backend::Wgpu;
 #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
 type B = burn::backend::NdArray<f32>;
 
+/// Sparse engine against dense on a random model.
+#[derive(clap::Parser, Debug)]
 struct Args {
+    #[arg(long, default_value_t = 8)]
     layers: usize,
+    #[arg(long, default_value_t = 512)]
     hidden: usize,
+    /// Prompt tokens per sequence of the prefill figures.
+    #[arg(long, default_value_t = 128)]
     prefill: usize,
+    /// Decode steps after a 16-token prompt.
+    #[arg(long, default_value_t = 32)]
     decode: usize,
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
     batches: Vec<usize>,
+    /// Target skip fractions of each module.
+    #[arg(long, value_delimiter = ',', default_value = "0,0.25,0.4")]
     skips: Vec<f64>,
+    #[arg(long, default_value_t = 3)]
     repeats: usize,
 }
 
-fn parse_args() -> Args {
-    let mut a = Args {
-        layers: 8,
-        hidden: 512,
-        prefill: 128,
-        decode: 32,
-        batches: vec![1, 8],
-        skips: vec![0.0, 0.25, 0.4],
-        repeats: 3,
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let list = |s: &str| {
-        s.split(',')
-            .map(|x| x.trim().to_string())
-            .collect::<Vec<_>>()
-    };
-    let mut i = 0;
-    while i < argv.len() {
-        let value = argv.get(i + 1).cloned().unwrap_or_default();
-        match argv[i].as_str() {
-            "--layers" => a.layers = value.parse().expect("--layers N"),
-            "--hidden" => a.hidden = value.parse().expect("--hidden N"),
-            "--prefill" => a.prefill = value.parse().expect("--prefill TOKENS"),
-            "--decode" => a.decode = value.parse().expect("--decode STEPS"),
-            "--repeats" => a.repeats = value.parse().expect("--repeats N"),
-            "--batches" => a.batches = list(&value).iter().map(|x| x.parse().unwrap()).collect(),
-            "--skips" => a.skips = list(&value).iter().map(|x| x.parse().unwrap()).collect(),
-            other => {
-                eprintln!(
-                    "unknown argument {other}\nusage: bench_sparse [--layers 8] [--hidden 512] [--prefill 128] [--decode 32] [--batches 1,8] [--skips 0,0.25,0.4] [--repeats 3]"
-                );
-                std::process::exit(2);
-            }
-        }
-        i += 2;
-    }
-    a
-}
-
 fn main() {
-    let args = parse_args();
+    let args = <Args as clap::Parser>::parse();
     let device = Default::default();
     let h = args.hidden;
     let heads = (h / 64).max(1);

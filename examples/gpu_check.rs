@@ -63,71 +63,43 @@ const SECTIONS: [&str; 5] = ["parity", "engine-f32", "engine-bf16", "train", "tr
 /// minutes, so that the whole check fits a borrowed GPU's ten-minute slot with room to spare.
 const LIMITS: [u64; 5] = [80, 120, 100, 60, 60];
 
+/// The CUDA check: parity, engine speed and router tuning, each section in a subprocess with
+/// a time limit, reported to `--out`.
+#[derive(clap::Parser, Debug)]
 struct Opts {
+    /// Where the report (`gpu-check.md`, `gpu-check.json`) and each section's JSON go.
+    #[arg(long, default_value = "gpu-check-out")]
     out: PathBuf,
+    #[arg(long, default_value = "tests/fixtures/llama-tiny")]
     fixtures: PathBuf,
+    /// Run one section in this process (what the parent runs in each subprocess).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(SECTIONS))]
     only: Option<String>,
+    /// Where `--only` writes its section's JSON.
+    #[arg(long)]
     result: Option<PathBuf>,
+    /// Small shapes, for trying the check on a CPU.
+    #[arg(long)]
     small: bool,
+    /// Run on the CPU (always, in a build without the `cuda` feature).
+    #[arg(long)]
     cpu: bool,
+    /// Seconds per section, instead of each section's own limit.
+    #[arg(long = "timeout")]
     timeout_s: Option<u64>,
     /// Memory bandwidth (GB/s) and peak f32 / bf16 matrix rates (TFLOP/s) the figures are
     /// compared with: H200 SXM by default (datasheet; measured copy ~4300 GB/s).
+    #[arg(long = "bandwidth-gbs", default_value_t = 4800.0)]
     bandwidth_gbs: f64,
+    #[arg(long = "peak-tflops-f32", default_value_t = 67.0)]
     peak_f32: f64,
+    #[arg(long = "peak-tflops-bf16", default_value_t = 990.0)]
     peak_bf16: f64,
 }
 
 fn parse() -> Opts {
-    let mut o = Opts {
-        out: PathBuf::from("gpu-check-out"),
-        fixtures: PathBuf::from("tests/fixtures/llama-tiny"),
-        only: None,
-        result: None,
-        small: false,
-        cpu: !cfg!(feature = "cuda"),
-        timeout_s: None,
-        bandwidth_gbs: 4800.0,
-        peak_f32: 67.0,
-        peak_bf16: 990.0,
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < argv.len() {
-        let v = || argv.get(i + 1).cloned().unwrap_or_default();
-        let num = |s: String| -> f64 {
-            s.parse().unwrap_or_else(|_| {
-                eprintln!("{}: expected a number, got {s:?}", argv[i]);
-                std::process::exit(2)
-            })
-        };
-        match argv[i].as_str() {
-            "--out" => o.out = v().into(),
-            "--fixtures" => o.fixtures = v().into(),
-            "--only" => o.only = Some(v()),
-            "--result" => o.result = Some(v().into()),
-            "--timeout" => o.timeout_s = Some(num(v()) as u64),
-            "--bandwidth-gbs" => o.bandwidth_gbs = num(v()),
-            "--peak-tflops-f32" => o.peak_f32 = num(v()),
-            "--peak-tflops-bf16" => o.peak_bf16 = num(v()),
-            "--small" | "--cpu" => {
-                match argv[i].as_str() {
-                    "--small" => o.small = true,
-                    _ => o.cpu = true,
-                }
-                i += 1;
-                continue;
-            }
-            other => {
-                eprintln!(
-                    "unknown argument {other}\nusage: gpu_check [--out DIR] [--fixtures tests/fixtures/llama-tiny] [--only {}] [--small] [--cpu] [--timeout SECONDS_PER_SECTION] [--bandwidth-gbs 4800] [--peak-tflops-f32 67] [--peak-tflops-bf16 990]",
-                    SECTIONS.join("|")
-                );
-                std::process::exit(2);
-            }
-        }
-        i += 2;
-    }
+    let mut o = <Opts as clap::Parser>::parse();
+    o.cpu |= !cfg!(feature = "cuda");
     o
 }
 

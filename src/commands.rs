@@ -7,10 +7,12 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use skipgpt_model::generate::validate_ids;
 use skipgpt_model::safetensors_io::{write_safetensors, OwnedTensor, TensorFile, WeightSet};
-use skipgpt_model::sparse::{generate_sparse, sparse_forward, EngineStats, LogitRows, SparseCache};
+use skipgpt_model::sparse::{
+    generate_sparse_with, sparse_forward, EngineStats, LogitRows, SparseCache,
+};
 use skipgpt_model::{
-    generate as gen, load_config, load_routing_config, GenerateOptions, LlamaForCausalLM, Routing,
-    Sampling, StoreDtype, Tokenizer,
+    generate as gen, load_routing_config, GenerateOptions, LlamaForCausalLM, Routing, Sampling,
+    StoreDtype, Tokenizer,
 };
 
 use crate::backend::BackendKind;
@@ -40,12 +42,33 @@ impl ModelArgs {
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<skipgpt_model::Pretrained<B>> {
         let mut pretrained =
             skipgpt_model::load_pretrained_as::<B>(&self.dir, device, self.dtype.into())?;
+        warn_unused(&pretrained);
         if let Some(adapter) = &self.adapter {
             let adapter = skipgpt_model::load_peft_adapter(adapter)?;
             pretrained.model = pretrained.model.load_lora(&adapter)?;
         }
         Ok(pretrained)
     }
+}
+
+/// Warns of tensors in the checkpoint that the model does not use (named, up to ten).
+pub(crate) fn warn_unused<B: Backend>(pretrained: &skipgpt_model::Pretrained<B>) {
+    let unused = &pretrained.unused_tensors;
+    if unused.is_empty() {
+        return;
+    }
+    let shown: Vec<&str> = unused.iter().take(10).map(String::as_str).collect();
+    eprintln!(
+        "warning: {}: {} tensor(s) the model does not use: {}{}",
+        pretrained.dir.display(),
+        unused.len(),
+        shown.join(", "),
+        if unused.len() > shown.len() {
+            ", ..."
+        } else {
+            ""
+        }
+    );
 }
 
 /// The tokenizer of a loaded model directory, or an error naming the missing file and the
@@ -208,10 +231,22 @@ fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()
         eos_token_ids: pretrained.model.config.eos_token_ids.clone(),
         ignore_eos: args.ignore_eos,
     };
+    // one prompt's text is printed as it comes (on a terminal or into a pipe alike)
+    let mut stream = match tokenizer {
+        Some(tok) if prompts.len() == 1 && !args.json && use_sparse(&args.engine) => {
+            Some(TextStream::new(tok))
+        }
+        _ => None,
+    };
     // every prompt in one batch: the engine keeps a cache per sequence, so lengths may differ
     let continuations = if use_sparse(&args.engine) {
         let model = &pretrained.model;
-        let (out, stats, cache) = generate_sparse(model, &prompts, &opts, model.routing)?;
+        let (out, stats, cache) =
+            generate_sparse_with(model, &prompts, &opts, model.routing, |_, token| {
+                if let Some(stream) = stream.as_mut() {
+                    stream.push(token);
+                }
+            })?;
         if args.engine.stats {
             let (kv, hd) = (model.config.num_key_value_heads, model.config.head_dim);
             print_stats(
@@ -223,6 +258,10 @@ fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()
     } else {
         gen(&pretrained.model, &prompts, &opts)?
     };
+    if let Some(stream) = stream {
+        stream.finish();
+        return Ok(());
+    }
     for tokens in continuations {
         let text = tokenizer.map(|t| t.decode(&tokens)).transpose()?;
         if args.json {
@@ -242,6 +281,50 @@ fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Prints a generation's text as its tokens come: each step decodes everything so far and
+/// prints what was added (a token may complete a character that the previous one began, so
+/// tokens are not decoded one by one).
+struct TextStream<'a> {
+    tokenizer: &'a Tokenizer,
+    tokens: Vec<u32>,
+    printed: String,
+}
+
+impl<'a> TextStream<'a> {
+    fn new(tokenizer: &'a Tokenizer) -> Self {
+        TextStream {
+            tokenizer,
+            tokens: Vec::new(),
+            printed: String::new(),
+        }
+    }
+
+    fn push(&mut self, token: u32) {
+        use std::io::Write;
+        self.tokens.push(token);
+        let Ok(text) = self.tokenizer.decode(&self.tokens) else {
+            return;
+        };
+        // an incomplete character decodes to U+FFFD: wait for the token that completes it
+        if text.ends_with('\u{FFFD}') {
+            return;
+        }
+        if let Some(new) = text.strip_prefix(self.printed.as_str()) {
+            print!("{new}");
+            let _ = std::io::stdout().flush();
+            self.printed = text;
+        }
+    }
+
+    fn finish(self) {
+        let text = self.tokenizer.decode(&self.tokens).unwrap_or_default();
+        if let Some(rest) = text.strip_prefix(self.printed.as_str()) {
+            print!("{rest}");
+        }
+        println!();
+    }
 }
 
 /// The engine serves every model, dense ones with every gate open, unless `--engine
@@ -301,7 +384,7 @@ fn print_gate_rates<B: Backend>(attn: &[Tensor<B, 2>], mlp: &[Tensor<B, 2>]) {
 }
 
 pub fn inspect(args: InspectArgs) -> Result<()> {
-    let config = load_config(&args.model)?;
+    let config = skipgpt_model::checkpoint::check_config_against_weights(&args.model)?;
     let weights = WeightSet::open_dir(&args.model)?;
     let (params, dtypes) = weights.summary();
     let tokenizer = args.model.join("tokenizer.json");

@@ -26,13 +26,13 @@ pub struct EvalMcArgs {
     )]
     pub tasks: Vec<PathBuf>,
     /// Use the built-in tasks on the synthetic corpus' grammar, N examples each.
-    #[arg(long, conflicts_with = "tasks")]
+    #[arg(long, conflicts_with = "tasks", value_parser = crate::positive)]
     pub synthetic_tasks: Option<usize>,
     /// Also write the tasks used to this directory (JSONL).
     #[arg(long)]
     pub write_tasks: Option<PathBuf>,
     /// (context, choice) pairs per forward pass.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::positive)]
     pub batch_size: usize,
     /// Print JSON.
     #[arg(long)]
@@ -207,7 +207,7 @@ pub struct PruneStaticArgs {
     /// Calibration sequences (from the training split) for Block Influence.
     #[arg(long, default_value_t = 64)]
     pub calibration_sequences: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::positive)]
     pub batch_size: usize,
 }
 
@@ -302,7 +302,7 @@ pub struct AnalyzeArgs {
     /// Sequences of the held-out split to analyse (0: all).
     #[arg(long, default_value_t = 256)]
     pub sequences: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::positive)]
     pub batch_size: usize,
 }
 

@@ -25,7 +25,7 @@ use crate::{with_backend, RoutingArg};
 #[derive(Args, Debug, Clone)]
 pub struct LoraArgs {
     /// Rank r of each adapter.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::positive)]
     pub rank: usize,
     /// α: updates are scaled by α / r.
     #[arg(long, default_value_t = 32.0)]

@@ -78,7 +78,7 @@ pub struct EvalPplArgs {
     pub model: commands::ModelArgs,
     #[command(flatten)]
     pub corpus: CorpusArgs,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::positive)]
     pub batch_size: usize,
     /// Which sequences to evaluate.
     #[arg(long, value_enum, default_value = "valid")]
@@ -107,16 +107,16 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 1500)]
     pub docs: usize,
     /// Tokens per training sequence.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::positive)]
     pub seq_len: usize,
     /// Width of the pretrained model.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::positive)]
     pub hidden_size: usize,
     /// Decoder layers of the pretrained model.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = crate::positive)]
     pub layers: usize,
     /// Attention heads (key/value heads: half as many).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = crate::positive)]
     pub heads: usize,
     /// Pretraining steps.
     #[arg(long, default_value_t = 400)]
@@ -134,7 +134,7 @@ pub struct DemoArgs {
     #[arg(long)]
     pub joint: bool,
     /// Examples per built-in multiple-choice task.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = crate::positive)]
     pub mc_examples: usize,
     /// Seed of the corpus, the initialisation and the training runs.
     #[arg(long, default_value_t = 42)]
@@ -254,7 +254,24 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
+/// A count that must be at least 1 (sizes, steps, batches): 0 is refused by the argument
+/// parser, naming the flag, instead of failing deep inside a backend.
+pub(crate) fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?} is not a count: {e}")),
+    }
+}
+
 fn main() {
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`skipgpt inspect ... | head`)
+    // would panic; with the default action the process ends quietly, as Unix tools do.
+    #[cfg(unix)]
+    // SAFETY: called before any other thread exists; restores the default disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let backend = cli.backend.unwrap_or_else(BackendKind::best_available);
     if let Err(err) = threads::set_threads(cli.threads) {

@@ -31,14 +31,14 @@ pub struct CorpusArgs {
     #[arg(long, required_unless_present = "synthetic")]
     pub data: Vec<PathBuf>,
     /// Use N documents of the built-in synthetic corpus instead of files.
-    #[arg(long, conflicts_with = "data")]
+    #[arg(long, conflicts_with = "data", value_parser = crate::positive)]
     pub synthetic: Option<usize>,
     /// Seed of the synthetic corpus and of the train/validation split (keep it equal across
     /// pretrain, tune-routers and eval-ppl to evaluate on held-out text).
     #[arg(long, default_value_t = 0)]
     pub data_seed: u64,
     /// Tokens per sequence.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::positive)]
     pub seq_len: usize,
     /// Fraction of sequences held out for validation.
     #[arg(long, default_value_t = 0.1)]
@@ -86,13 +86,13 @@ pub enum ScheduleArg {
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
     /// Optimizer steps [pretrain: 300; tune-routers: 200].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::positive)]
     pub steps: Option<usize>,
     /// Sequences per micro-batch.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::positive)]
     pub batch_size: usize,
     /// Micro-batches per optimizer step (gradients averaged).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::positive)]
     pub grad_accum: usize,
     /// Peak learning rate, AdamW [pretrain: 3e-3; tune-routers: 2e-3, the paper's].
     #[arg(long)]
@@ -187,21 +187,21 @@ pub struct PretrainArgs {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Vocabulary size of the BPE trained when no --tokenizer is given.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::positive)]
     pub vocab_size: usize,
     /// A HF config.json to take the architecture from (vocab_size follows the tokenizer).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::positive)]
     pub hidden_size: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = crate::positive)]
     pub layers: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = crate::positive)]
     pub heads: usize,
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = crate::positive)]
     pub kv_heads: usize,
     /// Width of the MLP [about 8/3 of --hidden-size, as LLaMA].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::positive)]
     pub intermediate_size: Option<usize>,
     #[command(flatten)]
     pub train: TrainArgs,
@@ -616,6 +616,21 @@ pub(crate) fn start_training_from<B: Backend>(
     device: &B::Device,
 ) -> Result<(RunDir, LlamaForCausalLM<Autodiff<B>>, Tokenizer)> {
     check_out_dir(model, out)?;
+    // a model directory that no run of this program wrote (no `train/run.json`): writing the
+    // output there would replace someone's model.safetensors, config.json and tokenizer.json
+    let holds_model = [
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+    ]
+    .iter()
+    .any(|f| out.join(f).exists());
+    if holds_model && !run_dir(out).join(RunManifest::FILE).exists() {
+        bail!(
+            "--out {} already holds a model that this command did not write: choose a new or empty directory, it is left untouched",
+            out.display()
+        );
+    }
     let run = RunDir {
         path: run_dir(out),
         resume: train.resume,

@@ -452,3 +452,62 @@ fn generate_batches_prompts_of_different_lengths() {
         assert_eq!(run(&[p]), vec![got.clone()], "prompt {p:?}");
     }
 }
+
+/// Plain `generate` streams its text as tokens come; what it prints in the end is exactly the
+/// decoded continuation that `--json` reports. Past the model's context it refuses up front.
+#[test]
+fn generate_streams_the_same_text_and_refuses_to_run_past_the_context() {
+    let model = model_dir();
+    let base = [
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "The quick brown fox",
+        "--max-new-tokens",
+        "12",
+        "--ignore-eos",
+    ];
+    let plain = skipgpt(&base);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    let mut json_args = base.to_vec();
+    json_args.push("--json");
+    let json = skipgpt(&json_args);
+    let j: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(
+        String::from_utf8(plain.stdout).unwrap(),
+        format!("{}\n", j["text"].as_str().unwrap())
+    );
+    // the tiny model's context is 256 positions
+    assert_clean_failure(
+        &[
+            "generate",
+            "--model",
+            &model,
+            "--prompt-ids",
+            "1,2,3",
+            "--max-new-tokens",
+            "300",
+        ],
+        &["context", "256", "max_position_embeddings"],
+    );
+}
+
+/// `skipgpt inspect ... | head -c 1`: the reader goes away early; the command ends quietly,
+/// as Unix tools do, instead of panicking on the broken pipe.
+#[cfg(unix)]
+#[test]
+fn a_closed_pipe_ends_the_command_quietly() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_skipgpt"))
+        .args(["inspect", "--model", &model_dir()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // close the reading end before anything is printed
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(out.status.code(), Some(101), "{err}");
+}

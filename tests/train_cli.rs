@@ -374,3 +374,92 @@ fn lora_stage_two_joint_and_dense_lora_from_the_command_line() {
     );
     assert_clean_failure(&lora_args(&tuned, &tuned, &[]), &["input model"]);
 }
+
+/// A run whose loss stops being finite ends with a message naming the step and a non-zero
+/// exit; it saves nothing (no NaN model) and keeps what was in `--out` before.
+#[test]
+fn a_diverging_run_stops_and_saves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("nan");
+    let mut args = vec![
+        "pretrain",
+        "--out",
+        s(&out),
+        "--vocab-size",
+        "300",
+        "--hidden-size",
+        "32",
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--steps",
+        "20",
+        "--checkpoint-every",
+        "10",
+        "--lr",
+        "1e30",
+        "--grad-clip",
+        "0",
+    ];
+    args.extend(CORPUS);
+    let o = skipgpt(&args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("diverged") && err.contains("step"), "{err}");
+    assert!(
+        !out.join("model.safetensors").exists(),
+        "a diverged model was saved"
+    );
+}
+
+/// `--resume` with another architecture is refused, naming the setting, before any work; the
+/// run's files are untouched.
+#[test]
+fn resume_with_another_architecture_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    pretrain(&out);
+    let config = std::fs::read(out.join("config.json")).unwrap();
+    let mut args = vec![
+        "pretrain",
+        "--out",
+        s(&out),
+        "--vocab-size",
+        "300",
+        "--hidden-size",
+        "32",
+        "--layers",
+        "3",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--steps",
+        "30",
+        "--checkpoint-every",
+        "15",
+        "--resume",
+    ];
+    args.extend(CORPUS);
+    assert_clean_failure(&args, &["num_hidden_layers", "--resume"]);
+    assert_eq!(std::fs::read(out.join("config.json")).unwrap(), config);
+}
+
+/// `--out` naming someone's model directory (not the input, not a run of ours) is refused, and
+/// its files are left as they were.
+#[test]
+fn an_output_over_an_unrelated_model_is_refused() {
+    let other = copy_dir(&tiny().join("model"));
+    let weights = std::fs::read(other.path().join("model.safetensors")).unwrap();
+    let model = tiny().join("model");
+    let args = tune_args(&model, other.path(), &[]);
+    assert_clean_failure(&args, &["already holds a model", "--out"]);
+    assert_eq!(
+        std::fs::read(other.path().join("model.safetensors")).unwrap(),
+        weights
+    );
+}

@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::Value;
 
 use crate::run;
@@ -36,24 +36,9 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
-pub fn bench_real(args: &[String]) -> Result<()> {
-    let mut threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut quick = false;
-    let mut i = 0;
-    while i < args.len() {
-        match args[i].as_str() {
-            "--threads" => {
-                threads = args
-                    .get(i + 1)
-                    .and_then(|v| v.parse().ok())
-                    .context("--threads N")?;
-                i += 1;
-            }
-            "--quick" => quick = true,
-            other => bail!("bench-real: unknown argument {other}; usage: cargo xtask bench-real [--threads N] [--quick]"),
-        }
-        i += 1;
-    }
+pub fn bench_real(threads: Option<usize>, quick: bool) -> Result<()> {
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let work = PathBuf::from("target/bench-real");
     std::fs::create_dir_all(work.join("results"))?;
 

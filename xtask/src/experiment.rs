@@ -24,35 +24,33 @@ const DEFAULTS: [(&str, &str); 9] = [
     ("--mc-examples", "300"),
 ];
 
-pub fn experiment(args: &[String]) -> Result<()> {
-    let mut features: Vec<String> = Vec::new();
+/// `settings`: `--key value` pairs overriding [`DEFAULTS`], passed on to `skipgpt demo`.
+pub fn experiment(features: &[String], out: &str, settings_args: &[String]) -> Result<()> {
     let mut settings: Vec<(String, String)> = DEFAULTS
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let mut out = "runs/experiment".to_string();
-    let mut i = 0;
-    while i < args.len() {
-        let value = args.get(i + 1).cloned().unwrap_or_default();
-        match args[i].as_str() {
-            "--features" => features.push(value),
-            "--out" => out = value,
-            key => match settings.iter_mut().find(|(k, _)| k == key) {
-                Some(slot) => slot.1 = value,
-                None => anyhow::bail!(
-                    "unknown argument {key}; usage: cargo xtask experiment [--features cuda] [--out DIR] {}",
-                    DEFAULTS
-                        .iter()
-                        .map(|(k, v)| format!("[{k} {v}]"))
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                ),
-            },
+    let usage = || {
+        DEFAULTS
+            .iter()
+            .map(|(k, v)| format!("[{k} {v}]"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    for pair in settings_args.chunks(2) {
+        let [key, value] = pair else {
+            anyhow::bail!("{} needs a value; settings: {}", pair[0], usage());
+        };
+        match settings.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value.clone(),
+            None => anyhow::bail!(
+                "unknown setting {key}; usage: cargo xtask experiment [--features cuda] [--out DIR] {}",
+                usage()
+            ),
         }
-        i += 2;
     }
     let mut build = vec!["build", "--release"];
-    for f in &features {
+    for f in features {
         build.extend(["--features", f.as_str()]);
     }
     run("cargo", &build)?;
@@ -62,14 +60,14 @@ pub fn experiment(args: &[String]) -> Result<()> {
         "ndarray"
     };
     for target in ["0.25", "0.40"] {
-        let mut a: Vec<&str> = vec!["--backend", backend, "demo", "--out", &out, "--joint"];
+        let mut a: Vec<&str> = vec!["--backend", backend, "demo", "--out", out, "--joint"];
         a.extend(["--target-sparsity", target]);
         for (k, v) in &settings {
             a.extend([k.as_str(), v.as_str()]);
         }
         run("target/release/skipgpt", &a)?;
     }
-    write_report(Path::new(&out), &settings, backend)
+    write_report(Path::new(out), &settings, backend)
 }
 
 fn read(path: &Path) -> Result<Value> {

@@ -18,9 +18,71 @@
 mod bench_real;
 mod experiment;
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask", about = "Project automation")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand, Debug)]
+enum Task {
+    /// Formatting check, clippy (warnings are errors), the tests, and a compile check of the
+    /// GPU backends.
+    Ci,
+    /// Regenerates the transformers and peft fixtures (needs PYTHON with torch, transformers,
+    /// peft).
+    Fixtures,
+    /// The sparse-engine benchmark on a random model (`examples/bench_sparse.rs`).
+    Bench {
+        /// Cargo features to build with, e.g. `cuda`.
+        #[arg(long)]
+        features: Option<String>,
+        /// Arguments for the benchmark, e.g. `--layers 8 --hidden 512`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The project against llama.cpp and transformers on SmolLM2-135M.
+    BenchReal {
+        /// Threads for every system (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// 32 decoded tokens and one repeat instead of 128 and three.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Builds the CUDA check into `gpu-check/` and, with --run, runs it here.
+    GpuCheck {
+        #[arg(long)]
+        run: bool,
+        /// Arguments for `gpu_check`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The demo's comparison at 25% and 40% skip on a larger model, written up as
+    /// `docs/results.md`.
+    Experiment {
+        /// Cargo features to build with (repeatable), e.g. `cuda`.
+        #[arg(long)]
+        features: Vec<String>,
+        #[arg(long, default_value = "runs/experiment")]
+        out: String,
+        /// Settings passed on to `skipgpt demo` (`--hidden-size 192 --layers 6 ...`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        settings: Vec<String>,
+    },
+    /// Rewrites `docs/results.md` from a finished experiment.
+    Report {
+        #[arg(default_value = "runs/experiment")]
+        dir: PathBuf,
+    },
+}
 
 pub(crate) fn run(program: &str, args: &[&str]) -> Result<()> {
     eprintln!("$ {program} {}", args.join(" "));
@@ -93,29 +155,18 @@ fn fixtures() -> Result<()> {
 
 /// `cargo xtask bench [--features cuda] [bench args...]`: the sparse-engine benchmark
 /// (`examples/bench_sparse.rs`), built with optimisation, its table on stdout.
-fn bench(args: &[String]) -> Result<()> {
-    let (mut cargo, mut rest) = (
-        vec!["run", "--release", "--example", "bench_sparse"],
-        vec![],
-    );
-    let mut i = 0;
-    while i < args.len() {
-        if args[i] == "--features" {
-            cargo.push("--features");
-            cargo.push(args.get(i + 1).map(String::as_str).unwrap_or(""));
-            i += 2;
-        } else {
-            rest.push(args[i].as_str());
-            i += 1;
-        }
+fn bench(features: Option<&str>, args: &[String]) -> Result<()> {
+    let mut cargo = vec!["run", "--release", "--example", "bench_sparse"];
+    if let Some(f) = features {
+        cargo.extend(["--features", f]);
     }
     cargo.push("--");
-    cargo.extend(rest);
+    cargo.extend(args.iter().map(String::as_str));
     run("cargo", &cargo)
 }
 
 /// `cargo xtask gpu-check [--run] [gpu_check args...]`.
-fn gpu_check(args: &[String]) -> Result<()> {
+fn gpu_check(run_here: bool, args: &[String]) -> Result<()> {
     // The GPU machine runs the binary from the repository root (the fixtures travel with the
     // working tree), so only the binary needs carrying.
     run(
@@ -136,14 +187,9 @@ fn gpu_check(args: &[String]) -> Result<()> {
     if run("strip", &["gpu-check/gpu_check"]).is_err() {
         eprintln!("(strip failed; the binary keeps its symbols)");
     }
-    let rest: Vec<&str> = args
-        .iter()
-        .map(String::as_str)
-        .filter(|a| *a != "--run")
-        .collect();
-    if args.iter().any(|a| a == "--run") {
+    if run_here {
         let mut all = vec!["--out", "gpu-check/out"];
-        all.extend(rest);
+        all.extend(args.iter().map(String::as_str));
         run("gpu-check/gpu_check", &all)
     } else {
         eprintln!(
@@ -155,19 +201,19 @@ fn gpu_check(args: &[String]) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str).unwrap_or_default() {
-        "ci" => ci(),
-        "fixtures" => fixtures(),
-        "bench" => bench(&args[1..]),
-        "gpu-check" => gpu_check(&args[1..]),
-        "bench-real" => bench_real::bench_real(&args[1..]),
-        "experiment" => experiment::experiment(&args[1..]),
-        "report" => experiment::write_report(
-            std::path::Path::new(args.get(1).map_or("runs/experiment", String::as_str)),
-            &experiment::default_settings(),
-            "ndarray",
-        ),
-        _ => bail!("usage: cargo xtask <ci|fixtures|bench-real [--threads N]|gpu-check [--run]|bench [--features cuda] [--layers 8 --hidden 512 ...]|experiment [--features cuda] [--hidden-size 192 ...]|report [DIR]>"),
+    match Cli::parse().task {
+        Task::Ci => ci(),
+        Task::Fixtures => fixtures(),
+        Task::Bench { features, args } => bench(features.as_deref(), &args),
+        Task::GpuCheck { run, args } => gpu_check(run, &args),
+        Task::BenchReal { threads, quick } => bench_real::bench_real(threads, quick),
+        Task::Experiment {
+            features,
+            out,
+            settings,
+        } => experiment::experiment(&features, &out, &settings),
+        Task::Report { dir } => {
+            experiment::write_report(&dir, &experiment::default_settings(), "ndarray")
+        }
     }
 }

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use serde::Serialize;
+use skipgpt_data::PackedDataset;
 use skipgpt_model::{LlamaForCausalLM, Tokenizer};
-use skipgpt_train::data::PackedDataset;
 
 use crate::error::{EvalError, Result};
 use crate::svg::{self, Series};

@@ -11,8 +11,8 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 use serde::Serialize;
+use skipgpt_data::PackedDataset;
 use skipgpt_model::LlamaForCausalLM;
-use skipgpt_train::data::PackedDataset;
 
 use crate::error::{EvalError, Result};
 use crate::{batch_ids, host_f64};

@@ -14,9 +14,9 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use skipgpt_data::{OBJECTS, SUBJECTS, VERBS};
 use skipgpt_model::sparse::{sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{LlamaForCausalLM, Routing, Tokenizer};
-use skipgpt_train::data::{OBJECTS, SUBJECTS, VERBS};
 
 use crate::error::{EvalError, Result};
 use crate::host_f64;

@@ -1,11 +1,10 @@
 //! Perplexity and realised skip rates over a packed dataset.
 
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{activation, backend::Backend, Tensor};
 use serde::Serialize;
+use skipgpt_data::PackedDataset;
 use skipgpt_model::sparse::{sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{LlamaForCausalLM, Routing};
-use skipgpt_train::data::PackedDataset;
-use skipgpt_train::loss::lm_loss;
 
 use crate::{batch_ids, host_f64, Result};
 
@@ -51,13 +50,14 @@ pub fn evaluate_perplexity<B: Backend>(
     for (done, chunk) in data.sequences.chunks(batch_size).enumerate() {
         let b = chunk.len();
         let inputs: Vec<Vec<u32>> = chunk.iter().map(|s| s[..t].to_vec()).collect();
-        let targets = batch_ids::<B>(chunk, t + 1, &device).slice([0..b, 1..t + 1]);
+        let targets = batch_ids::<B>(chunk, t + 1, &device)
+            .slice([0..b, 1..t + 1])
+            .reshape([b * t, 1]);
         let mut cache = SparseCache::new(b, layers);
         let out = sparse_forward(model, &inputs, &mut cache, routing, LogitRows::All)?;
-        let vocab = out.logits.dims()[1];
-        let mask = Tensor::<B, 2>::ones([b, t], &device);
-        let nll = scalar(lm_loss(out.logits.reshape([b, t, vocab]), targets, mask));
-        nll_sum += nll * (b * t) as f64;
+        // summed next-token negative log-likelihood of the batch's rows
+        let picked = activation::log_softmax(out.logits, 1).gather(1, targets);
+        nll_sum -= scalar(picked.sum());
         tokens += b * t;
         for (sum, gates) in [
             (&mut attn_skipped, out.attn_gates),

@@ -89,13 +89,4 @@ impl<B: Backend> KvCache<B> {
     pub fn advance(&mut self, n: usize) {
         self.len += n;
     }
-
-    /// Bytes held by the cached keys and values, assuming 4-byte floats.
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .filter_map(|l| l.kv.as_ref())
-            .map(|(k, v)| (k.shape().num_elements() + v.shape().num_elements()) * 4)
-            .sum()
-    }
 }

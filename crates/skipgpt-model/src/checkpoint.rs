@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 
+use crate::atomic::atomic_write;
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::llama::LlamaForCausalLM;
 use crate::router::RoutingConfig;
-use crate::safetensors_io::{atomic_write, write_safetensors, StoreDtype, WeightSet};
+use crate::safetensors_io::{write_safetensors, StoreDtype, WeightSet};
 use crate::tokenizer::Tokenizer;
 
 /// A model loaded from a directory, with its tokenizer when the directory has one.
@@ -21,6 +22,112 @@ pub struct Pretrained<B: Backend> {
     pub model: LlamaForCausalLM<B>,
     pub tokenizer: Option<Tokenizer>,
     pub dir: PathBuf,
+    /// Tensors of the checkpoint that the model does not use (a caller should warn of them).
+    pub unused_tensors: Vec<String>,
+}
+
+/// Checks the weights' names against the config: a layer the config does not have is an error
+/// (a config that says fewer layers than the weights hold would silently drop some); other
+/// tensors the model does not read are returned, sorted.
+fn unused_tensors(config: &LlamaConfig, weights: &WeightSet, dir: &Path) -> Result<Vec<String>> {
+    let n = config.num_hidden_layers;
+    let mut unused = Vec::new();
+    for name in weights.names() {
+        if let Some(rest) = name.strip_prefix("model.layers.") {
+            let layer = rest.split('.').next().and_then(|i| i.parse::<usize>().ok());
+            if let Some(i) = layer.filter(|&i| i >= n) {
+                return Err(ModelError::Config {
+                    path: dir.join("config.json"),
+                    message: format!(
+                        "`num_hidden_layers` is {n}, but the weights hold layer {i} (tensor `{name}`)"
+                    ),
+                });
+            }
+            if layer.is_some() && known_layer_tensor(rest.split_once('.').map_or("", |p| p.1)) {
+                continue;
+            }
+        }
+        let top = [
+            "model.embed_tokens.weight",
+            "model.norm.weight",
+            "lm_head.weight",
+        ];
+        if top.contains(&name) && !(name == "lm_head.weight" && config.tie_word_embeddings) {
+            continue;
+        }
+        unused.push(name.to_string());
+    }
+    unused.sort();
+    Ok(unused)
+}
+
+/// Checks, without reading any weight, that the config describes the weights: the shapes of
+/// the embedding and of every layer's projections and norms, and no layer beyond the config's.
+/// A config that contradicts its weights is an error naming the tensor and both shapes.
+pub fn check_config_against_weights(dir: &Path) -> Result<LlamaConfig> {
+    let c = load_config(dir)?;
+    let w = WeightSet::open_dir(dir)?;
+    unused_tensors(&c, &w, dir)?;
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    let mut expected: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![c.vocab_size, h]),
+        ("model.norm.weight".into(), vec![h]),
+    ];
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("self_attn.q_proj.weight", vec![q, h]),
+            ("self_attn.k_proj.weight", vec![kv, h]),
+            ("self_attn.v_proj.weight", vec![kv, h]),
+            ("self_attn.o_proj.weight", vec![h, q]),
+            ("mlp.gate_proj.weight", vec![i, h]),
+            ("mlp.up_proj.weight", vec![i, h]),
+            ("mlp.down_proj.weight", vec![h, i]),
+            ("input_layernorm.weight", vec![h]),
+            ("post_attention_layernorm.weight", vec![h]),
+        ] {
+            expected.push((format!("{p}.{name}"), shape));
+        }
+    }
+    if !c.tie_word_embeddings {
+        expected.push(("lm_head.weight".into(), vec![c.vocab_size, h]));
+    }
+    for (name, shape) in expected {
+        let found = w.shape(&name)?;
+        if found != shape {
+            return Err(ModelError::Config {
+                path: dir.join("config.json"),
+                message: format!(
+                    "does not describe the weights: tensor `{name}` has shape {found:?}, the config implies {shape:?}"
+                ),
+            });
+        }
+    }
+    Ok(c)
+}
+
+/// A tensor of one decoder layer that [`LlamaForCausalLM::load`] reads (biases included: the
+/// config decides which are present, and a missing one is an error there).
+fn known_layer_tensor(name: &str) -> bool {
+    let projections = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ];
+    matches!(
+        name,
+        "input_layernorm.weight" | "post_attention_layernorm.weight"
+    ) || projections
+        .iter()
+        .any(|p| name == format!("{p}.weight") || name == format!("{p}.bias"))
 }
 
 fn check_dir(dir: &Path) -> Result<()> {
@@ -54,6 +161,7 @@ pub fn load_pretrained_as<B: Backend>(
     crate::precision::check_supported::<B>(dtype, device)?;
     let config = load_config(dir)?;
     let weights = WeightSet::open_dir(dir)?.with_matrix_dtype(dtype);
+    let unused_tensors = unused_tensors(&config, &weights, dir)?;
     let mut model = LlamaForCausalLM::load(&config, &weights, device)?;
     if let Some(routing) = load_routing_config(dir)? {
         let routers = WeightSet::open_files(&[dir.join(ROUTERS_FILE)])?;
@@ -81,6 +189,7 @@ pub fn load_pretrained_as<B: Backend>(
         model,
         tokenizer,
         dir: dir.to_path_buf(),
+        unused_tensors,
     })
 }
 

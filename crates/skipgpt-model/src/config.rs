@@ -270,6 +270,32 @@ impl LlamaConfig {
             .unwrap_or("float32")
             .to_string();
 
+        // values JSON allows but the model cannot use: each would give NaN or empty output
+        let positive = |key: &str, v: f64| -> Result<f64> {
+            if v.is_finite() && v > 0.0 {
+                Ok(v)
+            } else {
+                Err(cfg_err(format!(
+                    "`{key}` must be a positive number, got {v}"
+                )))
+            }
+        };
+        let rope_theta = positive("rope_theta", rope_theta)?;
+        let rms_norm_eps = positive("rms_norm_eps", opt_f64("rms_norm_eps")?.unwrap_or(1e-6))?;
+        if head_dim == 0 {
+            return Err(cfg_err(
+                "`head_dim` must be a positive integer, got 0".into(),
+            ));
+        }
+        let max_position_embeddings = match opt_usize("max_position_embeddings")? {
+            Some(0) => {
+                return Err(cfg_err(
+                    "`max_position_embeddings` must be a positive integer, got 0".into(),
+                ))
+            }
+            other => other.unwrap_or(2048),
+        };
+
         Ok(LlamaConfig {
             model_type,
             vocab_size: req("vocab_size")?,
@@ -279,10 +305,10 @@ impl LlamaConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rms_norm_eps,
             rope_theta,
             rope_scaling,
-            max_position_embeddings: opt_usize("max_position_embeddings")?.unwrap_or(2048),
+            max_position_embeddings,
             qkv_bias,
             o_bias,
             mlp_bias: opt_bool("mlp_bias")?.unwrap_or(false),
@@ -379,9 +405,13 @@ fn parse_rope_scaling(v: &Value, key: &str, path: &Path) -> Result<RopeScaling> 
     let num = |field: &str| -> Result<f64> {
         v.get(field)
             .and_then(Value::as_f64)
+            .filter(|x| x.is_finite() && *x > 0.0)
             .ok_or_else(|| ModelError::Config {
                 path: path.to_path_buf(),
-                message: format!("`{key}.{field}` is required for rope type {kind:?} (a number)"),
+                message: format!(
+                    "`{key}.{field}` is required for rope type {kind:?} (a positive number), got {}",
+                    v.get(field).map_or("nothing".into(), Value::to_string)
+                ),
             })
     };
     Ok(match kind {

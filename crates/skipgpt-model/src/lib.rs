@@ -10,9 +10,11 @@
 //! - [`rope`]: rotary embeddings with default, linear, dynamic and llama3 scaling;
 //! - [`cache`]: the KV cache for incremental decoding;
 //! - [`checkpoint`] and [`safetensors_io`]: reading/writing model directories;
+//! - [`atomic`]: writing a user's files without losing what was there;
 //! - [`gguf`]: llama.cpp's GGUF files (dequantized) into a HF model directory;
 //! - [`tokenizer`], [`generate`]: text in, text out.
 
+pub mod atomic;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;

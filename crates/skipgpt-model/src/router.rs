@@ -81,10 +81,18 @@ impl RoutingConfig {
     /// Reads `skipgpt.json`; unknown values name the key and the accepted ones.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        let config: Self = serde_json::from_str(&text).map_err(|e| ModelError::Config {
             path: path.to_path_buf(),
             message: e.to_string(),
-        })
+        })?;
+        let t = config.target_sparsity;
+        if !(0.0..=1.0).contains(&t) {
+            return Err(ModelError::Config {
+                path: path.to_path_buf(),
+                message: format!("`target_sparsity` must be a fraction in [0, 1], got {t}"),
+            });
+        }
+        Ok(config)
     }
 
     pub fn to_json(&self) -> String {
@@ -324,19 +332,6 @@ pub fn router_names(granularity: Granularity) -> (&'static str, Option<&'static 
         Granularity::Module => ("attn_router", Some("mlp_router")),
         Granularity::Layer => ("router", None),
     }
-}
-
-/// Parameters of all routers of a model: the paper's "< 0.01% of LLaMA-7B" for `linear`.
-pub fn router_param_count(routing: &RoutingConfig, hidden: usize, layers: usize) -> usize {
-    let one = match routing.router {
-        RouterVariant::Linear => hidden * 2 + 2,
-        RouterVariant::Mlp => hidden * (hidden / 4) + hidden / 4 + (hidden / 4) * 2 + 2,
-    };
-    let per_layer = match routing.granularity {
-        Granularity::Module => 2,
-        Granularity::Layer => 1,
-    };
-    one * per_layer * layers
 }
 
 /// Standard Gumbel noise `-ln(-ln U)`, U uniform in (0, 1).

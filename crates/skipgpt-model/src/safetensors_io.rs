@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use safetensors::SafeTensors;
 
@@ -346,10 +346,6 @@ impl WeightSet {
         self.matrix_dtype
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.location.contains_key(name)
-    }
-
     fn file_of(&self, name: &str) -> Result<&TensorFile> {
         match self.location.get(name) {
             Some(&i) => Ok(&self.files[i]),
@@ -363,6 +359,11 @@ impl WeightSet {
                     .join(", "),
             }),
         }
+    }
+
+    /// The shape of tensor `name`, or an error naming the files searched.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        self.file_of(name)?.shape(name)
     }
 
     /// A float tensor of exactly `shape`.
@@ -493,6 +494,29 @@ impl OwnedTensor {
     }
 
     /// The encoded little-endian bytes.
+    /// The first NaN or infinite element of a float tensor, with its value.
+    pub fn first_non_finite(&self) -> Option<(usize, f32)> {
+        let values: Box<dyn Iterator<Item = f32> + '_> = match self.dtype {
+            Dtype::F32 => Box::new(
+                self.bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            ),
+            Dtype::F16 => Box::new(
+                self.bytes
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            ),
+            Dtype::BF16 => Box::new(
+                self.bytes
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            ),
+            _ => return None,
+        };
+        values.enumerate().find(|(_, v)| !v.is_finite())
+    }
+
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
     }
@@ -514,16 +538,6 @@ impl OwnedTensor {
             .into_vec()
             .expect("converted to f32 above");
         Self::from_f32(&values, shape, dtype)
-    }
-
-    pub fn from_int_tensor<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Self {
-        let shape = t.dims().to_vec();
-        let values: Vec<i64> = t
-            .into_data()
-            .convert::<i64>()
-            .into_vec()
-            .expect("converted to i64 above");
-        Self::from_i64(&values, shape)
     }
 }
 
@@ -548,37 +562,24 @@ pub fn write_safetensors(
     tensors: &BTreeMap<String, OwnedTensor>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
+    // a NaN or infinite weight is never saved: whatever produced it (a diverged run) is a
+    // failure to report, not a model to keep
+    for (name, t) in tensors {
+        if let Some((i, v)) = t.first_non_finite() {
+            return Err(ModelError::Safetensors {
+                path: path.to_path_buf(),
+                message: format!(
+                    "refusing to write tensor `{name}`: element {i} is {v} (the values are not finite)"
+                ),
+            });
+        }
+    }
     let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), metadata)
         .map_err(|e| ModelError::Safetensors {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-    atomic_write(path, &bytes)
-}
-
-/// Writes a file through a temporary sibling and a rename, so readers never see half a file.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        ModelError::io(path, e)
-    })
+    crate::atomic::atomic_write(path, &bytes)
 }
 
 #[cfg(test)]

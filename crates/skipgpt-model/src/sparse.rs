@@ -456,12 +456,43 @@ pub fn generate_sparse<B: Backend>(
     opts: &GenerateOptions,
     routing: Routing,
 ) -> Result<(Vec<Vec<u32>>, EngineStats, SparseCache<B>)> {
+    generate_sparse_with(model, prompts, opts, routing, |_, _| {})
+}
+
+/// [`generate_sparse`], calling `on_token(sequence, token)` as each token is chosen (to stream
+/// text as it comes).
+///
+/// **Context length.** A model is trained for `max_position_embeddings` positions; generating
+/// past them gives text of no quality, silently. So a request whose longest prompt plus
+/// `max_new_tokens` exceeds them is refused before any work, naming the numbers, except with
+/// dynamic-NTK RoPE scaling, which is made to stretch the context.
+pub fn generate_sparse_with<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    routing: Routing,
+    mut on_token: impl FnMut(usize, u32),
+) -> Result<(Vec<Vec<u32>>, EngineStats, SparseCache<B>)> {
     use rand::SeedableRng;
     crate::generate::validate_sampling(&opts.sampling)?;
     if prompts.iter().any(Vec::is_empty) {
         return Err(ModelError::InvalidInput(
             "a prompt is empty: give at least one token".into(),
         ));
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let context = model.config.max_position_embeddings;
+    let stretches = matches!(
+        model.config.rope_scaling,
+        crate::config::RopeScaling::Dynamic { .. }
+    );
+    if longest + opts.max_new_tokens > context && !stretches {
+        return Err(ModelError::InvalidInput(format!(
+            "a prompt of {longest} tokens plus {} new ones goes past the model's context of \
+             {context} positions (max_position_embeddings); shorten the prompt or lower the \
+             number of new tokens",
+            opts.max_new_tokens
+        )));
     }
     let b = prompts.len();
     let mut cache = SparseCache::new(b, model.config.num_hidden_layers);
@@ -489,6 +520,7 @@ pub fn generate_sparse<B: Backend>(
         for (row, &s) in last.chunks_exact(v).zip(&active) {
             let token = pick(row, &opts.sampling, rng.as_mut());
             out[s].push(token);
+            on_token(s, token);
             if !opts.ignore_eos && opts.eos_token_ids.contains(&token) {
                 done[s] = true;
             } else {

@@ -92,6 +92,6 @@ impl Tokenizer {
     /// Writes `tokenizer.json` into `dir` (atomically).
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = self.inner.to_string(false).map_err(|e| self.err(e))?;
-        crate::safetensors_io::atomic_write(path, text.as_bytes())
+        crate::atomic::atomic_write(path, text.as_bytes())
     }
 }

@@ -82,7 +82,7 @@ pub fn write_curves(rows: &[LogRow], target: Option<f64>, path: &Path) -> std::i
         });
     }
     let svg = render(&panels);
-    skipgpt_model::safetensors_io::atomic_write(path, svg.as_bytes())
+    skipgpt_model::atomic::atomic_write(path, svg.as_bytes())
         .map_err(|e| std::io::Error::other(e.to_string()))
 }
 

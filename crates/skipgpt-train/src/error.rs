@@ -43,6 +43,8 @@ pub enum TrainError {
     Tokenizer(String),
     #[error(transparent)]
     Model(#[from] skipgpt_model::ModelError),
+    #[error(transparent)]
+    Data(#[from] skipgpt_data::DataError),
 }
 
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;

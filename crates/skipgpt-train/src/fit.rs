@@ -285,14 +285,19 @@ pub fn fit<B: AutodiffBackend>(
     let trainer = LmTrainer::new(model, objective).with_checkpoint_layers(opts.checkpoint_layers);
     let learner = Learner::new(trainer, optimizer, schedule);
 
-    let mut training =
-        SupervisedTraining::new(&run.path, Arc::new(train_loader), Arc::new(valid_loader))
-            .num_epochs(num_epochs)
-            .with_file_checkpointer(AtomicRecorder)
-            .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
-            .with_application_logger(None)
-            .renderer(ProgressPrinter::new(layout, Some(run.metrics_log())))
-            .metric_train_numeric(LearningRateMetric::new());
+    let training =
+        SupervisedTraining::new(&run.path, Arc::new(train_loader), Arc::new(valid_loader));
+    // the printer sees every loss first: a non-finite one stops the run through this
+    let interrupter = training.interrupter();
+    let printer =
+        ProgressPrinter::new(layout, Some(run.metrics_log())).with_interrupter(interrupter.clone());
+    let mut training = training
+        .num_epochs(num_epochs)
+        .with_file_checkpointer(AtomicRecorder)
+        .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
+        .with_application_logger(None)
+        .renderer(printer)
+        .metric_train_numeric(LearningRateMetric::new());
     for stat in stats_for(routed, sparsity) {
         training = training
             .metric_train_numeric(StatMetric::new(stat))
@@ -315,7 +320,6 @@ pub fn fit<B: AutodiffBackend>(
     if done_epochs > 0 {
         training = training.checkpoint(done_epochs);
     }
-    let interrupter = training.interrupter();
     let result = training.launch(learner);
     if let Some(reason) = interrupter.get_message() {
         return Err(TrainError::Training(reason));
@@ -362,6 +366,19 @@ fn manifest<B: AutodiffBackend>(
     map.insert("routing_mode".into(), format!("{:?}", model.routing).into());
     // the devices set the batch of a step: a resume must use as many
     map.insert("devices".into(), devices.into());
+    // the architecture: a checkpoint only loads into the shapes it was saved from
+    let c = &model.config;
+    for (key, value) in [
+        ("vocab_size", c.vocab_size),
+        ("hidden_size", c.hidden_size),
+        ("intermediate_size", c.intermediate_size),
+        ("num_hidden_layers", c.num_hidden_layers),
+        ("num_attention_heads", c.num_attention_heads),
+        ("num_key_value_heads", c.num_key_value_heads),
+        ("head_dim", c.head_dim),
+    ] {
+        map.insert(key.into(), value.into());
+    }
     map.insert("seq_len".into(), train.seq_len.into());
     map.insert("train_sequences".into(), train.len().into());
     map.insert(

@@ -3,7 +3,7 @@
 //! Training for SkipGPT on burn-train:
 //!
 //! - [`data`]: the corpus pipeline (text/JSONL → packed sequences, a seeded split) and the
-//!   built-in synthetic corpus;
+//!   built-in synthetic corpus, re-exported from `skipgpt-data` (which evaluation uses too);
 //! - [`loss`]: language-model cross-entropy plus `α·|T − skip_rate|`;
 //! - [`step`]: the model as burn-train's `TrainStep`/`InferenceStep` for an [`Objective`];
 //! - [`loader`], [`schedule`]: batches, learning rate and Gumbel temperature as functions of
@@ -15,7 +15,6 @@
 //! - [`tokenizer`]: BPE tokenizer training for pretraining from scratch.
 
 pub mod curves;
-pub mod data;
 pub mod error;
 pub mod fit;
 pub mod loader;
@@ -30,4 +29,5 @@ pub mod tokenizer;
 pub use error::{Result, TrainError};
 pub use fit::{fit, RunDir, TrainOptions};
 pub use schedule::ScheduleKind;
+pub use skipgpt_data as data;
 pub use step::Objective;

@@ -12,6 +12,7 @@ use burn::train::renderer::{
     EvaluationName, EvaluationProgress, MetricState, MetricsRenderer, MetricsRendererEvaluation,
     MetricsRendererTraining, ProgressType, TrainingProgress,
 };
+use burn::train::Interrupter;
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::Stat;
@@ -52,7 +53,7 @@ pub fn truncate_log(path: &Path, step: usize) -> std::io::Result<()> {
     if !text.is_empty() {
         text.push('\n');
     }
-    skipgpt_model::safetensors_io::atomic_write(path, text.as_bytes())
+    skipgpt_model::atomic::atomic_write(path, text.as_bytes())
         .map_err(|e| std::io::Error::other(e.to_string()))
 }
 
@@ -78,7 +79,9 @@ struct Window {
 
 impl Window {
     fn add(&mut self, name: &str, value: f64, weight: f64) {
-        if value.is_nan() {
+        // the temperature is NaN by design outside Gumbel routing (validation); any other NaN
+        // is a fact to show, not to hide
+        if value.is_nan() && name == Stat::Temperature.name() {
             return;
         }
         let e = self.sums.entry(name.to_string()).or_default();
@@ -103,6 +106,10 @@ pub struct ProgressPrinter {
     log: Option<PathBuf>,
     last_print: Instant,
     steps_since_print: usize,
+    /// Optimizer steps completed so far.
+    step: usize,
+    /// Stops the run when the training loss stops being finite.
+    interrupter: Option<Interrupter>,
 }
 
 impl ProgressPrinter {
@@ -116,7 +123,17 @@ impl ProgressPrinter {
             log,
             last_print: Instant::now(),
             steps_since_print: 0,
+            step: 0,
+            interrupter: None,
         }
+    }
+
+    /// Stops training through `interrupter` as soon as a training loss is NaN or infinite:
+    /// the run then ends with that message, before its next checkpoint, and nothing of it is
+    /// saved as an output.
+    pub fn with_interrupter(mut self, interrupter: Interrupter) -> Self {
+        self.interrupter = Some(interrupter);
+        self
     }
 
     fn record(&mut self, window: Split, state: MetricState) {
@@ -132,6 +149,18 @@ impl ProgressPrinter {
                     count,
                 } => (aggregated_value, count.max(1) as f64),
             };
+            let is_loss = name == Stat::Loss.name() || name == Stat::LmLoss.name();
+            if matches!(window, Split::Train) && is_loss && !value.is_finite() {
+                if let Some(interrupter) = self.interrupter.take() {
+                    interrupter.stop(Some(&format!(
+                        "{}: the training loss ({name}) became {value} at step {}: the run \
+                         diverged. Lower --lr or set --grad-clip; nothing was saved from the \
+                         diverged steps (the last checkpoint, if any, is intact)",
+                        self.layout.label,
+                        self.step + 1
+                    )));
+                }
+            }
             match window {
                 Split::Train => self.train.add(&name, value, weight),
                 Split::Valid => self.valid.add(&name, value, weight),
@@ -227,6 +256,7 @@ impl MetricsRendererTraining for ProgressPrinter {
         if !boundary {
             return;
         }
+        self.step = step;
         self.steps_since_print += 1;
         if step % self.layout.log_every.max(1) == 0 || step == self.layout.total_steps {
             let values = self.train.take();

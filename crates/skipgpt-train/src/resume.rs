@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use burn::record::{FileRecorder, FullPrecisionSettings, Recorder, RecorderError};
 use burn::tensor::backend::Backend;
-use serde::{de::DeserializeOwned, Serialize};
-use skipgpt_model::safetensors_io::atomic_write;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use skipgpt_model::atomic::atomic_write;
 
 use crate::error::{Result, TrainError};
 
@@ -59,15 +59,13 @@ pub fn checkpoint_dir(run_dir: &Path) -> PathBuf {
 }
 
 /// The last epoch with a complete checkpoint (model, optimizer and scheduler), if any.
+///
+/// A part that is there but is not a whole record (cut short by a full disk, a copy, a hand)
+/// makes its epoch incomplete: the previous checkpoint is used, and a warning names the file.
 pub fn latest_checkpoint(run_dir: &Path) -> Option<usize> {
     let dir = checkpoint_dir(run_dir);
     let entries = std::fs::read_dir(&dir).ok()?;
-    let complete = |epoch: usize| {
-        ["model", "optim", "scheduler"]
-            .iter()
-            .all(|part| dir.join(format!("{part}-{epoch}.mpk")).is_file())
-    };
-    entries
+    let mut epochs: Vec<usize> = entries
         .filter_map(|e| {
             let name = e.ok()?.file_name().into_string().ok()?;
             name.strip_prefix("model-")?
@@ -75,8 +73,49 @@ pub fn latest_checkpoint(run_dir: &Path) -> Option<usize> {
                 .parse::<usize>()
                 .ok()
         })
-        .filter(|&epoch| complete(epoch))
-        .max()
+        .collect();
+    epochs.sort_unstable_by(|a, b| b.cmp(a));
+    epochs.into_iter().find(|&epoch| {
+        ["model", "optim", "scheduler"].iter().all(|part| {
+            let file = dir.join(format!("{part}-{epoch}.mpk"));
+            if !file.is_file() {
+                return false;
+            }
+            let whole = is_whole_record(&file);
+            if !whole {
+                eprintln!(
+                    "warning: {} is damaged (not a whole record); resuming from the checkpoint before it",
+                    file.display()
+                );
+            }
+            whole
+        })
+    })
+}
+
+/// Whether `path` holds one complete MessagePack document.
+fn is_whole_record(path: &Path) -> bool {
+    std::fs::read(path).is_ok_and(|bytes| {
+        let mut de = rmp_serde::Deserializer::new(&bytes[..]);
+        serde::de::IgnoredAny::deserialize(&mut de).is_ok() && de.get_ref().is_empty()
+    })
+}
+
+/// Removes what a killed write left behind in a run directory and its checkpoints: temporary
+/// files (`.NAME.*.tmp`).
+pub fn remove_stale_temporaries(run_dir: &Path) {
+    for dir in [run_dir.to_path_buf(), checkpoint_dir(run_dir)] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
 }
 
 /// The settings of a run, as JSON, in `run.json` of its run directory.
@@ -122,7 +161,20 @@ impl RunManifest {
             "devices" => serde_json::json!(1),
             _ => serde_json::Value::Null,
         };
+        // the architecture was recorded from this version on; earlier runs cannot be checked
+        let unrecorded = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        ];
         for (key, value) in &self.0 {
+            if !saved.contains_key(key) && unrecorded.contains(&key.as_str()) {
+                continue;
+            }
             let before = saved
                 .get(key)
                 .cloned()
@@ -136,6 +188,7 @@ impl RunManifest {
                 });
             }
         }
+        remove_stale_temporaries(run_dir);
         Ok(latest_checkpoint(run_dir).unwrap_or(0))
     }
 }
@@ -182,6 +235,31 @@ mod tests {
         std::fs::write(ck.join("model-2.mpk"), b"x").unwrap();
         std::fs::write(ck.join(".optim-2.mpk.77.tmp"), b"half").unwrap();
         assert_eq!(latest_checkpoint(dir.path()), Some(1));
+    }
+
+    #[test]
+    fn a_damaged_latest_checkpoint_falls_back_to_the_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = checkpoint_dir(dir.path());
+        std::fs::create_dir_all(&ck).unwrap();
+        let whole = rmp_serde::encode::to_vec_named(&vec![1.5f32; 100]).unwrap();
+        for epoch in [1, 2] {
+            for part in ["model", "optim", "scheduler"] {
+                std::fs::write(ck.join(format!("{part}-{epoch}.mpk")), &whole).unwrap();
+            }
+        }
+        assert_eq!(latest_checkpoint(dir.path()), Some(2));
+        // epoch 2's model cut short; then its optimizer state empty
+        std::fs::write(ck.join("model-2.mpk"), &whole[..whole.len() / 2]).unwrap();
+        assert_eq!(latest_checkpoint(dir.path()), Some(1));
+        std::fs::write(ck.join("model-2.mpk"), &whole).unwrap();
+        std::fs::write(ck.join("optim-2.mpk"), b"").unwrap();
+        assert_eq!(latest_checkpoint(dir.path()), Some(1));
+        // a killed write's temporary is removed on resume
+        std::fs::write(ck.join(".model-3.mpk.a1b2c3.tmp"), b"half").unwrap();
+        remove_stale_temporaries(dir.path());
+        assert!(!ck.join(".model-3.mpk.a1b2c3.tmp").exists());
+        assert!(ck.join("model-1.mpk").exists());
     }
 
     #[test]

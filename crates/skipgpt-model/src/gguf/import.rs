@@ -19,10 +19,11 @@ use serde_json::{json, Value};
 use super::reader::{GgufFile, TensorInfo};
 use super::tokenizer::{tokenizer_config, tokenizer_from_gguf};
 use super::GgufError;
+use crate::atomic::atomic_write;
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::rope::RotaryEmbedding;
-use crate::safetensors_io::{atomic_write, OwnedTensor, StoreDtype};
+use crate::safetensors_io::{OwnedTensor, StoreDtype};
 
 /// How to import.
 #[derive(Debug, Clone)]

@@ -1,19 +1,24 @@
+//! # skipgpt-data
+//!
 //! Corpora: plain text and JSONL files or a seeded synthetic corpus, tokenized and packed into
-//! fixed-length sequences with a deterministic train/validation split.
+//! fixed-length sequences with a deterministic train/validation split. Training and evaluation
+//! both read data through this crate; neither pulls the other in.
 
 use std::path::{Path, PathBuf};
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use skipgpt_model::Tokenizer;
 
-use crate::error::{Result, TrainError};
+pub mod error;
+
+pub use error::{DataError, Result};
 
 /// Reads documents from files: `.jsonl` gives one document per line (its `text` field), any other
 /// file one document per blank-line-separated paragraph.
 pub fn read_documents(paths: &[PathBuf]) -> Result<Vec<String>> {
     let mut docs = Vec::new();
     for path in paths {
-        let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+        let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
             path: path.clone(),
             source,
         })?;
@@ -29,7 +34,7 @@ pub fn read_documents(paths: &[PathBuf]) -> Result<Vec<String>> {
         }
     }
     if docs.is_empty() {
-        return Err(TrainError::NotEnoughData(format!(
+        return Err(DataError::NotEnoughData(format!(
             "no text found in {}",
             paths
                 .iter()
@@ -47,7 +52,7 @@ fn jsonl_texts(path: &Path, text: &str) -> Result<Vec<String>> {
         if line.trim().is_empty() {
             continue;
         }
-        let err = |message: String| TrainError::Jsonl {
+        let err = |message: String| DataError::Jsonl {
             path: path.to_path_buf(),
             line: i + 1,
             message,
@@ -138,7 +143,7 @@ pub fn pack(
     separator: Option<u32>,
 ) -> Result<PackedDataset> {
     if seq_len < 2 {
-        return Err(TrainError::InvalidSetting {
+        return Err(DataError::InvalidSetting {
             name: "seq_len",
             value: seq_len.to_string(),
             expected: "at least 2",
@@ -155,7 +160,7 @@ pub fn pack(
         .map(|start| stream[start..start + seq_len + 1].to_vec())
         .collect();
     if sequences.is_empty() {
-        return Err(TrainError::NotEnoughData(format!(
+        return Err(DataError::NotEnoughData(format!(
             "the corpus has {} tokens, fewer than one sequence of {} + 1",
             stream.len(),
             seq_len
@@ -170,7 +175,7 @@ impl PackedDataset {
     /// split on every run (training and `eval-ppl` agree on what was held out).
     pub fn split(self, valid_fraction: f64, seed: u64) -> Result<(PackedDataset, PackedDataset)> {
         if !(0.0..1.0).contains(&valid_fraction) {
-            return Err(TrainError::InvalidSetting {
+            return Err(DataError::InvalidSetting {
                 name: "valid_fraction",
                 value: valid_fraction.to_string(),
                 expected: "a fraction in [0, 1)",
@@ -190,7 +195,7 @@ impl PackedDataset {
             valid.push(train.pop().expect("len > 1"));
         }
         if train.is_empty() {
-            return Err(TrainError::NotEnoughData(
+            return Err(DataError::NotEnoughData(
                 "no training sequences left after the split".into(),
             ));
         }
@@ -214,10 +219,6 @@ impl PackedDataset {
     pub fn is_empty(&self) -> bool {
         self.sequences.is_empty()
     }
-
-    pub fn num_tokens(&self) -> usize {
-        self.sequences.len() * self.seq_len
-    }
 }
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -235,7 +236,7 @@ fn splitmix64(x: u64) -> u64 {
 }
 
 /// A 64-bit mix of two values, for derived seeds and fingerprints.
-pub(crate) fn mix(a: u64, b: u64) -> u64 {
+pub fn mix(a: u64, b: u64) -> u64 {
     finalize(a ^ b.wrapping_mul(GOLDEN))
 }
 
