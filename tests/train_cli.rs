@@ -224,7 +224,21 @@ fn demo_runs_end_to_end_and_reruns_from_its_checkpoints() {
     assert_eq!(rows.len(), 5);
     // ShortGPT removes one of the tiny model's 4 layers: exactly 25% of the parameters
     assert_eq!(rows[4]["param_skip"], 0.25);
-    assert!(rows.iter().all(|r| r["mc_acc"].as_f64().unwrap() <= 1.0));
+    // each row's accuracy is the mean of its tasks' accuracies, each over 4 examples
+    for r in rows {
+        let per_task: Vec<f64> = r["mc_acc_per_task"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t[1].as_f64().unwrap())
+            .collect();
+        assert_eq!(per_task.len(), 3, "{r}");
+        for acc in &per_task {
+            assert_eq!((acc * 4.0).fract(), 0.0, "{r}: {acc} is not k/4");
+        }
+        let mean = per_task.iter().sum::<f64>() / 3.0;
+        assert!((r["mc_acc"].as_f64().unwrap() - mean).abs() < 1e-12, "{r}");
+    }
     // a second run reuses the finished runs rather than failing on them
     let o = skipgpt(&args);
     assert!(o.status.success(), "{}", stderr(&o));

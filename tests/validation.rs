@@ -126,3 +126,48 @@ fn tensors_the_model_does_not_use_are_named_in_a_warning() {
         stderr(&out)
     );
 }
+
+/// Messages that name the problem: a directory where a file belongs, a header entry whose
+/// bytes do not hold its tensor, a JSON file that is not a tokenizer.
+#[test]
+fn broken_files_are_described_by_what_is_wrong() {
+    use skipgpt_model::safetensors_io::TensorFile;
+    // model.safetensors is a directory
+    let dir = copy_dir(&tiny().join("model"));
+    let weights = dir.path().join("model.safetensors");
+    let original = std::fs::read(&weights).unwrap();
+    std::fs::remove_file(&weights).unwrap();
+    std::fs::create_dir(&weights).unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("is a directory"), "{err}");
+    std::fs::remove_dir(&weights).unwrap();
+
+    // one tensor's byte range too short for its shape: the message names it
+    let len = u64::from_le_bytes(original[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&original[8..8 + len]).unwrap();
+    let name = "model.norm.weight";
+    let offsets = header[name]["data_offsets"].clone();
+    let (start, end) = (offsets[0].as_u64().unwrap(), offsets[1].as_u64().unwrap());
+    header[name]["shape"] = serde_json::json!([(end - start) / 4 + 1]);
+    let mut text = serde_json::to_vec(&header).unwrap();
+    text.resize(text.len().div_ceil(8) * 8, b' ');
+    let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(&text);
+    bytes.extend(&original[8 + len..]);
+    std::fs::write(&weights, bytes).unwrap();
+    let err = TensorFile::open(&weights).err().unwrap().to_string();
+    assert!(err.contains(name) && err.contains("data_offsets"), "{err}");
+
+    // tokenizer.json that is JSON but not a tokenizer
+    let dir = copy_dir(&tiny().join("model"));
+    std::fs::write(dir.path().join("tokenizer.json"), r#"{"hello": 1}"#).unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("not a tokenizer.json"), "{err}");
+
+    // `logits --input` a directory
+    let out = tempfile::tempdir().unwrap();
+    let model = tiny().join("model");
+    let output = out.path().join("o.safetensors");
+    let args = logits_args(model.to_str().unwrap(), out.path(), &output);
+    assert_clean_failure(&args, &["is a directory"]);
+}

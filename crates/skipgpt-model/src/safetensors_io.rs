@@ -23,6 +23,12 @@ pub struct TensorFile {
 
 impl TensorFile {
     pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Err(ModelError::MissingFile {
+                path: path.to_path_buf(),
+                what: "is a directory, expected a safetensors file",
+            });
+        }
         let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
         // SAFETY: the map is read-only; a checkpoint changing under us while loading is outside
         // what any loader can defend against (the same trade-off candle and transformers make).
@@ -30,7 +36,13 @@ impl TensorFile {
         let (header_len, metadata) =
             SafeTensors::read_metadata(&bytes).map_err(|e| ModelError::Safetensors {
                 path: path.to_path_buf(),
-                message: describe_st_error(&e),
+                message: match e {
+                    // the crate does not say which tensor: find it in the header
+                    safetensors::SafeTensorError::TensorInvalidInfo => {
+                        inconsistent_tensor(&bytes).unwrap_or_else(|| describe_st_error(&e))
+                    }
+                    _ => describe_st_error(&e),
+                },
             })?;
         Ok(TensorFile {
             path: path.to_path_buf(),
@@ -219,6 +231,54 @@ fn describe_st_error(e: &safetensors::SafeTensorError) -> String {
         }
         other => other.to_string(),
     }
+}
+
+/// The first tensor of a safetensors header whose byte range does not hold its shape and dtype,
+/// or does not start where the previous one ended, described; `None` if the header cannot be
+/// read or every entry is consistent.
+fn inconsistent_tensor(bytes: &[u8]) -> Option<String> {
+    let len = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Value = serde_json::from_slice(bytes.get(8..8 + len)?).ok()?;
+    let mut entries: Vec<(&String, &serde_json::Value)> = header
+        .as_object()?
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .collect();
+    let offsets = |v: &serde_json::Value| -> Option<(u64, u64)> {
+        let o = v.get("data_offsets")?.as_array()?;
+        Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?))
+    };
+    entries.sort_by_key(|(_, v)| offsets(v).unwrap_or_default());
+    let mut end = 0u64;
+    for (name, v) in entries {
+        let (start, stop) = offsets(v)?;
+        let elements: u64 = v
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .map(|d| d.as_u64().unwrap_or(0))
+            .product();
+        let dtype = v.get("dtype")?.as_str()?;
+        let width: u64 = match dtype {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            _ => 1,
+        };
+        if start != end {
+            return Some(format!(
+                "tensor `{name}` starts at byte {start} of the data, expected {end} (where the previous one ends)"
+            ));
+        }
+        if stop.checked_sub(start) != Some(elements * width) {
+            return Some(format!(
+                "tensor `{name}` ({dtype}, {elements} elements = {} bytes) has data_offsets [{start}, {stop}]",
+                elements * width
+            ));
+        }
+        end = stop;
+    }
+    None
 }
 
 /// f32 host values as a tensor held in `dtype` (f32: the backend's default float tensor).

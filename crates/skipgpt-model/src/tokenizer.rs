@@ -28,9 +28,22 @@ impl Tokenizer {
                 what: "not found (a tokenizer.json is needed to turn text into token ids)",
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer {
-            path: path.to_path_buf(),
-            message: e.to_string(),
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| {
+            // tokenizers reports a file of the wrong structure as a JSON syntax error; say
+            // which it is
+            let is_json = std::fs::read(path)
+                .ok()
+                .is_some_and(|b| serde_json::from_slice::<serde_json::Value>(&b).is_ok());
+            ModelError::Tokenizer {
+                path: path.to_path_buf(),
+                message: if is_json {
+                    format!(
+                        "valid JSON, but not a tokenizer.json of the `tokenizers` library ({e})"
+                    )
+                } else {
+                    e.to_string()
+                },
+            }
         })?;
         Ok(Tokenizer {
             inner,
