@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::*;
 use skipgpt_model::load_pretrained;
 
@@ -170,4 +172,132 @@ fn broken_files_are_described_by_what_is_wrong() {
     let output = out.path().join("o.safetensors");
     let args = logits_args(model.to_str().unwrap(), out.path(), &output);
     assert_clean_failure(&args, &["is a directory"]);
+}
+
+/// Issue 17, class 9: a seeded mutation loop over what users hand the program, asserting that
+/// nothing panics: every mutated `config.json` value, safetensors header byte and GGUF header
+/// byte either loads or gives an error with a message. `SKIPGPT_MUTATIONS` sets the number of
+/// mutations per kind (CI: the default 150; a long run: `SKIPGPT_MUTATIONS=5000`), and
+/// `SKIPGPT_MUTATION_SEED` the seed (default 17).
+#[test]
+fn mutated_inputs_never_panic() {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use skipgpt_model::gguf::{import_gguf, ImportOptions};
+    let n: usize = std::env::var("SKIPGPT_MUTATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150);
+    let seed: u64 = std::env::var("SKIPGPT_MUTATION_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(17);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut panics: Vec<String> = Vec::new();
+    let mut refused = 0usize;
+    let mut check =
+        |what: String, f: &mut dyn FnMut() -> Option<String>| match std::panic::catch_unwind(
+            std::panic::AssertUnwindSafe(f),
+        ) {
+            Ok(Some(message)) if message.trim().is_empty() => {
+                panics.push(format!("{what}: an error without a message"))
+            }
+            Ok(Some(_)) => refused += 1,
+            Ok(None) => {}
+            Err(p) => panics.push(format!(
+                "{what}: panicked: {}",
+                p.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default()
+            )),
+        };
+    let load = |dir: &Path| -> Option<String> {
+        load_pretrained::<B>(dir, &device())
+            .err()
+            .map(|e| e.to_string())
+    };
+
+    // config.json: one key set to a hostile value
+    let values = [
+        serde_json::json!(0),
+        serde_json::json!(-1),
+        serde_json::json!(1e308),
+        serde_json::json!(-0.0),
+        serde_json::json!(0.5),
+        serde_json::json!(1u64 << 40),
+        serde_json::json!("text"),
+        serde_json::json!(null),
+        serde_json::json!([]),
+        serde_json::json!({}),
+        serde_json::json!(true),
+        serde_json::json!({"rope_type": "dynamic", "factor": -2}),
+    ];
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny().join("model/config.json")).unwrap())
+            .unwrap();
+    let keys: Vec<String> = base.as_object().unwrap().keys().cloned().collect();
+    let dir = copy_dir(&tiny().join("model"));
+    for _ in 0..n {
+        let mut cfg = base.clone();
+        let key = &keys[rng.random_range(0..keys.len())];
+        let value = values[rng.random_range(0..values.len())].clone();
+        cfg[key] = value.clone();
+        std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+        check(format!("config.json {key} = {value}"), &mut || {
+            load(dir.path())
+        });
+    }
+    std::fs::write(dir.path().join("config.json"), base.to_string()).unwrap();
+
+    // model.safetensors: one byte of the length prefix or header replaced
+    let weights = std::fs::read(tiny().join("model/model.safetensors")).unwrap();
+    let header_end = 8 + u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
+    for _ in 0..n {
+        let mut bytes = weights.clone();
+        let at = rng.random_range(0..header_end);
+        bytes[at] = rng.random();
+        std::fs::write(dir.path().join("model.safetensors"), &bytes).unwrap();
+        check(format!("model.safetensors byte {at}"), &mut || {
+            load(dir.path())
+        });
+    }
+
+    // GGUF: one byte of the header (metadata and tensor infos) replaced
+    let gguf_dir = tempfile::tempdir().unwrap();
+    let gguf = common::gguf_writer::llama_tiny_gguf(&tiny().join("model")).to_bytes();
+    let path = gguf_dir.path().join("m.gguf");
+    // the header is what precedes the tensor data: about the first tenth of this file
+    let header = (gguf.len() / 10).max(64).min(gguf.len());
+    for i in 0..n {
+        let mut bytes = gguf.clone();
+        let at = rng.random_range(0..header);
+        bytes[at] = rng.random();
+        std::fs::write(&path, &bytes).unwrap();
+        let out = gguf_dir.path().join(format!("out{i}"));
+        check(format!("gguf byte {at}"), &mut || {
+            import_gguf(&path, &out, &ImportOptions::default(), &mut |_, _, _| {})
+                .err()
+                .map(|e| e.to_string())
+        });
+    }
+    std::panic::set_hook(quiet);
+    eprintln!(
+        "{} mutated inputs (seed {seed}): {refused} refused with a message, the rest loaded",
+        3 * n
+    );
+    // the mutations must bite: most of them make the input unusable
+    assert!(
+        refused > n,
+        "only {refused} of {} mutations were refused",
+        3 * n
+    );
+    assert!(
+        panics.is_empty(),
+        "{} of {} mutations (seed {seed}) panicked or gave no message:\n{}",
+        panics.len(),
+        3 * n,
+        panics.join("\n")
+    );
 }

@@ -319,7 +319,15 @@ impl GgufFile {
                 offset,
             });
         }
-        let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
+        let data_start = (c.pos as u64)
+            .div_ceil(alignment)
+            .checked_mul(alignment)
+            .ok_or_else(|| GgufError::Malformed {
+                path: path.to_path_buf(),
+                message: format!(
+                    "the data section, aligned to {alignment} bytes, starts past any file"
+                ),
+            })?;
         let file = GgufFile {
             path: path.to_path_buf(),
             map,
@@ -361,9 +369,11 @@ impl GgufFile {
                 t.offset, self.alignment
             )));
         }
-        let bytes = n / block * t.kind.block_bytes() as u64;
-        let end = self.data_start + t.offset + bytes;
-        if end > self.map.len() as u64 {
+        // checked: every number here comes from the file
+        let bytes = (n / block).checked_mul(t.kind.block_bytes() as u64);
+        let end = bytes.and_then(|b| self.data_start.checked_add(t.offset)?.checked_add(b));
+        let bytes = bytes.unwrap_or(u64::MAX);
+        if end.is_none_or(|end| end > self.map.len() as u64) {
             return Err(GgufError::Truncated {
                 path: self.path.clone(),
                 offset: self.data_start + t.offset,
