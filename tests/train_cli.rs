@@ -13,7 +13,9 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn pretrain(out: &Path) {
+/// `pretrain` of a tiny model into `out` (2 layers unless `layers` says otherwise, 30 steps in
+/// two checkpoints), on the synthetic corpus, with `extra` flags.
+fn pretrain_args<'a>(out: &'a Path, layers: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "pretrain",
         "--out",
@@ -23,7 +25,7 @@ fn pretrain(out: &Path) {
         "--hidden-size",
         "32",
         "--layers",
-        "2",
+        layers,
         "--heads",
         "2",
         "--kv-heads",
@@ -34,7 +36,12 @@ fn pretrain(out: &Path) {
         "15",
     ];
     args.extend(CORPUS);
-    let o = skipgpt(&args);
+    args.extend(extra);
+    args
+}
+
+fn pretrain(out: &Path) {
+    let o = skipgpt(&pretrain_args(out, "2", &[]));
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("step 30/30"), "{err}");
@@ -395,30 +402,7 @@ fn lora_stage_two_joint_and_dense_lora_from_the_command_line() {
 fn a_diverging_run_stops_and_saves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("nan");
-    let mut args = vec![
-        "pretrain",
-        "--out",
-        s(&out),
-        "--vocab-size",
-        "300",
-        "--hidden-size",
-        "32",
-        "--layers",
-        "2",
-        "--heads",
-        "2",
-        "--kv-heads",
-        "1",
-        "--steps",
-        "20",
-        "--checkpoint-every",
-        "10",
-        "--lr",
-        "1e30",
-        "--grad-clip",
-        "0",
-    ];
-    args.extend(CORPUS);
+    let args = pretrain_args(&out, "2", &["--lr", "1e30", "--grad-clip", "0"]);
     let o = skipgpt(&args);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
@@ -438,27 +422,7 @@ fn resume_with_another_architecture_is_refused() {
     let out = dir.path().join("run");
     pretrain(&out);
     let config = std::fs::read(out.join("config.json")).unwrap();
-    let mut args = vec![
-        "pretrain",
-        "--out",
-        s(&out),
-        "--vocab-size",
-        "300",
-        "--hidden-size",
-        "32",
-        "--layers",
-        "3",
-        "--heads",
-        "2",
-        "--kv-heads",
-        "1",
-        "--steps",
-        "30",
-        "--checkpoint-every",
-        "15",
-        "--resume",
-    ];
-    args.extend(CORPUS);
+    let args = pretrain_args(&out, "3", &["--resume"]);
     assert_clean_failure(&args, &["num_hidden_layers", "--resume"]);
     assert_eq!(std::fs::read(out.join("config.json")).unwrap(), config);
 }

@@ -9,17 +9,6 @@ use std::path::Path;
 use common::*;
 use skipgpt_model::load_pretrained;
 
-/// The tiny model with `config.json` edited by `edit`.
-fn with_config(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
-    let dir = copy_dir(&tiny().join("model"));
-    let path = dir.path().join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    edit(&mut cfg);
-    std::fs::write(&path, cfg.to_string()).unwrap();
-    dir
-}
-
 fn load_error(dir: &tempfile::TempDir) -> String {
     match load_pretrained::<B>(dir.path(), &device()) {
         Ok(_) => panic!("{} loaded", dir.path().display()),
@@ -41,14 +30,14 @@ fn out_of_range_config_values_are_named() {
         ("head_dim", serde_json::json!(0), "head_dim"),
         ("hidden_size", serde_json::json!(0), "hidden_size"),
     ] {
-        let dir = with_config(|c| c[key] = value.clone());
+        let dir = edit_config(|c| c[key] = value.clone());
         let err = load_error(&dir);
         assert!(
             err.contains(needle) && err.contains("config.json"),
             "{key} = {value}: {err}"
         );
     }
-    let dir = with_config(|c| {
+    let dir = edit_config(|c| {
         c["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 0.0})
     });
     let err = load_error(&dir);
@@ -57,14 +46,14 @@ fn out_of_range_config_values_are_named() {
 
 #[test]
 fn fewer_layers_in_the_config_than_in_the_weights_is_an_error() {
-    let dir = with_config(|c| c["num_hidden_layers"] = 2.into());
+    let dir = edit_config(|c| c["num_hidden_layers"] = 2.into());
     let err = load_error(&dir);
     assert!(
         err.contains("num_hidden_layers") && err.contains("layer 2"),
         "{err}"
     );
     // inspect checks the same, and the shapes, without loading the weights
-    let dir = with_config(|c| c["intermediate_size"] = 1_000_000_000_000u64.into());
+    let dir = edit_config(|c| c["intermediate_size"] = 1_000_000_000_000u64.into());
     let out = skipgpt(&["inspect", "--model", dir.path().to_str().unwrap()]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");

@@ -71,6 +71,18 @@ pub fn diff_with<Bk: burn::tensor::backend::Backend, const D: usize>(
 }
 
 /// Copies a directory's files (one level) into a fresh temp dir the test may modify.
+/// A copy of the tiny model with `config.json` edited by `edit`.
+#[allow(dead_code)]
+pub fn edit_config(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let dir = copy_dir(&tiny().join("model"));
+    let path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    dir
+}
+
 pub fn copy_dir(src: &Path) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(src).unwrap() {

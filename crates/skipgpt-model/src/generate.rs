@@ -3,6 +3,7 @@
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::llama::LlamaForCausalLM;
 
@@ -64,6 +65,7 @@ pub fn generate<B: Backend>(
     let flat: Vec<i64> = prompts.iter().flatten().map(|&id| id as i64).collect();
     validate_ids(&flat, model.config.vocab_size, "prompt")?;
     validate_sampling(&opts.sampling)?;
+    check_context(&model.config, prompts, opts.max_new_tokens)?;
 
     let b = prompts.len();
     let device = model.device();
@@ -101,6 +103,28 @@ pub fn generate<B: Backend>(
         input = Tensor::from_data(TensorData::new(next, [b, 1]), &device);
     }
     Ok(out)
+}
+
+/// **Context length.** A model is trained for `max_position_embeddings` positions; generating
+/// past them gives text of no quality, silently. So a request whose longest prompt plus
+/// `max_new_tokens` exceeds them is refused before any work, naming the numbers, except with
+/// dynamic-NTK RoPE scaling, which is made to stretch the context.
+pub fn check_context(
+    config: &LlamaConfig,
+    prompts: &[Vec<u32>],
+    max_new_tokens: usize,
+) -> Result<()> {
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let context = config.max_position_embeddings;
+    let stretches = matches!(config.rope_scaling, RopeScaling::Dynamic { .. });
+    if longest + max_new_tokens > context && !stretches {
+        return Err(ModelError::InvalidInput(format!(
+            "a prompt of {longest} tokens plus {max_new_tokens} new ones goes past the model's \
+             context of {context} positions (max_position_embeddings); shorten the prompt or \
+             lower the number of new tokens"
+        )));
+    }
+    Ok(())
 }
 
 /// Rejects a temperature that is not positive and a top-p outside (0, 1].

@@ -72,11 +72,12 @@ pub fn linear_forward<B: Backend, const D: usize>(
     linear: &Linear<B>,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    let (x_dtype, w_dtype) = (x.dtype(), linear.weight.val().dtype());
+    let (x_dtype, w) = (x.dtype(), linear.weight.val());
+    let w_dtype = w.dtype();
     if x_dtype == w_dtype {
         return linear.forward(x);
     }
-    let y = burn::tensor::module::linear(x.cast(w_dtype), linear.weight.val(), None).cast(x_dtype);
+    let y = burn::tensor::module::linear(x.cast(w_dtype), w, None).cast(x_dtype);
     match &linear.bias {
         Some(b) => y + b.val().unsqueeze(),
         None => y,

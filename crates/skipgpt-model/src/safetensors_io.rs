@@ -238,42 +238,34 @@ fn describe_st_error(e: &safetensors::SafeTensorError) -> String {
 /// read or every entry is consistent.
 fn inconsistent_tensor(bytes: &[u8]) -> Option<String> {
     let len = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
-    let header: serde_json::Value = serde_json::from_slice(bytes.get(8..8 + len)?).ok()?;
-    let mut entries: Vec<(&String, &serde_json::Value)> = header
-        .as_object()?
-        .iter()
-        .filter(|(k, _)| *k != "__metadata__")
-        .collect();
-    let offsets = |v: &serde_json::Value| -> Option<(u64, u64)> {
-        let o = v.get("data_offsets")?.as_array()?;
-        Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?))
-    };
-    entries.sort_by_key(|(_, v)| offsets(v).unwrap_or_default());
-    let mut end = 0u64;
-    for (name, v) in entries {
-        let (start, stop) = offsets(v)?;
-        let elements: u64 = v
-            .get("shape")?
-            .as_array()?
-            .iter()
-            .map(|d| d.as_u64().unwrap_or(0))
-            .product();
-        let dtype = v.get("dtype")?.as_str()?;
-        let width: u64 = match dtype {
-            "F64" | "I64" | "U64" => 8,
-            "F32" | "I32" | "U32" => 4,
-            "F16" | "BF16" | "I16" | "U16" => 2,
-            _ => 1,
-        };
+    let header: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(bytes.get(8..8usize.checked_add(len)?)?).ok()?;
+    // the crate's own entry type, so dtype names and sizes are its
+    let mut entries: Vec<(String, TensorInfo)> = header
+        .into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .map(|(k, v)| Some((k, serde_json::from_value(v).ok()?)))
+        .collect::<Option<_>>()?;
+    entries.sort_by_key(|(_, t)| t.data_offsets);
+    let mut end = 0;
+    for (name, t) in entries {
+        let (start, stop) = t.data_offsets;
         if start != end {
             return Some(format!(
                 "tensor `{name}` starts at byte {start} of the data, expected {end} (where the previous one ends)"
             ));
         }
-        if stop.checked_sub(start) != Some(elements * width) {
+        let needed = t
+            .shape
+            .iter()
+            .try_fold(t.dtype.bitsize(), |n, &d| n.checked_mul(d))
+            .map(|bits| bits.div_ceil(8));
+        if stop.checked_sub(start) != needed {
             return Some(format!(
-                "tensor `{name}` ({dtype}, {elements} elements = {} bytes) has data_offsets [{start}, {stop}]",
-                elements * width
+                "tensor `{name}` ({:?}, shape {:?} = {} bytes) has data_offsets [{start}, {stop}]",
+                t.dtype,
+                t.shape,
+                needed.map_or("more than 2^64".into(), |n| n.to_string())
             ));
         }
         end = stop;
@@ -400,10 +392,6 @@ impl WeightSet {
     pub fn with_matrix_dtype(mut self, dtype: StoreDtype) -> Self {
         self.matrix_dtype = dtype;
         self
-    }
-
-    pub fn matrix_dtype(&self) -> StoreDtype {
-        self.matrix_dtype
     }
 
     fn file_of(&self, name: &str) -> Result<&TensorFile> {
@@ -553,7 +541,6 @@ impl OwnedTensor {
         }
     }
 
-    /// The encoded little-endian bytes.
     /// The first NaN or infinite element of a float tensor, with its value.
     pub fn first_non_finite(&self) -> Option<(usize, f32)> {
         let values: Box<dyn Iterator<Item = f32> + '_> = match self.dtype {
@@ -577,6 +564,7 @@ impl OwnedTensor {
         values.enumerate().find(|(_, v)| !v.is_finite())
     }
 
+    /// The encoded little-endian bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
     }

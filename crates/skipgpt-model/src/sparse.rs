@@ -460,12 +460,8 @@ pub fn generate_sparse<B: Backend>(
 }
 
 /// [`generate_sparse`], calling `on_token(sequence, token)` as each token is chosen (to stream
-/// text as it comes).
-///
-/// **Context length.** A model is trained for `max_position_embeddings` positions; generating
-/// past them gives text of no quality, silently. So a request whose longest prompt plus
-/// `max_new_tokens` exceeds them is refused before any work, naming the numbers, except with
-/// dynamic-NTK RoPE scaling, which is made to stretch the context.
+/// text as it comes). A request past the model's context is refused
+/// ([`crate::generate::check_context`]).
 pub fn generate_sparse_with<B: Backend>(
     model: &LlamaForCausalLM<B>,
     prompts: &[Vec<u32>],
@@ -480,20 +476,7 @@ pub fn generate_sparse_with<B: Backend>(
             "a prompt is empty: give at least one token".into(),
         ));
     }
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let context = model.config.max_position_embeddings;
-    let stretches = matches!(
-        model.config.rope_scaling,
-        crate::config::RopeScaling::Dynamic { .. }
-    );
-    if longest + opts.max_new_tokens > context && !stretches {
-        return Err(ModelError::InvalidInput(format!(
-            "a prompt of {longest} tokens plus {} new ones goes past the model's context of \
-             {context} positions (max_position_embeddings); shorten the prompt or lower the \
-             number of new tokens",
-            opts.max_new_tokens
-        )));
-    }
+    crate::generate::check_context(&model.config, prompts, opts.max_new_tokens)?;
     let b = prompts.len();
     let mut cache = SparseCache::new(b, model.config.num_hidden_layers);
     let mut rng = match opts.sampling {

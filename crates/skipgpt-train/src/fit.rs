@@ -19,7 +19,7 @@ use crate::error::{Result, TrainError};
 use crate::loader::{StepPlan, TrainLoader, ValidLoader};
 use crate::metrics::{stats_for, StatMetric};
 use crate::progress::{read_log, truncate_log, ProgressLayout, ProgressPrinter};
-use crate::resume::{AtomicRecorder, RunManifest};
+use crate::resume::{AtomicRecorder, RunManifest, ARCHITECTURE_KEYS};
 use crate::schedule::{ScheduleKind, WarmupSchedule};
 use crate::step::{LmTrainer, Objective};
 
@@ -366,18 +366,10 @@ fn manifest<B: AutodiffBackend>(
     map.insert("routing_mode".into(), format!("{:?}", model.routing).into());
     // the devices set the batch of a step: a resume must use as many
     map.insert("devices".into(), devices.into());
-    // the architecture: a checkpoint only loads into the shapes it was saved from
-    let c = &model.config;
-    for (key, value) in [
-        ("vocab_size", c.vocab_size),
-        ("hidden_size", c.hidden_size),
-        ("intermediate_size", c.intermediate_size),
-        ("num_hidden_layers", c.num_hidden_layers),
-        ("num_attention_heads", c.num_attention_heads),
-        ("num_key_value_heads", c.num_key_value_heads),
-        ("head_dim", c.head_dim),
-    ] {
-        map.insert(key.into(), value.into());
+    // the architecture, under its config.json names
+    let config = model.config.to_hf_json();
+    for key in ARCHITECTURE_KEYS {
+        map.insert(key.into(), config[key].clone());
     }
     map.insert("seq_len".into(), train.seq_len.into());
     map.insert("train_sequences".into(), train.len().into());

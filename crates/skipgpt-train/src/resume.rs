@@ -93,12 +93,16 @@ pub fn latest_checkpoint(run_dir: &Path) -> Option<usize> {
     })
 }
 
-/// Whether `path` holds one complete MessagePack document.
+/// Whether `path` holds one complete MessagePack document, and nothing after it. Streamed: a
+/// checkpoint can be larger than memory.
 fn is_whole_record(path: &Path) -> bool {
-    std::fs::read(path).is_ok_and(|bytes| {
-        let mut de = rmp_serde::Deserializer::new(&bytes[..]);
-        serde::de::IgnoredAny::deserialize(&mut de).is_ok() && de.get_ref().is_empty()
-    })
+    use std::io::Read;
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut de = rmp_serde::Deserializer::new(std::io::BufReader::new(file));
+    serde::de::IgnoredAny::deserialize(&mut de).is_ok()
+        && de.into_inner().read(&mut [0u8]).is_ok_and(|n| n == 0)
 }
 
 /// Removes what a killed write left behind in a run directory and its checkpoints: temporary
@@ -117,6 +121,18 @@ pub fn remove_stale_temporaries(run_dir: &Path) {
         }
     }
 }
+
+/// The `config.json` keys a run manifest records: a checkpoint only loads into the shapes it
+/// was saved from, so a resume must keep them.
+pub const ARCHITECTURE_KEYS: [&str; 7] = [
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+];
 
 /// The settings of a run, as JSON, in `run.json` of its run directory.
 #[derive(Debug, Clone, PartialEq)]
@@ -161,18 +177,9 @@ impl RunManifest {
             "devices" => serde_json::json!(1),
             _ => serde_json::Value::Null,
         };
-        // the architecture was recorded from this version on; earlier runs cannot be checked
-        let unrecorded = [
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-        ];
         for (key, value) in &self.0 {
-            if !saved.contains_key(key) && unrecorded.contains(&key.as_str()) {
+            // the architecture was recorded from this version on; earlier runs cannot be checked
+            if !saved.contains_key(key) && ARCHITECTURE_KEYS.contains(&key.as_str()) {
                 continue;
             }
             let before = saved

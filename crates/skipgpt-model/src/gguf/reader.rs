@@ -376,7 +376,7 @@ impl GgufFile {
         if end.is_none_or(|end| end > self.map.len() as u64) {
             return Err(GgufError::Truncated {
                 path: self.path.clone(),
-                offset: self.data_start + t.offset,
+                offset: self.data_start.saturating_add(t.offset),
                 needed: bytes,
                 size: self.map.len() as u64,
                 what: format!("the data of tensor `{}`", t.name),
