@@ -19,7 +19,7 @@ use crate::error::{Result, TrainError};
 use crate::loader::{StepPlan, TrainLoader, ValidLoader};
 use crate::metrics::{stats_for, StatMetric};
 use crate::progress::{read_log, truncate_log, ProgressLayout, ProgressPrinter};
-use crate::resume::{AtomicRecorder, RunManifest, ARCHITECTURE_KEYS};
+use crate::resume::{store_only_trainable, AtomicRecorder, RunManifest, ARCHITECTURE_KEYS};
 use crate::schedule::{ScheduleKind, WarmupSchedule};
 use crate::step::{LmTrainer, Objective};
 
@@ -282,6 +282,8 @@ pub fn fit<B: AutodiffBackend>(
         opts.schedule,
         opts.grad_accum,
     );
+    // checkpoints hold what training changes, not the frozen base
+    let (model, _frozen) = store_only_trainable(model);
     let trainer = LmTrainer::new(model, objective).with_checkpoint_layers(opts.checkpoint_layers);
     let learner = Learner::new(trainer, optimizer, schedule);
 

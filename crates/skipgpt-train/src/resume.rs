@@ -5,12 +5,16 @@
 //! - [`latest_checkpoint`]: the last epoch whose model, optimizer and scheduler states were all
 //!   written (burn-train writes the three on a background thread, one after the other);
 //! - [`RunManifest`]: the settings a run was started with, checked on `--resume` so that a
-//!   resumed run cannot silently continue with other data or hyper-parameters.
+//!   resumed run cannot silently continue with other data or hyper-parameters;
+//! - [`store_only_trainable`]: checkpoints hold what training changes (routers, adapters) and
+//!   the optimizer's state for it, not the frozen base model a run starts from anyway.
 
 use std::path::{Path, PathBuf};
 
+use burn::module::{Module, ModuleMapper, Param};
 use burn::record::{FileRecorder, FullPrecisionSettings, Recorder, RecorderError};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use skipgpt_model::atomic::atomic_write;
 
@@ -51,6 +55,44 @@ impl<B: Backend> FileRecorder<B> for AtomicRecorder {
     fn file_extension() -> &'static str {
         "mpk"
     }
+}
+
+/// Makes the frozen parameters of `module` (those that need no gradient) cost nothing in a
+/// checkpoint: each saves as a one-element placeholder, and loading a checkpoint keeps the
+/// value the parameter already holds. Returns the module and how many parameters are frozen.
+///
+/// Why this is sound: a run, fresh or resumed, starts from the same frozen weights (the
+/// manifest checks the base and the routing), and training never changes them. Without it
+/// every checkpoint of router tuning copies the whole base model next to a few thousand
+/// router weights: about 100× the routers' size, and two base models on disk at 7B.
+/// Checkpoints written before this (whole models) still load: their frozen tensors are
+/// ignored the same way.
+///
+/// The hooks are burn's parameter mappers, which live only on the training module:
+/// [`burn::module::AutodiffModule::valid`] drops them, so the trained model a run returns
+/// records every tensor again.
+pub fn store_only_trainable<B: AutodiffBackend, M: Module<B>>(module: M) -> (M, usize) {
+    struct Freeze {
+        frozen: usize,
+    }
+    impl<B: AutodiffBackend> ModuleMapper<B> for Freeze {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, tensor, mapper) = param.consume();
+            if tensor.is_require_grad() {
+                return Param::from_mapped_value(id, tensor, mapper);
+            }
+            self.frozen += 1;
+            let device = tensor.device();
+            // a handle to the same storage: keeping it copies nothing
+            let value = tensor.clone();
+            Param::from_mapped_value(id, tensor, mapper)
+                .save_mapper(move |_| Tensor::zeros([1; D], &device))
+                .load_mapper(move |_| value.clone())
+        }
+    }
+    let mut freeze = Freeze { frozen: 0 };
+    let module = module.map(&mut freeze);
+    (module, freeze.frozen)
 }
 
 /// The checkpoint directory burn-train uses inside a run directory.

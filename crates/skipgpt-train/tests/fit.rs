@@ -246,6 +246,23 @@ fn a_killed_run_resumes_to_the_same_parameters() {
     for (name, t) in &ra {
         assert!(t.bytes() == rb[name].bytes(), "{name} differs after resume");
     }
+    // the frozen base came through the resume whole, though no checkpoint holds it
+    let (base_a, base_b) = (a.export(StoreDtype::F32), b.export(StoreDtype::F32));
+    let base_bytes: usize = base_a.values().map(|t| t.bytes().len()).sum();
+    for (name, t) in &base_a {
+        assert!(
+            t.bytes() == base_b[name].bytes(),
+            "{name} differs after resume"
+        );
+    }
+    // a checkpoint holds the routers (and their ids), not the base: far smaller than it
+    let router_bytes: usize = ra.values().map(|t| t.bytes().len()).sum();
+    let checkpoint = std::fs::metadata(ck.join("model-2.mpk")).unwrap().len() as usize;
+    eprintln!("checkpoint {checkpoint} B, routers {router_bytes} B, base {base_bytes} B");
+    assert!(
+        checkpoint < router_bytes + 16 * 1024 && checkpoint * 5 < base_bytes,
+        "model-2.mpk is {checkpoint} bytes for {router_bytes} bytes of routers"
+    );
     // the log holds each step once, in order
     let steps: Vec<usize> = rows(&resumed, "train").iter().map(|r| r.0).collect();
     assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
