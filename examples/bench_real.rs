@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! bench_real --model DIR --text FILE [--backend cpu|ndarray] [--threads N] [--dtype f32|f16|bf16] [--skip 0.25 --kv keep|drop]
-//!            [--prefill 512] [--decode 128] [--batches 1,8] [--repeats 3] [--ids-out ids.json] [--json OUT]
+//!            [--routed] [--prefill 512] [--decode 128] [--batches 1,8] [--repeats 3] [--ids-out ids.json] [--json OUT]
 //! ```
 //!
 //! Figures: load (seconds to a model ready to run); prefill tokens/s (one sequence of
@@ -47,6 +47,9 @@ struct Args {
     skip: Option<f64>,
     #[arg(long, value_parser = ["keep", "drop"], default_value = "keep")]
     kv: String,
+    /// Route with the model's own trained routers (its `skipgpt.json`), as served.
+    #[arg(long, conflicts_with = "skip")]
+    routed: bool,
     /// Tokens of the prefill figure.
     #[arg(long, default_value_t = 512)]
     prefill: usize,
@@ -157,6 +160,13 @@ fn run<B: Backend>(a: &Args, device: &B::Device) -> serde_json::Value {
             model = engine_bench::calibrated(&model, skip, a.kv(), &calib);
             Routing::Deterministic
         }
+        None if a.routed => {
+            if model.routing_config.is_none() {
+                eprintln!("--routed: {} has no routers", a.model.display());
+                std::process::exit(2);
+            }
+            Routing::Deterministic
+        }
         None => Routing::Dense,
     };
     let layers = model.config.num_hidden_layers;
@@ -207,6 +217,7 @@ fn run<B: Backend>(a: &Args, device: &B::Device) -> serde_json::Value {
                 "drop"
             }
         ),
+        None if a.routed => "skipgpt trained routers".into(),
         None => "skipgpt dense".into(),
     };
     if a.dtype() != StoreDtype::F32 {

@@ -501,11 +501,10 @@ fn eval_ppl_on<B: Backend>(args: &EvalPplArgs, device: &B::Device) -> Result<()>
     let docs = args.corpus.documents()?;
     let eos = model.config.eos_token_ids.first().copied();
     let corpus = &args.corpus;
-    let packed = pack(&docs, tokenizer, corpus.seq_len, eos)?;
     let data = match args.split {
-        SplitArg::All => packed,
+        SplitArg::All => pack(&docs, tokenizer, corpus.seq_len, eos)?,
         split => {
-            let (train, valid) = packed.split(corpus.valid_fraction, corpus.data_seed)?;
+            let (train, valid) = corpus.split(&docs, tokenizer, eos)?;
             if split == SplitArg::Valid {
                 valid
             } else {
@@ -513,6 +512,10 @@ fn eval_ppl_on<B: Backend>(args: &EvalPplArgs, device: &B::Device) -> Result<()>
             }
         }
     };
+    let mut data = data;
+    if let Some(n) = args.max_sequences {
+        data.sequences = evenly_spaced(std::mem::take(&mut data.sequences), n);
+    }
     if data.is_empty() {
         bail!(
             "the {:?} split is empty: use more data or a larger --valid-fraction",
@@ -529,13 +532,14 @@ fn eval_ppl_on<B: Backend>(args: &EvalPplArgs, device: &B::Device) -> Result<()>
         let report = perplexity(&model, &data, routing, args.batch_size, label)?;
         if !args.json {
             println!(
-                "{name:<7} perplexity {:>9.3}  (nll {:.4}, {} tokens)  skip: attention {:.1}%  mlp {:.1}%  params {:.1}%",
+                "{name:<7} perplexity {:>9.3}  (nll {:.4}, {} tokens)  skip: attention {:.1}%  mlp {:.1}%  params {:.1}%  next-token accuracy {:.1}%",
                 report.perplexity,
                 report.nll,
                 report.tokens,
                 100.0 * report.attn_skip,
                 100.0 * report.mlp_skip,
-                100.0 * report.param_skip
+                100.0 * report.param_skip,
+                100.0 * report.accuracy
             );
         }
         reports.insert(name.to_string(), serde_json::to_value(&report)?);
@@ -565,4 +569,18 @@ pub fn perplexity<B: Backend>(
         eprintln!();
     }
     Ok(report?)
+}
+
+/// At most `n` of `items`, evenly spaced over them (the first included).
+fn evenly_spaced<T>(items: Vec<T>, n: usize) -> Vec<T> {
+    let len = items.len();
+    if len <= n {
+        return items;
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| (i * n) % len < n)
+        .map(|(_, x)| x)
+        .collect()
 }

@@ -37,7 +37,7 @@ use crate::eval_cmd::{analyze_model, prune_static, score_tasks, PruneStaticArgs,
 use crate::lora_cmd::{finetune_lora, FinetuneLoraArgs, LoraArgs};
 use crate::train_cmd::{
     pretrain, tune_routers, CorpusArgs, GranularityArg, KvPolicyArg, MlpInputArg, PretrainArgs,
-    RouterArg, TrainArgs, TuneRoutersArgs,
+    RouterArg, RouterInitArg, TrainArgs, TuneRoutersArgs,
 };
 use crate::{with_backend, DemoArgs, RoutingArg};
 
@@ -58,7 +58,9 @@ fn train_args(steps: usize, lr: Option<f64>, seed: u64, out: &Path) -> TrainArgs
         seed,
         log_every: (steps / 10).max(1),
         checkpoint_every: (steps / 2).max(1),
-        valid_sequences: 64,
+        // the whole held-out split, in every validation pass and in each command's final
+        // report, so that every row of the comparison is scored on the same sequences
+        valid_sequences: 0,
         // a finished (or killed) earlier demo run is picked up where it stopped
         resume: run_dir(out).join(RunManifest::FILE).exists(),
         quiet: false,
@@ -117,6 +119,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         data_seed: args.seed,
         seq_len: args.seq_len,
         valid_fraction: 0.1,
+        valid_data: Vec::new(),
     };
     let t = (100.0 * args.target_sparsity).round() as u32;
     let dense_dir = args.out.join("dense");
@@ -135,6 +138,10 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         attn_target: None,
         mlp_target: None,
         router: RouterArg::Linear,
+        // the paper's start: the toy model absorbs it, and the demo reproduces the method as
+        // published (a real model starts execute-biased, the CLI default)
+        router_init: RouterInitArg::Paper,
+        init_margin: 3.0,
         mlp_router_input: MlpInputArg::PostAttn,
         granularity,
         kv_policy: KvPolicyArg::Keep,

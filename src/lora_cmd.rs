@@ -137,6 +137,7 @@ pub fn finetune_lora<B: Backend>(
         schedule: ScheduleKind::Cosine,
     });
     let (train, valid) = args.corpus.load_split(&tokenizer, &model.config)?;
+    let valid = args.train.validation_slice(valid);
 
     Autodiff::<B>::seed(device, args.train.seed);
     // everything frozen, routers included; then the adapters, which train

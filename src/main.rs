@@ -83,6 +83,10 @@ pub struct EvalPplArgs {
     /// Which sequences to evaluate.
     #[arg(long, value_enum, default_value = "valid")]
     pub split: SplitArg,
+    /// Evaluate at most N sequences of the split, evenly spaced over it: a fixed slice (the
+    /// same N picks the same sequences) for corpora too large to score whole.
+    #[arg(long, value_parser = crate::positive)]
+    pub max_sequences: Option<usize>,
     #[command(flatten)]
     pub routing: RoutingArgs,
     /// Print JSON.

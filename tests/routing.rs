@@ -10,7 +10,8 @@ use common::*;
 use skipgpt_model::router::straight_through_gate;
 use skipgpt_model::{
     generate, load_pretrained, save_pretrained, Granularity, KvPolicy, LlamaConfig,
-    LlamaForCausalLM, MlpRouterInput, RouterVariant, Routing, RoutingConfig, StoreDtype,
+    LlamaForCausalLM, MlpRouterInput, RouterInit, RouterVariant, Routing, RoutingConfig,
+    StoreDtype,
 };
 
 /// `model-routed` with `skipgpt.json` choosing the MLP router input.
@@ -156,6 +157,43 @@ fn sampled_routing_follows_router_probabilities() {
         .into_iter()
         .flat_map(to_vec)
         .all(|g| g == 1.0));
+}
+
+/// Where new routers start: the paper's Kaiming start skips a large share of modules at random,
+/// the execute-biased one runs every module deterministically and skips σ(-margin) of them
+/// under the training noise, for both router variants.
+#[test]
+fn execute_biased_routers_start_from_the_dense_model() {
+    let ids = Tensor::from_data(
+        TensorData::new((0..512i64).collect::<Vec<_>>(), [8, 64]),
+        &device(),
+    );
+    let execute_rate = |model: &LlamaForCausalLM<B>, routing| {
+        let out = model.forward_routed(ids.clone(), None, routing, false);
+        let gates: Vec<f32> = out
+            .attn_gates
+            .into_iter()
+            .chain(out.mlp_gates)
+            .flat_map(to_vec)
+            .collect();
+        gates.iter().sum::<f32>() / gates.len() as f32
+    };
+    for variant in [RouterVariant::Linear, RouterVariant::Mlp] {
+        let routing = RoutingConfig::new().with_router(variant);
+        <B as burn::tensor::backend::Backend>::seed(&device(), 5);
+        let base = LlamaConfig::tiny(512).init::<B>(&device());
+        let paper = base.clone().with_new_routers(routing.clone());
+        let execute = base.with_new_routers_from(routing, RouterInit::Execute { margin: 3.0 });
+        assert_eq!(execute_rate(&execute, Routing::Deterministic), 1.0);
+        // training's hard Gumbel draw executes with probability σ(3) = 0.953
+        let sampled = execute_rate(&execute, Routing::Sample);
+        assert!((sampled - 0.953).abs() < 0.02, "{variant:?}: {sampled}");
+        let random = execute_rate(&paper, Routing::Deterministic);
+        assert!(
+            random < 0.9,
+            "{variant:?}: the paper's start executes {random}"
+        );
+    }
 }
 
 #[test]

@@ -315,3 +315,81 @@ fn smollm2_half_precision_weights_stay_close_to_f32() {
         }
     }
 }
+
+/// The published routers and adapters (`models/smollm2-135m/skipgpt-t*`, made by
+/// `cargo xtask experiment --real`) load onto the imported GGUF, as their README says, and give
+/// the perplexities their `results.json` records on the fixed held-out slice
+/// (`tests/fixtures/smollm2/heldout.jsonl`: text of files no training run saw).
+#[test]
+fn published_routers_give_their_perplexity() {
+    use skipgpt_eval::evaluate_perplexity;
+    use skipgpt_model::{load_peft_adapter, Routing};
+    use skipgpt_train::data::{pack, read_documents};
+    // the default CPU backend: burn-ndarray would take minutes over these 3k tokens
+    type Cpu = burn::backend::Flex;
+
+    let Some(base) = imported("published_routers_give_their_perplexity") else {
+        return;
+    };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut published: Vec<PathBuf> = std::fs::read_dir(root.join("models/smollm2-135m"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("results.json").exists())
+        .collect();
+    published.sort();
+    assert!(!published.is_empty(), "nothing published");
+    for dir in published {
+        let results: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap())
+                .unwrap();
+        // rebuild as the README says: the imported model's files, then the routers copied in
+        let rebuilt = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(&base).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, rebuilt.path().join(path.file_name().unwrap())).unwrap();
+        }
+        for f in ["routers.safetensors", "skipgpt.json"] {
+            std::fs::copy(dir.join(f), rebuilt.path().join(f)).unwrap();
+        }
+        let device = Default::default();
+        let pretrained = load_pretrained::<Cpu>(rebuilt.path(), &device).unwrap();
+        let model = pretrained.model;
+        let tokenizer = pretrained.tokenizer.unwrap();
+        let docs = read_documents(&[root.join(results["slice"].as_str().unwrap())]).unwrap();
+        let seq_len = results["seq_len"].as_u64().unwrap() as usize;
+        let eos = model.config.eos_token_ids.first().copied();
+        let data = pack(&docs, &tokenizer, seq_len, eos).unwrap();
+        let ppl = |m: &LlamaForCausalLM<Cpu>, routing| {
+            evaluate_perplexity(m, &data, routing, 8, |_, _| {}).unwrap()
+        };
+        let dense = ppl(&model, Routing::Dense);
+        let routed = ppl(&model, Routing::Deterministic);
+        let adapter = load_peft_adapter(&dir.join("adapter")).unwrap();
+        let adapted = model.load_lora(&adapter).unwrap();
+        let both = ppl(&adapted, Routing::Deterministic);
+        let name = dir.display();
+        eprintln!(
+            "{name}: {} tokens; dense {:.3}, routers {:.3} ({:.1}% params skipped), routers + LoRA {:.3}",
+            dense.tokens,
+            dense.perplexity,
+            routed.perplexity,
+            100.0 * routed.param_skip,
+            both.perplexity
+        );
+        for (what, got, key) in [
+            ("dense", dense.perplexity, "dense_perplexity"),
+            ("routers", routed.perplexity, "routers_perplexity"),
+            ("routers + LoRA", both.perplexity, "routers_lora_perplexity"),
+        ] {
+            let want = results[key].as_f64().unwrap();
+            assert!(
+                (got / want - 1.0).abs() < 2e-3,
+                "{name}: {what} perplexity {got}, results.json says {want}"
+            );
+        }
+        // the routers do skip, and the adapter recovers some of what skipping costs
+        assert!(routed.param_skip > 0.15, "{name}: {routed:?}");
+        assert!(both.perplexity < routed.perplexity, "{name}");
+    }
+}

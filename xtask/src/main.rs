@@ -17,6 +17,7 @@
 
 mod bench_real;
 mod experiment;
+mod real;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -71,8 +72,18 @@ enum Task {
         /// Cargo features to build with (repeatable), e.g. `cuda`.
         #[arg(long)]
         features: Vec<String>,
-        #[arg(long, default_value = "runs/experiment")]
-        out: String,
+        /// Output directory [default: runs/experiment, or runs/real with --real].
+        #[arg(long)]
+        out: Option<String>,
+        /// SmolLM2-135M on the Python documentation instead of the synthetic corpus; writes
+        /// `docs/results-smollm2.md`. Settings: `--seq-len 128 --batch-size 4 --init-steps 60
+        /// --tune-steps 150 --lora-steps 100 --valid-sequences 64 --eval-sequences 96 --mc-examples 200 --threads 0`.
+        #[arg(long)]
+        real: bool,
+        /// With --real: `init` stops after the initialisation comparison, `t25` trains only
+        /// the 25% models, `speed` trains nothing and measures the finished models.
+        #[arg(long, value_parser = ["init", "t25", "all", "speed"], default_value = "all")]
+        until: String,
         /// Settings passed on to `skipgpt demo` (`--hidden-size 192 --layers 6 ...`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         settings: Vec<String>,
@@ -210,8 +221,25 @@ fn main() -> Result<()> {
         Task::Experiment {
             features,
             out,
+            real: true,
+            until,
             settings,
-        } => experiment::experiment(&features, &out, &settings),
+        } => {
+            if !features.is_empty() {
+                anyhow::bail!("--real runs on the CPU build");
+            }
+            real::experiment(out.as_deref().unwrap_or("runs/real"), &settings, &until)
+        }
+        Task::Experiment {
+            features,
+            out,
+            settings,
+            ..
+        } => experiment::experiment(
+            &features,
+            out.as_deref().unwrap_or("runs/experiment"),
+            &settings,
+        ),
         Task::Report { dir } => {
             experiment::write_report(&dir, &experiment::default_settings(), "ndarray")
         }

@@ -17,6 +17,8 @@ pub struct PerplexityReport {
     pub nll: f64,
     /// `exp(nll)`.
     pub perplexity: f64,
+    /// Next-token accuracy: the fraction of positions whose most likely token is the target.
+    pub accuracy: f64,
     /// Fraction of (token, layer) attention executions skipped (0 when dense).
     pub attn_skip: f64,
     /// Fraction of (token, layer) MLP executions skipped.
@@ -43,7 +45,7 @@ pub fn evaluate_perplexity<B: Backend>(
     let device = model.device();
     let layers = model.config.num_hidden_layers;
     let t = data.seq_len;
-    let (mut nll_sum, mut tokens) = (0.0f64, 0usize);
+    let (mut nll_sum, mut correct, mut tokens) = (0.0f64, 0.0f64, 0usize);
     let mut attn_skipped = vec![0.0f64; layers];
     let mut mlp_skipped = vec![0.0f64; layers];
     let batch_size = batch_size.max(1);
@@ -55,6 +57,8 @@ pub fn evaluate_perplexity<B: Backend>(
             .reshape([b * t, 1]);
         let mut cache = SparseCache::new(b, layers);
         let out = sparse_forward(model, &inputs, &mut cache, routing, LogitRows::All)?;
+        let hits = out.logits.clone().argmax(1).equal(targets.clone());
+        correct += scalar(hits.float().sum());
         // summed next-token negative log-likelihood of the batch's rows
         let picked = activation::log_softmax(out.logits, 1).gather(1, targets);
         nll_sum -= scalar(picked.sum());
@@ -84,6 +88,7 @@ pub fn evaluate_perplexity<B: Backend>(
         tokens,
         nll,
         perplexity: nll.exp(),
+        accuracy: correct / tokens.max(1) as f64,
         attn_skip,
         mlp_skip,
         param_skip: (pa as f64 * attn_skip + pm as f64 * mlp_skip) / (pa + pm) as f64,

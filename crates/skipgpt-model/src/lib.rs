@@ -41,7 +41,8 @@ pub use generate::{generate, GenerateOptions, Sampling};
 pub use llama::{CausalLmOutput, LlamaForCausalLM};
 pub use lora::{load_peft_adapter, save_peft_adapter, LoraConfig, PeftAdapter};
 pub use router::{
-    Granularity, KvPolicy, MlpRouterInput, RouterNoise, RouterVariant, Routing, RoutingConfig,
+    Granularity, KvPolicy, MlpRouterInput, RouterInit, RouterNoise, RouterVariant, Routing,
+    RoutingConfig,
 };
 pub use safetensors_io::StoreDtype;
 pub use tokenizer::Tokenizer;

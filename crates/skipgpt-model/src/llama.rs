@@ -19,7 +19,7 @@ use crate::lora::{
 };
 use crate::rope::{apply_rotary, RotaryEmbedding};
 use crate::router::{
-    router_names, KvPolicy, MlpRouterInput, Router, RouterNoise, Routing, RoutingConfig,
+    router_names, KvPolicy, MlpRouterInput, Router, RouterInit, RouterNoise, Routing, RoutingConfig,
 };
 use crate::safetensors_io::{OwnedTensor, StoreDtype, WeightSet};
 
@@ -582,14 +582,20 @@ impl<B: Backend> LlamaForCausalLM<B> {
         })
     }
 
-    /// Adds freshly initialised routers (replacing any) and switches to deterministic routing.
-    pub fn with_new_routers(mut self, routing: RoutingConfig) -> Self {
+    /// Adds freshly initialised routers (replacing any; the paper's start, [`RouterInit::Paper`])
+    /// and switches to deterministic routing.
+    pub fn with_new_routers(self, routing: RoutingConfig) -> Self {
+        self.with_new_routers_from(routing, RouterInit::Paper)
+    }
+
+    /// New routers for every layer, started as `init` says.
+    pub fn with_new_routers_from(mut self, routing: RoutingConfig, init: RouterInit) -> Self {
         let device = self.device();
         let h = self.config.hidden_size;
         let (_, mlp_slot) = router_names(routing.granularity);
         for layer in self.model.layers.iter_mut() {
-            layer.attn_router = Some(Router::init(routing.router, h, &device));
-            layer.mlp_router = mlp_slot.map(|_| Router::init(routing.router, h, &device));
+            layer.attn_router = Some(Router::init(routing.router, h, init, &device));
+            layer.mlp_router = mlp_slot.map(|_| Router::init(routing.router, h, init, &device));
         }
         self.routing_config = Some(routing);
         self.routing = Routing::Deterministic;

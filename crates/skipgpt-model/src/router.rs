@@ -61,6 +61,28 @@ pub enum KvPolicy {
     Drop,
 }
 
+/// Where a new router starts (stage 1 only: a trained router's weights say everything).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterInit {
+    /// Kaiming-uniform weights and zero biases, as the reference code initialises them. Each
+    /// decision starts as a coin flip on the token's state: about half of all modules are
+    /// skipped at random at the first step. A 2.6M-parameter toy model absorbs that; a real
+    /// pretrained model does not (SmolLM2's perplexity goes from 75 to 10⁵).
+    #[default]
+    Paper,
+    /// Starts from the dense model: the output layer's weights are zero and its bias favours
+    /// EXECUTE by `margin` logits, so every module runs with probability σ(margin) whatever the
+    /// token (95% for the default margin of 3), and the sparsity loss pushes skipping up from
+    /// there. The weights still get gradients (∂logit/∂w = x), so routers learn per token.
+    Execute { margin: f64 },
+}
+
+impl RouterInit {
+    /// The execute-biased start with its default margin.
+    pub const EXECUTE: RouterInit = RouterInit::Execute { margin: 3.0 };
+}
+
 /// Everything about routing that a SkipGPT checkpoint records in `skipgpt.json`.
 #[derive(Config, Debug, PartialEq)]
 pub struct RoutingConfig {
@@ -125,8 +147,13 @@ pub struct Router<B: Backend> {
 }
 
 impl<B: Backend> Router<B> {
-    /// Kaiming-uniform weights and zero biases, as the reference code initialises them.
-    pub fn init(variant: RouterVariant, hidden: usize, device: &B::Device) -> Self {
+    /// A new router, started as `init` says (see [`RouterInit`]).
+    pub fn init(
+        variant: RouterVariant,
+        hidden: usize,
+        init: RouterInit,
+        device: &B::Device,
+    ) -> Self {
         let layer = |d_in: usize, d_out: usize, relu: bool| {
             LinearConfig::new(d_in, d_out)
                 .with_initializer(Initializer::KaimingUniform {
@@ -142,14 +169,28 @@ impl<B: Backend> Router<B> {
             l.bias = l.bias.map(|b| Param::from_tensor(b.val().zeros_like()));
             l
         };
+        // the decision layer: random (paper) or silent with an EXECUTE bias
+        let output = |d_in: usize| match init {
+            RouterInit::Paper => zero_bias(layer(d_in, 2, false)),
+            RouterInit::Execute { margin } => {
+                let half = (margin / 2.0) as f32;
+                Linear {
+                    weight: Param::from_tensor(Tensor::zeros([d_in, 2], device)),
+                    bias: Some(Param::from_tensor(Tensor::from_data(
+                        TensorData::new(vec![half, -half], [2]),
+                        device,
+                    ))),
+                }
+            }
+        };
         match variant {
             RouterVariant::Linear => Router {
                 fc1: None,
-                fc2: zero_bias(layer(hidden, 2, false)),
+                fc2: output(hidden),
             },
             RouterVariant::Mlp => Router {
                 fc1: Some(zero_bias(layer(hidden, hidden / 4, true))),
-                fc2: zero_bias(layer(hidden / 4, 2, false)),
+                fc2: output(hidden / 4),
             },
         }
     }

