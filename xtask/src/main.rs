@@ -77,7 +77,7 @@ enum Task {
         out: Option<String>,
         /// SmolLM2-135M on the Python documentation instead of the synthetic corpus; writes
         /// `docs/results-smollm2.md`. Settings: `--seq-len 128 --batch-size 4 --init-steps 60
-        /// --tune-steps 150 --lora-steps 100 --valid-sequences 64 --eval-sequences 96 --mc-examples 200 --threads 0`.
+        /// --tune-steps 150 --lora-steps 100 --lora-lr 1e-3 --valid-sequences 64 --eval-sequences 96 --mc-examples 200 --threads 0`.
         #[arg(long)]
         real: bool,
         /// With --real: `init` stops after the initialisation comparison, `t25` trains only
@@ -90,8 +90,11 @@ enum Task {
     },
     /// Rewrites `docs/results.md` from a finished experiment.
     Report {
-        #[arg(default_value = "runs/experiment")]
-        dir: PathBuf,
+        /// The experiment's directory [default: runs/experiment, or runs/real with --real].
+        dir: Option<PathBuf>,
+        /// Rewrite `docs/results-smollm2.md` from `experiment --real` instead.
+        #[arg(long)]
+        real: bool,
     },
 }
 
@@ -240,8 +243,13 @@ fn main() -> Result<()> {
             out.as_deref().unwrap_or("runs/experiment"),
             &settings,
         ),
-        Task::Report { dir } => {
-            experiment::write_report(&dir, &experiment::default_settings(), "ndarray")
+        Task::Report { dir, real: true } => {
+            real::write_report(&dir.unwrap_or_else(|| "runs/real".into()))
         }
+        Task::Report { dir, real: false } => experiment::write_report(
+            &dir.unwrap_or_else(|| "runs/experiment".into()),
+            &experiment::default_settings(),
+            "ndarray",
+        ),
     }
 }

@@ -86,9 +86,18 @@ fn replace(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
+    let prefix = format!(".{name}.");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
+    // a temporary file is private (0600); what replaces `path` gets the mode `path` had, or
+    // the mode a plain `File::create` gives (0666 less the umask)
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).map_or(0o666, |m| m.permissions().mode() & 0o7777);
+        builder.permissions(std::fs::Permissions::from_mode(mode));
+    }
+    let mut tmp = builder
         .tempfile_in(dir)
         .map_err(|e| ModelError::io(dir, e))?;
     tmp.write_all(bytes)
@@ -113,6 +122,20 @@ mod tests {
         // nothing left behind
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
+
+        #[cfg(unix)]
+        {
+            // a new file gets the mode `File::create` gives; a replaced one keeps its own
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+            let plain = dir.path().join("plain");
+            std::fs::File::create(&plain).unwrap();
+            assert_eq!(mode(&file), mode(&plain));
+            std::fs::remove_file(&plain).unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+            atomic_write(&file, b"again").unwrap();
+            assert_eq!(mode(&file), 0o640);
+        }
 
         #[cfg(unix)]
         {
