@@ -294,7 +294,7 @@ pub struct TuneRoutersArgs {
     pub router: RouterArg,
     /// How new routers start. `execute` is the default because on a real model the paper's
     /// random start skips modules at random and perplexity explodes (SmolLM2-135M, 60 steps
-    /// at 25%: held-out perplexity 3517 from `paper` against 10² from `execute`; see
+    /// at 25%: validation perplexity 3517 from `paper` against 40.2 from `execute`; see
     /// docs/results-smollm2.md).
     #[arg(long, value_enum, default_value = "execute")]
     pub router_init: RouterInitArg,

