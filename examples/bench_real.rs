@@ -23,8 +23,9 @@ use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use serde_json::json;
-use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
-use skipgpt_model::{load_pretrained_as, GenerateOptions, KvPolicy, Routing, Sampling, StoreDtype};
+use skipgpt_eval::speed::{decode_speed, prefill_speed};
+use skipgpt_model::sparse::{sparse_forward, LogitRows, SparseCache};
+use skipgpt_model::{load_pretrained_as, KvPolicy, Routing, StoreDtype};
 
 /// One system of `cargo xtask bench-real` on a real checkpoint.
 #[derive(clap::Parser, Debug)]
@@ -169,44 +170,21 @@ fn run<B: Backend>(a: &Args, device: &B::Device) -> serde_json::Value {
         }
         None => Routing::Dense,
     };
-    let layers = model.config.num_hidden_layers;
-    let mut prefill_stats = None;
-    let t_prefill = engine_bench::median(a.repeats, || {
-        let mut cache = SparseCache::new(1, layers);
-        let out = sparse_forward(
-            &model,
-            std::slice::from_ref(&prefill),
-            &mut cache,
-            routing,
-            LogitRows::Last,
-        )
-        .unwrap();
-        let _ = out.logits.into_data();
-        prefill_stats = Some(out.stats);
-    });
-    let opts = GenerateOptions {
-        max_new_tokens: a.decode,
-        sampling: Sampling::Greedy,
-        eos_token_ids: vec![],
-        ignore_eos: true,
-    };
+    let prefilled = prefill_speed(&model, &prefill, routing, a.repeats).expect("prefill");
     let mut decode = serde_json::Map::new();
     let mut decode_stats = serde_json::Map::new();
     for &b in &a.batches {
-        let mut stats = None;
-        let t = engine_bench::median(a.repeats, || {
-            let (_, st, _) = generate_sparse(&model, &decode_prompts[..b], &opts, routing).unwrap();
-            stats = Some(st);
-        });
-        let st = stats.unwrap();
-        decode.insert(b.to_string(), json!((b * a.decode) as f64 / t));
+        let run = decode_speed(&model, &decode_prompts[..b], a.decode, routing, a.repeats)
+            .expect("decode");
+        let st = run.stats;
+        decode.insert(b.to_string(), json!(run.tokens_per_s));
         decode_stats.insert(
             b.to_string(),
             json!({"attn_skip": st.attn_skip(), "mlp_skip": st.mlp_skip(),
                    "ideal_speedup": st.ideal_speedup(), "weight_ideal_speedup": st.weight_ideal_speedup()}),
         );
     }
-    let ps = prefill_stats.unwrap();
+    let ps = prefilled.stats;
     let mut system = match a.skip {
         Some(s) => format!(
             "skipgpt routed {:.0}% {}",
@@ -229,7 +207,7 @@ fn run<B: Backend>(a: &Args, device: &B::Device) -> serde_json::Value {
         "threads": a.threads,
         "dtype": a.dtype,
         "load_s": load_s,
-        "prefill_tok_s": a.prefill as f64 / t_prefill,
+        "prefill_tok_s": prefilled.tokens_per_s,
         "decode": decode,
         "prefill_stats": {"attn_skip": ps.attn_skip(), "mlp_skip": ps.mlp_skip(), "ideal_speedup": ps.ideal_speedup()},
         "decode_stats": decode_stats,

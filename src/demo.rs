@@ -37,7 +37,7 @@ use crate::eval_cmd::{analyze_model, prune_static, score_tasks, PruneStaticArgs,
 use crate::lora_cmd::{finetune_lora, FinetuneLoraArgs, LoraArgs};
 use crate::train_cmd::{
     pretrain, tune_routers, CorpusArgs, GranularityArg, KvPolicyArg, MlpInputArg, PretrainArgs,
-    RouterArg, RouterInitArg, TrainArgs, TuneRoutersArgs,
+    RouterArg, RouterInitArg, SparsityUnitArg, TrainArgs, TuneRoutersArgs,
 };
 use crate::{with_backend, DemoArgs, RoutingArg};
 
@@ -134,6 +134,8 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         out: out.to_path_buf(),
         corpus: corpus.clone(),
         target_sparsity: args.target_sparsity,
+        // the reference code's count, which the demo's recorded numbers come from
+        sparsity_unit: SparsityUnitArg::Modules,
         alpha: 8.0,
         attn_target: None,
         mlp_target: None,

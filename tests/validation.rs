@@ -79,6 +79,26 @@ fn a_target_sparsity_outside_zero_to_one_is_refused() {
 }
 
 #[test]
+fn a_skipgpt_json_from_before_target_unit_counts_modules() {
+    let dir = copy_dir(&tiny().join("model-routed"));
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&skipgpt_model::RoutingConfig::new().to_json()).unwrap();
+    cfg.as_object_mut().unwrap().remove("target_unit").unwrap();
+    std::fs::write(dir.path().join("skipgpt.json"), cfg.to_string()).unwrap();
+    let model = load_pretrained::<B>(dir.path(), &device()).unwrap();
+    let routing = model.model.routing_config.expect("routers load");
+    assert_eq!(routing.target_unit, skipgpt_model::SparsityUnit::Modules);
+    // and an unknown unit is named
+    cfg["target_unit"] = "flops".into();
+    std::fs::write(dir.path().join("skipgpt.json"), cfg.to_string()).unwrap();
+    let err = load_error(&dir);
+    assert!(
+        err.contains("flops") && err.contains("skipgpt.json"),
+        "{err}"
+    );
+}
+
+#[test]
 fn tensors_the_model_does_not_use_are_named_in_a_warning() {
     use skipgpt_model::safetensors_io::{write_safetensors, OwnedTensor, TensorFile};
     use skipgpt_model::StoreDtype;

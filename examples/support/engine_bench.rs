@@ -8,8 +8,6 @@
 // each example that includes this file uses a part of it
 #![allow(dead_code)]
 
-use std::time::Instant;
-
 use burn::module::Param;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
@@ -159,20 +157,7 @@ pub fn measure<B: Backend>(
     }
 }
 
-/// Median wall time (seconds) of `n` runs after one warm-up. `f` must wait for its results
-/// (read them back), so that asynchronous GPU backends are timed to completion.
-pub fn median(n: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut times: Vec<f64> = (0..n.max(1))
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
+pub use skipgpt_eval::speed::median_seconds as median;
 
 /// `base` with random linear routers reading the block input, each router's bias set so that
 /// a fraction `skip` of the calibration tokens skips its module.

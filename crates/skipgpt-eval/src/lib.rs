@@ -9,6 +9,7 @@ pub mod baselines;
 pub mod error;
 pub mod multiple_choice;
 pub mod perplexity;
+pub mod speed;
 pub mod svg;
 
 pub use analysis::{analyze_routing, token_map, write_analysis, RoutingAnalysis, TokenMap};

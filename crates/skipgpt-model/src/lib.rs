@@ -42,7 +42,7 @@ pub use llama::{CausalLmOutput, LlamaForCausalLM};
 pub use lora::{load_peft_adapter, save_peft_adapter, LoraConfig, PeftAdapter};
 pub use router::{
     Granularity, KvPolicy, MlpRouterInput, RouterInit, RouterNoise, RouterVariant, Routing,
-    RoutingConfig,
+    RoutingConfig, SparsityUnit,
 };
 pub use safetensors_io::StoreDtype;
 pub use tokenizer::Tokenizer;

@@ -83,6 +83,32 @@ impl RouterInit {
     pub const EXECUTE: RouterInit = RouterInit::Execute { margin: 3.0 };
 }
 
+/// What a sparsity target counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SparsityUnit {
+    /// (token, module) executions, every module weighted equally: the reference code's loss.
+    #[default]
+    Modules,
+    /// Parameters: a skipped attention counts its attention weights, a skipped MLP its MLP
+    /// weights. The paper's tables report this ("Param skip").
+    Params,
+}
+
+impl SparsityUnit {
+    /// The weight of attention in the global skip rate, for the loss: `None` for modules
+    /// (½ each), a layer's attention share of its routed parameters for `Params`.
+    pub fn attn_share(self, config: &crate::LlamaConfig) -> Option<f64> {
+        match self {
+            SparsityUnit::Modules => None,
+            SparsityUnit::Params => {
+                let (a, m) = (config.attention_params(), config.mlp_params());
+                Some(a as f64 / (a + m) as f64)
+            }
+        }
+    }
+}
+
 /// Everything about routing that a SkipGPT checkpoint records in `skipgpt.json`.
 #[derive(Config, Debug, PartialEq)]
 pub struct RoutingConfig {
@@ -94,19 +120,30 @@ pub struct RoutingConfig {
     pub granularity: Granularity,
     #[config(default = "KvPolicy::Keep")]
     pub kv_policy: KvPolicy,
-    /// Fraction of (token, module) executions the routers were trained to skip.
+    /// Fraction the routers were trained to skip, counted in `target_unit`.
     #[config(default = 0.25)]
     pub target_sparsity: f64,
+    /// What `target_sparsity` counts (files written before this field count modules).
+    #[config(default = "SparsityUnit::Modules")]
+    pub target_unit: SparsityUnit,
 }
 
 impl RoutingConfig {
     /// Reads `skipgpt.json`; unknown values name the key and the accepted ones.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        let bad = |e: serde_json::Error| ModelError::Config {
             path: path.to_path_buf(),
             message: e.to_string(),
-        })?;
+        };
+        let mut value: serde_json::Value = serde_json::from_str(&text).map_err(bad)?;
+        // written before the unit was recorded: those routers were trained counting modules
+        if let Some(fields) = value.as_object_mut() {
+            fields
+                .entry("target_unit")
+                .or_insert_with(|| serde_json::json!("modules"));
+        }
+        let config: Self = serde_json::from_value(value).map_err(bad)?;
         let t = config.target_sparsity;
         if !(0.0..=1.0).contains(&t) {
             return Err(ModelError::Config {

@@ -5,6 +5,11 @@
 //! global constraint, so routers may trade attention sparsity against MLP sparsity (the
 //! reference code's `|(1 − T) − exec_rate|`, which is the same thing). With separate targets
 //! for attention and MLP, each kind gets its own term and the two are averaged.
+//!
+//! With `attn_share` set, the global rate weighs each kind by its parameters instead, so T is
+//! the fraction of parameters skipped (the paper's "Param skip" column). On LLaMA shapes an
+//! MLP holds 2–4× an attention's parameters, and the routers skip attention more readily, so
+//! a module-count target of 25% lands near 21% of parameters (SmolLM2-135M).
 
 use burn::config::Config;
 use burn::tensor::{activation, backend::Backend, Int, Tensor};
@@ -17,7 +22,8 @@ pub struct SparsityLossConfig {
     /// Weight α of the sparsity term (the paper: 8; the reference code: 20).
     #[config(default = 8.0)]
     pub alpha: f64,
-    /// Target fraction T of skipped (token, module) executions.
+    /// Target fraction T skipped: of (token, module) executions, or of parameters with
+    /// `attn_share`.
     #[config(default = 0.25)]
     pub target: f64,
     /// Separate target for attention (then `mlp_target` is required too).
@@ -26,6 +32,11 @@ pub struct SparsityLossConfig {
     /// Separate target for the MLPs.
     #[config(default = "None")]
     pub mlp_target: Option<f64>,
+    /// Count parameters, not modules: the share of one layer's routed parameters that sit in
+    /// attention (`attention / (attention + MLP)`). `None` weighs the two kinds equally, as the
+    /// reference code does.
+    #[config(default = "None")]
+    pub attn_share: Option<f64>,
 }
 
 impl SparsityLossConfig {
@@ -50,6 +61,15 @@ impl SparsityLossConfig {
                 expected: "a weight >= 0",
             });
         }
+        if let Some(share) = self.attn_share {
+            if !(share > 0.0 && share < 1.0) {
+                return Err(TrainError::InvalidSetting {
+                    name: "attn_share",
+                    value: share.to_string(),
+                    expected: "a fraction in (0, 1)",
+                });
+            }
+        }
         match (self.attn_target, self.mlp_target) {
             (None, None) => Ok(()),
             (Some(a), Some(m)) => {
@@ -71,6 +91,8 @@ pub struct LossParts<B: Backend> {
     pub lm: Tensor<B, 1>,
     pub attn_skip: Tensor<B, 1>,
     pub mlp_skip: Tensor<B, 1>,
+    /// The global skip rate the target is compared with: attention weighted by `attn_share`.
+    pub skip: Tensor<B, 1>,
 }
 
 /// Mean next-token cross-entropy over the positions where `mask` is 1.
@@ -109,7 +131,8 @@ pub fn skip_rate<B: Backend>(gates: &[Tensor<B, 2>], mask: Tensor<B, 2>) -> Tens
     skipped / count
 }
 
-/// `CE + α·|T − skip_rate|` (or the per-kind variant with separate targets).
+/// `CE + α·|T − skip_rate|` (or the per-kind variant with separate targets); `skip_rate`
+/// weighs attention by `attn_share` (½ unless set).
 pub fn skipgpt_loss<B: Backend>(
     cfg: &SparsityLossConfig,
     logits: Tensor<B, 3>,
@@ -121,20 +144,20 @@ pub fn skipgpt_loss<B: Backend>(
     let lm = lm_loss(logits, targets, mask.clone());
     let attn_skip = skip_rate(attn_gates, mask.clone());
     let mlp_skip = skip_rate(mlp_gates, mask);
+    let share = cfg.attn_share.unwrap_or(0.5);
+    let skip = attn_skip.clone() * share + mlp_skip.clone() * (1.0 - share);
     let penalty = match (cfg.attn_target, cfg.mlp_target) {
         (Some(ta), Some(tm)) => {
             ((attn_skip.clone().neg() + ta).abs() + (mlp_skip.clone().neg() + tm).abs()) / 2.0
         }
-        _ => ((attn_skip.clone() + mlp_skip.clone()) / 2.0)
-            .neg()
-            .add_scalar(cfg.target)
-            .abs(),
+        _ => skip.clone().neg().add_scalar(cfg.target).abs(),
     };
     LossParts {
         total: lm.clone() + penalty * cfg.alpha,
         lm,
         attn_skip,
         mlp_skip,
+        skip,
     }
 }
 
@@ -180,6 +203,14 @@ mod tests {
             .with_mlp_target(Some(1.2))
             .validate()
             .is_err());
+        for share in [0.0, 1.0, f64::NAN] {
+            let err = SparsityLossConfig::new()
+                .with_attn_share(Some(share))
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("attn_share"), "{err}");
+        }
     }
 
     #[test]
@@ -238,8 +269,23 @@ mod tests {
         // overall skip 0.5: 8 * |0.25 - 0.5| = 2
         assert!((scalar(parts.total) - scalar(parts.lm) - 2.0).abs() < 1e-5);
         let cfg = cfg.with_attn_target(Some(0.9)).with_mlp_target(Some(0.3));
-        let parts = skipgpt_loss(&cfg, logits, targets, mask, &attn, &mlp);
+        let parts = skipgpt_loss(
+            &cfg,
+            logits.clone(),
+            targets.clone(),
+            mask.clone(),
+            &attn,
+            &mlp,
+        );
         // 8 * (|0.9 - 1| + |0.3 - 0|) / 2 = 1.6
         assert!((scalar(parts.total) - scalar(parts.lm) - 1.6).abs() < 1e-5);
+        // parameters counted: attention holds 1/5 of them, so skipping every attention and no
+        // MLP skips 20%: 8 * |0.25 - 0.2| = 0.4
+        let cfg = SparsityLossConfig::new()
+            .with_target(0.25)
+            .with_attn_share(Some(0.2));
+        let parts = skipgpt_loss(&cfg, logits, targets, mask, &attn, &mlp);
+        assert!((scalar(parts.skip) - 0.2).abs() < 1e-6);
+        assert!((scalar(parts.total) - scalar(parts.lm) - 0.4).abs() < 1e-5);
     }
 }

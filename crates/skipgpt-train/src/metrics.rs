@@ -20,7 +20,8 @@ pub enum Stat {
     Perplexity,
     AttnSkip,
     MlpSkip,
-    /// Mean of the attention and MLP skip rates: what the sparsity term compares with T.
+    /// The global skip rate the sparsity term compares with T: the mean of the attention and
+    /// MLP rates, or weighted by parameters when the target counts parameters.
     Skip,
     Temperature,
 }
@@ -46,7 +47,7 @@ impl Stat {
             Stat::Perplexity => s.lm_loss.exp(),
             Stat::AttnSkip => s.attn_skip,
             Stat::MlpSkip => s.mlp_skip,
-            Stat::Skip => (s.attn_skip + s.mlp_skip) / 2.0,
+            Stat::Skip => s.skip,
             Stat::Temperature => s.temperature,
         }
     }

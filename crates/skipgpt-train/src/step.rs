@@ -110,6 +110,7 @@ impl<B: Backend> LmTrainer<B> {
                 parts.lm.clone(),
                 parts.attn_skip.clone(),
                 parts.mlp_skip.clone(),
+                parts.skip.clone(),
             ],
             0,
         )
@@ -298,7 +299,7 @@ impl<B: Backend> InferenceStep for LmTrainer<B> {
 
 /// A step's statistics, still on the device (read back by the metrics thread).
 pub struct StepOutput<B: Backend> {
-    /// `[loss, lm_loss, attn_skip, mlp_skip]`
+    /// `[loss, lm_loss, attn_skip, mlp_skip, skip]`
     stats: Tensor<B, 1>,
     temperature: f64,
     tokens: usize,
@@ -311,6 +312,8 @@ pub struct StepStats {
     pub lm_loss: f64,
     pub attn_skip: f64,
     pub mlp_skip: f64,
+    /// The global rate the sparsity target is compared with (in the target's unit).
+    pub skip: f64,
     /// NaN when the step did not use Gumbel gates.
     pub temperature: f64,
     pub tokens: usize,
@@ -326,6 +329,7 @@ impl<B: Backend> ItemLazy for StepOutput<B> {
             lm_loss: v[1],
             attn_skip: v[2],
             mlp_skip: v[3],
+            skip: v[4],
             temperature: self.temperature,
             tokens: self.tokens,
         }

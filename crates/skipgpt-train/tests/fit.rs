@@ -153,7 +153,7 @@ fn router_tuning_reaches_the_target_and_keeps_the_base() {
     assert_eq!(step, 60);
     let skip = row["Skip"];
     assert!((skip - 0.5).abs() < 0.1, "skip rate {skip}");
-    assert!((skip - (row["Attention Skip"] + row["MLP Skip"]) / 2.0).abs() < 1e-9);
+    assert!((skip - (row["Attention Skip"] + row["MLP Skip"]) / 2.0).abs() < 1e-6);
     // the temperature was annealed towards 1
     assert!(row["Temperature"] < 1.5, "{row:?}");
     // validation ran at each checkpoint, with the deterministic gates
