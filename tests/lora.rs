@@ -219,6 +219,17 @@ fn bad_adapters_are_refused_with_the_key_named() {
     std::fs::write(&path, text.replace("\"q_proj\"", "\"qkv\"")).unwrap();
     let e = err(&dir);
     assert!(e.contains("qkv"), "{e}");
+    // a value of the wrong type is named by its key
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["r"] = "16".into();
+    std::fs::write(&path, json.to_string()).unwrap();
+    let e = err(&dir);
+    assert!(e.contains("`r`") && e.contains("invalid type"), "{e}");
+    json["r"] = 4.into();
+    json["target_modules"] = "q_proj|v_proj".into();
+    std::fs::write(&path, json.to_string()).unwrap();
+    let e = err(&dir);
+    assert!(e.contains("target_modules") && e.contains("list"), "{e}");
     // and settings that make no sense
     let e = routed_model()
         .with_lora(LoraConfig {

@@ -119,14 +119,17 @@ impl LlamaConfig {
             path: path.to_path_buf(),
             message,
         };
-        let root: Value = serde_json::from_str(text).map_err(|e| cfg_err(e.to_string()))?;
-        let obj = root
-            .as_object()
-            .ok_or_else(|| cfg_err("expected a JSON object at the top level".into()))?;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let file: HfConfigFile =
+            serde_path_to_error::deserialize(&mut de).map_err(|e| {
+                match e.path().to_string().as_str() {
+                    "." => cfg_err(e.inner().to_string()),
+                    key => cfg_err(format!("key `{key}`: {}", e.inner())),
+                }
+            })?;
 
-        let model_type = match obj.get("model_type").and_then(Value::as_str) {
-            Some(t) => t.to_string(),
-            None => return Err(cfg_err("missing key `model_type` (a string)".into())),
+        let Some(model_type) = file.model_type.clone() else {
+            return Err(cfg_err("missing key `model_type` (a string)".into()));
         };
         if !SUPPORTED.contains(&model_type.as_str()) {
             return Err(ModelError::UnsupportedArchitecture {
@@ -135,58 +138,29 @@ impl LlamaConfig {
             });
         }
 
-        let req = |key: &str| -> Result<usize> {
-            match obj.get(key) {
-                None | Some(Value::Null) => Err(cfg_err(format!(
+        let req = |key: &str, v: Option<u64>| -> Result<usize> {
+            match v {
+                None => Err(cfg_err(format!(
                     "missing required key `{key}` (a positive integer)"
                 ))),
-                Some(v) => v
-                    .as_u64()
-                    .filter(|&n| n > 0)
-                    .map(|n| n as usize)
-                    .ok_or_else(|| {
-                        cfg_err(format!("key `{key}` must be a positive integer, got {v}"))
-                    }),
+                Some(0) => Err(cfg_err(format!(
+                    "key `{key}` must be a positive integer, got 0"
+                ))),
+                Some(n) => Ok(n as usize),
             }
         };
-        let opt_usize = |key: &str| -> Result<Option<usize>> {
-            match obj.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
-                    cfg_err(format!(
-                        "key `{key}` must be a non-negative integer, got {v}"
-                    ))
-                }),
-            }
-        };
-        let opt_f64 = |key: &str| -> Result<Option<f64>> {
-            match obj.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(v) => v
-                    .as_f64()
-                    .map(Some)
-                    .ok_or_else(|| cfg_err(format!("key `{key}` must be a number, got {v}"))),
-            }
-        };
-        let opt_bool = |key: &str| -> Result<Option<bool>> {
-            match obj.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(v) => v
-                    .as_bool()
-                    .map(Some)
-                    .ok_or_else(|| cfg_err(format!("key `{key}` must be true or false, got {v}"))),
-            }
-        };
+        let opt_usize = |v: Option<u64>| v.map(|n| n as usize);
 
-        let hidden_size = req("hidden_size")?;
-        let num_attention_heads = req("num_attention_heads")?;
-        let num_key_value_heads = opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let hidden_size = req("hidden_size", file.hidden_size)?;
+        let num_attention_heads = req("num_attention_heads", file.num_attention_heads)?;
+        let num_key_value_heads =
+            opt_usize(file.num_key_value_heads).unwrap_or(num_attention_heads);
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(cfg_err(format!(
                 "`num_attention_heads` ({num_attention_heads}) must be a multiple of `num_key_value_heads` ({num_key_value_heads})"
             )));
         }
-        let head_dim = match opt_usize("head_dim")? {
+        let head_dim = match opt_usize(file.head_dim) {
             Some(d) => d,
             None => {
                 if hidden_size % num_attention_heads != 0 {
@@ -202,32 +176,32 @@ impl LlamaConfig {
                 "`head_dim` must be even for RoPE, got {head_dim}"
             )));
         }
-        if let Some(act) = obj.get("hidden_act").and_then(Value::as_str) {
+        if let Some(act) = &file.hidden_act {
             if act != "silu" {
                 return Err(ModelError::Unsupported {
                     path: path.to_path_buf(),
                     key: "hidden_act".into(),
-                    value: act.into(),
+                    value: act.clone(),
                     expected: "only \"silu\" (SwiGLU) is supported".into(),
                 });
             }
         }
 
         // transformers 5.x nests theta and scaling in `rope_parameters`; 4.x keeps them on top.
-        let rope_params = obj.get("rope_parameters").filter(|v| !v.is_null());
+        let rope_params = file.rope_parameters.as_ref().filter(|v| !v.is_null());
         let rope_theta = match rope_params.and_then(|p| p.get("rope_theta")) {
             Some(v) => v.as_f64().ok_or_else(|| {
                 cfg_err(format!(
                     "`rope_parameters.rope_theta` must be a number, got {v}"
                 ))
             })?,
-            None => opt_f64("rope_theta")?.unwrap_or(10000.0),
+            None => file.rope_theta.unwrap_or(10000.0),
         };
         let (scaling_key, scaling) = match rope_params {
             Some(p) => ("rope_parameters", Some(p)),
             None => (
                 "rope_scaling",
-                obj.get("rope_scaling").filter(|v| !v.is_null()),
+                file.rope_scaling.as_ref().filter(|v| !v.is_null()),
             ),
         };
         let rope_scaling = match scaling {
@@ -235,7 +209,7 @@ impl LlamaConfig {
             Some(v) => parse_rope_scaling(v, scaling_key, path)?,
         };
 
-        let attention_bias = opt_bool("attention_bias")?.unwrap_or(false);
+        let attention_bias = file.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = if model_type == "qwen2" {
             (true, false)
         } else {
@@ -243,32 +217,19 @@ impl LlamaConfig {
         };
         // Qwen2 configs carry a `sliding_window` that only applies with `use_sliding_window`.
         let sliding_window = match model_type.as_str() {
-            "mistral" => opt_usize("sliding_window")?,
-            "qwen2" if opt_bool("use_sliding_window")?.unwrap_or(false) => {
-                opt_usize("sliding_window")?
-            }
+            "mistral" => opt_usize(file.sliding_window),
+            "qwen2" if file.use_sliding_window.unwrap_or(false) => opt_usize(file.sliding_window),
             _ => None,
         };
-        let eos_token_ids = match obj.get("eos_token_id") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(ids)) => ids
-                .iter()
-                .map(|v| v.as_u64().map(|n| n as u32))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    cfg_err("`eos_token_id` must be an integer or a list of integers".into())
-                })?,
-            Some(v) => vec![v
-                .as_u64()
-                .ok_or_else(|| cfg_err(format!("`eos_token_id` must be an integer, got {v}")))?
-                as u32],
+        let eos_token_ids = match file.eos_token_id {
+            None => Vec::new(),
+            Some(EosTokenIds::One(id)) => vec![id],
+            Some(EosTokenIds::Many(ids)) => ids,
         };
-        let dtype = obj
-            .get("dtype")
-            .or_else(|| obj.get("torch_dtype"))
-            .and_then(Value::as_str)
-            .unwrap_or("float32")
-            .to_string();
+        let dtype = file
+            .dtype
+            .or(file.torch_dtype)
+            .unwrap_or_else(|| "float32".into());
 
         // values JSON allows but the model cannot use: each would give NaN or empty output
         let positive = |key: &str, v: f64| -> Result<f64> {
@@ -281,13 +242,13 @@ impl LlamaConfig {
             }
         };
         let rope_theta = positive("rope_theta", rope_theta)?;
-        let rms_norm_eps = positive("rms_norm_eps", opt_f64("rms_norm_eps")?.unwrap_or(1e-6))?;
+        let rms_norm_eps = positive("rms_norm_eps", file.rms_norm_eps.unwrap_or(1e-6))?;
         if head_dim == 0 {
             return Err(cfg_err(
                 "`head_dim` must be a positive integer, got 0".into(),
             ));
         }
-        let max_position_embeddings = match opt_usize("max_position_embeddings")? {
+        let max_position_embeddings = match opt_usize(file.max_position_embeddings) {
             Some(0) => {
                 return Err(cfg_err(
                     "`max_position_embeddings` must be a positive integer, got 0".into(),
@@ -298,10 +259,10 @@ impl LlamaConfig {
 
         Ok(LlamaConfig {
             model_type,
-            vocab_size: req("vocab_size")?,
+            vocab_size: req("vocab_size", file.vocab_size)?,
             hidden_size,
-            intermediate_size: req("intermediate_size")?,
-            num_hidden_layers: req("num_hidden_layers")?,
+            intermediate_size: req("intermediate_size", file.intermediate_size)?,
+            num_hidden_layers: req("num_hidden_layers", file.num_hidden_layers)?,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -311,10 +272,10 @@ impl LlamaConfig {
             max_position_embeddings,
             qkv_bias,
             o_bias,
-            mlp_bias: opt_bool("mlp_bias")?.unwrap_or(false),
-            tie_word_embeddings: opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            mlp_bias: file.mlp_bias.unwrap_or(false),
+            tie_word_embeddings: file.tie_word_embeddings.unwrap_or(false),
             sliding_window,
-            bos_token_id: opt_usize("bos_token_id")?.map(|n| n as u32),
+            bos_token_id: file.bos_token_id,
             eos_token_ids,
             dtype,
         })
@@ -387,6 +348,46 @@ impl LlamaConfig {
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + self.num_hidden_layers * layer + h + head
     }
+}
+
+/// The keys of a HF `config.json` this project reads (every other key is ignored). serde checks
+/// their types, and an error names the key's path; presence, ranges and the relations between
+/// keys are checked in [`LlamaConfig::from_hf_json`].
+#[derive(Deserialize)]
+struct HfConfigFile {
+    model_type: Option<String>,
+    vocab_size: Option<u64>,
+    hidden_size: Option<u64>,
+    intermediate_size: Option<u64>,
+    num_hidden_layers: Option<u64>,
+    num_attention_heads: Option<u64>,
+    num_key_value_heads: Option<u64>,
+    head_dim: Option<u64>,
+    hidden_act: Option<String>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    /// Checked by [`parse_rope_scaling`], which names the sub-key at fault.
+    rope_scaling: Option<Value>,
+    /// transformers 5.x: theta and the scaling together.
+    rope_parameters: Option<Value>,
+    max_position_embeddings: Option<u64>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    tie_word_embeddings: Option<bool>,
+    sliding_window: Option<u64>,
+    use_sliding_window: Option<bool>,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<EosTokenIds>,
+    dtype: Option<String>,
+    torch_dtype: Option<String>,
+}
+
+/// `eos_token_id`: one id or a list of them.
+#[derive(Deserialize)]
+#[serde(untagged, expecting = "an integer or a list of integers")]
+enum EosTokenIds {
+    One(u32),
+    Many(Vec<u32>),
 }
 
 fn parse_rope_scaling(v: &Value, key: &str, path: &Path) -> Result<RopeScaling> {
@@ -508,6 +509,26 @@ mod tests {
             err.contains("yarn") && err.contains("rope_scaling"),
             "{err}"
         );
+        // wrong types, named by their key
+        let err = parse(&format!(r#"{BASE},"rms_norm_eps":"small"}}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`rms_norm_eps`") && err.contains("invalid type"),
+            "{err}"
+        );
+        let err = parse(&format!(r#"{BASE},"eos_token_id":"</s>"}}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`eos_token_id`") && err.contains("list of integers"),
+            "{err}"
+        );
+        let c = parse(&format!(
+            r#"{BASE},"eos_token_id":[1,2],"bos_token_id":null}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.eos_token_ids, vec![1, 2]);
         let err = parse(&format!("{}}}", BASE.replace("llama", "gpt2"))).unwrap_err();
         assert!(
             matches!(err, ModelError::UnsupportedArchitecture { ref model_type, .. } if model_type == "gpt2")

@@ -258,6 +258,31 @@ pub struct PeftAdapter {
     pub dir: PathBuf,
 }
 
+/// The keys of a PEFT `adapter_config.json` this project reads (every other key is ignored).
+/// serde checks their types, and an error names the key's path.
+#[derive(serde::Deserialize)]
+struct PeftConfigFile {
+    peft_type: Option<String>,
+    r: Option<u64>,
+    lora_alpha: Option<f64>,
+    lora_dropout: Option<f64>,
+    target_modules: Option<TargetModules>,
+    use_rslora: Option<bool>,
+    use_dora: Option<bool>,
+    fan_in_fan_out: Option<bool>,
+    bias: Option<String>,
+    rank_pattern: Option<serde_json::Map<String, serde_json::Value>>,
+    alpha_pattern: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// `target_modules`: PEFT takes a list of names or one regular expression.
+#[derive(serde::Deserialize)]
+#[serde(untagged, expecting = "a list of module names or a pattern")]
+enum TargetModules {
+    Names(Vec<String>),
+    Pattern(String),
+}
+
 /// Reads a PEFT LoRA adapter directory. Only plain LoRA is understood: rsLoRA, DoRA, bias
 /// training and per-layer ranks are refused with the key named.
 pub fn load_peft_adapter(dir: &Path) -> Result<PeftAdapter> {
@@ -267,63 +292,60 @@ pub fn load_peft_adapter(dir: &Path) -> Result<PeftAdapter> {
         path: path.clone(),
         message,
     };
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-    let unsupported =
-        |key: &str, value: &serde_json::Value, expected: &str| ModelError::Unsupported {
-            path: path.clone(),
-            key: key.into(),
-            value: value.to_string(),
-            expected: expected.into(),
-        };
-    if let Some(t) = json.get("peft_type") {
-        if t != "LORA" {
-            return Err(unsupported("peft_type", t, "LORA"));
+    let mut de = serde_json::Deserializer::from_str(&text);
+    let file: PeftConfigFile = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        match e.path().to_string().as_str() {
+            "." => err(e.inner().to_string()),
+            key => err(format!("key `{key}`: {}", e.inner())),
         }
+    })?;
+    let unsupported = |key: &str, value: String, expected: &str| ModelError::Unsupported {
+        path: path.clone(),
+        key: key.into(),
+        value,
+        expected: expected.into(),
+    };
+    if let Some(t) = file.peft_type.as_deref().filter(|&t| t != "LORA") {
+        return Err(unsupported("peft_type", format!("{t:?}"), "\"LORA\""));
     }
-    for (key, ok) in [
-        ("use_rslora", serde_json::json!(false)),
-        ("use_dora", serde_json::json!(false)),
-        ("fan_in_fan_out", serde_json::json!(false)),
-        ("bias", serde_json::json!("none")),
+    for (key, on) in [
+        ("use_rslora", file.use_rslora),
+        ("use_dora", file.use_dora),
+        ("fan_in_fan_out", file.fan_in_fan_out),
     ] {
-        if let Some(v) = json.get(key) {
-            if !v.is_null() && *v != ok {
-                return Err(unsupported(key, v, &format!("{ok}")));
-            }
+        if on == Some(true) {
+            return Err(unsupported(key, "true".into(), "false"));
         }
     }
-    for key in ["rank_pattern", "alpha_pattern"] {
-        if let Some(v) = json.get(key) {
-            if !(v.is_null() || v.as_object().is_some_and(|m| m.is_empty())) {
-                return Err(unsupported(key, v, "none: one rank and α for every module"));
-            }
+    if let Some(b) = file.bias.as_deref().filter(|&b| b != "none") {
+        return Err(unsupported("bias", format!("{b:?}"), "\"none\""));
+    }
+    for (key, pattern) in [
+        ("rank_pattern", &file.rank_pattern),
+        ("alpha_pattern", &file.alpha_pattern),
+    ] {
+        if let Some(p) = pattern.as_ref().filter(|p| !p.is_empty()) {
+            return Err(unsupported(
+                key,
+                serde_json::Value::Object(p.clone()).to_string(),
+                "none: one rank and α for every module",
+            ));
         }
     }
-    let rank = json
-        .get("r")
-        .and_then(serde_json::Value::as_u64)
-        .ok_or_else(|| err("`r` must be a positive integer".into()))? as usize;
-    let alpha = json
-        .get("lora_alpha")
-        .and_then(serde_json::Value::as_f64)
+    let rank = match file.r {
+        Some(r) if r > 0 => r as usize,
+        _ => return Err(err("`r` must be a positive integer".into())),
+    };
+    let alpha = file
+        .lora_alpha
         .ok_or_else(|| err("`lora_alpha` must be a number".into()))?;
-    let dropout = json
-        .get("lora_dropout")
-        .map_or(Some(0.0), serde_json::Value::as_f64)
-        .ok_or_else(|| err("`lora_dropout` must be a number".into()))?;
-    let targets: Vec<String> = match json.get("target_modules") {
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .map(|t| {
-                t.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| err("`target_modules` must list module names".into()))
-            })
-            .collect::<Result<_>>()?,
-        Some(v) => {
+    let dropout = file.lora_dropout.unwrap_or(0.0);
+    let targets = match file.target_modules {
+        Some(TargetModules::Names(names)) => names,
+        Some(TargetModules::Pattern(p)) => {
             return Err(unsupported(
                 "target_modules",
-                v,
+                format!("{p:?}"),
                 "a list of projection names",
             ))
         }
