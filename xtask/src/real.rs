@@ -966,7 +966,7 @@ pub fn write_report(work: &Path) -> Result<()> {
     let _ = writeln!(md, "## The comparison\n");
     let _ = writeln!(
         md,
-        "Perplexity and next-token accuracy on the held-out slice; cloze accuracy; skip rates as realised on the held-out slice (param skip weighs each skipped module by its parameters); speed through the sparse engine, median of 5 (prefill of 512 tokens; batch-1 greedy decode of 128 tokens after a 16-token prompt), measured after all training in one go with nothing else running.\n"
+        "Perplexity and next-token accuracy on the held-out slice; cloze accuracy; skip rates as realised on the held-out slice (param skip weighs each skipped module by its parameters); speed through the sparse engine, median of 5 (prefill of 512 tokens; batch-1 greedy decode of 128 tokens after a 16-token prompt), measured after all training in one go with nothing else running. SkipGPT-RT and SkipGPT-RT + LoRA route almost alike, yet their prefill rates differ by 13%: differences of that size are noise on this shared 2-core VM.\n"
     );
     let _ = writeln!(
         md,
