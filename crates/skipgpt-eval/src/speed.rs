@@ -39,17 +39,11 @@ pub fn prefill_speed<B: Backend>(
     repeats: usize,
 ) -> Result<Throughput> {
     let layers = model.config.num_hidden_layers;
+    let batch = [prompt.to_vec()];
     let mut stats = Ok(EngineStats::default());
     let seconds = median_seconds(repeats, || {
         let mut cache = SparseCache::new(1, layers);
-        stats = sparse_forward(
-            model,
-            &[prompt.to_vec()],
-            &mut cache,
-            routing,
-            LogitRows::Last,
-        )
-        .map(|out| {
+        stats = sparse_forward(model, &batch, &mut cache, routing, LogitRows::Last).map(|out| {
             let _ = out.logits.into_data();
             out.stats
         });

@@ -119,14 +119,7 @@ impl LlamaConfig {
             path: path.to_path_buf(),
             message,
         };
-        let mut de = serde_json::Deserializer::from_str(text);
-        let file: HfConfigFile =
-            serde_path_to_error::deserialize(&mut de).map_err(|e| {
-                match e.path().to_string().as_str() {
-                    "." => cfg_err(e.inner().to_string()),
-                    key => cfg_err(format!("key `{key}`: {}", e.inner())),
-                }
-            })?;
+        let file: HfConfigFile = crate::error::from_json_text(text, path)?;
 
         let Some(model_type) = file.model_type.clone() else {
             return Err(cfg_err("missing key `model_type` (a string)".into()));

@@ -77,3 +77,22 @@ impl ModelError {
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// Reads the text of the JSON file `path` into `T`. A value of the wrong type is named by its
+/// key's path (`key `rms_norm_eps`: invalid type: ...`); presence and ranges are the caller's.
+pub(crate) fn from_json_text<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &std::path::Path,
+) -> Result<T> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let message = match e.path().to_string().as_str() {
+            "." => e.inner().to_string(),
+            key => format!("key `{key}`: {}", e.inner()),
+        };
+        ModelError::Config {
+            path: path.to_path_buf(),
+            message,
+        }
+    })
+}

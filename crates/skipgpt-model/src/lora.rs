@@ -292,13 +292,7 @@ pub fn load_peft_adapter(dir: &Path) -> Result<PeftAdapter> {
         path: path.clone(),
         message,
     };
-    let mut de = serde_json::Deserializer::from_str(&text);
-    let file: PeftConfigFile = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        match e.path().to_string().as_str() {
-            "." => err(e.inner().to_string()),
-            key => err(format!("key `{key}`: {}", e.inner())),
-        }
-    })?;
+    let file: PeftConfigFile = crate::error::from_json_text(&text, &path)?;
     let unsupported = |key: &str, value: String, expected: &str| ModelError::Unsupported {
         path: path.clone(),
         key: key.into(),

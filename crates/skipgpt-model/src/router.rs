@@ -138,6 +138,7 @@ impl RoutingConfig {
         };
         let mut value: serde_json::Value = serde_json::from_str(&text).map_err(bad)?;
         // written before the unit was recorded: those routers were trained counting modules
+        // (burn's `Config` deserialiser does not apply `#[config(default)]` to a missing key)
         if let Some(fields) = value.as_object_mut() {
             fields
                 .entry("target_unit")

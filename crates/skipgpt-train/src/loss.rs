@@ -255,36 +255,32 @@ mod tests {
             &d,
         )]; // skip 1.0
         let mlp = [Tensor::<B, 2>::ones([1, 2], &d)]; // skip 0.0
+        let loss = |cfg: &SparsityLossConfig| {
+            skipgpt_loss(
+                cfg,
+                logits.clone(),
+                targets.clone(),
+                mask.clone(),
+                &attn,
+                &mlp,
+            )
+        };
         let cfg = SparsityLossConfig::new().with_alpha(8.0).with_target(0.25);
-        let parts = skipgpt_loss(
-            &cfg,
-            logits.clone(),
-            targets.clone(),
-            mask.clone(),
-            &attn,
-            &mlp,
-        );
+        let parts = loss(&cfg);
         assert!((scalar(parts.attn_skip) - 1.0).abs() < 1e-6);
         assert!((scalar(parts.mlp_skip)).abs() < 1e-6);
         // overall skip 0.5: 8 * |0.25 - 0.5| = 2
         assert!((scalar(parts.total) - scalar(parts.lm) - 2.0).abs() < 1e-5);
-        let cfg = cfg.with_attn_target(Some(0.9)).with_mlp_target(Some(0.3));
-        let parts = skipgpt_loss(
-            &cfg,
-            logits.clone(),
-            targets.clone(),
-            mask.clone(),
-            &attn,
-            &mlp,
-        );
+        let parts = loss(&cfg.with_attn_target(Some(0.9)).with_mlp_target(Some(0.3)));
         // 8 * (|0.9 - 1| + |0.3 - 0|) / 2 = 1.6
         assert!((scalar(parts.total) - scalar(parts.lm) - 1.6).abs() < 1e-5);
         // parameters counted: attention holds 1/5 of them, so skipping every attention and no
         // MLP skips 20%: 8 * |0.25 - 0.2| = 0.4
-        let cfg = SparsityLossConfig::new()
-            .with_target(0.25)
-            .with_attn_share(Some(0.2));
-        let parts = skipgpt_loss(&cfg, logits, targets, mask, &attn, &mlp);
+        let parts = loss(
+            &SparsityLossConfig::new()
+                .with_target(0.25)
+                .with_attn_share(Some(0.2)),
+        );
         assert!((scalar(parts.skip) - 0.2).abs() < 1e-6);
         assert!((scalar(parts.total) - scalar(parts.lm) - 0.4).abs() < 1e-5);
     }
