@@ -1,7 +1,6 @@
 //! The subcommands. Each parses nothing itself (clap did) and owns only I/O and printing.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
@@ -34,14 +33,13 @@ pub struct ModelArgs {
     /// f16 or bf16 take half the memory and decode faster where memory bandwidth bounds it.
     /// The residual stream, norms, routers, attention and the cache stay f32.
     #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: crate::gguf_cmd::DtypeArg,
+    pub dtype: skipgpt_model::StoreDtype,
 }
 
 impl ModelArgs {
     /// The model directory, with the adapter applied when one is given.
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<skipgpt_model::Pretrained<B>> {
-        let mut pretrained =
-            skipgpt_model::load_pretrained_as::<B>(&self.dir, device, self.dtype.into())?;
+        let mut pretrained = skipgpt_model::load_pretrained_as::<B>(&self.dir, device, self.dtype)?;
         warn_unused(&pretrained);
         if let Some(adapter) = &self.adapter {
             let adapter = skipgpt_model::load_peft_adapter(adapter)?;
@@ -559,14 +557,14 @@ pub fn perplexity<B: Backend>(
     batch: usize,
     label: Option<&str>,
 ) -> Result<skipgpt_eval::PerplexityReport> {
-    let label = label.filter(|_| std::io::stderr().is_terminal());
+    let bar = label.map(|label| crate::progress::counter(label, "sequences"));
     let report = skipgpt_eval::evaluate_perplexity(model, data, routing, batch, |done, total| {
-        if let Some(label) = label {
-            eprint!("\r  {label}: {done}/{total} sequences");
+        if let Some(bar) = &bar {
+            crate::progress::update(bar, done, total);
         }
     });
-    if label.is_some() {
-        eprintln!();
+    if let Some(bar) = bar {
+        bar.finish();
     }
     Ok(report?)
 }

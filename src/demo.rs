@@ -21,11 +21,12 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use serde::Serialize;
-use skipgpt_eval::{synthetic_mc_tasks, PerplexityReport};
+use skipgpt_eval::{synthetic_mc_tasks, PerplexityReport, StaticMode};
 use skipgpt_model::sparse::EngineStats;
 use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{
-    load_config, load_pretrained, GenerateOptions, LlamaForCausalLM, Routing, Sampling, Tokenizer,
+    load_config, load_pretrained, GenerateOptions, Granularity, KvPolicy, LlamaForCausalLM,
+    MlpRouterInput, RouterVariant, Routing, Sampling, SparsityUnit, Tokenizer,
 };
 use skipgpt_train::data::PackedDataset;
 use skipgpt_train::fit::run_dir;
@@ -33,11 +34,10 @@ use skipgpt_train::resume::RunManifest;
 
 use crate::backend::BackendKind;
 use crate::commands::perplexity;
-use crate::eval_cmd::{analyze_model, prune_static, score_tasks, PruneStaticArgs, StaticModeArg};
+use crate::eval_cmd::{analyze_model, prune_static, score_tasks, PruneStaticArgs};
 use crate::lora_cmd::{finetune_lora, FinetuneLoraArgs, LoraArgs};
 use crate::train_cmd::{
-    pretrain, tune_routers, CorpusArgs, GranularityArg, KvPolicyArg, MlpInputArg, PretrainArgs,
-    RouterArg, RouterInitArg, SparsityUnitArg, TrainArgs, TuneRoutersArgs,
+    pretrain, tune_routers, CorpusArgs, PretrainArgs, RouterInitArg, TrainArgs, TuneRoutersArgs,
 };
 use crate::{with_backend, DemoArgs, RoutingArg};
 
@@ -129,24 +129,24 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
     let short_dir = args.out.join(format!("shortgpt-t{t}"));
     let joint_dir = args.out.join(format!("joint-t{t}"));
     let pictures = args.out.join(format!("analysis-t{t}"));
-    let tune = |out: &Path, granularity: GranularityArg| TuneRoutersArgs {
+    let tune = |out: &Path, granularity: Granularity| TuneRoutersArgs {
         model: dense_dir.clone(),
         out: out.to_path_buf(),
         corpus: corpus.clone(),
         target_sparsity: args.target_sparsity,
         // the reference code's count, which the demo's recorded numbers come from
-        sparsity_unit: SparsityUnitArg::Modules,
+        sparsity_unit: SparsityUnit::Modules,
         alpha: 8.0,
         attn_target: None,
         mlp_target: None,
-        router: RouterArg::Linear,
+        router: RouterVariant::Linear,
         // the paper's start: the toy model absorbs it, and the demo reproduces the method as
         // published (a real model starts execute-biased, the CLI default)
         router_init: RouterInitArg::Paper,
         init_margin: 3.0,
-        mlp_router_input: MlpInputArg::PostAttn,
+        mlp_router_input: MlpRouterInput::PostAttn,
         granularity,
-        kv_policy: KvPolicyArg::Keep,
+        kv_policy: KvPolicy::Keep,
         temperature_start: 5.0,
         temperature_end: 1.0,
         joint_lora: false,
@@ -185,8 +185,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         args.target_sparsity,
         rt_dir.display()
     );
-    let rt =
-        tune_routers::<B>(&tune(&rt_dir, GranularityArg::Module), device)?.ok_or_else(empty)?;
+    let rt = tune_routers::<B>(&tune(&rt_dir, Granularity::Module), device)?.ok_or_else(empty)?;
 
     eprintln!(
         "\n[3/6] SkipGPT-RT + LoRA: adapters with the routers frozen (stage 2) -> {}",
@@ -214,7 +213,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         modd_dir.display()
     );
     let modd =
-        tune_routers::<B>(&tune(&modd_dir, GranularityArg::Layer), device)?.ok_or_else(empty)?;
+        tune_routers::<B>(&tune(&modd_dir, Granularity::Layer), device)?.ok_or_else(empty)?;
 
     eprintln!(
         "\n[5/6] ShortGPT: removing the least influential layers to the same parameter budget -> {}",
@@ -226,7 +225,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
             out: short_dir.clone(),
             corpus: corpus.clone(),
             target_sparsity: args.target_sparsity,
-            mode: StaticModeArg::Block,
+            mode: StaticMode::Block,
             calibration_sequences: 64,
             batch_size: 8,
         },
@@ -238,7 +237,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
             "\n[5b/6] joint ablation: routers and LoRA trained together -> {}",
             joint_dir.display()
         );
-        let mut a = tune(&joint_dir, GranularityArg::Module);
+        let mut a = tune(&joint_dir, Granularity::Module);
         a.joint_lora = true;
         a.train = train_args(
             args.tune_steps + args.lora_steps,

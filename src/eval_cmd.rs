@@ -1,6 +1,5 @@
 //! `skipgpt eval-mc`: zero-shot multiple-choice accuracy, dense and routed side by side.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
@@ -67,10 +66,12 @@ pub fn score_tasks<B: Backend>(
     batch_size: usize,
     quiet: bool,
 ) -> Result<Vec<McRow>> {
-    let show = !quiet && std::io::stderr().is_terminal();
+    let show = !quiet;
     let mut rows = Vec::new();
     for task in tasks {
         let run = |routing: Routing, label: &str| {
+            let bar = show
+                .then(|| crate::progress::counter(&format!("{} ({label})", task.name), "examples"));
             let r = evaluate_mc(
                 model,
                 tokenizer,
@@ -78,13 +79,13 @@ pub fn score_tasks<B: Backend>(
                 routing,
                 batch_size,
                 |done, total| {
-                    if show {
-                        eprint!("\r  {} ({label}): {done}/{total}", task.name);
+                    if let Some(bar) = &bar {
+                        crate::progress::update(bar, done, total);
                     }
                 },
             );
-            if show {
-                eprint!("\r\x1b[K");
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
             }
             r
         };
@@ -180,14 +181,6 @@ pub fn print_table(rows: &[McRow]) {
     }
 }
 
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StaticModeArg {
-    /// Remove whole layers (ShortGPT).
-    Block,
-    /// Remove attention modules only.
-    Attention,
-}
-
 #[derive(Args, Debug, Clone)]
 pub struct PruneStaticArgs {
     /// The model to prune: a Hugging Face directory with tokenizer.json.
@@ -203,7 +196,7 @@ pub struct PruneStaticArgs {
     #[arg(long, default_value_t = 0.25)]
     pub target_sparsity: f64,
     #[arg(long, value_enum, default_value = "block")]
-    pub mode: StaticModeArg,
+    pub mode: skipgpt_eval::StaticMode,
     /// Calibration sequences (from the training split) for Block Influence.
     #[arg(long, default_value_t = 64)]
     pub calibration_sequences: usize,
@@ -222,7 +215,7 @@ pub fn prune_static<B: Backend>(
     args: &PruneStaticArgs,
     device: &B::Device,
 ) -> Result<skipgpt_eval::StaticPlan> {
-    use skipgpt_eval::{block_influence, static_plan, StaticMode};
+    use skipgpt_eval::{block_influence, static_plan};
     if !(0.0..1.0).contains(&args.target_sparsity) {
         bail!(
             "--target-sparsity {}: expected a fraction in [0, 1)",
@@ -238,10 +231,7 @@ pub fn prune_static<B: Backend>(
         .sequences
         .truncate(args.calibration_sequences.max(1));
     let bi = block_influence(&model, &calibration, args.batch_size)?;
-    let mode = match args.mode {
-        StaticModeArg::Block => StaticMode::Block,
-        StaticModeArg::Attention => StaticMode::Attention,
-    };
+    let mode = args.mode;
     let plan = static_plan(
         &bi,
         mode,
@@ -281,6 +271,98 @@ pub fn prune_static<B: Backend>(
     crate::train_cmd::write_skipgpt_dir(&args.model, &pruned, &args.out)?;
     println!("prune-static: saved to {}", args.out.display());
     Ok(plan)
+}
+
+#[derive(Args, Debug)]
+pub struct CalibrateRoutersArgs {
+    /// A SkipGPT model directory (after stage 1).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output: the same model with every router's SKIP bias shifted by the amount found, and
+    /// `calibration.json` (what was measured).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub corpus: crate::train_cmd::CorpusArgs,
+    /// The skip rate deterministic routing should realise; default: the model's own target
+    /// (`skipgpt.json`).
+    #[arg(long)]
+    pub target_sparsity: Option<f64>,
+    /// What the target counts; default: the model's own unit (`skipgpt.json`).
+    #[arg(long, value_enum)]
+    pub sparsity_unit: Option<skipgpt_model::SparsityUnit>,
+    /// Calibration sequences (from the training split).
+    #[arg(long, default_value_t = 64, value_parser = crate::positive)]
+    pub sequences: usize,
+    #[arg(long, default_value_t = 8, value_parser = crate::positive)]
+    pub batch_size: usize,
+}
+
+pub fn calibrate_routers_cmd(backend: BackendKind, args: CalibrateRoutersArgs) -> Result<()> {
+    with_backend!(backend, |B, device| calibrate_routers::<B>(&args, &device)
+        .map(drop))
+}
+
+/// Shifts the routers' SKIP biases so that deterministic routing realises the target on
+/// calibration text ([`skipgpt_eval::calibrate_routers`]) and writes the model.
+pub fn calibrate_routers<B: Backend>(
+    args: &CalibrateRoutersArgs,
+    device: &B::Device,
+) -> Result<skipgpt_eval::CalibrationReport> {
+    check_out_dir(&args.model, &args.out)?;
+    let pretrained = skipgpt_model::load_pretrained::<B>(&args.model, device)?;
+    let tokenizer = require_tokenizer(
+        pretrained.tokenizer.as_ref(),
+        &args.model,
+        "calibrate-routers",
+    )?;
+    let model = pretrained.model;
+    let Some(routing) = model.routing_config.clone() else {
+        bail!(
+            "{}: not a SkipGPT model (no routers.safetensors): calibration shifts trained routers",
+            args.model.display()
+        );
+    };
+    let target = args.target_sparsity.unwrap_or(routing.target_sparsity);
+    let unit = args.sparsity_unit.unwrap_or(routing.target_unit);
+    let (mut calibration, _) = args.corpus.load_split(tokenizer, &model.config)?;
+    calibration.sequences.truncate(args.sequences);
+    let unit_name = match unit {
+        skipgpt_model::SparsityUnit::Params => "parameters",
+        skipgpt_model::SparsityUnit::Modules => "module decisions",
+    };
+    println!(
+        "calibrate-routers: target skip {target} of {unit_name} on {} sequences of {} tokens",
+        calibration.len(),
+        calibration.seq_len
+    );
+    let (mut model, report) = skipgpt_eval::calibrate_routers(
+        model,
+        &calibration,
+        target,
+        unit,
+        args.batch_size,
+        |pass, shift, skip| {
+            println!(
+                "  pass {pass:>2}: shift {shift:+.4} -> skip {:.2}%",
+                100.0 * skip
+            )
+        },
+    )?;
+    println!(
+        "calibrate-routers: skip {:.2}% -> {:.2}% (target {:.2}%) with a SKIP-bias shift of {:+.4}, {} passes",
+        100.0 * report.skip_before,
+        100.0 * report.skip_after,
+        100.0 * target,
+        report.shift,
+        report.passes
+    );
+    model.routing_config = Some(routing.with_target_sparsity(target).with_target_unit(unit));
+    crate::train_cmd::write_skipgpt_dir(&args.model, &model, &args.out)?;
+    let json = serde_json::to_string_pretty(&report).expect("serialises");
+    skipgpt_model::atomic::atomic_write(&args.out.join("calibration.json"), json.as_bytes())?;
+    println!("calibrate-routers: saved to {}", args.out.display());
+    Ok(report)
 }
 
 #[derive(Args, Debug, Clone)]

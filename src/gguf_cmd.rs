@@ -21,32 +21,15 @@ pub struct ImportGgufArgs {
     /// dtype of model.safetensors (quantized weights are dequantized exactly to f32; f16 and
     /// bf16 round them).
     #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DtypeArg,
+    pub dtype: StoreDtype,
     /// Replace the model files of an existing directory.
     #[arg(long)]
     pub overwrite: bool,
 }
 
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DtypeArg {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl From<DtypeArg> for StoreDtype {
-    fn from(d: DtypeArg) -> Self {
-        match d {
-            DtypeArg::F32 => StoreDtype::F32,
-            DtypeArg::F16 => StoreDtype::F16,
-            DtypeArg::Bf16 => StoreDtype::BF16,
-        }
-    }
-}
-
 pub fn import_gguf_cmd(args: ImportGgufArgs) -> Result<()> {
     let opts = ImportOptions {
-        dtype: args.dtype.into(),
+        dtype: args.dtype,
         overwrite: args.overwrite,
     };
     let t = Instant::now();

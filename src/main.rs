@@ -10,6 +10,7 @@ mod demo_real;
 mod eval_cmd;
 mod gguf_cmd;
 mod lora_cmd;
+mod progress;
 mod threads;
 mod train_cmd;
 
@@ -66,6 +67,9 @@ enum Command {
     /// ShortGPT-style static pruning (Block Influence), written as a SkipGPT directory with
     /// constant routers: the static baseline.
     PruneStatic(eval_cmd::PruneStaticArgs),
+    /// Shift trained routers' SKIP biases so that deterministic routing realises the skip
+    /// target on calibration text (stage 1 trains with noisy gates, which skip a little more).
+    CalibrateRouters(eval_cmd::CalibrateRoutersArgs),
     /// Where the routers spend compute: per layer, by position, by token frequency, and a
     /// per-token heatmap; JSON plus SVG pictures.
     Analyze(eval_cmd::AnalyzeArgs),
@@ -312,6 +316,7 @@ fn main() {
         Command::EvalMc(args) => eval_cmd::eval_mc(backend, args),
         Command::Analyze(args) => eval_cmd::analyze_cmd(backend, args),
         Command::PruneStatic(args) => eval_cmd::prune_static_cmd(backend, args),
+        Command::CalibrateRouters(args) => eval_cmd::calibrate_routers_cmd(backend, args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -85,12 +85,6 @@ impl CorpusArgs {
     }
 }
 
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ScheduleArg {
-    Constant,
-    Cosine,
-}
-
 /// Optimisation settings shared by the training commands.
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
@@ -111,7 +105,7 @@ pub struct TrainArgs {
     pub warmup_steps: Option<usize>,
     /// Learning rate after warmup [pretrain: cosine; tune-routers: constant, the paper's].
     #[arg(long, value_enum)]
-    pub schedule: Option<ScheduleArg>,
+    pub schedule: Option<ScheduleKind>,
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
     /// Clip each parameter's gradient to this norm (0 turns clipping off).
@@ -176,11 +170,7 @@ impl TrainArgs {
             warmup_steps: self
                 .warmup_steps
                 .unwrap_or((steps as f64 * d.warmup_fraction) as usize),
-            schedule: match self.schedule {
-                Some(ScheduleArg::Constant) => ScheduleKind::Constant,
-                Some(ScheduleArg::Cosine) => ScheduleKind::Cosine,
-                None => d.schedule,
-            },
+            schedule: self.schedule.unwrap_or(d.schedule),
             weight_decay: self.weight_decay,
             grad_clip: (self.grad_clip > 0.0).then_some(self.grad_clip),
             seed: self.seed,
@@ -226,14 +216,6 @@ pub struct PretrainArgs {
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouterArg {
-    /// Linear(hidden, 2): the paper's.
-    Linear,
-    /// hidden -> hidden/4 -> ReLU -> 2: the reference code's.
-    Mlp,
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouterInitArg {
     /// Kaiming-uniform weights, zero bias (the paper's code): about half the modules skipped
     /// at random at the first step.
@@ -241,40 +223,6 @@ pub enum RouterInitArg {
     /// Start from the dense model: zero output weights and a bias towards EXECUTE of
     /// --init-margin logits; the sparsity loss raises skipping from there.
     Execute,
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SparsityUnitArg {
-    /// The fraction of parameters skipped, each skip counting its module's weights (what the
-    /// paper's tables and `eval-ppl`'s "param skip" report).
-    Params,
-    /// The fraction of (token, module) decisions that skip, every module counting the same
-    /// (the reference code's loss).
-    Modules,
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MlpInputArg {
-    /// The state after attention (the paper).
-    PostAttn,
-    /// The block input (the reference code).
-    BlockInput,
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GranularityArg {
-    /// A router before attention and one before the MLP (SkipGPT).
-    Module,
-    /// One router per layer gating both (the MoD-D style baseline).
-    Layer,
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvPolicyArg {
-    /// A token that skips attention still lends its keys and values (the paper).
-    Keep,
-    /// A token that skips attention is invisible at that layer (saves KV cache).
-    Drop,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -296,7 +244,7 @@ pub struct TuneRoutersArgs {
     /// target in parameters, since MLPs are larger and skipped less (SmolLM2-135M at 25%: 21.6%
     /// of parameters).
     #[arg(long, value_enum, default_value = "params")]
-    pub sparsity_unit: SparsityUnitArg,
+    pub sparsity_unit: SparsityUnit,
     /// Weight α of the sparsity term |T - skip_rate| (the paper: 8).
     #[arg(long, default_value_t = 8.0)]
     pub alpha: f64,
@@ -307,7 +255,7 @@ pub struct TuneRoutersArgs {
     #[arg(long, requires = "attn_target")]
     pub mlp_target: Option<f64>,
     #[arg(long, value_enum, default_value = "linear")]
-    pub router: RouterArg,
+    pub router: RouterVariant,
     /// How new routers start. `execute` is the default because on a real model the paper's
     /// random start skips modules at random and perplexity explodes (SmolLM2-135M, 60 steps
     /// at 25%: validation perplexity 3517 from `paper` against 40.2 from `execute`; see
@@ -319,11 +267,11 @@ pub struct TuneRoutersArgs {
     #[arg(long, default_value_t = 3.0)]
     pub init_margin: f64,
     #[arg(long, value_enum, default_value = "post-attn")]
-    pub mlp_router_input: MlpInputArg,
+    pub mlp_router_input: MlpRouterInput,
     #[arg(long, value_enum, default_value = "module")]
-    pub granularity: GranularityArg,
+    pub granularity: Granularity,
     #[arg(long, value_enum, default_value = "keep")]
-    pub kv_policy: KvPolicyArg,
+    pub kv_policy: KvPolicy,
     /// Gumbel temperature at the first step (annealed linearly).
     #[arg(long, default_value_t = 5.0)]
     pub temperature_start: f64,
@@ -355,32 +303,13 @@ impl TuneRoutersArgs {
         })
     }
 
-    pub fn sparsity_unit(&self) -> SparsityUnit {
-        match self.sparsity_unit {
-            SparsityUnitArg::Params => SparsityUnit::Params,
-            SparsityUnitArg::Modules => SparsityUnit::Modules,
-        }
-    }
-
     fn routing_config(&self) -> RoutingConfig {
         RoutingConfig::new()
-            .with_target_unit(self.sparsity_unit())
-            .with_router(match self.router {
-                RouterArg::Linear => RouterVariant::Linear,
-                RouterArg::Mlp => RouterVariant::Mlp,
-            })
-            .with_mlp_router_input(match self.mlp_router_input {
-                MlpInputArg::PostAttn => MlpRouterInput::PostAttn,
-                MlpInputArg::BlockInput => MlpRouterInput::BlockInput,
-            })
-            .with_granularity(match self.granularity {
-                GranularityArg::Module => Granularity::Module,
-                GranularityArg::Layer => Granularity::Layer,
-            })
-            .with_kv_policy(match self.kv_policy {
-                KvPolicyArg::Keep => KvPolicy::Keep,
-                KvPolicyArg::Drop => KvPolicy::Drop,
-            })
+            .with_target_unit(self.sparsity_unit)
+            .with_router(self.router)
+            .with_mlp_router_input(self.mlp_router_input)
+            .with_granularity(self.granularity)
+            .with_kv_policy(self.kv_policy)
             .with_target_sparsity(self.target_sparsity)
     }
 }
@@ -543,7 +472,7 @@ pub fn tune_routers<B: Backend>(
         .with_target(args.target_sparsity)
         .with_attn_target(args.attn_target)
         .with_mlp_target(args.mlp_target)
-        .with_attn_share(args.sparsity_unit().attn_share(&model.config));
+        .with_attn_share(args.sparsity_unit.attn_share(&model.config));
     loss.validate()?;
     let mut opts = args.train.options(Defaults {
         steps: 200,
@@ -585,7 +514,7 @@ pub fn tune_routers<B: Backend>(
             100.0 * model.router_params() as f64 / base as f64,
             base,
             args.target_sparsity,
-            match args.sparsity_unit() {
+            match args.sparsity_unit {
                 SparsityUnit::Params => "parameters",
                 SparsityUnit::Modules => "module decisions",
             },

@@ -307,10 +307,11 @@ fn routing_analysis_aggregates_the_reference_gates() {
     let files = write_analysis(&a, Some(&map), dir.path()).unwrap();
     assert_eq!(files.len(), 5);
     let heatmap = std::fs::read_to_string(dir.path().join("token-heatmap.svg")).unwrap();
-    // one cell per (token, module row)
-    let cells =
-        heatmap.matches("executed</title>").count() + heatmap.matches("skipped</title>").count();
-    assert_eq!(cells, map.tokens.len() * 6);
+    // one cell per (token, module row), in the executed or the skipped colour, plus the key's
+    // two swatches
+    let cells = heatmap.matches(r##"fill="#1F4E79""##).count()
+        + heatmap.matches(r##"fill="#E8EEF5""##).count();
+    assert_eq!(cells, map.tokens.len() * 6 + 2);
     assert!(heatmap.trim_end().ends_with("</svg>"));
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("routing.json")).unwrap()).unwrap();
@@ -319,6 +320,52 @@ fn routing_analysis_aggregates_the_reference_gates() {
     // a dense model has nothing to analyse
     let (dense, _) = tiny_model();
     let e = analyze_routing(&dense, &data, None, 2)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no routers"), "{e}");
+}
+
+#[test]
+fn calibration_shifts_the_routers_to_their_target() {
+    use skipgpt_eval::{calibrate_routers, realised_skip};
+    use skipgpt_model::SparsityUnit;
+    let model = load_pretrained::<B>(&tiny().join("model-routed"), &device())
+        .unwrap()
+        .model;
+    // 16 sequences of 32 tokens: 3 layers × 2 modules × 512 decisions
+    let data = skipgpt_train::data::PackedDataset {
+        seq_len: 32,
+        sequences: (0..16u32)
+            .map(|s| (0..33u32).map(|i| (s * 31 + i * 7) % 100).collect())
+            .collect(),
+    };
+    let (before, tokens) = realised_skip(&model, &data, SparsityUnit::Params, 4).unwrap();
+    assert_eq!(tokens, 512);
+    for target in [0.1, 0.6] {
+        let mut passes = Vec::new();
+        let (calibrated, report) = calibrate_routers(
+            model.clone(),
+            &data,
+            target,
+            SparsityUnit::Params,
+            4,
+            |pass, shift, skip| passes.push((pass, shift, skip)),
+        )
+        .unwrap();
+        assert_eq!(report.skip_before, before);
+        assert!(
+            (report.skip_after - target).abs() < 0.01,
+            "target {target}: {report:?}"
+        );
+        // more skipping takes a positive shift of the SKIP logit, less a negative one
+        assert_eq!(report.shift > 0.0, target > before, "{report:?}");
+        assert_eq!(passes.len(), report.passes);
+        // the returned model is the one measured
+        let (after, _) = realised_skip(&calibrated, &data, SparsityUnit::Params, 4).unwrap();
+        assert_eq!(after, report.skip_after);
+    }
+    let dense = tiny_model().0;
+    let e = calibrate_routers(dense, &data, 0.25, SparsityUnit::Params, 4, |_, _, _| {})
         .unwrap_err()
         .to_string();
     assert!(e.contains("no routers"), "{e}");

@@ -61,6 +61,7 @@ fn tune_args<'a>(model: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a s
 }
 
 #[test]
+#[ignore = "slow: trains end to end through the CLI; run with -- --include-ignored"]
 fn pretrain_then_tune_routers_then_evaluate() {
     let dir = tempfile::tempdir().unwrap();
     let (dense, tuned) = (dir.path().join("dense"), dir.path().join("tuned"));
@@ -179,6 +180,7 @@ fn bad_pretrain_settings_are_rejected() {
 }
 
 #[test]
+#[ignore = "slow: trains end to end through the CLI; run with -- --include-ignored"]
 fn demo_runs_end_to_end_and_reruns_from_its_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     let args = [
@@ -275,6 +277,7 @@ fn before_after(stdout: &[u8]) -> (f64, f64) {
 }
 
 #[test]
+#[ignore = "slow: trains end to end through the CLI; run with -- --include-ignored"]
 fn lora_stage_two_joint_and_dense_lora_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name);

@@ -132,7 +132,7 @@ fn ci() -> Result<()> {
             "warnings",
         ],
     )?;
-    run("cargo", &["test", "--workspace"])?;
+    run("cargo", &["test", "--workspace", "--", "--include-ignored"])?;
     run(
         "cargo",
         &["check", "--workspace", "--features", "wgpu,cuda"],

@@ -22,7 +22,7 @@ const SOURCES: &str = "usr/share/doc/python3.11/html/_sources";
 const SKIPGPT: &str = "target/release/skipgpt";
 
 /// The run's budget; each can be overridden as `--name value`.
-pub const DEFAULTS: [(&str, &str); 10] = [
+pub const DEFAULTS: [(&str, &str); 11] = [
     ("--seq-len", "128"),
     ("--batch-size", "4"),
     ("--init-steps", "60"),
@@ -32,6 +32,8 @@ pub const DEFAULTS: [(&str, &str); 10] = [
     ("--lora-lr", "1e-3"),
     ("--valid-sequences", "64"),
     ("--eval-sequences", "96"),
+    // training sequences `calibrate-routers` measures the realised skip rate on
+    ("--calibration-sequences", "64"),
     ("--mc-examples", "200"),
     ("--threads", "0"),
 ];
@@ -307,6 +309,28 @@ impl Ctx {
         Ok(out)
     }
 
+    /// `calibrate-routers` on the stage-1 model `routed/` into `name/`: its own target,
+    /// realised by deterministic routing on training text.
+    fn calibrate(&self, routed: &Path, name: &str) -> Result<PathBuf> {
+        let out = self.work.join(name);
+        let done = out.join("calibration.json");
+        self.step(&out, &done, || {
+            let _ = std::fs::remove_dir_all(&out);
+            let mut a: Vec<String> = vec![
+                "calibrate-routers".into(),
+                "--model".into(),
+                s(routed).into(),
+                "--out".into(),
+                s(&out).into(),
+                "--sequences".into(),
+                self.get("--calibration-sequences").into(),
+            ];
+            a.extend(self.data_args());
+            self.skipgpt(&a)
+        })?;
+        Ok(out)
+    }
+
     /// Stage 2 on `routed/` into `name/`: the merged model, and the adapter in `name/adapter/`.
     fn lora(&self, routed: &Path, name: &str) -> Result<PathBuf> {
         let out = self.work.join(name);
@@ -559,7 +583,7 @@ pub fn experiment(out: &str, overrides: &[String], until: &str) -> Result<()> {
         .collect()
     };
     // most telling first: a killed or budget-cut run has the main comparison
-    let jobs: [(&str, &str); 17] = [
+    let jobs: [(&str, &str); 21] = [
         ("25", "rt"),
         ("25", "rt-lora"),
         ("25", "shortgpt"),
@@ -579,6 +603,12 @@ pub fn experiment(out: &str, overrides: &[String], until: &str) -> Result<()> {
         ("40", "joint"),
         ("40", "rt-param"),
         ("40", "rt-param-lora"),
+        // the parameter-target routers with their SKIP bias calibrated so that deterministic
+        // routing realises the target (stage 1's noisy gates skip a little more)
+        ("25", "rt-param-cal"),
+        ("25", "rt-param-cal-lora"),
+        ("40", "rt-param-cal"),
+        ("40", "rt-param-cal-lora"),
     ];
     for (t, job) in jobs {
         if until == "speed" || (until == "t25" && t == "40") {
@@ -590,7 +620,11 @@ pub fn experiment(out: &str, overrides: &[String], until: &str) -> Result<()> {
             "dense-lora" => ctx.lora(&ctx.model.clone(), "t0/dense-lora")?,
             "rt" => ctx.tune(&format!("t{t}/rt"), &refs(&common(target, "modules")))?,
             "rt-param" => ctx.tune(&format!("t{t}/rt-param"), &refs(&common(target, "params")))?,
-            "rt-lora" | "rt-param-lora" => {
+            "rt-param-cal" => ctx.calibrate(
+                &ctx.work.join(format!("t{t}/rt-param")),
+                &format!("t{t}/rt-param-cal"),
+            )?,
+            "rt-lora" | "rt-param-lora" | "rt-param-cal-lora" => {
                 let stage1 = job.trim_end_matches("-lora");
                 ctx.lora(
                     &ctx.work.join(format!("t{t}/{stage1}")),
@@ -983,6 +1017,8 @@ pub fn write_report(work: &Path) -> Result<()> {
         "rt-lora" => "SkipGPT-RT + LoRA",
         "rt-param" => "SkipGPT-RT, parameter target",
         "rt-param-lora" => "SkipGPT-RT, parameter target + LoRA",
+        "rt-param-cal" => "SkipGPT-RT, parameter target, calibrated",
+        "rt-param-cal-lora" => "SkipGPT-RT, parameter target, calibrated + LoRA",
         "mod-d" => "MoD-D (coupled)",
         "shortgpt" => "ShortGPT (static blocks)",
         "attn-drop" => "static attention drop",
@@ -1038,6 +1074,8 @@ pub fn write_report(work: &Path) -> Result<()> {
         "rt-lora",
         "rt-param",
         "rt-param-lora",
+        "rt-param-cal",
+        "rt-param-cal-lora",
         "mod-d",
         "shortgpt",
         "attn-drop",
@@ -1214,6 +1252,11 @@ pub fn write_report(work: &Path) -> Result<()> {
             "parameters (`--sparsity-unit params`, now the CLI default)",
             "",
         ),
+        (
+            "t25-rt-param-cal-lora",
+            "parameters, routers calibrated after stage 1 (`skipgpt calibrate-routers`)",
+            "",
+        ),
     ] {
         let (Some(d), Some(r)) = (&dense, get_row(m)) else {
             continue;
@@ -1243,6 +1286,8 @@ pub fn write_report(work: &Path) -> Result<()> {
         ("rt-lora", "mod-d"),
         ("rt-param-lora", "shortgpt"),
         ("rt-param-lora", "mod-d"),
+        ("rt-param-cal-lora", "shortgpt"),
+        ("rt-param-cal-lora", "mod-d"),
     ] {
         if let (Some(b), Some(r)) = (
             get_row(&format!("t25-{base}")),
@@ -1264,7 +1309,9 @@ pub fn write_report(work: &Path) -> Result<()> {
     for (t, m) in [
         ("25", "rt-lora"),
         ("25", "rt-param-lora"),
+        ("25", "rt-param-cal-lora"),
         ("40", "rt-lora"),
+        ("40", "rt-param-cal-lora"),
     ] {
         let (Some(d), Some(r)) = (&dense, get_row(&format!("t{t}-{m}"))) else {
             continue;

@@ -12,8 +12,8 @@ use serde::Serialize;
 use skipgpt_data::PackedDataset;
 use skipgpt_model::{LlamaForCausalLM, Tokenizer};
 
+use crate::charts::{self, RGBColor, Series};
 use crate::error::{EvalError, Result};
-use crate::svg::{self, Series};
 use crate::{batch_ids, host_f64};
 
 /// Compute spent on the tokens of one frequency class.
@@ -238,12 +238,12 @@ fn attn_and_mlp<'a>(attn: &'a [f64], mlp: &'a [f64]) -> [Series<'a>; 2] {
     [
         Series {
             label: "attention",
-            colour: "#9467bd",
+            colour: RGBColor(0x94, 0x67, 0xbd),
             values: attn,
         },
         Series {
             label: "MLP",
-            colour: "#2ca02c",
+            colour: RGBColor(0x2c, 0xa0, 0x2c),
             values: mlp,
         },
     ]
@@ -277,16 +277,16 @@ pub fn write_analysis(
         .collect();
     put(
         "skip-per-layer.svg",
-        svg::bars(
+        charts::bars(
             "skip rate per layer",
             &layers,
             &attn_and_mlp(&analysis.attn_skip_per_layer, &analysis.mlp_skip_per_layer),
             "skipped",
-        ),
+        )?,
     )?;
     put(
         "skip-by-position.svg",
-        svg::lines(
+        charts::lines(
             "skip rate by token position (mean over layers)",
             "position in the sequence",
             &attn_and_mlp(
@@ -294,7 +294,7 @@ pub fn write_analysis(
                 &analysis.mlp_skip_by_position,
             ),
             "skipped",
-        ),
+        )?,
     )?;
     let classes: Vec<String> = analysis
         .by_frequency
@@ -305,16 +305,16 @@ pub fn write_analysis(
     let executed: Vec<f64> = analysis.by_frequency.iter().map(|c| c.executed).collect();
     put(
         "compute-by-frequency.svg",
-        svg::bars(
+        charts::bars(
             "compute by token frequency (ids ranked by count)",
             &classes,
             &[Series {
                 label: "modules executed",
-                colour: "#1f77b4",
+                colour: RGBColor(0x1f, 0x77, 0xb4),
                 values: &executed,
             }],
             "executed",
-        ),
+        )?,
     )?;
     if let Some(map) = map {
         let rows: Vec<(String, Vec<bool>)> = (0..map.attn.len())
@@ -327,7 +327,7 @@ pub fn write_analysis(
             .collect();
         put(
             "token-heatmap.svg",
-            svg::heatmap("modules each token executed", &map.tokens, &rows),
+            charts::heatmap("modules each token executed", &map.tokens, &rows)?,
         )?;
     }
     Ok(written)

@@ -84,6 +84,7 @@ fn cosine_sum<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f64 {
 }
 
 /// What a static baseline removes.
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StaticMode {

@@ -21,6 +21,9 @@ pub enum EvalError {
     #[error("{0}")]
     Input(String),
 
+    #[error("cannot draw the chart \"{chart}\": {message}")]
+    Plot { chart: String, message: String },
+
     #[error(transparent)]
     Model(#[from] skipgpt_model::ModelError),
 }

@@ -315,6 +315,13 @@ impl LlamaConfig {
         })
     }
 
+    /// Whether the token at position `query` attends to the one at `key`: causal, and within
+    /// the sliding window when the model has one. The gated forward and the sparse engine
+    /// both mask with this.
+    pub fn sees(&self, query: usize, key: usize) -> bool {
+        key <= query && self.sliding_window.is_none_or(|w| query - key < w)
+    }
+
     /// Parameters of one attention module (q, k, v, o projections and their biases): what a
     /// token that skips attention does not use.
     pub fn attention_params(&self) -> usize {

@@ -41,8 +41,10 @@ pub fn validate_ids(ids: &[i64], vocab_size: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Continues each prompt (all of the same length) by up to `max_new_tokens` tokens.
-/// Returns only the new tokens; a sequence that stopped at EOS includes the EOS token.
+/// Continues each prompt (all of the same length) by up to `max_new_tokens` tokens with the
+/// gated forward pass and its KV cache: the reference the sparse engine
+/// ([`crate::sparse::generate_sparse`]) is tested against. Returns only the new tokens; a
+/// sequence that stopped at EOS includes the EOS token.
 pub fn generate<B: Backend>(
     model: &LlamaForCausalLM<B>,
     prompts: &[Vec<u32>],
@@ -51,56 +53,106 @@ pub fn generate<B: Backend>(
     let Some(first) = prompts.first() else {
         return Ok(Vec::new());
     };
-    let t = first.len();
-    if t == 0 {
-        return Err(ModelError::InvalidInput(
-            "the prompt is empty: give at least one token".into(),
-        ));
-    }
-    if prompts.iter().any(|p| p.len() != t) {
+    if prompts.iter().any(|p| p.len() != first.len()) {
         return Err(ModelError::InvalidInput(
             "batched prompts must all have the same length".into(),
         ));
     }
     let flat: Vec<i64> = prompts.iter().flatten().map(|&id| id as i64).collect();
     validate_ids(&flat, model.config.vocab_size, "prompt")?;
-    validate_sampling(&opts.sampling)?;
-    check_context(&model.config, prompts, opts.max_new_tokens)?;
-
-    let b = prompts.len();
     let device = model.device();
+    let mut cache = model.new_cache();
+    // The batch keeps its shape: a finished sequence is fed its last token again and its
+    // logits are dropped.
+    let mut last: Vec<u32> = prompts
+        .iter()
+        .map(|p| p.last().copied().unwrap_or(0))
+        .collect();
+    decode_loop(
+        &model.config,
+        prompts,
+        opts,
+        |inputs| {
+            let t = inputs.iter().map(Vec::len).max().unwrap_or(1);
+            let mut ids = Vec::with_capacity(inputs.len() * t);
+            for (s, input) in inputs.iter().enumerate() {
+                match input.last() {
+                    Some(&token) => last[s] = token,
+                    None => ids.extend(std::iter::repeat_n(last[s] as i64, t)),
+                }
+                ids.extend(input.iter().map(|&id| id as i64));
+            }
+            let b = inputs.len();
+            let logits = model.forward(
+                Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device),
+                Some(&mut cache),
+            );
+            let v = logits.dims()[2];
+            let rows: Vec<f32> = logits
+                .slice([0..b, t - 1..t, 0..v])
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .expect("f32 after convert");
+            Ok(rows
+                .chunks_exact(v)
+                .zip(inputs)
+                .filter(|(_, input)| !input.is_empty())
+                .flat_map(|(row, _)| row.iter().copied())
+                .collect())
+        },
+        |_, _| {},
+    )
+}
+
+/// The decoding loop every generator shares. It checks the request, then feeds each
+/// unfinished sequence its next input (the prompt, then the token just chosen), picks a token
+/// from the logits `step` returns, calls `on_token(sequence, token)`, and stops a sequence at
+/// EOS and everything after `max_new_tokens`.
+///
+/// `step(inputs)` runs the model on `inputs[s]` for every sequence `s` (empty once it has
+/// finished) and returns the last position's logits of each sequence that had input, in
+/// sequence order, `vocab_size` values each.
+pub(crate) fn decode_loop(
+    config: &LlamaConfig,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    mut step: impl FnMut(&[Vec<u32>]) -> Result<Vec<f32>>,
+    mut on_token: impl FnMut(usize, u32),
+) -> Result<Vec<Vec<u32>>> {
+    validate_sampling(&opts.sampling)?;
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(ModelError::InvalidInput(
+            "a prompt is empty: give at least one token".into(),
+        ));
+    }
+    check_context(config, prompts, opts.max_new_tokens)?;
+    let b = prompts.len();
     let mut rng = match opts.sampling {
         Sampling::Sample { seed, .. } => Some(StdRng::seed_from_u64(seed)),
         Sampling::Greedy => None,
     };
-    let mut cache = model.new_cache();
-    let mut input: Tensor<B, 2, Int> = Tensor::from_data(TensorData::new(flat, [b, t]), &device);
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut done = vec![false; b];
+    let mut input: Vec<Vec<u32>> = prompts.to_vec();
     for _ in 0..opts.max_new_tokens {
-        let logits = model.forward(input, Some(&mut cache));
-        let [_, s, v] = logits.dims();
-        let last: Vec<f32> = logits
-            .slice([0..b, s - 1..s, 0..v])
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .expect("f32 after convert");
-        let mut next = Vec::with_capacity(b);
-        for (row, row_logits) in last.chunks_exact(v).enumerate() {
-            let token = pick(row_logits, &opts.sampling, rng.as_mut());
-            if !done[row] {
-                out[row].push(token);
-                if !opts.ignore_eos && opts.eos_token_ids.contains(&token) {
-                    done[row] = true;
-                }
+        let logits = step(&input)?;
+        let active: Vec<usize> = (0..b).filter(|&s| !input[s].is_empty()).collect();
+        let mut next = vec![Vec::new(); b];
+        for (row, &s) in logits.chunks_exact(config.vocab_size).zip(&active) {
+            let token = pick(row, &opts.sampling, rng.as_mut());
+            out[s].push(token);
+            on_token(s, token);
+            if !opts.ignore_eos && opts.eos_token_ids.contains(&token) {
+                done[s] = true;
+            } else {
+                next[s] = vec![token];
             }
-            next.push(token as i64);
         }
         if done.iter().all(|&d| d) {
             break;
         }
-        input = Tensor::from_data(TensorData::new(next, [b, 1]), &device);
+        input = next;
     }
     Ok(out)
 }

@@ -21,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod linear;
 pub mod llama;
 pub mod lora;
 pub mod precision;

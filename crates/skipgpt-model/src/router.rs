@@ -12,10 +12,11 @@ use burn::tensor::{activation, backend::Backend, Distribution, Tensor, TensorDat
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::llama::{export_linear, load_linear};
+use crate::linear::{export_linear, load_linear};
 use crate::safetensors_io::{OwnedTensor, StoreDtype, WeightSet};
 
 /// The router network.
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum RouterVariant {
@@ -27,6 +28,7 @@ pub enum RouterVariant {
 }
 
 /// What the MLP router reads.
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum MlpRouterInput {
@@ -38,6 +40,7 @@ pub enum MlpRouterInput {
 }
 
 /// How many routers a layer has.
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Granularity {
@@ -50,6 +53,7 @@ pub enum Granularity {
 }
 
 /// What a token that skips attention means for the other tokens.
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum KvPolicy {
@@ -84,6 +88,7 @@ impl RouterInit {
 }
 
 /// What a sparsity target counts.
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum SparsityUnit {
@@ -248,6 +253,19 @@ impl<B: Backend> Router<B> {
                 ))),
             },
         }
+    }
+
+    /// Adds `delta` to the SKIP logit's bias: a positive shift makes every token more likely
+    /// to skip, and keeps the router's ranking of tokens (calibration, see
+    /// `skipgpt_eval::calibrate`).
+    pub fn shift_skip_bias(&mut self, delta: f64) {
+        let device = self.fc2.weight.device();
+        let shift = Tensor::from_data(TensorData::new(vec![0.0f32, delta as f32], [2]), &device);
+        let bias = match self.fc2.bias.take() {
+            Some(b) => b.val() + shift,
+            None => shift,
+        };
+        self.fc2.bias = Some(Param::from_tensor(bias));
     }
 
     /// Weight names: `{p}.weight`/`{p}.bias` for `linear` (the fixture's layout),

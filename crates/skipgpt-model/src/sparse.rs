@@ -19,10 +19,11 @@
 
 use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
 
+use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
-use crate::generate::{pick, GenerateOptions, Sampling};
-use crate::llama::{LlamaForCausalLM, MASKED};
-use crate::router::{gate_from_logits, KvPolicy, MlpRouterInput, Router, Routing};
+use crate::generate::GenerateOptions;
+use crate::llama::{Decider, LlamaForCausalLM, MASKED};
+use crate::router::{gate_from_logits, KvPolicy, Router, Routing};
 
 /// Cache rows are allocated in blocks of this many tokens per sequence, so a growing cache is
 /// copied once per block rather than once per token, and holds at most one block of padding.
@@ -295,10 +296,8 @@ pub fn sparse_forward<B: Backend>(
         crate::precision::embed(&model.model.embed_tokens, ids).reshape([n, h]);
     let positions: Vec<usize> = rows.iter().map(|r| r.1).collect();
     let (cos, sin) = model.rope.cos_sin_at::<B>(&positions, &device);
-    let (routed, kv_policy, mlp_input) = match &model.routing_config {
-        Some(rc) if routing != Routing::Dense => (true, rc.kv_policy, rc.mlp_router_input),
-        _ => (false, KvPolicy::Keep, MlpRouterInput::PostAttn),
-    };
+    let layer_routing = model.layer_routing(routing);
+    let kv_policy = layer_routing.kv_policy;
     let window = cfg.sliding_window.unwrap_or(usize::MAX);
     // bytes per weight as held (f32, or f16/bf16 with `--dtype`)
     let weight_size = model.model.embed_tokens.weight.val().dtype().size() as f64;
@@ -316,9 +315,9 @@ pub fn sparse_forward<B: Backend>(
 
     for (l, layer) in model.model.layers.iter().enumerate() {
         // ---- attention
-        let attn_exec = match (&layer.attn_router, routed) {
-            (Some(r), true) => decide(r, x.clone(), routing),
-            _ => vec![true; n],
+        let attn_exec = match layer.attn_decider(&layer_routing) {
+            Decider::Router(r) => decide(r, x.clone(), routing),
+            Decider::Everyone | Decider::SameAsAttention => vec![true; n],
         };
         let exec: Vec<usize> = (0..n).filter(|&i| attn_exec[i]).collect();
         let block_input = x.clone();
@@ -377,24 +376,21 @@ pub fn sparse_forward<B: Backend>(
             store.append(k, v, &kv_seqs, &kv_pos, &device);
             if let Some(q) = q {
                 let queries: Vec<(usize, usize)> = exec.iter().map(|&r| rows[r]).collect();
-                let (out, visible) = attend_batched(q, store, &queries, window, (nh, nkv, hd));
+                let (out, visible) = attend_batched(q, store, &queries, cfg);
                 stats.flops += visible as f64 * cost.attn_per_key;
                 x = add_rows(x, &exec, attn.o_proj.forward(out));
             }
         }
 
         // ---- MLP
-        let mlp_exec = match (&layer.mlp_router, &layer.attn_router, routed) {
-            (Some(r), _, true) => {
-                let input = match mlp_input {
-                    MlpRouterInput::PostAttn => x.clone(),
-                    MlpRouterInput::BlockInput => block_input,
-                };
-                decide(r, input, routing)
-            }
-            // one router per layer gates both modules
-            (None, Some(_), true) => attn_exec.clone(),
-            _ => vec![true; n],
+        let mlp_exec = match layer.mlp_decider(&layer_routing) {
+            Decider::Router(r) => decide(
+                r,
+                layer_routing.mlp_router_reads(x.clone(), block_input),
+                routing,
+            ),
+            Decider::SameAsAttention => attn_exec.clone(),
+            Decider::Everyone => vec![true; n],
         };
         let mlp_rows: Vec<usize> = (0..n).filter(|&i| mlp_exec[i]).collect();
         stats.mlp_total += n;
@@ -409,7 +405,7 @@ pub fn sparse_forward<B: Backend>(
                 .forward(gather_rows(x.clone(), &mlp_rows));
             x = add_rows(x, &mlp_rows, layer.mlp.forward(hsel));
         }
-        if routed {
+        if layer_routing.is_routed() {
             let routers =
                 usize::from(layer.attn_router.is_some()) + usize::from(layer.mlp_router.is_some());
             stats.flops += (n * routers) as f64 * cost.router;
@@ -469,52 +465,25 @@ pub fn generate_sparse_with<B: Backend>(
     routing: Routing,
     mut on_token: impl FnMut(usize, u32),
 ) -> Result<(Vec<Vec<u32>>, EngineStats, SparseCache<B>)> {
-    use rand::SeedableRng;
-    crate::generate::validate_sampling(&opts.sampling)?;
-    if prompts.iter().any(Vec::is_empty) {
-        return Err(ModelError::InvalidInput(
-            "a prompt is empty: give at least one token".into(),
-        ));
-    }
-    crate::generate::check_context(&model.config, prompts, opts.max_new_tokens)?;
-    let b = prompts.len();
-    let mut cache = SparseCache::new(b, model.config.num_hidden_layers);
-    let mut rng = match opts.sampling {
-        Sampling::Sample { seed, .. } => Some(rand::rngs::StdRng::seed_from_u64(seed)),
-        Sampling::Greedy => None,
-    };
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut done = vec![false; b];
+    let mut cache = SparseCache::new(prompts.len(), model.config.num_hidden_layers);
     let mut stats = EngineStats::default();
-    let mut input: Vec<Vec<u32>> = prompts.to_vec();
-    for _ in 0..opts.max_new_tokens {
-        let step = sparse_forward(model, &input, &mut cache, routing, LogitRows::Last)?;
-        stats.add(&step.stats);
-        let v = model.config.vocab_size;
-        let last: Vec<f32> = step
-            .logits
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .expect("f32 after convert");
-        // rows come in sequence order, one per sequence that had input
-        let active: Vec<usize> = (0..b).filter(|&s| !input[s].is_empty()).collect();
-        let mut next = vec![Vec::new(); b];
-        for (row, &s) in last.chunks_exact(v).zip(&active) {
-            let token = pick(row, &opts.sampling, rng.as_mut());
-            out[s].push(token);
-            on_token(s, token);
-            if !opts.ignore_eos && opts.eos_token_ids.contains(&token) {
-                done[s] = true;
-            } else {
-                next[s] = vec![token];
-            }
-        }
-        if done.iter().all(|&d| d) {
-            break;
-        }
-        input = next;
-    }
+    let out = crate::generate::decode_loop(
+        &model.config,
+        prompts,
+        opts,
+        |inputs| {
+            let step = sparse_forward(model, inputs, &mut cache, routing, LogitRows::Last)?;
+            stats.add(&step.stats);
+            // rows come in sequence order, one per sequence that had input
+            Ok(step
+                .logits
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .expect("f32 after convert"))
+        },
+        &mut on_token,
+    )?;
     Ok((out, stats, cache))
 }
 
@@ -579,9 +548,13 @@ fn attend_batched<B: Backend>(
     q: Tensor<B, 3>,
     store: &LayerCache<B>,
     queries: &[(usize, usize)],
-    window: usize,
-    (nh, nkv, hd): (usize, usize, usize),
+    config: &LlamaConfig,
 ) -> (Tensor<B, 2>, usize) {
+    let (nh, nkv, hd) = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    );
     let device = q.device();
     let batch = store.positions.len();
     // the sequences with queries, and where each one's queries start in `q`
@@ -605,7 +578,7 @@ fn attend_batched<B: Backend>(
         for (a, &(_, p)) in queries[first..first + count].iter().enumerate() {
             let row = &mut mask[(i * q_max + a) * k_max..][..k_max];
             for (slot, &kp) in store.positions[s].iter().enumerate() {
-                if kp <= p && p - kp < window {
+                if config.sees(p, kp) {
                     row[slot] = 0.0;
                     visible += 1;
                 }

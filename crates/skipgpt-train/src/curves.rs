@@ -1,9 +1,10 @@
 //! Training curves as an SVG picture (`curves.svg` in the run directory): the LM loss and,
-//! for router tuning, the skip rates against the target. Plain SVG text, no font or plotting
-//! dependency, so it renders the same everywhere.
+//! for router tuning, the skip rates against the target, drawn with plotters' SVG backend
+//! (built without font backends, so no system font is needed).
 
-use std::fmt::Write;
 use std::path::Path;
+
+use plotters::prelude::*;
 
 use crate::metrics::Stat;
 use crate::progress::LogRow;
@@ -11,8 +12,9 @@ use crate::progress::LogRow;
 /// One line of a panel.
 struct Series {
     label: String,
-    colour: &'static str,
-    dashed: bool,
+    colour: RGBColor,
+    /// Validation runs every few steps: its points are marked.
+    marked: bool,
     points: Vec<(f64, f64)>,
 }
 
@@ -23,11 +25,17 @@ struct Panel {
     reference: Option<(f64, String)>,
 }
 
-fn series(rows: &[LogRow], split: &str, name: &str, colour: &'static str, label: &str) -> Series {
+const BLUE: RGBColor = RGBColor(0x1f, 0x77, 0xb4);
+const RED: RGBColor = RGBColor(0xd6, 0x27, 0x28);
+const PURPLE: RGBColor = RGBColor(0x94, 0x67, 0xbd);
+const GREEN: RGBColor = RGBColor(0x2c, 0xa0, 0x2c);
+const GREY: RGBColor = RGBColor(0x55, 0x55, 0x55);
+
+fn series(rows: &[LogRow], split: &str, name: &str, colour: RGBColor, label: &str) -> Series {
     Series {
         label: label.to_string(),
         colour,
-        dashed: split == "valid",
+        marked: split == "valid",
         points: rows
             .iter()
             .filter(|r| r.split == split)
@@ -43,8 +51,8 @@ pub fn write_curves(rows: &[LogRow], target: Option<f64>, path: &Path) -> std::i
     let mut panels = vec![Panel {
         title: "LM loss (nats/token)".into(),
         series: vec![
-            series(rows, "train", lm, "#1f77b4", "train"),
-            series(rows, "valid", lm, "#d62728", "valid"),
+            series(rows, "train", lm, BLUE, "train"),
+            series(rows, "valid", lm, RED, "valid"),
         ],
         reference: None,
     }];
@@ -59,165 +67,122 @@ pub fn write_curves(rows: &[LogRow], target: Option<f64>, path: &Path) -> std::i
                     rows,
                     "train",
                     Stat::Skip.name(),
-                    "#1f77b4",
+                    BLUE,
                     "train (Gumbel gates)",
                 ),
                 series(
                     rows,
                     "train",
                     Stat::AttnSkip.name(),
-                    "#9467bd",
+                    PURPLE,
                     "train attention",
                 ),
-                series(rows, "train", Stat::MlpSkip.name(), "#2ca02c", "train MLP"),
+                series(rows, "train", Stat::MlpSkip.name(), GREEN, "train MLP"),
                 series(
                     rows,
                     "valid",
                     Stat::Skip.name(),
-                    "#d62728",
+                    RED,
                     "valid (deterministic)",
                 ),
             ],
             reference: target.map(|t| (t, format!("target {t}"))),
         });
     }
-    let svg = render(&panels);
+    let svg = render(&panels).map_err(|e| std::io::Error::other(e.to_string()))?;
     skipgpt_model::atomic::atomic_write(path, svg.as_bytes())
         .map_err(|e| std::io::Error::other(e.to_string()))
 }
 
-const PANEL_W: f64 = 440.0;
-const PANEL_H: f64 = 300.0;
-const MARGIN: (f64, f64, f64, f64) = (56.0, 16.0, 36.0, 40.0); // left, right, top, bottom
+const PANEL: (u32, u32) = (460, 320);
 
-fn render(panels: &[Panel]) -> String {
-    let width = PANEL_W * panels.len() as f64;
-    let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{PANEL_H}" font-family="sans-serif" font-size="11">"#
-    );
-    s.push_str(r#"<rect width="100%" height="100%" fill="white"/>"#);
-    for (i, panel) in panels.iter().enumerate() {
-        draw_panel(&mut s, panel, i as f64 * PANEL_W);
+type PlotResult = Result<(), DrawingAreaErrorKind<std::io::Error>>;
+
+fn render(panels: &[Panel]) -> Result<String, DrawingAreaErrorKind<std::io::Error>> {
+    let mut svg = String::new();
+    {
+        let size = (PANEL.0 * panels.len() as u32, PANEL.1);
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+        root.fill(&WHITE)?;
+        for (area, panel) in root.split_evenly((1, panels.len())).iter().zip(panels) {
+            draw_panel(area, panel)?;
+        }
+        root.present()?;
     }
-    s.push_str("</svg>\n");
-    s
+    svg.push('\n');
+    Ok(svg)
 }
 
-fn draw_panel(s: &mut String, panel: &Panel, x0: f64) {
-    let (ml, mr, mt, mb) = MARGIN;
-    let (left, right, top, bottom) = (x0 + ml, x0 + PANEL_W - mr, mt, PANEL_H - mb);
-    let points = panel.series.iter().flat_map(|s| s.points.iter());
-    let (mut xmin, mut xmax, mut ymin, mut ymax) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in points {
-        xmin = xmin.min(x);
-        xmax = xmax.max(x);
-        ymin = ymin.min(y);
-        ymax = ymax.max(y);
+/// The data's extent, with the reference line, padded by 5% vertically.
+fn extent(panel: &Panel) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
+    let points = panel.series.iter().flat_map(|s| s.points.iter().copied());
+    let reference = panel.reference.iter().map(|(t, _)| (f64::NAN, *t));
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for (x, y) in points.chain(reference) {
+        if x.is_finite() {
+            (x0, x1) = (x0.min(x), x1.max(x));
+        }
+        (y0, y1) = (y0.min(y), y1.max(y));
     }
-    if let Some((t, _)) = &panel.reference {
-        ymin = ymin.min(*t);
-        ymax = ymax.max(*t);
+    if x0 > x1 {
+        (x0, x1) = (0.0, 1.0);
     }
-    if xmin > xmax {
-        (xmin, xmax, ymin, ymax) = (0.0, 1.0, 0.0, 1.0);
+    if y0 > y1 {
+        (y0, y1) = (0.0, 1.0);
     }
-    if xmax - xmin < 1e-12 {
-        xmax = xmin + 1.0;
+    if x1 - x0 < 1e-12 {
+        x1 = x0 + 1.0;
     }
-    let pad = ((ymax - ymin) * 0.05).max(1e-6);
-    let (ymin, ymax) = (ymin - pad, ymax + pad);
-    let px = |x: f64| left + (x - xmin) / (xmax - xmin) * (right - left);
-    let py = |y: f64| bottom - (y - ymin) / (ymax - ymin) * (bottom - top);
+    let pad = ((y1 - y0) * 0.05).max(1e-6);
+    (x0..x1, y0 - pad..y1 + pad)
+}
 
-    let _ = write!(
-        s,
-        r#"<text x="{:.1}" y="20" font-size="13" font-weight="bold">{}</text>"#,
-        left,
-        escape(&panel.title)
-    );
-    let _ = write!(
-        s,
-        r##"<rect x="{left:.1}" y="{top:.1}" width="{:.1}" height="{:.1}" fill="none" stroke="#888"/>"##,
-        right - left,
-        bottom - top
-    );
-    for k in 0..=4 {
-        let f = k as f64 / 4.0;
-        let (xv, yv) = (xmin + f * (xmax - xmin), ymin + f * (ymax - ymin));
-        let _ = write!(
-            s,
-            r##"<line x1="{left:.1}" x2="{right:.1}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text><text x="{:.1}" y="{:.1}" text-anchor="middle">{:.0}</text>"##,
-            left - 4.0,
-            py(yv) + 4.0,
-            tick(yv),
-            px(xv),
-            bottom + 14.0,
-            xv.round(),
-            y = py(yv),
-        );
-    }
-    let _ = write!(
-        s,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">optimizer step</text>"#,
-        (left + right) / 2.0,
-        bottom + 30.0
-    );
+fn draw_panel(area: &DrawingArea<SVGBackend, plotters::coord::Shift>, panel: &Panel) -> PlotResult {
+    let (xs, ys) = extent(panel);
+    let mut chart = ChartBuilder::on(area)
+        .caption(&panel.title, ("sans-serif", 16))
+        .margin(10)
+        .margin_right(20)
+        .x_label_area_size(36)
+        .y_label_area_size(52)
+        .build_cartesian_2d(xs.clone(), ys)?;
+    chart
+        .configure_mesh()
+        .max_light_lines(0)
+        .x_labels(6)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_labels(6)
+        .x_desc("optimizer step")
+        .draw()?;
     if let Some((t, label)) = &panel.reference {
-        let _ = write!(
-            s,
-            r##"<line x1="{left:.1}" x2="{right:.1}" y1="{y:.1}" y2="{y:.1}" stroke="#555" stroke-dasharray="2,3"/><text x="{:.1}" y="{:.1}" text-anchor="end" fill="#555">{}</text>"##,
-            right - 4.0,
-            py(*t) - 4.0,
-            escape(label),
-            y = py(*t)
-        );
+        chart
+            .draw_series(LineSeries::new(
+                [(xs.start, *t), (xs.end, *t)],
+                GREY.stroke_width(1),
+            ))?
+            .label(label)
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], GREY.stroke_width(1)));
     }
-    let mut legend_y = top + 14.0;
-    for series in panel.series.iter().filter(|s| !s.points.is_empty()) {
-        let path: Vec<String> = series
-            .points
-            .iter()
-            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
-            .collect();
-        let dash = if series.dashed {
-            r#" stroke-dasharray="6,3""#
-        } else {
-            ""
-        };
-        let _ = write!(
-            s,
-            r#"<polyline fill="none" stroke="{}" stroke-width="1.6"{dash} points="{}"/>"#,
-            series.colour,
-            path.join(" ")
-        );
-        let _ = write!(
-            s,
-            r#"<line x1="{:.1}" x2="{:.1}" y1="{legend_y:.1}" y2="{legend_y:.1}" stroke="{}" stroke-width="2"{dash}/><text x="{:.1}" y="{:.1}">{}</text>"#,
-            right - 150.0,
-            right - 130.0,
-            series.colour,
-            right - 126.0,
-            legend_y + 4.0,
-            escape(&series.label)
-        );
-        legend_y += 14.0;
+    for s in panel.series.iter().filter(|s| !s.points.is_empty()) {
+        let style = s.colour.stroke_width(2);
+        chart
+            .draw_series(LineSeries::new(s.points.iter().copied(), style))?
+            .label(&s.label)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], style));
+        if s.marked {
+            let dots = s
+                .points
+                .iter()
+                .map(|&p| Circle::new(p, 3, s.colour.filled()));
+            chart.draw_series(dots)?;
+        }
     }
-}
-
-fn tick(v: f64) -> String {
-    if v.abs() >= 100.0 || v == v.round() {
-        format!("{v:.0}")
-    } else if v.abs() >= 1.0 {
-        format!("{v:.2}")
-    } else {
-        format!("{v:.3}")
-    }
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(170, 170, 170))
+        .draw()
 }
 
 #[cfg(test)]
@@ -248,8 +213,16 @@ mod tests {
         write_curves(&rows, Some(0.25), &path).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        // loss: train + valid; skip: train + valid (attention/MLP absent here)
-        assert_eq!(svg.matches("<polyline").count(), 4);
+        // loss: train + valid; skip: train + valid (attention/MLP absent here); each line
+        // once more in its panel's legend; the one validation point of each panel marked
+        let lines = |colour: &str| {
+            svg.matches(&format!(
+                r#"<polyline fill="none" opacity="1" stroke="{colour}""#
+            ))
+            .count()
+        };
+        assert_eq!((lines("#1F77B4"), lines("#D62728")), (4, 4));
+        assert_eq!(svg.matches("<circle").count(), 2);
         assert!(svg.contains("target 0.25"));
         assert!(svg.contains("skip rate") && svg.contains("LM loss"));
         // without skip values, one panel
@@ -259,7 +232,11 @@ mod tests {
             .collect();
         write_curves(&dense, None, &path).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
-        assert!(!svg.contains("skip rate"));
-        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(!svg.contains("skip rate") && !svg.contains("target"));
+        assert_eq!(
+            svg.matches(r##"<polyline fill="none" opacity="1" stroke="#1F77B4""##)
+                .count(),
+            2
+        );
     }
 }

@@ -10,6 +10,7 @@ use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
 /// The shape of the learning rate after warmup.
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ScheduleKind {

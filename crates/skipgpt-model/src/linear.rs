@@ -1,0 +1,74 @@
+//! One linear layer's weights in Hugging Face layout: the normal initialisation transformers
+//! uses, and loading and saving `{name}.weight` (`[d_out, d_in]`, transposed to Burn's
+//! `[d_in, d_out]` once, on the way in and out) and `{name}.bias`. The decoder and the routers
+//! both build on it.
+
+use std::collections::BTreeMap;
+
+use burn::module::Param;
+use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::tensor::backend::Backend;
+
+use crate::error::Result;
+use crate::safetensors_io::{OwnedTensor, StoreDtype, WeightSet};
+
+/// Standard deviation of the normal initialisation (transformers' `initializer_range`).
+pub(crate) const INIT_STD: f64 = 0.02;
+
+pub(crate) fn init_linear<B: Backend>(
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Linear<B> {
+    LinearConfig::new(d_in, d_out)
+        .with_bias(bias)
+        .with_initializer(Initializer::Normal {
+            mean: 0.0,
+            std: INIT_STD,
+        })
+        .init(device)
+}
+
+/// Loads HF `{name}.weight` `[d_out, d_in]` (and `{name}.bias`) into a Burn linear layer.
+pub(crate) fn load_linear<B: Backend>(
+    w: &WeightSet,
+    name: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Result<Linear<B>> {
+    let weight = w.tensor_transposed::<B>(&format!("{name}.weight"), [d_out, d_in], device)?;
+    let bias = if bias {
+        Some(Param::from_tensor(w.tensor::<B, 1>(
+            &format!("{name}.bias"),
+            [d_out],
+            device,
+        )?))
+    } else {
+        None
+    };
+    Ok(Linear {
+        weight: Param::from_tensor(weight),
+        bias,
+    })
+}
+
+pub(crate) fn export_linear<B: Backend>(
+    out: &mut BTreeMap<String, OwnedTensor>,
+    name: &str,
+    linear: &Linear<B>,
+    dtype: StoreDtype,
+) {
+    out.insert(
+        format!("{name}.weight"),
+        OwnedTensor::from_tensor(linear.weight.val().transpose(), dtype),
+    );
+    if let Some(b) = &linear.bias {
+        out.insert(
+            format!("{name}.bias"),
+            OwnedTensor::from_tensor(b.val(), dtype),
+        );
+    }
+}

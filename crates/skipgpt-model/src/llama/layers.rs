@@ -1,0 +1,179 @@
+//! The modules of a LLaMA decoder layer, named like the Hugging Face weight keys: RMSNorm,
+//! grouped-query attention with rotary positions, and the SwiGLU MLP. How they are loaded and
+//! saved is in [`super::weights`]; how a layer gates them, in [`super::block`].
+
+use burn::module::{Module, Param};
+use burn::tensor::{activation, backend::Backend, Tensor};
+
+use crate::config::LlamaConfig;
+use crate::linear::init_linear;
+use crate::lora::LoraLinear;
+use crate::rope::apply_rotary;
+
+/// Root-mean-square layer norm: `x / sqrt(mean(x²) + eps) * weight`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn new(dim: usize, eps: f64, device: &B::Device) -> Self {
+        RmsNorm {
+            weight: Param::from_tensor(Tensor::ones([dim], device)),
+            eps,
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[..., dim]`
+    /// - output: like x
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let rms = (x.clone().powi_scalar(2).mean_dim(D - 1) + self.eps).sqrt();
+        x / rms * self.weight.val().unsqueeze()
+    }
+}
+
+/// Added to an attention score to hide a key. Finite, so that two masks can be summed and a
+/// row with every key hidden still gives a finite (and then gated-off) output.
+pub const MASKED: f32 = -1e9;
+
+/// Per-forward inputs every layer shares: rotary tables and the additive attention mask.
+pub struct AttentionContext<B: Backend> {
+    pub cos: Tensor<B, 2>,
+    pub sin: Tensor<B, 2>,
+    /// `[query, key]`: 0 where a query may look, [`MASKED`] where it may not.
+    pub mask: Tensor<B, 2>,
+}
+
+/// Multi-head attention with grouped key/value heads and rotary positions.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: LoraLinear<B>,
+    pub k_proj: LoraLinear<B>,
+    pub v_proj: LoraLinear<B>,
+    pub o_proj: LoraLinear<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    pub(super) fn init(c: &LlamaConfig, device: &B::Device) -> Self {
+        let (h, q, kv) = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        Attention {
+            q_proj: init_linear(h, q, c.qkv_bias, device).into(),
+            k_proj: init_linear(h, kv, c.qkv_bias, device).into(),
+            v_proj: init_linear(h, kv, c.qkv_bias, device).into(),
+            o_proj: init_linear(q, h, c.o_bias, device).into(),
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        }
+    }
+
+    /// Keys and values of `x`, rotated, before they enter the cache.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - output: `[batch, kv_heads, seq, head_dim]` twice
+    fn project_kv(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &AttentionContext<B>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, t, _] = x.dims();
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, t, self.num_kv_heads, self.head_dim])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, t, self.num_kv_heads, self.head_dim])
+            .swap_dims(1, 2);
+        (apply_rotary(k, &ctx.cos, &ctx.sin), v)
+    }
+
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` (already normed)
+    /// - output: `[batch, seq, hidden]`
+    ///
+    /// With a cache, `x` holds only the new tokens; their keys and values are appended and the
+    /// queries attend over everything cached so far.
+    ///
+    /// `visible` (`[batch, seq]`, 1 or 0) hides the keys of the new tokens marked 0 from every
+    /// query (`kv_policy = drop`); the cache remembers it for later steps.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &AttentionContext<B>,
+        cache: Option<&mut crate::cache::LayerKv<B>>,
+        visible: Option<Tensor<B, 2>>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, t, nh, hd])
+            .swap_dims(1, 2);
+        let q = apply_rotary(q, &ctx.cos, &ctx.sin);
+        let (k, v) = self.project_kv(x, ctx);
+        let (k, v, visible) = match cache {
+            Some(cache) => cache.append(k, v, visible),
+            None => (k, v, visible),
+        };
+        // Grouped-query attention without copying K/V: the `n_rep` query heads that share a
+        // key/value head are stacked along the sequence axis, `[b, kv, n_rep * t, hd]`.
+        let n_rep = nh / nkv;
+        let q = q.reshape([b, nkv, n_rep * t, hd]);
+        let scale = (hd as f64).powf(-0.5);
+        let mut mask = ctx.mask.clone().repeat_dim(0, n_rep).unsqueeze::<4>();
+        if let Some(visible) = visible {
+            let total = visible.dims()[1];
+            let hidden_keys = (visible.neg() + 1.0) * MASKED;
+            mask = mask + hidden_keys.reshape([b, 1, 1, total]);
+        }
+        let scores = q.matmul(k.swap_dims(2, 3)) * scale + mask;
+        let probs = activation::softmax(scores, 3);
+        let out = probs
+            .matmul(v)
+            .reshape([b, nh, t, hd])
+            .swap_dims(1, 2)
+            .reshape([b, t, nh * hd]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: LoraLinear<B>,
+    pub up_proj: LoraLinear<B>,
+    pub down_proj: LoraLinear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub(super) fn init(c: &LlamaConfig, device: &B::Device) -> Self {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        Mlp {
+            gate_proj: init_linear(h, i, c.mlp_bias, device).into(),
+            up_proj: init_linear(h, i, c.mlp_bias, device).into(),
+            down_proj: init_linear(i, h, c.mlp_bias, device).into(),
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[..., hidden]`
+    /// - output: `[..., hidden]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let gate = activation::silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}

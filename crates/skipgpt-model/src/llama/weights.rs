@@ -1,0 +1,214 @@
+//! Loading and saving the decoder's weights under their Hugging Face names
+//! (`model.layers.3.self_attn.q_proj.weight`). Every expected tensor must be there with the
+//! shape the config implies; the reader names the tensor and the file when one is not.
+
+use std::collections::BTreeMap;
+
+use burn::module::Param;
+use burn::nn::Embedding;
+use burn::tensor::backend::Backend;
+
+use super::{Attention, DecoderLayer, LlamaForCausalLM, LlamaModel, Mlp, RmsNorm};
+use crate::config::LlamaConfig;
+use crate::error::Result;
+use crate::linear::{export_linear, load_linear};
+use crate::rope::RotaryEmbedding;
+use crate::router::Routing;
+use crate::safetensors_io::{OwnedTensor, StoreDtype, WeightSet};
+
+impl<B: Backend> RmsNorm<B> {
+    pub(super) fn load(
+        w: &WeightSet,
+        name: &str,
+        dim: usize,
+        eps: f64,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: Param::from_tensor(w.tensor(&format!("{name}.weight"), [dim], device)?),
+            eps,
+        })
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    pub(super) fn load(
+        c: &LlamaConfig,
+        w: &WeightSet,
+        p: &str,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let (h, q, kv) = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        Ok(Attention {
+            q_proj: load_linear(w, &format!("{p}.q_proj"), h, q, c.qkv_bias, device)?.into(),
+            k_proj: load_linear(w, &format!("{p}.k_proj"), h, kv, c.qkv_bias, device)?.into(),
+            v_proj: load_linear(w, &format!("{p}.v_proj"), h, kv, c.qkv_bias, device)?.into(),
+            o_proj: load_linear(w, &format!("{p}.o_proj"), q, h, c.o_bias, device)?.into(),
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        })
+    }
+
+    pub(super) fn export(
+        &self,
+        out: &mut BTreeMap<String, OwnedTensor>,
+        p: &str,
+        dtype: StoreDtype,
+    ) {
+        for (name, lin) in [
+            ("q_proj", &self.q_proj),
+            ("k_proj", &self.k_proj),
+            ("v_proj", &self.v_proj),
+            ("o_proj", &self.o_proj),
+        ] {
+            export_linear(out, &format!("{p}.{name}"), &lin.base_layer, dtype);
+        }
+    }
+}
+
+impl<B: Backend> Mlp<B> {
+    pub(super) fn load(
+        c: &LlamaConfig,
+        w: &WeightSet,
+        p: &str,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        Ok(Mlp {
+            gate_proj: load_linear(w, &format!("{p}.gate_proj"), h, i, c.mlp_bias, device)?.into(),
+            up_proj: load_linear(w, &format!("{p}.up_proj"), h, i, c.mlp_bias, device)?.into(),
+            down_proj: load_linear(w, &format!("{p}.down_proj"), i, h, c.mlp_bias, device)?.into(),
+        })
+    }
+
+    pub(super) fn export(
+        &self,
+        out: &mut BTreeMap<String, OwnedTensor>,
+        p: &str,
+        dtype: StoreDtype,
+    ) {
+        for (name, lin) in [
+            ("gate_proj", &self.gate_proj),
+            ("up_proj", &self.up_proj),
+            ("down_proj", &self.down_proj),
+        ] {
+            export_linear(out, &format!("{p}.{name}"), &lin.base_layer, dtype);
+        }
+    }
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    pub(super) fn load(
+        c: &LlamaConfig,
+        w: &WeightSet,
+        p: &str,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Ok(DecoderLayer {
+            self_attn: Attention::load(c, w, &format!("{p}.self_attn"), device)?,
+            mlp: Mlp::load(c, w, &format!("{p}.mlp"), device)?,
+            input_layernorm: RmsNorm::load(
+                w,
+                &format!("{p}.input_layernorm"),
+                c.hidden_size,
+                c.rms_norm_eps,
+                device,
+            )?,
+            post_attention_layernorm: RmsNorm::load(
+                w,
+                &format!("{p}.post_attention_layernorm"),
+                c.hidden_size,
+                c.rms_norm_eps,
+                device,
+            )?,
+            attn_router: None,
+            mlp_router: None,
+        })
+    }
+
+    pub(super) fn export(
+        &self,
+        out: &mut BTreeMap<String, OwnedTensor>,
+        p: &str,
+        dtype: StoreDtype,
+    ) {
+        self.self_attn.export(out, &format!("{p}.self_attn"), dtype);
+        self.mlp.export(out, &format!("{p}.mlp"), dtype);
+        out.insert(
+            format!("{p}.input_layernorm.weight"),
+            OwnedTensor::from_tensor(self.input_layernorm.weight.val(), dtype),
+        );
+        out.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            OwnedTensor::from_tensor(self.post_attention_layernorm.weight.val(), dtype),
+        );
+    }
+}
+
+impl<B: Backend> LlamaForCausalLM<B> {
+    /// Builds the model from HF-named weights. Every expected tensor must be present with the
+    /// exact shape the config implies.
+    pub fn load(config: &LlamaConfig, w: &WeightSet, device: &B::Device) -> Result<Self> {
+        let c = config;
+        let embed = w.matrix::<B>(
+            "model.embed_tokens.weight",
+            [c.vocab_size, c.hidden_size],
+            device,
+        )?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| DecoderLayer::load(c, w, &format!("model.layers.{i}"), device))
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(load_linear(
+                w,
+                "lm_head",
+                c.hidden_size,
+                c.vocab_size,
+                false,
+                device,
+            )?)
+        };
+        Ok(LlamaForCausalLM {
+            model: LlamaModel {
+                embed_tokens: Embedding {
+                    weight: Param::from_tensor(embed),
+                },
+                layers,
+                norm: RmsNorm::load(w, "model.norm", c.hidden_size, c.rms_norm_eps, device)?,
+            },
+            lm_head,
+            config: c.clone(),
+            rope: RotaryEmbedding::new(c),
+            routing_config: None,
+            lora_config: None,
+            routing: Routing::Dense,
+        })
+    }
+
+    /// Every weight under its HF name, ready for `model.safetensors`.
+    pub fn export(&self, dtype: StoreDtype) -> BTreeMap<String, OwnedTensor> {
+        let mut out = BTreeMap::new();
+        out.insert(
+            "model.embed_tokens.weight".into(),
+            OwnedTensor::from_tensor(self.model.embed_tokens.weight.val(), dtype),
+        );
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            layer.export(&mut out, &format!("model.layers.{i}"), dtype);
+        }
+        out.insert(
+            "model.norm.weight".into(),
+            OwnedTensor::from_tensor(self.model.norm.weight.val(), dtype),
+        );
+        if let Some(head) = &self.lm_head {
+            export_linear(&mut out, "lm_head", head, dtype);
+        }
+        out
+    }
+}
