@@ -289,69 +289,66 @@ impl Ctx {
         Ok(())
     }
 
-    /// Stage 1 into `name/`.
-    fn tune(&self, name: &str, extra: &[&str]) -> Result<PathBuf> {
+    /// `skipgpt COMMAND --model INPUT --out WORK/NAME ARGS...` as a step, done once
+    /// `WORK/NAME/DONE` exists; an unfinished output is removed first.
+    fn model_step(
+        &self,
+        command: &str,
+        input: &Path,
+        name: &str,
+        done: &str,
+        args: Vec<String>,
+    ) -> Result<PathBuf> {
         let out = self.work.join(name);
-        let done = out.join("skipgpt.json");
-        self.step(&out, &done, || {
+        self.step(&out, &out.join(done), || {
             let _ = std::fs::remove_dir_all(&out);
             let mut a: Vec<String> = vec![
-                "tune-routers".into(),
+                command.into(),
                 "--model".into(),
-                s(&self.model).into(),
+                s(input).into(),
                 "--out".into(),
                 s(&out).into(),
             ];
-            a.extend(self.training_args());
-            a.extend(extra.iter().map(|x| x.to_string()));
+            a.extend(args);
             self.skipgpt(&a)
         })?;
         Ok(out)
+    }
+
+    /// Stage 1 into `name/`.
+    fn tune(&self, name: &str, extra: &[&str]) -> Result<PathBuf> {
+        let mut a = self.training_args();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        self.model_step("tune-routers", &self.model, name, "skipgpt.json", a)
     }
 
     /// `calibrate-routers` on the stage-1 model `routed/` into `name/`: its own target,
     /// realised by deterministic routing on training text.
     fn calibrate(&self, routed: &Path, name: &str) -> Result<PathBuf> {
-        let out = self.work.join(name);
-        let done = out.join("calibration.json");
-        self.step(&out, &done, || {
-            let _ = std::fs::remove_dir_all(&out);
-            let mut a: Vec<String> = vec![
-                "calibrate-routers".into(),
-                "--model".into(),
-                s(routed).into(),
-                "--out".into(),
-                s(&out).into(),
-                "--sequences".into(),
-                self.get("--calibration-sequences").into(),
-            ];
-            a.extend(self.data_args());
-            self.skipgpt(&a)
-        })?;
-        Ok(out)
+        let mut a = vec![
+            "--sequences".into(),
+            self.get("--calibration-sequences").into(),
+        ];
+        a.extend(self.data_args());
+        self.model_step("calibrate-routers", routed, name, "calibration.json", a)
     }
 
     /// Stage 2 on `routed/` into `name/`: the merged model, and the adapter in `name/adapter/`.
     fn lora(&self, routed: &Path, name: &str) -> Result<PathBuf> {
-        let out = self.work.join(name);
-        let done = out.join("adapter").join("adapter_config.json");
-        self.step(&out, &done, || {
-            let _ = std::fs::remove_dir_all(&out);
-            let mut a: Vec<String> = vec![
-                "finetune-lora".into(),
-                "--model".into(),
-                s(routed).into(),
-                "--out".into(),
-                s(&out).into(),
-                "--steps".into(),
-                self.get("--lora-steps").into(),
-                "--lr".into(),
-                self.get("--lora-lr").into(),
-            ];
-            a.extend(self.training_args());
-            self.skipgpt(&a)
-        })?;
-        Ok(out)
+        let mut a = vec![
+            "--steps".into(),
+            self.get("--lora-steps").into(),
+            "--lr".into(),
+            self.get("--lora-lr").into(),
+        ];
+        a.extend(self.training_args());
+        self.model_step(
+            "finetune-lora",
+            routed,
+            name,
+            "adapter/adapter_config.json",
+            a,
+        )
     }
 
     /// Held-out perplexity (dense and routed) and cloze accuracy of `model`, as
@@ -647,24 +644,20 @@ pub fn experiment(out: &str, overrides: &[String], until: &str) -> Result<()> {
                 } else {
                     "attention"
                 };
-                let dir = ctx.work.join(format!("t{t}/{job}"));
-                ctx.step(&dir, &dir.join("skipgpt.json"), || {
-                    let _ = std::fs::remove_dir_all(&dir);
-                    let mut a: Vec<String> = vec![
-                        "prune-static".into(),
-                        "--model".into(),
-                        s(&ctx.model).into(),
-                        "--out".into(),
-                        s(&dir).into(),
-                        "--mode".into(),
-                        mode.into(),
-                        "--target-sparsity".into(),
-                        target.into(),
-                    ];
-                    a.extend(ctx.data_args());
-                    ctx.skipgpt(&a)
-                })?;
-                dir
+                let mut a: Vec<String> = vec![
+                    "--mode".into(),
+                    mode.into(),
+                    "--target-sparsity".into(),
+                    target.into(),
+                ];
+                a.extend(ctx.data_args());
+                ctx.model_step(
+                    "prune-static",
+                    &ctx.model,
+                    &format!("t{t}/{job}"),
+                    "skipgpt.json",
+                    a,
+                )?
             }
         };
         ctx.evaluate(&dir, &name)?;
