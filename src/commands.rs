@@ -14,6 +14,8 @@ use skipgpt_model::{
     StoreDtype, Tokenizer,
 };
 
+use skipgpt_pipeline::evaluate::{EvalPplConfig, ModelSource, Split};
+
 use crate::backend::BackendKind;
 use crate::{
     with_backend, EngineArg, EngineArgs, EvalPplArgs, GenerateArgs, InspectArgs, LogitsArgs,
@@ -37,63 +39,36 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    pub fn source(&self) -> ModelSource {
+        ModelSource {
+            dir: self.dir.clone(),
+            adapter: self.adapter.clone(),
+            dtype: self.dtype,
+        }
+    }
+
     /// The model directory, with the adapter applied when one is given.
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<skipgpt_model::Pretrained<B>> {
-        let mut pretrained = skipgpt_model::load_pretrained_as::<B>(&self.dir, device, self.dtype)?;
-        warn_unused(&pretrained);
-        if let Some(adapter) = &self.adapter {
-            let adapter = skipgpt_model::load_peft_adapter(adapter)?;
-            pretrained.model = pretrained.model.load_lora(&adapter)?;
-        }
-        Ok(pretrained)
+        Ok(self.source().load::<B>(device)?)
     }
 }
 
-/// Warns of tensors in the checkpoint that the model does not use (named, up to ten).
-pub(crate) fn warn_unused<B: Backend>(pretrained: &skipgpt_model::Pretrained<B>) {
-    let unused = &pretrained.unused_tensors;
-    if unused.is_empty() {
-        return;
+/// The routing mode the command line asks for.
+fn routing_of(args: &RoutingArgs) -> Routing {
+    match (args.dense, args.routing) {
+        (true, _) => Routing::Dense,
+        (false, RoutingArg::Deterministic) => Routing::Deterministic,
+        (false, RoutingArg::Sample) => Routing::Sample,
     }
-    let shown: Vec<&str> = unused.iter().take(10).map(String::as_str).collect();
-    eprintln!(
-        "warning: {}: {} tensor(s) the model does not use: {}{}",
-        pretrained.dir.display(),
-        unused.len(),
-        shown.join(", "),
-        if unused.len() > shown.len() {
-            ", ..."
-        } else {
-            ""
-        }
-    );
-}
-
-/// The tokenizer of a loaded model directory, or an error naming the missing file and the
-/// command that needs it.
-pub(crate) fn require_tokenizer<T>(
-    tokenizer: Option<T>,
-    dir: &std::path::Path,
-    command: &str,
-) -> Result<T> {
-    tokenizer.with_context(|| {
-        format!(
-            "{command} needs {} to turn text into tokens",
-            dir.join("tokenizer.json").display()
-        )
-    })
 }
 
 /// The routing mode the command line asks for (seeding the backend for `--routing sample`).
 fn routing_mode<B: Backend>(args: &RoutingArgs, device: &B::Device) -> Routing {
-    match (args.dense, args.routing) {
-        (true, _) => Routing::Dense,
-        (false, RoutingArg::Deterministic) => Routing::Deterministic,
-        (false, RoutingArg::Sample) => {
-            B::seed(device, args.routing_seed);
-            Routing::Sample
-        }
+    let routing = routing_of(args);
+    if routing == Routing::Sample {
+        B::seed(device, args.routing_seed);
     }
+    routing
 }
 
 /// Sets how a loaded model routes, per the command line (dense models stay dense).
@@ -486,99 +461,50 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn eval_ppl(backend: BackendKind, args: EvalPplArgs) -> Result<()> {
-    with_backend!(backend, |B, device| eval_ppl_on::<B>(&args, &device))
+impl EvalPplArgs {
+    pub fn config(&self) -> EvalPplConfig {
+        EvalPplConfig {
+            model: self.model.source(),
+            corpus: self.corpus.config(),
+            split: match self.split {
+                SplitArg::Valid => Split::Valid,
+                SplitArg::Train => Split::Train,
+                SplitArg::All => Split::All,
+            },
+            max_sequences: self.max_sequences,
+            batch_size: self.batch_size,
+            routing: routing_of(&self.routing),
+            routing_seed: self.routing.routing_seed,
+            quiet: self.json,
+        }
+    }
 }
 
-fn eval_ppl_on<B: Backend>(args: &EvalPplArgs, device: &B::Device) -> Result<()> {
-    use skipgpt_train::data::pack;
-
-    let pretrained = args.model.load::<B>(device)?;
-    let tokenizer = require_tokenizer(pretrained.tokenizer.as_ref(), &args.model.dir, "eval-ppl")?;
-    let model = pretrained.model;
-    let docs = args.corpus.documents()?;
-    let eos = model.config.eos_token_ids.first().copied();
-    let corpus = &args.corpus;
-    let data = match args.split {
-        SplitArg::All => pack(&docs, tokenizer, corpus.seq_len, eos)?,
-        split => {
-            let (train, valid) = corpus.split(&docs, tokenizer, eos)?;
-            if split == SplitArg::Valid {
-                valid
-            } else {
-                train
-            }
-        }
-    };
-    let mut data = data;
-    if let Some(n) = args.max_sequences {
-        data.sequences = evenly_spaced(std::mem::take(&mut data.sequences), n);
+pub fn eval_ppl(backend: BackendKind, args: EvalPplArgs) -> Result<()> {
+    let config = args.config();
+    let report = with_backend!(
+        backend,
+        |B, device| skipgpt_pipeline::evaluate::eval_ppl::<B>(&config, &device)
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
     }
-    if data.is_empty() {
-        bail!(
-            "the {:?} split is empty: use more data or a larger --valid-fraction",
-            args.split
+    for (name, r) in [
+        ("dense", Some(&report.dense)),
+        ("routed", report.routed.as_ref()),
+    ] {
+        let Some(r) = r else { continue };
+        println!(
+            "{name:<7} perplexity {:>9.3}  (nll {:.4}, {} tokens)  skip: attention {:.1}%  mlp {:.1}%  params {:.1}%  next-token accuracy {:.1}%",
+            r.perplexity,
+            r.nll,
+            r.tokens,
+            100.0 * r.attn_skip,
+            100.0 * r.mlp_skip,
+            100.0 * r.param_skip,
+            100.0 * r.accuracy
         );
     }
-    let mut runs = vec![("dense", Routing::Dense)];
-    if model.routing_config.is_some() && !args.routing.dense {
-        runs.push(("routed", routing_mode::<B>(&args.routing, device)));
-    }
-    let mut reports = serde_json::Map::new();
-    for (name, routing) in runs {
-        let label = (!args.json).then_some(name);
-        let report = perplexity(&model, &data, routing, args.batch_size, label)?;
-        if !args.json {
-            println!(
-                "{name:<7} perplexity {:>9.3}  (nll {:.4}, {} tokens)  skip: attention {:.1}%  mlp {:.1}%  params {:.1}%  next-token accuracy {:.1}%",
-                report.perplexity,
-                report.nll,
-                report.tokens,
-                100.0 * report.attn_skip,
-                100.0 * report.mlp_skip,
-                100.0 * report.param_skip,
-                100.0 * report.accuracy
-            );
-        }
-        reports.insert(name.to_string(), serde_json::to_value(&report)?);
-    }
-    if args.json {
-        println!("{}", serde_json::Value::Object(reports));
-    }
     Ok(())
-}
-
-/// Perplexity of `data`, with a progress counter labelled `label` on a terminal (logs and
-/// `None` get only the result).
-pub fn perplexity<B: Backend>(
-    model: &LlamaForCausalLM<B>,
-    data: &skipgpt_train::data::PackedDataset,
-    routing: Routing,
-    batch: usize,
-    label: Option<&str>,
-) -> Result<skipgpt_eval::PerplexityReport> {
-    let bar = label.map(|label| crate::progress::counter(label, "sequences"));
-    let report = skipgpt_eval::evaluate_perplexity(model, data, routing, batch, |done, total| {
-        if let Some(bar) = &bar {
-            crate::progress::update(bar, done, total);
-        }
-    });
-    if let Some(bar) = bar {
-        bar.finish();
-    }
-    Ok(report?)
-}
-
-/// At most `n` of `items`, evenly spaced over them (the first included).
-fn evenly_spaced<T>(items: Vec<T>, n: usize) -> Vec<T> {
-    let len = items.len();
-    if len <= n {
-        return items;
-    }
-    items
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| (i * n) % len < n)
-        .map(|(_, x)| x)
-        .collect()
 }

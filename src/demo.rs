@@ -25,59 +25,54 @@ use skipgpt_eval::{synthetic_mc_tasks, PerplexityReport, StaticMode};
 use skipgpt_model::sparse::EngineStats;
 use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{
-    load_config, load_pretrained, GenerateOptions, Granularity, KvPolicy, LlamaForCausalLM,
-    MlpRouterInput, RouterVariant, Routing, Sampling, SparsityUnit, Tokenizer,
+    load_config, load_pretrained, GenerateOptions, Granularity, LlamaForCausalLM, LoraConfig,
+    RouterInit, Routing, Sampling, SparsityUnit, Tokenizer,
+};
+use skipgpt_pipeline::evaluate::{perplexity, score_tasks};
+use skipgpt_pipeline::{
+    analyse_model, finetune_lora, pretrain, prune_static, tune_routers, CorpusConfig,
+    FinetuneLoraConfig, PretrainConfig, PruneStaticConfig, TuneRoutersConfig, TunedValidation,
 };
 use skipgpt_train::data::PackedDataset;
 use skipgpt_train::fit::run_dir;
 use skipgpt_train::resume::RunManifest;
+use skipgpt_train::TrainOptions;
 
 use crate::backend::BackendKind;
-use crate::commands::perplexity;
-use crate::eval_cmd::{analyze_model, prune_static, score_tasks, PruneStaticArgs};
-use crate::lora_cmd::{finetune_lora, FinetuneLoraArgs, LoraArgs};
-use crate::train_cmd::{
-    pretrain, tune_routers, CorpusArgs, PretrainArgs, RouterInitArg, TrainArgs, TuneRoutersArgs,
-};
-use crate::{with_backend, DemoArgs, RoutingArg};
+use crate::eval_cmd::{print_analysis, print_pruned};
+use crate::train_cmd::print_validation;
+use crate::{with_backend, DemoArgs};
 
 pub fn demo(backend: BackendKind, args: DemoArgs) -> Result<()> {
     with_backend!(backend, |B, device| demo_on::<B>(&args, &device))
 }
 
-fn train_args(steps: usize, lr: Option<f64>, seed: u64, out: &Path) -> TrainArgs {
-    TrainArgs {
-        steps: Some(steps),
+/// The demo's optimisation on top of a stage's `defaults`: batches of 16, `steps` steps (with
+/// the stage's warmup fraction), `lr` when given, and the whole held-out split in every
+/// validation pass and final report, so that every row is scored on the same sequences.
+fn train_options(
+    defaults: TrainOptions,
+    warmup_fraction: f64,
+    steps: usize,
+    lr: Option<f64>,
+    seed: u64,
+) -> TrainOptions {
+    TrainOptions {
+        steps,
         batch_size: 16,
-        grad_accum: 1,
-        lr,
-        warmup_steps: None,
-        schedule: None,
-        weight_decay: 0.01,
-        grad_clip: 1.0,
+        lr: lr.unwrap_or(defaults.lr),
+        warmup_steps: (steps as f64 * warmup_fraction) as usize,
         seed,
         log_every: (steps / 10).max(1),
         checkpoint_every: (steps / 2).max(1),
-        // the whole held-out split, in every validation pass and in each command's final
-        // report, so that every row of the comparison is scored on the same sequences
         valid_sequences: 0,
-        // a finished (or killed) earlier demo run is picked up where it stopped
-        resume: run_dir(out).join(RunManifest::FILE).exists(),
-        quiet: false,
-        devices: Vec::new(),
-        checkpoint_layers: false,
+        ..defaults
     }
 }
 
-/// The stage-2 adapters of the paper: r 16, α 32, dropout 0.1 on q, v and gate.
-fn default_lora() -> LoraArgs {
-    let d = skipgpt_model::LoraConfig::default();
-    LoraArgs {
-        rank: d.rank,
-        lora_alpha: d.alpha,
-        lora_dropout: d.dropout,
-        targets: d.targets,
-    }
+/// A finished (or killed) earlier demo run in `out` is picked up where it stopped.
+fn resumes(out: &Path) -> bool {
+    run_dir(out).join(RunManifest::FILE).exists()
 }
 
 /// One row of the comparison.
@@ -113,14 +108,8 @@ pub struct DemoSummary {
 
 fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
     let started = Instant::now();
-    let corpus = CorpusArgs {
-        data: Vec::new(),
-        synthetic: Some(args.docs),
-        data_seed: args.seed,
-        seq_len: args.seq_len,
-        valid_fraction: 0.1,
-        valid_data: Vec::new(),
-    };
+    let devices = [device.clone()];
+    let corpus = CorpusConfig::synthetic(args.docs, args.seed, args.seq_len);
     let t = (100.0 * args.target_sparsity).round() as u32;
     let dense_dir = args.out.join("dense");
     let rt_dir = args.out.join(format!("skipgpt-t{t}"));
@@ -129,98 +118,137 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
     let short_dir = args.out.join(format!("shortgpt-t{t}"));
     let joint_dir = args.out.join(format!("joint-t{t}"));
     let pictures = args.out.join(format!("analysis-t{t}"));
-    let tune = |out: &Path, granularity: Granularity| TuneRoutersArgs {
-        model: dense_dir.clone(),
-        out: out.to_path_buf(),
-        corpus: corpus.clone(),
-        target_sparsity: args.target_sparsity,
-        // the reference code's count, which the demo's recorded numbers come from
-        sparsity_unit: SparsityUnit::Modules,
-        alpha: 8.0,
-        attn_target: None,
-        mlp_target: None,
-        router: RouterVariant::Linear,
-        // the paper's start: the toy model absorbs it, and the demo reproduces the method as
-        // published (a real model starts execute-biased, the CLI default)
-        router_init: RouterInitArg::Paper,
-        init_margin: 3.0,
-        mlp_router_input: MlpRouterInput::PostAttn,
-        granularity,
-        kv_policy: KvPolicy::Keep,
-        temperature_start: 5.0,
-        temperature_end: 1.0,
-        joint_lora: false,
-        lora: default_lora(),
-        // The paper's 2e-3 is for 10k steps. In 200 steps it reaches the target under the
-        // Gumbel gates, but the routers stay unsure, and the deterministic gates of
-        // inference skip far less (measured: 10% for a 25% target); 10x converges.
-        train: train_args(args.tune_steps, Some(2e-2), args.seed, out),
+    let tune = |out: &Path, granularity: Granularity, steps: usize| {
+        let defaults = TuneRoutersConfig::default();
+        TuneRoutersConfig {
+            model: dense_dir.clone(),
+            out: out.to_path_buf(),
+            corpus: corpus.clone(),
+            target_sparsity: args.target_sparsity,
+            // the reference code's count, which the demo's recorded numbers come from
+            sparsity_unit: SparsityUnit::Modules,
+            // the paper's start: the toy model absorbs it, and the demo reproduces the method
+            // as published (a real model starts execute-biased, the default)
+            router_init: RouterInit::Paper,
+            granularity,
+            // The paper's 2e-3 is for 10k steps. In 200 steps it reaches the target under the
+            // Gumbel gates, but the routers stay unsure, and the deterministic gates of
+            // inference skip far less (measured: 10% for a 25% target); 10x converges.
+            train: train_options(
+                defaults.train.clone(),
+                skipgpt_pipeline::tune_routers::WARMUP_FRACTION,
+                steps,
+                Some(2e-2),
+                args.seed,
+            ),
+            resume: resumes(out),
+            ..defaults
+        }
     };
     let empty = || anyhow::anyhow!("the held-out split is empty: raise --docs");
+    let validated = |v: Option<TunedValidation>, dir: &Path| -> Result<TunedValidation> {
+        println!("tune-routers: saved to {}", dir.display());
+        let v = v.ok_or_else(empty)?;
+        print_validation("dense", &v.dense);
+        print_validation("routed", &v.routed);
+        Ok(v)
+    };
 
     eprintln!(
         "[1/6] pretraining a small LLaMA on {} synthetic documents -> {}",
         args.docs,
         dense_dir.display()
     );
-    pretrain::<B>(
-        &PretrainArgs {
+    let defaults = PretrainConfig::default();
+    let pretrained = pretrain::<B>(
+        &PretrainConfig {
             out: dense_dir.clone(),
             corpus: corpus.clone(),
-            tokenizer: None,
             vocab_size: 384,
-            config: None,
             hidden_size: args.hidden_size,
             layers: args.layers,
             heads: args.heads,
             kv_heads: (args.heads / 2).max(1),
             intermediate_size: None,
-            train: train_args(args.pretrain_steps, None, args.seed, &dense_dir),
+            train: train_options(
+                defaults.train.clone(),
+                skipgpt_pipeline::pretrain::WARMUP_FRACTION,
+                args.pretrain_steps,
+                None,
+                args.seed,
+            ),
+            resume: resumes(&dense_dir),
+            ..defaults
         },
-        device,
+        &devices,
     )?;
+    println!("pretrain: saved to {}", pretrained.out.display());
+    if let Some(r) = &pretrained.validation {
+        println!(
+            "  validation perplexity {:.3} ({} tokens)",
+            r.perplexity, r.tokens
+        );
+    }
 
     eprintln!(
         "\n[2/6] SkipGPT-RT: routers before every attention and MLP module, target skip {} -> {}",
         args.target_sparsity,
         rt_dir.display()
     );
-    let rt = tune_routers::<B>(&tune(&rt_dir, Granularity::Module), device)?.ok_or_else(empty)?;
+    let rt = tune_routers::<B>(
+        &tune(&rt_dir, Granularity::Module, args.tune_steps),
+        &devices,
+    )?;
+    let rt = validated(rt.validation, &rt_dir)?;
 
     eprintln!(
         "\n[3/6] SkipGPT-RT + LoRA: adapters with the routers frozen (stage 2) -> {}",
         lora_dir.display()
     );
+    let defaults = FinetuneLoraConfig::default();
     let lora = finetune_lora::<B>(
-        &FinetuneLoraArgs {
+        &FinetuneLoraConfig {
             model: rt_dir.clone(),
             out: lora_dir.clone(),
             corpus: corpus.clone(),
-            lora: default_lora(),
-            routing: RoutingArg::Deterministic,
-            merge: false,
-            adapter_only: false,
-            resume_adapter: None,
+            // the paper's stage-2 adapters: r 16, α 32, dropout 0.1 on q, v and gate
+            lora: LoraConfig::default(),
+            routing: Routing::Deterministic,
             // 10x the paper's 2e-4, for a run of 200 steps rather than thousands
-            train: train_args(args.lora_steps, Some(2e-3), args.seed, &lora_dir),
+            train: train_options(
+                defaults.train.clone(),
+                skipgpt_pipeline::finetune_lora::WARMUP_FRACTION,
+                args.lora_steps,
+                Some(2e-3),
+                args.seed,
+            ),
+            resume: resumes(&lora_dir),
+            ..defaults
         },
-        device,
-    )?
-    .ok_or_else(empty)?;
+        &devices,
+    )?;
+    println!("finetune-lora: saved to {}", lora.out.display());
+    let lora = lora.validation.ok_or_else(empty)?;
+    print_validation("before", &lora.before);
+    print_validation("after", &lora.after);
+    let lora = lora.after;
 
     eprintln!(
         "\n[4/6] MoD-D style: one router per layer gating both modules -> {}",
         modd_dir.display()
     );
-    let modd =
-        tune_routers::<B>(&tune(&modd_dir, Granularity::Layer), device)?.ok_or_else(empty)?;
+    let modd = tune_routers::<B>(
+        &tune(&modd_dir, Granularity::Layer, args.tune_steps),
+        &devices,
+    )?;
+    let modd = validated(modd.validation, &modd_dir)?;
 
     eprintln!(
         "\n[5/6] ShortGPT: removing the least influential layers to the same parameter budget -> {}",
         short_dir.display()
     );
-    prune_static::<B>(
-        &PruneStaticArgs {
+    let pruned = prune_static::<B>(
+        &PruneStaticConfig {
             model: dense_dir.clone(),
             out: short_dir.clone(),
             corpus: corpus.clone(),
@@ -231,21 +259,21 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         },
         device,
     )?;
+    print_pruned(&pruned, args.target_sparsity);
 
     let joint = if args.joint {
         eprintln!(
             "\n[5b/6] joint ablation: routers and LoRA trained together -> {}",
             joint_dir.display()
         );
-        let mut a = tune(&joint_dir, Granularity::Module);
-        a.joint_lora = true;
-        a.train = train_args(
-            args.tune_steps + args.lora_steps,
-            Some(2e-2),
-            args.seed,
+        let mut config = tune(
             &joint_dir,
+            Granularity::Module,
+            args.tune_steps + args.lora_steps,
         );
-        Some(tune_routers::<B>(&a, device)?.ok_or_else(empty)?)
+        config.joint_lora = Some(LoraConfig::default());
+        let joint = tune_routers::<B>(&config, &devices)?;
+        Some(validated(joint.validation, &joint_dir)?)
     } else {
         None
     };
@@ -278,12 +306,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         let mc = score_tasks(&model, &tokenizer, &tasks, 16, false)?;
         let per_task: Vec<(String, f64)> = mc
             .iter()
-            .map(|r| {
-                (
-                    r.dense.task.clone(),
-                    r.routed.as_ref().unwrap_or(&r.dense).acc,
-                )
-            })
+            .map(|r| (r.dense.task.clone(), r.served().acc))
             .collect();
         let mc_acc = per_task.iter().map(|t| t.1).sum::<f64>() / per_task.len() as f64;
         let (speedup, ideal_speedup) = engine_speedup(&model, &valid);
@@ -305,14 +328,14 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
             final_model = Some(model);
         }
     }
-    let analysed = PackedDataset {
+    let held_out = PackedDataset {
         seq_len: valid.seq_len,
         sequences: valid.sequences.iter().take(256).cloned().collect(),
     };
-    let analysis = analyze_model(
+    let analysed = analyse_model(
         &rt_model.expect("SkipGPT-RT is one of the rows"),
         &tokenizer,
-        &analysed,
+        &held_out,
         &format!(
             "{} keeps the long road. then it counts 10 11 12 13 14 15. and so on, the end.",
             args.prompt
@@ -320,6 +343,8 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         &pictures,
         16,
     )?;
+    print_analysis(&analysed);
+    let analysis = analysed.analysis;
 
     println!();
     print_table(

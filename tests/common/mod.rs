@@ -1,98 +1,15 @@
-//! Helpers shared by the integration tests: fixture paths, the CPU backend, tensor comparison.
+//! Helpers shared by the integration tests: the model crate's (fixture paths, the CPU
+//! backend, tensor comparison) and running the `skipgpt` binary.
 #![allow(dead_code)]
 
 pub mod gguf_writer;
+#[path = "../../crates/skipgpt-model/tests/support/mod.rs"]
+mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-use burn::tensor::{Int, Tensor, TensorData};
-use skipgpt_model::safetensors_io::TensorFile;
-use skipgpt_model::{GenerateOptions, Sampling};
-
-pub type B = burn::backend::NdArray<f32>;
-
-pub fn device() -> burn::backend::ndarray::NdArrayDevice {
-    Default::default()
-}
-
-pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-/// `tests/fixtures/llama-tiny` (a copy of shared/fixtures/llama-tiny).
-pub fn tiny() -> PathBuf {
-    fixtures().join("llama-tiny")
-}
-
-pub fn variant(name: &str) -> PathBuf {
-    fixtures().join("variants").join(name)
-}
-
-pub fn reference(dir: &Path) -> TensorFile {
-    TensorFile::open(&dir.join("reference.safetensors")).expect("reference.safetensors")
-}
-
-pub fn ids_tensor(file: &TensorFile, name: &str) -> Tensor<B, 2, Int> {
-    let (ids, shape) = file.read_i64(name).unwrap();
-    Tensor::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device())
-}
-
-pub fn ids_rows(file: &TensorFile, name: &str) -> Vec<Vec<u32>> {
-    let (ids, shape) = file.read_i64(name).unwrap();
-    ids.chunks(shape[1])
-        .map(|r| r.iter().map(|&i| i as u32).collect())
-        .collect()
-}
-
-/// A tensor's values on the host (any backend).
-pub fn to_vec<Bk: burn::tensor::backend::Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec().unwrap()
-}
-
-/// max |a - b|, after checking the shapes agree.
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-/// Compares a tensor with a reference tensor, returning the max |Δ|.
-pub fn diff_with<Bk: burn::tensor::backend::Backend, const D: usize>(
-    t: Tensor<Bk, D>,
-    reference: &TensorFile,
-    name: &str,
-) -> f32 {
-    let (expected, shape) = reference.read_f32(name).unwrap();
-    assert_eq!(t.dims().to_vec(), shape, "shape of {name}");
-    max_abs_diff(&to_vec(t), &expected)
-}
-
-/// Copies a directory's files (one level) into a fresh temp dir the test may modify.
-/// A copy of the tiny model with `config.json` edited by `edit`.
-#[allow(dead_code)]
-pub fn edit_config(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
-    let dir = copy_dir(&tiny().join("model"));
-    let path = dir.path().join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    edit(&mut cfg);
-    std::fs::write(&path, cfg.to_string()).unwrap();
-    dir
-}
-
-pub fn copy_dir(src: &Path) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-        }
-    }
-    dir
-}
+pub use support::*;
 
 /// Runs the `skipgpt` binary (CPU backend).
 pub fn skipgpt(args: &[&str]) -> Output {
@@ -119,16 +36,6 @@ pub fn assert_clean_failure(args: &[&str], needles: &[&str]) {
             err.contains(n),
             "stderr for {args:?} should mention {n:?}: {err}"
         );
-    }
-}
-
-/// Greedy decoding of exactly `n` tokens (EOS ignored), as the fixture's references were made.
-pub fn greedy(n: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_new_tokens: n,
-        sampling: Sampling::Greedy,
-        eos_token_ids: vec![],
-        ignore_eos: true,
     }
 }
 

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use skipgpt_data::PackedDataset;
 use skipgpt_model::{LlamaForCausalLM, Tokenizer};
 
@@ -17,7 +17,7 @@ use crate::error::{EvalError, Result};
 use crate::{batch_ids, host_f64};
 
 /// Compute spent on the tokens of one frequency class.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FrequencyClass {
     /// E.g. "most frequent 20% of ids".
     pub label: String,
@@ -28,7 +28,7 @@ pub struct FrequencyClass {
 }
 
 /// One token id's average compute.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TokenCompute {
     pub id: u32,
     pub text: String,
@@ -38,7 +38,7 @@ pub struct TokenCompute {
 }
 
 /// The paper's observations, as measured here.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Observations {
     pub attention_skipped_more_than_mlp: bool,
     /// Attention / MLP execution rate over the first and the second half of the positions.
@@ -48,7 +48,7 @@ pub struct Observations {
     pub later_positions_use_less_mlp: bool,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RoutingAnalysis {
     pub tokens: usize,
     pub attn_skip: f64,
@@ -192,7 +192,7 @@ fn host_gates<B: Backend>(gates: Vec<Tensor<B, 2>>) -> Vec<Vec<f64>> {
 }
 
 /// Which modules every token of one text executed.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TokenMap {
     pub tokens: Vec<String>,
     /// `[layer][token]`

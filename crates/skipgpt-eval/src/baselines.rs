@@ -10,7 +10,7 @@
 //! served (sparse engine included) exactly like a SkipGPT model.
 
 use burn::tensor::{backend::Backend, Tensor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use skipgpt_data::PackedDataset;
 use skipgpt_model::LlamaForCausalLM;
 
@@ -18,7 +18,7 @@ use crate::error::{EvalError, Result};
 use crate::{batch_ids, host_f64};
 
 /// Block Influence per layer, and of each layer's attention module.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BlockInfluence {
     pub layer: Vec<f64>,
     pub attention: Vec<f64>,
@@ -85,7 +85,7 @@ fn cosine_sum<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f64 {
 
 /// What a static baseline removes.
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StaticMode {
     /// Whole layers (ShortGPT).
@@ -95,7 +95,7 @@ pub enum StaticMode {
 }
 
 /// Which modules a static baseline keeps.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StaticPlan {
     pub mode: StaticMode,
     pub attn_exec: Vec<bool>,

@@ -9,7 +9,7 @@
 //! measured through the sparse engine, so later layers see the routing of earlier ones.
 
 use burn::tensor::backend::Backend;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use skipgpt_data::PackedDataset;
 use skipgpt_model::sparse::{sparse_forward, EngineStats, LogitRows, SparseCache};
 use skipgpt_model::{LlamaForCausalLM, Routing, SparsityUnit};
@@ -17,7 +17,7 @@ use skipgpt_model::{LlamaForCausalLM, Routing, SparsityUnit};
 use crate::error::{EvalError, Result};
 
 /// What [`calibrate_routers`] did.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CalibrationReport {
     /// The skip rate aimed at, in `unit`.
     pub target: f64,

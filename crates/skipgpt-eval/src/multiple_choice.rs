@@ -105,7 +105,7 @@ impl McTask {
 }
 
 /// Accuracy on one task.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct McReport {
     pub task: String,
     pub examples: usize,

@@ -1,7 +1,7 @@
 //! Perplexity and realised skip rates over a packed dataset.
 
 use burn::tensor::{activation, backend::Backend, Tensor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use skipgpt_data::PackedDataset;
 use skipgpt_model::sparse::{sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{LlamaForCausalLM, Routing};
@@ -9,7 +9,7 @@ use skipgpt_model::{LlamaForCausalLM, Routing};
 use crate::{batch_ids, host_f64, Result};
 
 /// What [`evaluate_perplexity`] measured.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PerplexityReport {
     /// Predicted tokens.
     pub tokens: usize,

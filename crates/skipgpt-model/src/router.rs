@@ -166,7 +166,8 @@ impl RoutingConfig {
 }
 
 /// How gates are computed in a forward pass.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Routing {
     /// Routers ignored: every module runs.
     #[default]

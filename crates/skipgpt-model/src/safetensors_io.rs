@@ -488,8 +488,10 @@ pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// Storage precision for floats written to safetensors.
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum StoreDtype {
+    #[default]
     F32,
     BF16,
     F16,

@@ -1,6 +1,15 @@
 //! Loading and saving the decoder's weights under their Hugging Face names
 //! (`model.layers.3.self_attn.q_proj.weight`). Every expected tensor must be there with the
 //! shape the config implies; the reader names the tensor and the file when one is not.
+//!
+//! Why by hand and not through burn-store's module snapshots (as llama-burn does): burn-store
+//! 0.21's `SafetensorsStore` reads one file, and HF checkpoints above a few GB come as shards
+//! under `model.safetensors.index.json`, which `WeightSet` maps tensor by tensor; its errors
+//! say "Tensor not found: NAME" without the file or the shape the config implies; and the
+//! checkpoint's names are not one module tree's (a tied head has no `lm_head.weight`, Qwen2
+//! adds biases, routers and PEFT adapters live in files of their own with their own names).
+//! Remapping and filtering would absorb the names, not the shards or the messages. The
+//! per-module `load`/`export` pairs below are each a few lines over `WeightSet`.
 
 use std::collections::BTreeMap;
 

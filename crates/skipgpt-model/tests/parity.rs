@@ -4,10 +4,10 @@
 //! `variants/` were made with tools/make_fixtures.py (transformers 5.x layout): llama3 RoPE +
 //! tied head + bf16 shards, dynamic NTK RoPE, and Qwen2 (qkv bias) with linear RoPE in f16.
 
-mod common;
+mod support;
 
-use common::*;
 use skipgpt_model::{generate, load_pretrained, LlamaForCausalLM};
+use support::*;
 
 const TOL: f32 = 1e-4;
 

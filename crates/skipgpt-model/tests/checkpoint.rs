@@ -1,10 +1,10 @@
 //! Saving and reloading model directories.
 
-mod common;
+mod support;
 
-use common::*;
 use skipgpt_model::safetensors_io::TensorFile;
 use skipgpt_model::{load_pretrained, save_pretrained, LlamaConfig, StoreDtype};
+use support::*;
 
 #[test]
 fn f32_round_trip_is_exact() {

@@ -1,5 +1,5 @@
-//! Progress bars for long commands, on terminals only (indicatif hides them when stderr is
-//! redirected, so logs get only the results).
+//! Progress bars for the long evaluations inside a stage, on terminals only (indicatif hides
+//! them when stderr is redirected, so logs get only the results).
 
 use indicatif::{ProgressBar, ProgressStyle};
 

@@ -1,18 +1,18 @@
 //! SkipGPT routing: parity with the reference routed forward, gates, the straight-through
 //! estimator, kv_policy = drop, and router checkpoints.
 
-mod common;
+mod support;
 
 use std::path::Path;
 
 use burn::tensor::{Tensor, TensorData};
-use common::*;
 use skipgpt_model::router::straight_through_gate;
 use skipgpt_model::{
     generate, load_pretrained, save_pretrained, Granularity, KvPolicy, LlamaConfig,
     LlamaForCausalLM, MlpRouterInput, RouterInit, RouterVariant, Routing, RoutingConfig,
     StoreDtype,
 };
+use support::*;
 
 /// `model-routed` with `skipgpt.json` choosing the MLP router input.
 fn routed(mlp_router_input: MlpRouterInput) -> (tempfile::TempDir, LlamaForCausalLM<B>) {

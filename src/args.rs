@@ -1,0 +1,179 @@
+//! The argument groups several commands share: the corpus, the optimisation and the
+//! adapters' shape, each mapped onto its `skipgpt_pipeline` / `skipgpt_train` config.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use skipgpt_model::lora::LORA_TARGETS;
+use skipgpt_model::LoraConfig;
+use skipgpt_pipeline::CorpusConfig;
+use skipgpt_train::{ScheduleKind, TrainOptions};
+
+/// Where the text comes from and how it is cut into sequences.
+#[derive(Args, Debug, Clone)]
+pub struct CorpusArgs {
+    /// Text (.txt, paragraphs) or JSONL (a `text` field per line) files; repeatable.
+    #[arg(long, required_unless_present = "synthetic")]
+    pub data: Vec<PathBuf>,
+    /// Use N documents of the built-in synthetic corpus instead of files.
+    #[arg(long, conflicts_with = "data", value_parser = crate::positive)]
+    pub synthetic: Option<usize>,
+    /// Seed of the synthetic corpus and of the train/validation split (keep it equal across
+    /// pretrain, tune-routers and eval-ppl to evaluate on held-out text).
+    #[arg(long, default_value_t = 0)]
+    pub data_seed: u64,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128, value_parser = crate::positive)]
+    pub seq_len: usize,
+    /// Fraction of sequences held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    pub valid_fraction: f64,
+    /// Held-out files for validation (repeatable): whole documents the model never trains on.
+    /// With them, every --data sequence trains and --valid-fraction is not used.
+    #[arg(long, conflicts_with = "synthetic")]
+    pub valid_data: Vec<PathBuf>,
+}
+
+impl CorpusArgs {
+    pub fn config(&self) -> CorpusConfig {
+        CorpusConfig {
+            data: self.data.clone(),
+            synthetic: self.synthetic,
+            data_seed: self.data_seed,
+            seq_len: self.seq_len,
+            valid_fraction: self.valid_fraction,
+            valid_data: self.valid_data.clone(),
+        }
+    }
+}
+
+/// Optimisation settings shared by the training commands.
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// Optimizer steps [pretrain: 300; tune-routers: 200].
+    #[arg(long, value_parser = crate::positive)]
+    pub steps: Option<usize>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 8, value_parser = crate::positive)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (gradients averaged).
+    #[arg(long, default_value_t = 1, value_parser = crate::positive)]
+    pub grad_accum: usize,
+    /// Peak learning rate, AdamW [pretrain: 3e-3; tune-routers: 2e-3, the paper's].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Linear warmup steps [pretrain: 5% of the steps; tune-routers: 0].
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Learning rate after warmup [pretrain: cosine; tune-routers: constant, the paper's].
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleKind>,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Clip each parameter's gradient to this norm (0 turns clipping off).
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// Seeds initialisation, data order and Gumbel noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the metrics every N optimizer steps.
+    #[arg(long, default_value_t = 10)]
+    pub log_every: usize,
+    /// Validate and checkpoint every N optimizer steps.
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: usize,
+    /// Validation sequences per validation pass (0: all).
+    #[arg(long, default_value_t = 64)]
+    pub valid_sequences: usize,
+    /// Continue the run in --out from its last checkpoint (after a crash or a kill).
+    #[arg(long)]
+    pub resume: bool,
+    /// Print only the final summary.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Data-parallel training on these devices, e.g. `0,1,2,3` (burn-train's multi-device
+    /// strategy): every device runs --grad-accum micro-batches of --batch-size per step and
+    /// the gradients of all are averaged, so a step sees batch × grad-accum × devices
+    /// sequences. One device gives what one gives today. Default: the backend's default device.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<usize>,
+    /// Gradient checkpointing per decoder layer: the backward pass recomputes one layer at a
+    /// time from its saved input, so activation memory is one layer's instead of all layers'
+    /// (about a third more compute; same gradients). For long sequences and large models.
+    #[arg(long)]
+    pub checkpoint_layers: bool,
+}
+
+impl TrainArgs {
+    /// The stage's `defaults` with what was given on the command line; a stage's warmup
+    /// follows its steps (`warmup_fraction` of them) unless --warmup-steps is given.
+    pub fn options(&self, defaults: TrainOptions, warmup_fraction: f64) -> TrainOptions {
+        let steps = self.steps.unwrap_or(defaults.steps);
+        TrainOptions {
+            steps,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            lr: self.lr.unwrap_or(defaults.lr),
+            warmup_steps: self
+                .warmup_steps
+                .unwrap_or((steps as f64 * warmup_fraction) as usize),
+            schedule: self.schedule.unwrap_or(defaults.schedule),
+            weight_decay: self.weight_decay,
+            grad_clip: (self.grad_clip > 0.0).then_some(self.grad_clip),
+            seed: self.seed,
+            log_every: self.log_every,
+            checkpoint_every: self.checkpoint_every,
+            valid_sequences: self.valid_sequences,
+            quiet: self.quiet,
+            checkpoint_layers: self.checkpoint_layers,
+            ..defaults
+        }
+    }
+}
+
+/// The adapters' shape: where they go, their rank, scale and dropout.
+#[derive(Args, Debug, Clone)]
+pub struct LoraArgs {
+    /// Rank r of each adapter.
+    #[arg(long, default_value_t = 16, value_parser = crate::positive)]
+    pub rank: usize,
+    /// α: updates are scaled by α / r.
+    #[arg(long, default_value_t = 32.0)]
+    pub lora_alpha: f64,
+    /// Dropout on the adapters' input while training.
+    #[arg(long, default_value_t = 0.1)]
+    pub lora_dropout: f64,
+    /// Projections that get an adapter: any of q_proj, k_proj, v_proj, o_proj, gate_proj,
+    /// up_proj, down_proj (or q, k, v, o, gate, up, down).
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj,gate_proj")]
+    pub targets: Vec<String>,
+}
+
+impl LoraArgs {
+    /// The adapters' config; short target names (q, v, gate) get their `_proj`.
+    pub fn config(&self) -> Result<LoraConfig> {
+        let targets = self
+            .targets
+            .iter()
+            .map(|t| {
+                let t = t.trim();
+                let long = format!("{t}_proj");
+                if LORA_TARGETS.contains(&long.as_str()) {
+                    long
+                } else {
+                    t.to_string()
+                }
+            })
+            .collect();
+        let cfg = LoraConfig {
+            rank: self.rank,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            targets,
+        };
+        cfg.validate()
+            .context("--rank/--lora-alpha/--lora-dropout/--targets")?;
+        Ok(cfg)
+    }
+}
