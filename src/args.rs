@@ -177,3 +177,23 @@ impl LoraArgs {
         Ok(cfg)
     }
 }
+
+/// `--json`: the command's report as JSON on stdout instead of its text summary.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ReportArgs {
+    /// Print the report as JSON (the library's typed report) instead of the text summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ReportArgs {
+    /// Prints `report` as JSON, or as `text` prints it.
+    pub fn show<T: serde::Serialize>(&self, report: &T, text: impl FnOnce(&T)) -> Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(report)?);
+        } else {
+            text(report);
+        }
+        Ok(())
+    }
+}

@@ -31,7 +31,8 @@ use skipgpt_model::{
 use skipgpt_pipeline::evaluate::{perplexity, score_tasks};
 use skipgpt_pipeline::{
     analyse_model, finetune_lora, pretrain, prune_static, tune_routers, CorpusConfig,
-    FinetuneLoraConfig, PretrainConfig, PruneStaticConfig, TuneRoutersConfig, TunedValidation,
+    FinetuneLoraConfig, PretrainConfig, PruneStaticConfig, TuneRoutersConfig, TuneRoutersReport,
+    TunedValidation,
 };
 use skipgpt_train::data::PackedDataset;
 use skipgpt_train::fit::run_dir;
@@ -40,7 +41,8 @@ use skipgpt_train::TrainOptions;
 
 use crate::backend::BackendKind;
 use crate::eval_cmd::{print_analysis, print_pruned};
-use crate::train_cmd::print_validation;
+use crate::lora_cmd::print_adapted;
+use crate::train_cmd::{print_pretrained, print_tuned};
 use crate::{with_backend, DemoArgs};
 
 pub fn demo(backend: BackendKind, args: DemoArgs) -> Result<()> {
@@ -146,12 +148,9 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         }
     };
     let empty = || anyhow::anyhow!("the held-out split is empty: raise --docs");
-    let validated = |v: Option<TunedValidation>, dir: &Path| -> Result<TunedValidation> {
-        println!("tune-routers: saved to {}", dir.display());
-        let v = v.ok_or_else(empty)?;
-        print_validation("dense", &v.dense);
-        print_validation("routed", &v.routed);
-        Ok(v)
+    let validated = |report: TuneRoutersReport| -> Result<TunedValidation> {
+        print_tuned(&report);
+        report.validation.ok_or_else(empty)
     };
 
     eprintln!(
@@ -182,13 +181,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         },
         &devices,
     )?;
-    println!("pretrain: saved to {}", pretrained.out.display());
-    if let Some(r) = &pretrained.validation {
-        println!(
-            "  validation perplexity {:.3} ({} tokens)",
-            r.perplexity, r.tokens
-        );
-    }
+    print_pretrained(&pretrained);
 
     eprintln!(
         "\n[2/6] SkipGPT-RT: routers before every attention and MLP module, target skip {} -> {}",
@@ -199,7 +192,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         &tune(&rt_dir, Granularity::Module, args.tune_steps),
         &devices,
     )?;
-    let rt = validated(rt.validation, &rt_dir)?;
+    let rt = validated(rt)?;
 
     eprintln!(
         "\n[3/6] SkipGPT-RT + LoRA: adapters with the routers frozen (stage 2) -> {}",
@@ -227,11 +220,8 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         },
         &devices,
     )?;
-    println!("finetune-lora: saved to {}", lora.out.display());
-    let lora = lora.validation.ok_or_else(empty)?;
-    print_validation("before", &lora.before);
-    print_validation("after", &lora.after);
-    let lora = lora.after;
+    print_adapted(&lora);
+    let lora = lora.validation.ok_or_else(empty)?.after;
 
     eprintln!(
         "\n[4/6] MoD-D style: one router per layer gating both modules -> {}",
@@ -241,7 +231,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         &tune(&modd_dir, Granularity::Layer, args.tune_steps),
         &devices,
     )?;
-    let modd = validated(modd.validation, &modd_dir)?;
+    let modd = validated(modd)?;
 
     eprintln!(
         "\n[5/6] ShortGPT: removing the least influential layers to the same parameter budget -> {}",
@@ -273,7 +263,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         );
         config.joint_lora = Some(LoraConfig::default());
         let joint = tune_routers::<B>(&config, &devices)?;
-        Some(validated(joint.validation, &joint_dir)?)
+        Some(validated(joint)?)
     } else {
         None
     };

@@ -9,10 +9,11 @@ use clap::Args;
 use skipgpt_pipeline::evaluate::{eval_mc as eval_mc_stage, EvalMcConfig};
 use skipgpt_pipeline::{analyse, calibrate, prune_static, McRow};
 use skipgpt_pipeline::{
-    AnalyseConfig, AnalyseReport, CalibrateConfig, PruneStaticConfig, PruneStaticReport,
+    AnalyseConfig, AnalyseReport, CalibrateConfig, CalibrateOutcome, PruneStaticConfig,
+    PruneStaticReport,
 };
 
-use crate::args::CorpusArgs;
+use crate::args::{CorpusArgs, ReportArgs};
 use crate::backend::BackendKind;
 use crate::with_backend;
 
@@ -133,6 +134,8 @@ pub struct PruneStaticArgs {
     pub calibration_sequences: usize,
     #[arg(long, default_value_t = 8, value_parser = crate::positive)]
     pub batch_size: usize,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 impl PruneStaticArgs {
@@ -152,8 +155,8 @@ impl PruneStaticArgs {
 pub fn prune_static_cmd(backend: BackendKind, args: PruneStaticArgs) -> Result<()> {
     let config = args.config();
     let report = with_backend!(backend, |B, device| prune_static::<B>(&config, &device))?;
-    print_pruned(&report, config.target_sparsity);
-    Ok(())
+    args.report
+        .show(&report, |r| print_pruned(r, config.target_sparsity))
 }
 
 /// Block Influence per layer, what was removed, and where it went.
@@ -207,6 +210,8 @@ pub struct CalibrateRoutersArgs {
     pub sequences: usize,
     #[arg(long, default_value_t = 8, value_parser = crate::positive)]
     pub batch_size: usize,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 impl CalibrateRoutersArgs {
@@ -228,15 +233,27 @@ impl CalibrateRoutersArgs {
 /// calibration text, printing every bisection pass, and writes the model.
 pub fn calibrate_routers_cmd(backend: BackendKind, args: CalibrateRoutersArgs) -> Result<()> {
     let config = args.config();
+    // the passes are progress: on stdout with the text summary, on stderr beside JSON
+    let json = args.report.json;
     let on_pass = |pass: usize, shift: f64, skip: f64| {
-        println!(
+        let line = format!(
             "  pass {pass:>2}: shift {shift:+.4} -> skip {:.2}%",
             100.0 * skip
-        )
+        );
+        if json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
     };
     let done = with_backend!(backend, |B, device| calibrate::<B>(
         &config, &device, on_pass
     ))?;
+    args.report.show(&done, print_calibrated)
+}
+
+/// The skip rate before and after, the shift, and where the model went.
+fn print_calibrated(done: &CalibrateOutcome) {
     let r = &done.report;
     println!(
         "calibrate-routers: skip {:.2}% -> {:.2}% (target {:.2}%) with a SKIP-bias shift of {:+.4}, {} passes",
@@ -247,7 +264,6 @@ pub fn calibrate_routers_cmd(backend: BackendKind, args: CalibrateRoutersArgs) -
         r.passes
     );
     println!("calibrate-routers: saved to {}", done.out.display());
-    Ok(())
 }
 
 #[derive(Args, Debug, Clone)]
@@ -271,6 +287,8 @@ pub struct AnalyzeArgs {
     pub sequences: usize,
     #[arg(long, default_value_t = 8, value_parser = crate::positive)]
     pub batch_size: usize,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 impl AnalyzeArgs {
@@ -289,8 +307,7 @@ impl AnalyzeArgs {
 pub fn analyze_cmd(backend: BackendKind, args: AnalyzeArgs) -> Result<()> {
     let config = args.config();
     let report = with_backend!(backend, |B, device| analyse::<B>(&config, &device))?;
-    print_analysis(&report);
-    Ok(())
+    args.report.show(&report, print_analysis)
 }
 
 /// The analysis' findings in a few lines, and the files written.

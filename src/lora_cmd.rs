@@ -8,9 +8,9 @@ use anyhow::Result;
 use burn::backend::Autodiff;
 use clap::Args;
 use skipgpt_model::Routing;
-use skipgpt_pipeline::{finetune_lora, AdaptedOutput, FinetuneLoraConfig};
+use skipgpt_pipeline::{finetune_lora, AdaptedOutput, FinetuneLoraConfig, FinetuneLoraReport};
 
-use crate::args::{CorpusArgs, LoraArgs, TrainArgs};
+use crate::args::{CorpusArgs, LoraArgs, ReportArgs, TrainArgs};
 use crate::backend::{training_devices, BackendKind};
 use crate::train_cmd::print_validation;
 use crate::{with_backend, RoutingArg};
@@ -46,6 +46,8 @@ pub struct FinetuneLoraArgs {
     pub resume_adapter: Option<PathBuf>,
     #[command(flatten)]
     pub train: TrainArgs,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 impl FinetuneLoraArgs {
@@ -84,10 +86,14 @@ pub fn finetune_lora_cmd(backend: BackendKind, args: FinetuneLoraArgs) -> Result
         let devices = training_devices::<Autodiff<B>>(&args.train.devices, &device)?;
         skipgpt_pipeline::finetune_lora::<B>(&config, &devices)
     })?;
+    args.report.show(&report, print_adapted)
+}
+
+/// Where the adapted model went, and the held-out perplexity before and after.
+pub(crate) fn print_adapted(report: &FinetuneLoraReport) {
     println!("finetune-lora: saved to {}", report.out.display());
-    if let Some(v) = report.validation {
+    if let Some(v) = &report.validation {
         print_validation("before", &v.before);
         print_validation("after", &v.after);
     }
-    Ok(())
 }

@@ -11,9 +11,9 @@ use skipgpt_model::{
     Granularity, KvPolicy, MlpRouterInput, RouterInit, RouterVariant, SparsityUnit,
 };
 use skipgpt_pipeline::{pretrain, tune_routers};
-use skipgpt_pipeline::{PretrainConfig, TuneRoutersConfig};
+use skipgpt_pipeline::{PretrainConfig, PretrainReport, TuneRoutersConfig, TuneRoutersReport};
 
-use crate::args::{CorpusArgs, LoraArgs, TrainArgs};
+use crate::args::{CorpusArgs, LoraArgs, ReportArgs, TrainArgs};
 use crate::backend::{training_devices, BackendKind};
 use crate::with_backend;
 
@@ -46,6 +46,8 @@ pub struct PretrainArgs {
     pub intermediate_size: Option<usize>,
     #[command(flatten)]
     pub train: TrainArgs,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +122,8 @@ pub struct TuneRoutersArgs {
     pub lora: LoraArgs,
     #[command(flatten)]
     pub train: TrainArgs,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 impl TuneRoutersArgs {
@@ -183,14 +187,18 @@ pub fn pretrain_cmd(backend: BackendKind, args: PretrainArgs) -> Result<()> {
         let devices = training_devices::<Autodiff<B>>(&args.train.devices, &device)?;
         skipgpt_pipeline::pretrain::<B>(&config, &devices)
     })?;
+    args.report.show(&report, print_pretrained)
+}
+
+/// Where the model went, and its held-out perplexity.
+pub(crate) fn print_pretrained(report: &PretrainReport) {
     println!("pretrain: saved to {}", report.out.display());
-    if let Some(r) = report.validation {
+    if let Some(r) = &report.validation {
         println!(
             "  validation perplexity {:.3} ({} tokens)",
             r.perplexity, r.tokens
         );
     }
-    Ok(())
 }
 
 pub fn tune_routers_cmd(backend: BackendKind, args: TuneRoutersArgs) -> Result<()> {
@@ -199,12 +207,16 @@ pub fn tune_routers_cmd(backend: BackendKind, args: TuneRoutersArgs) -> Result<(
         let devices = training_devices::<Autodiff<B>>(&args.train.devices, &device)?;
         skipgpt_pipeline::tune_routers::<B>(&config, &devices)
     })?;
+    args.report.show(&report, print_tuned)
+}
+
+/// Where the routers went, and the held-out perplexity dense and routed.
+pub(crate) fn print_tuned(report: &TuneRoutersReport) {
     println!("tune-routers: saved to {}", report.out.display());
-    if let Some(v) = report.validation {
+    if let Some(v) = &report.validation {
         print_validation("dense", &v.dense);
         print_validation("routed", &v.routed);
     }
-    Ok(())
 }
 
 /// `  {name} validation perplexity ...  skip: ...` after a training command.

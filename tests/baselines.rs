@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::*;
@@ -369,4 +371,58 @@ fn calibration_shifts_the_routers_to_their_target() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no routers"), "{e}");
+}
+
+#[test]
+fn calibrate_routers_from_the_command_line_reports_what_it_realised() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("calibrated");
+    let args = |model: &Path, out: &Path| -> Vec<String> {
+        [
+            "calibrate-routers",
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--synthetic",
+            "60",
+            "--seq-len",
+            "16",
+            "--target-sparsity",
+            "0.3",
+            "--sparsity-unit",
+            "modules",
+            "--json",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    fn strs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let o = skipgpt(&strs(&args(&tiny().join("model-routed"), &out)));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["target"], 0.3);
+    assert_eq!(j["unit"], "modules");
+    let r = &j["report"];
+    let after = r["skip_after"].as_f64().unwrap();
+    // 60 sequences of 16 tokens and 8 modules: the rate moves in steps of about 1e-4
+    assert!((after - 0.3).abs() < 0.01, "{j}");
+    assert!(r["passes"].as_u64().unwrap() >= 1, "{j}");
+    // the pass lines are progress: on stderr beside JSON
+    assert!(stderr(&o).contains("pass  1"), "{}", stderr(&o));
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("calibration.json")).unwrap()).unwrap();
+    assert_eq!(&written, r);
+    let routing: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("skipgpt.json")).unwrap()).unwrap();
+    assert_eq!(routing["target_sparsity"], 0.3);
+
+    // a model without routers has nothing to calibrate
+    let dense = args(&tiny().join("model"), &dir.path().join("x"));
+    assert_clean_failure(
+        &strs(&dense),
+        &["not a SkipGPT model", "routers.safetensors"],
+    );
 }

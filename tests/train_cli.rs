@@ -256,23 +256,25 @@ fn demo_runs_end_to_end_and_reruns_from_its_checkpoints() {
 }
 
 fn lora_args<'a>(model: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec!["finetune-lora", "--model", s(model), "--out", s(out)];
+    let mut args = vec![
+        "finetune-lora",
+        "--model",
+        s(model),
+        "--out",
+        s(out),
+        "--json",
+    ];
     args.extend(["--steps", "40", "--lr", "5e-3", "--checkpoint-every", "20"]);
     args.extend(CORPUS);
     args.extend(extra);
     args
 }
 
-/// The validation perplexities finetune-lora prints: (before, after).
+/// The validation perplexities of finetune-lora's report (`--json`): (before, after).
 fn before_after(stdout: &[u8]) -> (f64, f64) {
-    let out = String::from_utf8_lossy(stdout);
-    let ppl = |label: &str| -> f64 {
-        let line = out
-            .lines()
-            .find(|l| l.trim_start().starts_with(label))
-            .unwrap_or_else(|| panic!("no `{label}` line in {out}"));
-        line.split_whitespace().nth(3).unwrap().parse().unwrap()
-    };
+    let report: serde_json::Value = serde_json::from_slice(stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(stdout)));
+    let ppl = |when: &str| report["validation"][when]["perplexity"].as_f64().unwrap();
     (ppl("before"), ppl("after"))
 }
 
