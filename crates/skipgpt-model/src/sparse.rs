@@ -22,7 +22,7 @@ use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::generate::GenerateOptions;
-use crate::llama::{Decider, LlamaForCausalLM, MASKED};
+use crate::llama::{grouped_query_attention, Decider, LlamaForCausalLM, MASKED};
 use crate::router::{gate_from_logits, KvPolicy, Router, Routing};
 
 /// Cache rows are allocated in blocks of this many tokens per sequence, so a growing cache is
@@ -634,13 +634,9 @@ fn attend_batched<B: Backend>(
     };
     let (k, v) = (take(ck), take(cv));
 
-    // the backend's attention op (scaled by 1/√hd): burn-flex runs it as two gemms per head,
-    // or tiled with an online softmax for long key ranges; the CubeCL GPU backends use a
-    // flash kernel when there is no mask and separate kernels when there is one
-    let out = burn::tensor::module::attention(q, k, v, None, mask, Default::default())
-        .reshape([n_seq, nh, q_max, hd])
-        .swap_dims(1, 2)
-        .reshape([n_seq * q_max, nh * hd]);
+    // the gated path's kernel (no mask when every query sees every slot: the GPU backends'
+    // flash kernel needs none)
+    let out = grouped_query_attention(q, k, v, mask, nh).reshape([n_seq * q_max, nh * hd]);
     let out = if padded {
         let keep: Vec<usize> = seqs
             .iter()

@@ -129,26 +129,60 @@ impl<B: Backend> Attention<B> {
             Some(cache) => cache.append(k, v, visible),
             None => (k, v, visible),
         };
-        // Grouped-query attention without copying K/V: the `n_rep` query heads that share a
-        // key/value head are stacked along the sequence axis, `[b, kv, n_rep * t, hd]`.
         let n_rep = nh / nkv;
         let q = q.reshape([b, nkv, n_rep * t, hd]);
-        let scale = (hd as f64).powf(-0.5);
         let mut mask = ctx.mask.clone().repeat_dim(0, n_rep).unsqueeze::<4>();
         if let Some(visible) = visible {
             let total = visible.dims()[1];
             let hidden_keys = (visible.neg() + 1.0) * MASKED;
             mask = mask + hidden_keys.reshape([b, 1, 1, total]);
         }
-        let scores = q.matmul(k.swap_dims(2, 3)) * scale + mask;
-        let probs = activation::softmax(scores, 3);
-        let out = probs
-            .matmul(v)
-            .reshape([b, nh, t, hd])
-            .swap_dims(1, 2)
-            .reshape([b, t, nh * hd]);
+        let out = grouped_query_attention(q, k, v, Some(mask), nh);
         self.o_proj.forward(out)
     }
+}
+
+/// The attention of both forward passes, the gated one above and the sparse engine's.
+///
+/// Grouped-query attention without copying K/V: the `n_rep` query heads that share a
+/// key/value head come stacked along the query axis.
+///
+/// Inference is one call of the backend's attention op (scaled by 1/√hd): burn-flex runs it
+/// as two gemms per head or tiled with an online softmax, the CubeCL GPU backends with their
+/// own kernels (a flash kernel when there is no mask). Under autodiff the same op would run
+/// burn's decomposition, which differentiates through the softmax's row maximum; the gradient
+/// is the same in exact arithmetic but not in floats (it moved the demo's trained routers),
+/// so training spells the decomposition out with the maximum detached, as
+/// `activation::softmax` does.
+///
+/// # Shapes
+/// - q: `[b, kv_heads, n_rep * t, hd]`
+/// - k, v: `[b, kv_heads, s, hd]`
+/// - mask: additive, 0 or [`MASKED`], `[b or 1, 1, n_rep * t, s]` (one row per stacked query
+///   row, shared by every key/value head); `None` when every query sees every key
+/// - output: `[b, t, heads * hd]`, `heads = kv_heads * n_rep`
+pub(crate) fn grouped_query_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4>>,
+    heads: usize,
+) -> Tensor<B, 3> {
+    let [b, kv_heads, rows, hd] = q.dims();
+    let t = rows * kv_heads / heads;
+    let out = if B::ad_enabled(&q.device()) {
+        let scores = q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5);
+        let scores = match mask {
+            Some(mask) => scores + mask,
+            None => scores,
+        };
+        activation::softmax(scores, 3).matmul(v)
+    } else {
+        burn::tensor::module::attention(q, k, v, None, mask, Default::default())
+    };
+    out.reshape([b, heads, t, hd])
+        .swap_dims(1, 2)
+        .reshape([b, t, heads * hd])
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
