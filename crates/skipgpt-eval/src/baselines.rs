@@ -12,7 +12,7 @@
 use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 use skipgpt_data::PackedDataset;
-use skipgpt_model::LlamaForCausalLM;
+use skipgpt_model::{LlamaForCausalLM, Routing};
 
 use crate::error::{EvalError, Result};
 use crate::{batch_ids, host_f64};
@@ -43,6 +43,8 @@ pub fn block_influence<B: Backend>(
     let (mut layer_cos, mut attn_cos) = (vec![0.0f64; layers], vec![0.0f64; layers]);
     let mut tokens = 0;
     let ctx = model.attention_context(0, t);
+    // every module runs, whatever routers the model has
+    let dense = model.layer_routing(Routing::Dense);
     for chunk in data.sequences.chunks(batch_size.max(1)) {
         let b = chunk.len();
         let mut x = model
@@ -50,20 +52,10 @@ pub fn block_influence<B: Backend>(
             .embed_tokens
             .forward(batch_ids::<B>(chunk, t, &device));
         for (l, layer) in model.model.layers.iter().enumerate() {
-            // the dense block, one module at a time, so that attention runs once for both
-            // measures
-            let attn =
-                layer
-                    .self_attn
-                    .forward(layer.input_layernorm.forward(x.clone()), &ctx, None, None);
-            let h = x.clone() + attn;
-            let y = h.clone()
-                + layer
-                    .mlp
-                    .forward(layer.post_attention_layernorm.forward(h.clone()));
-            attn_cos[l] += cosine_sum(x.clone(), h);
-            layer_cos[l] += cosine_sum(x, y.clone());
-            x = y;
+            let out = layer.forward(x.clone(), &ctx, None, &dense, None);
+            attn_cos[l] += cosine_sum(x.clone(), out.post_attention);
+            layer_cos[l] += cosine_sum(x, out.hidden.clone());
+            x = out.hidden;
         }
         tokens += b * t;
     }

@@ -64,7 +64,11 @@ pub enum Decider<'a, B: Backend> {
 
 /// A layer's output and, when routed, its gates `[batch, seq]` (1 = executed).
 pub struct LayerOutput<B: Backend> {
+    /// `y`, the layer's output.
     pub hidden: Tensor<B, 3>,
+    /// `h`, the residual stream between attention and the MLP (Block Influence measures
+    /// attention by it).
+    pub post_attention: Tensor<B, 3>,
     pub attn_gate: Option<Tensor<B, 2>>,
     pub mlp_gate: Option<Tensor<B, 2>>,
 }
@@ -172,11 +176,12 @@ impl<B: Backend> DecoderLayer<B> {
             .mlp
             .forward(self.post_attention_layernorm.forward(h.clone()));
         let hidden = match &mlp_gate {
-            Some(g) => h + mlp * g.clone().unsqueeze_dim(2),
-            None => h + mlp,
+            Some(g) => h.clone() + mlp * g.clone().unsqueeze_dim(2),
+            None => h.clone() + mlp,
         };
         LayerOutput {
             hidden,
+            post_attention: h,
             attn_gate,
             mlp_gate,
         }
