@@ -110,14 +110,12 @@ impl TrainArgs {
     /// follows its steps (`warmup_fraction` of them) unless --warmup-steps is given.
     pub fn options(&self, defaults: TrainOptions, warmup_fraction: f64) -> TrainOptions {
         let steps = self.steps.unwrap_or(defaults.steps);
+        let defaults = defaults.with_steps(steps, warmup_fraction);
         TrainOptions {
-            steps,
             batch_size: self.batch_size,
             grad_accum: self.grad_accum,
             lr: self.lr.unwrap_or(defaults.lr),
-            warmup_steps: self
-                .warmup_steps
-                .unwrap_or((steps as f64 * warmup_fraction) as usize),
+            warmup_steps: self.warmup_steps.unwrap_or(defaults.warmup_steps),
             schedule: self.schedule.unwrap_or(defaults.schedule),
             weight_decay: self.weight_decay,
             grad_clip: (self.grad_clip > 0.0).then_some(self.grad_clip),

@@ -14,7 +14,7 @@ use skipgpt_model::{
     StoreDtype, Tokenizer,
 };
 
-use skipgpt_pipeline::evaluate::{EvalPplConfig, ModelSource, Split};
+use skipgpt_pipeline::evaluate::{EvalPplConfig, EvalPplReport, ModelSource, Split};
 
 use crate::backend::BackendKind;
 use crate::{
@@ -475,7 +475,7 @@ impl EvalPplArgs {
             batch_size: self.batch_size,
             routing: routing_of(&self.routing),
             routing_seed: self.routing.routing_seed,
-            quiet: self.json,
+            quiet: self.report.json,
         }
     }
 }
@@ -486,10 +486,11 @@ pub fn eval_ppl(backend: BackendKind, args: EvalPplArgs) -> Result<()> {
         backend,
         |B, device| skipgpt_pipeline::evaluate::eval_ppl::<B>(&config, &device)
     )?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-        return Ok(());
-    }
+    args.report.show(&report, print_perplexities)
+}
+
+/// One line per routing: perplexity, NLL, tokens, skip rates, next-token accuracy.
+fn print_perplexities(report: &EvalPplReport) {
     for (name, r) in [
         ("dense", Some(&report.dense)),
         ("routed", report.routed.as_ref()),
@@ -506,5 +507,4 @@ pub fn eval_ppl(backend: BackendKind, args: EvalPplArgs) -> Result<()> {
             100.0 * r.accuracy
         );
     }
-    Ok(())
 }

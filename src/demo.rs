@@ -60,15 +60,13 @@ fn train_options(
     seed: u64,
 ) -> TrainOptions {
     TrainOptions {
-        steps,
         batch_size: 16,
         lr: lr.unwrap_or(defaults.lr),
-        warmup_steps: (steps as f64 * warmup_fraction) as usize,
         seed,
         log_every: (steps / 10).max(1),
         checkpoint_every: (steps / 2).max(1),
         valid_sequences: 0,
-        ..defaults
+        ..defaults.with_steps(steps, warmup_fraction)
     }
 }
 

@@ -37,9 +37,8 @@ pub struct EvalMcArgs {
     /// (context, choice) pairs per forward pass.
     #[arg(long, default_value_t = 16, value_parser = crate::positive)]
     pub batch_size: usize,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 impl EvalMcArgs {
@@ -50,7 +49,7 @@ impl EvalMcArgs {
             synthetic_tasks: self.synthetic_tasks,
             write_tasks: self.write_tasks.clone(),
             batch_size: self.batch_size,
-            quiet: self.json,
+            quiet: self.report.json,
         }
     }
 }
@@ -58,12 +57,7 @@ impl EvalMcArgs {
 pub fn eval_mc(backend: BackendKind, args: EvalMcArgs) -> Result<()> {
     let config = args.config();
     let rows = with_backend!(backend, |B, device| eval_mc_stage::<B>(&config, &device))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
-    }
-    print_table(&rows);
-    Ok(())
+    args.report.show(&rows, |rows| print_table(rows))
 }
 
 /// The paper-style table: per task acc / acc_norm, dense and routed, and the retention.
@@ -259,7 +253,7 @@ fn print_calibrated(done: &CalibrateOutcome) {
         "calibrate-routers: skip {:.2}% -> {:.2}% (target {:.2}%) with a SKIP-bias shift of {:+.4}, {} passes",
         100.0 * r.skip_before,
         100.0 * r.skip_after,
-        100.0 * done.target,
+        100.0 * r.target,
         r.shift,
         r.passes
     );

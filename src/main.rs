@@ -95,9 +95,8 @@ pub struct EvalPplArgs {
     pub max_sequences: Option<usize>,
     #[command(flatten)]
     pub routing: RoutingArgs,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub report: args::ReportArgs,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -56,9 +56,7 @@ impl Default for CalibrateConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CalibrateOutcome {
     pub out: PathBuf,
-    /// The target and unit calibrated to (the config's, or the model's own).
-    pub target: f64,
-    pub unit: SparsityUnit,
+    /// What was measured; its target and unit are the config's, or the model's own.
     pub report: CalibrationReport,
 }
 
@@ -108,8 +106,6 @@ pub fn calibrate<B: Backend>(
     atomic_write(&config.out.join(CALIBRATION_FILE), json.as_bytes())?;
     Ok(CalibrateOutcome {
         out: config.out.clone(),
-        target,
-        unit,
         report,
     })
 }

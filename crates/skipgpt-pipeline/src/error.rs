@@ -26,8 +26,6 @@ pub enum PipelineError {
         "{dir}: not a SkipGPT model (no routers.safetensors): {stage} works on trained routers"
     )]
     NotSkipGpt { dir: PathBuf, stage: &'static str },
-    #[error("the held-out split is empty: {0}")]
-    NoValidation(String),
     #[error(transparent)]
     Model(#[from] skipgpt_model::ModelError),
     #[error(transparent)]

@@ -247,17 +247,13 @@ pub fn eval_ppl<B: Backend>(config: &EvalPplConfig, device: &B::Device) -> Resul
         config.batch_size,
         label("dense"),
     )?;
-    let routed = match config.routing {
-        _ if model.routing_config.is_none() => None,
-        Routing::Dense => None,
-        routing => {
-            if routing == Routing::Sample {
-                B::seed(device, config.routing_seed);
-            }
-            let report = perplexity(&model, &data, routing, config.batch_size, label("routed"))?;
-            Some(report)
-        }
-    };
+    let routing = config.routing;
+    if routing == Routing::Sample {
+        B::seed(device, config.routing_seed);
+    }
+    let routed = (model.routing_config.is_some() && routing != Routing::Dense)
+        .then(|| perplexity(&model, &data, routing, config.batch_size, label("routed")))
+        .transpose()?;
     Ok(EvalPplReport { dense, routed })
 }
 

@@ -14,7 +14,7 @@ use skipgpt_train::{fit, Objective, ScheduleKind, TrainOptions};
 use crate::corpus::{first_sequences, CorpusConfig};
 use crate::evaluate::perplexity;
 use crate::output::{start_training_from, write_adapted, AdaptedOutput};
-use crate::{first_device, PipelineError, Result};
+use crate::{describe_run, first_device, PipelineError, Result};
 
 const STAGE: &str = "finetune-lora";
 
@@ -46,7 +46,6 @@ pub struct FinetuneLoraConfig {
 
 impl Default for FinetuneLoraConfig {
     fn default() -> Self {
-        let steps = 200;
         FinetuneLoraConfig {
             model: PathBuf::new(),
             out: PathBuf::from("skipgpt-lora"),
@@ -56,12 +55,11 @@ impl Default for FinetuneLoraConfig {
             output: AdaptedOutput::Both,
             resume_adapter: None,
             train: TrainOptions {
-                steps,
                 lr: 2e-4,
-                warmup_steps: (steps as f64 * WARMUP_FRACTION) as usize,
                 schedule: ScheduleKind::Cosine,
                 ..TrainOptions::default()
-            },
+            }
+            .with_steps(200, WARMUP_FRACTION),
             resume: false,
         }
     }
@@ -130,7 +128,7 @@ pub fn finetune_lora<B: Backend>(
     if !quiet {
         let base = model.config.num_params();
         eprintln!(
-            "{STAGE}: LoRA r {} α {} dropout {} on {} ({lora_params} parameters, {:.3}% of {base}); {}; {} train / {} valid sequences of {} tokens, {} steps of {} sequences",
+            "{STAGE}: LoRA r {} α {} dropout {} on {} ({lora_params} parameters, {:.3}% of {base}); {}; {}",
             lora.rank,
             lora.alpha,
             lora.dropout,
@@ -140,11 +138,7 @@ pub fn finetune_lora<B: Backend>(
                 Routing::Dense => "no routers (dense + LoRA)".to_string(),
                 r => format!("frozen routers, {r:?} gates"),
             },
-            train.len(),
-            valid.len(),
-            train.seq_len,
-            opts.steps,
-            opts.batch_size * opts.grad_accum * devices.len()
+            describe_run(&train, &valid, opts, devices.len())
         );
     }
     let batch = opts.batch_size;

@@ -52,3 +52,21 @@ fn first_device<B: burn::tensor::backend::Backend>(devices: &[B::Device]) -> Res
         expected: "at least one device",
     })
 }
+
+/// What a training stage's start line says of its data and length: "N train / M valid
+/// sequences of T tokens, S steps of K sequences" (K counting every device's batches).
+fn describe_run(
+    train: &skipgpt_data::PackedDataset,
+    valid: &skipgpt_data::PackedDataset,
+    opts: &skipgpt_train::TrainOptions,
+    devices: usize,
+) -> String {
+    format!(
+        "{} train / {} valid sequences of {} tokens, {} steps of {} sequences",
+        train.len(),
+        valid.len(),
+        train.seq_len,
+        opts.steps,
+        opts.batch_size * opts.grad_accum * devices
+    )
+}

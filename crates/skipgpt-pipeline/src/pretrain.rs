@@ -15,7 +15,7 @@ use skipgpt_train::{fit, Objective, RunDir, ScheduleKind, TrainOptions};
 
 use crate::corpus::{first_sequences, CorpusConfig};
 use crate::evaluate::perplexity;
-use crate::{first_device, PipelineError, Result};
+use crate::{describe_run, first_device, PipelineError, Result};
 
 const STAGE: &str = "pretrain";
 
@@ -48,7 +48,6 @@ pub struct PretrainConfig {
 
 impl Default for PretrainConfig {
     fn default() -> Self {
-        let steps = 300;
         PretrainConfig {
             out: PathBuf::from("pretrained"),
             corpus: CorpusConfig::default(),
@@ -61,12 +60,11 @@ impl Default for PretrainConfig {
             kv_heads: 2,
             intermediate_size: None,
             train: TrainOptions {
-                steps,
                 lr: 3e-3,
-                warmup_steps: (steps as f64 * WARMUP_FRACTION) as usize,
                 schedule: ScheduleKind::Cosine,
                 ..TrainOptions::default()
-            },
+            }
+            .with_steps(300, WARMUP_FRACTION),
             resume: false,
         }
     }
@@ -104,16 +102,12 @@ pub fn pretrain<B: Backend>(
     let opts = &config.train;
     if !quiet {
         eprintln!(
-            "{STAGE}: {} parameters ({} layers, hidden {}), vocab {}, {} train / {} valid sequences of {} tokens, {} steps of {} sequences",
+            "{STAGE}: {} parameters ({} layers, hidden {}), vocab {}, {}",
             arch.num_params(),
             arch.num_hidden_layers,
             arch.hidden_size,
             arch.vocab_size,
-            train.len(),
-            valid.len(),
-            train.seq_len,
-            opts.steps,
-            opts.batch_size * opts.grad_accum * devices.len()
+            describe_run(&train, &valid, opts, devices.len())
         );
     }
     Autodiff::<B>::seed(device, opts.seed);

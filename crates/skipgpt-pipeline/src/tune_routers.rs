@@ -17,7 +17,7 @@ use skipgpt_train::{fit, Objective, ScheduleKind, TrainOptions};
 use crate::corpus::{first_sequences, CorpusConfig};
 use crate::evaluate::perplexity;
 use crate::output::{start_training_from, write_adapted, write_skipgpt_dir, AdaptedOutput};
-use crate::{first_device, PipelineError, Result};
+use crate::{describe_run, first_device, PipelineError, Result};
 
 const STAGE: &str = "tune-routers";
 
@@ -76,13 +76,12 @@ impl Default for TuneRoutersConfig {
             kv_policy: KvPolicy::Keep,
             joint_lora: None,
             train: TrainOptions {
-                steps: 200,
                 lr: 2e-3,
-                warmup_steps: 0,
                 schedule: ScheduleKind::Constant,
                 temperature: (5.0, 1.0),
                 ..TrainOptions::default()
-            },
+            }
+            .with_steps(200, WARMUP_FRACTION),
             resume: false,
         }
     }
@@ -179,18 +178,14 @@ pub fn tune_routers<B: Backend>(
     if !quiet {
         let base = model.config.num_params();
         eprintln!(
-            "{STAGE}: {routers} routers ({router_params} parameters, {:.4}% of {base}), target skip {} of {}, {} train / {} valid sequences of {} tokens, {} steps of {} sequences",
+            "{STAGE}: {routers} routers ({router_params} parameters, {:.4}% of {base}), target skip {} of {}, {}",
             100.0 * router_params as f64 / base as f64,
             config.target_sparsity,
             match config.sparsity_unit {
                 SparsityUnit::Params => "parameters",
                 SparsityUnit::Modules => "module decisions",
             },
-            train.len(),
-            valid.len(),
-            train.seq_len,
-            opts.steps,
-            opts.batch_size * opts.grad_accum * devices.len()
+            describe_run(&train, &valid, opts, devices.len())
         );
     }
     let tuned = fit(

@@ -83,6 +83,16 @@ impl Default for TrainOptions {
 }
 
 impl TrainOptions {
+    /// `steps` optimizer steps, the first `warmup_fraction` of them warming up (a stage's
+    /// warmup follows its length unless set on its own).
+    pub fn with_steps(self, steps: usize, warmup_fraction: f64) -> Self {
+        TrainOptions {
+            steps,
+            warmup_steps: (steps as f64 * warmup_fraction) as usize,
+            ..self
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         let positive = |name: &'static str, v: usize| {
             if v == 0 {
