@@ -294,7 +294,7 @@ fn parity<Bk: Backend>(fixtures: &Path, device: &Bk::Device) -> Value {
     let dense = load_pretrained::<Bk>(&fixtures.join("model"), device)
         .expect("load llama-tiny/model")
         .model;
-    let out = dense.forward_full(ids::<Bk>(&input, device), None, true);
+    let out = dense.forward_full(ids::<Bk>(&input, device), true);
     let hidden = out
         .hidden_states
         .into_iter()
@@ -331,7 +331,7 @@ fn parity<Bk: Backend>(fixtures: &Path, device: &Bk::Device) -> Value {
             .expect("load llama-tiny/model-routed")
             .model;
         model.routing_config.as_mut().unwrap().mlp_router_input = input_kind;
-        let out = model.forward_full(ids::<Bk>(&input, device), None, false);
+        let out = model.forward_full(ids::<Bk>(&input, device), false);
         checks.push(check(
             &format!("routed {mode} logits (gated)"),
             max_diff(
@@ -730,7 +730,7 @@ fn markdown(r: &Value) -> String {
         };
         if !engine_header {
             m += &format!(
-                "\n## Sparse engine, random LLaMA-1B shape ({} layers, hidden {}, {:.2}B parameters), 25% target skip\n\nPrefill {} tokens per sequence; decode {} steps; medians of {} runs.\n\n| dtype | batch | attn/mlp skip | prefill tok/s dense | routed | speedup (ideal) | dense TFLOP/s (% of peak) | decode tok/s dense | routed | speedup (ideal FLOPs / weight bytes) | dense weight GB/s (% of bandwidth) | gated-path decode tok/s | peak GPU memory |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+                "\n## Sparse engine, random LLaMA-1B shape ({} layers, hidden {}, {:.2}B parameters), 25% target skip\n\nPrefill {} tokens per sequence; decode {} steps; medians of {} runs.\n\n| dtype | batch | attn/mlp skip | prefill tok/s dense | routed | speedup (ideal) | dense TFLOP/s (% of peak) | decode tok/s dense | routed | speedup (ideal FLOPs / weight bytes) | dense weight GB/s (% of bandwidth) | peak GPU memory |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
                 e["layers"], e["hidden"], e["params"].as_f64().unwrap_or(0.0) / 1e9, e["prefill_tokens"], e["decode_steps"], e["repeats"]
             );
             engine_header = true;
@@ -740,7 +740,7 @@ fn markdown(r: &Value) -> String {
                 p[a].as_f64().unwrap_or(f64::NAN) / p[b].as_f64().unwrap_or(f64::NAN)
             };
             m += &format!(
-                "| {} | {} | {}/{} | {} | {} | {:.2}x ({}x) | {} ({:.1}%) | {} | {} | {:.2}x ({}x / {}x) | {} ({:.1}%) | {} | {} |\n",
+                "| {} | {} | {}/{} | {} | {} | {:.2}x ({}x) | {} ({:.1}%) | {} | {} | {:.2}x ({}x / {}x) | {} ({:.1}%) | {} |\n",
                 e["dtype"].as_str().unwrap_or(""),
                 p["batch"],
                 f(&p["attn_skip"], 2),
@@ -758,7 +758,6 @@ fn markdown(r: &Value) -> String {
                 f(&p["decode_weight_ideal"], 2),
                 f(&p["decode_dense_weight_gbs"], 0),
                 100.0 * p["decode_dense_bandwidth_fraction"].as_f64().unwrap_or(f64::NAN),
-                f(&p["decode_reference_dense"], 1),
                 mib(e),
             );
         }

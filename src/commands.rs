@@ -143,7 +143,7 @@ fn logits_on<B: Backend>(args: &LogitsArgs, device: &B::Device) -> Result<()> {
         }
     } else {
         let input_ids: Tensor<B, 2, Int> = Tensor::from_data(TensorData::new(ids, [b, s]), device);
-        let out = model.forward_full(input_ids, None, args.hidden_states);
+        let out = model.forward_full(input_ids, args.hidden_states);
         if args.engine.stats {
             print_gate_rates(&out.attn_gates, &out.mlp_gates);
         }

@@ -12,15 +12,14 @@
 //!
 //! Each stage is the same code as its command (`pretrain`, `tune-routers`, `finetune-lora`,
 //! `prune-static`, `eval-mc`, `analyze`); a second run in the same directory resumes the
-//! finished runs instead of training again. `summary.json` holds every number of the table
-//! (`cargo xtask experiment` builds `docs/results.md` from it).
+//! finished runs instead of training again. `summary-tNN.json` holds every number of the table
+//! (a [`Comparison`]; `cargo xtask experiment` builds `docs/results.md` from it).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use burn::tensor::backend::Backend;
-use serde::Serialize;
 use skipgpt_eval::{synthetic_mc_tasks, PerplexityReport, StaticMode};
 use skipgpt_model::sparse::EngineStats;
 use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
@@ -30,9 +29,9 @@ use skipgpt_model::{
 };
 use skipgpt_pipeline::evaluate::{perplexity, score_tasks};
 use skipgpt_pipeline::{
-    analyse_model, finetune_lora, pretrain, prune_static, tune_routers, CorpusConfig,
-    FinetuneLoraConfig, PretrainConfig, PruneStaticConfig, TuneRoutersConfig, TuneRoutersReport,
-    TunedValidation,
+    analyse_model, finetune_lora, pretrain, prune_static, tune_routers, Comparison, ComparisonRow,
+    CorpusConfig, FinetuneLoraConfig, PretrainConfig, PruneStaticConfig, TuneRoutersConfig,
+    TuneRoutersReport, TunedValidation,
 };
 use skipgpt_train::data::PackedDataset;
 use skipgpt_train::fit::run_dir;
@@ -73,37 +72,6 @@ fn train_options(
 /// A finished (or killed) earlier demo run in `out` is picked up where it stopped.
 fn resumes(out: &Path) -> bool {
     run_dir(out).join(RunManifest::FILE).exists()
-}
-
-/// One row of the comparison.
-#[derive(Debug, Clone, Serialize)]
-pub struct DemoRow {
-    pub name: String,
-    pub dir: PathBuf,
-    pub perplexity: f64,
-    /// Mean accuracy over the multiple-choice tasks, with the model's routing.
-    pub mc_acc: f64,
-    pub mc_acc_per_task: Vec<(String, f64)>,
-    pub attn_skip: f64,
-    pub mlp_skip: f64,
-    pub param_skip: f64,
-    /// Sparse-engine prefill time dense / routed, measured; and dense / routed FLOPs.
-    pub speedup: f64,
-    pub ideal_speedup: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct DemoSummary {
-    pub target_sparsity: f64,
-    pub model_params: usize,
-    pub layers: usize,
-    pub hidden_size: usize,
-    pub pretrain_steps: usize,
-    pub tune_steps: usize,
-    pub lora_steps: usize,
-    pub heldout_tokens: usize,
-    pub rows: Vec<DemoRow>,
-    pub analysis: skipgpt_eval::RoutingAnalysis,
 }
 
 fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
@@ -298,7 +266,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
             .collect();
         let mc_acc = per_task.iter().map(|t| t.1).sum::<f64>() / per_task.len() as f64;
         let (speedup, ideal_speedup) = engine_speedup(&model, &valid);
-        rows.push(DemoRow {
+        rows.push(ComparisonRow {
             name: name.to_string(),
             dir: dir.to_path_buf(),
             perplexity: report.perplexity,
@@ -379,7 +347,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         tokenizer.decode(&tokens.remove(0))?
     );
 
-    let summary = DemoSummary {
+    let summary = Comparison {
         target_sparsity: args.target_sparsity,
         model_params: config.num_params(),
         layers: config.num_hidden_layers,
@@ -391,9 +359,8 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         rows,
         analysis,
     };
-    let summary_path = args.out.join(format!("summary-t{t}.json"));
-    std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)?)
-        .with_context(|| summary_path.display().to_string())?;
+    let summary_path = Comparison::path(&args.out, args.target_sparsity);
+    summary.write(&summary_path)?;
     println!(
         "\nrouting pictures: {}/*.svg; numbers: {}; models under {} ({:.0} s)",
         pictures.display(),
@@ -404,7 +371,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
     Ok(())
 }
 
-fn print_table(rows: &[DemoRow], tasks: &[String]) {
+fn print_table(rows: &[ComparisonRow], tasks: &[String]) {
     println!(
         "{:<20} {:>10} {:>8} {:>9} {:>9} {:>10} {:>14}",
         "model", "perplexity", "MC acc", "attn skip", "mlp skip", "param skip", "speedup (ideal)"

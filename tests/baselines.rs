@@ -28,7 +28,7 @@ fn loglik(model: &LlamaForCausalLM<B>, tok: &Tokenizer, context: &str, choice: &
         TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, n]),
         &device(),
     );
-    let logp = to_vec(log_softmax(model.forward(input, None), 2));
+    let logp = to_vec(log_softmax(model.forward(input), 2));
     let v = model.config.vocab_size;
     (ctx.len()..n)
         .map(|j| logp[(j - 1) * v + ids[j] as usize] as f64)
@@ -155,8 +155,8 @@ fn a_statically_removed_layer_is_the_model_without_it() {
     cut.config.num_hidden_layers = 2;
     let r = reference(&tiny());
     let ids = ids_tensor(&r, "input_ids");
-    let a = to_vec(pruned.forward(ids.clone(), None));
-    let b = to_vec(cut.forward(ids, None));
+    let a = to_vec(pruned.forward(ids.clone()));
+    let b = to_vec(cut.forward(ids));
     assert!(max_abs_diff(&a, &b) < 1e-5);
     // the sparse engine skips it entirely: no work, no cache
     let rows = ids_rows(&r, "input_ids");

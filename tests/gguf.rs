@@ -92,7 +92,7 @@ fn tiny_gguf_imports_to_the_same_model() {
     }
     let model = load_pretrained::<B>(&out, &device()).unwrap().model;
     let r = reference(&tiny());
-    let out_full = model.forward_full(ids_tensor(&r, "input_ids"), None, true);
+    let out_full = model.forward_full(ids_tensor(&r, "input_ids"), true);
     let d = diff_with(out_full.logits, &r, "logits");
     // f32 in, f32 out: the import is exact, and q/k come back in HF's row order
     assert!(d < 1e-4, "logits differ by {d}");
@@ -181,11 +181,7 @@ fn half_precision_imports_round_the_weights() {
         let config = skipgpt_model::load_config(&out).unwrap();
         assert_eq!(config.dtype, name);
         let model = load_pretrained::<B>(&out, &device()).unwrap().model;
-        let d = diff_with(
-            model.forward(ids_tensor(&r, "input_ids"), None),
-            &r,
-            "logits",
-        );
+        let d = diff_with(model.forward(ids_tensor(&r, "input_ids")), &r, "logits");
         assert!(d > 0.0 && d < tol, "{name}: logits differ by {d}");
     }
 }

@@ -46,7 +46,7 @@ fn with_random_adapters(model: LlamaForCausalLM<B>, rank: usize) -> LlamaForCaus
 
 fn logits(model: &LlamaForCausalLM<B>, routing: Routing) -> (Vec<f32>, Vec<f32>) {
     let r = reference(&tiny());
-    let out = model.forward_routed(ids_tensor(&r, "input_ids"), None, routing, false);
+    let out = model.forward_routed(ids_tensor(&r, "input_ids"), routing, false);
     let gates = out
         .attn_gates
         .into_iter()
@@ -255,13 +255,13 @@ fn an_adapter_made_by_peft_gives_peft_logits() {
     let model = base.clone().load_lora(&adapter).unwrap();
     let r = reference(&dir);
     let ids = ids_tensor(&r, "input_ids");
-    let adapted = model.forward(ids.clone(), None);
+    let adapted = model.forward(ids.clone());
     let d = diff_with(adapted.clone(), &r, "logits");
     assert!(d < 1e-4, "adapted logits differ from peft's by {d}");
     // the adapter matters, and merging keeps it
-    let plain = base.forward(ids.clone(), None);
+    let plain = base.forward(ids.clone());
     assert!(max_abs_diff(&to_vec(plain), &to_vec(adapted)) > 0.1);
-    let d = diff_with(model.merge_lora().forward(ids, None), &r, "logits");
+    let d = diff_with(model.merge_lora().forward(ids), &r, "logits");
     assert!(d < 1e-4, "merged logits differ from peft's by {d}");
 
     // the command line applies it with --adapter

@@ -149,7 +149,7 @@ fn smollm2_logits_match_transformers() {
         return;
     };
     let r = reference(&fixture());
-    let logits = model(&dir).forward(ids_tensor(&r, "input_ids"), None);
+    let logits = model(&dir).forward(ids_tensor(&r, "input_ids"));
     let [b, t, v] = logits.dims();
     let values = to_vec(logits.clone());
     let (ids, _) = r.read_i64("input_ids").unwrap();
@@ -272,7 +272,7 @@ fn smollm2_half_precision_weights_stay_close_to_f32() {
             TensorData::new(ids.clone(), [ids.len() / 64, 64]),
             &device,
         );
-        let logits = model.forward(input, None);
+        let logits = model.forward(input);
         let [b, t, v] = logits.dims();
         let values = to_vec(logits.clone());
         let (mut nll_sum, mut nll_max, mut agree) = (0.0f64, 0.0f64, 0usize);

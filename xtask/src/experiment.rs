@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use serde_json::Value;
+use skipgpt_pipeline::Comparison;
 
 use crate::run;
 
@@ -69,22 +69,6 @@ pub fn experiment(features: &[String], out: &str, settings_args: &[String]) -> R
     write_report(Path::new(out), &settings, backend)
 }
 
-fn read(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-    serde_json::from_str(&text).with_context(|| path.display().to_string())
-}
-
-fn row<'a>(summary: &'a Value, name: &str) -> Option<&'a Value> {
-    summary["rows"]
-        .as_array()?
-        .iter()
-        .find(|r| r["name"].as_str().is_some_and(|n| n.starts_with(name)))
-}
-
-fn f(v: &Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or(f64::NAN)
-}
-
 /// Writes `docs/results.md` (and copies the pictures to `docs/images/results/`) from the
 /// summaries of a finished experiment in `out`.
 /// The settings `experiment` runs with unless overridden (for `report`).
@@ -96,9 +80,14 @@ pub fn default_settings() -> Vec<(String, String)> {
 }
 
 pub fn write_report(out: &Path, settings: &[(String, String)], backend: &str) -> Result<()> {
-    let summaries: Vec<(u32, Value)> = [25u32, 40]
+    let summaries: Vec<(u32, Comparison)> = [25u32, 40]
         .iter()
-        .map(|t| Ok((*t, read(&out.join(format!("summary-t{t}.json")))?)))
+        .map(|&t| {
+            Ok((
+                t,
+                Comparison::read(&Comparison::path(out, t as f64 / 100.0))?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let date = crate::today();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -111,14 +100,14 @@ pub fn write_report(out: &Path, settings: &[(String, String)], backend: &str) ->
     let _ = writeln!(
         md,
         "**Setup.** A LLaMA with {} parameters ({} layers, hidden {}), pretrained for {} steps on the built-in synthetic corpus. SkipGPT-RT and the coupled MoD-D-style routers were trained for {} steps (lr 2e-2, α 8, Gumbel τ 5 → 1). LoRA ran for {} steps (r 16, α 32, dropout 0.1 on q, v and gate; lr 2e-3, cosine). The joint ablation trained routers and LoRA together for {} steps. ShortGPT removes the layers with the least Block Influence, to the same parameter budget. Every model is scored the same way: perplexity on {} held-out tokens; the mean accuracy on the three built-in multiple-choice tasks; the realised skip rates; and the sparse engine's measured prefill speedup against its FLOP ideal. Settings: `{}`.\n",
-        first["model_params"],
-        first["layers"],
-        first["hidden_size"],
-        first["pretrain_steps"],
-        first["tune_steps"],
-        first["lora_steps"],
-        f(first, "tune_steps") + f(first, "lora_steps"),
-        first["heldout_tokens"],
+        first.model_params,
+        first.layers,
+        first.hidden_size,
+        first.pretrain_steps,
+        first.tune_steps,
+        first.lora_steps,
+        first.tune_steps + first.lora_steps,
+        first.heldout_tokens,
         settings
             .iter()
             .map(|(k, v)| format!("{k} {v}"))
@@ -131,18 +120,18 @@ pub fn write_report(out: &Path, settings: &[(String, String)], backend: &str) ->
             md,
             "| model | perplexity | MC acc | attention skip | MLP skip | parameter skip | speedup (ideal) |\n| --- | --- | --- | --- | --- | --- | --- |"
         );
-        for r in s["rows"].as_array().into_iter().flatten() {
+        for r in &s.rows {
             let _ = writeln!(
                 md,
                 "| {} | {:.3} | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {:.2}x ({:.2}x) |",
-                r["name"].as_str().unwrap_or("?"),
-                f(r, "perplexity"),
-                100.0 * f(r, "mc_acc"),
-                100.0 * f(r, "attn_skip"),
-                100.0 * f(r, "mlp_skip"),
-                100.0 * f(r, "param_skip"),
-                f(r, "speedup"),
-                f(r, "ideal_speedup")
+                r.name,
+                r.perplexity,
+                100.0 * r.mc_acc,
+                100.0 * r.attn_skip,
+                100.0 * r.mlp_skip,
+                100.0 * r.param_skip,
+                r.speedup,
+                r.ideal_speedup
             );
         }
         // pictures
@@ -176,7 +165,7 @@ pub fn write_report(out: &Path, settings: &[(String, String)], backend: &str) ->
     type Check = (
         &'static str,
         &'static str,
-        fn(&Value) -> Option<(String, bool)>,
+        fn(&Comparison) -> Option<(String, bool)>,
     );
     let checks: [Check; 6] = [
         (
@@ -197,12 +186,12 @@ pub fn write_report(out: &Path, settings: &[(String, String)], backend: &str) ->
             "share of the perplexity gap to dense that LoRA closes",
             |s| {
                 let (d, rt, l) = (
-                    row(s, "dense")?,
-                    row(s, "SkipGPT-RT")?,
-                    row(s, "SkipGPT-RT + LoRA")?,
+                    s.row("dense")?,
+                    s.row("SkipGPT-RT")?,
+                    s.row("SkipGPT-RT + LoRA")?,
                 );
-                let gap = f(rt, "perplexity") - f(d, "perplexity");
-                let closed = (f(rt, "perplexity") - f(l, "perplexity")) / gap;
+                let gap = rt.perplexity - d.perplexity;
+                let closed = (rt.perplexity - l.perplexity) / gap;
                 Some((format!("{:.0}%", 100.0 * closed), closed > 0.5))
             },
         ),
@@ -210,14 +199,10 @@ pub fn write_report(out: &Path, settings: &[(String, String)], backend: &str) ->
             "attention is more redundant than MLP",
             "SkipGPT-RT attention vs MLP skip",
             |s| {
-                let r = row(s, "SkipGPT-RT")?;
+                let r = s.row("SkipGPT-RT")?;
                 Some((
-                    format!(
-                        "{:.1}% vs {:.1}%",
-                        100.0 * f(r, "attn_skip"),
-                        100.0 * f(r, "mlp_skip")
-                    ),
-                    f(r, "attn_skip") > f(r, "mlp_skip"),
+                    format!("{:.1}% vs {:.1}%", 100.0 * r.attn_skip, 100.0 * r.mlp_skip),
+                    r.attn_skip > r.mlp_skip,
                 ))
             },
         ),
@@ -225,19 +210,17 @@ pub fn write_report(out: &Path, settings: &[(String, String)], backend: &str) ->
             "later positions: more attention, less MLP",
             "executed, first vs second half of positions",
             |s| {
-                let o = &s["analysis"]["observations"];
-                let a = o["attn_executed_early_late"].as_array()?;
-                let m = o["mlp_executed_early_late"].as_array()?;
+                let o = &s.analysis.observations;
+                let (a, m) = (o.attn_executed_early_late, o.mlp_executed_early_late);
                 Some((
                     format!(
                         "attn {:.1}→{:.1}%, MLP {:.1}→{:.1}%",
-                        100.0 * a[0].as_f64()?,
-                        100.0 * a[1].as_f64()?,
-                        100.0 * m[0].as_f64()?,
-                        100.0 * m[1].as_f64()?
+                        100.0 * a.0,
+                        100.0 * a.1,
+                        100.0 * m.0,
+                        100.0 * m.1
                     ),
-                    o["later_positions_use_more_attention"].as_bool()?
-                        && o["later_positions_use_less_mlp"].as_bool()?,
+                    o.later_positions_use_more_attention && o.later_positions_use_less_mlp,
                 ))
             },
         ),
@@ -260,8 +243,8 @@ pub fn write_report(out: &Path, settings: &[(String, String)], backend: &str) ->
     }
     // budgets that whole-layer removal could not match
     for (t, s) in &summaries {
-        if let (Some(rt), Some(short)) = (row(s, "SkipGPT-RT"), row(s, "ShortGPT")) {
-            let (a, b) = (f(rt, "param_skip"), f(short, "param_skip"));
+        if let (Some(rt), Some(short)) = (s.row("SkipGPT-RT"), s.row("ShortGPT")) {
+            let (a, b) = (rt.param_skip, short.param_skip);
             if (a - b).abs() > 0.03 {
                 let _ = writeln!(
                     md,
@@ -283,7 +266,7 @@ pub fn write_report(out: &Path, settings: &[(String, String)], backend: &str) ->
 }
 
 /// "a vs b" perplexities of two rows of a summary, and whether `a` is the lower.
-fn lower_perplexity(s: &Value, a: &str, b: &str) -> Option<(String, bool)> {
-    let (a, b) = (f(row(s, a)?, "perplexity"), f(row(s, b)?, "perplexity"));
+fn lower_perplexity(s: &Comparison, a: &str, b: &str) -> Option<(String, bool)> {
+    let (a, b) = (s.row(a)?.perplexity, s.row(b)?.perplexity);
     Some((format!("{a:.3} vs {b:.3}"), a < b))
 }

@@ -13,9 +13,13 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use skipgpt_eval::{McExample, RoutingFile};
+use skipgpt_pipeline::evaluate::EvalPplReport;
+use skipgpt_pipeline::McRow;
+use skipgpt_train::progress::{read_log, LogRow};
 
-use crate::bench_real::smollm2_gguf;
+use crate::bench_real::{smollm2_gguf, Figures};
 use crate::{run, today};
 
 const SOURCES: &str = "usr/share/doc/python3.11/html/_sources";
@@ -40,6 +44,49 @@ pub const DEFAULTS: [(&str, &str); 11] = [
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
+}
+
+/// One line of the corpus files (`corpus/train.jsonl`, `valid.jsonl`): a file of the
+/// documentation, its path under `_sources/` and its text.
+#[derive(Debug, Serialize, Deserialize)]
+struct Doc {
+    file: String,
+    text: String,
+}
+
+/// `corpus/split.json`: which files are held out, and by what rule.
+#[derive(Debug, Serialize, Deserialize)]
+struct Split {
+    rule: String,
+    files: usize,
+    held_out: Vec<String>,
+}
+
+/// `DIR/wall.json`: how long a step took.
+#[derive(Debug, Serialize, Deserialize)]
+struct Wall {
+    seconds: f64,
+}
+
+/// `eval/NAME/eval.json`: what `eval-ppl --json` and `eval-mc --json` reported for a model.
+#[derive(Debug, Serialize, Deserialize)]
+struct Evaluation {
+    ppl: EvalPplReport,
+    mc: Vec<McRow>,
+}
+
+/// `models/smollm2-135m/skipgpt-tNN/results.json`: what the published model gives on
+/// [`SLICE`] (checked by `tests/smollm2.rs`) and on the held-out evaluation.
+#[derive(Debug, Serialize)]
+struct Published {
+    slice: &'static str,
+    seq_len: usize,
+    dense_perplexity: f64,
+    routers_perplexity: Option<f64>,
+    routers_lora_perplexity: Option<f64>,
+    routers_lora_param_skip: Option<f64>,
+    heldout_perplexity: Option<f64>,
+    heldout_param_skip: Option<f64>,
 }
 
 /// A file of the documentation is held out when the FNV-1a hash of its path (relative to
@@ -109,12 +156,14 @@ fn corpus(work: &Path, mc_examples: usize) -> Result<Corpus> {
     for path in &files {
         let rel = path.strip_prefix(&sources)?.to_string_lossy().into_owned();
         let text = std::fs::read_to_string(path)?;
-        let line = json!({ "file": rel, "text": text }).to_string();
-        if is_held_out(&rel) {
+        let held_out = is_held_out(&rel);
+        let doc = Doc { file: rel, text };
+        let line = serde_json::to_string(&doc)?;
+        if held_out {
             valid.push_str(&line);
             valid.push('\n');
-            held_names.push(rel);
-            held.push(text);
+            held_names.push(doc.file);
+            held.push(doc.text);
         } else {
             train.push_str(&line);
             train.push('\n');
@@ -124,16 +173,16 @@ fn corpus(work: &Path, mc_examples: usize) -> Result<Corpus> {
     std::fs::write(&out.valid, valid)?;
     std::fs::write(
         dir.join("split.json"),
-        serde_json::to_string_pretty(&json!({
-            "rule": "held out iff FNV-1a-64(path relative to _sources) % 10 == 0",
-            "files": files.len(),
-            "held_out": held_names,
-        }))?,
+        serde_json::to_string_pretty(&Split {
+            rule: "held out iff FNV-1a-64(path relative to _sources) % 10 == 0".into(),
+            files: files.len(),
+            held_out: held_names,
+        })?,
     )?;
     let tasks = cloze_tasks(&held, mc_examples);
     let mut text = String::new();
     for t in &tasks {
-        text.push_str(&t.to_string());
+        text.push_str(&serde_json::to_string(t)?);
         text.push('\n');
     }
     std::fs::write(&out.cloze, text)?;
@@ -162,7 +211,7 @@ fn is_word(w: &str) -> bool {
 /// words), the gold choice is the word, and three distractors are other words of the same
 /// document, drawn by a fixed hash so the task is the same on every machine. Lines with reST
 /// markup (`..`, `::`, `:func:` roles, tables, indented code) are not used.
-pub fn cloze_tasks(docs: &[String], max: usize) -> Vec<Value> {
+pub fn cloze_tasks(docs: &[String], max: usize) -> Vec<McExample> {
     let mut tasks = Vec::new();
     for (d, doc) in docs.iter().enumerate() {
         let vocab: Vec<&str> = {
@@ -215,7 +264,11 @@ pub fn cloze_tasks(docs: &[String], max: usize) -> Vec<Value> {
             // the gold answer's position, also by the hash
             let gold_at = (k >> 40) as usize % 4;
             choices.swap(0, gold_at);
-            tasks.push(json!({ "context": context, "choices": choices, "gold": gold_at }));
+            tasks.push(McExample {
+                context,
+                choices,
+                gold: gold_at,
+            });
         }
     }
     // spread over documents rather than the first few
@@ -282,10 +335,10 @@ impl Ctx {
         let t = std::time::Instant::now();
         make()?;
         std::fs::create_dir_all(dir)?;
-        std::fs::write(
-            dir.join("wall.json"),
-            json!({ "seconds": t.elapsed().as_secs_f64() }).to_string(),
-        )?;
+        let wall = Wall {
+            seconds: t.elapsed().as_secs_f64(),
+        };
+        std::fs::write(dir.join("wall.json"), serde_json::to_string(&wall)?)?;
         Ok(())
     }
 
@@ -353,7 +406,7 @@ impl Ctx {
 
     /// Held-out perplexity (dense and routed) and cloze accuracy of `model`, as
     /// `name/eval.json`.
-    fn evaluate(&self, model: &Path, name: &str) -> Result<Value> {
+    fn evaluate(&self, model: &Path, name: &str) -> Result<Evaluation> {
         let dir = self.work.join("eval").join(name);
         let file = dir.join("eval.json");
         self.step(&dir, &file, || {
@@ -381,7 +434,10 @@ impl Ctx {
                 "--json".into(),
             ];
             capture(&self.threads_arg(), &a, &mc)?;
-            let v = json!({ "ppl": read(&ppl)?, "mc": read(&mc)? });
+            let v = Evaluation {
+                ppl: read(&ppl)?,
+                mc: read(&mc)?,
+            };
             std::fs::write(&file, serde_json::to_string_pretty(&v)?)?;
             Ok(())
         })?;
@@ -401,8 +457,8 @@ impl Ctx {
         if !text.exists() {
             let mut all = String::new();
             for line in std::fs::read_to_string(&self.corpus.valid)?.lines() {
-                let v: Value = serde_json::from_str(line)?;
-                all.push_str(v["text"].as_str().unwrap_or_default());
+                let doc: Doc = serde_json::from_str(line)?;
+                all.push_str(&doc.text);
                 all.push('\n');
             }
             std::fs::write(&text, all)?;
@@ -483,7 +539,7 @@ fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-fn read(path: &Path) -> Result<Value> {
+fn read<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
     serde_json::from_str(&text).with_context(|| path.display().to_string())
 }
@@ -534,7 +590,7 @@ pub fn experiment(out: &str, overrides: &[String], until: &str) -> Result<()> {
     };
     std::fs::write(
         work.join("settings.json"),
-        serde_json::to_string_pretty(&json!(ctx.settings))?,
+        serde_json::to_string_pretty(&ctx.settings)?,
     )?;
     ctx.evaluate(&ctx.model.clone(), "dense")?;
 
@@ -688,14 +744,12 @@ pub const SLICE: &str = "tests/fixtures/smollm2/heldout.jsonl";
 fn write_slice(corpus: &Corpus) -> Result<()> {
     let mut out = String::new();
     for line in std::fs::read_to_string(&corpus.valid)?.lines().take(4) {
-        let v: Value = serde_json::from_str(line)?;
-        let text: String = v["text"]
-            .as_str()
-            .unwrap_or_default()
-            .chars()
-            .take(3000)
-            .collect();
-        out.push_str(&json!({ "file": v["file"], "text": text }).to_string());
+        let doc: Doc = serde_json::from_str(line)?;
+        let slice = Doc {
+            text: doc.text.chars().take(3000).collect(),
+            ..doc
+        };
+        out.push_str(&serde_json::to_string(&slice)?);
         out.push('\n');
     }
     std::fs::write(SLICE, out)?;
@@ -753,7 +807,7 @@ fn publish(ctx: &Ctx, t: &str) -> Result<()> {
     for f in ["routers.safetensors", "skipgpt.json"] {
         std::fs::copy(dest.join(f), rebuilt.join(f))?;
     }
-    let slice_eval = |adapter: bool| -> Result<Value> {
+    let slice_eval = |adapter: bool| -> Result<EvalPplReport> {
         let out = slice_out(adapter);
         let mut a: Vec<String> = vec![
             "eval-ppl".into(),
@@ -776,21 +830,21 @@ fn publish(ctx: &Ctx, t: &str) -> Result<()> {
     let with = slice_eval(true)?;
     let without = slice_eval(false)?;
     let held = row(&ctx.work, &format!("t{t}-rt-lora"));
-    let results = json!({
-        "slice": SLICE,
-        "seq_len": 128,
-        "dense_perplexity": without["dense"]["perplexity"],
-        "routers_perplexity": without["routed"]["perplexity"],
-        "routers_lora_perplexity": with["routed"]["perplexity"],
-        "routers_lora_param_skip": with["routed"]["param_skip"],
-        "heldout_perplexity": held.as_ref().map(|r| r.ppl),
-        "heldout_param_skip": held.as_ref().map(|r| r.params),
-    });
+    let routed = |r: &EvalPplReport| r.routed.as_ref().map(|r| r.perplexity);
+    let results = Published {
+        slice: SLICE,
+        seq_len: 128,
+        dense_perplexity: without.dense.perplexity,
+        routers_perplexity: routed(&without),
+        routers_lora_perplexity: routed(&with),
+        routers_lora_param_skip: with.routed.as_ref().map(|r| r.param_skip),
+        heldout_perplexity: held.as_ref().map(|r| r.ppl),
+        heldout_param_skip: held.as_ref().map(|r| r.params),
+    };
     std::fs::write(
         dest.join("results.json"),
         serde_json::to_string_pretty(&results)?,
     )?;
-    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     let readme = format!(
         "# SkipGPT routers and LoRA adapter for SmolLM2-135M-Instruct, {t}% target skip
 
@@ -820,9 +874,9 @@ skipgpt generate --model smollm2-skipgpt --adapter models/smollm2-135m/skipgpt-t
         ctx.get("--eval-sequences"),
         held.as_ref().map_or(f64::NAN, |r| r.ppl),
         100.0 * held.as_ref().map_or(f64::NAN, |r| r.params),
-        f(&without["dense"]["perplexity"]),
-        f(&without["routed"]["perplexity"]),
-        f(&with["routed"]["perplexity"]),
+        results.dense_perplexity,
+        results.routers_perplexity.unwrap_or(f64::NAN),
+        results.routers_lora_perplexity.unwrap_or(f64::NAN),
     );
     std::fs::write(dest.join("README.md"), readme)?;
     eprintln!("published {}", dest.display());
@@ -843,50 +897,42 @@ struct Row {
 
 fn row(work: &Path, name: &str) -> Option<Row> {
     let dir = work.join("eval").join(name);
-    let v = read(&dir.join("eval.json")).ok()?;
-    let ppl = &v["ppl"];
-    let r = if ppl["routed"].is_object() {
-        &ppl["routed"]
-    } else {
-        &ppl["dense"]
-    };
-    let mc = &v["mc"][0];
-    let cloze = if mc["routed"].is_object() {
-        &mc["routed"]
-    } else {
-        &mc["dense"]
-    };
-    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    let speed = read(&dir.join("speed.json"))
+    let v: Evaluation = read(&dir.join("eval.json")).ok()?;
+    // what a user serves: routed for a model with routers, dense otherwise
+    let r = v.ppl.routed.as_ref().unwrap_or(&v.ppl.dense);
+    let cloze = v.mc.first().map_or(f64::NAN, |mc| mc.served().acc);
+    let speed = read::<Figures>(&dir.join("speed.json"))
         .ok()
-        .map(|s| (f(&s, "prefill_tok_s"), f(&s["decode"], "1")));
+        .map(|s| (s.prefill(), s.decode(1)));
     Some(Row {
-        ppl: f(r, "perplexity"),
-        acc: f(r, "accuracy"),
-        cloze: f(cloze, "acc"),
-        attn: f(r, "attn_skip"),
-        mlp: f(r, "mlp_skip"),
-        params: f(r, "param_skip"),
+        ppl: r.perplexity,
+        acc: r.accuracy,
+        cloze,
+        attn: r.attn_skip,
+        mlp: r.mlp_skip,
+        params: r.param_skip,
         speed,
     })
 }
 
-/// (step, values) of a run's log, one split.
-fn log_rows(run: &Path, split: &str) -> Vec<(u64, Value)> {
-    let Ok(text) = std::fs::read_to_string(run.join("train").join("metrics.jsonl")) else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["split"] == split)
-        .map(|v| (v["step"].as_u64().unwrap_or(0), v["values"].clone()))
+/// The rows of a run's log, one split.
+fn log_rows(run: &Path, split: &str) -> Vec<LogRow> {
+    read_log(&run.join("train").join("metrics.jsonl"))
+        .into_iter()
+        .filter(|r| r.split == split)
         .collect()
 }
 
+/// A metric of a logged row (NaN if it was not logged).
+fn metric(row: Option<&LogRow>, name: &str) -> f64 {
+    row.and_then(|r| r.values.get(name).copied())
+        .unwrap_or(f64::NAN)
+}
+
 fn minutes(work: &Path, dir: &str) -> String {
-    read(&work.join(dir).join("wall.json"))
+    read::<Wall>(&work.join(dir).join("wall.json"))
         .ok()
-        .and_then(|v| v["seconds"].as_f64())
+        .map(|w| w.seconds)
         .map_or("–".into(), |s| format!("{:.1}", s / 60.0))
 }
 
@@ -895,16 +941,15 @@ fn minutes(work: &Path, dir: &str) -> String {
 pub fn write_report(work: &Path) -> Result<()> {
     let images = Path::new("docs/images/smollm2");
     std::fs::create_dir_all(images)?;
-    let settings: Vec<(String, String)> =
-        serde_json::from_value(read(&work.join("settings.json"))?)?;
+    let settings: Vec<(String, String)> = read(&work.join("settings.json"))?;
     let get = |k: &str| {
         settings
             .iter()
             .find(|(key, _)| key == k)
             .map_or("?".to_string(), |(_, v)| v.clone())
     };
-    let split = read(&work.join("corpus").join("split.json"))?;
-    let held = split["held_out"].as_array().map_or(0, Vec::len);
+    let split: Split = read(&work.join("corpus").join("split.json"))?;
+    let held = split.held_out.len();
     let cloze_n = std::fs::read_to_string(work.join("corpus").join("cloze.jsonl"))
         .map_or(0, |t| t.lines().count());
     let date = today();
@@ -929,7 +974,7 @@ pub fn write_report(work: &Path) -> Result<()> {
 - **Perplexity and next-token accuracy:** {} sequences of {seq} tokens, evenly spaced over the held-out files (`eval-ppl --split valid --max-sequences {}`), through the sparse engine with the deterministic gates a user serves with.\n\
 - **Cloze task ({cloze_n} questions):** from held-out paragraphs of plain prose (no reST markup) that end in a word of 4–14 letters and a full stop: the context is the paragraph before that word (at most 60 words), the gold choice is the word, and the three distractors are other words of the same document, drawn by a fixed hash (`xtask/src/real.rs`, `cloze_tasks`). Scored like lm-evaluation-harness (sum of the choice's log-likelihood). The distractors are often unlike the gold word in kind, so the task is easy (the dense model scores above 90%) and separates models only coarsely; perplexity is the finer measure.\n\
 - **Budget:** stage 1 (routers) {} steps of {batch} × {seq} tokens ({} tokens per step), AdamW lr 2e-3 (the paper's), α 8, Gumbel τ 5 → 1, the target counted in (token, module) decisions as the reference code counts it (`--sparsity-unit modules`) except in the rows marked \"parameter target\" (`--sparsity-unit params`); stage 2 (LoRA r 16, α 32, dropout 0.1, q/v/gate) {} steps at lr {} (cosine, 3% warmup); the joint ablation trains both for the stage-1 steps; the \"calibrated\" rows shift the parameter-target routers' SKIP bias after stage 1 (`skipgpt calibrate-routers`: bisection on the skip rate realised on the first `--calibration-sequences` training sequences, a few minutes; the shift and the rates before and after are in the run's `calibration.json`) and then train the same stage 2. Validation during training: the first {} held-out sequences.\n",
-        split["files"],
+        split.files,
         get("--eval-sequences"),
         get("--eval-sequences"),
         get("--tune-steps"),
@@ -957,7 +1002,7 @@ pub fn write_report(work: &Path) -> Result<()> {
         if train.is_empty() {
             continue;
         }
-        let last_valid = valid.last().map(|(_, v)| v.clone()).unwrap_or(Value::Null);
+        let last_valid = valid.last();
         let n = train.len();
         let picks: Vec<usize> = [0, n / 4, n / 2, n - 1]
             .into_iter()
@@ -965,12 +1010,12 @@ pub fn write_report(work: &Path) -> Result<()> {
             .into_iter()
             .collect();
         for (k, &i) in picks.iter().enumerate() {
-            let (step, v) = &train[i];
+            let v = &train[i];
             let tail = if k == 0 {
                 format!(
                     "{:.1} | {:.1}% | {}",
-                    last_valid["Perplexity"].as_f64().unwrap_or(f64::NAN),
-                    100.0 * last_valid["Skip"].as_f64().unwrap_or(f64::NAN),
+                    metric(last_valid, "Perplexity"),
+                    100.0 * metric(last_valid, "Skip"),
                     minutes(work, &format!("init-{init}"))
                 )
             } else {
@@ -978,10 +1023,11 @@ pub fn write_report(work: &Path) -> Result<()> {
             };
             let _ = writeln!(
                 md,
-                "| {} | {step} | {:.1} | {:.1}% | | {tail} |",
+                "| {} | {} | {:.1} | {:.1}% | | {tail} |",
                 if k == 0 { init } else { "" },
-                v["Perplexity"].as_f64().unwrap_or(f64::NAN),
-                100.0 * v["Skip"].as_f64().unwrap_or(f64::NAN),
+                v.step,
+                metric(Some(v), "Perplexity"),
+                100.0 * metric(Some(v), "Skip"),
             );
         }
         let curves = dir.join("train").join("curves.svg");
@@ -1167,23 +1213,13 @@ pub fn write_report(work: &Path) -> Result<()> {
     }
     for t in ["25", "40"] {
         let analysis = work.join("eval").join(format!("t{t}-rt")).join("analysis");
-        let Ok(v) = read(&analysis.join("routing.json")) else {
+        let Ok(v) = RoutingFile::read(&analysis) else {
             continue;
         };
-        let o = &v["analysis"]["observations"];
-        let pair = |k: &str| {
-            let p = &o[k];
-            (
-                p[0].as_f64().unwrap_or(f64::NAN),
-                p[1].as_f64().unwrap_or(f64::NAN),
-            )
-        };
-        let (a, m) = (
-            pair("attn_executed_early_late"),
-            pair("mlp_executed_early_late"),
-        );
-        let more_attn = o["later_positions_use_more_attention"].as_bool() == Some(true);
-        let less_mlp = o["later_positions_use_less_mlp"].as_bool() == Some(true);
+        let o = &v.analysis.observations;
+        let (a, m) = (o.attn_executed_early_late, o.mlp_executed_early_late);
+        let more_attn = o.later_positions_use_more_attention;
+        let less_mlp = o.later_positions_use_less_mlp;
         let _ = writeln!(
             md,
             "- Later positions use more attention and less MLP (SkipGPT-RT at {t}%, {} held-out sequences): attention runs {:.1}% of the time over the first half of the positions and {:.1}% over the second ({}); the MLP {:.1}% and {:.1}% ({}). **{}**.",
@@ -1200,23 +1236,18 @@ pub fn write_report(work: &Path) -> Result<()> {
                 _ => "Holds in part",
             }
         );
-        let layers_below = |key: &str| -> Vec<String> {
-            v["analysis"][key]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .enumerate()
-                        .filter(|(_, x)| x.as_f64().is_some_and(|x| x < 0.01))
-                        .map(|(i, _)| i.to_string())
-                        .collect()
-                })
-                .unwrap_or_default()
+        let layers_below = |skip: &[f64]| -> Vec<String> {
+            skip.iter()
+                .enumerate()
+                .filter(|(_, &x)| x < 0.01)
+                .map(|(i, _)| i.to_string())
+                .collect()
         };
         let _ = writeln!(
             md,
             "- Where the routers at {t}% (almost) never skip (under 1% of tokens): attention in layers {}; the MLP in layers {}.",
-            layers_below("attn_skip_per_layer").join(", "),
-            layers_below("mlp_skip_per_layer").join(", ")
+            layers_below(&v.analysis.attn_skip_per_layer).join(", "),
+            layers_below(&v.analysis.mlp_skip_per_layer).join(", ")
         );
         for pic in ["skip-per-layer.svg", "skip-by-position.svg"] {
             if analysis.join(pic).exists() {

@@ -95,7 +95,7 @@ pub fn analyze_routing<B: Backend>(
     for chunk in data.sequences.chunks(batch_size.max(1)) {
         let b = chunk.len();
         let ids = batch_ids::<B>(chunk, t, &device);
-        let out = model.forward_routed(ids, None, model.routing, false);
+        let out = model.forward_routed(ids, model.routing, false);
         let (attn, mlp) = (host_gates(out.attn_gates), host_gates(out.mlp_gates));
         for s in 0..b {
             for p in 0..t {
@@ -216,7 +216,7 @@ pub fn token_map<B: Backend>(
         TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, n]),
         &model.device(),
     );
-    let out = model.forward_routed(input, None, model.routing, false);
+    let out = model.forward_routed(input, model.routing, false);
     let executed = |g: Vec<Tensor<B, 2>>| -> Vec<Vec<bool>> {
         host_gates(g)
             .into_iter()
@@ -249,6 +249,29 @@ fn attn_and_mlp<'a>(attn: &'a [f64], mlp: &'a [f64]) -> [Series<'a>; 2] {
     ]
 }
 
+/// `routing.json`: the analysis and, when a text was given, its token map.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RoutingFile {
+    pub analysis: RoutingAnalysis,
+    pub token_map: Option<TokenMap>,
+}
+
+impl RoutingFile {
+    /// The name [`write_analysis`] gives it.
+    pub const NAME: &str = "routing.json";
+
+    /// Reads `dir/routing.json`.
+    pub fn read(dir: &Path) -> Result<RoutingFile> {
+        let path = dir.join(Self::NAME);
+        let text = std::fs::read_to_string(&path).map_err(|source| EvalError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text)
+            .map_err(|e| EvalError::Input(format!("{}: {e}", path.display())))
+    }
+}
+
 /// Writes `routing.json` and the pictures into `dir`; returns the files written.
 pub fn write_analysis(
     analysis: &RoutingAnalysis,
@@ -263,14 +286,17 @@ pub fn write_analysis(
     let mut written = Vec::new();
     let mut put = |name: &str, text: String| -> Result<()> {
         let path = dir.join(name);
-        std::fs::write(&path, text).map_err(io(&path))?;
+        skipgpt_model::atomic::atomic_write(&path, text.as_bytes())?;
         written.push(path);
         Ok(())
     };
-    let json = serde_json::json!({ "analysis": analysis, "token_map": map });
+    let file = RoutingFile {
+        analysis: analysis.clone(),
+        token_map: map.cloned(),
+    };
     put(
-        "routing.json",
-        serde_json::to_string_pretty(&json).expect("serialises"),
+        RoutingFile::NAME,
+        serde_json::to_string_pretty(&file).expect("serialises"),
     )?;
     let layers: Vec<String> = (0..analysis.attn_skip_per_layer.len())
         .map(|l| format!("L{l}"))

@@ -42,7 +42,7 @@ pub fn block_influence<B: Backend>(
     let t = data.seq_len;
     let (mut layer_cos, mut attn_cos) = (vec![0.0f64; layers], vec![0.0f64; layers]);
     let mut tokens = 0;
-    let ctx = model.attention_context(0, t);
+    let ctx = model.attention_context(t);
     // every module runs, whatever routers the model has
     let dense = model.layer_routing(Routing::Dense);
     for chunk in data.sequences.chunks(batch_size.max(1)) {
@@ -52,7 +52,7 @@ pub fn block_influence<B: Backend>(
             .embed_tokens
             .forward(batch_ids::<B>(chunk, t, &device));
         for (l, layer) in model.model.layers.iter().enumerate() {
-            let out = layer.forward(x.clone(), &ctx, None, &dense, None);
+            let out = layer.forward(x.clone(), &ctx, &dense, None);
             attn_cos[l] += cosine_sum(x.clone(), out.post_attention);
             layer_cos[l] += cosine_sum(x, out.hidden.clone());
             x = out.hidden;

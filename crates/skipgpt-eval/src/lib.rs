@@ -14,7 +14,9 @@ pub mod multiple_choice;
 pub mod perplexity;
 pub mod speed;
 
-pub use analysis::{analyze_routing, token_map, write_analysis, RoutingAnalysis, TokenMap};
+pub use analysis::{
+    analyze_routing, token_map, write_analysis, RoutingAnalysis, RoutingFile, TokenMap,
+};
 pub use baselines::{block_influence, static_plan, BlockInfluence, StaticMode, StaticPlan};
 pub use calibrate::{calibrate_routers, realised_skip, CalibrationReport};
 pub use error::{EvalError, Result};

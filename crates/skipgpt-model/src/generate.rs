@@ -1,4 +1,5 @@
-//! Autoregressive decoding with the KV cache: greedy, or temperature / nucleus sampling.
+//! Autoregressive decoding, greedy or temperature / nucleus sampling: the one decoding loop,
+//! and the gated reference generator the sparse engine is tested against.
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -42,9 +43,10 @@ pub fn validate_ids(ids: &[i64], vocab_size: usize, what: &str) -> Result<()> {
 }
 
 /// Continues each prompt (all of the same length) by up to `max_new_tokens` tokens with the
-/// gated forward pass and its KV cache: the reference the sparse engine
-/// ([`crate::sparse::generate_sparse`]) is tested against. Returns only the new tokens; a
-/// sequence that stopped at EOS includes the EOS token.
+/// gated forward pass: the reference the sparse engine ([`crate::sparse::generate_sparse`],
+/// which serves every command) is tested against. It keeps no cache: every step runs the
+/// whole sequence so far, which is plainly right and quadratic in its length. Returns only the
+/// new tokens; a sequence that stopped at EOS includes the EOS token.
 pub fn generate<B: Backend>(
     model: &LlamaForCausalLM<B>,
     prompts: &[Vec<u32>],
@@ -61,32 +63,23 @@ pub fn generate<B: Backend>(
     let flat: Vec<i64> = prompts.iter().flatten().map(|&id| id as i64).collect();
     validate_ids(&flat, model.config.vocab_size, "prompt")?;
     let device = model.device();
-    let mut cache = model.new_cache();
-    // The batch keeps its shape: a finished sequence is fed its last token again and its
-    // logits are dropped.
-    let mut last: Vec<u32> = prompts
-        .iter()
-        .map(|p| p.last().copied().unwrap_or(0))
-        .collect();
+    // Every sequence so far. The batch keeps its shape: a finished sequence is extended by its
+    // last token again (causal attention keeps that from the others) and its logits dropped.
+    let mut sequences: Vec<Vec<i64>> = vec![Vec::new(); prompts.len()];
     decode_loop(
         &model.config,
         prompts,
         opts,
         |inputs| {
-            let t = inputs.iter().map(Vec::len).max().unwrap_or(1);
-            let mut ids = Vec::with_capacity(inputs.len() * t);
-            for (s, input) in inputs.iter().enumerate() {
-                match input.last() {
-                    Some(&token) => last[s] = token,
-                    None => ids.extend(std::iter::repeat_n(last[s] as i64, t)),
+            for (seq, input) in sequences.iter_mut().zip(inputs) {
+                match input.is_empty() {
+                    true => seq.push(seq.last().copied().unwrap_or(0)),
+                    false => seq.extend(input.iter().map(|&id| id as i64)),
                 }
-                ids.extend(input.iter().map(|&id| id as i64));
             }
-            let b = inputs.len();
-            let logits = model.forward(
-                Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device),
-                Some(&mut cache),
-            );
+            let (b, t) = (sequences.len(), sequences[0].len());
+            let ids = TensorData::new(sequences.concat(), [b, t]);
+            let logits = model.forward(Tensor::<B, 2, Int>::from_data(ids, &device));
             let v = logits.dims()[2];
             let rows: Vec<f32> = logits
                 .slice([0..b, t - 1..t, 0..v])

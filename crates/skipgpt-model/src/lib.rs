@@ -8,14 +8,12 @@
 //! - [`lora`]: LoRA adapters on the projections, merging, and the PEFT adapter format;
 //! - [`precision`]: f16/bf16 weights against the f32 residual stream;
 //! - [`rope`]: rotary embeddings with default, linear, dynamic and llama3 scaling;
-//! - [`cache`]: the KV cache for incremental decoding;
 //! - [`checkpoint`] and [`safetensors_io`]: reading/writing model directories;
 //! - [`atomic`]: writing a user's files without losing what was there;
 //! - [`gguf`]: llama.cpp's GGUF files (dequantized) into a HF model directory;
 //! - [`tokenizer`], [`generate`]: text in, text out.
 
 pub mod atomic;
-pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -31,7 +29,6 @@ pub mod safetensors_io;
 pub mod sparse;
 pub mod tokenizer;
 
-pub use cache::KvCache;
 pub use checkpoint::{
     load_config, load_pretrained, load_pretrained_as, load_routing_config, save_pretrained,
     save_routers, Pretrained,

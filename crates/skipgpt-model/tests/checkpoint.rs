@@ -21,8 +21,8 @@ fn f32_round_trip_is_exact() {
     assert_eq!(again.model.config, model.model.config);
     assert!(again.tokenizer.is_some());
     let ids = ids_tensor(&reference(&tiny()), "input_ids");
-    let a = to_vec(model.model.forward(ids.clone(), None));
-    let b = to_vec(again.model.forward(ids, None));
+    let a = to_vec(model.model.forward(ids.clone()));
+    let b = to_vec(again.model.forward(ids));
     assert_eq!(a, b);
     // no temporary files left behind
     let names: Vec<String> = std::fs::read_dir(dir.path())
@@ -64,8 +64,8 @@ fn tied_head_is_not_stored_and_reloads() {
     let again = load_pretrained::<B>(dir.path(), &device()).unwrap();
     let ids = ids_tensor(&reference(&tiny()), "input_ids");
     assert_eq!(
-        to_vec(model.forward(ids.clone(), None)),
-        to_vec(again.model.forward(ids, None))
+        to_vec(model.forward(ids.clone())),
+        to_vec(again.model.forward(ids))
     );
 }
 

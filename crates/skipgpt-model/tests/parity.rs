@@ -6,7 +6,7 @@
 
 mod support;
 
-use skipgpt_model::{generate, load_pretrained, LlamaForCausalLM};
+use skipgpt_model::{generate, load_pretrained, LlamaForCausalLM, Routing};
 use support::*;
 
 const TOL: f32 = 1e-4;
@@ -21,7 +21,7 @@ fn load(dir: &std::path::Path) -> LlamaForCausalLM<B> {
 fn check_forward(dir: &std::path::Path) -> f32 {
     let model = load(dir);
     let r = reference(dir);
-    let out = model.forward_full(ids_tensor(&r, "input_ids"), None, true);
+    let out = model.forward_full(ids_tensor(&r, "input_ids"), true);
     assert_eq!(out.hidden_states.len(), model.config.num_hidden_layers + 1);
     for (k, h) in out.hidden_states.into_iter().enumerate() {
         let d = diff_with(h, &r, &format!("hidden_states.{k}"));
@@ -47,7 +47,7 @@ fn greedy_recompute(model: &LlamaForCausalLM<B>, prompt: &[u32], steps: usize) -
             ),
             &device(),
         );
-        let logits = to_vec(model.forward(input, None));
+        let logits = to_vec(model.forward(input));
         let v = model.config.vocab_size;
         ids.push(skipgpt_model::generate::argmax(&logits[logits.len() - v..]));
     }
@@ -79,26 +79,19 @@ fn llama_tiny_greedy_with_kv_cache_matches_reference() {
 }
 
 #[test]
-fn cached_decoding_equals_full_recompute() {
+fn incremental_decoding_equals_full_recompute() {
+    // the sparse engine's cache (every command decodes through it), dense: a prefill of 5
+    // tokens, then one token at a time, then a chunk of 3, against the gated full forward
     let model = load(&tiny());
     let r = reference(&tiny());
-    let ids = ids_tensor(&r, "input_ids");
-    let [b, s] = ids.dims();
-    let full = to_vec(model.forward(ids.clone(), None));
-    // prefill 5 tokens, then one token at a time, then a chunk of 3
-    let mut cache = model.new_cache();
-    let mut pieces = Vec::new();
-    let mut pos = 0;
-    for len in std::iter::once(5)
+    let full = to_vec(model.forward(ids_tensor(&r, "input_ids")));
+    let rows = ids_rows(&r, "input_ids");
+    let s = rows[0].len();
+    let chunks: Vec<usize> = std::iter::once(5)
         .chain(std::iter::repeat_n(1, s - 8))
         .chain(std::iter::once(3))
-    {
-        pieces.push(model.forward(ids.clone().slice([0..b, pos..pos + len]), Some(&mut cache)));
-        pos += len;
-    }
-    assert_eq!(pos, s);
-    assert_eq!(cache.len(), s);
-    let cached = to_vec(burn::tensor::Tensor::cat(pieces, 1));
+        .collect();
+    let cached = engine_logits_in_chunks(&model, &rows, &chunks, Routing::Dense);
     let d = max_abs_diff(&full, &cached);
     assert!(d < 1e-5, "cached vs recompute differ by {d}");
 }

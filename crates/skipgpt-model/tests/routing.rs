@@ -27,7 +27,7 @@ fn check_routed(mode: &str, input: MlpRouterInput) {
     let (_dir, model) = routed(input);
     assert_eq!(model.routing, Routing::Deterministic);
     let r = reference(&tiny());
-    let out = model.forward_full(ids_tensor(&r, "input_ids"), None, false);
+    let out = model.forward_full(ids_tensor(&r, "input_ids"), false);
     let d = diff_with(out.logits, &r, &format!("routed.{mode}.logits"));
     assert!(d < 1e-4, "{mode}: routed logits differ by {d}");
     for (name, gates) in [("attn_gates", out.attn_gates), ("mlp_gates", out.mlp_gates)] {
@@ -68,7 +68,7 @@ fn routers_load_with_defaults_without_skipgpt_json() {
 fn dense_mode_ignores_routers() {
     let (_dir, model) = routed(MlpRouterInput::PostAttn);
     let r = reference(&tiny());
-    let out = model.forward_routed(ids_tensor(&r, "input_ids"), None, Routing::Dense, false);
+    let out = model.forward_routed(ids_tensor(&r, "input_ids"), Routing::Dense, false);
     assert!(out.attn_gates.is_empty());
     assert!(diff_with(out.logits, &r, "logits") < 1e-4);
 }
@@ -131,7 +131,7 @@ fn ids_8x64() -> Tensor<B, 2, burn::tensor::Int> {
 
 /// The fraction of (token, layer, module) decisions that execute on [`ids_8x64`].
 fn execute_rate(model: &LlamaForCausalLM<B>, routing: Routing) -> f32 {
-    let out = model.forward_routed(ids_8x64(), None, routing, false);
+    let out = model.forward_routed(ids_8x64(), routing, false);
     let gates: Vec<f32> = out
         .attn_gates
         .into_iter()
@@ -160,7 +160,7 @@ fn sampled_routing_follows_router_probabilities() {
     <B as burn::tensor::backend::Backend>::seed(&device(), 3);
     let rate = execute_rate(&model, Routing::Sample);
     assert!((rate - 0.75).abs() < 0.03, "execute rate {rate}");
-    let det = model.forward_routed(ids_8x64(), None, Routing::Deterministic, false);
+    let det = model.forward_routed(ids_8x64(), Routing::Deterministic, false);
     assert!(det
         .attn_gates
         .into_iter()
@@ -199,7 +199,7 @@ fn layer_granularity_gates_both_modules_together() {
         .with_new_routers(cfg.clone());
     assert!(model.model.layers.iter().all(|l| l.mlp_router.is_none()));
     let r = reference(&tiny());
-    let out = model.forward_full(ids_tensor(&r, "input_ids"), None, false);
+    let out = model.forward_full(ids_tensor(&r, "input_ids"), false);
     for (a, m) in out.attn_gates.into_iter().zip(out.mlp_gates) {
         assert_eq!(to_vec(a), to_vec(m));
     }
@@ -210,7 +210,8 @@ fn layer_granularity_gates_both_modules_together() {
 #[test]
 fn kv_drop_cached_decoding_equals_full_forward() {
     // Trained the same way it is served: the full (training) forward and token-by-token
-    // decoding with the cache must agree when skipped tokens are hidden from attention.
+    // decoding through the engine's cache must agree when skipped tokens are hidden from
+    // attention.
     let cfg = RoutingConfig::new().with_kv_policy(KvPolicy::Drop);
     let mut model = load_pretrained::<B>(&tiny().join("model-routed"), &device())
         .unwrap()
@@ -222,24 +223,23 @@ fn kv_drop_cached_decoding_equals_full_forward() {
     model = model.load_routers(cfg, &w).unwrap();
     let r = reference(&tiny());
     let ids = ids_tensor(&r, "input_ids");
-    let [b, s] = ids.dims();
-    let full = model.forward_full(ids.clone(), None, false);
+    let s = ids.dims()[1];
+    let full = model.forward_full(ids.clone(), false);
     // some attention is skipped, so dropping changes the result vs keep
     let keep = load_pretrained::<B>(&tiny().join("model-routed"), &device())
         .unwrap()
         .model;
-    let keep_logits = to_vec(keep.forward(ids.clone(), None));
+    let keep_logits = to_vec(keep.forward(ids.clone()));
     let full_logits = to_vec(full.logits);
     assert!(
         max_abs_diff(&keep_logits, &full_logits) > 1e-3,
         "drop must differ from keep"
     );
-    let mut cache = model.new_cache();
-    let mut pieces = vec![model.forward(ids.clone().slice([0..b, 0..6]), Some(&mut cache))];
-    for p in 6..s {
-        pieces.push(model.forward(ids.clone().slice([0..b, p..p + 1]), Some(&mut cache)));
-    }
-    let cached = to_vec(Tensor::cat(pieces, 1));
+    let chunks: Vec<usize> = std::iter::once(6)
+        .chain(std::iter::repeat_n(1, s - 6))
+        .collect();
+    let rows = ids_rows(&r, "input_ids");
+    let cached = engine_logits_in_chunks(&model, &rows, &chunks, Routing::Deterministic);
     let d = max_abs_diff(&full_logits, &cached);
     assert!(d < 1e-4, "cached vs full differ by {d}");
 }
@@ -260,8 +260,8 @@ fn routed_checkpoint_round_trips() {
         let again = load_pretrained::<B>(dir.path(), &device()).unwrap().model;
         assert_eq!(again.routing_config, Some(cfg));
         let ids = ids_tensor(&reference(&tiny()), "input_ids");
-        let a = model.forward_full(ids.clone(), None, false);
-        let b = again.forward_full(ids, None, false);
+        let a = model.forward_full(ids.clone(), false);
+        let b = again.forward_full(ids, false);
         assert_eq!(to_vec(a.logits), to_vec(b.logits));
         assert_eq!(
             a.attn_gates

@@ -11,6 +11,12 @@ pub enum PipelineError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path}: not the JSON expected: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("invalid setting `{name}` = {value}: {expected}")]
     InvalidSetting {
         name: &'static str,

@@ -17,12 +17,14 @@
 //! | multiple choice | [`evaluate::eval_mc`] | [`evaluate::EvalMcConfig`] -> [`McRow`]s |
 //!
 //! [`evaluate::perplexity`] and [`evaluate::score_tasks`] score a model already loaded (the
-//! demo scores each model it trained that way).
+//! demo scores each model it trained that way). [`Comparison`] is the demo's table as data:
+//! what it writes and `cargo xtask experiment` reads.
 //!
 //! A new stage is one module here and one argument mapping in the CLI.
 
 pub mod analyse;
 pub mod calibrate;
+pub mod comparison;
 pub mod corpus;
 pub mod error;
 pub mod evaluate;
@@ -35,6 +37,7 @@ pub mod tune_routers;
 
 pub use analyse::{analyse, analyse_model, AnalyseConfig, AnalyseReport};
 pub use calibrate::{calibrate, CalibrateConfig, CalibrateOutcome};
+pub use comparison::{Comparison, ComparisonRow};
 pub use corpus::CorpusConfig;
 pub use error::{PipelineError, Result};
 pub use evaluate::McRow;

@@ -137,13 +137,9 @@ impl<B: Backend> LmTrainer<B> {
     ) -> (Tensor<B, 1>, StepOutput<B>) {
         let routing = self.routing_for(batch, training);
         let noise = self.noise_for(batch, routing);
-        let out = self.model.forward_with_noise(
-            batch.inputs.clone(),
-            None,
-            routing,
-            false,
-            noise.as_ref(),
-        );
+        let out =
+            self.model
+                .forward_with_noise(batch.inputs.clone(), routing, false, noise.as_ref());
         let parts = self.loss(out.logits, batch, &out.attn_gates, &out.mlp_gates);
         let output = self.stats(&parts, routing, batch);
         (parts.total, output)
@@ -193,7 +189,7 @@ impl<B: AutodiffBackend> LmTrainer<B> {
         let noise = self.noise_for(batch, routing);
         let [_, t] = batch.inputs.dims();
         let layers = &self.model.model.layers;
-        let ctx = self.model.attention_context(0, t);
+        let ctx = self.model.attention_context(t);
         let layer_routing = self.model.layer_routing(routing);
         let mut acc = GradientsAccumulator::<LlamaForCausalLM<B>>::new();
 
@@ -212,7 +208,6 @@ impl<B: AutodiffBackend> LmTrainer<B> {
             let out = layer.forward(
                 x,
                 &ctx,
-                None,
                 &layer_routing,
                 noise.as_ref().map(|n| &n.layers[i]),
             );
@@ -244,7 +239,6 @@ impl<B: AutodiffBackend> LmTrainer<B> {
             let out = layer.forward(
                 input.clone(),
                 &ctx,
-                None,
                 &layer_routing,
                 noise.as_ref().map(|n| &n.layers[i]),
             );

@@ -140,7 +140,6 @@ impl<B: Backend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         ctx: &AttentionContext<B>,
-        cache: Option<&mut crate::cache::LayerKv<B>>,
         routing: &LayerRouting,
         noise: Option<&[Tensor<B, 3>; 2]>,
     ) -> LayerOutput<B> {
@@ -157,9 +156,9 @@ impl<B: Backend> DecoderLayer<B> {
             KvPolicy::Drop => attn_gate.clone().map(Tensor::detach),
             KvPolicy::Keep => None,
         };
-        let attn =
-            self.self_attn
-                .forward(self.input_layernorm.forward(x.clone()), ctx, cache, visible);
+        let attn = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), ctx, visible);
         let h = match &attn_gate {
             Some(g) => x.clone() + attn * g.clone().unsqueeze_dim(2),
             None => x.clone() + attn,

@@ -76,7 +76,7 @@ impl<B: Backend> Attention<B> {
         }
     }
 
-    /// Keys and values of `x`, rotated, before they enter the cache.
+    /// Keys and values of `x`, rotated.
     ///
     /// # Shapes
     /// - x: `[batch, seq, hidden]`
@@ -104,16 +104,15 @@ impl<B: Backend> Attention<B> {
     /// - x: `[batch, seq, hidden]` (already normed)
     /// - output: `[batch, seq, hidden]`
     ///
-    /// With a cache, `x` holds only the new tokens; their keys and values are appended and the
-    /// queries attend over everything cached so far.
+    /// Every query attends over the whole sequence `x` (as the mask allows): this path keeps
+    /// no cache. Incremental decoding is the sparse engine's ([`crate::sparse`]).
     ///
-    /// `visible` (`[batch, seq]`, 1 or 0) hides the keys of the new tokens marked 0 from every
-    /// query (`kv_policy = drop`); the cache remembers it for later steps.
+    /// `visible` (`[batch, seq]`, 1 or 0) hides the keys of the tokens marked 0 from every
+    /// query (`kv_policy = drop`).
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         ctx: &AttentionContext<B>,
-        cache: Option<&mut crate::cache::LayerKv<B>>,
         visible: Option<Tensor<B, 2>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
@@ -125,17 +124,12 @@ impl<B: Backend> Attention<B> {
             .swap_dims(1, 2);
         let q = apply_rotary(q, &ctx.cos, &ctx.sin);
         let (k, v) = self.project_kv(x, ctx);
-        let (k, v, visible) = match cache {
-            Some(cache) => cache.append(k, v, visible),
-            None => (k, v, visible),
-        };
         let n_rep = nh / nkv;
         let q = q.reshape([b, nkv, n_rep * t, hd]);
         let mut mask = ctx.mask.clone().repeat_dim(0, n_rep).unsqueeze::<4>();
         if let Some(visible) = visible {
-            let total = visible.dims()[1];
             let hidden_keys = (visible.neg() + 1.0) * MASKED;
-            mask = mask + hidden_keys.reshape([b, 1, 1, total]);
+            mask = mask + hidden_keys.reshape([b, 1, 1, t]);
         }
         let out = grouped_query_attention(q, k, v, Some(mask), nh);
         self.o_proj.forward(out)

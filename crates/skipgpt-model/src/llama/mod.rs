@@ -25,7 +25,6 @@ pub use block::{Decider, DecoderLayer, LayerOutput, LayerRouting};
 pub(crate) use layers::grouped_query_attention;
 pub use layers::{Attention, AttentionContext, Mlp, RmsNorm, MASKED};
 
-use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::linear::{init_linear, INIT_STD};
 use crate::lora::LoraConfig;
@@ -110,34 +109,31 @@ impl<B: Backend> LlamaForCausalLM<B> {
         self.model.embed_tokens.weight.val().device()
     }
 
-    /// Rotary tables and causal (optionally sliding-window) mask for `len` new tokens after
-    /// `start` cached ones.
-    pub fn attention_context(&self, start: usize, len: usize) -> AttentionContext<B> {
+    /// Rotary tables and causal (optionally sliding-window) mask for a sequence of `len`
+    /// tokens from position 0.
+    pub fn attention_context(&self, len: usize) -> AttentionContext<B> {
         let device = self.device();
-        let (cos, sin) = self.rope.cos_sin(start, len, &device);
-        let total = start + len;
-        let mut mask = Vec::with_capacity(len * total);
-        for query in start..total {
-            for key in 0..total {
+        let (cos, sin) = self.rope.cos_sin(0, len, &device);
+        let mut mask = Vec::with_capacity(len * len);
+        for query in 0..len {
+            for key in 0..len {
                 let visible = self.config.sees(query, key);
                 mask.push(if visible { 0.0f32 } else { MASKED });
             }
         }
-        let mask = Tensor::from_data(TensorData::new(mask, [len, total]), &device);
+        let mask = Tensor::from_data(TensorData::new(mask, [len, len]), &device);
         AttentionContext { cos, sin, mask }
     }
 
-    /// Logits for every position.
+    /// Logits for every position. The gated forward passes read the whole sequence and keep
+    /// no cache: they are what training differentiates and the reference the sparse engine
+    /// ([`crate::sparse`], which decodes incrementally) is tested against.
     ///
     /// # Shapes
     /// - input_ids: `[batch, seq]`
     /// - output: `[batch, seq, vocab]`
-    pub fn forward(
-        &self,
-        input_ids: Tensor<B, 2, Int>,
-        cache: Option<&mut KvCache<B>>,
-    ) -> Tensor<B, 3> {
-        self.forward_full(input_ids, cache, false).logits
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.forward_full(input_ids, false).logits
     }
 
     /// The forward pass with the model's own routing mode, optionally keeping every layer's
@@ -145,21 +141,19 @@ impl<B: Backend> LlamaForCausalLM<B> {
     pub fn forward_full(
         &self,
         input_ids: Tensor<B, 2, Int>,
-        cache: Option<&mut KvCache<B>>,
         output_hidden_states: bool,
     ) -> CausalLmOutput<B> {
-        self.forward_routed(input_ids, cache, self.routing, output_hidden_states)
+        self.forward_routed(input_ids, self.routing, output_hidden_states)
     }
 
     /// The forward pass with an explicit routing mode (ignored when there are no routers).
     pub fn forward_routed(
         &self,
         input_ids: Tensor<B, 2, Int>,
-        cache: Option<&mut KvCache<B>>,
         routing: Routing,
         output_hidden_states: bool,
     ) -> CausalLmOutput<B> {
-        self.forward_with_noise(input_ids, cache, routing, output_hidden_states, None)
+        self.forward_with_noise(input_ids, routing, output_hidden_states, None)
     }
 
     /// [`LlamaForCausalLM::forward_routed`] with the random routing modes drawing from
@@ -167,14 +161,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
     pub fn forward_with_noise(
         &self,
         input_ids: Tensor<B, 2, Int>,
-        mut cache: Option<&mut KvCache<B>>,
         routing: Routing,
         output_hidden_states: bool,
         noise: Option<&RouterNoise<B>>,
     ) -> CausalLmOutput<B> {
         let [_, t] = input_ids.dims();
-        let start = cache.as_ref().map_or(0, |c| c.len());
-        let ctx = self.attention_context(start, t);
+        let ctx = self.attention_context(t);
         let layer_routing = self.layer_routing(routing);
         let mut x = crate::precision::embed(&self.model.embed_tokens, input_ids);
         let mut hidden_states = Vec::new();
@@ -183,19 +175,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
             if output_hidden_states {
                 hidden_states.push(x.clone());
             }
-            let out = layer.forward(
-                x,
-                &ctx,
-                cache.as_deref_mut().map(|c| c.layer(i)),
-                &layer_routing,
-                noise.map(|n| &n.layers[i]),
-            );
+            let out = layer.forward(x, &ctx, &layer_routing, noise.map(|n| &n.layers[i]));
             x = out.hidden;
             attn_gates.extend(out.attn_gate);
             mlp_gates.extend(out.mlp_gate);
-        }
-        if let Some(c) = cache {
-            c.advance(t);
         }
         let x = self.model.norm.forward(x);
         if output_hidden_states {
@@ -225,9 +208,5 @@ impl<B: Backend> LlamaForCausalLM<B> {
                     .reshape([b, t, vocab])
             }
         }
-    }
-
-    pub fn new_cache(&self) -> KvCache<B> {
-        KvCache::new(self.config.num_hidden_layers)
     }
 }

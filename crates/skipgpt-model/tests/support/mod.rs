@@ -105,3 +105,29 @@ pub fn greedy(n: usize) -> GenerateOptions {
         ignore_eos: true,
     }
 }
+
+/// The sparse engine's logits for every position of `rows` (all of one length), fed to one
+/// cache in chunks of the given lengths (a prefill, then single tokens, ...), as `[b, s, v]`
+/// values: what incremental decoding sees.
+pub fn engine_logits_in_chunks<Bk: burn::tensor::backend::Backend>(
+    model: &skipgpt_model::LlamaForCausalLM<Bk>,
+    rows: &[Vec<u32>],
+    chunks: &[usize],
+    routing: skipgpt_model::Routing,
+) -> Vec<f32> {
+    use skipgpt_model::sparse::{sparse_forward, LogitRows, SparseCache};
+    let (b, s) = (rows.len(), rows[0].len());
+    assert_eq!(chunks.iter().sum::<usize>(), s, "the chunks cover the rows");
+    let mut cache = SparseCache::new(b, model.config.num_hidden_layers);
+    let mut pieces = Vec::new();
+    let mut pos = 0;
+    for &len in chunks {
+        let chunk: Vec<Vec<u32>> = rows.iter().map(|r| r[pos..pos + len].to_vec()).collect();
+        let out = sparse_forward(model, &chunk, &mut cache, routing, LogitRows::All).unwrap();
+        let v = out.logits.dims()[1];
+        pieces.push(out.logits.reshape([b, len, v]));
+        pos += len;
+    }
+    assert!((0..b).all(|i| cache.seq_len(i) == s));
+    to_vec(Tensor::cat(pieces, 1))
+}
