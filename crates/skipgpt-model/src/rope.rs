@@ -145,50 +145,33 @@ impl RotaryEmbedding {
     }
 }
 
-/// Rotates `x` by the given tables: `x * cos + rotate_half(x) * sin`.
-///
-/// # Shapes
-/// - x: `[batch, heads, seq, head_dim]`
-/// - cos, sin: `[seq, head_dim]`
-/// - output: like x
-pub fn apply_rotary<B: Backend>(
-    x: Tensor<B, 4>,
-    cos: &Tensor<B, 2>,
-    sin: &Tensor<B, 2>,
-) -> Tensor<B, 4> {
-    rotate(
-        x,
-        cos.clone().unsqueeze::<4>(),
-        sin.clone().unsqueeze::<4>(),
-    )
+/// A row-per-token table (`cos` or `sin`, `[rows, head_dim]`) repeated for each of `heads`
+/// heads, `[rows, heads * head_dim]`: the layout [`apply_rotary_rows`] takes. Repeated once
+/// per forward pass rather than broadcast in every layer, because a broadcast operand sends
+/// some backends (burn-flex) down their element-by-element strided path.
+pub fn repeat_for_heads<B: Backend>(table: &Tensor<B, 2>, heads: usize) -> Tensor<B, 2> {
+    table.clone().repeat_dim(1, heads)
 }
 
-/// The same rotation on a token-major layout, each row at its own position (the sparse
-/// engine's layout: no transposition to heads-first, so no strided copy).
+/// Rotates `x` by the given tables, `x * cos + rotate_half(x) * sin`, on a token-major
+/// layout, each row at its own position (no transposition to heads-first, so no strided
+/// copy).
 ///
 /// # Shapes
 /// - x: `[rows, heads, head_dim]`
-/// - cos, sin: `[rows, head_dim]`
+/// - cos, sin: `[rows, heads * head_dim]` ([`repeat_for_heads`])
 /// - output: like x
 pub fn apply_rotary_rows<B: Backend>(
     x: Tensor<B, 3>,
     cos: Tensor<B, 2>,
     sin: Tensor<B, 2>,
 ) -> Tensor<B, 3> {
-    rotate(x, cos.unsqueeze_dim(1), sin.unsqueeze_dim(1))
-}
-
-/// `x * cos + rotate_half(x) * sin` over the last axis; cos and sin broadcast.
-fn rotate<B: Backend, const D: usize>(
-    x: Tensor<B, D>,
-    cos: Tensor<B, D>,
-    sin: Tensor<B, D>,
-) -> Tensor<B, D> {
-    let half = x.dims()[D - 1] / 2;
-    let x1 = x.clone().narrow(D - 1, 0, half);
-    let x2 = x.clone().narrow(D - 1, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], D - 1);
-    x * cos + rotated * sin
+    let shape = x.dims();
+    let half = shape[2] / 2;
+    let x1 = x.clone().narrow(2, 0, half);
+    let x2 = x.clone().narrow(2, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
+    x * cos.reshape(shape) + rotated * sin.reshape(shape)
 }
 
 #[cfg(test)]

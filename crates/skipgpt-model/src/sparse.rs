@@ -17,12 +17,12 @@
 //! the floating-point work done and the weight bytes read, next to what the dense model would
 //! have needed.
 
-use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::generate::GenerateOptions;
-use crate::llama::{grouped_query_attention, Decider, LlamaForCausalLM, MASKED};
+use crate::llama::{grouped_query_attention, Decider, KeyMask, LlamaForCausalLM};
 use crate::router::{gate_from_logits, KvPolicy, Router, Routing};
 
 /// Cache rows are allocated in blocks of this many tokens per sequence, so a growing cache is
@@ -296,6 +296,14 @@ pub fn sparse_forward<B: Backend>(
         crate::precision::embed(&model.model.embed_tokens, ids).reshape([n, h]);
     let positions: Vec<usize> = rows.iter().map(|r| r.1).collect();
     let (cos, sin) = model.rope.cos_sin_at::<B>(&positions, &device);
+    // [n, heads * hd] for the queries and the keys
+    let tables = |heads| {
+        (
+            crate::rope::repeat_for_heads(&cos, heads),
+            crate::rope::repeat_for_heads(&sin, heads),
+        )
+    };
+    let (q_tables, kv_tables) = (tables(nh), tables(nkv));
     let layer_routing = model.layer_routing(routing);
     let kv_policy = layer_routing.kv_policy;
     let window = cfg.sliding_window.unwrap_or(usize::MAX);
@@ -343,17 +351,18 @@ pub fn sparse_forward<B: Backend>(
                 .input_layernorm
                 .forward(gather_rows(x.clone(), &kv_rows));
             // [rows, heads, hd], each row rotated at its own position
-            let rot = |t: Tensor<B, 3>, which: &[usize]| {
+            let rot = |t: Tensor<B, 3>, which: &[usize], tables: &(Tensor<B, 2>, Tensor<B, 2>)| {
                 crate::rope::apply_rotary_rows(
                     t,
-                    gather_rows(cos.clone(), which),
-                    gather_rows(sin.clone(), which),
+                    gather_rows(tables.0.clone(), which),
+                    gather_rows(tables.1.clone(), which),
                 )
             };
             let m = kv_rows.len();
             let k = rot(
                 attn.k_proj.forward(xn.clone()).reshape([m, nkv, hd]),
                 &kv_rows,
+                &kv_tables,
             );
             let v = attn.v_proj.forward(xn.clone()).reshape([m, nkv, hd]);
             // queries: executing rows, located inside kv_rows
@@ -366,7 +375,11 @@ pub fn sparse_forward<B: Backend>(
             } else {
                 let e = exec.len();
                 let q_in = gather_rows(xn, &q_local);
-                Some(rot(attn.q_proj.forward(q_in).reshape([e, nh, hd]), &exec))
+                Some(rot(
+                    attn.q_proj.forward(q_in).reshape([e, nh, hd]),
+                    &exec,
+                    &q_tables,
+                ))
             };
             // store the new keys/values, then attend for the executing queries of every
             // sequence at once
@@ -571,33 +584,39 @@ fn attend_batched<B: Backend>(
     // slots a sequence has not filled
     let k_max = store.capacity;
 
-    // additive mask [n_seq, q_max, k_max]; padded query rows see nothing and are dropped
-    let mut mask = vec![MASKED; n_seq * q_max * k_max];
+    // [n_seq, q_max, k_max], true where a query may not look. Every query sees at least its
+    // own key; a padded query row repeats the sequence's last query (as `q` does below) and
+    // is dropped after.
+    let mut hidden = vec![true; n_seq * q_max * k_max];
     let mut visible = 0;
     for (i, &(s, first, count)) in seqs.iter().enumerate() {
         for (a, &(_, p)) in queries[first..first + count].iter().enumerate() {
-            let row = &mut mask[(i * q_max + a) * k_max..][..k_max];
+            let row = &mut hidden[(i * q_max + a) * k_max..][..k_max];
             for (slot, &kp) in store.positions[s].iter().enumerate() {
                 if config.sees(p, kp) {
-                    row[slot] = 0.0;
+                    row[slot] = false;
                     visible += 1;
                 }
             }
         }
+        let last = (i * q_max + count - 1) * k_max;
+        for a in count..q_max {
+            hidden.copy_within(last..last + k_max, (i * q_max + a) * k_max);
+        }
     }
     let n_rep = nh / nkv;
     // no mask at all when every query sees every slot (the cache exactly full)
-    let mask = (visible < mask.len()).then(|| {
+    let mask = hidden.contains(&true).then(|| {
         // one row per stacked (head, query) row, shared by all key/value heads: the backend's
         // attention broadcasts it instead of a copy per head
-        let rows: Vec<f32> = mask
+        let rows: Vec<bool> = hidden
             .chunks(q_max * k_max)
             .flat_map(|seq| std::iter::repeat_n(seq, n_rep).flatten().copied())
             .collect();
-        Tensor::<B, 4>::from_data(
+        KeyMask::Hidden(Tensor::<B, 4, Bool>::from_data(
             TensorData::new(rows, [n_seq, 1, n_rep * q_max, k_max]),
             &device,
-        )
+        ))
     });
 
     // queries [n_seq, kv_heads, n_rep * q_max, hd]: heads sharing a key/value head are

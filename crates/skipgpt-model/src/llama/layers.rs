@@ -3,12 +3,12 @@
 //! saved is in [`super::weights`]; how a layer gates them, in [`super::block`].
 
 use burn::module::{Module, Param};
-use burn::tensor::{activation, backend::Backend, Tensor};
+use burn::tensor::{activation, backend::Backend, Bool, Tensor};
 
 use crate::config::LlamaConfig;
 use crate::linear::init_linear;
 use crate::lora::LoraLinear;
-use crate::rope::apply_rotary;
+use crate::rope::{apply_rotary_rows, repeat_for_heads};
 
 /// Root-mean-square layer norm: `x / sqrt(mean(x²) + eps) * weight`.
 #[derive(Module, Debug)]
@@ -44,6 +44,26 @@ pub struct AttentionContext<B: Backend> {
     pub sin: Tensor<B, 2>,
     /// `[query, key]`: 0 where a query may look, [`MASKED`] where it may not.
     pub mask: Tensor<B, 2>,
+}
+
+impl<B: Backend> AttentionContext<B> {
+    /// `x` (`[batch, seq, heads * head_dim]`, a projection's output) rotated, as
+    /// `[batch, heads, seq, head_dim]`. The rotation runs token-major on full-size tables
+    /// ([`repeat_for_heads`], once per batch row), where it is plain elementwise arithmetic;
+    /// broadcast tables over a head-major view would send some backends (burn-flex) down their
+    /// element-by-element strided path.
+    fn rotate(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+        let [b, t, width] = x.dims();
+        let hd = width / heads;
+        let table = |t: &Tensor<B, 2>| repeat_for_heads(t, heads).repeat_dim(0, b);
+        apply_rotary_rows(
+            x.reshape([b * t, heads, hd]),
+            table(&self.cos),
+            table(&self.sin),
+        )
+        .reshape([b, t, heads, hd])
+        .swap_dims(1, 2)
+    }
 }
 
 /// Multi-head attention with grouped key/value heads and rotary positions.
@@ -87,17 +107,13 @@ impl<B: Backend> Attention<B> {
         ctx: &AttentionContext<B>,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [b, t, _] = x.dims();
-        let k = self
-            .k_proj
-            .forward(x.clone())
-            .reshape([b, t, self.num_kv_heads, self.head_dim])
-            .swap_dims(1, 2);
+        let k = ctx.rotate(self.k_proj.forward(x.clone()), self.num_kv_heads);
         let v = self
             .v_proj
             .forward(x)
             .reshape([b, t, self.num_kv_heads, self.head_dim])
             .swap_dims(1, 2);
-        (apply_rotary(k, &ctx.cos, &ctx.sin), v)
+        (k, v)
     }
 
     /// # Shapes
@@ -117,12 +133,7 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([b, t, nh, hd])
-            .swap_dims(1, 2);
-        let q = apply_rotary(q, &ctx.cos, &ctx.sin);
+        let q = ctx.rotate(self.q_proj.forward(x.clone()), nh);
         let (k, v) = self.project_kv(x, ctx);
         let n_rep = nh / nkv;
         let q = q.reshape([b, nkv, n_rep * t, hd]);
@@ -131,9 +142,22 @@ impl<B: Backend> Attention<B> {
             let hidden_keys = (visible.neg() + 1.0) * MASKED;
             mask = mask + hidden_keys.reshape([b, 1, 1, t]);
         }
-        let out = grouped_query_attention(q, k, v, Some(mask), nh);
+        let out = grouped_query_attention(q, k, v, Some(KeyMask::Additive(mask)), nh);
         self.o_proj.forward(out)
     }
+}
+
+/// Which keys each query row of [`grouped_query_attention`] may not look at.
+pub(crate) enum KeyMask<B: Backend> {
+    /// Added to the scores: 0 where a query may look, [`MASKED`] where it may not. A row
+    /// with every key hidden stays finite (the gated path's `kv_policy = drop` can hide every
+    /// key of a token whose attention is gated off).
+    Additive(Tensor<B, 4>),
+    /// `true` where a query may not look. The backend's kernel skips hidden keys instead of
+    /// adding to their scores and exponentiating (an additive mask sends every hidden score
+    /// through `exp`'s underflow path). Every row must see at least one key: backends differ
+    /// on a row with none.
+    Hidden(Tensor<B, 4, Bool>),
 }
 
 /// The attention of both forward passes, the gated one above and the sparse engine's.
@@ -152,14 +176,14 @@ impl<B: Backend> Attention<B> {
 /// # Shapes
 /// - q: `[b, kv_heads, n_rep * t, hd]`
 /// - k, v: `[b, kv_heads, s, hd]`
-/// - mask: additive, 0 or [`MASKED`], `[b or 1, 1, n_rep * t, s]` (one row per stacked query
-///   row, shared by every key/value head); `None` when every query sees every key
+/// - mask: `[b or 1, 1, n_rep * t, s]` (one row per stacked query row, shared by every
+///   key/value head); `None` when every query sees every key
 /// - output: `[b, t, heads * hd]`, `heads = kv_heads * n_rep`
 pub(crate) fn grouped_query_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    mask: Option<Tensor<B, 4>>,
+    mask: Option<KeyMask<B>>,
     heads: usize,
 ) -> Tensor<B, 3> {
     let [b, kv_heads, rows, hd] = q.dims();
@@ -167,12 +191,18 @@ pub(crate) fn grouped_query_attention<B: Backend>(
     let out = if B::ad_enabled(&q.device()) {
         let scores = q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5);
         let scores = match mask {
-            Some(mask) => scores + mask,
+            Some(KeyMask::Additive(mask)) => scores + mask,
+            Some(KeyMask::Hidden(hidden)) => scores.mask_fill(hidden, MASKED),
             None => scores,
         };
         activation::softmax(scores, 3).matmul(v)
     } else {
-        burn::tensor::module::attention(q, k, v, None, mask, Default::default())
+        let (hidden, additive) = match mask {
+            Some(KeyMask::Additive(mask)) => (None, Some(mask)),
+            Some(KeyMask::Hidden(hidden)) => (Some(hidden), None),
+            None => (None, None),
+        };
+        burn::tensor::module::attention(q, k, v, hidden, additive, Default::default())
     };
     out.reshape([b, heads, t, hd])
         .swap_dims(1, 2)

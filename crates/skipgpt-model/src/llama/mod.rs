@@ -22,7 +22,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 pub use block::{Decider, DecoderLayer, LayerOutput, LayerRouting};
-pub(crate) use layers::grouped_query_attention;
+pub(crate) use layers::{grouped_query_attention, KeyMask};
 pub use layers::{Attention, AttentionContext, Mlp, RmsNorm, MASKED};
 
 use crate::config::LlamaConfig;
