@@ -48,14 +48,16 @@ pub struct AttentionContext<B: Backend> {
 
 impl<B: Backend> AttentionContext<B> {
     /// `x` (`[batch, seq, heads * head_dim]`, a projection's output) rotated, as
-    /// `[batch, heads, seq, head_dim]`. The rotation runs token-major on full-size tables
-    /// ([`repeat_for_heads`], once per batch row), where it is plain elementwise arithmetic;
-    /// broadcast tables over a head-major view would send some backends (burn-flex) down their
+    /// `[batch, heads, seq, head_dim]`. The rotation runs token-major on tables of x's own
+    /// size ([`repeat_for_heads`], then once per batch row; a copy as large as `x`, cheap
+    /// next to the projection), where it is plain elementwise arithmetic: tables broadcast
+    /// over a head-major view would send some backends (burn-flex) down their
     /// element-by-element strided path.
     fn rotate(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
         let [b, t, width] = x.dims();
         let hd = width / heads;
-        let table = |t: &Tensor<B, 2>| repeat_for_heads(t, heads).repeat_dim(0, b);
+        let table =
+            |per_position: &Tensor<B, 2>| repeat_for_heads(per_position, heads).repeat_dim(0, b);
         apply_rotary_rows(
             x.reshape([b * t, heads, hd]),
             table(&self.cos),
