@@ -146,9 +146,11 @@ impl RotaryEmbedding {
 }
 
 /// A row-per-token table (`cos` or `sin`, `[rows, head_dim]`) repeated for each of `heads`
-/// heads, `[rows, heads * head_dim]`: the layout [`apply_rotary_rows`] takes. Repeated once
-/// per forward pass rather than broadcast in every layer, because a broadcast operand sends
-/// some backends (burn-flex) down their element-by-element strided path.
+/// heads, `[rows, heads * head_dim]`: the layout [`apply_rotary_rows`] takes. Materialised
+/// rather than broadcast, because a broadcast operand sends some backends (burn-flex) down
+/// their element-by-element strided path. The sparse engine repeats its tables once per
+/// forward pass; the gated path once per layer call (a copy as large as the projection's
+/// output).
 pub fn repeat_for_heads<B: Backend>(table: &Tensor<B, 2>, heads: usize) -> Tensor<B, 2> {
     table.clone().repeat_dim(1, heads)
 }
