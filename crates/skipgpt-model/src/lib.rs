@@ -7,6 +7,7 @@
 //! - [`llama`]: the model, its modules named like the HF weight keys;
 //! - [`lora`]: LoRA adapters on the projections, merging, and the PEFT adapter format;
 //! - [`precision`]: f16/bf16 weights against the f32 residual stream;
+//! - [`matvec`] and [`cpu_fast`]: the CPU backend's decoding products on every core;
 //! - [`rope`]: rotary embeddings with default, linear, dynamic and llama3 scaling;
 //! - [`checkpoint`] and [`safetensors_io`]: reading/writing model directories;
 //! - [`atomic`]: writing a user's files without losing what was there;
@@ -16,12 +17,14 @@
 pub mod atomic;
 pub mod checkpoint;
 pub mod config;
+pub mod cpu_fast;
 pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod linear;
 pub mod llama;
 pub mod lora;
+pub mod matvec;
 pub mod precision;
 pub mod rope;
 pub mod router;

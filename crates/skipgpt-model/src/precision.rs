@@ -7,7 +7,9 @@
 //! RoPE, attention (scores and softmax), LoRA adapters, the key/value cache and the logits'
 //! consumers stay f32: each matrix product casts its input rows to the weight's type, multiplies
 //! there, and casts the result back to f32 (as llama.cpp does with f16 weights). The price is
-//! one rounding of each projection's input and output to half precision.
+//! one rounding of each projection's input and output to half precision. On the CPU backend a
+//! product of a few rows (decoding) takes [`crate::cpu_fast`] instead, which widens the weights
+//! to f32 in registers and rounds nothing.
 
 use burn::nn::{Embedding, Linear};
 use burn::tensor::{backend::Backend, DType, Int, Tensor};
@@ -74,10 +76,13 @@ pub fn linear_forward<B: Backend, const D: usize>(
 ) -> Tensor<B, D> {
     let (x_dtype, w) = (x.dtype(), linear.weight.val());
     let w_dtype = w.dtype();
-    if x_dtype == w_dtype {
+    let y = if let Some(y) = crate::cpu_fast::rows_times_weight(&x, &w) {
+        y
+    } else if x_dtype == w_dtype {
         return linear.forward(x);
-    }
-    let y = burn::tensor::module::linear(x.cast(w_dtype), w, None).cast(x_dtype);
+    } else {
+        burn::tensor::module::linear(x.cast(w_dtype), w, None).cast(x_dtype)
+    };
     match &linear.bias {
         Some(b) => y + b.val().unsqueeze(),
         None => y,

@@ -257,6 +257,18 @@ pub fn sparse_forward<B: Backend>(
     routing: Routing,
     logit_rows: LogitRows,
 ) -> Result<SparseOutput<B>> {
+    crate::cpu_fast::in_pool::<B, _>(|| {
+        sparse_forward_here(model, tokens, cache, routing, logit_rows)
+    })
+}
+
+fn sparse_forward_here<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    tokens: &[Vec<u32>],
+    cache: &mut SparseCache<B>,
+    routing: Routing,
+    logit_rows: LogitRows,
+) -> Result<SparseOutput<B>> {
     let cfg = &model.config;
     let device = model.device();
     if tokens.len() != cache.lens.len() {

@@ -203,9 +203,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 let [b, t, h] = x.dims();
                 let w = self.model.embed_tokens.weight.val();
                 let vocab = w.dims()[0];
-                crate::precision::matmul_weight_rows(w, x.reshape([b * t, h]))
-                    .transpose()
-                    .reshape([b, t, vocab])
+                let x = x.reshape([b * t, h]);
+                match crate::cpu_fast::rows_times_weight_t(&x, &w) {
+                    Some(logits) => logits,
+                    None => crate::precision::matmul_weight_rows(w, x).transpose(),
+                }
+                .reshape([b, t, vocab])
             }
         }
     }

@@ -1,0 +1,609 @@
+//! Products of a few activation rows with a large weight matrix, on every core: the work of a
+//! decoding step on a CPU.
+//!
+//! Decoding one token multiplies one row by every weight matrix of the model, so its time is
+//! the weight bytes over the memory bandwidth. burn-flex hands such a product to gemm on one
+//! core (it parallelises only products above about 192³ multiply-adds), and widens f16/bf16
+//! operands whole before multiplying. These kernels read each weight once, in storage order,
+//! split over rayon's threads, and widen f16/bf16 weights to f32 in registers as they stream
+//! past, accumulating in f32. They work on plain slices and know nothing of Burn;
+//! [`crate::cpu_fast`] routes the CPU backend's small products here.
+//!
+//! Two layouts:
+//! - [`rows_times_matrix`]: `x · W` with `W` stored `[in, out]` (Burn's `Linear` layout); each
+//!   task takes a band of `W`'s rows (a contiguous stretch of memory) and adds its partial sums
+//!   for every output column; the partial sums are added at the end;
+//! - [`rows_times_matrix_t`]: `x · Wᵀ` with `W` stored `[out, in]` (the tied output head reads
+//!   the embedding table so); each task takes a band of `W`'s rows and their dot products.
+//!
+//! On x86-64 the loops are compiled three times (AVX-512, AVX2 with FMA and F16C, and plain
+//! Rust) and the widest the CPU supports is picked at run time.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// A weight matrix's values, in the type they are stored in.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightSlice<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Bf16(&'a [bf16]),
+}
+
+impl WeightSlice<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            WeightSlice::F32(w) => w.len(),
+            WeightSlice::F16(w) => w.len(),
+            WeightSlice::Bf16(w) => w.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Weight values per task below which splitting a product costs more in thread hand-offs than
+/// it gains in bandwidth (64K values: about 10 µs of reading at f32).
+const MIN_VALUES_PER_TASK: usize = 64 * 1024;
+
+/// Rows of `W` per task: an even share of `n` rows among the threads (rounded up to a multiple
+/// of 16), and no fewer than hold [`MIN_VALUES_PER_TASK`] weight values.
+fn block_size(n: usize, values_per_output: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let share = n.div_ceil(threads).div_ceil(16) * 16;
+    let floor = MIN_VALUES_PER_TASK
+        .div_ceil(values_per_output.max(1))
+        .div_ceil(16)
+        * 16;
+    share.max(floor).min(n).max(1)
+}
+
+/// `y = x · W`: `m` rows of `x` (`[m, d_in]`, row-major) times `W` stored `[d_in, d_out]`.
+/// Returns `y` as `[m, d_out]`, row-major.
+///
+/// # Panics
+/// When the slices' lengths are not `m·d_in` and `d_in·d_out` (callers check shapes first).
+pub fn rows_times_matrix(
+    x: &[f32],
+    m: usize,
+    w: WeightSlice<'_>,
+    d_in: usize,
+    d_out: usize,
+) -> Vec<f32> {
+    rows_times_matrix_on(Isa::detect(), x, m, w, d_in, d_out)
+}
+
+fn rows_times_matrix_on(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    w: WeightSlice<'_>,
+    d_in: usize,
+    d_out: usize,
+) -> Vec<f32> {
+    assert_eq!(x.len(), m * d_in, "activation rows");
+    assert_eq!(w.len(), d_in * d_out, "weight matrix");
+    // Each task streams one contiguous band of W's rows over all columns into partial sums of
+    // its own, which are added at the end. (Splitting the columns instead makes every task read
+    // short pieces of every row; measured on SmolLM2's matrices that ran at half the bandwidth.)
+    let band = block_size(d_in, d_out);
+    let starts: Vec<usize> = (0..d_in).step_by(band).collect();
+    let partials: Vec<Vec<f32>> = starts
+        .into_par_iter()
+        .map(|i0| {
+            let mut acc = vec![0.0f32; m * d_out];
+            let band = Band {
+                x,
+                m,
+                d_in,
+                d_out,
+                rows: i0..(i0 + band).min(d_in),
+            };
+            match w {
+                WeightSlice::F32(w) => band.run(isa, w, &mut acc),
+                WeightSlice::F16(w) => band.run(isa, w, &mut acc),
+                WeightSlice::Bf16(w) => band.run(isa, w, &mut acc),
+            }
+            acc
+        })
+        .collect();
+    let mut partials = partials.into_iter();
+    let mut y = partials.next().unwrap_or_default();
+    for partial in partials {
+        for (total, part) in y.iter_mut().zip(partial) {
+            *total += part;
+        }
+    }
+    y
+}
+
+/// `y = x · Wᵀ`: `m` rows of `x` (`[m, d]`) times `W` stored `[n, d]` (each output is a dot
+/// product with one row of `W`). Returns `y` as `[m, n]`, row-major.
+///
+/// # Panics
+/// When the slices' lengths are not `m·d` and `n·d`.
+pub fn rows_times_matrix_t(
+    x: &[f32],
+    m: usize,
+    w: WeightSlice<'_>,
+    n: usize,
+    d: usize,
+) -> Vec<f32> {
+    rows_times_matrix_t_on(Isa::detect(), x, m, w, n, d)
+}
+
+fn rows_times_matrix_t_on(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    w: WeightSlice<'_>,
+    n: usize,
+    d: usize,
+) -> Vec<f32> {
+    assert_eq!(x.len(), m * d, "activation rows");
+    assert_eq!(w.len(), n * d, "weight matrix");
+    let block = block_size(n, d);
+    let starts: Vec<usize> = (0..n).step_by(block).collect();
+    let blocks: Vec<(usize, Vec<f32>)> = starts
+        .into_par_iter()
+        .map(|v0| {
+            let len = block.min(n - v0);
+            let mut out = vec![0.0f32; m * len];
+            let dots = Dots { x, m, d, v0, len };
+            match w {
+                WeightSlice::F32(w) => dots.run(isa, w, &mut out),
+                WeightSlice::F16(w) => dots.run(isa, w, &mut out),
+                WeightSlice::Bf16(w) => dots.run(isa, w, &mut out),
+            }
+            (v0, out)
+        })
+        .collect();
+    let mut y = vec![0.0f32; m * n];
+    for (v0, out) in blocks {
+        let len = out.len() / m.max(1);
+        for r in 0..m {
+            y[r * n + v0..r * n + v0 + len].copy_from_slice(&out[r * len..(r + 1) * len]);
+        }
+    }
+    y
+}
+
+/// The instruction sets the loops are compiled for, widest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    /// AVX2 with FMA and F16C
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Plain,
+}
+
+impl Isa {
+    /// The widest this CPU runs, found once.
+    fn detect() -> Isa {
+        static FOUND: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *FOUND.get_or_init(|| Isa::available()[0])
+    }
+
+    /// Every one this CPU runs, widest first.
+    fn available() -> Vec<Isa> {
+        #[allow(unused_mut)]
+        let mut found = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                found.push(Isa::Avx512);
+            }
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                found.push(Isa::Avx2);
+            }
+        }
+        found.push(Isa::Plain);
+        found
+    }
+}
+
+/// A weight type the kernels widen to f32.
+trait Widen: Copy + Send + Sync {
+    fn widen(self) -> f32;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Widen for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// One task of [`rows_times_matrix`]: the partial sums over a band of `W`'s rows.
+struct Band<'a> {
+    x: &'a [f32],
+    m: usize,
+    d_in: usize,
+    d_out: usize,
+    rows: std::ops::Range<usize>,
+}
+
+impl Band<'_> {
+    /// `acc[r, :] += Σ_{i in rows} x[r, i] · W[i, :]`, `acc` being `[m, d_out]`.
+    fn run<W: Widen + simd::Lanes>(&self, isa: Isa, w: &[W], acc: &mut [f32]) {
+        match isa {
+            // SAFETY: `Isa::detect` found the features; indices stay within the slices'
+            // lengths, which `rows_times_matrix` asserted
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { simd::band_avx512(self, w, acc) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { simd::band_avx2(self, w, acc) },
+            Isa::Plain => self.scalar(w, acc, 0),
+        }
+    }
+
+    /// Columns `from..d_out`, one value at a time: every column where no SIMD path applies,
+    /// the tail past the last whole vector otherwise.
+    fn scalar<W: Widen>(&self, w: &[W], acc: &mut [f32], from: usize) {
+        for i in self.rows.clone() {
+            let row = &w[i * self.d_out..(i + 1) * self.d_out];
+            for r in 0..self.m {
+                let xi = self.x[r * self.d_in + i];
+                let a = &mut acc[r * self.d_out..(r + 1) * self.d_out];
+                for j in from..self.d_out {
+                    a[j] += xi * row[j].widen();
+                }
+            }
+        }
+    }
+}
+
+/// One task of [`rows_times_matrix_t`]: outputs `v0..v0 + len` of every row.
+struct Dots<'a> {
+    x: &'a [f32],
+    m: usize,
+    d: usize,
+    v0: usize,
+    len: usize,
+}
+
+impl Dots<'_> {
+    fn run<W: Widen + simd::Lanes>(&self, isa: Isa, w: &[W], out: &mut [f32]) {
+        for v in 0..self.len {
+            let row = &w[(self.v0 + v) * self.d..(self.v0 + v + 1) * self.d];
+            for r in 0..self.m {
+                let x = &self.x[r * self.d..(r + 1) * self.d];
+                out[r * self.len + v] = dot(isa, x, row);
+            }
+        }
+    }
+}
+
+fn dot<W: Widen + simd::Lanes>(isa: Isa, x: &[f32], w: &[W]) -> f32 {
+    match isa {
+        // SAFETY: `Isa::detect` found the features; callers slice `x` and `w` to one length
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { simd::dot_avx512(x, w) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { simd::dot_avx2(x, w) },
+        Isa::Plain => x.iter().zip(w).map(|(a, b)| a * b.widen()).sum(),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    //! The x86-64 loops. Each loads 16 (AVX-512) or 8 (AVX2) weights, widens them to f32 and
+    //! multiplies-adds them into f32 accumulators.
+
+    use std::arch::x86_64::*;
+
+    use half::{bf16, f16};
+
+    use super::{Band, Widen};
+
+    /// Loading 16 or 8 consecutive weights as f32 lanes.
+    pub trait Lanes: Sized {
+        /// # Safety
+        /// AVX-512F is available and `p..p+16` is readable.
+        unsafe fn load16(p: *const Self) -> __m512;
+        /// # Safety
+        /// AVX2 and F16C are available and `p..p+8` is readable.
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl Lanes for f32 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+    }
+
+    impl Lanes for f16 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const f16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,f16c")]
+        unsafe fn load8(p: *const f16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+        }
+    }
+
+    impl Lanes for bf16 {
+        // bf16 is the upper half of an f32: widen each 16-bit value and shift it up
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const bf16) -> __m512 {
+            let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn load8(p: *const bf16) -> __m256 {
+            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+        }
+    }
+
+    macro_rules! band_kernel {
+        ($name:ident, $feature:literal, $lanes:literal, $load:ident,
+         $loadu:ident, $storeu:ident, $set1:ident, $fmadd:ident) => {
+            /// # Safety
+            /// The CPU has the named features; `w` holds `d_in·d_out` values and `acc`
+            /// `m·d_out` (checked by the caller).
+            #[target_feature(enable = $feature)]
+            pub unsafe fn $name<W: Widen + Lanes>(b: &Band<'_>, w: &[W], acc: &mut [f32]) {
+                // one row of W at a time, read in order: a single stream the prefetcher follows
+                // (taking several rows per pass to save accumulator traffic measured slower)
+                let whole = b.d_out / $lanes * $lanes;
+                for i in b.rows.clone() {
+                    let row = w.as_ptr().add(i * b.d_out);
+                    for r in 0..b.m {
+                        let x = $set1(*b.x.get_unchecked(r * b.d_in + i));
+                        let a = acc.as_mut_ptr().add(r * b.d_out);
+                        let mut j = 0;
+                        while j < whole {
+                            $storeu(a.add(j), $fmadd(x, W::$load(row.add(j)), $loadu(a.add(j))));
+                            j += $lanes;
+                        }
+                    }
+                }
+                if whole < b.d_out {
+                    b.scalar(w, acc, whole);
+                }
+            }
+        };
+    }
+
+    band_kernel!(
+        band_avx512,
+        "avx512f",
+        16,
+        load16,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps
+    );
+    band_kernel!(
+        band_avx2,
+        "avx2,fma,f16c",
+        8,
+        load8,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps
+    );
+
+    /// # Safety
+    /// AVX-512F is available; `x` and `w` have the same length.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_avx512<W: Widen + Lanes>(x: &[f32], w: &[W]) -> f32 {
+        let (n, whole) = (x.len(), x.len() / 16 * 16);
+        // two accumulators hide the multiply-add latency
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut j = 0;
+        while j + 32 <= whole {
+            s0 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(x.as_ptr().add(j)),
+                W::load16(w.as_ptr().add(j)),
+                s0,
+            );
+            s1 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(x.as_ptr().add(j + 16)),
+                W::load16(w.as_ptr().add(j + 16)),
+                s1,
+            );
+            j += 32;
+        }
+        if j < whole {
+            s0 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(x.as_ptr().add(j)),
+                W::load16(w.as_ptr().add(j)),
+                s0,
+            );
+        }
+        let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        for k in whole..n {
+            sum += x[k] * w[k].widen();
+        }
+        sum
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C are available; `x` and `w` have the same length.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_avx2<W: Widen + Lanes>(x: &[f32], w: &[W]) -> f32 {
+        let (n, whole) = (x.len(), x.len() / 8 * 8);
+        let mut s = _mm256_setzero_ps();
+        let mut j = 0;
+        while j < whole {
+            s = _mm256_fmadd_ps(
+                _mm256_loadu_ps(x.as_ptr().add(j)),
+                W::load8(w.as_ptr().add(j)),
+                s,
+            );
+            j += 8;
+        }
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+        let mut sum: f32 = lanes.iter().sum();
+        for k in whole..n {
+            sum += x[k] * w[k].widen();
+        }
+        sum
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod simd {
+    /// Elsewhere the kernels run their plain loops, which the compiler vectorises for the
+    /// target it builds for.
+    pub trait Lanes {}
+    impl Lanes for f32 {}
+    impl Lanes for half::f16 {}
+    impl Lanes for half::bf16 {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        // a small deterministic generator: values in [-1, 1)
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The products in f64 from the weights as stored (already rounded to their type).
+    fn reference(x: &[f32], m: usize, w: &[f32], d_in: usize, d_out: usize) -> Vec<f32> {
+        let mut y = vec![0.0f32; m * d_out];
+        for r in 0..m {
+            for j in 0..d_out {
+                let s: f64 = (0..d_in)
+                    .map(|i| x[r * d_in + i] as f64 * w[i * d_out + j] as f64)
+                    .sum();
+                y[r * d_out + j] = s as f32;
+            }
+        }
+        y
+    }
+
+    fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        let mut t = vec![0.0; w.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                t[c * rows + r] = w[r * cols + c];
+            }
+        }
+        t
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (k, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                "{what}: value {k}: {g} against {w}"
+            );
+        }
+    }
+
+    /// Shapes with whole vectors, ragged tails, fewer columns than a vector, and matrices large
+    /// enough to be split into bands (on more than one thread) whose partial sums are added.
+    const SHAPES: [(usize, usize, usize); 6] = [
+        (1, 64, 48),
+        (3, 37, 29),
+        (1, 5, 7),
+        (8, 130, 1000),
+        (2, 576, 1536),
+        (1, 1536, 577),
+    ];
+
+    #[test]
+    fn every_type_and_shape_matches_the_plain_product() {
+        for (k, &(m, d_in, d_out)) in SHAPES.iter().enumerate() {
+            let x = values(m * d_in, k as u32);
+            let w = values(d_in * d_out, 100 + k as u32);
+            let halves: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let bhalves: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let as_f32 = |h: &[f16]| h.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
+            let bas_f32 = |h: &[bf16]| h.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
+            let cases: [(WeightSlice, Vec<f32>, &str); 3] = [
+                (WeightSlice::F32(&w), w.clone(), "f32"),
+                (WeightSlice::F16(&halves), as_f32(&halves), "f16"),
+                (WeightSlice::Bf16(&bhalves), bas_f32(&bhalves), "bf16"),
+            ];
+            for (slice, exact, name) in cases {
+                let want = reference(&x, m, &exact, d_in, d_out);
+                let what = format!("{name} {m}x{d_in}x{d_out}");
+                for isa in Isa::available() {
+                    let got = rows_times_matrix_on(isa, &x, m, slice, d_in, d_out);
+                    assert_close(&got, &want, &format!("{what} {isa:?}"));
+                }
+                // the same product with W stored the other way round
+                let t = transpose(&exact, d_in, d_out);
+                let (t16, tb16): (Vec<f16>, Vec<bf16>) = (
+                    t.iter().map(|&v| f16::from_f32(v)).collect(),
+                    t.iter().map(|&v| bf16::from_f32(v)).collect(),
+                );
+                let t_slice = match slice {
+                    WeightSlice::F32(_) => WeightSlice::F32(&t),
+                    WeightSlice::F16(_) => WeightSlice::F16(&t16),
+                    WeightSlice::Bf16(_) => WeightSlice::Bf16(&tb16),
+                };
+                let what = format!("{what}, transposed");
+                for isa in Isa::available() {
+                    let got = rows_times_matrix_t_on(isa, &x, m, t_slice, d_out, d_in);
+                    assert_close(&got, &want, &format!("{what} {isa:?}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn large_products_are_split_into_bands_and_small_ones_are_not() {
+        // SmolLM2's down projection: 1536 rows of 576 values, shared among the threads
+        let band = block_size(1536, 576);
+        let threads = rayon::current_num_threads();
+        assert_eq!(band % 16, 0);
+        assert!(band * 576 >= MIN_VALUES_PER_TASK);
+        if threads > 1 {
+            assert!(band < 1536, "one band of {band} rows for {threads} threads");
+        }
+        // a small product stays one task
+        assert_eq!(block_size(48, 64), 48);
+    }
+}

@@ -1,0 +1,142 @@
+//! The CPU backend's decoding products (`skipgpt_model::cpu_fast`, kernels in
+//! `skipgpt_model::matvec`): products of at most `MAX_ROWS` rows on burn-flex take the crate's
+//! kernels, for f32, f16 and bf16 weights, and give what the plain product gives; larger ones
+//! and other backends keep Burn's matmul; a model decoding on the CPU backend gives the
+//! reference backend's logits.
+
+mod common;
+
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::tensor::{DType, Distribution, Tensor};
+use common::*;
+use skipgpt_model::cpu_fast::{rows_times_weight, rows_times_weight_t, MAX_ROWS};
+use skipgpt_model::precision::linear_forward;
+use skipgpt_model::{load_pretrained, Routing};
+
+type Flex = burn::backend::Flex;
+
+fn flex() -> burn::backend::flex::FlexDevice {
+    burn::backend::flex::FlexDevice
+}
+
+/// `x · W (+ b)` in f64 from the values as stored.
+fn plain(x: &[f32], rows: usize, w: &[f32], d_in: usize, d_out: usize, b: &[f32]) -> Vec<f32> {
+    let mut y = Vec::with_capacity(rows * d_out);
+    for r in 0..rows {
+        for j in 0..d_out {
+            let s: f64 = (0..d_in)
+                .map(|i| x[r * d_in + i] as f64 * w[i * d_out + j] as f64)
+                .sum();
+            y.push((s + b.get(j).copied().unwrap_or(0.0) as f64) as f32);
+        }
+    }
+    y
+}
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (k, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+            "{what}: value {k}: {g} against {w}"
+        );
+    }
+}
+
+#[test]
+fn small_products_take_the_kernels_and_match_the_plain_product() {
+    // 200 outputs: whole vectors of 16 and 8 and a ragged tail
+    let (d_in, d_out) = (96, 200);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let w =
+            Tensor::<Flex, 2>::random([d_in, d_out], Distribution::Default, &flex()).cast(dtype);
+        let bias = Tensor::<Flex, 1>::random([d_out], Distribution::Default, &flex());
+        let linear = Linear {
+            weight: Param::from_tensor(w.clone()),
+            bias: Some(Param::from_tensor(bias.clone())),
+        };
+        let stored = to_vec(w.clone().cast(DType::F32));
+        for rows in [1, 3, MAX_ROWS, MAX_ROWS + 1] {
+            let what = format!("{dtype:?}, {rows} rows");
+            let x = Tensor::<Flex, 2>::random([rows, d_in], Distribution::Default, &flex());
+            let want = plain(
+                &to_vec(x.clone()),
+                rows,
+                &stored,
+                d_in,
+                d_out,
+                &to_vec(bias.clone()),
+            );
+            let kernels = rows_times_weight(&x, &w);
+            assert_eq!(kernels.is_some(), rows <= MAX_ROWS, "{what}: which path");
+            if let Some(y) = kernels {
+                let want = plain(&to_vec(x.clone()), rows, &stored, d_in, d_out, &[]);
+                assert_close(&to_vec(y), &want, &format!("{what}, kernels"));
+            }
+            // what the model calls: the kernels where they apply, Burn's product otherwise
+            let y = linear_forward(&linear, x.clone());
+            assert_eq!(y.dims(), [rows, d_out]);
+            if dtype == DType::F32 || rows <= MAX_ROWS {
+                assert_close(&to_vec(y), &want, &format!("{what}, linear_forward"));
+            } else {
+                // Burn multiplies in half precision, rounding the rows and the products
+                let d = max_abs_diff(&to_vec(y), &want);
+                assert!(
+                    d < 0.5,
+                    "{what}: Burn's half-precision product differs by {d}"
+                );
+            }
+        }
+        // rows in a 3-D batch are rows all the same
+        let x = Tensor::<Flex, 3>::random([2, 3, d_in], Distribution::Default, &flex());
+        let y = rows_times_weight(&x, &w).expect("6 rows take the kernels");
+        assert_eq!(y.dims(), [2, 3, d_out]);
+        let want = plain(&to_vec(x), 6, &stored, d_in, d_out, &[]);
+        assert_close(&to_vec(y), &want, &format!("{dtype:?}, [2, 3, in]"));
+
+        // the transposed layout (the tied head): W stored [out, in]
+        let wt = Tensor::<Flex, 2>::from_data(w.clone().transpose().to_data(), &flex());
+        let x = Tensor::<Flex, 2>::random([2, d_in], Distribution::Default, &flex());
+        let y = rows_times_weight_t(&x, &wt).expect("2 rows take the kernels");
+        let want = plain(&to_vec(x), 2, &stored, d_in, d_out, &[]);
+        assert_close(&to_vec(y), &want, &format!("{dtype:?}, transposed"));
+    }
+}
+
+#[test]
+fn other_backends_strided_weights_and_f16_rows_keep_burns_product() {
+    let w = Tensor::<B, 2>::random([32, 48], Distribution::Default, &device());
+    let x = Tensor::<B, 2>::random([1, 32], Distribution::Default, &device());
+    assert!(rows_times_weight(&x, &w).is_none(), "burn-ndarray");
+    // a transposed view is not laid out as the kernels read it
+    let w = Tensor::<Flex, 2>::random([48, 32], Distribution::Default, &flex()).transpose();
+    let x = Tensor::<Flex, 2>::random([1, 32], Distribution::Default, &flex());
+    assert!(rows_times_weight(&x, &w).is_none(), "a strided weight");
+    let w = Tensor::<Flex, 2>::random([32, 48], Distribution::Default, &flex());
+    assert!(
+        rows_times_weight(&x.cast(DType::F16), &w).is_none(),
+        "rows in half precision"
+    );
+}
+
+/// The tiny routed model decoding token by token on burn-flex (every product through the
+/// kernels) and on burn-ndarray (Burn's products) gives the same logits at every step.
+#[test]
+fn decoding_on_the_cpu_backend_gives_the_reference_backends_logits() {
+    let dir = tiny().join("model-routed");
+    let on_flex = load_pretrained::<Flex>(&dir, &flex()).unwrap().model;
+    let on_ndarray = load_pretrained::<B>(&dir, &device()).unwrap().model;
+    let rows = vec![
+        vec![1u32, 5, 9, 2, 7, 3, 11, 4],
+        vec![6, 8, 2, 2, 13, 1, 5, 9],
+    ];
+    // a prefill of 3 tokens per sequence (6 rows: the kernels), then single tokens
+    let chunks = [3, 1, 1, 1, 1, 1];
+    for routing in [Routing::Dense, Routing::Deterministic] {
+        let a = engine_logits_in_chunks(&on_flex, &rows, &chunks, routing);
+        let b = engine_logits_in_chunks(&on_ndarray, &rows, &chunks, routing);
+        let d = max_abs_diff(&a, &b);
+        assert!(d < 1e-4, "{routing:?}: logits differ by {d}");
+    }
+}
