@@ -1,0 +1,110 @@
+//! Times one decoding step's matrix products on SmolLM2's shapes (30 layers of q, k, v, o,
+//! gate, up and down, and the tied 49152 x 576 head) with random weights: burn-flex's matmul
+//! against the crate's kernels (`skipgpt_model::matvec`), at f32, f16 and bf16, for a given
+//! number of rows. Run inside rayon's pool, as the engine runs (`cpu_fast::in_pool`):
+//!
+//! `cargo run --release --example bench_matvec -- [ROWS]` (default 1; `RAYON_NUM_THREADS` sets
+//! the threads). Prints the best of 8 passes, in ms.
+
+use std::time::Instant;
+
+use burn::backend::Flex;
+use burn::tensor::{DType, Distribution, Tensor, TensorData};
+use skipgpt_model::matvec::{rows_times_matrix, rows_times_matrix_t, WeightSlice};
+
+/// `[in, out]` of one layer's projections.
+const LAYER: [(usize, usize); 7] = [
+    (576, 576),
+    (576, 192),
+    (576, 192),
+    (576, 576),
+    (576, 1536),
+    (576, 1536),
+    (1536, 576),
+];
+const LAYERS: usize = 30;
+const VOCAB: usize = 49152;
+const PASSES: usize = 8;
+
+fn slice(data: &TensorData) -> WeightSlice<'_> {
+    match data.dtype {
+        DType::F32 => WeightSlice::F32(data.as_slice().unwrap()),
+        DType::F16 => WeightSlice::F16(data.as_slice().unwrap()),
+        _ => WeightSlice::Bf16(data.as_slice().unwrap()),
+    }
+}
+
+/// Burn's product as the model takes it: rows cast to the weight's type and the result back.
+fn burn_product(x: Tensor<Flex, 2>, w: Tensor<Flex, 2>) -> Tensor<Flex, 2> {
+    match w.dtype() {
+        DType::F32 => x.matmul(w),
+        dtype => x.cast(dtype).matmul(w).cast(DType::F32),
+    }
+}
+
+fn best_ms(mut pass: impl FnMut()) -> f64 {
+    (0..PASSES)
+        .map(|_| {
+            let start = Instant::now();
+            pass();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::MAX, f64::min)
+}
+
+fn run(rows: usize) {
+    let device = Default::default();
+    let random =
+        |shape: [usize; 2]| Tensor::<Flex, 2>::random(shape, Distribution::Default, &device);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let mats: Vec<Tensor<Flex, 2>> = (0..LAYERS)
+            .flat_map(|_| LAYER.iter().map(|&(i, o)| random([i, o]).cast(dtype)))
+            .collect();
+        let head = random([VOCAB, 576]).cast(dtype);
+        let xs = [random([rows, 576]), random([rows, 1536])];
+        let input = |d_in: usize| &xs[usize::from(d_in != 576)];
+        let datas: Vec<TensorData> = mats.iter().map(|t| t.to_data()).collect();
+        let head_data = head.to_data();
+        let rows_of: Vec<Vec<f32>> = xs.iter().map(|x| x.to_data().to_vec().unwrap()).collect();
+        let burn_layers = best_ms(|| {
+            for w in &mats {
+                let y = burn_product(input(w.dims()[0]).clone(), w.clone());
+                std::hint::black_box(y.into_primitive());
+            }
+        });
+        let burn_head = best_ms(|| {
+            // the tied head as the model takes it: [vocab, hidden] · rowsᵀ
+            let y = match dtype {
+                DType::F32 => head.clone().matmul(xs[0].clone().transpose()),
+                _ => head
+                    .clone()
+                    .matmul(xs[0].clone().cast(dtype).transpose())
+                    .cast(DType::F32),
+            };
+            std::hint::black_box(y.into_primitive());
+        });
+        let kernel_layers = best_ms(|| {
+            for d in &datas {
+                let (i, o) = (d.shape[0], d.shape[1]);
+                let x = &rows_of[usize::from(i != 576)];
+                std::hint::black_box(rows_times_matrix(x, rows, slice(d), i, o));
+            }
+        });
+        let kernel_head = best_ms(|| {
+            let y = rows_times_matrix_t(&rows_of[0], rows, slice(&head_data), VOCAB, 576);
+            std::hint::black_box(y);
+        });
+        println!(
+            "{dtype:?}, {rows} rows: burn-flex layers {burn_layers:.2} ms + head {burn_head:.2} ms | \
+             kernels layers {kernel_layers:.2} ms + head {kernel_head:.2} ms"
+        );
+    }
+}
+
+fn main() {
+    let rows = std::env::args()
+        .nth(1)
+        .map(|s| s.parse().expect("ROWS: a positive integer"))
+        .unwrap_or(1);
+    rayon::scope(|_| run(rows));
+}
