@@ -64,7 +64,7 @@ mod imp {
     use half::{bf16, f16};
 
     use super::MAX_ROWS;
-    use crate::matvec::{rows_times_matrix, rows_times_matrix_t, WeightSlice};
+    use crate::matvec::{rows_times_matrix, rows_times_matrix_t, widens_in_registers, WeightSlice};
 
     pub fn rows_times_weight<B: Backend, const D: usize>(
         x: &Tensor<B, D>,
@@ -125,12 +125,14 @@ mod imp {
         }
     }
 
-    /// A contiguous weight's values in their stored type; `None` for a strided view or another
-    /// type.
+    /// A contiguous weight's values in their stored type; `None` for a strided view, another
+    /// type, or f16 on a CPU without the vector loops that widen it (converting f16 one value
+    /// at a time is slower than gemm's own f16 kernels; bf16 widens by a shift anywhere, and
+    /// burn-flex has no bf16 kernel).
     fn weights(w: &FlexTensor) -> Option<WeightSlice<'_>> {
         match w.dtype() {
             DType::F32 => w.as_slice::<f32>().map(WeightSlice::F32),
-            DType::F16 => w.as_slice::<f16>().map(WeightSlice::F16),
+            DType::F16 if widens_in_registers() => w.as_slice::<f16>().map(WeightSlice::F16),
             DType::BF16 => w.as_slice::<bf16>().map(WeightSlice::Bf16),
             _ => None,
         }

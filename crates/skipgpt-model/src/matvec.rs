@@ -170,6 +170,13 @@ fn rows_times_matrix_t_on(
     y
 }
 
+/// Whether this CPU runs one of the vector loops (AVX-512, or AVX2 with FMA and F16C). Without
+/// one, f16 weights are converted one value at a time (in software on some targets); f32 and
+/// bf16 loops are plain arithmetic the compiler vectorises everywhere.
+pub fn widens_in_registers() -> bool {
+    Isa::detect() != Isa::Plain
+}
+
 /// The instruction sets the loops are compiled for, widest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Isa {
