@@ -2,9 +2,9 @@
 //!
 //! A decoding step multiplies a few activation rows by every weight matrix. burn-flex gives
 //! such a product to gemm on one core, and runs f16 and bf16 products by widening whole
-//! operands first; measured on SmolLM2's matrices (`examples/bench_real`), `matvec` streams
-//! the weights over every core in about 0.65x (f32), 0.8x (f16) and 0.4x (bf16) of gemm's
-//! time at one row. Every product that is on the CPU backend, has at most [`MAX_ROWS`] f32
+//! operands first; measured on SmolLM2's matrices (`examples/bench_matvec`, one row, layers and
+//! head), `matvec` streams the weights over every core in about 0.75x (f32), 0.7x (f16) and
+//! 0.15x (bf16) of burn-flex's time. Every product that is on the CPU backend, has at most [`MAX_ROWS`] f32
 //! rows and a contiguous weight comes here; any other (a prefill, another backend, autodiff's
 //! tensors, which are of another type) keeps Burn's own matmul. The model stays generic over
 //! the backend: the CPU backend is recognised by its type at run time.
@@ -15,8 +15,9 @@
 use burn::tensor::{backend::Backend, Tensor};
 
 /// Most activation rows a product is taken here for. Decoding steps have one row per
-/// sequence, routed modules fewer; at 8 rows the kernels still took 0.7x of gemm's time on
-/// SmolLM2's matrices, where arithmetic starts to matter more than reading the weights.
+/// sequence, routed modules fewer; at 8 rows the kernels still took 0.8x of burn-flex's time at
+/// f32 on SmolLM2's matrices (`examples/bench_matvec -- 8`), at 16 rows 1.1x: there arithmetic
+/// matters more than reading the weights.
 pub const MAX_ROWS: usize = 8;
 
 /// `x · W` for `W` stored `[in, out]` (Burn's `Linear` layout), in f32, or `None` where Burn's
@@ -30,7 +31,13 @@ pub fn rows_times_weight<B: Backend, const D: usize>(
     x: &Tensor<B, D>,
     w: &Tensor<B, 2>,
 ) -> Option<Tensor<B, D>> {
-    imp::rows_times_weight(x, w)
+    #[cfg(feature = "flex")]
+    return flex::rows_times_weight(x, w);
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (x, w);
+        None
+    }
 }
 
 /// `x · Wᵀ` for `W` stored `[out, in]` (the tied head reads the embedding table so), in f32,
@@ -41,7 +48,13 @@ pub fn rows_times_weight<B: Backend, const D: usize>(
 /// - w: `[out, in]`
 /// - output: `[rows, out]`
 pub fn rows_times_weight_t<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
-    imp::rows_times_weight_t(x, w)
+    #[cfg(feature = "flex")]
+    return flex::rows_times_weight_t(x, w);
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (x, w);
+        None
+    }
 }
 
 /// Runs `f` on a thread of rayon's pool when `B` is the CPU backend, else where it is called.
@@ -52,11 +65,16 @@ pub fn rows_times_weight_t<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Op
 /// decoding about 20% faster (39 -> 47 tok/s, 2 threads). GPU backends keep their caller's
 /// thread.
 pub fn in_pool<B: Backend, R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    imp::in_pool::<B, R>(f)
+    #[cfg(feature = "flex")]
+    if flex::is_flex::<B>() {
+        // `scope` runs its body on a pool thread (at once if this is one)
+        return rayon::scope(|_| f());
+    }
+    f()
 }
 
 #[cfg(feature = "flex")]
-mod imp {
+mod flex {
     use std::any::{Any, TypeId};
 
     use burn::tensor::{backend::Backend, DType, Tensor, TensorData, TensorPrimitive};
@@ -98,20 +116,14 @@ mod imp {
         Some(Tensor::from_data(TensorData::new(y, [m, n]), &x.device()))
     }
 
-    pub fn in_pool<B: Backend, R: Send>(f: impl FnOnce() -> R + Send) -> R {
-        if TypeId::of::<B>() == TypeId::of::<Flex>() {
-            // `scope` runs its body on a pool thread (at once if this is one)
-            rayon::scope(|_| f())
-        } else {
-            f()
-        }
+    /// Whether `B` is the CPU backend (autodiff's wrapper of it is another type).
+    pub fn is_flex<B: Backend>() -> bool {
+        TypeId::of::<B>() == TypeId::of::<Flex>()
     }
 
     /// On the CPU backend, f32 rows, few of them.
     fn eligible<B: Backend>(rows: usize, dtype: DType) -> bool {
-        TypeId::of::<B>() == TypeId::of::<Flex>()
-            && (1..=MAX_ROWS).contains(&rows)
-            && dtype == DType::F32
+        is_flex::<B>() && (1..=MAX_ROWS).contains(&rows) && dtype == DType::F32
     }
 
     /// The tensor's burn-flex primitive (a reference-counted handle: no values are copied).
@@ -136,28 +148,5 @@ mod imp {
             DType::BF16 => w.as_slice::<bf16>().map(WeightSlice::Bf16),
             _ => None,
         }
-    }
-}
-
-#[cfg(not(feature = "flex"))]
-mod imp {
-    use burn::tensor::{backend::Backend, Tensor};
-
-    pub fn in_pool<B: Backend, R: Send>(f: impl FnOnce() -> R + Send) -> R {
-        f()
-    }
-
-    pub fn rows_times_weight<B: Backend, const D: usize>(
-        _x: &Tensor<B, D>,
-        _w: &Tensor<B, 2>,
-    ) -> Option<Tensor<B, D>> {
-        None
-    }
-
-    pub fn rows_times_weight_t<B: Backend>(
-        _x: &Tensor<B, 2>,
-        _w: &Tensor<B, 2>,
-    ) -> Option<Tensor<B, 2>> {
-        None
     }
 }

@@ -19,6 +19,8 @@
 //! On x86-64 the loops are compiled three times (AVX-512, AVX2 with FMA and F16C, and plain
 //! Rust) and the widest the CPU supports is picked at run time.
 
+use std::ops::Range;
+
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -30,13 +32,20 @@ pub enum WeightSlice<'a> {
     Bf16(&'a [bf16]),
 }
 
+/// `$body` with `$w` bound to the slice in its stored type (the kernels are generic over it).
+macro_rules! typed {
+    ($slice:expr, $w:ident => $body:expr) => {
+        match $slice {
+            WeightSlice::F32($w) => $body,
+            WeightSlice::F16($w) => $body,
+            WeightSlice::Bf16($w) => $body,
+        }
+    };
+}
+
 impl WeightSlice<'_> {
     pub fn len(&self) -> usize {
-        match self {
-            WeightSlice::F32(w) => w.len(),
-            WeightSlice::F16(w) => w.len(),
-            WeightSlice::Bf16(w) => w.len(),
-        }
+        typed!(self, w => w.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -47,6 +56,21 @@ impl WeightSlice<'_> {
 /// Weight values per task below which splitting a product costs more in thread hand-offs than
 /// it gains in bandwidth (64K values: about 10 µs of reading at f32).
 const MIN_VALUES_PER_TASK: usize = 64 * 1024;
+
+/// Runs `task` on bands of `W`'s `n` rows ([`block_size`] rows each, `values_per_row` values to
+/// a row) in parallel, and returns each band with its result, in order.
+fn par_bands<T: Send>(
+    n: usize,
+    values_per_row: usize,
+    task: impl Fn(Range<usize>) -> T + Sync,
+) -> Vec<(Range<usize>, T)> {
+    let band = block_size(n, values_per_row);
+    let bands: Vec<Range<usize>> = (0..n).step_by(band).map(|i| i..(i + band).min(n)).collect();
+    bands
+        .into_par_iter()
+        .map(|rows| (rows.clone(), task(rows)))
+        .collect()
+}
 
 /// Rows of `W` per task: an even share of `n` rows among the threads (rounded up to a multiple
 /// of 16), and no fewer than hold [`MIN_VALUES_PER_TASK`] weight values.
@@ -88,28 +112,19 @@ fn rows_times_matrix_on(
     // Each task streams one contiguous band of W's rows over all columns into partial sums of
     // its own, which are added at the end. (Splitting the columns instead makes every task read
     // short pieces of every row; measured on SmolLM2's matrices that ran at half the bandwidth.)
-    let band = block_size(d_in, d_out);
-    let starts: Vec<usize> = (0..d_in).step_by(band).collect();
-    let partials: Vec<Vec<f32>> = starts
-        .into_par_iter()
-        .map(|i0| {
-            let mut acc = vec![0.0f32; m * d_out];
-            let band = Band {
-                x,
-                m,
-                d_in,
-                d_out,
-                rows: i0..(i0 + band).min(d_in),
-            };
-            match w {
-                WeightSlice::F32(w) => band.run(isa, w, &mut acc),
-                WeightSlice::F16(w) => band.run(isa, w, &mut acc),
-                WeightSlice::Bf16(w) => band.run(isa, w, &mut acc),
-            }
-            acc
-        })
-        .collect();
-    let mut partials = partials.into_iter();
+    let partials = par_bands(d_in, d_out, |rows| {
+        let mut acc = vec![0.0f32; m * d_out];
+        let band = Band {
+            x,
+            m,
+            d_in,
+            d_out,
+            rows,
+        };
+        typed!(w, w => band.run(isa, w, &mut acc));
+        acc
+    });
+    let mut partials = partials.into_iter().map(|(_, acc)| acc);
     let mut y = partials.next().unwrap_or_default();
     for partial in partials {
         for (total, part) in y.iter_mut().zip(partial) {
@@ -144,27 +159,26 @@ fn rows_times_matrix_t_on(
 ) -> Vec<f32> {
     assert_eq!(x.len(), m * d, "activation rows");
     assert_eq!(w.len(), n * d, "weight matrix");
-    let block = block_size(n, d);
-    let starts: Vec<usize> = (0..n).step_by(block).collect();
-    let blocks: Vec<(usize, Vec<f32>)> = starts
-        .into_par_iter()
-        .map(|v0| {
-            let len = block.min(n - v0);
-            let mut out = vec![0.0f32; m * len];
-            let dots = Dots { x, m, d, v0, len };
-            match w {
-                WeightSlice::F32(w) => dots.run(isa, w, &mut out),
-                WeightSlice::F16(w) => dots.run(isa, w, &mut out),
-                WeightSlice::Bf16(w) => dots.run(isa, w, &mut out),
-            }
-            (v0, out)
-        })
-        .collect();
+    let blocks = par_bands(n, d, |outputs| {
+        let mut out = vec![0.0f32; m * outputs.len()];
+        let dots = Dots { x, m, d, outputs };
+        typed!(w, w => dots.run(isa, w, &mut out));
+        out
+    });
+    if blocks.len() == 1 {
+        // one band covers every output: its `[m, n]` is the answer
+        return blocks
+            .into_iter()
+            .next()
+            .map(|(_, out)| out)
+            .unwrap_or_default();
+    }
     let mut y = vec![0.0f32; m * n];
-    for (v0, out) in blocks {
-        let len = out.len() / m.max(1);
+    for (outputs, out) in blocks {
+        let len = outputs.len();
         for r in 0..m {
-            y[r * n + v0..r * n + v0 + len].copy_from_slice(&out[r * len..(r + 1) * len]);
+            y[r * n + outputs.start..r * n + outputs.end]
+                .copy_from_slice(&out[r * len..(r + 1) * len]);
         }
     }
     y
@@ -248,7 +262,7 @@ struct Band<'a> {
     m: usize,
     d_in: usize,
     d_out: usize,
-    rows: std::ops::Range<usize>,
+    rows: Range<usize>,
 }
 
 impl Band<'_> {
@@ -281,22 +295,23 @@ impl Band<'_> {
     }
 }
 
-/// One task of [`rows_times_matrix_t`]: outputs `v0..v0 + len` of every row.
+/// One task of [`rows_times_matrix_t`]: `outputs` (rows of `W`) for every row of `x`.
 struct Dots<'a> {
     x: &'a [f32],
     m: usize,
     d: usize,
-    v0: usize,
-    len: usize,
+    outputs: Range<usize>,
 }
 
 impl Dots<'_> {
+    /// `out[r, k] = x[r, :] · W[outputs.start + k, :]`, `out` being `[m, outputs.len()]`.
     fn run<W: Widen + simd::Lanes>(&self, isa: Isa, w: &[W], out: &mut [f32]) {
-        for v in 0..self.len {
-            let row = &w[(self.v0 + v) * self.d..(self.v0 + v + 1) * self.d];
+        let len = self.outputs.len();
+        for (k, v) in self.outputs.clone().enumerate() {
+            let row = &w[v * self.d..(v + 1) * self.d];
             for r in 0..self.m {
                 let x = &self.x[r * self.d..(r + 1) * self.d];
-                out[r * self.len + v] = dot(isa, x, row);
+                out[r * len + k] = dot(isa, x, row);
             }
         }
     }
