@@ -1,7 +1,8 @@
 //! Times one decoding step's matrix products on SmolLM2's shapes (30 layers of q, k, v, o,
 //! gate, up and down, and the tied 49152 x 576 head) with random weights: burn-flex's matmul
-//! against the crate's kernels (`skipgpt_model::matvec`), at f32, f16 and bf16, for a given
-//! number of rows. Run inside rayon's pool, as the engine runs (`cpu_fast::in_pool`):
+//! against the crate's kernels (`skipgpt_model::matvec`) with the layers' weights held
+//! `[in, out]` (rows of W added up) and `[out, in]` (a dot product per output, the layout the
+//! CPU backend loads), at f32, f16 and bf16, for a given number of rows. Run as the engine runs a decoding step (`team::run`):
 //!
 //! `cargo run --release --example bench_matvec -- [ROWS]` (default 1; `RAYON_NUM_THREADS` sets
 //! the threads). Prints the best of 8 passes, in ms.
@@ -90,13 +91,30 @@ fn run(rows: usize) {
                 std::hint::black_box(rows_times_matrix(x, rows, slice(d), i, o));
             }
         });
+        // the layout the model holds its weights in on this backend: [out, in], a dot product
+        // per output (`cpu_fast::holds_weights_out_in`)
+        let out_in: Vec<TensorData> = (0..LAYERS)
+            .flat_map(|_| {
+                LAYER
+                    .iter()
+                    .map(|&(i, o)| random([o, i]).cast(dtype).into_data())
+            })
+            .collect();
+        let kernel_layers_out_in = best_ms(|| {
+            for d in &out_in {
+                let (o, i) = (d.shape[0], d.shape[1]);
+                let x = &rows_of[usize::from(i != 576)];
+                std::hint::black_box(rows_times_matrix_t(x, rows, slice(d), o, i));
+            }
+        });
         let kernel_head = best_ms(|| {
             let y = rows_times_matrix_t(&rows_of[0], rows, slice(&head_data), VOCAB, 576);
             std::hint::black_box(y);
         });
         println!(
             "{dtype:?}, {rows} rows: burn-flex layers {burn_layers:.2} ms + head {burn_head:.2} ms | \
-             kernels layers {kernel_layers:.2} ms + head {kernel_head:.2} ms"
+             kernels layers [in, out] {kernel_layers:.2} ms, [out, in] {kernel_layers_out_in:.2} ms \
+             + head {kernel_head:.2} ms"
         );
     }
 }
@@ -106,5 +124,5 @@ fn main() {
         .nth(1)
         .map(|s| s.parse().expect("ROWS: a positive integer"))
         .unwrap_or(1);
-    rayon::scope(|_| run(rows));
+    skipgpt_model::team::run(|| run(rows));
 }

@@ -1,8 +1,8 @@
-//! The CPU backend's decoding products (`skipgpt_model::cpu_fast`, kernels in
-//! `skipgpt_model::matvec`): products of at most `MAX_ROWS` rows on burn-flex take the crate's
-//! kernels, for f32, f16 and bf16 weights, and give what the plain product gives; larger ones
-//! and other backends keep Burn's matmul; a model decoding on the CPU backend gives the
-//! reference backend's logits.
+//! The CPU backend's fast paths (`skipgpt_model::cpu_fast`, kernels in `matvec`,
+//! `cpu_attention`, `cpu_ops`): products of at most `MAX_ROWS` rows on burn-flex take the
+//! crate's kernels, for f32, f16 and bf16 weights in either layout, and give what the plain
+//! product gives; larger ones and other backends keep Burn's matmul; a model decoding, or
+//! prefilling a long prompt, on the CPU backend gives the reference backend's logits.
 
 mod common;
 
@@ -10,8 +10,11 @@ use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::{DType, Distribution, Tensor};
 use common::*;
-use skipgpt_model::cpu_fast::{rows_times_weight, rows_times_weight_t, MAX_ROWS};
+use skipgpt_model::cpu_fast::{
+    hold_weight, holds_weights_out_in, rows_times_weight, rows_times_weight_t, MAX_ROWS,
+};
 use skipgpt_model::precision::linear_forward;
+use skipgpt_model::sparse::generate_sparse;
 use skipgpt_model::{load_pretrained, Routing};
 
 type Flex = burn::backend::Flex;
@@ -69,24 +72,18 @@ fn small_products_take_the_kernels_and_match_the_plain_product() {
                 &to_vec(bias.clone()),
             );
             let kernels = rows_times_weight(&x, &w);
-            assert_eq!(kernels.is_some(), rows <= MAX_ROWS, "{what}: which path");
+            // more rows: half-precision weights are widened for gemm's f32 kernels, f32 ones
+            // go to Burn's matmul as they are
+            let taken = rows <= MAX_ROWS || dtype != DType::F32;
+            assert_eq!(kernels.is_some(), taken, "{what}: which path");
             if let Some(y) = kernels {
                 let want = plain(&to_vec(x.clone()), rows, &stored, d_in, d_out, &[]);
                 assert_close(&to_vec(y), &want, &format!("{what}, kernels"));
             }
-            // what the model calls: the kernels where they apply, Burn's product otherwise
+            // what the model calls: nothing is rounded but the weights
             let y = linear_forward(&linear, x.clone());
             assert_eq!(y.dims(), [rows, d_out]);
-            if dtype == DType::F32 || rows <= MAX_ROWS {
-                assert_close(&to_vec(y), &want, &format!("{what}, linear_forward"));
-            } else {
-                // Burn multiplies in half precision, rounding the rows and the products
-                let d = max_abs_diff(&to_vec(y), &want);
-                assert!(
-                    d < 0.5,
-                    "{what}: Burn's half-precision product differs by {d}"
-                );
-            }
+            assert_close(&to_vec(y), &want, &format!("{what}, linear_forward"));
         }
         // rows in a 3-D batch are rows all the same
         let x = Tensor::<Flex, 3>::random([2, 3, d_in], Distribution::Default, &flex());
@@ -105,12 +102,65 @@ fn small_products_take_the_kernels_and_match_the_plain_product() {
 }
 
 #[test]
-fn other_backends_strided_weights_and_f16_rows_keep_burns_product() {
+fn weights_held_as_checkpoints_store_them_take_the_kernels_too() {
+    // the CPU backend's layout of loaded weights: a transposed view of a contiguous [out, in]
+    let (d_in, d_out) = (96, 200);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let out_in =
+            Tensor::<Flex, 2>::random([d_out, d_in], Distribution::Default, &flex()).cast(dtype);
+        let w = out_in.clone().transpose();
+        let stored = to_vec(w.clone().cast(DType::F32));
+        for rows in [1, 5, MAX_ROWS] {
+            let x = Tensor::<Flex, 2>::random([rows, d_in], Distribution::Default, &flex());
+            let y = rows_times_weight(&x, &w).expect("a transposed contiguous weight");
+            let want = plain(&to_vec(x), rows, &stored, d_in, d_out, &[]);
+            assert_close(
+                &to_vec(y),
+                &want,
+                &format!("{dtype:?}, {rows} rows, [out, in]"),
+            );
+        }
+        // gemm's product (more rows) reads the same view
+        let x = Tensor::<Flex, 2>::random([MAX_ROWS + 3, d_in], Distribution::Default, &flex());
+        let linear = Linear {
+            weight: Param::from_tensor(w.clone()),
+            bias: None,
+        };
+        if dtype == DType::F32 {
+            let want = plain(&to_vec(x.clone()), MAX_ROWS + 3, &stored, d_in, d_out, &[]);
+            assert_close(
+                &to_vec(linear_forward(&linear, x)),
+                &want,
+                "gemm, [out, in]",
+            );
+        }
+    }
+    // a weight made in place (a merged adapter) is put in that layout once
+    let made = Tensor::<Flex, 2>::random([d_in, d_out], Distribution::Default, &flex());
+    let held = hold_weight(made.clone());
+    assert_eq!(to_vec(held.clone()), to_vec(made.clone()));
+    let x = Tensor::<Flex, 2>::random([2, d_in], Distribution::Default, &flex());
+    let want = plain(&to_vec(x.clone()), 2, &to_vec(made), d_in, d_out, &[]);
+    assert_close(
+        &to_vec(rows_times_weight(&x, &held).unwrap()),
+        &want,
+        "held",
+    );
+    // which backends hold weights so
+    assert!(holds_weights_out_in::<Flex>(&flex()));
+    assert!(holds_weights_out_in::<burn::backend::Autodiff<Flex>>(
+        &flex()
+    ));
+    assert!(!holds_weights_out_in::<B>(&device()));
+}
+
+#[test]
+fn other_backends_other_strided_weights_and_f16_rows_keep_burns_product() {
     let w = Tensor::<B, 2>::random([32, 48], Distribution::Default, &device());
     let x = Tensor::<B, 2>::random([1, 32], Distribution::Default, &device());
     assert!(rows_times_weight(&x, &w).is_none(), "burn-ndarray");
-    // a transposed view is not laid out as the kernels read it
-    let w = Tensor::<Flex, 2>::random([48, 32], Distribution::Default, &flex()).transpose();
+    // columns cut out of a wider matrix are contiguous in neither layout
+    let w = Tensor::<Flex, 2>::random([32, 96], Distribution::Default, &flex()).narrow(1, 0, 48);
     let x = Tensor::<Flex, 2>::random([1, 32], Distribution::Default, &flex());
     assert!(rows_times_weight(&x, &w).is_none(), "a strided weight");
     let w = Tensor::<Flex, 2>::random([32, 48], Distribution::Default, &flex());
@@ -118,6 +168,86 @@ fn other_backends_strided_weights_and_f16_rows_keep_burns_product() {
         rows_times_weight(&x.cast(DType::F16), &w).is_none(),
         "rows in half precision"
     );
+}
+
+/// The CPU backend's loaded model holds the checkpoint's values (in its own layout) and gives
+/// the reference backend's logits over a prefill long enough for gemm, several attention
+/// blocks and both threads, then single tokens; with a sliding window, the engine's key
+/// ranges agree with the reference backend's mask and with the gated forward.
+#[test]
+fn a_long_prefill_on_the_cpu_backend_gives_the_reference_backends_logits() {
+    let dir = tiny().join("model-routed");
+    let mut on_flex = load_pretrained::<Flex>(&dir, &flex()).unwrap().model;
+    let mut on_ndarray = load_pretrained::<B>(&dir, &device()).unwrap().model;
+    assert_eq!(
+        to_vec(
+            on_flex.model.layers[1]
+                .self_attn
+                .q_proj
+                .base_layer
+                .weight
+                .val()
+        ),
+        to_vec(
+            on_ndarray.model.layers[1]
+                .self_attn
+                .q_proj
+                .base_layer
+                .weight
+                .val()
+        )
+    );
+    let vocab = on_flex.config.vocab_size as u32;
+    let rows: Vec<Vec<u32>> = (0..2u32)
+        .map(|s| (0..45u32).map(|i| (i * 37 + s * 101 + 7) % vocab).collect())
+        .collect();
+    let chunks = [40, 1, 4];
+    for window in [None, Some(5)] {
+        on_flex.config.sliding_window = window;
+        on_ndarray.config.sliding_window = window;
+        for routing in [Routing::Dense, Routing::Deterministic] {
+            let a = engine_logits_in_chunks(&on_flex, &rows, &chunks, routing);
+            let b = engine_logits_in_chunks(&on_ndarray, &rows, &chunks, routing);
+            let d = max_abs_diff(&a, &b);
+            assert!(
+                d < 1e-4,
+                "window {window:?}, {routing:?}: logits differ by {d}"
+            );
+        }
+        // the gated forward (every module, gates multiplied) is the reference of the engine
+        let ids = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(
+                rows.iter().flatten().map(|&t| t as i64).collect::<Vec<_>>(),
+                [2, 45],
+            ),
+            &device(),
+        );
+        let gated = to_vec(on_ndarray.forward_routed(ids, Routing::Dense, false).logits);
+        let engine = engine_logits_in_chunks(&on_flex, &rows, &chunks, Routing::Dense);
+        let d = max_abs_diff(&gated, &engine);
+        assert!(
+            d < 1e-4,
+            "window {window:?}: engine against the gated forward: {d}"
+        );
+    }
+}
+
+/// Ragged prompts decode together on the CPU backend to the reference backend's tokens.
+#[test]
+fn ragged_batches_decode_on_the_cpu_backend_as_on_the_reference_backend() {
+    let dir = tiny().join("model-routed");
+    let on_flex = load_pretrained::<Flex>(&dir, &flex()).unwrap().model;
+    let on_ndarray = load_pretrained::<B>(&dir, &device()).unwrap().model;
+    let prompts = vec![
+        vec![1u32, 5, 9, 2, 7],
+        (0..37).map(|i| i * 3 % 500).collect(),
+        vec![4],
+    ];
+    for routing in [Routing::Dense, Routing::Deterministic] {
+        let (a, _, _) = generate_sparse(&on_flex, &prompts, &greedy(12), routing).unwrap();
+        let (b, _, _) = generate_sparse(&on_ndarray, &prompts, &greedy(12), routing).unwrap();
+        assert_eq!(a, b, "{routing:?}");
+    }
 }
 
 /// The tiny routed model decoding token by token on burn-flex (every product through the

@@ -1,18 +1,29 @@
-//! The CPU backend's (burn-flex's) decoding products, taken by [`crate::matvec`]'s kernels.
+//! The CPU backend's (burn-flex's) fast paths: where the model's tensors are on burn-flex, its
+//! hot operations go to the crate's own kernels, on plain slices, instead of Burn's:
 //!
-//! A decoding step multiplies a few activation rows by every weight matrix. burn-flex gives
-//! such a product to gemm on one core, and runs f16 and bf16 products by widening whole
-//! operands first; measured on SmolLM2's matrices (`examples/bench_matvec`, one row, layers and
-//! head), `matvec` streams the weights over every core in about 0.75x (f32), 0.7x (f16) and
-//! 0.15x (bf16) of burn-flex's time. Every product that is on the CPU backend, has at most [`MAX_ROWS`] f32
-//! rows and a contiguous weight comes here; any other (a prefill, another backend, autodiff's
-//! tensors, which are of another type) keeps Burn's own matmul. The model stays generic over
-//! the backend: the CPU backend is recognised by its type at run time.
+//! - **decoding products** ([`rows_times_weight`], [`rows_times_weight_t`]): products of at
+//!   most [`MAX_ROWS`] f32 rows stream each weight once over every core ([`crate::matvec`];
+//!   burn-flex gives such a product to gemm on one core and widens f16/bf16 operands whole
+//!   first). Prefill products of half-precision weights widen the weights and take gemm's f32
+//!   kernels;
+//! - **the engine's attention** ([`attend`], [`crate::cpu_attention`]): every query row over the
+//!   stretch of its cache it sees, on every core;
+//! - **RMSNorm, the rotary rotation and SwiGLU** ([`rms_norm`], [`rotate`], [`swiglu`],
+//!   [`crate::cpu_ops`]): one pass each instead of four to seven tensor operations;
+//! - **weights as checkpoints store them** ([`holds_weights_out_in`]) and **a decoding step's
+//!   threads kept awake** ([`in_pool`], [`crate::team`]).
+//!
+//! Anything else (another backend, autodiff's tensors, which are of another type, a strided or
+//! half-precision input) declines with `None` and Burn's operations run: the model stays
+//! generic over the backend, the CPU backend being recognised by its type at run time. The
+//! tests compare each path with Burn's operations on the reference backend.
 //!
 //! Built with the crate's `flex` feature (the CLI's `cpu` feature turns it on); without it
-//! every function here declines and Burn's matmul runs.
+//! every function here declines.
 
 use burn::tensor::{backend::Backend, Tensor};
+
+use crate::cpu_attention::QueryRow;
 
 /// Most activation rows a product is taken here for. Decoding steps have one row per
 /// sequence, routed modules fewer; at 8 rows the kernels still took 0.8x of burn-flex's time at
@@ -20,7 +31,36 @@ use burn::tensor::{backend::Backend, Tensor};
 /// matters more than reading the weights.
 pub const MAX_ROWS: usize = 8;
 
-/// `x · W` for `W` stored `[in, out]` (Burn's `Linear` layout), in f32, or `None` where Burn's
+/// Whether linear weights on `B` are held as checkpoints store them, `[out, in]`, and seen as
+/// Burn's `[in, out]` through a transposed view: on the CPU backend, with or without autodiff.
+///
+/// A decoding product then reads each output's weights as one contiguous row and takes dot
+/// products with it; on SmolLM2's matrices that took 0.7-0.8x the time of adding up rows of an
+/// `[in, out]` matrix (`examples/bench_matvec`). gemm (prefill, training) reads either layout
+/// without copying, and no weight is transposed at load. Other backends keep a contiguous
+/// `[in, out]`: burn-ndarray copies a strided weight in every product.
+pub fn holds_weights_out_in<B: Backend>(device: &B::Device) -> bool {
+    matches!(B::name(device).as_str(), "flex" | "autodiff<flex>")
+}
+
+/// `w` (`[in, out]`, any layout) in the layout [`holds_weights_out_in`] asks of `B`: a
+/// transposed view of a contiguous `[out, in]` on the CPU backend (copied there once if it is
+/// not one already), unchanged elsewhere. For weights made in place (merging an adapter).
+pub fn hold_weight<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 2> {
+    let device = w.device();
+    if !holds_weights_out_in::<B>(&device) {
+        return w;
+    }
+    let out_in = w.transpose();
+    #[cfg(feature = "flex")]
+    if flex::is_contiguous(&out_in) {
+        return out_in.transpose();
+    }
+    Tensor::<B, 2>::from_data(out_in.into_data(), &device).transpose()
+}
+
+/// `x · W` for `W` held `[in, out]` (Burn's `Linear` layout, contiguous) or as a transposed view
+/// of a contiguous `[out, in]` ([`holds_weights_out_in`]), in f32, or `None` where Burn's
 /// matmul should run.
 ///
 /// # Shapes
@@ -57,19 +97,123 @@ pub fn rows_times_weight_t<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Op
     }
 }
 
-/// Runs `f` on a thread of rayon's pool when `B` is the CPU backend, else where it is called.
+/// The sparse engine's attention on the CPU backend ([`crate::cpu_attention`]), or `None`
+/// where the backend's attention op should run. `rows` gives, for every query row, its
+/// sequence and the range of cache slots it sees.
 ///
-/// A thread outside the pool that starts parallel work hands it to the pool and sleeps until it
-/// is done; inside the pool it takes part and its partner is often still awake. A decoding step
-/// starts some 200 parallel products, and running the step inside the pool made SmolLM2's f32
-/// decoding about 20% faster (39 -> 47 tok/s, 2 threads). GPU backends keep their caller's
-/// thread.
-pub fn in_pool<B: Backend, R: Send>(f: impl FnOnce() -> R + Send) -> R {
+/// # Shapes
+/// - q: `[rows, heads, head_dim]`
+/// - k, v: `[batch * kv_heads * capacity, head_dim]` (the engine's cache)
+/// - output: `[rows, heads * head_dim]`
+pub fn attend<B: Backend>(
+    q: &Tensor<B, 3>,
+    k: &Tensor<B, 2>,
+    v: &Tensor<B, 2>,
+    kv_heads: usize,
+    capacity: usize,
+    rows: &[QueryRow],
+) -> Option<Tensor<B, 2>> {
+    #[cfg(feature = "flex")]
+    return flex::attend(q, k, v, kv_heads, capacity, rows);
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (q, k, v, kv_heads, capacity, rows);
+        None
+    }
+}
+
+/// RMSNorm of every row ([`crate::cpu_ops::rms_norm`]) on the CPU backend, or `None` where
+/// the tensor operations should run.
+///
+/// # Shapes
+/// - x: `[..., dim]`
+/// - weight: `[dim]`
+/// - output: like x
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    weight: &Tensor<B, 1>,
+    eps: f64,
+) -> Option<Tensor<B, D>> {
+    #[cfg(feature = "flex")]
+    return flex::elementwise(&[flat(x), weight.clone()], x.dims(), |v| {
+        crate::cpu_ops::rms_norm(v[0], v[1], eps as f32)
+    });
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (x, weight, eps);
+        None
+    }
+}
+
+/// The rotary rotation of every head of every row ([`crate::cpu_ops::rotate`]) on the CPU
+/// backend, or `None` where the tensor operations should run.
+///
+/// # Shapes
+/// - x: `[rows, heads, head_dim]`
+/// - cos, sin: `[rows, head_dim]` (`RotaryEmbedding::cos_sin_at`)
+/// - output: like x
+pub fn rotate<B: Backend>(
+    x: &Tensor<B, 3>,
+    cos: &Tensor<B, 2>,
+    sin: &Tensor<B, 2>,
+) -> Option<Tensor<B, 3>> {
+    let [_, heads, head_dim] = x.dims();
+    #[cfg(feature = "flex")]
+    return flex::elementwise(&[flat(x), flat(cos), flat(sin)], x.dims(), |v| {
+        crate::cpu_ops::rotate(v[0], heads, head_dim, v[1], v[2])
+    });
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (x, cos, sin, heads, head_dim);
+        None
+    }
+}
+
+/// `silu(gate) · up` ([`crate::cpu_ops::swiglu`]) on the CPU backend, or `None` where the
+/// tensor operations should run.
+///
+/// # Shapes
+/// - gate, up, output: `[..., width]`
+pub fn swiglu<B: Backend, const D: usize>(
+    gate: &Tensor<B, D>,
+    up: &Tensor<B, D>,
+) -> Option<Tensor<B, D>> {
+    if gate.dims() != up.dims() {
+        return None;
+    }
+    #[cfg(feature = "flex")]
+    return flex::elementwise(&[flat(gate), flat(up)], gate.dims(), |v| {
+        crate::cpu_ops::swiglu(v[0], v[1])
+    });
+    #[cfg(not(feature = "flex"))]
+    None
+}
+
+/// `t`'s values as one row (a view when `t` is contiguous).
+#[cfg(feature = "flex")]
+fn flat<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Tensor<B, 1> {
+    let n = t.dims().iter().product::<usize>();
+    t.clone().reshape([n])
+}
+
+/// Runs an engine call of `rows` token rows on the CPU backend's threads; elsewhere (GPU
+/// backends) where it is called.
+///
+/// - A decoding step (at most [`MAX_ROWS`] rows) runs as a [`crate::team`]: its ~200 parallel
+///   products find the pool's other threads spinning instead of asleep.
+/// - A longer call (prefill) runs on a thread of rayon's pool, where its gemm products and
+///   burn-flex's operations share the pool as usual. (A thread outside the pool that starts
+///   parallel work hands it over and sleeps until it is done; inside, it takes part.)
+pub fn in_pool<B: Backend, R: Send>(rows: usize, f: impl FnOnce() -> R + Send) -> R {
     #[cfg(feature = "flex")]
     if flex::is_flex::<B>() {
+        if rows <= MAX_ROWS {
+            return crate::team::run(f);
+        }
         // `scope` runs its body on a pool thread (at once if this is one)
         return rayon::scope(|_| f());
     }
+    let _ = rows;
     f()
 }
 
@@ -82,6 +226,7 @@ mod flex {
     use half::{bf16, f16};
 
     use super::MAX_ROWS;
+    use crate::cpu_attention::{self, KvCache, QueryRow};
     use crate::matvec::{rows_times_matrix, rows_times_matrix_t, widens_in_registers, WeightSlice};
 
     pub fn rows_times_weight<B: Backend, const D: usize>(
@@ -92,11 +237,25 @@ mod flex {
         let d_in = dims[D - 1];
         let m = dims[..D - 1].iter().product::<usize>();
         let [w_in, d_out] = w.dims();
-        if w_in != d_in || !eligible::<B>(m, x.dtype()) {
+        if w_in != d_in {
+            return None;
+        }
+        if m > MAX_ROWS {
+            return many_rows_times_half_weight(x, w);
+        }
+        if !eligible::<B>(m, x.dtype()) {
             return None;
         }
         let (xs, ws) = (as_flex(x)?, as_flex(w)?);
-        let y = rows_times_matrix(xs.as_slice::<f32>()?, m, weights(&ws)?, d_in, d_out);
+        let rows = xs.as_slice::<f32>()?;
+        let y = match weights(&ws) {
+            Some(w) => rows_times_matrix(rows, m, w, d_in, d_out),
+            None => {
+                // a transposed view of a contiguous [out, in]: one row per output
+                let out_in = as_flex(&w.clone().transpose())?;
+                rows_times_matrix_t(rows, m, weights(&out_in)?, d_out, d_in)
+            }
+        };
         let mut shape = dims;
         shape[D - 1] = d_out;
         Some(Tensor::from_data(TensorData::new(y, shape), &x.device()))
@@ -114,6 +273,112 @@ mod flex {
         let (xs, ws) = (as_flex(x)?, as_flex(w)?);
         let y = rows_times_matrix_t(xs.as_slice::<f32>()?, m, weights(&ws)?, n, d);
         Some(Tensor::from_data(TensorData::new(y, [m, n]), &x.device()))
+    }
+
+    pub fn attend<B: Backend>(
+        q: &Tensor<B, 3>,
+        k: &Tensor<B, 2>,
+        v: &Tensor<B, 2>,
+        kv_heads: usize,
+        capacity: usize,
+        rows: &[QueryRow],
+    ) -> Option<Tensor<B, 2>> {
+        let [n, heads, hd] = q.dims();
+        if !is_flex::<B>()
+            || q.dtype() != DType::F32
+            || k.dtype() != DType::F32
+            || v.dtype() != DType::F32
+            || n != rows.len()
+            || k.dims()[1] != hd
+        {
+            return None;
+        }
+        let (qs, ks, vs) = (as_flex(q)?, as_flex(k)?, as_flex(v)?);
+        let cache = KvCache {
+            k: ks.as_slice::<f32>()?,
+            v: vs.as_slice::<f32>()?,
+            kv_heads,
+            capacity,
+            head_dim: hd,
+        };
+        let scale = (hd as f32).powf(-0.5);
+        let y = cpu_attention::attend(qs.as_slice::<f32>()?, heads, rows, cache, scale);
+        Some(Tensor::from_data(
+            TensorData::new(y, [n, heads * hd]),
+            &q.device(),
+        ))
+    }
+
+    /// `x · W` for many f32 rows and a half-precision `W` (a prefill with `--dtype f16|bf16`):
+    /// `W` widened to f32 ([`crate::matvec::widen_to_f32`]) and multiplied by gemm's f32
+    /// kernels, the rows unrounded. `None` for f32 weights, which Burn's matmul takes as they
+    /// are.
+    fn many_rows_times_half_weight<B: Backend, const D: usize>(
+        x: &Tensor<B, D>,
+        w: &Tensor<B, 2>,
+    ) -> Option<Tensor<B, D>> {
+        if !is_flex::<B>()
+            || x.dtype() != DType::F32
+            || !matches!(w.dtype(), DType::F16 | DType::BF16)
+        {
+            return None;
+        }
+        let [d_in, d_out] = w.dims();
+        // in storage order: [in, out] contiguous, or the transposed view of [out, in]
+        let transposed = !is_contiguous(w);
+        let stored = if transposed {
+            w.clone().transpose()
+        } else {
+            w.clone()
+        };
+        let flex = as_flex(&stored)?;
+        let wide = crate::matvec::widen_to_f32(weights_any(&flex)?);
+        let wide = Tensor::<B, 2>::from_data(TensorData::new(wide, stored.dims()), &w.device());
+        let wide = if transposed { wide.transpose() } else { wide };
+        let dims = x.dims();
+        let rows = x
+            .clone()
+            .reshape([dims[..D - 1].iter().product::<usize>(), d_in]);
+        let mut out = dims;
+        out[D - 1] = d_out;
+        Some(rows.matmul(wide).reshape(out))
+    }
+
+    /// A contiguous weight's values in their stored type, whatever the CPU.
+    fn weights_any(w: &FlexTensor) -> Option<WeightSlice<'_>> {
+        match w.dtype() {
+            DType::F32 => w.as_slice::<f32>().map(WeightSlice::F32),
+            DType::F16 => w.as_slice::<f16>().map(WeightSlice::F16),
+            DType::BF16 => w.as_slice::<bf16>().map(WeightSlice::Bf16),
+            _ => None,
+        }
+    }
+
+    /// `op` on the values of `inputs` (all f32, contiguous, on the CPU backend), its result
+    /// shaped `shape`; `None` otherwise.
+    pub fn elementwise<B: Backend, const D: usize>(
+        inputs: &[Tensor<B, 1>],
+        shape: [usize; D],
+        op: impl FnOnce(&[&[f32]]) -> Vec<f32>,
+    ) -> Option<Tensor<B, D>> {
+        if !is_flex::<B>() || inputs.iter().any(|t| t.dtype() != DType::F32) {
+            return None;
+        }
+        let flex: Vec<FlexTensor> = inputs.iter().map(as_flex).collect::<Option<_>>()?;
+        let slices: Vec<&[f32]> = flex
+            .iter()
+            .map(|t| t.as_slice::<f32>())
+            .collect::<Option<_>>()?;
+        let y = op(&slices);
+        Some(Tensor::from_data(
+            TensorData::new(y, shape),
+            &inputs[0].device(),
+        ))
+    }
+
+    /// Whether `t` is a burn-flex tensor whose values lie contiguous in storage order.
+    pub fn is_contiguous<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
+        as_flex(t).is_some_and(|f| f.is_contiguous() && f.layout().start_offset() == 0)
     }
 
     /// Whether `B` is the CPU backend (autodiff's wrapper of it is another type).

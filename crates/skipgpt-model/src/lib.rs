@@ -7,7 +7,9 @@
 //! - [`llama`]: the model, its modules named like the HF weight keys;
 //! - [`lora`]: LoRA adapters on the projections, merging, and the PEFT adapter format;
 //! - [`precision`]: f16/bf16 weights against the f32 residual stream;
-//! - [`matvec`] and [`cpu_fast`]: the CPU backend's decoding products on every core;
+//! - [`matvec`], [`cpu_attention`], [`cpu_ops`] and [`cpu_fast`]: the CPU backend's decoding
+//!   products, the engine's attention and the small operations, on every core ([`team`] keeps
+//!   a decoding step's threads awake);
 //! - [`rope`]: rotary embeddings with default, linear, dynamic and llama3 scaling;
 //! - [`checkpoint`] and [`safetensors_io`]: reading/writing model directories;
 //! - [`atomic`]: writing a user's files without losing what was there;
@@ -17,7 +19,9 @@
 pub mod atomic;
 pub mod checkpoint;
 pub mod config;
+pub mod cpu_attention;
 pub mod cpu_fast;
+pub mod cpu_ops;
 pub mod error;
 pub mod generate;
 pub mod gguf;
@@ -30,6 +34,7 @@ pub mod rope;
 pub mod router;
 pub mod safetensors_io;
 pub mod sparse;
+pub mod team;
 pub mod tokenizer;
 
 pub use checkpoint::{

@@ -1,7 +1,7 @@
 //! One linear layer's weights in Hugging Face layout: the normal initialisation transformers
-//! uses, and loading and saving `{name}.weight` (`[d_out, d_in]`, transposed to Burn's
-//! `[d_in, d_out]` once, on the way in and out) and `{name}.bias`. The decoder and the routers
-//! both build on it.
+//! uses, and loading and saving `{name}.weight` (`[d_out, d_in]`, seen as Burn's `[d_in, d_out]`:
+//! a transposed view of the stored matrix on the CPU backend, a copy transposed once on the way
+//! in elsewhere) and `{name}.bias`. The decoder and the routers both build on it.
 
 use std::collections::BTreeMap;
 
@@ -30,7 +30,10 @@ pub(crate) fn init_linear<B: Backend>(
         .init(device)
 }
 
-/// Loads HF `{name}.weight` `[d_out, d_in]` (and `{name}.bias`) into a Burn linear layer.
+/// Loads HF `{name}.weight` `[d_out, d_in]` (and `{name}.bias`) into a Burn linear layer, its
+/// weight held the way the backend multiplies fastest ([`crate::cpu_fast::holds_weights_out_in`]):
+/// on the CPU backend as stored, seen as `[d_in, d_out]` through a transposed view; elsewhere
+/// transposed on the host into a contiguous `[d_in, d_out]`.
 pub(crate) fn load_linear<B: Backend>(
     w: &WeightSet,
     name: &str,
@@ -39,7 +42,12 @@ pub(crate) fn load_linear<B: Backend>(
     bias: bool,
     device: &B::Device,
 ) -> Result<Linear<B>> {
-    let weight = w.tensor_transposed::<B>(&format!("{name}.weight"), [d_out, d_in], device)?;
+    let key = format!("{name}.weight");
+    let weight = if crate::cpu_fast::holds_weights_out_in::<B>(device) {
+        w.matrix::<B>(&key, [d_out, d_in], device)?.transpose()
+    } else {
+        w.tensor_transposed::<B>(&key, [d_out, d_in], device)?
+    };
     let bias = if bias {
         Some(Param::from_tensor(w.tensor::<B, 1>(
             &format!("{name}.bias"),

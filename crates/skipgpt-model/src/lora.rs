@@ -200,7 +200,7 @@ impl<B: Backend> LoraLinear<B> {
             // in the base weight's type: merging keeps a half-precision model half
             let base = self.base_layer.weight.val();
             let weight = base.clone() + lora.delta().cast(base.dtype());
-            self.base_layer.weight = Param::from_tensor(weight);
+            self.base_layer.weight = Param::from_tensor(crate::cpu_fast::hold_weight(weight));
         }
     }
 }

@@ -22,7 +22,6 @@
 use std::ops::Range;
 
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 /// A weight matrix's values, in the type they are stored in.
 #[derive(Clone, Copy, Debug)]
@@ -66,10 +65,7 @@ fn par_bands<T: Send>(
 ) -> Vec<(Range<usize>, T)> {
     let band = block_size(n, values_per_row);
     let bands: Vec<Range<usize>> = (0..n).step_by(band).map(|i| i..(i + band).min(n)).collect();
-    bands
-        .into_par_iter()
-        .map(|rows| (rows.clone(), task(rows)))
-        .collect()
+    crate::team::par_map(bands.len(), |i| (bands[i].clone(), task(bands[i].clone())))
 }
 
 /// Rows of `W` per task: an even share of `n` rows among the threads (rounded up to a multiple
@@ -184,6 +180,32 @@ fn rows_times_matrix_t_on(
     y
 }
 
+/// The weights as f32, in their storage order, converted on every core (f16 through the CPU's
+/// conversion instructions where it has them, bf16 by a 16-bit shift).
+///
+/// A prefill multiplies hundreds of rows by each matrix: arithmetic, not reading the weights,
+/// bounds it, and gemm's f32 kernels run about 1.2x faster than its f16 ones on CPUs without
+/// f16 arithmetic (burn-flex has no bf16 kernel at all). Widening a matrix costs about 1% of
+/// such a product.
+pub fn widen_to_f32(w: WeightSlice<'_>) -> Vec<f32> {
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![0.0f32; w.len()];
+    match w {
+        WeightSlice::F32(w) => out.copy_from_slice(w),
+        WeightSlice::F16(w) => out
+            .par_chunks_mut(CHUNK)
+            .zip(w.par_chunks(CHUNK))
+            .for_each(|(o, h)| h.convert_to_f32_slice(o)),
+        WeightSlice::Bf16(w) => out
+            .par_chunks_mut(CHUNK)
+            .zip(w.par_chunks(CHUNK))
+            .for_each(|(o, h)| h.convert_to_f32_slice(o)),
+    }
+    out
+}
+
 /// Whether this CPU runs one of the vector loops (AVX-512, or AVX2 with FMA and F16C). Without
 /// one, f16 weights are converted one value at a time (in software on some targets); f32 and
 /// bf16 loops are plain arithmetic the compiler vectorises everywhere.
@@ -193,7 +215,7 @@ pub fn widens_in_registers() -> bool {
 
 /// The instruction sets the loops are compiled for, widest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
+pub(crate) enum Isa {
     #[cfg(target_arch = "x86_64")]
     Avx512,
     /// AVX2 with FMA and F16C
@@ -204,13 +226,13 @@ enum Isa {
 
 impl Isa {
     /// The widest this CPU runs, found once.
-    fn detect() -> Isa {
+    pub(crate) fn detect() -> Isa {
         static FOUND: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *FOUND.get_or_init(|| Isa::available()[0])
     }
 
     /// Every one this CPU runs, widest first.
-    fn available() -> Vec<Isa> {
+    pub(crate) fn available() -> Vec<Isa> {
         #[allow(unused_mut)]
         let mut found = Vec::new();
         #[cfg(target_arch = "x86_64")]

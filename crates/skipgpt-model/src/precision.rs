@@ -76,12 +76,24 @@ pub fn linear_forward<B: Backend, const D: usize>(
 ) -> Tensor<B, D> {
     let (x_dtype, w) = (x.dtype(), linear.weight.val());
     let w_dtype = w.dtype();
-    let y = if let Some(y) = crate::cpu_fast::rows_times_weight(&x, &w) {
-        y
-    } else if x_dtype == w_dtype {
-        return linear.forward(x);
-    } else {
-        burn::tensor::module::linear(x.cast(w_dtype), w, None).cast(x_dtype)
+    let y = match crate::cpu_fast::rows_times_weight(&x, &w) {
+        Some(y) => y,
+        None => {
+            // one 2-D product of every row: Burn's `linear` would reshape the weight to x's
+            // rank, which copies a weight held as a transposed view (`linear::load_linear`) on every
+            // call, and its backward pass copies a contiguous one
+            let dims = x.dims();
+            let (d_in, d_out) = (dims[D - 1], w.dims()[1]);
+            let rows = x.reshape([dims[..D - 1].iter().product::<usize>(), d_in]);
+            let y = if x_dtype == w_dtype {
+                rows.matmul(w)
+            } else {
+                rows.cast(w_dtype).matmul(w).cast(x_dtype)
+            };
+            let mut out = dims;
+            out[D - 1] = d_out;
+            y.reshape(out)
+        }
     };
     match &linear.bias {
         Some(b) => y + b.val().unsqueeze(),

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 use crate::linear::{export_linear, load_linear};
+use crate::precision::linear_forward;
 use crate::safetensors_io::{OwnedTensor, StoreDtype, WeightSet};
 
 /// The router network.
@@ -312,10 +313,10 @@ impl<B: Backend> Router<B> {
     /// - output: `[batch, seq, 2]` (EXECUTE, SKIP)
     pub fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = match &self.fc1 {
-            Some(fc1) => activation::relu(fc1.forward(x)),
+            Some(fc1) => activation::relu(linear_forward(fc1, x)),
             None => x,
         };
-        self.fc2.forward(x)
+        linear_forward(&self.fc2, x)
     }
 
     /// The gate of every token: 1.0 = execute, 0.0 = skip.

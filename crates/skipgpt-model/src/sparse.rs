@@ -20,6 +20,7 @@
 use burn::tensor::{backend::Backend, Bool, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::config::LlamaConfig;
+use crate::cpu_attention::QueryRow;
 use crate::error::{ModelError, Result};
 use crate::generate::GenerateOptions;
 use crate::llama::{grouped_query_attention, Decider, KeyMask, LlamaForCausalLM};
@@ -257,7 +258,8 @@ pub fn sparse_forward<B: Backend>(
     routing: Routing,
     logit_rows: LogitRows,
 ) -> Result<SparseOutput<B>> {
-    crate::cpu_fast::in_pool::<B, _>(|| {
+    let rows = tokens.iter().map(Vec::len).sum();
+    crate::cpu_fast::in_pool::<B, _>(rows, || {
         sparse_forward_here(model, tokens, cache, routing, logit_rows)
     })
 }
@@ -308,14 +310,15 @@ fn sparse_forward_here<B: Backend>(
         crate::precision::embed(&model.model.embed_tokens, ids).reshape([n, h]);
     let positions: Vec<usize> = rows.iter().map(|r| r.1).collect();
     let (cos, sin) = model.rope.cos_sin_at::<B>(&positions, &device);
-    // [n, heads * hd] for the queries and the keys
+    // the tables repeated to [n, heads * hd] for the queries and the keys, made when first
+    // needed (the CPU backend rotates from the [n, hd] tables directly)
     let tables = |heads| {
         (
             crate::rope::repeat_for_heads(&cos, heads),
             crate::rope::repeat_for_heads(&sin, heads),
         )
     };
-    let (q_tables, kv_tables) = (tables(nh), tables(nkv));
+    let (q_tables, kv_tables) = (std::cell::OnceCell::new(), std::cell::OnceCell::new());
     let layer_routing = model.layer_routing(routing);
     let kv_policy = layer_routing.kv_policy;
     let window = cfg.sliding_window.unwrap_or(usize::MAX);
@@ -363,13 +366,24 @@ fn sparse_forward_here<B: Backend>(
                 .input_layernorm
                 .forward(gather_rows(x.clone(), &kv_rows));
             // [rows, heads, hd], each row rotated at its own position
-            let rot = |t: Tensor<B, 3>, which: &[usize], tables: &(Tensor<B, 2>, Tensor<B, 2>)| {
-                crate::rope::apply_rotary_rows(
-                    t,
-                    gather_rows(tables.0.clone(), which),
-                    gather_rows(tables.1.clone(), which),
-                )
-            };
+            let rot =
+                |t: Tensor<B, 3>,
+                 which: &[usize],
+                 repeated: &std::cell::OnceCell<(Tensor<B, 2>, Tensor<B, 2>)>| {
+                    let (c, s) = (
+                        gather_rows(cos.clone(), which),
+                        gather_rows(sin.clone(), which),
+                    );
+                    if let Some(rotated) = crate::cpu_fast::rotate(&t, &c, &s) {
+                        return rotated;
+                    }
+                    let tables = repeated.get_or_init(|| tables(t.dims()[1]));
+                    crate::rope::apply_rotary_rows(
+                        t,
+                        gather_rows(tables.0.clone(), which),
+                        gather_rows(tables.1.clone(), which),
+                    )
+                };
             let m = kv_rows.len();
             let k = rot(
                 attn.k_proj.forward(xn.clone()).reshape([m, nkv, hd]),
@@ -582,6 +596,22 @@ fn attend_batched<B: Backend>(
     );
     let device = q.device();
     let batch = store.positions.len();
+    let (ck, cv) = store
+        .kv
+        .as_ref()
+        .expect("queries store their own keys first");
+    // the CPU backend: every query row over the stretch of slots it sees, no mask
+    let ranges: Vec<QueryRow> = queries
+        .iter()
+        .map(|&(s, p)| QueryRow {
+            seq: s,
+            keys: visible_slots(config, &store.positions[s], p),
+        })
+        .collect();
+    if let Some(out) = crate::cpu_fast::attend(&q, ck, cv, nkv, store.capacity, &ranges) {
+        let visible = ranges.iter().map(|r| r.keys.len()).sum();
+        return (out, visible);
+    }
     // the sequences with queries, and where each one's queries start in `q`
     let mut seqs: Vec<(usize, usize, usize)> = Vec::new(); // (sequence, first, count)
     for (j, &(s, _)) in queries.iter().enumerate() {
@@ -649,10 +679,6 @@ fn attend_batched<B: Backend>(
             .reshape([n_seq, nkv, n_rep * q_max, hd]);
 
     // keys and values [n_seq, kv_heads, k_max, hd] of those sequences
-    let (ck, cv) = store
-        .kv
-        .as_ref()
-        .expect("queries store their own keys first");
     let all_seqs = n_seq == batch;
     let seq_idx = index_tensor::<B>(&seqs.iter().map(|t| t.0).collect::<Vec<_>>(), &device);
     let take = |t: &Tensor<B, 2>| {
@@ -679,6 +705,22 @@ fn attend_batched<B: Backend>(
         out
     };
     (out, visible)
+}
+
+/// The cache slots a query at position `p` sees: those of earlier (or its own) positions
+/// within the sliding window. A sequence's slots hold increasing positions, so they are one
+/// contiguous stretch.
+fn visible_slots(config: &LlamaConfig, positions: &[usize], p: usize) -> std::ops::Range<usize> {
+    debug_assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "slots out of order"
+    );
+    let end = positions.partition_point(|&kp| kp <= p);
+    let start = match config.sliding_window {
+        Some(w) => positions.partition_point(|&kp| kp + w <= p),
+        None => 0,
+    };
+    start..end
 }
 
 /// FLOPs and bytes of the pieces of one layer, per token.

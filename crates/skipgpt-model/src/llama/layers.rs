@@ -29,6 +29,9 @@ impl<B: Backend> RmsNorm<B> {
     /// - x: `[..., dim]`
     /// - output: like x
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if let Some(y) = crate::cpu_fast::rms_norm(&x, &self.weight.val(), self.eps) {
+            return y;
+        }
         let rms = (x.clone().powi_scalar(2).mean_dim(D - 1) + self.eps).sqrt();
         x / rms * self.weight.val().unsqueeze()
     }
@@ -233,7 +236,11 @@ impl<B: Backend> Mlp<B> {
     /// - x: `[..., hidden]`
     /// - output: `[..., hidden]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let gate = activation::silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        let hidden = match crate::cpu_fast::swiglu(&gate, &up) {
+            Some(hidden) => hidden,
+            None => activation::silu(gate) * up,
+        };
+        self.down_proj.forward(hidden)
     }
 }
