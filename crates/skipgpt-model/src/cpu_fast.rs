@@ -80,6 +80,27 @@ pub fn rows_times_weight<B: Backend, const D: usize>(
     }
 }
 
+/// `x · W` for each of `weights` (each as [`rows_times_weight`] takes it) in one parallel pass
+/// ([`crate::matvec::rows_times_matrices`]): the projections of a decoding step that read the
+/// same rows (q, k and v; gate and up). `None` where any of them would not take the kernels.
+///
+/// # Shapes
+/// - x: `[..., in]`
+/// - each weight: `[in, out_k]`
+/// - output: `[..., out_k]` per weight
+pub fn rows_times_weights<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    weights: &[Tensor<B, 2>],
+) -> Option<Vec<Tensor<B, D>>> {
+    #[cfg(feature = "flex")]
+    return flex::rows_times_weights(x, weights);
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (x, weights);
+        None
+    }
+}
+
 /// `x · Wᵀ` for `W` stored `[out, in]` (the tied head reads the embedding table so), in f32,
 /// or `None` where Burn's matmul should run.
 ///
@@ -227,38 +248,71 @@ mod flex {
 
     use super::MAX_ROWS;
     use crate::cpu_attention::{self, KvCache, QueryRow};
-    use crate::matvec::{rows_times_matrix, rows_times_matrix_t, widens_in_registers, WeightSlice};
+    use crate::matvec::{
+        rows_times_matrices, rows_times_matrix_t, widens_in_registers, Matrix, WeightSlice,
+    };
 
     pub fn rows_times_weight<B: Backend, const D: usize>(
         x: &Tensor<B, D>,
         w: &Tensor<B, 2>,
     ) -> Option<Tensor<B, D>> {
         let dims = x.dims();
-        let d_in = dims[D - 1];
         let m = dims[..D - 1].iter().product::<usize>();
-        let [w_in, d_out] = w.dims();
-        if w_in != d_in {
-            return None;
-        }
         if m > MAX_ROWS {
+            if w.dims()[0] != dims[D - 1] {
+                return None;
+            }
             return many_rows_times_half_weight(x, w);
         }
-        if !eligible::<B>(m, x.dtype()) {
+        rows_times_weights(x, std::slice::from_ref(w)).map(|mut ys| ys.remove(0))
+    }
+
+    pub fn rows_times_weights<B: Backend, const D: usize>(
+        x: &Tensor<B, D>,
+        weights: &[Tensor<B, 2>],
+    ) -> Option<Vec<Tensor<B, D>>> {
+        let dims = x.dims();
+        let d_in = dims[D - 1];
+        let m = dims[..D - 1].iter().product::<usize>();
+        if !eligible::<B>(m, x.dtype()) || weights.iter().any(|w| w.dims()[0] != d_in) {
             return None;
         }
-        let (xs, ws) = (as_flex(x)?, as_flex(w)?);
+        let xs = as_flex(x)?;
         let rows = xs.as_slice::<f32>()?;
-        let y = match weights(&ws) {
-            Some(w) => rows_times_matrix(rows, m, w, d_in, d_out),
-            None => {
-                // a transposed view of a contiguous [out, in]: one row per output
-                let out_in = as_flex(&w.clone().transpose())?;
-                rows_times_matrix_t(rows, m, weights(&out_in)?, d_out, d_in)
-            }
-        };
-        let mut shape = dims;
-        shape[D - 1] = d_out;
-        Some(Tensor::from_data(TensorData::new(y, shape), &x.device()))
+        // each weight in storage order: contiguous [in, out], or a transposed view of a
+        // contiguous [out, in]
+        let stored: Vec<(FlexTensor, bool)> = weights
+            .iter()
+            .map(|w| match as_flex(w)? {
+                f if weights_of(&f).is_some() => Some((f, false)),
+                _ => as_flex(&w.clone().transpose()).map(|f| (f, true)),
+            })
+            .collect::<Option<_>>()?;
+        let matrices: Vec<Matrix<'_>> = stored
+            .iter()
+            .zip(weights)
+            .map(|((f, out_in), w)| {
+                let [d_in, d_out] = w.dims();
+                Some(Matrix {
+                    w: weights_of(f)?,
+                    d_in,
+                    d_out,
+                    out_in: *out_in,
+                })
+            })
+            .collect::<Option<_>>()?;
+        let ys = rows_times_matrices(rows, m, &matrices);
+        let device = x.device();
+        Some(
+            ys.into_iter()
+                .zip(&matrices)
+                .map(|(y, mat)| {
+                    let mut shape = dims;
+                    shape[D - 1] = mat.d_out;
+                    Tensor::from_data(TensorData::new(y, shape), &device)
+                })
+                .collect(),
+        )
     }
 
     pub fn rows_times_weight_t<B: Backend>(
@@ -271,7 +325,7 @@ mod flex {
             return None;
         }
         let (xs, ws) = (as_flex(x)?, as_flex(w)?);
-        let y = rows_times_matrix_t(xs.as_slice::<f32>()?, m, weights(&ws)?, n, d);
+        let y = rows_times_matrix_t(xs.as_slice::<f32>()?, m, weights_of(&ws)?, n, d);
         Some(Tensor::from_data(TensorData::new(y, [m, n]), &x.device()))
     }
 
@@ -406,7 +460,7 @@ mod flex {
     /// type, or f16 on a CPU without the vector loops that widen it (converting f16 one value
     /// at a time is slower than gemm's own f16 kernels; bf16 widens by a shift anywhere, and
     /// burn-flex has no bf16 kernel).
-    fn weights(w: &FlexTensor) -> Option<WeightSlice<'_>> {
+    fn weights_of(w: &FlexTensor) -> Option<WeightSlice<'_>> {
         match w.dtype() {
             DType::F32 => w.as_slice::<f32>().map(WeightSlice::F32),
             DType::F16 if widens_in_registers() => w.as_slice::<f16>().map(WeightSlice::F16),

@@ -56,18 +56,6 @@ impl WeightSlice<'_> {
 /// it gains in bandwidth (64K values: about 10 µs of reading at f32).
 const MIN_VALUES_PER_TASK: usize = 64 * 1024;
 
-/// Runs `task` on bands of `W`'s `n` rows ([`block_size`] rows each, `values_per_row` values to
-/// a row) in parallel, and returns each band with its result, in order.
-fn par_bands<T: Send>(
-    n: usize,
-    values_per_row: usize,
-    task: impl Fn(Range<usize>) -> T + Sync,
-) -> Vec<(Range<usize>, T)> {
-    let band = block_size(n, values_per_row);
-    let bands: Vec<Range<usize>> = (0..n).step_by(band).map(|i| i..(i + band).min(n)).collect();
-    crate::team::par_map(bands.len(), |i| (bands[i].clone(), task(bands[i].clone())))
-}
-
 /// Rows of `W` per task: an even share of `n` rows among the threads (rounded up to a multiple
 /// of 16), and no fewer than hold [`MIN_VALUES_PER_TASK`] weight values.
 fn block_size(n: usize, values_per_output: usize) -> usize {
@@ -80,8 +68,109 @@ fn block_size(n: usize, values_per_output: usize) -> usize {
     share.max(floor).min(n).max(1)
 }
 
+/// One matrix of [`rows_times_matrices`] and how it is stored.
+#[derive(Clone, Copy, Debug)]
+pub struct Matrix<'a> {
+    pub w: WeightSlice<'a>,
+    pub d_in: usize,
+    pub d_out: usize,
+    /// Stored `[d_out, d_in]`, a row per output (checkpoints' layout, the tied head), rather
+    /// than `[d_in, d_out]` (Burn's `Linear` layout).
+    pub out_in: bool,
+}
+
+/// `y = x · W` for each of `matrices`: `m` rows of `x` (`[m, d_in]`, row-major, the same for
+/// every matrix) times each `W`. Returns each `y` as `[m, d_out]`, row-major.
+///
+/// All the products are one parallel pass: their bands of rows are the tasks of one
+/// [`crate::team::par_map`], so several projections of the same rows (q, k and v; gate and up)
+/// cost one hand-over between threads instead of one each.
+///
+/// # Panics
+/// When a matrix's `d_in` is not `x`'s width or its slice is not `d_in·d_out` long (callers
+/// check shapes first).
+pub fn rows_times_matrices(x: &[f32], m: usize, matrices: &[Matrix<'_>]) -> Vec<Vec<f32>> {
+    rows_times_matrices_on(Isa::detect(), x, m, matrices)
+}
+
+fn rows_times_matrices_on(isa: Isa, x: &[f32], m: usize, matrices: &[Matrix<'_>]) -> Vec<Vec<f32>> {
+    // the tasks: (matrix, band of its stored rows)
+    let mut tasks: Vec<(usize, Range<usize>)> = Vec::new();
+    for (k, mat) in matrices.iter().enumerate() {
+        assert_eq!(x.len(), m * mat.d_in, "activation rows");
+        assert_eq!(mat.w.len(), mat.d_in * mat.d_out, "weight matrix");
+        let (rows, per_row) = if mat.out_in {
+            (mat.d_out, mat.d_in)
+        } else {
+            (mat.d_in, mat.d_out)
+        };
+        let band = block_size(rows, per_row);
+        tasks.extend(
+            (0..rows)
+                .step_by(band)
+                .map(|i| (k, i..(i + band).min(rows))),
+        );
+    }
+    let results = crate::team::par_map(tasks.len(), |t| {
+        let (k, rows) = &tasks[t];
+        let mat = &matrices[*k];
+        if mat.out_in {
+            // the outputs `rows`: `[m, rows.len()]`
+            let mut out = vec![0.0f32; m * rows.len()];
+            let dots = Dots {
+                x,
+                m,
+                d: mat.d_in,
+                outputs: rows.clone(),
+            };
+            typed!(mat.w, w => dots.run(isa, w, &mut out));
+            out
+        } else {
+            // one contiguous band of W's rows over all columns into partial sums of its own,
+            // added below. (Splitting the columns instead makes every task read short pieces
+            // of every row; on SmolLM2's matrices that ran at half the bandwidth.)
+            let mut acc = vec![0.0f32; m * mat.d_out];
+            let band = Band {
+                x,
+                m,
+                d_in: mat.d_in,
+                d_out: mat.d_out,
+                rows: rows.clone(),
+            };
+            typed!(mat.w, w => band.run(isa, w, &mut acc));
+            acc
+        }
+    });
+    let mut ys: Vec<Option<Vec<f32>>> = vec![None; matrices.len()];
+    for ((k, rows), out) in tasks.iter().zip(results) {
+        let mat = &matrices[*k];
+        let slot = &mut ys[*k];
+        // a product's first task: its partial sums, or its outputs if it covers them all
+        if slot.is_none() && (!mat.out_in || rows.len() == mat.d_out) {
+            *slot = Some(out);
+            continue;
+        }
+        let y = slot.get_or_insert_with(|| vec![0.0f32; m * mat.d_out]);
+        if mat.out_in {
+            let (n, len) = (mat.d_out, rows.len());
+            for r in 0..m {
+                y[r * n + rows.start..r * n + rows.end]
+                    .copy_from_slice(&out[r * len..(r + 1) * len]);
+            }
+        } else {
+            for (total, part) in y.iter_mut().zip(out) {
+                *total += part;
+            }
+        }
+    }
+    ys.into_iter()
+        .zip(matrices)
+        .map(|(y, mat)| y.unwrap_or_else(|| vec![0.0f32; m * mat.d_out]))
+        .collect()
+}
+
 /// `y = x · W`: `m` rows of `x` (`[m, d_in]`, row-major) times `W` stored `[d_in, d_out]`.
-/// Returns `y` as `[m, d_out]`, row-major.
+/// Returns `y` as `[m, d_out]`, row-major ([`rows_times_matrices`] of one matrix).
 ///
 /// # Panics
 /// When the slices' lengths are not `m·d_in` and `d_in·d_out` (callers check shapes first).
@@ -103,31 +192,13 @@ fn rows_times_matrix_on(
     d_in: usize,
     d_out: usize,
 ) -> Vec<f32> {
-    assert_eq!(x.len(), m * d_in, "activation rows");
-    assert_eq!(w.len(), d_in * d_out, "weight matrix");
-    // Each task streams one contiguous band of W's rows over all columns into partial sums of
-    // its own, which are added at the end. (Splitting the columns instead makes every task read
-    // short pieces of every row; measured on SmolLM2's matrices that ran at half the bandwidth.)
-    let partials = par_bands(d_in, d_out, |rows| {
-        let mut acc = vec![0.0f32; m * d_out];
-        let band = Band {
-            x,
-            m,
-            d_in,
-            d_out,
-            rows,
-        };
-        typed!(w, w => band.run(isa, w, &mut acc));
-        acc
-    });
-    let mut partials = partials.into_iter().map(|(_, acc)| acc);
-    let mut y = partials.next().unwrap_or_default();
-    for partial in partials {
-        for (total, part) in y.iter_mut().zip(partial) {
-            *total += part;
-        }
-    }
-    y
+    let mat = Matrix {
+        w,
+        d_in,
+        d_out,
+        out_in: false,
+    };
+    rows_times_matrices_on(isa, x, m, &[mat]).remove(0)
 }
 
 /// `y = x · Wᵀ`: `m` rows of `x` (`[m, d]`) times `W` stored `[n, d]` (each output is a dot
@@ -153,31 +224,13 @@ fn rows_times_matrix_t_on(
     n: usize,
     d: usize,
 ) -> Vec<f32> {
-    assert_eq!(x.len(), m * d, "activation rows");
-    assert_eq!(w.len(), n * d, "weight matrix");
-    let blocks = par_bands(n, d, |outputs| {
-        let mut out = vec![0.0f32; m * outputs.len()];
-        let dots = Dots { x, m, d, outputs };
-        typed!(w, w => dots.run(isa, w, &mut out));
-        out
-    });
-    if blocks.len() == 1 {
-        // one band covers every output: its `[m, n]` is the answer
-        return blocks
-            .into_iter()
-            .next()
-            .map(|(_, out)| out)
-            .unwrap_or_default();
-    }
-    let mut y = vec![0.0f32; m * n];
-    for (outputs, out) in blocks {
-        let len = outputs.len();
-        for r in 0..m {
-            y[r * n + outputs.start..r * n + outputs.end]
-                .copy_from_slice(&out[r * len..(r + 1) * len]);
-        }
-    }
-    y
+    let mat = Matrix {
+        w,
+        d_in: d,
+        d_out: n,
+        out_in: true,
+    };
+    rows_times_matrices_on(isa, x, m, &[mat]).remove(0)
 }
 
 /// The weights as f32, in their storage order, converted on every core (f16 through the CPU's
@@ -635,6 +688,76 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn several_matrices_in_one_pass_each_get_their_own_product() {
+        // q, k, v-like projections of the same rows: both layouts, all three types, one large
+        // enough to be split into bands, on a pool of several threads so the bands of different
+        // matrices really are interleaved among tasks
+        let (m, d_in) = (3, 576);
+        let x = values(m * d_in, 7);
+        let outs = [1536, 64, 192, 5];
+        let ws: Vec<Vec<f32>> = outs
+            .iter()
+            .enumerate()
+            .map(|(k, &o)| values(d_in * o, 50 + k as u32))
+            .collect();
+        let halves: Vec<f16> = ws[1].iter().map(|&v| f16::from_f32(v)).collect();
+        let t2: Vec<bf16> = transpose(&ws[2], d_in, outs[2])
+            .iter()
+            .map(|&v| bf16::from_f32(v))
+            .collect();
+        let t0 = transpose(&ws[0], d_in, outs[0]);
+        let matrices = [
+            Matrix {
+                w: WeightSlice::F32(&t0),
+                d_in,
+                d_out: outs[0],
+                out_in: true,
+            },
+            Matrix {
+                w: WeightSlice::F16(&halves),
+                d_in,
+                d_out: outs[1],
+                out_in: false,
+            },
+            Matrix {
+                w: WeightSlice::Bf16(&t2),
+                d_in,
+                d_out: outs[2],
+                out_in: true,
+            },
+            Matrix {
+                w: WeightSlice::F32(&ws[3]),
+                d_in,
+                d_out: outs[3],
+                out_in: false,
+            },
+        ];
+        let exact: Vec<Vec<f32>> = vec![
+            ws[0].clone(),
+            halves.iter().map(|v| v.to_f32()).collect(),
+            transpose(
+                &t2.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+                outs[2],
+                d_in,
+            ),
+            ws[3].clone(),
+        ];
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for isa in Isa::available() {
+            let ys = pool.install(|| rows_times_matrices_on(isa, &x, m, &matrices));
+            assert_eq!(ys.len(), matrices.len());
+            for (k, y) in ys.iter().enumerate() {
+                let want = reference(&x, m, &exact[k], d_in, outs[k]);
+                assert_close(y, &want, &format!("matrix {k} {isa:?}"));
+            }
+        }
+        assert!(rows_times_matrices(&x, m, &[]).is_empty());
     }
 
     #[test]

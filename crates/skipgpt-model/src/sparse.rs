@@ -24,6 +24,7 @@ use crate::cpu_attention::QueryRow;
 use crate::error::{ModelError, Result};
 use crate::generate::GenerateOptions;
 use crate::llama::{grouped_query_attention, Decider, KeyMask, LlamaForCausalLM};
+use crate::lora::LoraLinear;
 use crate::router::{gate_from_logits, KvPolicy, Router, Routing};
 
 /// Cache rows are allocated in blocks of this many tokens per sequence, so a growing cache is
@@ -385,28 +386,29 @@ fn sparse_forward_here<B: Backend>(
                     )
                 };
             let m = kv_rows.len();
-            let k = rot(
-                attn.k_proj.forward(xn.clone()).reshape([m, nkv, hd]),
-                &kv_rows,
-                &kv_tables,
-            );
-            let v = attn.v_proj.forward(xn.clone()).reshape([m, nkv, hd]);
-            // queries: executing rows, located inside kv_rows
+            // queries: executing rows, located inside kv_rows; when they are all of them (a
+            // dense step, `drop`), q, k and v are projected together
             let q_local: Vec<usize> = match kv_policy {
                 KvPolicy::Keep => exec.clone(),
                 KvPolicy::Drop => (0..exec.len()).collect(),
             };
-            let q = if exec.is_empty() {
-                None
+            let (q, k, v) = if exec.len() == m {
+                let [q, k, v]: [Tensor<B, 2>; 3] =
+                    LoraLinear::forward_many(&[&attn.q_proj, &attn.k_proj, &attn.v_proj], xn)
+                        .try_into()
+                        .expect("three projections");
+                (Some(q), k, v)
             } else {
-                let e = exec.len();
-                let q_in = gather_rows(xn, &q_local);
-                Some(rot(
-                    attn.q_proj.forward(q_in).reshape([e, nh, hd]),
-                    &exec,
-                    &q_tables,
-                ))
+                let [k, v]: [Tensor<B, 2>; 2] =
+                    LoraLinear::forward_many(&[&attn.k_proj, &attn.v_proj], xn.clone())
+                        .try_into()
+                        .expect("two projections");
+                let q = (!exec.is_empty()).then(|| attn.q_proj.forward(gather_rows(xn, &q_local)));
+                (q, k, v)
             };
+            let k = rot(k.reshape([m, nkv, hd]), &kv_rows, &kv_tables);
+            let v = v.reshape([m, nkv, hd]);
+            let q = q.map(|q| rot(q.reshape([exec.len(), nh, hd]), &exec, &q_tables));
             // store the new keys/values, then attend for the executing queries of every
             // sequence at once
             let store = &mut cache.layers[l];

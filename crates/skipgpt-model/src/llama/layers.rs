@@ -236,7 +236,10 @@ impl<B: Backend> Mlp<B> {
     /// - x: `[..., hidden]`
     /// - output: `[..., hidden]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        let [gate, up]: [Tensor<B, D>; 2] =
+            LoraLinear::forward_many(&[&self.gate_proj, &self.up_proj], x)
+                .try_into()
+                .expect("two projections");
         let hidden = match crate::cpu_fast::swiglu(&gate, &up) {
             Some(hidden) => hidden,
             None => activation::silu(gate) * up,
