@@ -13,6 +13,7 @@ use common::*;
 use skipgpt_model::cpu_fast::{
     hold_weight, holds_weights_out_in, rows_times_weight, rows_times_weight_t, MAX_ROWS,
 };
+use skipgpt_model::matvec::widens_in_registers;
 use skipgpt_model::precision::linear_forward;
 use skipgpt_model::sparse::generate_sparse;
 use skipgpt_model::{load_pretrained, Routing};
@@ -112,7 +113,13 @@ fn weights_held_as_checkpoints_store_them_take_the_kernels_too() {
         let stored = to_vec(w.clone().cast(DType::F32));
         for rows in [1, 5, MAX_ROWS] {
             let x = Tensor::<Flex, 2>::random([rows, d_in], Distribution::Default, &flex());
-            let y = rows_times_weight(&x, &w).expect("a transposed contiguous weight");
+            let y = rows_times_weight(&x, &w);
+            if dtype == DType::F16 && !widens_in_registers() {
+                // f16 without vector widening keeps gemm's f16 kernels (`weights_of`)
+                assert!(y.is_none(), "{rows} rows, f16 without F16C");
+                continue;
+            }
+            let y = y.expect("a transposed contiguous weight");
             let want = plain(&to_vec(x), rows, &stored, d_in, d_out, &[]);
             assert_close(
                 &to_vec(y),
@@ -121,12 +128,12 @@ fn weights_held_as_checkpoints_store_them_take_the_kernels_too() {
             );
         }
         // gemm's product (more rows) reads the same view
-        let x = Tensor::<Flex, 2>::random([MAX_ROWS + 3, d_in], Distribution::Default, &flex());
-        let linear = Linear {
-            weight: Param::from_tensor(w.clone()),
-            bias: None,
-        };
         if dtype == DType::F32 {
+            let x = Tensor::<Flex, 2>::random([MAX_ROWS + 3, d_in], Distribution::Default, &flex());
+            let linear = Linear {
+                weight: Param::from_tensor(w.clone()),
+                bias: None,
+            };
             let want = plain(&to_vec(x.clone()), MAX_ROWS + 3, &stored, d_in, d_out, &[]);
             assert_close(
                 &to_vec(linear_forward(&linear, x)),

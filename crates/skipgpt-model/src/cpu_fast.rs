@@ -43,6 +43,15 @@ pub fn holds_weights_out_in<B: Backend>(device: &B::Device) -> bool {
     matches!(B::name(device).as_str(), "flex" | "autodiff<flex>")
 }
 
+/// Whether `B` is the CPU backend whose engine operations this module replaces (burn-flex
+/// itself, not autodiff's wrapper of it): callers skip preparing inputs for them elsewhere.
+pub fn runs_engine_kernels<B: Backend>() -> bool {
+    #[cfg(feature = "flex")]
+    return flex::is_flex::<B>();
+    #[cfg(not(feature = "flex"))]
+    false
+}
+
 /// `w` (`[in, out]`, any layout) in the layout [`holds_weights_out_in`] asks of `B`: a
 /// transposed view of a contiguous `[out, in]` on the CPU backend (copied there once if it is
 /// not one already), unchanged elsewhere. For weights made in place (merging an adapter).

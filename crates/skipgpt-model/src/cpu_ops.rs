@@ -186,16 +186,9 @@ fn swiglu_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
 mod tests {
     use super::*;
 
+    /// Values in [-4, 4).
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 8.0 - 4.0
-            })
-            .collect()
+        crate::test_values::values_within(n, seed, 4.0)
     }
 
     fn assert_close(got: &[f32], want: &[f64], what: &str) {

@@ -35,6 +35,8 @@ pub mod router;
 pub mod safetensors_io;
 pub mod sparse;
 pub mod team;
+#[cfg(test)]
+mod test_values;
 pub mod tokenizer;
 
 pub use checkpoint::{

@@ -591,18 +591,7 @@ mod simd {
 mod tests {
     use super::*;
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        // a small deterministic generator: values in [-1, 1)
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_values::values;
 
     /// The products in f64 from the weights as stored (already rounded to their type).
     fn reference(x: &[f32], m: usize, w: &[f32], d_in: usize, d_out: usize) -> Vec<f32> {

@@ -320,6 +320,7 @@ fn sparse_forward_here<B: Backend>(
         )
     };
     let (q_tables, kv_tables) = (std::cell::OnceCell::new(), std::cell::OnceCell::new());
+    let cpu_kernels = crate::cpu_fast::runs_engine_kernels::<B>();
     let layer_routing = model.layer_routing(routing);
     let kv_policy = layer_routing.kv_policy;
     let window = cfg.sliding_window.unwrap_or(usize::MAX);
@@ -371,12 +372,14 @@ fn sparse_forward_here<B: Backend>(
                 |t: Tensor<B, 3>,
                  which: &[usize],
                  repeated: &std::cell::OnceCell<(Tensor<B, 2>, Tensor<B, 2>)>| {
-                    let (c, s) = (
-                        gather_rows(cos.clone(), which),
-                        gather_rows(sin.clone(), which),
-                    );
-                    if let Some(rotated) = crate::cpu_fast::rotate(&t, &c, &s) {
-                        return rotated;
+                    if cpu_kernels {
+                        let (c, s) = (
+                            gather_rows(cos.clone(), which),
+                            gather_rows(sin.clone(), which),
+                        );
+                        if let Some(rotated) = crate::cpu_fast::rotate(&t, &c, &s) {
+                            return rotated;
+                        }
                     }
                     let tables = repeated.get_or_init(|| tables(t.dims()[1]));
                     crate::rope::apply_rotary_rows(
@@ -603,16 +606,18 @@ fn attend_batched<B: Backend>(
         .as_ref()
         .expect("queries store their own keys first");
     // the CPU backend: every query row over the stretch of slots it sees, no mask
-    let ranges: Vec<QueryRow> = queries
-        .iter()
-        .map(|&(s, p)| QueryRow {
-            seq: s,
-            keys: visible_slots(config, &store.positions[s], p),
-        })
-        .collect();
-    if let Some(out) = crate::cpu_fast::attend(&q, ck, cv, nkv, store.capacity, &ranges) {
-        let visible = ranges.iter().map(|r| r.keys.len()).sum();
-        return (out, visible);
+    if crate::cpu_fast::runs_engine_kernels::<B>() {
+        let ranges: Vec<QueryRow> = queries
+            .iter()
+            .map(|&(s, p)| QueryRow {
+                seq: s,
+                keys: visible_slots(config, &store.positions[s], p),
+            })
+            .collect();
+        if let Some(out) = crate::cpu_fast::attend(&q, ck, cv, nkv, store.capacity, &ranges) {
+            let visible = ranges.iter().map(|r| r.keys.len()).sum();
+            return (out, visible);
+        }
     }
     // the sequences with queries, and where each one's queries start in `q`
     let mut seqs: Vec<(usize, usize, usize)> = Vec::new(); // (sequence, first, count)
