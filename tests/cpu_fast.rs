@@ -2,7 +2,7 @@
 //! `cpu_attention`, `cpu_ops`): products of at most `MAX_ROWS` rows on burn-flex take the
 //! crate's kernels, for f32, f16 and bf16 weights in either layout, and give what the plain
 //! product gives; larger ones and other backends keep Burn's matmul; a model decoding, or
-//! prefilling a long prompt, on the CPU backend gives the reference backend's logits.
+//! prefilling a long prompt in pieces, on the CPU backend gives the reference backend's logits.
 
 mod common;
 
@@ -12,6 +12,7 @@ use burn::tensor::{DType, Distribution, Tensor};
 use common::*;
 use skipgpt_model::cpu_fast::{
     hold_weight, holds_weights_out_in, rows_times_weight, rows_times_weight_t, MAX_ROWS,
+    MAX_ROWS_IN_OUT,
 };
 use skipgpt_model::matvec::widens_in_registers;
 use skipgpt_model::precision::linear_forward;
@@ -61,7 +62,7 @@ fn small_products_take_the_kernels_and_match_the_plain_product() {
             bias: Some(Param::from_tensor(bias.clone())),
         };
         let stored = to_vec(w.clone().cast(DType::F32));
-        for rows in [1, 3, MAX_ROWS, MAX_ROWS + 1] {
+        for rows in [1, 3, MAX_ROWS_IN_OUT, MAX_ROWS_IN_OUT + 1, MAX_ROWS + 1] {
             let what = format!("{dtype:?}, {rows} rows");
             let x = Tensor::<Flex, 2>::random([rows, d_in], Distribution::Default, &flex());
             let want = plain(
@@ -73,9 +74,9 @@ fn small_products_take_the_kernels_and_match_the_plain_product() {
                 &to_vec(bias.clone()),
             );
             let kernels = rows_times_weight(&x, &w);
-            // more rows: half-precision weights are widened for gemm's f32 kernels, f32 ones
-            // go to Burn's matmul as they are
-            let taken = rows <= MAX_ROWS || dtype != DType::F32;
+            // more rows of this layout ([in, out]): half-precision weights are widened for
+            // gemm's f32 kernels, f32 ones go to Burn's matmul as they are
+            let taken = rows <= MAX_ROWS_IN_OUT || dtype != DType::F32;
             assert_eq!(kernels.is_some(), taken, "{what}: which path");
             if let Some(y) = kernels {
                 let want = plain(&to_vec(x.clone()), rows, &stored, d_in, d_out, &[]);
@@ -178,9 +179,10 @@ fn other_backends_other_strided_weights_and_f16_rows_keep_burns_product() {
 }
 
 /// The CPU backend's loaded model holds the checkpoint's values (in its own layout) and gives
-/// the reference backend's logits over a prefill long enough for gemm, several attention
-/// blocks and both threads, then single tokens; with a sliding window, the engine's key
-/// ranges agree with the reference backend's mask and with the gated forward.
+/// the reference backend's logits over a prefill longer than `MAX_ROWS` rows (run as two
+/// pieces, the second starting inside the second sequence), with several attention blocks on
+/// both threads, then single tokens; with a sliding window, the engine's key ranges agree
+/// with the reference backend's mask and with the gated forward.
 #[test]
 fn a_long_prefill_on_the_cpu_backend_gives_the_reference_backends_logits() {
     let dir = tiny().join("model-routed");
@@ -206,9 +208,14 @@ fn a_long_prefill_on_the_cpu_backend_gives_the_reference_backends_logits() {
     );
     let vocab = on_flex.config.vocab_size as u32;
     let rows: Vec<Vec<u32>> = (0..2u32)
-        .map(|s| (0..45u32).map(|i| (i * 37 + s * 101 + 7) % vocab).collect())
+        .map(|s| {
+            (0..100u32)
+                .map(|i| (i * 37 + s * 101 + 7) % vocab)
+                .collect()
+        })
         .collect();
-    let chunks = [40, 1, 4];
+    let chunks = [90, 1, 9];
+    assert!(2 * chunks[0] > MAX_ROWS && chunks[0] < MAX_ROWS);
     for window in [None, Some(5)] {
         on_flex.config.sliding_window = window;
         on_ndarray.config.sliding_window = window;
@@ -225,7 +232,7 @@ fn a_long_prefill_on_the_cpu_backend_gives_the_reference_backends_logits() {
         let ids = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(
             burn::tensor::TensorData::new(
                 rows.iter().flatten().map(|&t| t as i64).collect::<Vec<_>>(),
-                [2, 45],
+                [2, 100],
             ),
             &device(),
         );
@@ -239,7 +246,9 @@ fn a_long_prefill_on_the_cpu_backend_gives_the_reference_backends_logits() {
     }
 }
 
-/// Ragged prompts decode together on the CPU backend to the reference backend's tokens.
+/// Ragged prompts decode together on the CPU backend to the reference backend's tokens; their
+/// prefill (136 rows) runs as two pieces, the first ending inside the second prompt, so each
+/// prompt's next token comes from the piece that holds its last token.
 #[test]
 fn ragged_batches_decode_on_the_cpu_backend_as_on_the_reference_backend() {
     let dir = tiny().join("model-routed");
@@ -247,9 +256,10 @@ fn ragged_batches_decode_on_the_cpu_backend_as_on_the_reference_backend() {
     let on_ndarray = load_pretrained::<B>(&dir, &device()).unwrap().model;
     let prompts = vec![
         vec![1u32, 5, 9, 2, 7],
-        (0..37).map(|i| i * 3 % 500).collect(),
+        (0..130).map(|i| i * 3 % 500).collect(),
         vec![4],
     ];
+    assert!(prompts.iter().map(Vec::len).sum::<usize>() > MAX_ROWS);
     for routing in [Routing::Dense, Routing::Deterministic] {
         let (a, _, _) = generate_sparse(&on_flex, &prompts, &greedy(12), routing).unwrap();
         let (b, _, _) = generate_sparse(&on_ndarray, &prompts, &greedy(12), routing).unwrap();
@@ -275,5 +285,73 @@ fn decoding_on_the_cpu_backend_gives_the_reference_backends_logits() {
         let b = engine_logits_in_chunks(&on_ndarray, &rows, &chunks, routing);
         let d = max_abs_diff(&a, &b);
         assert!(d < 1e-4, "{routing:?}: logits differ by {d}");
+    }
+}
+
+/// The CPU backend writes new keys and values into the cache in place. A cloned cache (two
+/// continuations of one prompt) shares its buffers until one of them writes: each clone must
+/// then continue as if it had its own cache from the start.
+#[test]
+fn a_cloned_cache_continues_independently_of_its_original() {
+    use skipgpt_model::sparse::{sparse_forward, LogitRows, SparseCache};
+    let dir = tiny().join("model-routed");
+    let model = load_pretrained::<Flex>(&dir, &flex()).unwrap().model;
+    let layers = model.config.num_hidden_layers;
+    let step = |cache: &mut SparseCache<Flex>, ids: &[u32]| {
+        to_vec(
+            sparse_forward(
+                &model,
+                &[ids.to_vec()],
+                cache,
+                Routing::Dense,
+                LogitRows::Last,
+            )
+            .unwrap()
+            .logits,
+        )
+    };
+    let prompt = [1u32, 5, 9, 2, 7, 3];
+    let mut original = SparseCache::new(1, layers);
+    step(&mut original, &prompt);
+    let mut clone = original.clone();
+    // the original goes on with [11, 12], the clone with [40, 41]
+    let a = [step(&mut original, &[11]), step(&mut original, &[12])];
+    let b = [step(&mut clone, &[40]), step(&mut clone, &[41])];
+    for (continuation, got) in [([11u32, 12], a), ([40, 41], b)] {
+        let mut fresh = SparseCache::new(1, layers);
+        step(&mut fresh, &prompt);
+        for (t, g) in continuation.iter().zip(&got) {
+            let want = step(&mut fresh, &[*t]);
+            assert_eq!(g, &want, "continuation {continuation:?}");
+        }
+    }
+}
+
+/// With half-precision matrices the engine keeps its cache in the same half type (half the
+/// bytes). At f16 (11 significant bits) the tiny model still decodes as at f32; bf16's 8 bits
+/// move its near-ties (SmolLM2's agreement at both is in `tests/smollm2.rs`).
+#[test]
+fn half_precision_weights_keep_a_half_precision_cache() {
+    use skipgpt_model::{load_pretrained_as, StoreDtype};
+    let dir = tiny().join("model-routed");
+    let prompts = vec![vec![1u32, 5, 9, 2, 7], vec![3, 4]];
+    let at = |dtype| {
+        let model = load_pretrained_as::<Flex>(&dir, &flex(), dtype)
+            .unwrap()
+            .model;
+        let (tokens, _, cache) =
+            generate_sparse(&model, &prompts, &greedy(8), Routing::Dense).unwrap();
+        let [kv, hd] = [model.config.num_key_value_heads, model.config.head_dim];
+        (tokens, cache.value_bytes(), cache.bytes(kv, hd))
+    };
+    let (t32, size32, bytes32) = at(StoreDtype::F32);
+    assert_eq!(size32, 4);
+    for dtype in [StoreDtype::F16, StoreDtype::BF16] {
+        let (tokens, size, bytes) = at(dtype);
+        assert_eq!(size, 2, "{dtype:?}");
+        assert_eq!(2 * bytes, bytes32, "{dtype:?}");
+        if dtype == StoreDtype::F16 {
+            assert_eq!(tokens, t32);
+        }
     }
 }

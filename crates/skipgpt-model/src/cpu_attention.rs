@@ -21,7 +21,9 @@
 
 use std::ops::Range;
 
-use crate::matvec::Isa;
+use half::slice::HalfFloatSliceExt;
+
+use crate::matvec::{Isa, WeightSlice};
 
 /// Query rows per task: large enough for gemm to run near its peak, small enough that a causal
 /// block's union of key ranges wastes little (at most one block's worth of keys per row).
@@ -43,11 +45,13 @@ pub struct QueryRow {
 }
 
 /// A layer's cache as the engine holds it: `[batch, kv_heads, capacity, head_dim]` keys and
-/// values, row-major.
+/// values, row-major, in f32 or (with half-precision weights) f16/bf16. Half-precision
+/// stretches are widened to f32 a chunk of keys at a time, so scores, softmax and the weighted
+/// sum stay f32.
 #[derive(Clone, Copy, Debug)]
 pub struct KvCache<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: WeightSlice<'a>,
+    pub v: WeightSlice<'a>,
     pub kv_heads: usize,
     pub capacity: usize,
     pub head_dim: usize,
@@ -57,6 +61,26 @@ impl KvCache<'_> {
     /// Offset of slot 0 of `(seq, kv_head)`.
     fn base(&self, seq: usize, kv_head: usize) -> usize {
         (seq * self.kv_heads + kv_head) * self.capacity * self.head_dim
+    }
+}
+
+/// `values[from..to]` as f32: the cache's own memory when it is f32, else widened into
+/// `scratch`.
+fn as_f32<'s>(
+    values: WeightSlice<'s>,
+    from: usize,
+    to: usize,
+    scratch: &'s mut Vec<f32>,
+) -> &'s [f32] {
+    let widened = |scratch: &'s mut Vec<f32>, convert: &dyn Fn(&mut [f32])| -> &'s [f32] {
+        scratch.resize(to - from, 0.0);
+        convert(scratch);
+        scratch
+    };
+    match values {
+        WeightSlice::F32(v) => &v[from..to],
+        WeightSlice::F16(v) => widened(scratch, &|out| v[from..to].convert_to_f32_slice(out)),
+        WeightSlice::Bf16(v) => widened(scratch, &|out| v[from..to].convert_to_f32_slice(out)),
     }
 }
 
@@ -176,16 +200,18 @@ impl Task<'_> {
         let mut row_sum = vec![0.0f32; m];
         let mut scores = vec![0.0f32; m * KEY_CHUNK.min(hi - lo)];
         let q = &self.q[self.first * self.width + self.head * hd..];
-        let keys = &self.cache.k[self.kv..];
-        let values = &self.cache.v[self.kv..];
+        // a chunk of keys and values widened to f32 (a half-precision cache)
+        let (mut k_wide, mut v_wide) = (Vec::new(), Vec::new());
         let mut start = lo;
         while start < hi {
             let end = (start + KEY_CHUNK).min(hi);
             let len = end - start;
             let s = &mut scores[..m * len];
+            let (from, to) = (self.kv + start * hd, self.kv + end * hd);
+            let keys = as_f32(self.cache.k, from, to, &mut k_wide);
             // s = scale · q_block · K[start..end]ᵀ
             // SAFETY: q holds m rows of `width` from its offset (the head's hd values lie
-            // inside each), the cache holds `capacity` slots of hd per lane and end <= capacity
+            // inside each); `keys` holds the chunk's `len` slots of hd
             unsafe {
                 gemm::gemm(
                     m,
@@ -198,7 +224,7 @@ impl Task<'_> {
                     q.as_ptr(),
                     1,
                     self.width as isize,
-                    keys.as_ptr().add(start * hd),
+                    keys.as_ptr(),
                     hd as isize,
                     1,
                     0.0,
@@ -237,6 +263,7 @@ impl Task<'_> {
                 row_max[i] = new_max;
             }
             // acc += s · V[start..end]
+            let values = as_f32(self.cache.v, from, to, &mut v_wide);
             // SAFETY: as above; `acc` is [m, hd] and `s` [m, len]
             unsafe {
                 gemm::gemm(
@@ -250,7 +277,7 @@ impl Task<'_> {
                     s.as_ptr(),
                     1,
                     len as isize,
-                    values.as_ptr().add(start * hd),
+                    values.as_ptr(),
                     1,
                     hd as isize,
                     1.0,
@@ -345,14 +372,17 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
 mod tests {
     use super::*;
 
+    use half::{bf16, f16};
+
     use crate::test_values::values;
 
-    /// The same attention in f64, one query row and head at a time.
+    /// The same attention in f64, one query row and head at a time, over the cache's values
+    /// `ck`, `cv` as f32 (`c` gives the shapes).
     fn reference(
         q: &[f32],
         heads: usize,
         rows: &[QueryRow],
-        c: &KvCache<'_>,
+        (c, ck, cv): (&KvCache<'_>, &[f32], &[f32]),
         scale: f32,
     ) -> Vec<f32> {
         let hd = c.head_dim;
@@ -366,7 +396,7 @@ mod tests {
                     .keys
                     .clone()
                     .map(|j| {
-                        let k = &c.k[base + j * hd..][..hd];
+                        let k = &ck[base + j * hd..][..hd];
                         qv.iter()
                             .zip(k)
                             .map(|(a, b)| *a as f64 * *b as f64)
@@ -382,7 +412,7 @@ mod tests {
                         .keys
                         .clone()
                         .zip(&e)
-                        .map(|(j, w)| w * c.v[base + j * hd + d] as f64)
+                        .map(|(j, w)| w * cv[base + j * hd + d] as f64)
                         .sum();
                     y[(i * heads + h) * hd + d] = (v / total) as f32;
                 }
@@ -416,8 +446,8 @@ mod tests {
         let k = values(batch * kv_heads * cap * hd, 1);
         let v = values(batch * kv_heads * cap * hd, 2);
         let cache = KvCache {
-            k: &k,
-            v: &v,
+            k: WeightSlice::F32(&k),
+            v: WeightSlice::F32(&v),
             kv_heads,
             capacity: cap,
             head_dim: hd,
@@ -441,15 +471,51 @@ mod tests {
         rows.push(QueryRow { seq: 1, keys: 0..1 });
         let q = values(rows.len() * heads * hd, 3);
         let scale = 0.25;
-        let want = reference(&q, heads, &rows, &cache, scale);
-        for isa in Isa::available() {
-            let got = attend_on(isa, &q, heads, &rows, cache, scale);
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                    "{isa:?} value {i} (row {}): {g} against {w}",
-                    i / (heads * hd)
-                );
+        // the same cache held in f16 and bf16: the reference reads the rounded values
+        let (k16, v16): (Vec<f16>, Vec<f16>) = (
+            k.iter().map(|&x| f16::from_f32(x)).collect(),
+            v.iter().map(|&x| f16::from_f32(x)).collect(),
+        );
+        let (kb16, vb16): (Vec<bf16>, Vec<bf16>) = (
+            k.iter().map(|&x| bf16::from_f32(x)).collect(),
+            v.iter().map(|&x| bf16::from_f32(x)).collect(),
+        );
+        let widen16 = |h: &[f16]| h.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+        let widenb16 = |h: &[bf16]| h.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+        let caches = [
+            (cache, k.clone(), v.clone(), "f32"),
+            (
+                KvCache {
+                    k: WeightSlice::F16(&k16),
+                    v: WeightSlice::F16(&v16),
+                    ..cache
+                },
+                widen16(&k16),
+                widen16(&v16),
+                "f16",
+            ),
+            (
+                KvCache {
+                    k: WeightSlice::Bf16(&kb16),
+                    v: WeightSlice::Bf16(&vb16),
+                    ..cache
+                },
+                widenb16(&kb16),
+                widenb16(&vb16),
+                "bf16",
+            ),
+        ];
+        for (cache, ck, cv, name) in caches {
+            let want = reference(&q, heads, &rows, (&cache, &ck, &cv), scale);
+            for isa in Isa::available() {
+                let got = attend_on(isa, &q, heads, &rows, cache, scale);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{name} cache, {isa:?} value {i} (row {}): {g} against {w}",
+                        i / (heads * hd)
+                    );
+                }
             }
         }
     }
@@ -463,8 +529,8 @@ mod tests {
         let mut v = values(2 * cap * hd, 6);
         v[cap * hd..cap * hd + hd].copy_from_slice(&[1.0, 2.0, 3.0, 4.0]);
         let cache = KvCache {
-            k: &k,
-            v: &v,
+            k: WeightSlice::F32(&k),
+            v: WeightSlice::F32(&v),
             kv_heads,
             capacity: cap,
             head_dim: hd,

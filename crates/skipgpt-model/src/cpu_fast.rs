@@ -1,11 +1,11 @@
 //! The CPU backend's (burn-flex's) fast paths: where the model's tensors are on burn-flex, its
 //! hot operations go to the crate's own kernels, on plain slices, instead of Burn's:
 //!
-//! - **decoding products** ([`rows_times_weight`], [`rows_times_weight_t`]): products of at
-//!   most [`MAX_ROWS`] f32 rows stream each weight once over every core ([`crate::matvec`];
-//!   burn-flex gives such a product to gemm on one core and widens f16/bf16 operands whole
-//!   first). Prefill products of half-precision weights widen the weights and take gemm's f32
-//!   kernels;
+//! - **decoding and short-prompt products** ([`rows_times_weight`], [`rows_times_weight_t`]):
+//!   products of at most [`MAX_ROWS`] f32 rows stream each weight once over every core
+//!   ([`crate::matvec`]; burn-flex gives a small product to gemm on one core, packs both
+//!   operands on every product and widens f16/bf16 operands whole first). Longer prefills of
+//!   half-precision weights widen the weights and take gemm's f32 kernels;
 //! - **the engine's attention** ([`attend`], [`crate::cpu_attention`]): every query row over the
 //!   stretch of its cache it sees, on every core;
 //! - **RMSNorm, the rotary rotation and SwiGLU** ([`rms_norm`], [`rotate`], [`swiglu`],
@@ -25,11 +25,21 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::cpu_attention::QueryRow;
 
-/// Most activation rows a product is taken here for. Decoding steps have one row per
-/// sequence, routed modules fewer; at 8 rows the kernels still took 0.8x of burn-flex's time at
-/// f32 on SmolLM2's matrices (`examples/bench_matvec -- 8`), at 16 rows 1.1x: there arithmetic
-/// matters more than reading the weights.
-pub const MAX_ROWS: usize = 8;
+/// Most activation rows a product is taken here for: decoding steps (one row per sequence,
+/// routed modules fewer) and short prompts. The kernels multiply each weight vector with
+/// blocks of rows held in registers and read every weight once, where gemm packs both
+/// operands on every product. Prefill of SmolLM2 on 2 threads of this project's machine
+/// (`examples/bench_real --prefill N --decode 1`, f32 / f16 tok/s): 16 tokens 124 / 127 with
+/// gemm against 417 / 407 here, 128 tokens 468 / 451 against 631 / 538; at 256 they were even,
+/// at 512 gemm was ahead (613 / 511 against 477 / 391): the rows no longer stay in the cache
+/// while a weight row streams past.
+pub const MAX_ROWS: usize = 128;
+
+/// Most activation rows a product with a weight held `[in, out]` is taken here for: that
+/// layout's kernel ([`crate::matvec::rows_times_matrix`]) adds scaled weight rows into every
+/// output row, so its traffic grows with the rows (at 16 rows it was no faster than gemm).
+/// The CPU backend holds the model's weights `[out, in]` ([`holds_weights_out_in`]).
+pub const MAX_ROWS_IN_OUT: usize = 8;
 
 /// Whether linear weights on `B` are held as checkpoints store them, `[out, in]`, and seen as
 /// Burn's `[in, out]` through a transposed view: on the CPU backend, with or without autodiff.
@@ -152,6 +162,33 @@ pub fn attend<B: Backend>(
     }
 }
 
+/// `cache` with `rows` written into its rows `slots`, in place, converted to the cache's type
+/// (f32, f16 or bf16): the engine's cache append on the CPU backend. Burn's indexed writes
+/// return a new tensor, and burn-flex's copy the whole buffer to make it, so appending one
+/// token to a cache copied every stored key and value of every layer on every step. `Err`
+/// gives `cache` back unchanged where this does not apply: another backend, a strided or
+/// shared buffer (a cloned cache keeps its own copy), rows that are not f32.
+///
+/// # Shapes
+/// - cache: `[slots, width]`
+/// - rows: `[slots.len(), width]`
+///
+/// # Panics
+/// When a slot is past the cache's rows or the widths differ.
+pub fn write_rows<B: Backend>(
+    cache: Tensor<B, 2>,
+    slots: &[usize],
+    rows: &Tensor<B, 2>,
+) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    #[cfg(feature = "flex")]
+    return flex::write_rows(cache, slots, rows);
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (slots, rows);
+        Err(cache)
+    }
+}
+
 /// RMSNorm of every row ([`crate::cpu_ops::rms_norm`]) on the CPU backend, or `None` where
 /// the tensor operations should run.
 ///
@@ -229,8 +266,9 @@ fn flat<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Tensor<B, 1> {
 /// Runs an engine call of `rows` token rows on the CPU backend's threads; elsewhere (GPU
 /// backends) where it is called.
 ///
-/// - A decoding step (at most [`MAX_ROWS`] rows) runs as a [`crate::team`]: its ~200 parallel
-///   products find the pool's other threads spinning instead of asleep.
+/// - A decoding step or a short prompt (at most [`MAX_ROWS`] rows, the products' kernels) runs
+///   as a [`crate::team`]: its ~200 parallel products find the pool's other threads spinning
+///   instead of asleep.
 /// - A longer call (prefill) runs on a thread of rayon's pool, where its gemm products and
 ///   burn-flex's operations share the pool as usual. (A thread outside the pool that starts
 ///   parallel work hands it over and sleeps until it is done; inside, it takes part.)
@@ -253,9 +291,10 @@ mod flex {
 
     use burn::tensor::{backend::Backend, DType, Tensor, TensorData, TensorPrimitive};
     use burn_flex::{Flex, FlexTensor};
+    use half::slice::HalfFloatSliceExt;
     use half::{bf16, f16};
 
-    use super::MAX_ROWS;
+    use super::{MAX_ROWS, MAX_ROWS_IN_OUT};
     use crate::cpu_attention::{self, KvCache, QueryRow};
     use crate::matvec::{
         rows_times_matrices, rows_times_matrix_t, widens_in_registers, Matrix, WeightSlice,
@@ -267,13 +306,19 @@ mod flex {
     ) -> Option<Tensor<B, D>> {
         let dims = x.dims();
         let m = dims[..D - 1].iter().product::<usize>();
-        if m > MAX_ROWS {
-            if w.dims()[0] != dims[D - 1] {
+        if m <= MAX_ROWS {
+            if let Some(mut ys) = rows_times_weights(x, std::slice::from_ref(w)) {
+                return Some(ys.remove(0));
+            }
+            if m <= MAX_ROWS_IN_OUT {
                 return None;
             }
-            return many_rows_times_half_weight(x, w);
         }
-        rows_times_weights(x, std::slice::from_ref(w)).map(|mut ys| ys.remove(0))
+        // more rows than the kernels take (for this layout): half-precision weights widened
+        if w.dims()[0] != dims[D - 1] {
+            return None;
+        }
+        many_rows_times_half_weight(x, w)
     }
 
     pub fn rows_times_weights<B: Backend, const D: usize>(
@@ -297,6 +342,9 @@ mod flex {
                 _ => as_flex(&w.clone().transpose()).map(|f| (f, true)),
             })
             .collect::<Option<_>>()?;
+        if m > MAX_ROWS_IN_OUT && stored.iter().any(|(_, out_in)| !out_in) {
+            return None;
+        }
         let matrices: Vec<Matrix<'_>> = stored
             .iter()
             .zip(weights)
@@ -349,8 +397,7 @@ mod flex {
         let [n, heads, hd] = q.dims();
         if !is_flex::<B>()
             || q.dtype() != DType::F32
-            || k.dtype() != DType::F32
-            || v.dtype() != DType::F32
+            || k.dtype() != v.dtype()
             || n != rows.len()
             || k.dims()[1] != hd
         {
@@ -358,8 +405,8 @@ mod flex {
         }
         let (qs, ks, vs) = (as_flex(q)?, as_flex(k)?, as_flex(v)?);
         let cache = KvCache {
-            k: ks.as_slice::<f32>()?,
-            v: vs.as_slice::<f32>()?,
+            k: weights_any(&ks)?,
+            v: weights_any(&vs)?,
             kv_heads,
             capacity,
             head_dim: hd,
@@ -407,6 +454,52 @@ mod flex {
         Some(rows.matmul(wide).reshape(out))
     }
 
+    pub fn write_rows<B: Backend>(
+        cache: Tensor<B, 2>,
+        slots: &[usize],
+        rows: &Tensor<B, 2>,
+    ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+        let [n, width] = cache.dims();
+        assert_eq!(rows.dims(), [slots.len(), width], "rows to write");
+        assert!(slots.iter().all(|&s| s < n), "a slot past the {n} rows");
+        if !is_flex::<B>() || rows.dtype() != DType::F32 {
+            return Err(cache);
+        }
+        let Some(src) = as_flex(rows) else {
+            return Err(cache);
+        };
+        let Some(src) = src.as_slice::<f32>() else {
+            return Err(cache);
+        };
+        let mut dst = into_flex(cache)?;
+        if !dst.is_contiguous() || dst.layout().start_offset() != 0 || !dst.is_unique() {
+            return Err(from_flex(dst));
+        }
+        let rows_of = |s: usize| s * width..(s + 1) * width;
+        match dst.dtype() {
+            DType::F32 => {
+                let d = dst.try_storage_mut::<f32>().expect("unique");
+                for (i, &s) in slots.iter().enumerate() {
+                    d[rows_of(s)].copy_from_slice(&src[rows_of(i)]);
+                }
+            }
+            DType::F16 => {
+                let d = dst.try_storage_mut::<f16>().expect("unique");
+                for (i, &s) in slots.iter().enumerate() {
+                    d[rows_of(s)].convert_from_f32_slice(&src[rows_of(i)]);
+                }
+            }
+            DType::BF16 => {
+                let d = dst.try_storage_mut::<bf16>().expect("unique");
+                for (i, &s) in slots.iter().enumerate() {
+                    d[rows_of(s)].convert_from_f32_slice(&src[rows_of(i)]);
+                }
+            }
+            _ => return Err(from_flex(dst)),
+        }
+        Ok(from_flex(dst))
+    }
+
     /// A contiguous weight's values in their stored type, whatever the CPU.
     fn weights_any(w: &FlexTensor) -> Option<WeightSlice<'_>> {
         match w.dtype() {
@@ -452,6 +545,33 @@ mod flex {
     /// On the CPU backend, f32 rows, few of them.
     fn eligible<B: Backend>(rows: usize, dtype: DType) -> bool {
         is_flex::<B>() && (1..=MAX_ROWS).contains(&rows) && dtype == DType::F32
+    }
+
+    /// The tensor's burn-flex primitive, taken (not shared: writing in place needs the only
+    /// handle), or the tensor back where it is not one.
+    fn into_flex<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<FlexTensor, Tensor<B, D>> {
+        match t.into_primitive() {
+            TensorPrimitive::Float(p) => {
+                match (Box::new(p) as Box<dyn Any>).downcast::<FlexTensor>() {
+                    Ok(f) => Ok(*f),
+                    Err(p) => {
+                        let p = p
+                            .downcast::<B::FloatTensorPrimitive>()
+                            .expect("its own type");
+                        Err(Tensor::from_primitive(TensorPrimitive::Float(*p)))
+                    }
+                }
+            }
+            q => Err(Tensor::from_primitive(q)),
+        }
+    }
+
+    /// [`into_flex`] back. `B` must be [`Flex`].
+    fn from_flex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
+        let p = *(Box::new(t) as Box<dyn Any>)
+            .downcast::<B::FloatTensorPrimitive>()
+            .expect("B is Flex");
+        Tensor::from_primitive(TensorPrimitive::Float(p))
     }
 
     /// The tensor's burn-flex primitive (a reference-counted handle: no values are copied).

@@ -380,26 +380,32 @@ struct Dots<'a> {
 
 impl Dots<'_> {
     /// `out[r, k] = x[r, :] · W[outputs.start + k, :]`, `out` being `[m, outputs.len()]`.
+    ///
+    /// The vector loops multiply each weight vector, loaded and widened once, with a block of
+    /// rows of `x` (up to 8 with AVX-512, 4 with AVX2) whose products accumulate in registers:
+    /// with several rows (batched decoding, a short prompt) the loop does not reload and
+    /// rewiden the weights for every row.
     fn run<W: Widen + simd::Lanes>(&self, isa: Isa, w: &[W], out: &mut [f32]) {
+        match isa {
+            // SAFETY: `Isa::detect` found the features; `rows_times_matrices` asserted the
+            // slices' lengths, and `outputs` lies within W's rows
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { simd::dots_avx512(self, w, out) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { simd::dots_avx2(self, w, out) },
+            Isa::Plain => self.scalar(w, out),
+        }
+    }
+
+    fn scalar<W: Widen>(&self, w: &[W], out: &mut [f32]) {
         let len = self.outputs.len();
         for (k, v) in self.outputs.clone().enumerate() {
             let row = &w[v * self.d..(v + 1) * self.d];
             for r in 0..self.m {
                 let x = &self.x[r * self.d..(r + 1) * self.d];
-                out[r * len + k] = dot(isa, x, row);
+                out[r * len + k] = x.iter().zip(row).map(|(a, b)| a * b.widen()).sum();
             }
         }
-    }
-}
-
-fn dot<W: Widen + simd::Lanes>(isa: Isa, x: &[f32], w: &[W]) -> f32 {
-    match isa {
-        // SAFETY: `Isa::detect` found the features; callers slice `x` and `w` to one length
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { simd::dot_avx512(x, w) },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { simd::dot_avx2(x, w) },
-        Isa::Plain => x.iter().zip(w).map(|(a, b)| a * b.widen()).sum(),
     }
 }
 
@@ -412,10 +418,12 @@ mod simd {
 
     use half::{bf16, f16};
 
-    use super::{Band, Widen};
+    use super::{Band, Dots, Widen};
 
     /// Loading 16 or 8 consecutive weights as f32 lanes.
     pub trait Lanes: Sized {
+        /// f32 itself: loading needs no widening instruction.
+        const IS_F32: bool = false;
         /// # Safety
         /// AVX-512F is available and `p..p+16` is readable.
         unsafe fn load16(p: *const Self) -> __m512;
@@ -425,6 +433,7 @@ mod simd {
     }
 
     impl Lanes for f32 {
+        const IS_F32: bool = true;
         #[inline]
         #[target_feature(enable = "avx512f")]
         unsafe fn load16(p: *const f32) -> __m512 {
@@ -517,63 +526,163 @@ mod simd {
         _mm256_fmadd_ps
     );
 
-    /// # Safety
-    /// AVX-512F is available; `x` and `w` have the same length.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_avx512<W: Widen + Lanes>(x: &[f32], w: &[W]) -> f32 {
-        let (n, whole) = (x.len(), x.len() / 16 * 16);
-        // two accumulators hide the multiply-add latency
-        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let mut j = 0;
-        while j + 32 <= whole {
-            s0 = _mm512_fmadd_ps(
-                _mm512_loadu_ps(x.as_ptr().add(j)),
-                W::load16(w.as_ptr().add(j)),
-                s0,
-            );
-            s1 = _mm512_fmadd_ps(
-                _mm512_loadu_ps(x.as_ptr().add(j + 16)),
-                W::load16(w.as_ptr().add(j + 16)),
-                s1,
-            );
-            j += 32;
-        }
-        if j < whole {
-            s0 = _mm512_fmadd_ps(
-                _mm512_loadu_ps(x.as_ptr().add(j)),
-                W::load16(w.as_ptr().add(j)),
-                s0,
-            );
-        }
-        let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-        for k in whole..n {
-            sum += x[k] * w[k].widen();
-        }
-        sum
+    /// `$name` runs a [`Dots`] task.
+    ///
+    /// - One row of x (decoding a single sequence: reading the weights bounds it) takes one
+    ///   row of W at a time, a single stream of memory, which the prefetcher follows best,
+    ///   with two accumulators over alternate vectors to hide the multiply-add latency.
+    /// - Several rows of x (batched decoding, a short prompt: arithmetic and loads bound it)
+    ///   take blocks of `RW` rows of W against up to 4 rows of x, `RW · 4` accumulators in
+    ///   registers: each weight vector is loaded and widened once per block, each row vector
+    ///   once per `RW` weight rows. `RW` is `$outputs_f32` for f32 weights and 2 for f16/bf16,
+    ///   whose widening costs an instruction per vector (best of the blocks tried on
+    ///   SmolLM2's matrices at 8 and 16 rows, `examples/bench_matvec`).
+    ///
+    /// `$block` is one block, its sizes fixed so that its accumulators stay in registers.
+    macro_rules! dots_kernel {
+        ($name:ident, $block:ident, $feature:literal, $lanes:literal, $outputs_f32:literal,
+         $load:ident, $loadu:ident, $zero:ident, $add:ident, $fmadd:ident, $hsum:ident) => {
+            /// # Safety
+            /// The CPU has the named features; `w` holds every row of `t.outputs` (`t.d` values
+            /// each), `t.x` holds `t.m · t.d` values and `out` `t.m · t.outputs.len()`.
+            #[target_feature(enable = $feature)]
+            pub unsafe fn $name<W: Widen + Lanes>(t: &Dots<'_>, w: &[W], out: &mut [f32]) {
+                let len = t.outputs.len();
+                if t.m == 1 {
+                    for k in 0..len {
+                        $block::<W, 1, 1>(t, w, out, k, 0);
+                    }
+                    return;
+                }
+                let outputs = if W::IS_F32 { $outputs_f32 } else { 2 };
+                let mut k = 0;
+                while k < len {
+                    // a full block of W's rows, or the task's last rows one at a time
+                    let rw = if len - k >= outputs { outputs } else { 1 };
+                    let mut r = 0;
+                    while r < t.m {
+                        let rx = (t.m - r).min(4);
+                        macro_rules! rows {
+                            ($rw:literal) => {
+                                match rx {
+                                    4 => $block::<W, $rw, 4>(t, w, out, k, r),
+                                    3 => $block::<W, $rw, 3>(t, w, out, k, r),
+                                    2 => $block::<W, $rw, 2>(t, w, out, k, r),
+                                    _ => $block::<W, $rw, 1>(t, w, out, k, r),
+                                }
+                            };
+                        }
+                        match rw {
+                            4 => rows!(4),
+                            2 => rows!(2),
+                            _ => rows!(1),
+                        }
+                        r += rx;
+                    }
+                    k += rw;
+                }
+            }
+
+            /// Outputs `k..k + RW` of the task for rows `r..r + RX` of x.
+            ///
+            /// # Safety
+            /// As for the task; `k + RW <= t.outputs.len()` and `r + RX <= t.m`.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            unsafe fn $block<W: Widen + Lanes, const RW: usize, const RX: usize>(
+                t: &Dots<'_>,
+                w: &[W],
+                out: &mut [f32],
+                k: usize,
+                r: usize,
+            ) {
+                let (d, len) = (t.d, t.outputs.len());
+                let whole = d / $lanes * $lanes;
+                let w0 = w.as_ptr().add((t.outputs.start + k) * d);
+                let x0 = t.x.as_ptr().add(r * d);
+                let mut sums = [[0.0f32; RX]; RW];
+                if RW == 1 && RX == 1 {
+                    let (mut s0, mut s1) = ($zero(), $zero());
+                    let mut c = 0;
+                    while c + 2 * $lanes <= whole {
+                        s0 = $fmadd($loadu(x0.add(c)), W::$load(w0.add(c)), s0);
+                        s1 = $fmadd($loadu(x0.add(c + $lanes)), W::$load(w0.add(c + $lanes)), s1);
+                        c += 2 * $lanes;
+                    }
+                    if c < whole {
+                        s0 = $fmadd($loadu(x0.add(c)), W::$load(w0.add(c)), s0);
+                    }
+                    sums[0][0] = $hsum($add(s0, s1));
+                } else {
+                    let mut acc = [[$zero(); RX]; RW];
+                    let mut c = 0;
+                    while c < whole {
+                        let mut wv = [$zero(); RW];
+                        for (i, v) in wv.iter_mut().enumerate() {
+                            *v = W::$load(w0.add(i * d + c));
+                        }
+                        for j in 0..RX {
+                            let xv = $loadu(x0.add(j * d + c));
+                            for i in 0..RW {
+                                acc[i][j] = $fmadd(xv, wv[i], acc[i][j]);
+                            }
+                        }
+                        c += $lanes;
+                    }
+                    for (sum, a) in sums.iter_mut().zip(&acc) {
+                        for (s, &v) in sum.iter_mut().zip(a) {
+                            *s = $hsum(v);
+                        }
+                    }
+                }
+                // the columns past the last whole vector, and the results
+                for (i, sum) in sums.into_iter().enumerate() {
+                    for (j, mut s) in sum.into_iter().enumerate() {
+                        for c in whole..d {
+                            s += *x0.add(j * d + c) * (*w0.add(i * d + c)).widen();
+                        }
+                        *out.get_unchecked_mut((r + j) * len + k + i) = s;
+                    }
+                }
+            }
+        };
     }
 
-    /// # Safety
-    /// AVX2, FMA and F16C are available; `x` and `w` have the same length.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_avx2<W: Widen + Lanes>(x: &[f32], w: &[W]) -> f32 {
-        let (n, whole) = (x.len(), x.len() / 8 * 8);
-        let mut s = _mm256_setzero_ps();
-        let mut j = 0;
-        while j < whole {
-            s = _mm256_fmadd_ps(
-                _mm256_loadu_ps(x.as_ptr().add(j)),
-                W::load8(w.as_ptr().add(j)),
-                s,
-            );
-            j += 8;
-        }
-        let mut lanes = [0.0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), s);
-        let mut sum: f32 = lanes.iter().sum();
-        for k in whole..n {
-            sum += x[k] * w[k].widen();
-        }
-        sum
+    dots_kernel!(
+        dots_avx512,
+        dots_block_avx512,
+        "avx512f",
+        16,
+        4,
+        load16,
+        _mm512_loadu_ps,
+        _mm512_setzero_ps,
+        _mm512_add_ps,
+        _mm512_fmadd_ps,
+        _mm512_reduce_add_ps
+    );
+    // 16 vector registers: blocks of 2 x 4 (8 accumulators) for every type
+    dots_kernel!(
+        dots_avx2,
+        dots_block_avx2,
+        "avx2,fma,f16c",
+        8,
+        2,
+        load8,
+        _mm256_loadu_ps,
+        _mm256_setzero_ps,
+        _mm256_add_ps,
+        _mm256_fmadd_ps,
+        hsum256
+    );
+
+    /// The sum of the 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
     }
 }
 
@@ -627,15 +736,20 @@ mod tests {
         }
     }
 
-    /// Shapes with whole vectors, ragged tails, fewer columns than a vector, and matrices large
-    /// enough to be split into bands (on more than one thread) whose partial sums are added.
-    const SHAPES: [(usize, usize, usize); 6] = [
+    /// Shapes with whole vectors, ragged tails, fewer columns than a vector, matrices large
+    /// enough to be split into bands (on more than one thread) whose partial sums are added,
+    /// and row counts that leave partial blocks of rows and of outputs (blocks of 4 rows
+    /// against 1, 2 or 4 outputs).
+    const SHAPES: [(usize, usize, usize); 9] = [
         (1, 64, 48),
         (3, 37, 29),
         (1, 5, 7),
         (8, 130, 1000),
         (2, 576, 1536),
         (1, 1536, 577),
+        (5, 48, 7),
+        (17, 576, 70),
+        (33, 40, 131),
     ];
 
     #[test]

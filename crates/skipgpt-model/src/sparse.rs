@@ -17,7 +17,7 @@
 //! the floating-point work done and the weight bytes read, next to what the dense model would
 //! have needed.
 
-use burn::tensor::{backend::Backend, Bool, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, DType, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::config::LlamaConfig;
 use crate::cpu_attention::QueryRow;
@@ -37,8 +37,12 @@ const CACHE_BLOCK: usize = 64;
 /// `(s * kv_heads + h) * capacity + j` of `k` and `v`: the buffers are `[batch, kv_heads,
 /// capacity, head_dim]`, the layout attention reads, so it reads them in place instead of
 /// copying every stored key and value on every step. Rows past a sequence's stored count are
-/// zero, so a new entry is written by adding it in place (the one indexed update every backend
-/// implements), and are hidden from attention by its mask.
+/// zero and hidden from attention by its mask. A new entry is written in place on the CPU
+/// backend ([`crate::cpu_fast::write_rows`]); elsewhere it is added into its zero row, the one
+/// indexed update every backend implements.
+///
+/// The buffers hold f32, or f16/bf16 where the model's matrices are held so
+/// ([`cache_dtype`]).
 #[derive(Debug, Clone)]
 struct LayerCache<B: Backend> {
     /// `[batch * kv_heads * capacity, head_dim]` each, rotated keys and values.
@@ -58,15 +62,21 @@ impl<B: Backend> LayerCache<B> {
         }
     }
 
-    /// Makes room for `needed` entries per sequence, growing by whole blocks.
-    fn reserve(&mut self, needed: usize, [heads, hd]: [usize; 2], device: &B::Device) {
+    /// Makes room for `needed` entries per sequence, growing by whole blocks of `dtype`.
+    fn reserve(
+        &mut self,
+        needed: usize,
+        [heads, hd]: [usize; 2],
+        dtype: DType,
+        device: &B::Device,
+    ) {
         if needed <= self.capacity {
             return;
         }
         let (lanes, old) = (self.positions.len() * heads, self.capacity);
         let cap = needed.div_ceil(CACHE_BLOCK) * CACHE_BLOCK;
         let grow = |t: Option<Tensor<B, 2>>| {
-            let zeros = Tensor::<B, 3>::zeros([lanes, cap - old, hd], device);
+            let zeros = Tensor::<B, 3>::zeros([lanes, cap - old, hd], (device, dtype));
             let t = match t {
                 None => zeros,
                 Some(t) => Tensor::cat(vec![t.reshape([lanes, old, hd]), zeros], 1),
@@ -78,14 +88,15 @@ impl<B: Backend> LayerCache<B> {
         self.capacity = cap;
     }
 
-    /// Stores `k`, `v` (`[m, kv_heads, head_dim]`) for entries whose sequences are `seqs`
-    /// (sorted by sequence, `m` long) at `pos` positions.
+    /// Stores `k`, `v` (`[m, kv_heads, head_dim]`, f32) for entries whose sequences are
+    /// `seqs` (sorted by sequence, `m` long) at `pos` positions, in buffers of `dtype`.
     fn append(
         &mut self,
         k: Tensor<B, 3>,
         v: Tensor<B, 3>,
         seqs: &[usize],
         pos: &[usize],
+        dtype: DType,
         device: &B::Device,
     ) {
         let [m, heads, hd] = k.dims();
@@ -97,7 +108,7 @@ impl<B: Backend> LayerCache<B> {
             .map(|s| self.positions[s].len() + added[s])
             .max()
             .unwrap_or(0);
-        self.reserve(needed, [heads, hd], device);
+        self.reserve(needed, [heads, hd], dtype, device);
         // rows of `k.reshape([m * heads, hd])`, token-major, and where each one goes
         let mut slots = Vec::with_capacity(m * heads);
         for (&s, &p) in seqs.iter().zip(pos) {
@@ -105,17 +116,43 @@ impl<B: Backend> LayerCache<B> {
             self.positions[s].push(p);
             slots.extend((0..heads).map(|h| (s * heads + h) * self.capacity + j));
         }
-        let idx = index_tensor::<B>(&slots, device);
         let (ck, cv) = self.kv.take().expect("reserved above");
         self.kv = Some((
-            ck.select_assign(
-                0,
-                idx.clone(),
-                k.reshape([m * heads, hd]),
-                IndexingUpdateOp::Add,
-            ),
-            cv.select_assign(0, idx, v.reshape([m * heads, hd]), IndexingUpdateOp::Add),
+            write_rows(ck, &slots, k.reshape([m * heads, hd])),
+            write_rows(cv, &slots, v.reshape([m * heads, hd])),
         ));
+    }
+}
+
+/// `cache` with `rows` written into its rows `slots` (zero until then).
+fn write_rows<B: Backend>(
+    cache: Tensor<B, 2>,
+    slots: &[usize],
+    rows: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    match crate::cpu_fast::write_rows(cache, slots, &rows) {
+        Ok(cache) => cache,
+        Err(cache) => {
+            let device = cache.device();
+            let rows = rows.cast(cache.dtype());
+            cache.select_assign(
+                0,
+                index_tensor::<B>(slots, &device),
+                rows,
+                IndexingUpdateOp::Add,
+            )
+        }
+    }
+}
+
+/// The type the engine's cache holds keys and values in, for a model whose matrices are held
+/// in `weights`: f16 or bf16 with half-precision matrices (half the memory, and half the bytes
+/// attention reads; llama.cpp keeps its cache in f16 too), f32 otherwise. Attention widens
+/// them back to f32 for its scores, softmax and weighted sum.
+pub fn cache_dtype(weights: DType) -> DType {
+    match weights {
+        DType::F16 | DType::BF16 => weights,
+        _ => DType::F32,
     }
 }
 
@@ -152,24 +189,38 @@ impl<B: Backend> SparseCache<B> {
             .sum()
     }
 
-    /// Bytes of the stored keys and values, at 4 bytes per value.
-    pub fn bytes(&self, kv_heads: usize, head_dim: usize) -> usize {
-        self.entries() * 2 * kv_heads * head_dim * 4
+    /// Bytes per stored value: 4 in f32, 2 in f16/bf16 ([`cache_dtype`]; 4 while empty).
+    pub fn value_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .find_map(|l| l.kv.as_ref().map(|(k, _)| k.dtype().size()))
+            .unwrap_or(4)
     }
 
-    /// Bytes of the buffers holding them, padding included (4 bytes per value).
+    /// Bytes of the stored keys and values.
+    pub fn bytes(&self, kv_heads: usize, head_dim: usize) -> usize {
+        self.entries() * 2 * kv_heads * head_dim * self.value_bytes()
+    }
+
+    /// Bytes of the buffers holding them, padding included.
     pub fn allocated_bytes(&self, kv_heads: usize, head_dim: usize) -> usize {
         let rows: usize = self
             .layers
             .iter()
             .map(|l| l.capacity * l.positions.len())
             .sum();
-        rows * 2 * kv_heads * head_dim * 4
+        rows * 2 * kv_heads * head_dim * self.value_bytes()
     }
 
-    /// Bytes a dense cache would hold for the same positions: every token at every layer.
+    /// Bytes a dense cache of the same type would hold for the same positions: every token at
+    /// every layer.
     pub fn dense_bytes(&self, kv_heads: usize, head_dim: usize) -> usize {
-        self.lens.iter().sum::<usize>() * self.layers.len() * 2 * kv_heads * head_dim * 4
+        self.lens.iter().sum::<usize>()
+            * self.layers.len()
+            * 2
+            * kv_heads
+            * head_dim
+            * self.value_bytes()
     }
 }
 
@@ -252,6 +303,12 @@ pub struct SparseOutput<B: Backend> {
 /// `routing` is the model's routing mode: [`Routing::Dense`] executes everything (the dense
 /// baseline, through the same code), `Deterministic` and `Sample` route. Gumbel training gates
 /// are not an inference mode.
+///
+/// On the CPU backend a call of more than [`crate::cpu_fast::MAX_ROWS`] rows (a long prompt,
+/// a batch of prompts) runs as consecutive pieces of at most that many rows, in the order of
+/// the rows, each one attending to the cache the pieces before it filled (as llama.cpp splits
+/// a prompt into micro-batches): the products keep to the kernels that read every weight once
+/// ([`crate::cpu_fast`]), and the call's buffers stay those of one piece.
 pub fn sparse_forward<B: Backend>(
     model: &LlamaForCausalLM<B>,
     tokens: &[Vec<u32>],
@@ -260,8 +317,97 @@ pub fn sparse_forward<B: Backend>(
     logit_rows: LogitRows,
 ) -> Result<SparseOutput<B>> {
     let rows = tokens.iter().map(Vec::len).sum();
+    let piece = crate::cpu_fast::MAX_ROWS;
+    if crate::cpu_fast::runs_engine_kernels::<B>() && rows > piece {
+        return forward_in_pieces(model, tokens, cache, routing, logit_rows, piece);
+    }
     crate::cpu_fast::in_pool::<B, _>(rows, || {
         sparse_forward_here(model, tokens, cache, routing, logit_rows)
+    })
+}
+
+/// [`sparse_forward`] as consecutive pieces of at most `piece` rows (sequence-major, as the
+/// call's rows are ordered), their outputs joined: the same rows, gates and statistics, and
+/// for [`LogitRows::Last`] the row of each sequence's last token, from the piece that holds it.
+fn forward_in_pieces<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    tokens: &[Vec<u32>],
+    cache: &mut SparseCache<B>,
+    routing: Routing,
+    logit_rows: LogitRows,
+    piece: usize,
+) -> Result<SparseOutput<B>> {
+    if tokens.len() != cache.lens.len() {
+        return Err(ModelError::InvalidInput(format!(
+            "{} sequences given to a cache made for {}",
+            tokens.len(),
+            cache.lens.len()
+        )));
+    }
+    // each sequence's length once all its tokens are in
+    let ends: Vec<usize> = tokens
+        .iter()
+        .zip(&cache.lens)
+        .map(|(t, len)| len + t.len())
+        .collect();
+    let mut pieces: Vec<Vec<Vec<u32>>> = Vec::new();
+    let mut current = vec![Vec::new(); tokens.len()];
+    let mut count = 0;
+    for (s, t) in tokens.iter().enumerate() {
+        for &id in t {
+            current[s].push(id);
+            count += 1;
+            if count == piece {
+                pieces.push(std::mem::replace(
+                    &mut current,
+                    vec![Vec::new(); tokens.len()],
+                ));
+                count = 0;
+            }
+        }
+    }
+    if count > 0 {
+        pieces.push(current);
+    }
+    let (mut logits, mut attn_gates, mut mlp_gates) = (Vec::new(), Vec::new(), Vec::new());
+    let mut stats = EngineStats::default();
+    for part in &pieces {
+        let rows = part.iter().map(Vec::len).sum();
+        let out = crate::cpu_fast::in_pool::<B, _>(rows, || {
+            sparse_forward_here(model, part, cache, routing, logit_rows)
+        })?;
+        let out_logits = match logit_rows {
+            LogitRows::All => Some(out.logits),
+            LogitRows::Last => {
+                // one row per sequence present, in sequence order: keep those whose last
+                // token this piece held
+                let ended: Vec<usize> = (0..part.len())
+                    .filter(|&s| !part[s].is_empty())
+                    .enumerate()
+                    .filter(|&(_, s)| cache.lens[s] == ends[s])
+                    .map(|(row, _)| row)
+                    .collect();
+                (!ended.is_empty()).then(|| gather_rows(out.logits, &ended))
+            }
+        };
+        logits.extend(out_logits);
+        if attn_gates.is_empty() {
+            (attn_gates, mlp_gates) = (out.attn_gates, out.mlp_gates);
+        } else {
+            for (all, more) in attn_gates.iter_mut().zip(out.attn_gates) {
+                all.extend(more);
+            }
+            for (all, more) in mlp_gates.iter_mut().zip(out.mlp_gates) {
+                all.extend(more);
+            }
+        }
+        stats.add(&out.stats);
+    }
+    Ok(SparseOutput {
+        logits: Tensor::cat(logits, 0),
+        attn_gates,
+        mlp_gates,
+        stats,
     })
 }
 
@@ -324,8 +470,10 @@ fn sparse_forward_here<B: Backend>(
     let layer_routing = model.layer_routing(routing);
     let kv_policy = layer_routing.kv_policy;
     let window = cfg.sliding_window.unwrap_or(usize::MAX);
-    // bytes per weight as held (f32, or f16/bf16 with `--dtype`)
-    let weight_size = model.model.embed_tokens.weight.val().dtype().size() as f64;
+    // bytes per weight as held (f32, or f16/bf16 with `--dtype`), and the cache's type
+    let weight_dtype = model.model.embed_tokens.weight.val().dtype();
+    let weight_size = weight_dtype.size() as f64;
+    let kv_dtype = cache_dtype(weight_dtype);
     let cost = Costs::new(cfg, weight_size);
     // the dense model: every token attends to every earlier position (within the window)
     let dense_attn_flops: f64 = positions
@@ -417,7 +565,7 @@ fn sparse_forward_here<B: Backend>(
             let store = &mut cache.layers[l];
             let kv_seqs: Vec<usize> = kv_rows.iter().map(|&r| rows[r].0).collect();
             let kv_pos: Vec<usize> = kv_rows.iter().map(|&r| rows[r].1).collect();
-            store.append(k, v, &kv_seqs, &kv_pos, &device);
+            store.append(k, v, &kv_seqs, &kv_pos, kv_dtype, &device);
             if let Some(q) = q {
                 let queries: Vec<(usize, usize)> = exec.iter().map(|&r| rows[r]).collect();
                 let (out, visible) = attend_batched(q, store, &queries, cfg);
@@ -688,12 +836,19 @@ fn attend_batched<B: Backend>(
     // keys and values [n_seq, kv_heads, k_max, hd] of those sequences
     let all_seqs = n_seq == batch;
     let seq_idx = index_tensor::<B>(&seqs.iter().map(|t| t.0).collect::<Vec<_>>(), &device);
+    // (a half-precision cache widened to the queries' f32: the backends' attention takes one
+    // type)
     let take = |t: &Tensor<B, 2>| {
         let t = t.clone().reshape([batch, nkv, k_max, hd]);
-        if all_seqs {
+        let t = if all_seqs {
             t
         } else {
             t.select(0, seq_idx.clone())
+        };
+        if t.dtype() == q.dtype() {
+            t
+        } else {
+            t.cast(q.dtype())
         }
     };
     let (k, v) = (take(ck), take(cv));
