@@ -10,9 +10,11 @@
 //!   stores a sequence's keys in position order, so what a causal (or sliding-window) query
 //!   sees is always one contiguous stretch; keys outside it are never multiplied;
 //! - work is split into tasks of up to [`QUERY_BLOCK`] consecutive query rows of one sequence
-//!   and one head, run in parallel ([`crate::team::par_map`]);
-//! - each task runs a flash-style loop over chunks of [`KEY_CHUNK`] keys: scores by gemm, an
-//!   online softmax (running maximum and sum, f32), and the weighted values by gemm;
+//!   and one key/value head, run in parallel ([`crate::team::par_map`]);
+//! - each task runs a flash-style loop over chunks of [`KEY_CHUNK`] keys, each chunk read (and
+//!   widened from a half-precision cache) once for every query head of its key/value head:
+//!   scores by gemm, an online softmax (running maximum and sum, f32), and the weighted values
+//!   by gemm;
 //! - queries are read and outputs written token-major (`[rows, heads * head_dim]`, what the
 //!   projections produce and consume), so nothing is transposed around the kernel.
 //!
@@ -132,7 +134,8 @@ fn attend_on(
         );
     }
 
-    // tasks: (block of consecutive rows of one sequence, head)
+    // tasks: (block of consecutive rows of one sequence, key/value head), each for every
+    // query head that reads that key/value head
     let mut blocks: Vec<Range<usize>> = Vec::new();
     for (i, r) in rows.iter().enumerate() {
         match blocks.last_mut() {
@@ -142,17 +145,17 @@ fn attend_on(
     }
     let tasks: Vec<(Range<usize>, usize)> = blocks
         .iter()
-        .flat_map(|b| (0..heads).map(move |h| (b.clone(), h)))
+        .flat_map(|b| (0..cache.kv_heads).map(move |g| (b.clone(), g)))
         .collect();
     let n_rep = heads / cache.kv_heads;
-    let run = |(block, h): &(Range<usize>, usize)| {
+    let run = |(block, g): &(Range<usize>, usize)| {
         let task = Task {
             q,
             width,
             rows: &rows[block.clone()],
             first: block.start,
-            head: *h,
-            kv: cache.base(rows[block.start].seq, h / n_rep),
+            heads: g * n_rep..(g + 1) * n_rep,
+            kv: cache.base(rows[block.start].seq, *g),
             cache,
             scale,
         };
@@ -165,16 +168,22 @@ fn attend_on(
         crate::team::par_map(tasks.len(), |i| run(&tasks[i]))
     };
 
+    // each task's output is [n_rep, rows, hd]
     let mut y = vec![0.0f32; rows.len() * width];
-    for ((block, h), out) in tasks.iter().zip(outs) {
-        for (i, r) in block.clone().enumerate() {
-            y[r * width + h * hd..][..hd].copy_from_slice(&out[i * hd..(i + 1) * hd]);
+    for ((block, g), out) in tasks.iter().zip(outs) {
+        for (k, head_out) in out.chunks(block.len() * hd).enumerate() {
+            let h = g * n_rep + k;
+            for (i, r) in block.clone().enumerate() {
+                y[r * width + h * hd..][..hd].copy_from_slice(&head_out[i * hd..(i + 1) * hd]);
+            }
         }
     }
     y
 }
 
-/// One block of query rows of one sequence, one head.
+/// One block of query rows of one sequence, for the query heads that share one key/value
+/// head: each chunk of that head's keys and values is read (and, from a half-precision cache,
+/// widened) once for all of them.
 struct Task<'a> {
     q: &'a [f32],
     /// `heads * head_dim`: the stride between query rows (and output rows).
@@ -182,119 +191,156 @@ struct Task<'a> {
     rows: &'a [QueryRow],
     /// Index of `rows[0]` among all query rows.
     first: usize,
-    head: usize,
+    /// The query heads.
+    heads: Range<usize>,
     /// Offset of this sequence's key/value head in the cache.
     kv: usize,
     cache: KvCache<'a>,
     scale: f32,
 }
 
+/// The online softmax of one query head over a block of rows: the weighted values so far
+/// (`[rows, head_dim]`), and each row's running maximum score and sum of exponentials.
+struct HeadState {
+    acc: Vec<f32>,
+    row_max: Vec<f32>,
+    row_sum: Vec<f32>,
+}
+
 impl Task<'_> {
-    /// The block's output, `[rows, head_dim]`.
+    /// The block's output for each of its heads, `[heads, rows, head_dim]`.
     fn run(&self, isa: Isa) -> Vec<f32> {
         let (m, hd) = (self.rows.len(), self.cache.head_dim);
         let lo = self.rows.iter().map(|r| r.keys.start).min().unwrap_or(0);
         let hi = self.rows.iter().map(|r| r.keys.end).max().unwrap_or(0);
-        let mut acc = vec![0.0f32; m * hd];
-        let mut row_max = vec![f32::NEG_INFINITY; m];
-        let mut row_sum = vec![0.0f32; m];
+        let mut states: Vec<HeadState> = self
+            .heads
+            .clone()
+            .map(|_| HeadState {
+                acc: vec![0.0f32; m * hd],
+                row_max: vec![f32::NEG_INFINITY; m],
+                row_sum: vec![0.0f32; m],
+            })
+            .collect();
         let mut scores = vec![0.0f32; m * KEY_CHUNK.min(hi - lo)];
-        let q = &self.q[self.first * self.width + self.head * hd..];
         // a chunk of keys and values widened to f32 (a half-precision cache)
         let (mut k_wide, mut v_wide) = (Vec::new(), Vec::new());
         let mut start = lo;
         while start < hi {
             let end = (start + KEY_CHUNK).min(hi);
-            let len = end - start;
-            let s = &mut scores[..m * len];
             let (from, to) = (self.kv + start * hd, self.kv + end * hd);
             let keys = as_f32(self.cache.k, from, to, &mut k_wide);
-            // s = scale · q_block · K[start..end]ᵀ
-            // SAFETY: q holds m rows of `width` from its offset (the head's hd values lie
-            // inside each); `keys` holds the chunk's `len` slots of hd
-            unsafe {
-                gemm::gemm(
-                    m,
-                    len,
-                    hd,
-                    s.as_mut_ptr(),
-                    1,
-                    len as isize,
-                    false,
-                    q.as_ptr(),
-                    1,
-                    self.width as isize,
-                    keys.as_ptr(),
-                    hd as isize,
-                    1,
-                    0.0,
-                    self.scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for (i, r) in self.rows.iter().enumerate() {
-                let row = &mut s[i * len..(i + 1) * len];
-                let (a, b) = (
-                    r.keys.start.clamp(start, end) - start,
-                    r.keys.end.clamp(start, end) - start,
-                );
-                if a >= b {
-                    // nothing of this chunk is visible to the row
-                    row.fill(0.0);
-                    continue;
-                }
-                row[..a].fill(0.0);
-                row[b..].fill(0.0);
-                let seen = &mut row[a..b];
-                let chunk_max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let new_max = row_max[i].max(chunk_max);
-                let sum = exp_shifted(isa, seen, new_max);
-                if row_max[i] > f32::NEG_INFINITY {
-                    let correction = (row_max[i] - new_max).exp();
-                    row_sum[i] *= correction;
-                    acc[i * hd..(i + 1) * hd]
-                        .iter_mut()
-                        .for_each(|a| *a *= correction);
-                }
-                row_sum[i] += sum;
-                row_max[i] = new_max;
-            }
-            // acc += s · V[start..end]
             let values = as_f32(self.cache.v, from, to, &mut v_wide);
-            // SAFETY: as above; `acc` is [m, hd] and `s` [m, len]
-            unsafe {
-                gemm::gemm(
-                    m,
-                    hd,
-                    len,
-                    acc.as_mut_ptr(),
-                    1,
-                    hd as isize,
-                    true,
-                    s.as_ptr(),
-                    1,
-                    len as isize,
-                    values.as_ptr(),
-                    1,
-                    hd as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+            for (head, state) in self.heads.clone().zip(&mut states) {
+                self.chunk(isa, head, state, &mut scores, start..end, keys, values);
             }
             start = end;
         }
-        for (i, out) in acc.chunks_mut(hd).enumerate() {
-            let inv = 1.0 / row_sum[i];
-            out.iter_mut().for_each(|a| *a *= inv);
+        let mut out = Vec::with_capacity(states.len() * m * hd);
+        for state in states {
+            for (i, row) in state.acc.chunks(hd).enumerate() {
+                let inv = 1.0 / state.row_sum[i];
+                out.extend(row.iter().map(|a| a * inv));
+            }
         }
-        acc
+        out
+    }
+
+    /// One chunk of keys (`slots`; `keys` and `values` hold their `[len, head_dim]`) for one
+    /// query head: scores, the online softmax's update, and the weighted values.
+    #[allow(clippy::too_many_arguments)]
+    fn chunk(
+        &self,
+        isa: Isa,
+        head: usize,
+        state: &mut HeadState,
+        scores: &mut [f32],
+        slots: Range<usize>,
+        keys: &[f32],
+        values: &[f32],
+    ) {
+        let (m, hd) = (self.rows.len(), self.cache.head_dim);
+        let (start, end, len) = (slots.start, slots.end, slots.len());
+        let q = &self.q[self.first * self.width + head * hd..];
+        let s = &mut scores[..m * len];
+        // s = scale · q_block · K[start..end]ᵀ
+        // SAFETY: q holds m rows of `width` from its offset (the head's hd values lie
+        // inside each); `keys` holds the chunk's `len` slots of hd
+        unsafe {
+            gemm::gemm(
+                m,
+                len,
+                hd,
+                s.as_mut_ptr(),
+                1,
+                len as isize,
+                false,
+                q.as_ptr(),
+                1,
+                self.width as isize,
+                keys.as_ptr(),
+                hd as isize,
+                1,
+                0.0,
+                self.scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for (i, r) in self.rows.iter().enumerate() {
+            let row = &mut s[i * len..(i + 1) * len];
+            let (a, b) = (
+                r.keys.start.clamp(start, end) - start,
+                r.keys.end.clamp(start, end) - start,
+            );
+            if a >= b {
+                // nothing of this chunk is visible to the row
+                row.fill(0.0);
+                continue;
+            }
+            row[..a].fill(0.0);
+            row[b..].fill(0.0);
+            let seen = &mut row[a..b];
+            let chunk_max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let new_max = state.row_max[i].max(chunk_max);
+            let sum = exp_shifted(isa, seen, new_max);
+            if state.row_max[i] > f32::NEG_INFINITY {
+                let correction = (state.row_max[i] - new_max).exp();
+                state.row_sum[i] *= correction;
+                state.acc[i * hd..(i + 1) * hd]
+                    .iter_mut()
+                    .for_each(|a| *a *= correction);
+            }
+            state.row_sum[i] += sum;
+            state.row_max[i] = new_max;
+        }
+        // acc += s · V[start..end]
+        // SAFETY: as above; `acc` is [m, hd] and `s` [m, len]
+        unsafe {
+            gemm::gemm(
+                m,
+                hd,
+                len,
+                state.acc.as_mut_ptr(),
+                1,
+                hd as isize,
+                true,
+                s.as_ptr(),
+                1,
+                len as isize,
+                values.as_ptr(),
+                1,
+                hd as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
     }
 }
 
