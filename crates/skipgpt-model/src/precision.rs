@@ -3,13 +3,16 @@
 //!
 //! Decoding one token reads every weight once, so on most hardware its time is the weight bytes
 //! over the memory bandwidth: halving the bytes nearly halves the time. Only the large matrices
-//! go to half precision. The residual stream, RMSNorm (its statistics and weight), the routers,
-//! RoPE, attention (scores and softmax), LoRA adapters, the key/value cache and the logits'
-//! consumers stay f32: each matrix product casts its input rows to the weight's type, multiplies
-//! there, and casts the result back to f32 (as llama.cpp does with f16 weights). The price is
-//! one rounding of each projection's input and output to half precision. On the CPU backend a
-//! product of a few rows (decoding) takes [`crate::cpu_fast`] instead, which widens the weights
-//! to f32 in registers and rounds nothing.
+//! go to half precision, and the sparse engine's key/value cache with them
+//! ([`crate::sparse::cache_dtype`]: half its memory, widened back to f32 as attention reads it).
+//! The residual stream, RMSNorm (its statistics and weight), the routers, RoPE, attention
+//! (scores, softmax and the weighted sum), LoRA adapters and the logits' consumers stay f32:
+//! each matrix product casts its input rows to the weight's type, multiplies there, and casts
+//! the result back to f32 (as llama.cpp does with f16 weights). The price is one rounding of
+//! each projection's input and output to half precision. On the CPU backend products of up to
+//! [`crate::cpu_fast::MAX_ROWS`] rows (decoding, prompts, which the engine feeds in pieces of
+//! that many rows) take [`crate::cpu_fast`] instead, which widens the weights to f32 in
+//! registers and rounds nothing.
 
 use burn::nn::{Embedding, Linear};
 use burn::tensor::{backend::Backend, DType, Int, Tensor};
