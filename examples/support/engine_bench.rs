@@ -153,10 +153,11 @@ pub use skipgpt_eval::speed::median_seconds as median;
 /// `base` with random linear routers reading the block input, each router's bias set so that
 /// a fraction `skip` of the calibration tokens skips its module.
 ///
-/// One pass over the layers (the gated forward, no logits): layer `l`'s routers are
-/// calibrated on its block input with the layers before it already routed, then the layer
-/// runs. (A forward pass per layer, logits included, made the benchmark's routed processes
-/// peak at 1.4 GB on SmolLM2, their timed parts at a third of that.)
+/// One pass over the layers (the gated forward, no logits, one prompt at a time): layer `l`'s
+/// routers are calibrated on its block input with the layers before it already routed, then
+/// the layer runs. (A forward pass of the whole text per layer, logits included, made the
+/// benchmark's routed processes peak at 790 MB on SmolLM2 at f32, 706 MB at f16, where the
+/// timed parts needed 582 and 313.)
 pub fn calibrated<B: Backend>(
     base: &LlamaForCausalLM<B>,
     skip: f64,
@@ -170,13 +171,19 @@ pub fn calibrated<B: Backend>(
         .with_target_sparsity(skip);
     B::seed(&device, 11);
     let mut model = base.clone().with_new_routers(routing);
-    let (b, t) = (prompts.len(), prompts[0].len());
-    let ids: Vec<i64> = prompts.iter().flatten().map(|&x| x as i64).collect();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
+    let t = prompts[0].len();
     let ctx = model.attention_context(t);
     let layer_routing = model.layer_routing(Routing::Deterministic);
-    // the block input of layer l, the layers before it routed
-    let mut x = skipgpt_model::precision::embed(&model.model.embed_tokens, ids);
+    // the block input of layer l for each prompt, the layers before it routed (one prompt at a
+    // time: the buffers of a short prompt, not of the whole calibration text)
+    let mut xs: Vec<Tensor<B, 3>> = prompts
+        .iter()
+        .map(|p| {
+            let ids: Vec<i64> = p.iter().map(|&x| x as i64).collect();
+            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, t]), &device);
+            skipgpt_model::precision::embed(&model.model.embed_tokens, ids)
+        })
+        .collect();
     for l in 0..model.config.num_hidden_layers {
         let layer = &mut model.model.layers[l];
         for router in [layer.attn_router.as_mut(), layer.mlp_router.as_mut()]
@@ -184,16 +191,20 @@ pub fn calibrated<B: Backend>(
             .flatten()
         {
             let w = router.fc2.weight.val(); // [hidden, 2]
-            let [_, _, hdim] = x.dims();
-            let diff: Vec<f32> = x
-                .clone()
-                .reshape([b * t, hdim])
-                .matmul(w.clone().slice([0..hdim, 0..1]) - w.slice([0..hdim, 1..2]))
-                .into_data()
-                .convert::<f32>()
-                .into_vec()
-                .unwrap();
-            let mut sorted = diff.clone();
+            let hdim = w.dims()[0];
+            let direction = w.clone().slice([0..hdim, 0..1]) - w.slice([0..hdim, 1..2]);
+            let mut sorted: Vec<f32> = xs
+                .iter()
+                .flat_map(|x| {
+                    x.clone()
+                        .reshape([t, hdim])
+                        .matmul(direction.clone())
+                        .into_data()
+                        .convert::<f32>()
+                        .into_vec::<f32>()
+                        .unwrap()
+                })
+                .collect();
             sorted.sort_by(f32::total_cmp);
             // skip iff diff + bias < 0: put the bias at the `skip` quantile
             let bias = if skip <= 0.0 {
@@ -206,9 +217,11 @@ pub fn calibrated<B: Backend>(
                 &device,
             )));
         }
-        x = model.model.layers[l]
-            .forward(x, &ctx, &layer_routing, None)
-            .hidden;
+        let layer = &model.model.layers[l];
+        xs = xs
+            .into_iter()
+            .map(|x| layer.forward(x, &ctx, &layer_routing, None).hidden)
+            .collect();
     }
     model.routing = Routing::Deterministic;
     model
