@@ -364,6 +364,21 @@ impl Band<'_> {
     /// Columns `from..d_out`, one value at a time: every column where no SIMD path applies,
     /// the tail past the last whole vector otherwise.
     fn scalar<W: Widen>(&self, w: &[W], acc: &mut [f32], from: usize) {
+        let columns = self.d_out - from;
+        if columns < 8 {
+            // a few columns (a router's two logits, a tail): one running sum per column down
+            // the band's rows, instead of a short inner loop per weight row
+            let band = &w[self.rows.start * self.d_out..self.rows.end * self.d_out];
+            for r in 0..self.m {
+                let x = &self.x[r * self.d_in..(r + 1) * self.d_in][self.rows.clone()];
+                for j in from..self.d_out {
+                    let column = band[j..].iter().step_by(self.d_out);
+                    let sum: f32 = x.iter().zip(column).map(|(a, b)| a * b.widen()).sum();
+                    acc[r * self.d_out + j] += sum;
+                }
+            }
+            return;
+        }
         for i in self.rows.clone() {
             let row = &w[i * self.d_out..(i + 1) * self.d_out];
             for r in 0..self.m {

@@ -682,7 +682,17 @@ pub fn generate_sparse_with<B: Backend>(
 /// The routers' decisions for every row: execute or not.
 fn decide<B: Backend>(router: &Router<B>, x: Tensor<B, 2>, routing: Routing) -> Vec<bool> {
     let [n, h] = x.dims();
-    let gates = gate_from_logits(router.logits(x.reshape([1, n, h])), routing, None);
+    let logits = router.logits(x.reshape([1, n, h]));
+    if routing == Routing::Deterministic {
+        // execute iff logit 0 > logit 1, compared here (the decisions come here anyway)
+        let logits: Vec<f32> = logits
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("f32 logits");
+        return logits.chunks(2).map(|l| l[0] > l[1]).collect();
+    }
+    let gates = gate_from_logits(logits, routing, None);
     gates
         .into_data()
         .convert::<f32>()
