@@ -10,8 +10,11 @@
 //! - a real text: the repository's own documentation (`README.md`, `docs/*.md`).
 //!
 //! Then every system runs in a process of its own (`examples/bench_real.rs` for the project,
-//! `tools/bench_anchors.py` for the anchors) on the same token ids, and the table goes to
-//! stdout and `target/bench-real/table.md`.
+//! `tools/bench_anchors.py` for the anchors) on the same token ids, once per round
+//! (`--rounds`, 3 by default), each round in a rotated order. Run-to-run noise on a shared
+//! machine comes in slow minutes rather than slow runs: repeats inside one process all fall in
+//! the same minute, while rounds spread each system over the whole run. The table (medians
+//! over the rounds, with their ranges) goes to stdout and `target/bench-real/table.md`.
 
 use std::path::{Path, PathBuf};
 
@@ -102,7 +105,7 @@ pub(crate) fn smollm2_gguf(dir: &Path, python: &str) -> Result<PathBuf> {
     Ok(gguf)
 }
 
-pub fn bench_real(threads: Option<usize>, quick: bool) -> Result<()> {
+pub fn bench_real(threads: Option<usize>, quick: bool, rounds: Option<usize>) -> Result<()> {
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let work = PathBuf::from("target/bench-real");
@@ -176,12 +179,13 @@ pub fn bench_real(threads: Option<usize>, quick: bool) -> Result<()> {
     std::fs::write(&text, corpus)?;
 
     let t = threads.to_string();
-    let (decode, repeats) = if quick { ("32", "1") } else { ("128", "3") };
+    let decode = if quick { "32" } else { "128" };
+    let rounds = rounds.unwrap_or(if quick { 1 } else { 3 }).max(1);
     let ids = work.join("ids.json");
-    let mut systems: Vec<(String, Vec<String>)> = vec![("dense".into(), vec![])];
+    let mut variants: Vec<(String, Vec<String>)> = vec![("dense".into(), vec![])];
     for skip in ["0.25", "0.4"] {
         for kv in ["keep", "drop"] {
-            systems.push((
+            variants.push((
                 format!("routed-{skip}-{kv}"),
                 vec!["--skip".into(), skip.into(), "--kv".into(), kv.into()],
             ));
@@ -189,23 +193,24 @@ pub fn bench_real(threads: Option<usize>, quick: bool) -> Result<()> {
     }
     // half-precision weights: dense at both, routed at f16 (the fast one on CPUs)
     for dtype in ["f16", "bf16"] {
-        systems.push((
+        variants.push((
             format!("dense-{dtype}"),
             vec!["--dtype".into(), dtype.into()],
         ));
     }
     for skip in ["0.25", "0.4"] {
-        systems.push((
+        variants.push((
             format!("routed-{skip}-drop-f16"),
             ["--skip", skip, "--kv", "drop", "--dtype", "f16"]
                 .map(String::from)
                 .to_vec(),
         ));
     }
-    let mut results: Vec<Figures> = Vec::new();
-    for (name, extra) in &systems {
-        let out = work.join(format!("results/{name}.json"));
-        let mut a: Vec<&str> = vec![
+    // Every system as a command line that writes its figures to the path after `{out}`; one
+    // timed repeat per process, since the rounds are the repeats.
+    let mut systems: Vec<(String, String, Vec<String>)> = Vec::new();
+    for (name, extra) in variants {
+        let mut a: Vec<String> = [
             "--model",
             s(&hf),
             "--text",
@@ -215,51 +220,71 @@ pub fn bench_real(threads: Option<usize>, quick: bool) -> Result<()> {
             "--decode",
             decode,
             "--repeats",
-            repeats,
+            "1",
             "--ids-out",
             s(&ids),
             "--json",
-            s(&out),
-        ];
-        a.extend(extra.iter().map(String::as_str));
-        results.push(run_json("target/release/examples/bench_real", &a, &out)?);
+        ]
+        .map(String::from)
+        .to_vec();
+        a.push(OUT.into());
+        a.extend(extra);
+        systems.push((name, "target/release/examples/bench_real".into(), a));
     }
     for (name, system, model_flag, model) in [
         ("llamacpp", "llamacpp", "--gguf", &f32_gguf),
         ("llamacpp f16", "llamacpp", "--gguf", &f16_gguf),
         ("transformers", "transformers", "--hf", &hf),
     ] {
-        let out = work.join(format!("results/{}.json", name.replace(' ', "-")));
-        let r = run_json(
-            s(&py),
-            &[
-                "tools/bench_anchors.py",
-                "--system",
-                system,
-                model_flag,
-                s(model),
-                "--ids",
-                s(&ids),
-                "--threads",
-                &t,
-                "--decode",
-                decode,
-                "--repeats",
-                repeats,
-                "--out",
-                s(&out),
-                "--name",
-                name,
-            ],
-            &out,
-        )?;
-        results.push(r);
+        let a = [
+            "tools/bench_anchors.py",
+            "--system",
+            system,
+            model_flag,
+            s(model),
+            "--ids",
+            s(&ids),
+            "--threads",
+            &t,
+            "--decode",
+            decode,
+            "--repeats",
+            "1",
+            "--name",
+            name,
+            "--out",
+            OUT,
+        ]
+        .map(String::from)
+        .to_vec();
+        systems.push((name.replace(' ', "-"), s(&py).into(), a));
+    }
+    // The anchors read the ids the project writes, so the project's dense model goes first in
+    // the first round; later rounds rotate the order, so that a slow minute of this shared
+    // machine falls on different systems in different rounds.
+    let mut results: Vec<Vec<Figures>> = vec![Vec::new(); systems.len()];
+    for round in 0..rounds {
+        let offset = round * systems.len() / rounds;
+        for k in 0..systems.len() {
+            let i = (k + offset) % systems.len();
+            let (name, program, args) = &systems[i];
+            let out = work.join(format!("results/{name}.round{}.json", round + 1));
+            let args: Vec<&str> = args
+                .iter()
+                .map(|a| if a == OUT { s(&out) } else { a.as_str() })
+                .collect();
+            eprintln!("round {}/{rounds}, {name}", round + 1);
+            results[i].push(run_json(program, &args, &out)?);
+        }
     }
     let table = table(&results, threads, decode);
     std::fs::write(work.join("table.md"), &table)?;
     println!("{table}");
     Ok(())
 }
+
+/// Stands for a system's output path in its command line.
+const OUT: &str = "{out}";
 
 /// Runs one system, which writes its figures to `out`, and reads them.
 fn run_json(program: &str, args: &[&str], out: &Path) -> Result<Figures> {
@@ -268,6 +293,48 @@ fn run_json(program: &str, args: &[&str], out: &Path) -> Result<Figures> {
         .with_context(|| format!("{} was not written", out.display()))?;
     serde_json::from_str(&text)
         .with_context(|| format!("{} is not the figures of a system", out.display()))
+}
+
+/// One figure over the rounds: its median and range (NaN where a system does not measure it).
+#[derive(Debug, Clone, Copy)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+    n: usize,
+}
+
+impl Spread {
+    fn of(rounds: &[Figures], figure: impl Fn(&Figures) -> f64) -> Self {
+        let mut v: Vec<f64> = rounds.iter().map(figure).filter(|x| !x.is_nan()).collect();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = match n {
+            0 => f64::NAN,
+            _ if n % 2 == 1 => v[n / 2],
+            _ => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+        };
+        Self {
+            median,
+            min: v.first().copied().unwrap_or(f64::NAN),
+            max: v.last().copied().unwrap_or(f64::NAN),
+            n,
+        }
+    }
+
+    /// The median, and the range where there is more than one round.
+    fn cell(&self, digits: usize) -> String {
+        if self.n > 1 {
+            format!(
+                "{} ({}–{})",
+                cell(self.median, digits),
+                cell(self.min, digits),
+                cell(self.max, digits)
+            )
+        } else {
+            cell(self.median, digits)
+        }
+    }
 }
 
 /// `x` with `digits` decimals, or "-" where it was not measured.
@@ -279,37 +346,44 @@ fn cell(x: f64, digits: usize) -> String {
     }
 }
 
-/// The results as a markdown table, with ratios against the project's dense model and llama.cpp.
-fn table(results: &[Figures], threads: usize, decode: &str) -> String {
-    let find = |name: &str| results.iter().find(|r| r.system == name);
+/// The results, each system's rounds in turn, as a markdown table: medians over the rounds
+/// with their ranges, and ratios of medians against the project's dense model and llama.cpp.
+fn table(results: &[Vec<Figures>], threads: usize, decode: &str) -> String {
+    let name = |r: &[Figures]| r.first().map_or(String::new(), |f| f.system.clone());
+    let find = |system: &str| results.iter().find(|r| name(r) == system);
     let dense = find("skipgpt dense");
     let llama = find("llamacpp");
+    let rounds = results.iter().map(Vec::len).max().unwrap_or(0);
     let mut t = format!(
-        "SmolLM2-135M-Instruct, f32 weights unless the system says f16 or bf16 (matrices in half precision, the rest f32), {threads} threads; prefill 512 tokens, decode {decode} new tokens per sequence (greedy, 16-token prompts).\n\n\
+        "SmolLM2-135M-Instruct, f32 weights unless the system says f16 or bf16 (matrices in half precision, the rest f32), {threads} threads; prefill 512 tokens, decode {decode} new tokens per sequence (greedy, 16-token prompts); {rounds} round(s): each figure is the median over the rounds (range in brackets), ratios are of medians, peak RSS the highest.\n\n\
          | system | load (s) | prefill tok/s | decode tok/s, batch 1 | decode tok/s, batch 8 | vs dense: prefill / decode 1 | vs llama.cpp: decode 1 | realised skip attn/mlp | peak RSS (MB) |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     );
     for r in results {
-        let ratio = |base: Option<&Figures>, figure: fn(&Figures) -> f64| match base {
-            Some(b) => format!("{:.2}x", figure(r) / figure(b)),
+        let Some(last) = r.last() else { continue };
+        let ratio = |base: Option<&Vec<Figures>>, figure: fn(&Figures) -> f64| match base {
+            Some(b) => format!(
+                "{:.2}x",
+                Spread::of(r, figure).median / Spread::of(b, figure).median
+            ),
             None => "-".into(),
         };
-        let skip = match &r.prefill_stats {
+        let skip = match &last.prefill_stats {
             Some(st) => format!("{:.0}% / {:.0}%", 100.0 * st.attn_skip, 100.0 * st.mlp_skip),
             None => "-".into(),
         };
         t += &format!(
             "| {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |\n",
-            r.system,
-            cell(r.load_s.unwrap_or(f64::NAN), 2),
-            cell(r.prefill(), 0),
-            cell(r.decode(1), 1),
-            cell(r.decode(8), 1),
+            last.system,
+            cell(Spread::of(r, |f| f.load_s.unwrap_or(f64::NAN)).median, 2),
+            Spread::of(r, Figures::prefill).cell(0),
+            Spread::of(r, |f| f.decode(1)).cell(1),
+            Spread::of(r, |f| f.decode(8)).cell(1),
             ratio(dense, Figures::prefill),
             ratio(dense, |f| f.decode(1)),
             ratio(llama, |f| f.decode(1)),
             skip,
-            cell(r.peak_rss_mb.unwrap_or(f64::NAN), 0),
+            cell(Spread::of(r, |f| f.peak_rss_mb.unwrap_or(f64::NAN)).max, 0),
         );
     }
     t
@@ -327,10 +401,8 @@ mod tests {
             "peak_rss_mb": 615.2, "weight_mb": 538.1}"#;
         let anchor = r#"{"load_s": 0.7, "prefill_tok_s": 500.0, "decode": {"1": 45.0},
             "version": "0.3.36", "system": "llamacpp", "threads": 2, "peak_rss_mb": 617.9}"#;
-        let results: Vec<Figures> = [project, anchor]
-            .iter()
-            .map(|j| serde_json::from_str(j).unwrap())
-            .collect();
+        let read = |j: &str| -> Figures { serde_json::from_str(j).unwrap() };
+        let results = vec![vec![read(project)], vec![read(anchor)]];
         let t = table(&results, 2, "128");
         let rows: Vec<&str> = t
             .lines()
@@ -343,6 +415,38 @@ mod tests {
         assert_eq!(
             rows[1],
             "| llamacpp | 0.70 | 500 | 45.0 | - | 2.50x / 1.50x | 1.00x | - | 618 |"
+        );
+    }
+
+    #[test]
+    fn rounds_give_medians_ranges_and_ratios_of_medians() {
+        let round = |system: &str, prefill: f64, decode1: f64, rss: f64| -> Figures {
+            serde_json::from_str(&format!(
+                r#"{{"system": "{system}", "load_s": 0.5, "prefill_tok_s": {prefill},
+                    "decode": {{"1": {decode1}}}, "peak_rss_mb": {rss}}}"#
+            ))
+            .unwrap()
+        };
+        let dense = vec![
+            round("skipgpt dense", 400.0, 50.0, 600.0),
+            round("skipgpt dense", 500.0, 40.0, 610.0),
+            round("skipgpt dense", 450.0, 60.0, 605.0),
+        ];
+        // an even number of rounds: the median is the mean of the middle two
+        let routed = vec![
+            round("skipgpt routed", 600.0, 70.0, 620.0),
+            round("skipgpt routed", 540.0, 80.0, 640.0),
+        ];
+        let t = table(&[dense, routed], 2, "128");
+        assert!(t.contains("2 threads") && t.contains("3 round(s)"), "{t}");
+        let rows: Vec<&str> = t.lines().filter(|l| l.starts_with("| skipgpt")).collect();
+        assert_eq!(
+            rows[0],
+            "| skipgpt dense | 0.50 | 450 (400–500) | 50.0 (40.0–60.0) | - | 1.00x / 1.00x | - | - | 610 |"
+        );
+        assert_eq!(
+            rows[1],
+            "| skipgpt routed | 0.50 | 570 (540–600) | 75.0 (70.0–80.0) | - | 1.27x / 1.50x | - | - | 640 |"
         );
     }
 }

@@ -54,9 +54,13 @@ enum Task {
         /// Threads for every system (default: every core).
         #[arg(long)]
         threads: Option<usize>,
-        /// 32 decoded tokens and one repeat instead of 128 and three.
+        /// 32 decoded tokens and one round instead of 128 and three.
         #[arg(long)]
         quick: bool,
+        /// Rounds over every system (default 3, 1 with --quick): each round runs each system
+        /// once, in a rotated order, and the table gives each figure's median and range.
+        #[arg(long)]
+        rounds: Option<usize>,
     },
     /// Builds the CUDA check into `gpu-check/` and, with --run, runs it here.
     GpuCheck {
@@ -229,7 +233,11 @@ fn main() -> Result<()> {
         Task::Fixtures => fixtures(),
         Task::Bench { features, args } => bench(features.as_deref(), &args),
         Task::GpuCheck { run, args } => gpu_check(run, &args),
-        Task::BenchReal { threads, quick } => bench_real::bench_real(threads, quick),
+        Task::BenchReal {
+            threads,
+            quick,
+            rounds,
+        } => bench_real::bench_real(threads, quick, rounds),
         Task::Experiment {
             features,
             out,
