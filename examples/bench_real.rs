@@ -5,14 +5,16 @@
 //!
 //! ```text
 //! bench_real --model DIR --text FILE [--backend cpu|ndarray] [--threads N] [--dtype f32|f16|bf16] [--skip 0.25 --kv keep|drop]
-//!            [--routed] [--prefill 512] [--decode 128] [--batches 1,8] [--repeats 3] [--ids-out ids.json] [--json OUT]
+//!            [--routed] [--prefill 512] [--decode 128] [--batches 1,8] [--repeats 3] [--pairs 3] [--ids-out ids.json] [--json OUT]
 //! ```
 //!
 //! Figures: load (seconds to a model ready to run); prefill tokens/s (one sequence of
 //! `--prefill` tokens through the engine); decode tokens/s at each batch (greedy, `--decode`
 //! new tokens per sequence from 16-token prompts, their prefill included); peak RSS. Routed
 //! systems get random linear routers whose biases are calibrated on the text (a part the timed
-//! prompts do not use) so that the given fraction of tokens skips each module.
+//! prompts do not use) so that the given fraction of tokens skips each module. A routed system
+//! also reports its speedup over its own dense run (`Routing::Dense`, every module executing),
+//! timed in alternation `--pairs` times: the prefill and the batch-1 decode.
 
 #[path = "support/engine_bench.rs"]
 mod engine_bench;
@@ -23,7 +25,7 @@ use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use serde_json::json;
-use skipgpt_eval::speed::{decode_speed, prefill_speed};
+use skipgpt_eval::speed::{decode_speed, paired_speedup, prefill_speed};
 use skipgpt_model::sparse::{sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{load_pretrained_as, KvPolicy, Routing, StoreDtype};
 
@@ -62,6 +64,9 @@ struct Args {
     batches: Vec<usize>,
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Routed systems: dense/routed pairs timed back to back (0: none).
+    #[arg(long, default_value_t = 3)]
+    pairs: usize,
     /// Writes the token ids used, for the anchors.
     #[arg(long)]
     ids_out: Option<std::path::PathBuf>,
@@ -184,6 +189,22 @@ fn run<B: Backend>(a: &Args, device: &B::Device) -> serde_json::Value {
                    "ideal_speedup": st.ideal_speedup(), "weight_ideal_speedup": st.weight_ideal_speedup()}),
         );
     }
+    let paired = match routing {
+        Routing::Dense => None,
+        _ if a.pairs == 0 => None,
+        _ => {
+            let p = paired_speedup(
+                &model,
+                &prefill,
+                &decode_prompts[..1],
+                a.decode,
+                routing,
+                a.pairs,
+            )
+            .expect("paired dense/routed runs");
+            Some(json!({"pairs": p.pairs, "prefill": p.prefill, "decode_1": p.decode}))
+        }
+    };
     let ps = prefilled.stats;
     let mut system = match a.skip {
         Some(s) => format!(
@@ -211,6 +232,7 @@ fn run<B: Backend>(a: &Args, device: &B::Device) -> serde_json::Value {
         "decode": decode,
         "prefill_stats": {"attn_skip": ps.attn_skip(), "mlp_skip": ps.mlp_skip(), "ideal_speedup": ps.ideal_speedup()},
         "decode_stats": decode_stats,
+        "paired_speedup": paired,
         "peak_rss_mb": peak_rss_mb(),
         "weight_mb": (model.config.num_params() * a.dtype().size()) as f64 / 1e6,
     })

@@ -38,6 +38,15 @@ pub struct Figures {
     /// The project's routed systems: the skip rates the prefill realised.
     pub prefill_stats: Option<SkipRates>,
     pub peak_rss_mb: Option<f64>,
+    /// The project's routed systems: speedups over their own dense runs, timed in alternation
+    /// in the same process.
+    pub paired_speedup: Option<Paired>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Paired {
+    pub prefill: f64,
+    pub decode_1: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -347,7 +356,8 @@ fn cell(x: f64, digits: usize) -> String {
 }
 
 /// The results, each system's rounds in turn, as a markdown table: medians over the rounds
-/// with their ranges, and ratios of medians against the project's dense model and llama.cpp.
+/// with their ranges, ratios of medians against the project's dense model and llama.cpp, and the
+/// routed systems' paired speedups over their own dense runs (medians over the rounds).
 fn table(results: &[Vec<Figures>], threads: usize, decode: &str) -> String {
     let name = |r: &[Figures]| r.first().map_or(String::new(), |f| f.system.clone());
     let find = |system: &str| results.iter().find(|r| name(r) == system);
@@ -355,9 +365,9 @@ fn table(results: &[Vec<Figures>], threads: usize, decode: &str) -> String {
     let llama = find("llamacpp");
     let rounds = results.iter().map(Vec::len).max().unwrap_or(0);
     let mut t = format!(
-        "SmolLM2-135M-Instruct, f32 weights unless the system says f16 or bf16 (matrices in half precision, the rest f32), {threads} threads; prefill 512 tokens, decode {decode} new tokens per sequence (greedy, 16-token prompts); {rounds} round(s): each figure is the median over the rounds (range in brackets), ratios are of medians, peak RSS the highest.\n\n\
-         | system | load (s) | prefill tok/s | decode tok/s, batch 1 | decode tok/s, batch 8 | vs dense: prefill / decode 1 | vs llama.cpp: decode 1 | realised skip attn/mlp | peak RSS (MB) |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "SmolLM2-135M-Instruct, f32 weights unless the system says f16 or bf16 (matrices in half precision, the rest f32), {threads} threads; prefill 512 tokens, decode {decode} new tokens per sequence (greedy, 16-token prompts); {rounds} round(s): each figure is the median over the rounds (range in brackets), ratios are of medians, peak RSS the highest; paired: a routed system's speedup over its own dense run, timed in alternation in one process.\n\n\
+         | system | load (s) | prefill tok/s | decode tok/s, batch 1 | decode tok/s, batch 8 | vs dense: prefill / decode 1 | paired vs own dense: prefill / decode 1 | vs llama.cpp: decode 1 | realised skip attn/mlp | peak RSS (MB) |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     );
     for r in results {
         let Some(last) = r.last() else { continue };
@@ -372,8 +382,19 @@ fn table(results: &[Vec<Figures>], threads: usize, decode: &str) -> String {
             Some(st) => format!("{:.0}% / {:.0}%", 100.0 * st.attn_skip, 100.0 * st.mlp_skip),
             None => "-".into(),
         };
+        let paired = |figure: fn(&Paired) -> f64| {
+            let sp = Spread::of(r, |f| f.paired_speedup.as_ref().map_or(f64::NAN, figure));
+            match sp.median.is_nan() {
+                true => "-".to_string(),
+                false => format!("{:.2}x", sp.median),
+            }
+        };
+        let paired = match r.iter().any(|f| f.paired_speedup.is_some()) {
+            true => format!("{} / {}", paired(|p| p.prefill), paired(|p| p.decode_1)),
+            false => "-".into(),
+        };
         t += &format!(
-            "| {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} |\n",
             last.system,
             cell(Spread::of(r, |f| f.load_s.unwrap_or(f64::NAN)).median, 2),
             Spread::of(r, Figures::prefill).cell(0),
@@ -381,6 +402,7 @@ fn table(results: &[Vec<Figures>], threads: usize, decode: &str) -> String {
             Spread::of(r, |f| f.decode(8)).cell(1),
             ratio(dense, Figures::prefill),
             ratio(dense, |f| f.decode(1)),
+            paired,
             ratio(llama, |f| f.decode(1)),
             skip,
             cell(Spread::of(r, |f| f.peak_rss_mb.unwrap_or(f64::NAN)).max, 0),
@@ -410,43 +432,46 @@ mod tests {
             .collect();
         assert_eq!(
             rows[0],
-            "| skipgpt dense | 0.96 | 200 | 30.0 | 80.0 | 1.00x / 1.00x | 0.67x | 0% / 0% | 615 |"
+            "| skipgpt dense | 0.96 | 200 | 30.0 | 80.0 | 1.00x / 1.00x | - | 0.67x | 0% / 0% | 615 |"
         );
         assert_eq!(
             rows[1],
-            "| llamacpp | 0.70 | 500 | 45.0 | - | 2.50x / 1.50x | 1.00x | - | 618 |"
+            "| llamacpp | 0.70 | 500 | 45.0 | - | 2.50x / 1.50x | - | 1.00x | - | 618 |"
         );
     }
 
     #[test]
     fn rounds_give_medians_ranges_and_ratios_of_medians() {
-        let round = |system: &str, prefill: f64, decode1: f64, rss: f64| -> Figures {
+        let round = |system: &str, prefill: f64, decode1: f64, rss: f64, paired: &str| -> Figures {
             serde_json::from_str(&format!(
                 r#"{{"system": "{system}", "load_s": 0.5, "prefill_tok_s": {prefill},
-                    "decode": {{"1": {decode1}}}, "peak_rss_mb": {rss}}}"#
+                    "decode": {{"1": {decode1}}}, "peak_rss_mb": {rss}{paired}}}"#
             ))
             .unwrap()
         };
         let dense = vec![
-            round("skipgpt dense", 400.0, 50.0, 600.0),
-            round("skipgpt dense", 500.0, 40.0, 610.0),
-            round("skipgpt dense", 450.0, 60.0, 605.0),
+            round("skipgpt dense", 400.0, 50.0, 600.0, ""),
+            round("skipgpt dense", 500.0, 40.0, 610.0, ""),
+            round("skipgpt dense", 450.0, 60.0, 605.0, ""),
         ];
         // an even number of rounds: the median is the mean of the middle two
+        let paired = |p: f64, d: f64| {
+            format!(r#", "paired_speedup": {{"prefill": {p}, "decode_1": {d}, "pairs": 3}}"#)
+        };
         let routed = vec![
-            round("skipgpt routed", 600.0, 70.0, 620.0),
-            round("skipgpt routed", 540.0, 80.0, 640.0),
+            round("skipgpt routed", 600.0, 70.0, 620.0, &paired(1.2, 1.1)),
+            round("skipgpt routed", 540.0, 80.0, 640.0, &paired(1.3, 1.2)),
         ];
         let t = table(&[dense, routed], 2, "128");
         assert!(t.contains("2 threads") && t.contains("3 round(s)"), "{t}");
         let rows: Vec<&str> = t.lines().filter(|l| l.starts_with("| skipgpt")).collect();
         assert_eq!(
             rows[0],
-            "| skipgpt dense | 0.50 | 450 (400–500) | 50.0 (40.0–60.0) | - | 1.00x / 1.00x | - | - | 610 |"
+            "| skipgpt dense | 0.50 | 450 (400–500) | 50.0 (40.0–60.0) | - | 1.00x / 1.00x | - | - | - | 610 |"
         );
         assert_eq!(
             rows[1],
-            "| skipgpt routed | 0.50 | 570 (540–600) | 75.0 (70.0–80.0) | - | 1.27x / 1.50x | - | - | 640 |"
+            "| skipgpt routed | 0.50 | 570 (540–600) | 75.0 (70.0–80.0) | - | 1.27x / 1.50x | 1.25x / 1.15x | - | - | 640 |"
         );
     }
 }

@@ -1,6 +1,7 @@
 //! Measured speed through the sparse engine: prefill of one prompt and greedy decode, as
 //! tokens per second (median of repeats after a warm-up), with the engine's own account of
-//! what was skipped. The real-model demo and `bench_real` measure with these.
+//! what was skipped; and a routed model's speedup over its own dense run, timed in
+//! alternation. The real-model demo and `bench_real` measure with these.
 
 use std::time::Instant;
 
@@ -77,4 +78,140 @@ pub fn decode_speed<B: Backend>(
         tokens_per_s: (prompts.len() * new_tokens) as f64 / seconds,
         stats: stats?,
     })
+}
+
+/// A routed model's speedup over the same model with every module executing
+/// (`Routing::Dense`), each figure the median over pairs of runs timed back to back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairedSpeedup {
+    /// Dense time / routed time of one prefill.
+    pub prefill: f64,
+    /// Dense time / routed time of one greedy decode.
+    pub decode: f64,
+    pub pairs: usize,
+}
+
+/// Times `routing` against `Routing::Dense` on the same model, `pairs` times each, in
+/// alternation: the prefill of `prompt` and a greedy decode of `new_tokens` after each of
+/// `prompts`. On a shared machine whose speed drifts from minute to minute, separate runs of
+/// the two put the drift into their ratio; runs seconds apart share it.
+pub fn paired_speedup<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    prompt: &[u32],
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+    routing: Routing,
+    pairs: usize,
+) -> Result<PairedSpeedup> {
+    let layers = model.config.num_hidden_layers;
+    let batch = [prompt.to_vec()];
+    let prefill = |routing: Routing| -> Result<()> {
+        let mut cache = SparseCache::new(1, layers);
+        let out = sparse_forward(model, &batch, &mut cache, routing, LogitRows::Last)?;
+        let _ = out.logits.into_data();
+        Ok(())
+    };
+    let opts = GenerateOptions {
+        max_new_tokens: new_tokens,
+        sampling: Sampling::Greedy,
+        eos_token_ids: vec![],
+        ignore_eos: true,
+    };
+    let decode = |routing: Routing| -> Result<()> {
+        generate_sparse(model, prompts, &opts, routing).map(|_| ())
+    };
+    Ok(PairedSpeedup {
+        prefill: paired_ratio(pairs, || prefill(Routing::Dense), || prefill(routing))?,
+        decode: paired_ratio(pairs, || decode(Routing::Dense), || decode(routing))?,
+        pairs: pairs.max(1),
+    })
+}
+
+/// Median over `pairs` of time(`base`) / time(`other`), the two timed back to back after a
+/// warm-up of each; every other pair runs `other` first, so that a steady drift of the
+/// machine's speed favours neither.
+pub fn paired_ratio(
+    pairs: usize,
+    mut base: impl FnMut() -> Result<()>,
+    mut other: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let t = Instant::now();
+        f()?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    base()?;
+    other()?;
+    let mut ratios = Vec::with_capacity(pairs.max(1));
+    for k in 0..pairs.max(1) {
+        let (b, o) = if k % 2 == 0 {
+            let b = time(&mut base)?;
+            (b, time(&mut other)?)
+        } else {
+            let o = time(&mut other)?;
+            (time(&mut base)?, o)
+        };
+        ratios.push(b / o);
+    }
+    Ok(median(ratios))
+}
+
+/// The median (the mean of the middle two for an even count); NaN for none.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+    }
+
+    #[test]
+    fn pairs_alternate_which_side_runs_first_after_a_warm_up_of_each() {
+        let calls = RefCell::new(String::new());
+        let ratio = paired_ratio(
+            3,
+            || {
+                calls.borrow_mut().push('b');
+                Ok(())
+            },
+            || {
+                calls.borrow_mut().push('o');
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            calls.into_inner(),
+            "bo" /* warm-up */
+                .to_owned()
+                + "bo"
+                + "ob"
+                + "bo"
+        );
+        assert!(ratio.is_finite() && ratio > 0.0, "{ratio}");
+    }
+
+    #[test]
+    fn a_failing_run_fails_the_measurement() {
+        let err = paired_ratio(
+            2,
+            || Ok(()),
+            || Err(skipgpt_model::ModelError::InvalidInput("no routers".into())),
+        );
+        assert!(err.is_err());
+    }
 }
