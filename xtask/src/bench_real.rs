@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
+use skipgpt_eval::speed::median;
 
 use crate::run;
 
@@ -315,19 +316,12 @@ struct Spread {
 
 impl Spread {
     fn of(rounds: &[Figures], figure: impl Fn(&Figures) -> f64) -> Self {
-        let mut v: Vec<f64> = rounds.iter().map(figure).filter(|x| !x.is_nan()).collect();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = match n {
-            0 => f64::NAN,
-            _ if n % 2 == 1 => v[n / 2],
-            _ => 0.5 * (v[n / 2 - 1] + v[n / 2]),
-        };
+        let v: Vec<f64> = rounds.iter().map(figure).filter(|x| !x.is_nan()).collect();
         Self {
-            median,
-            min: v.first().copied().unwrap_or(f64::NAN),
-            max: v.last().copied().unwrap_or(f64::NAN),
-            n,
+            median: median(v.clone()),
+            min: v.iter().copied().reduce(f64::min).unwrap_or(f64::NAN),
+            max: v.iter().copied().reduce(f64::max).unwrap_or(f64::NAN),
+            n: v.len(),
         }
     }
 
