@@ -216,37 +216,34 @@ pub fn bench_real(threads: Option<usize>, quick: bool, rounds: Option<usize>) ->
                 .to_vec(),
         ));
     }
-    // Every system as a command line that writes its figures to the path after `{out}`; one
-    // timed repeat per process, since the rounds are the repeats.
-    let mut systems: Vec<(String, String, Vec<String>)> = Vec::new();
+    // One timed repeat per process (after its warm-up): the rounds are the repeats.
+    let timing = [
+        "--threads",
+        t.as_str(),
+        "--decode",
+        decode,
+        "--repeats",
+        "1",
+    ];
+    let strings = |a: &[&str]| -> Vec<String> { a.iter().map(|x| x.to_string()).collect() };
+    let mut systems: Vec<System> = Vec::new();
     for (name, extra) in variants {
-        let mut a: Vec<String> = [
-            "--model",
-            s(&hf),
-            "--text",
-            s(&text),
-            "--threads",
-            &t,
-            "--decode",
-            decode,
-            "--repeats",
-            "1",
-            "--ids-out",
-            s(&ids),
-            "--json",
-        ]
-        .map(String::from)
-        .to_vec();
-        a.push(OUT.into());
-        a.extend(extra);
-        systems.push((name, "target/release/examples/bench_real".into(), a));
+        let mut args = strings(&["--model", s(&hf), "--text", s(&text), "--ids-out", s(&ids)]);
+        args.extend(strings(&timing));
+        args.extend(extra);
+        systems.push(System {
+            name,
+            program: "target/release/examples/bench_real".into(),
+            args,
+            out_flag: "--json",
+        });
     }
     for (name, system, model_flag, model) in [
         ("llamacpp", "llamacpp", "--gguf", &f32_gguf),
         ("llamacpp f16", "llamacpp", "--gguf", &f16_gguf),
         ("transformers", "transformers", "--hf", &hf),
     ] {
-        let a = [
+        let mut args = strings(&[
             "tools/bench_anchors.py",
             "--system",
             system,
@@ -254,20 +251,16 @@ pub fn bench_real(threads: Option<usize>, quick: bool, rounds: Option<usize>) ->
             s(model),
             "--ids",
             s(&ids),
-            "--threads",
-            &t,
-            "--decode",
-            decode,
-            "--repeats",
-            "1",
             "--name",
             name,
-            "--out",
-            OUT,
-        ]
-        .map(String::from)
-        .to_vec();
-        systems.push((name.replace(' ', "-"), s(&py).into(), a));
+        ]);
+        args.extend(strings(&timing));
+        systems.push(System {
+            name: name.replace(' ', "-"),
+            program: s(&py).into(),
+            args,
+            out_flag: "--out",
+        });
     }
     // The anchors read the ids the project writes, so the project's dense model goes first in
     // the first round; later rounds rotate the order, so that a slow minute of this shared
@@ -277,14 +270,12 @@ pub fn bench_real(threads: Option<usize>, quick: bool, rounds: Option<usize>) ->
         let offset = round * systems.len() / rounds;
         for k in 0..systems.len() {
             let i = (k + offset) % systems.len();
-            let (name, program, args) = &systems[i];
-            let out = work.join(format!("results/{name}.round{}.json", round + 1));
-            let args: Vec<&str> = args
-                .iter()
-                .map(|a| if a == OUT { s(&out) } else { a.as_str() })
-                .collect();
-            eprintln!("round {}/{rounds}, {name}", round + 1);
-            results[i].push(run_json(program, &args, &out)?);
+            let system = &systems[i];
+            let out = work.join(format!("results/{}.round{}.json", system.name, round + 1));
+            let mut args: Vec<&str> = system.args.iter().map(String::as_str).collect();
+            args.extend([system.out_flag, s(&out)]);
+            eprintln!("round {}/{rounds}, {}", round + 1, system.name);
+            results[i].push(run_json(&system.program, &args, &out)?);
         }
     }
     let table = table(&results, threads, decode);
@@ -293,8 +284,13 @@ pub fn bench_real(threads: Option<usize>, quick: bool, rounds: Option<usize>) ->
     Ok(())
 }
 
-/// Stands for a system's output path in its command line.
-const OUT: &str = "{out}";
+/// One system's process: `program args… out_flag PATH` writes its figures to PATH.
+struct System {
+    name: String,
+    program: String,
+    args: Vec<String>,
+    out_flag: &'static str,
+}
 
 /// Runs one system, which writes its figures to `out`, and reads them.
 fn run_json(program: &str, args: &[&str], out: &Path) -> Result<Figures> {
@@ -340,6 +336,15 @@ impl Spread {
     }
 }
 
+/// A ratio as `1.23x`, or "-" where it was not measured.
+fn times(x: f64) -> String {
+    if x.is_nan() {
+        "-".into()
+    } else {
+        format!("{x:.2}x")
+    }
+}
+
 /// `x` with `digits` decimals, or "-" where it was not measured.
 fn cell(x: f64, digits: usize) -> String {
     if x.is_nan() {
@@ -353,8 +358,11 @@ fn cell(x: f64, digits: usize) -> String {
 /// with their ranges, ratios of medians against the project's dense model and llama.cpp, and the
 /// routed systems' paired speedups over their own dense runs (medians over the rounds).
 fn table(results: &[Vec<Figures>], threads: usize, decode: &str) -> String {
-    let name = |r: &[Figures]| r.first().map_or(String::new(), |f| f.system.clone());
-    let find = |system: &str| results.iter().find(|r| name(r) == system);
+    let find = |system: &str| {
+        results
+            .iter()
+            .find(|r| r.first().is_some_and(|f| f.system == system))
+    };
     let dense = find("skipgpt dense");
     let llama = find("llamacpp");
     let rounds = results.iter().map(Vec::len).max().unwrap_or(0);
@@ -366,10 +374,7 @@ fn table(results: &[Vec<Figures>], threads: usize, decode: &str) -> String {
     for r in results {
         let Some(last) = r.last() else { continue };
         let ratio = |base: Option<&Vec<Figures>>, figure: fn(&Figures) -> f64| match base {
-            Some(b) => format!(
-                "{:.2}x",
-                Spread::of(r, figure).median / Spread::of(b, figure).median
-            ),
+            Some(b) => times(Spread::of(r, figure).median / Spread::of(b, figure).median),
             None => "-".into(),
         };
         let skip = match &last.prefill_stats {
@@ -377,11 +382,7 @@ fn table(results: &[Vec<Figures>], threads: usize, decode: &str) -> String {
             None => "-".into(),
         };
         let paired = |figure: fn(&Paired) -> f64| {
-            let sp = Spread::of(r, |f| f.paired_speedup.as_ref().map_or(f64::NAN, figure));
-            match sp.median.is_nan() {
-                true => "-".to_string(),
-                false => format!("{:.2}x", sp.median),
-            }
+            times(Spread::of(r, |f| f.paired_speedup.as_ref().map_or(f64::NAN, figure)).median)
         };
         let paired = match r.iter().any(|f| f.paired_speedup.is_some()) {
             true => format!("{} / {}", paired(|p| p.prefill), paired(|p| p.decode_1)),

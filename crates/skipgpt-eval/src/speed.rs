@@ -9,19 +9,18 @@ use burn::tensor::backend::Backend;
 use skipgpt_model::sparse::{generate_sparse, sparse_forward, EngineStats, LogitRows, SparseCache};
 use skipgpt_model::{GenerateOptions, LlamaForCausalLM, Result, Routing, Sampling};
 
-/// Median wall time (seconds) of `n` runs after one warm-up. `f` must wait for its results
+/// Median wall time (seconds) of `n` runs after one warm-up ([`median`]). `f` must wait for its results
 /// (read them back), so that asynchronous GPU backends are timed to completion.
 pub fn median_seconds(n: usize, mut f: impl FnMut()) -> f64 {
     f();
-    let mut times: Vec<f64> = (0..n.max(1))
+    let times: Vec<f64> = (0..n.max(1))
         .map(|_| {
             let t = Instant::now();
             f();
             t.elapsed().as_secs_f64()
         })
         .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    median(times)
 }
 
 /// A measured rate and what the engine did meanwhile (from the last repeat).
@@ -39,16 +38,9 @@ pub fn prefill_speed<B: Backend>(
     routing: Routing,
     repeats: usize,
 ) -> Result<Throughput> {
-    let layers = model.config.num_hidden_layers;
     let batch = [prompt.to_vec()];
     let mut stats = Ok(EngineStats::default());
-    let seconds = median_seconds(repeats, || {
-        let mut cache = SparseCache::new(1, layers);
-        stats = sparse_forward(model, &batch, &mut cache, routing, LogitRows::Last).map(|out| {
-            let _ = out.logits.into_data();
-            out.stats
-        });
-    });
+    let seconds = median_seconds(repeats, || stats = prefill_once(model, &batch, routing));
     Ok(Throughput {
         tokens_per_s: prompt.len() as f64 / seconds,
         stats: stats?,
@@ -64,12 +56,7 @@ pub fn decode_speed<B: Backend>(
     routing: Routing,
     repeats: usize,
 ) -> Result<Throughput> {
-    let opts = GenerateOptions {
-        max_new_tokens: new_tokens,
-        sampling: Sampling::Greedy,
-        eos_token_ids: vec![],
-        ignore_eos: true,
-    };
+    let opts = greedy(new_tokens);
     let mut stats = Ok(EngineStats::default());
     let seconds = median_seconds(repeats, || {
         stats = generate_sparse(model, prompts, &opts, routing).map(|(_, s, _)| s);
@@ -78,6 +65,29 @@ pub fn decode_speed<B: Backend>(
         tokens_per_s: (prompts.len() * new_tokens) as f64 / seconds,
         stats: stats?,
     })
+}
+
+/// One prefill of `batch` through the engine into a fresh cache, its last logits read back
+/// (so that asynchronous backends are timed to completion).
+fn prefill_once<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    batch: &[Vec<u32>],
+    routing: Routing,
+) -> Result<EngineStats> {
+    let mut cache = SparseCache::new(batch.len(), model.config.num_hidden_layers);
+    let out = sparse_forward(model, batch, &mut cache, routing, LogitRows::Last)?;
+    let _ = out.logits.into_data();
+    Ok(out.stats)
+}
+
+/// Greedy decoding of exactly `new_tokens` per sequence (end-of-sequence tokens ignored).
+fn greedy(new_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: new_tokens,
+        sampling: Sampling::Greedy,
+        eos_token_ids: vec![],
+        ignore_eos: true,
+    }
 }
 
 /// A routed model's speedup over the same model with every module executing
@@ -103,20 +113,9 @@ pub fn paired_speedup<B: Backend>(
     routing: Routing,
     pairs: usize,
 ) -> Result<PairedSpeedup> {
-    let layers = model.config.num_hidden_layers;
     let batch = [prompt.to_vec()];
-    let prefill = |routing: Routing| -> Result<()> {
-        let mut cache = SparseCache::new(1, layers);
-        let out = sparse_forward(model, &batch, &mut cache, routing, LogitRows::Last)?;
-        let _ = out.logits.into_data();
-        Ok(())
-    };
-    let opts = GenerateOptions {
-        max_new_tokens: new_tokens,
-        sampling: Sampling::Greedy,
-        eos_token_ids: vec![],
-        ignore_eos: true,
-    };
+    let prefill = |routing: Routing| prefill_once(model, &batch, routing).map(|_| ());
+    let opts = greedy(new_tokens);
     let decode = |routing: Routing| -> Result<()> {
         generate_sparse(model, prompts, &opts, routing).map(|_| ())
     };
@@ -179,6 +178,11 @@ mod tests {
         assert!(median(vec![]).is_nan());
     }
 
+    /// Long enough that no clock reads a run as 0 s, so every ratio is finite.
+    fn pause() {
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+
     #[test]
     fn pairs_alternate_which_side_runs_first_after_a_warm_up_of_each() {
         let calls = RefCell::new(String::new());
@@ -186,10 +190,12 @@ mod tests {
             3,
             || {
                 calls.borrow_mut().push('b');
+                pause();
                 Ok(())
             },
             || {
                 calls.borrow_mut().push('o');
+                pause();
                 Ok(())
             },
         )
