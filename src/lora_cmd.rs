@@ -9,8 +9,9 @@ use burn::backend::Autodiff;
 use clap::Args;
 use skipgpt_model::Routing;
 use skipgpt_pipeline::{finetune_lora, AdaptedOutput, FinetuneLoraConfig, FinetuneLoraReport};
+use skipgpt_train::TrainOptions;
 
-use crate::args::{CorpusArgs, LoraArgs, ReportArgs, TrainArgs};
+use crate::args::{CorpusArgs, DistillArgs, LoraArgs, ReportArgs, TrainArgs};
 use crate::backend::{training_devices, BackendKind};
 use crate::train_cmd::print_validation;
 use crate::{with_backend, RoutingArg};
@@ -47,6 +48,8 @@ pub struct FinetuneLoraArgs {
     #[command(flatten)]
     pub train: TrainArgs,
     #[command(flatten)]
+    pub distill: DistillArgs,
+    #[command(flatten)]
     pub report: ReportArgs,
 }
 
@@ -72,9 +75,12 @@ impl FinetuneLoraArgs {
                 (false, false) => AdaptedOutput::Both,
             },
             resume_adapter: self.resume_adapter.clone(),
-            train: self
-                .train
-                .options(defaults.train, finetune_lora::WARMUP_FRACTION),
+            train: TrainOptions {
+                distill: self.distill.config(),
+                ..self
+                    .train
+                    .options(defaults.train, finetune_lora::WARMUP_FRACTION)
+            },
             resume: self.train.resume,
         })
     }

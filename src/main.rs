@@ -9,6 +9,7 @@ mod commands;
 mod demo;
 mod demo_real;
 mod eval_cmd;
+mod fidelity_cmd;
 mod gguf_cmd;
 mod lora_cmd;
 mod threads;
@@ -76,6 +77,12 @@ enum Command {
     Analyze(eval_cmd::AnalyzeArgs),
     /// Zero-shot multiple-choice accuracy (lm-evaluation-harness style), dense and routed.
     EvalMc(eval_cmd::EvalMcArgs),
+    /// How closely a routed model behaves like its dense original on text and prompts nobody
+    /// trained it on: KL to dense, top-1 agreement, perplexity ratio, greedy answers compared.
+    EvalFidelity(fidelity_cmd::EvalFidelityArgs),
+    /// Sample the dense model's own answers to prompts (in its chat format) into a JSONL
+    /// corpus: training data that keeps a routed model close to itself.
+    SelfData(fidelity_cmd::SelfDataArgs),
 }
 
 #[derive(Args, Debug)]
@@ -317,6 +324,8 @@ fn main() {
         Command::Analyze(args) => eval_cmd::analyze_cmd(backend, args),
         Command::PruneStatic(args) => eval_cmd::prune_static_cmd(backend, args),
         Command::CalibrateRouters(args) => eval_cmd::calibrate_routers_cmd(backend, args),
+        Command::EvalFidelity(args) => fidelity_cmd::eval_fidelity_cmd(backend, args),
+        Command::SelfData(args) => fidelity_cmd::self_data_cmd(backend, args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

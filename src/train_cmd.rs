@@ -13,7 +13,7 @@ use skipgpt_model::{
 use skipgpt_pipeline::{pretrain, tune_routers};
 use skipgpt_pipeline::{PretrainConfig, PretrainReport, TuneRoutersConfig, TuneRoutersReport};
 
-use crate::args::{CorpusArgs, LoraArgs, ReportArgs, TrainArgs};
+use crate::args::{CorpusArgs, DistillArgs, LoraArgs, ReportArgs, TrainArgs};
 use crate::backend::{training_devices, BackendKind};
 use crate::with_backend;
 
@@ -123,6 +123,8 @@ pub struct TuneRoutersArgs {
     #[command(flatten)]
     pub train: TrainArgs,
     #[command(flatten)]
+    pub distill: DistillArgs,
+    #[command(flatten)]
     pub report: ReportArgs,
 }
 
@@ -133,6 +135,7 @@ impl TuneRoutersArgs {
             .train
             .options(defaults.train.clone(), tune_routers::WARMUP_FRACTION);
         train.temperature = (self.temperature_start, self.temperature_end);
+        train.distill = self.distill.config();
         Ok(TuneRoutersConfig {
             model: self.model.clone(),
             out: self.out.clone(),

@@ -502,3 +502,87 @@ fn a_closed_pipe_ends_the_command_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_ne!(out.status.code(), Some(101), "{err}");
 }
+
+#[test]
+fn self_data_and_eval_fidelity_run_from_the_command_line_and_refuse_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "Hello there\n# skipped\nThe cat\n").unwrap();
+    let out = dir.path().join("self.jsonl");
+    let routed = tiny().join("model-routed").display().to_string();
+    let o = skipgpt(&[
+        "self-data",
+        "--model",
+        &model_dir(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--raw-prompts",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["records"], 2);
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 2);
+
+    // the routed fixture against its own weights run dense, on the self-data and the prompts
+    let o = skipgpt(&[
+        "eval-fidelity",
+        "--model",
+        &routed,
+        "--data",
+        out.to_str().unwrap(),
+        "--seq-len",
+        "4",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--raw-prompts",
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let kl = r["text"]["kl"].as_f64().unwrap();
+    let agreement = r["text"]["agreement"].as_f64().unwrap();
+    assert!(kl >= 0.0 && (0.0..=1.0).contains(&agreement), "{r}");
+    assert_eq!(r["generation"]["prompts"], 2);
+    assert_eq!(r["answers"].as_array().unwrap().len(), 2);
+
+    // bad input: clear errors naming what is wrong
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "# nothing\n\n").unwrap();
+    assert_clean_failure(
+        &[
+            "self-data",
+            "--model",
+            &model_dir(),
+            "--prompts",
+            empty.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--raw-prompts",
+        ],
+        &["empty.txt", "at least one prompt"],
+    );
+    assert_clean_failure(
+        &["eval-fidelity", "--model", &routed],
+        &["--data", "--prompts"],
+    );
+    // the fixture ships no chat template: the chat format cannot be had without one
+    assert_clean_failure(
+        &[
+            "self-data",
+            "--model",
+            &model_dir(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["tokenizer_config.json"],
+    );
+}

@@ -11,12 +11,16 @@
 //!   file to carry to a GPU machine that has no toolchain or network) and, with `--run`, runs it
 //!   here: parity on the tiny fixtures, the sparse engine on a 1B-shape model at f32 and bf16,
 //!   router-tuning throughput and memory (see `docs/backends.md`).
+//! - `fidelity`: SmolLM2 routed models judged against the dense model on text and prompts no
+//!   training run used, the token objectives compared and the quality-speed frontier against
+//!   ShortGPT, written up as `docs/results-fidelity.md`.
 //! - `fixtures`: regenerates `tests/fixtures/variants/` with HF transformers and
 //!   `tests/fixtures/peft-lora/` with peft (needs a Python with torch, transformers, peft,
 //!   safetensors, tokenizers; set `PYTHON`).
 
 mod bench_real;
 mod experiment;
+mod fidelity;
 mod real;
 
 use std::path::PathBuf;
@@ -91,6 +95,24 @@ enum Task {
         /// Settings passed on to `skipgpt demo` (`--hidden-size 192 --layers 6 ...`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         settings: Vec<String>,
+    },
+    /// SmolLM2 routed models judged where nobody trained them (KL and agreement with dense,
+    /// general-text perplexity, greedy answers): the objectives at 25% and the frontier
+    /// against ShortGPT, written up as `docs/results-fidelity.md`. Resumable.
+    Fidelity {
+        /// Output directory.
+        #[arg(long, default_value = "runs/fidelity")]
+        out: String,
+        /// Parameter-skip budgets of the frontier, in percent.
+        #[arg(long, value_delimiter = ',', default_value = "5,10,15,20,25,40")]
+        targets: Vec<u32>,
+        /// `t25` stops after the 25% models; `report` only rewrites the page; `publish` writes
+        /// the finished 25% point to `models/smollm2-135m/skipgpt-t25/`.
+        #[arg(long, value_parser = ["t25", "all", "report", "publish"], default_value = "all")]
+        until: String,
+        /// Threads for every command (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Rewrites `docs/results.md` from a finished experiment.
     Report {
@@ -260,6 +282,25 @@ fn main() -> Result<()> {
             out.as_deref().unwrap_or("runs/experiment"),
             &settings,
         ),
+        Task::Fidelity {
+            out,
+            targets,
+            until,
+            threads,
+        } => {
+            let settings = fidelity::Settings {
+                targets,
+                threads,
+                ..fidelity::Settings::default()
+            };
+            if until == "report" {
+                fidelity::write_report(std::path::Path::new(&out), &settings)
+            } else if until == "publish" {
+                fidelity::publish(std::path::Path::new(&out))
+            } else {
+                fidelity::experiment(&out, settings, &until)
+            }
+        }
         Task::Report { dir, real: true } => {
             real::write_report(&dir.unwrap_or_else(|| "runs/real".into()))
         }

@@ -102,7 +102,7 @@ pub fn is_held_out(relative: &str) -> bool {
 }
 
 /// The GGUF (downloaded once) imported as an HF directory.
-fn model(work: &Path) -> Result<PathBuf> {
+pub(crate) fn model(work: &Path) -> Result<PathBuf> {
     let hf = work.join("smollm2-hf");
     if hf.join("config.json").exists() {
         return Ok(hf);

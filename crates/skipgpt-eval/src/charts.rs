@@ -154,6 +154,67 @@ pub fn lines(title: &str, x_label: &str, series: &[Series], y_label: &str) -> Re
     })
 }
 
+/// One named series of (x, y) points, drawn in `colour`.
+pub struct Points<'a> {
+    pub label: &'a str,
+    pub colour: RGBColor,
+    pub points: &'a [(f64, f64)],
+}
+
+/// A range around `values` with a margin of a tenth of its width on each side.
+fn padded(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
+    let (lo, hi) = values
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
+    if !lo.is_finite() {
+        return 0.0..1.0;
+    }
+    let margin = ((hi - lo) * 0.1).max(0.02);
+    lo - margin..hi + margin
+}
+
+/// A scatter of each series' points joined in order of x, with markers: a trade-off curve
+/// such as quality against speed.
+pub fn frontier(title: &str, x_label: &str, y_label: &str, series: &[Points]) -> Result<String> {
+    let all = || series.iter().flat_map(|s| s.points.iter().copied());
+    let (xs, ys) = (padded(all().map(|p| p.0)), padded(all().map(|p| p.1)));
+    render(title, SIZE, |root| {
+        let (plot, strip) = root.split_vertically(SIZE.1 - KEY_H);
+        let mut chart = ChartBuilder::on(&plot)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(xs, ys)?;
+        chart
+            .configure_mesh()
+            .max_light_lines(0)
+            .x_desc(x_label)
+            .y_desc(y_label)
+            .x_label_formatter(&|x| format!("{x:.2}"))
+            .y_label_formatter(&|y| format!("{y:.2}"))
+            .draw()?;
+        for s in series {
+            let mut points: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .copied()
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            chart.draw_series(LineSeries::new(points.clone(), s.colour.stroke_width(2)))?;
+            chart.draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 4, s.colour.filled())),
+            )?;
+        }
+        key(&strip, series.iter().map(|s| (s.colour, s.label)))
+    })
+}
+
 /// Height of the strip under a chart that holds its key.
 const KEY_H: u32 = 28;
 
@@ -316,5 +377,41 @@ mod tests {
         // the cells plus one legend swatch each
         assert_eq!((executed, skipped), (3 + 1, 3 + 1));
         assert!(svg.contains("\n␣b\n") && svg.contains("\n⏎\n") && svg.contains("\nL0 mlp\n"));
+    }
+
+    #[test]
+    fn a_frontier_draws_a_marker_per_point_and_a_line_per_series() {
+        let skip = [(1.3, 1.1), (1.1, 1.02), (f64::NAN, 9.0)];
+        let short = [(1.2, 1.6), (1.4, 2.5)];
+        let svg = frontier(
+            "quality against speed",
+            "decode speedup",
+            "perplexity / dense",
+            &[
+                Points {
+                    label: "SkipGPT",
+                    colour: RGBColor(0x1f, 0x77, 0xb4),
+                    points: &skip,
+                },
+                Points {
+                    label: "ShortGPT",
+                    colour: RGBColor(0xd6, 0x27, 0x28),
+                    points: &short,
+                },
+            ],
+        )
+        .unwrap();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        // two finite SkipGPT points and two ShortGPT points: four markers, one line each
+        assert_eq!(svg.matches("<circle").count(), 4, "{svg}");
+        for colour in ["#1F77B4", "#D62728"] {
+            let lines = svg
+                .split("<polyline")
+                .skip(1)
+                .filter(|l| l.split('>').next().unwrap().contains(colour))
+                .count();
+            assert_eq!(lines, 1, "{colour}: {svg}");
+        }
+        assert!(svg.contains("SkipGPT") && svg.contains("ShortGPT"));
     }
 }

@@ -10,6 +10,7 @@ pub mod baselines;
 pub mod calibrate;
 pub mod charts;
 pub mod error;
+pub mod fidelity;
 pub mod multiple_choice;
 pub mod perplexity;
 pub mod speed;
@@ -20,6 +21,10 @@ pub use analysis::{
 pub use baselines::{block_influence, static_plan, BlockInfluence, StaticMode, StaticPlan};
 pub use calibrate::{calibrate_routers, realised_skip, CalibrationReport};
 pub use error::{EvalError, Result};
+pub use fidelity::{
+    compare_generations, compare_on_text, loops, repetition, GenerationFidelity, Served,
+    TextFidelity,
+};
 pub use multiple_choice::{evaluate_mc, synthetic_mc_tasks, McExample, McReport, McTask};
 pub use perplexity::{evaluate_perplexity, PerplexityReport};
 

@@ -14,9 +14,11 @@
 //! - [`checkpoint`] and [`safetensors_io`]: reading/writing model directories;
 //! - [`atomic`]: writing a user's files without losing what was there;
 //! - [`gguf`]: llama.cpp's GGUF files (dequantized) into a HF model directory;
-//! - [`tokenizer`], [`generate`]: text in, text out.
+//! - [`tokenizer`], [`chat_template`], [`generate`]: text in (a conversation in the model's
+//!   own chat format), text out.
 
 pub mod atomic;
+pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu_attention;
@@ -39,6 +41,7 @@ pub mod team;
 mod test_values;
 pub mod tokenizer;
 
+pub use chat_template::{ChatMessage, ChatTemplate};
 pub use checkpoint::{
     load_config, load_pretrained, load_pretrained_as, load_routing_config, save_pretrained,
     save_routers, Pretrained,

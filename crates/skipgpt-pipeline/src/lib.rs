@@ -15,6 +15,8 @@
 //! | routing analysis | [`analyse()`] | [`AnalyseConfig`] -> [`AnalyseReport`] |
 //! | perplexity | [`evaluate::eval_ppl`] | [`evaluate::EvalPplConfig`] -> [`evaluate::EvalPplReport`] |
 //! | multiple choice | [`evaluate::eval_mc`] | [`evaluate::EvalMcConfig`] -> [`McRow`]s |
+//! | fidelity to dense | [`eval_fidelity()`] | [`EvalFidelityConfig`] -> [`EvalFidelityReport`] |
+//! | self-data | [`self_data()`] | [`SelfDataConfig`] -> [`SelfDataReport`] |
 //!
 //! [`evaluate::perplexity`] and [`evaluate::score_tasks`] score a model already loaded (the
 //! demo scores each model it trained that way). [`Comparison`] is the demo's table as data:
@@ -28,11 +30,14 @@ pub mod comparison;
 pub mod corpus;
 pub mod error;
 pub mod evaluate;
+pub mod fidelity;
 pub mod finetune_lora;
 pub mod output;
 pub mod pretrain;
 pub mod progress;
+pub mod prompts;
 pub mod prune_static;
+pub mod self_data;
 pub mod tune_routers;
 
 pub use analyse::{analyse, analyse_model, AnalyseConfig, AnalyseReport};
@@ -41,10 +46,13 @@ pub use comparison::{Comparison, ComparisonRow};
 pub use corpus::CorpusConfig;
 pub use error::{PipelineError, Result};
 pub use evaluate::McRow;
+pub use fidelity::{eval_fidelity, EvalFidelityConfig, EvalFidelityReport};
 pub use finetune_lora::{finetune_lora, FinetuneLoraConfig, FinetuneLoraReport, LoraValidation};
 pub use output::AdaptedOutput;
 pub use pretrain::{pretrain, PretrainConfig, PretrainReport};
+pub use prompts::PromptFormat;
 pub use prune_static::{prune_static, PruneStaticConfig, PruneStaticReport};
+pub use self_data::{self_data, SelfDataConfig, SelfDataReport};
 pub use tune_routers::{tune_routers, TuneRoutersConfig, TuneRoutersReport, TunedValidation};
 
 /// The device that holds the model in a (possibly data-parallel) training stage.

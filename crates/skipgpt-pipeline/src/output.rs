@@ -167,9 +167,24 @@ pub fn write_adapted<B: Backend>(
     if output != AdaptedOutput::AdapterOnly {
         let merged = model.clone().merge_lora();
         save_pretrained(&merged, Some(tokenizer), out, StoreDtype::F32)?;
+        // what the weights do not carry: the chat template and special tokens, generation
+        // defaults
+        for name in TOKENIZER_SIDE_FILES {
+            let file = base.join(name);
+            if file.is_file() {
+                place_copy(&file, &out.join(name))?;
+            }
+        }
     }
     Ok(())
 }
+
+/// The files beside the weights that a merged model keeps from its base.
+const TOKENIZER_SIDE_FILES: [&str; 3] = [
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
 
 fn same_dir(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {

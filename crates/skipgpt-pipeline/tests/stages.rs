@@ -7,10 +7,12 @@ use std::path::Path;
 use skipgpt_model::{load_pretrained, Routing, SparsityUnit};
 use skipgpt_pipeline::evaluate::{eval_ppl, EvalPplConfig, ModelSource};
 use skipgpt_pipeline::{
-    analyse, calibrate, finetune_lora, pretrain, prune_static, tune_routers, AnalyseConfig,
-    CalibrateConfig, CorpusConfig, FinetuneLoraConfig, PipelineError, PretrainConfig,
-    PruneStaticConfig, TuneRoutersConfig,
+    analyse, calibrate, eval_fidelity, finetune_lora, pretrain, prune_static, self_data,
+    tune_routers, AnalyseConfig, CalibrateConfig, CorpusConfig, EvalFidelityConfig,
+    FinetuneLoraConfig, PipelineError, PretrainConfig, PromptFormat, PruneStaticConfig,
+    SelfDataConfig, TuneRoutersConfig,
 };
+use skipgpt_train::loss::{Distillation, TokenObjective};
 use skipgpt_train::TrainOptions;
 
 type B = burn::backend::Flex;
@@ -242,4 +244,191 @@ fn a_stage_refuses_to_write_into_its_input_or_without_a_tokenizer() {
 
     let err = tune_routers::<B>(&TuneRoutersConfig::default(), &[]).unwrap_err();
     assert!(err.to_string().contains("devices"), "{err}");
+}
+
+#[test]
+fn self_data_is_reproducible_and_distilled_stages_move_towards_the_dense_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = tmp.path().join("dense");
+    pretrained(&dense);
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "# a comment\nthe old dog\n\nthe new file counts\nit\n",
+    )
+    .unwrap();
+
+    // self-data: the same seed writes the same file, another seed another one
+    let sample = |seed: u64, out: &str| {
+        let out = tmp.path().join(out);
+        let report = self_data::<B>(
+            &SelfDataConfig {
+                model: ModelSource::new(&dense),
+                prompts: prompts.clone(),
+                out: out.clone(),
+                format: PromptFormat::Raw,
+                samples_per_prompt: 4,
+                max_new_tokens: 40,
+                temperature: 1.0,
+                top_p: 1.0,
+                seed,
+                batch_size: 5,
+                quiet: true,
+            },
+            &device(),
+        )
+        .unwrap();
+        assert_eq!(report.records, 12, "3 prompts x 4 samples");
+        (report, std::fs::read_to_string(out).unwrap())
+    };
+    let (report, first) = sample(7, "a.jsonl");
+    assert_eq!(sample(7, "b.jsonl").1, first);
+    assert_ne!(sample(8, "c.jsonl").1, first);
+    assert!(report.tokens > 12 && report.tokens <= 12 * 40, "{report:?}");
+    for line in first.lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (text, prompt) = (r["text"].as_str().unwrap(), r["prompt"].as_str().unwrap());
+        assert!(
+            text.starts_with(prompt),
+            "{text:?} does not start with {prompt:?}"
+        );
+    }
+    let corpus = CorpusConfig {
+        data: vec![tmp.path().join("a.jsonl")],
+        seq_len: 16,
+        valid_fraction: 0.25,
+        ..CorpusConfig::default()
+    };
+
+    // a KL objective needs a routed or adapted student: the dense model alone is refused
+    let kl = Distillation {
+        objective: TokenObjective::Kl,
+        temperature: 2.0,
+    };
+    let d = FinetuneLoraConfig::default();
+    let err = pretrain::<B>(
+        &PretrainConfig {
+            out: tmp.path().join("refused"),
+            corpus: corpus.clone(),
+            vocab_size: 300,
+            hidden_size: 32,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            train: TrainOptions {
+                distill: kl,
+                ..short(d.train.clone(), 2, 1e-2)
+            },
+            ..PretrainConfig::default()
+        },
+        &[device()],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("objective"), "{err}");
+
+    // stage 1 distilled on the self-data
+    let routed = tmp.path().join("routed");
+    let t = TuneRoutersConfig::default();
+    tune_routers::<B>(
+        &TuneRoutersConfig {
+            model: dense.clone(),
+            out: routed.clone(),
+            corpus: corpus.clone(),
+            target_sparsity: 0.3,
+            sparsity_unit: SparsityUnit::Modules,
+            train: TrainOptions {
+                distill: kl,
+                ..short(t.train.clone(), 20, 2e-2)
+            },
+            ..t
+        },
+        &[device()],
+    )
+    .unwrap();
+    let log = std::fs::read_to_string(routed.join("train/metrics.jsonl")).unwrap();
+    assert!(log.contains("KL to dense"), "the KL is logged: {log}");
+
+    let fidelity = |model: &Path, adapter: Option<&Path>| {
+        eval_fidelity::<B>(
+            &EvalFidelityConfig {
+                model: ModelSource {
+                    adapter: adapter.map(Path::to_path_buf),
+                    ..ModelSource::new(model)
+                },
+                dense: Some(dense.clone()),
+                data: corpus.data.clone(),
+                seq_len: 16,
+                prompts: Some(prompts.clone()),
+                format: PromptFormat::Raw,
+                max_new_tokens: 12,
+                quiet: true,
+                ..EvalFidelityConfig::default()
+            },
+            &device(),
+        )
+        .unwrap()
+    };
+    // the dense model against itself: nothing between them
+    let same = fidelity(&dense, None);
+    let t_same = same.text.unwrap();
+    assert!(
+        t_same.kl.abs() < 1e-5 && t_same.agreement == 1.0,
+        "{t_same:?}"
+    );
+    assert_eq!(same.generation.unwrap().agreement, 1.0);
+    assert_eq!(same.answers.len(), 3);
+
+    let routed_fidelity = fidelity(&routed, None).text.unwrap();
+    assert!(
+        routed_fidelity.kl > 0.0 && routed_fidelity.param_skip > 0.0,
+        "{routed_fidelity:?}"
+    );
+
+    // stage 2 distilled, on a model whose skipping cannot move (ShortGPT's constant routers;
+    // trained routers would see the adapted residual stream and skip differently): the
+    // adapter brings it closer to dense
+    let chat =
+        r#"{"chat_template": "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"}"#;
+    std::fs::write(dense.join("tokenizer_config.json"), chat).unwrap();
+    let pruned = tmp.path().join("pruned");
+    prune_static::<B>(
+        &PruneStaticConfig {
+            model: dense.clone(),
+            out: pruned.clone(),
+            corpus: corpus.clone(),
+            target_sparsity: 0.5,
+            ..PruneStaticConfig::default()
+        },
+        &device(),
+    )
+    .unwrap();
+    let before = fidelity(&pruned, None).text.unwrap();
+    let adapted = tmp.path().join("adapted");
+    finetune_lora::<B>(
+        &FinetuneLoraConfig {
+            model: pruned.clone(),
+            out: adapted.clone(),
+            corpus: corpus.clone(),
+            train: TrainOptions {
+                distill: kl,
+                ..short(d.train.clone(), 30, 1e-2)
+            },
+            ..d
+        },
+        &[device()],
+    )
+    .unwrap();
+    let after = fidelity(&pruned, Some(&adapted.join("adapter")))
+        .text
+        .unwrap();
+    assert_eq!(
+        after.param_skip, before.param_skip,
+        "the same layers removed"
+    );
+    assert!(
+        after.kl < 0.9 * before.kl,
+        "KL to dense {} after stage 2, {} before",
+        after.kl,
+        before.kl
+    );
 }

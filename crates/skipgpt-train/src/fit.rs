@@ -17,6 +17,7 @@ use crate::curves::write_curves;
 use crate::data::{mix, PackedDataset};
 use crate::error::{Result, TrainError};
 use crate::loader::{StepPlan, TrainLoader, ValidLoader};
+use crate::loss::Distillation;
 use crate::metrics::{stats_for, StatMetric};
 use crate::progress::{read_log, truncate_log, ProgressLayout, ProgressPrinter};
 use crate::resume::{store_only_trainable, AtomicRecorder, RunManifest, ARCHITECTURE_KEYS};
@@ -49,6 +50,10 @@ pub struct TrainOptions {
     pub checkpoint_every: usize,
     /// Validation sequences per pass (0: the whole validation split).
     pub valid_sequences: usize,
+    /// What the model matches token by token: the corpus (the paper's LM loss), the dense
+    /// model with routing off (KL distillation), or both.
+    #[serde(default)]
+    pub distill: Distillation,
     /// Print nothing while training.
     #[serde(skip)]
     pub quiet: bool,
@@ -76,6 +81,7 @@ impl Default for TrainOptions {
             log_every: 10,
             checkpoint_every: 50,
             valid_sequences: 64,
+            distill: Distillation::default(),
             quiet: false,
             checkpoint_layers: false,
         }
@@ -133,6 +139,7 @@ impl TrainOptions {
                 });
             }
         }
+        self.distill.validate()?;
         let (t0, t1) = self.temperature;
         if !(t0 > 0.0 && t1 > 0.0) {
             return Err(TrainError::InvalidSetting {
@@ -208,6 +215,15 @@ pub fn fit<B: AutodiffBackend>(
     let replicas = devices.len();
     if let Objective::Sparsity(cfg) = &objective {
         cfg.validate()?;
+    }
+    if opts.distill.needs_teacher() && model.routing_config.is_none() && model.lora_config.is_none()
+    {
+        // the teacher is this model with routing and adapters off: here, the model itself
+        return Err(TrainError::InvalidSetting {
+            name: "objective",
+            value: format!("{:?}", opts.distill.objective),
+            expected: "lm for a model with neither routers nor adapters (KL distils the dense model into a routed or adapted one)",
+        });
     }
     if train.is_empty() {
         return Err(TrainError::NotEnoughData(
@@ -294,7 +310,9 @@ pub fn fit<B: AutodiffBackend>(
     );
     // checkpoints hold what training changes, not the frozen base
     let (model, _frozen) = store_only_trainable(model);
-    let trainer = LmTrainer::new(model, objective).with_checkpoint_layers(opts.checkpoint_layers);
+    let trainer = LmTrainer::new(model, objective)
+        .with_checkpoint_layers(opts.checkpoint_layers)
+        .with_distillation(opts.distill);
     let learner = Learner::new(trainer, optimizer, schedule);
 
     let training =
@@ -310,7 +328,7 @@ pub fn fit<B: AutodiffBackend>(
         .with_application_logger(None)
         .renderer(printer)
         .metric_train_numeric(LearningRateMetric::new());
-    for stat in stats_for(routed, sparsity) {
+    for stat in stats_for(routed, sparsity, opts.distill.needs_teacher()) {
         training = training
             .metric_train_numeric(StatMetric::new(stat))
             .metric_valid_numeric(StatMetric::new(stat));

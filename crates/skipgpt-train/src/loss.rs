@@ -1,4 +1,7 @@
-//! The SkipGPT objective: `CE + α·|T − skip_rate|`.
+//! The SkipGPT objective: `D + α·|T − skip_rate|`, where `D` is what the routed model is
+//! trained to match token by token ([`TokenObjective`]): the corpus's next tokens (`CE`, the
+//! paper's), the dense model's next-token distributions (`KL(dense ‖ routed)`, distillation
+//! from the same frozen base with routing off), or both.
 //!
 //! `skip_rate` is the fraction of (token, module) executions skipped, averaged over real
 //! (non-padding) tokens, layers and both module kinds, every module weighted equally — one
@@ -13,6 +16,7 @@
 
 use burn::config::Config;
 use burn::tensor::{activation, backend::Backend, Int, Tensor};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 
@@ -85,10 +89,70 @@ impl SparsityLossConfig {
     }
 }
 
+/// What the routed model is trained to match at every position.
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum TokenObjective {
+    /// Cross-entropy with the corpus's next token (the paper's).
+    #[default]
+    #[serde(rename = "lm")]
+    #[cfg_attr(feature = "clap", value(name = "lm"))]
+    Lm,
+    /// KL(dense ‖ routed) on the next-token distributions: the teacher is the same frozen
+    /// base with every module executing and no adapter, so the corpus only supplies contexts.
+    #[serde(rename = "kl")]
+    #[cfg_attr(feature = "clap", value(name = "kl"))]
+    Kl,
+    /// The sum of the two.
+    #[serde(rename = "lm+kl")]
+    #[cfg_attr(feature = "clap", value(name = "lm+kl"))]
+    LmKl,
+}
+
+/// Distillation from the dense model: which token objective, at which softmax temperature.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Distillation {
+    pub objective: TokenObjective,
+    /// Both distributions are softened by this temperature, and the KL scaled by its square
+    /// so that its gradients keep their size (Hinton et al.); 1 compares them as they are.
+    pub temperature: f64,
+}
+
+impl Default for Distillation {
+    fn default() -> Self {
+        Distillation {
+            objective: TokenObjective::Lm,
+            temperature: 1.0,
+        }
+    }
+}
+
+impl Distillation {
+    /// Whether a step needs the dense teacher's logits.
+    pub fn needs_teacher(&self) -> bool {
+        self.objective != TokenObjective::Lm
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.temperature > 0.0 && self.temperature.is_finite() {
+            Ok(())
+        } else {
+            Err(TrainError::InvalidSetting {
+                name: "kl_temperature",
+                value: self.temperature.to_string(),
+                expected: "a temperature > 0",
+            })
+        }
+    }
+}
+
 /// The loss and what it is made of; scalars as 1-element tensors (they carry gradients).
 pub struct LossParts<B: Backend> {
     pub total: Tensor<B, 1>,
     pub lm: Tensor<B, 1>,
+    /// KL(dense ‖ routed) per token; zero when the step had no teacher.
+    pub kl: Tensor<B, 1>,
     pub attn_skip: Tensor<B, 1>,
     pub mlp_skip: Tensor<B, 1>,
     /// The global skip rate the target is compared with: attention weighted by `attn_share`.
@@ -113,6 +177,27 @@ pub fn lm_loss<B: Backend>(
     (picked * mask).sum().neg() / count
 }
 
+/// Mean `T²·KL(softmax(teacher/T) ‖ softmax(student/T))` over the positions where `mask` is
+/// 1. The teacher is detached: no gradient reaches it, whatever it was computed from.
+///
+/// # Shapes
+/// - student, teacher: `[batch, seq, vocab]`; mask: `[batch, seq]` (1 = real)
+pub fn kl_to_teacher<B: Backend>(
+    student: Tensor<B, 3>,
+    teacher: Tensor<B, 3>,
+    mask: Tensor<B, 2>,
+    temperature: f64,
+) -> Tensor<B, 1> {
+    let [b, t, _] = student.dims();
+    let log_p = activation::log_softmax(teacher.detach() / temperature, 2);
+    let log_q = activation::log_softmax(student / temperature, 2);
+    let per_token = (log_p.clone().exp() * (log_p - log_q))
+        .sum_dim(2)
+        .reshape([b, t]);
+    let count = mask.clone().sum().clamp_min(1.0);
+    (per_token * mask).sum() / count * (temperature * temperature)
+}
+
 /// Fraction of skipped executions over real tokens and the given layers' gates.
 ///
 /// # Shapes
@@ -131,17 +216,36 @@ pub fn skip_rate<B: Backend>(gates: &[Tensor<B, 2>], mask: Tensor<B, 2>) -> Tens
     skipped / count
 }
 
-/// `CE + α·|T − skip_rate|` (or the per-kind variant with separate targets); `skip_rate`
-/// weighs attention by `attn_share` (½ unless set).
+/// `D + α·|T − skip_rate|` (or the per-kind variant with separate targets), `D` as
+/// `distill` says; `skip_rate` weighs attention by `attn_share` (½ unless set).
+/// `teacher` holds the dense model's logits, required unless `D` is the LM loss alone.
+#[allow(clippy::too_many_arguments)]
 pub fn skipgpt_loss<B: Backend>(
     cfg: &SparsityLossConfig,
+    distill: &Distillation,
     logits: Tensor<B, 3>,
+    teacher: Option<Tensor<B, 3>>,
     targets: Tensor<B, 2, Int>,
     mask: Tensor<B, 2>,
     attn_gates: &[Tensor<B, 2>],
     mlp_gates: &[Tensor<B, 2>],
 ) -> LossParts<B> {
+    let kl = match teacher {
+        Some(teacher) => kl_to_teacher(logits.clone(), teacher, mask.clone(), distill.temperature),
+        None => {
+            assert!(
+                !distill.needs_teacher(),
+                "a KL objective needs the teacher's logits"
+            );
+            Tensor::zeros([1], &mask.device())
+        }
+    };
     let lm = lm_loss(logits, targets, mask.clone());
+    let token_loss = match distill.objective {
+        TokenObjective::Lm => lm.clone(),
+        TokenObjective::Kl => kl.clone(),
+        TokenObjective::LmKl => lm.clone() + kl.clone(),
+    };
     let attn_skip = skip_rate(attn_gates, mask.clone());
     let mlp_skip = skip_rate(mlp_gates, mask);
     let share = cfg.attn_share.unwrap_or(0.5);
@@ -153,8 +257,9 @@ pub fn skipgpt_loss<B: Backend>(
         _ => skip.clone().neg().add_scalar(cfg.target).abs(),
     };
     LossParts {
-        total: lm.clone() + penalty * cfg.alpha,
+        total: token_loss + penalty * cfg.alpha,
         lm,
+        kl,
         attn_skip,
         mlp_skip,
         skip,
@@ -258,7 +363,9 @@ mod tests {
         let loss = |cfg: &SparsityLossConfig| {
             skipgpt_loss(
                 cfg,
+                &Distillation::default(),
                 logits.clone(),
+                None,
                 targets.clone(),
                 mask.clone(),
                 &attn,
@@ -283,5 +390,114 @@ mod tests {
         );
         assert!((scalar(parts.skip) - 0.2).abs() < 1e-6);
         assert!((scalar(parts.total) - scalar(parts.lm) - 0.4).abs() < 1e-5);
+    }
+
+    /// KL(p ‖ q) of two 2-way distributions given as logits, in f64, written out by hand.
+    fn kl_by_hand(teacher: [f64; 2], student: [f64; 2], temperature: f64) -> f64 {
+        let softmax = |l: [f64; 2]| {
+            let e = [(l[0] / temperature).exp(), (l[1] / temperature).exp()];
+            [e[0] / (e[0] + e[1]), e[1] / (e[0] + e[1])]
+        };
+        let (p, q) = (softmax(teacher), softmax(student));
+        temperature * temperature * (p[0] * (p[0] / q[0]).ln() + p[1] * (p[1] / q[1]).ln())
+    }
+
+    #[test]
+    fn kl_to_teacher_matches_the_hand_computed_divergence() {
+        let d = Default::default();
+        // teacher p = (1/4, 3/4), student q = (1/2, 1/2): KL = ¼ln½ + ¾ln(3/2) ≈ 0.1308
+        let teacher = [0.0, 3f64.ln()];
+        let student = [0.0, 0.0];
+        assert!((kl_by_hand(teacher, student, 1.0) - 0.130812).abs() < 1e-6);
+        let logits = |l: [f64; 2]| {
+            Tensor::<B, 3>::from_data(
+                TensorData::new(vec![l[0] as f32, l[1] as f32, 5.0, -5.0], [1, 2, 2]),
+                &d,
+            )
+        };
+        // position 1 is padding (and equal in both, which would add nothing anyway)
+        let mask = Tensor::<B, 2>::from_data(TensorData::new(vec![1f32, 0.0], [1, 2]), &d);
+        for temperature in [1.0, 2.0, 0.5] {
+            let kl = scalar(kl_to_teacher(
+                logits(student),
+                logits(teacher),
+                mask.clone(),
+                temperature,
+            ));
+            let expected = kl_by_hand(teacher, student, temperature);
+            assert!(
+                (kl as f64 - expected).abs() < 1e-5,
+                "T {temperature}: {kl} against {expected}"
+            );
+        }
+        // a model against itself diverges by nothing
+        let same = scalar(kl_to_teacher(logits(teacher), logits(teacher), mask, 1.0));
+        assert!(same.abs() < 1e-6, "{same}");
+    }
+
+    #[test]
+    fn the_teacher_gets_no_gradient_and_the_student_does() {
+        type A = burn::backend::Autodiff<B>;
+        let d = Default::default();
+        let values = |seed: f32| {
+            TensorData::new(
+                (0..24)
+                    .map(|i| ((i as f32 + seed) * 0.37).sin() * 3.0)
+                    .collect::<Vec<f32>>(),
+                [1, 3, 8],
+            )
+        };
+        let student = Tensor::<A, 3>::from_data(values(0.0), &d).require_grad();
+        let teacher = Tensor::<A, 3>::from_data(values(1.0), &d).require_grad();
+        let mask = Tensor::<A, 2>::ones([1, 3], &d);
+        let grads = kl_to_teacher(student.clone(), teacher.clone(), mask, 2.0).backward();
+        assert!(teacher.grad(&grads).is_none());
+        let g = student
+            .grad(&grads)
+            .expect("the student's logits get a gradient");
+        let g: Vec<f32> = g.into_data().into_vec().unwrap();
+        assert!(g.iter().any(|x| x.abs() > 1e-4), "{g:?}");
+    }
+
+    #[test]
+    fn the_token_objective_decides_what_the_total_counts() {
+        let d = Default::default();
+        let logits = Tensor::<B, 3>::zeros([1, 2, 2], &d);
+        let teacher = Tensor::<B, 3>::from_data(
+            TensorData::new(vec![0.0f32, 3f32.ln(), 0.0, 3f32.ln()], [1, 2, 2]),
+            &d,
+        );
+        let targets = Tensor::<B, 2, Int>::zeros([1, 2], &d);
+        let mask = Tensor::<B, 2>::ones([1, 2], &d);
+        let gates = [Tensor::<B, 2>::ones([1, 2], &d)];
+        let cfg = SparsityLossConfig::new().with_alpha(0.0);
+        let total = |objective| {
+            let distill = Distillation {
+                objective,
+                temperature: 1.0,
+            };
+            let parts = skipgpt_loss(
+                &cfg,
+                &distill,
+                logits.clone(),
+                Some(teacher.clone()),
+                targets.clone(),
+                mask.clone(),
+                &gates,
+                &gates,
+            );
+            (scalar(parts.total), scalar(parts.lm), scalar(parts.kl))
+        };
+        let (lm_total, lm, kl) = total(TokenObjective::Lm);
+        assert!((lm - 2f32.ln()).abs() < 1e-6 && (kl - 0.130812).abs() < 1e-5);
+        assert!((lm_total - lm).abs() < 1e-6);
+        assert!((total(TokenObjective::Kl).0 - kl).abs() < 1e-6);
+        assert!((total(TokenObjective::LmKl).0 - (lm + kl)).abs() < 1e-6);
+        assert!(Distillation {
+            objective: TokenObjective::Kl,
+            temperature: 0.0
+        }
+        .validate()
+        .is_err());
     }
 }

@@ -24,6 +24,8 @@ pub enum Stat {
     /// MLP rates, or weighted by parameters when the target counts parameters.
     Skip,
     Temperature,
+    /// KL(dense ‖ routed) per token, when the objective distils.
+    Kl,
 }
 
 impl Stat {
@@ -37,6 +39,7 @@ impl Stat {
             Stat::MlpSkip => "MLP Skip",
             Stat::Skip => "Skip",
             Stat::Temperature => "Temperature",
+            Stat::Kl => "KL to dense",
         }
     }
 
@@ -49,11 +52,15 @@ impl Stat {
             Stat::MlpSkip => s.mlp_skip,
             Stat::Skip => s.skip,
             Stat::Temperature => s.temperature,
+            Stat::Kl => s.kl,
         }
     }
 
     fn lower_is_better(self) -> bool {
-        matches!(self, Stat::Loss | Stat::LmLoss | Stat::Perplexity)
+        matches!(
+            self,
+            Stat::Loss | Stat::LmLoss | Stat::Perplexity | Stat::Kl
+        )
     }
 }
 
@@ -120,8 +127,11 @@ impl Numeric for StatMetric {
 }
 
 /// The metrics of a run with an objective: stage 1 adds skip rates and temperature.
-pub fn stats_for(routed: bool, gumbel: bool) -> Vec<Stat> {
+pub fn stats_for(routed: bool, gumbel: bool, distilled: bool) -> Vec<Stat> {
     let mut stats = vec![Stat::Loss, Stat::LmLoss, Stat::Perplexity];
+    if distilled {
+        stats.push(Stat::Kl);
+    }
     if routed {
         stats.extend([Stat::Skip, Stat::AttnSkip, Stat::MlpSkip]);
     }

@@ -206,6 +206,9 @@ impl ProgressPrinter {
         if let Some(x) = v(Stat::Perplexity) {
             line += &format!(" | ppl {x:.2}");
         }
+        if let Some(x) = v(Stat::Kl) {
+            line += &format!(" | kl {x:.4}");
+        }
         if let (Some(s), Some(a), Some(m)) = (v(Stat::Skip), v(Stat::AttnSkip), v(Stat::MlpSkip)) {
             line += &format!(" | skip {s:.3} (attn {a:.3}, mlp {m:.3})");
         }

@@ -11,7 +11,7 @@ use skipgpt_model::{LlamaForCausalLM, RouterNoise, Routing};
 
 use crate::data::mix;
 use crate::loader::LmBatch;
-use crate::loss::{skipgpt_loss, LossParts, SparsityLossConfig};
+use crate::loss::{skipgpt_loss, Distillation, LossParts, SparsityLossConfig};
 
 /// What a run optimises.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +41,9 @@ pub struct LmTrainer<B: Backend> {
     /// Gradient checkpointing per decoder layer (see [`LmTrainer::checkpointed_step`]).
     #[module(skip)]
     pub checkpoint_layers: bool,
+    /// What the model matches token by token: the corpus, the dense teacher, or both.
+    #[module(skip)]
+    pub distill: Distillation,
 }
 
 impl<B: Backend> LmTrainer<B> {
@@ -49,7 +52,12 @@ impl<B: Backend> LmTrainer<B> {
             model,
             objective,
             checkpoint_layers: false,
+            distill: Distillation::default(),
         }
+    }
+
+    pub fn with_distillation(self, distill: Distillation) -> Self {
+        LmTrainer { distill, ..self }
     }
 
     pub fn with_checkpoint_layers(self, checkpoint_layers: bool) -> Self {
@@ -84,6 +92,22 @@ impl<B: Backend> LmTrainer<B> {
         })
     }
 
+    /// The teacher's logits when the objective distils: the same weights with every module
+    /// executing and no adapter, outside the graph (no gradient can reach it).
+    ///
+    /// # Shapes
+    /// - output: `[batch, seq, vocab]`
+    pub fn teacher_logits(&self, batch: &LmBatch<B>) -> Option<Tensor<B, 3>> {
+        self.distill.needs_teacher().then(|| {
+            self.model
+                .without_lora()
+                .no_grad()
+                .forward_routed(batch.inputs.clone(), Routing::Dense, false)
+                .logits
+                .detach()
+        })
+    }
+
     /// The objective's loss over every position of the batch.
     fn loss(
         &self,
@@ -95,7 +119,9 @@ impl<B: Backend> LmTrainer<B> {
         let mask = Tensor::ones(batch.inputs.dims(), &batch.inputs.device());
         skipgpt_loss(
             &self.objective.loss_config(),
+            &self.distill,
             logits,
+            self.teacher_logits(batch),
             batch.targets.clone(),
             mask,
             attn_gates,
@@ -111,6 +137,7 @@ impl<B: Backend> LmTrainer<B> {
                 parts.attn_skip.clone(),
                 parts.mlp_skip.clone(),
                 parts.skip.clone(),
+                parts.kl.clone(),
             ],
             0,
         )
@@ -293,7 +320,7 @@ impl<B: Backend> InferenceStep for LmTrainer<B> {
 
 /// A step's statistics, still on the device (read back by the metrics thread).
 pub struct StepOutput<B: Backend> {
-    /// `[loss, lm_loss, attn_skip, mlp_skip, skip]`
+    /// `[loss, lm_loss, attn_skip, mlp_skip, skip, kl]`
     stats: Tensor<B, 1>,
     temperature: f64,
     tokens: usize,
@@ -308,6 +335,8 @@ pub struct StepStats {
     pub mlp_skip: f64,
     /// The global rate the sparsity target is compared with (in the target's unit).
     pub skip: f64,
+    /// KL(dense ‖ routed) per token; 0 when the objective does not distil.
+    pub kl: f64,
     /// NaN when the step did not use Gumbel gates.
     pub temperature: f64,
     pub tokens: usize,
@@ -324,6 +353,7 @@ impl<B: Backend> ItemLazy for StepOutput<B> {
             attn_skip: v[2],
             mlp_skip: v[3],
             skip: v[4],
+            kl: v[5],
             temperature: self.temperature,
             tokens: self.tokens,
         }

@@ -104,6 +104,19 @@ impl<B: Backend> LlamaForCausalLM<B> {
         self
     }
 
+    /// The same model without its adapters (the weights are shared, not copied): the base
+    /// a distilled stage 2 is compared with.
+    pub fn without_lora(&self) -> Self {
+        let mut base = self.clone();
+        for layer in base.model.layers.iter_mut() {
+            for (_, _, proj) in layer.projections_mut() {
+                proj.lora = None;
+            }
+        }
+        base.lora_config = None;
+        base
+    }
+
     /// Number of adapter parameters.
     pub fn lora_params(&self) -> usize {
         self.model
