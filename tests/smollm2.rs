@@ -387,7 +387,7 @@ fn published_routers_give_their_perplexity() {
         let dense = ppl(&model, Routing::Dense);
         let routed = ppl(&model, Routing::Deterministic);
         let adapter = load_peft_adapter(&dir.join("adapter")).unwrap();
-        let adapted = model.load_lora(&adapter).unwrap();
+        let adapted = model.clone().load_lora(&adapter).unwrap();
         let both = ppl(&adapted, Routing::Deterministic);
         let name = dir.display();
         eprintln!(
@@ -412,6 +412,35 @@ fn published_routers_give_their_perplexity() {
         // the routers do skip, and the adapter recovers some of what skipping costs
         assert!(routed.param_skip > 0.15, "{name}: {routed:?}");
         assert!(both.perplexity < routed.perplexity, "{name}");
+        // a model published with its fidelity to dense on general text gives it again
+        if let Some(want) = results["general_routers_lora_kl"].as_f64() {
+            let docs =
+                read_documents(&[root.join(results["general_slice"].as_str().unwrap())]).unwrap();
+            let general = pack(&docs, &tokenizer, seq_len, eos).unwrap();
+            let merged = adapted.merge_lora();
+            let got = skipgpt_eval::compare_on_text(
+                skipgpt_eval::Served {
+                    model: &merged,
+                    routing: Routing::Deterministic,
+                },
+                skipgpt_eval::Served {
+                    model: &model,
+                    routing: Routing::Dense,
+                },
+                &general,
+                8,
+                |_, _| {},
+            )
+            .unwrap();
+            eprintln!("{name}: general text, routers + LoRA: {got:?}");
+            assert!(
+                (got.kl / want - 1.0).abs() < 1e-2,
+                "{name}: general-text KL {}, results.json says {want}",
+                got.kl
+            );
+            let agreement = results["general_routers_lora_agreement"].as_f64().unwrap();
+            assert!((got.agreement - agreement).abs() < 5e-3, "{name}: {got:?}");
+        }
     }
 }
 
@@ -462,6 +491,22 @@ fn the_real_demo_gives_the_published_numbers() {
     }
     for i in 0..3 {
         assert!(!col(i)["answer"].as_str().unwrap().is_empty(), "{summary}");
+    }
+    // fidelity to dense on the general text: none for dense itself, and what was recorded
+    assert!(
+        col(0)["general"]["kl"].as_f64().unwrap().abs() < 1e-6,
+        "{summary}"
+    );
+    assert!(
+        col(0)["general"]["agreement"].as_f64().unwrap() > 0.999,
+        "{summary}"
+    );
+    if let Some(want) = summary["recorded"]["general_routers_lora_kl"].as_f64() {
+        let got = col(2)["general"]["kl"].as_f64().unwrap();
+        assert!(
+            (got / want - 1.0).abs() < 1e-2,
+            "general KL {got} against {want}"
+        );
     }
     // a SkipGPT directory a user can serve
     for f in [

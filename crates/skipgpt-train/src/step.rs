@@ -365,3 +365,58 @@ fn read_f64(data: TensorData) -> Vec<f64> {
         .into_vec::<f64>()
         .expect("converted to f64")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loss::TokenObjective;
+    use skipgpt_model::{LlamaConfig, RouterInit, RoutingConfig};
+
+    type A = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+
+    #[test]
+    fn the_teacher_is_the_dense_model_outside_the_graph() {
+        let device = Default::default();
+        // routers that skip every module (trainable, as in stage 1), so that student and
+        // teacher differ
+        let model = LlamaConfig::tiny(64)
+            .init::<A>(&device)
+            .with_new_routers_from(RoutingConfig::new(), RouterInit::Execute { margin: -3.0 });
+        let distill = Distillation {
+            objective: TokenObjective::Kl,
+            temperature: 1.0,
+        };
+        let seqs: Vec<u32> = (0..9).collect();
+        let batch = LmBatch::<A>::from_sequences(&[&seqs], &device);
+        // burn initialises parameters lazily, each clone on its own: draw them once first
+        let routed = model
+            .forward_routed(batch.inputs.clone(), Routing::Deterministic, false)
+            .logits;
+        let trainer = LmTrainer::new(model.clone(), Objective::Lm).with_distillation(distill);
+        let teacher = trainer
+            .teacher_logits(&batch)
+            .expect("a KL objective has a teacher");
+        // no gradient from the teacher reaches any weight; the same pass as the student's does
+        let embedding = &model.model.embed_tokens.weight;
+        let grads = teacher.clone().sum().backward();
+        assert!(embedding.grad(&grads).is_none());
+        let dense = model
+            .forward_routed(batch.inputs.clone(), Routing::Dense, false)
+            .logits;
+        let grads = dense.clone().sum().backward();
+        assert!(
+            embedding.grad(&grads).is_some(),
+            "the student's pass is tracked"
+        );
+        let diff: f32 = (teacher.clone().inner() - dense.inner())
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(diff < 1e-6, "the teacher is the model run dense: {diff}");
+        let apart: f32 = (teacher.inner() - routed.inner()).abs().max().into_scalar();
+        assert!(apart > 1e-4, "skipping every module changes the logits");
+        // LM alone needs no teacher
+        let lm = LmTrainer::new(model, Objective::Lm);
+        assert!(lm.teacher_logits(&batch).is_none());
+    }
+}
