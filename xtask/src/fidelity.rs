@@ -281,7 +281,7 @@ impl Ctx {
 
 /// The rows of the report, in order: (name under `eval/`, what it is, budget).
 fn rows(settings: &Settings) -> Vec<(String, String, Option<u32>)> {
-    let fixed: [(&str, &str, u32); 14] = [
+    let fixed: &[(&str, &str, u32)] = &[
         ("published-t25", "published (Python docs, lm): routers", 25),
         (
             "published-t25-lora",
@@ -321,6 +321,11 @@ fn rows(settings: &Settings) -> Vec<(String, String, Option<u32>)> {
         (
             "s1-lm-t25-cal10",
             "self-data, lm: the 25% routers calibrated to 10%",
+            10,
+        ),
+        (
+            "s2-lm-t25-cal10",
+            "self-data, lm: the 25% routers calibrated to 10% + LoRA (kl)",
             10,
         ),
     ];
