@@ -685,17 +685,32 @@ struct Measured {
     speed: Option<Figures>,
 }
 
-fn measured(work: &Path, settings: &Settings) -> Vec<Measured> {
-    rows(settings)
-        .into_iter()
-        .map(|(name, what, target)| Measured {
-            fidelity: read(&work.join(format!("eval/{name}/fidelity.json"))),
-            speed: read(&work.join(format!("eval/{name}/speed.json"))),
+/// Where the page's measurements are kept in the repository, so that the page can be
+/// rewritten on a machine that has not rerun the models (`runs/` is not committed).
+const KEPT: &str = "docs/data/fidelity";
+
+/// Each row's measurements: the run's own (copied into [`KEPT`]), else those kept there.
+fn measured(work: &Path, settings: &Settings) -> Result<Vec<Measured>> {
+    let mut rows_measured = Vec::new();
+    for (name, what, target) in rows(settings) {
+        let file = |which: &str| -> Result<PathBuf> {
+            let run = work.join(format!("eval/{name}/{which}"));
+            let kept = Path::new(KEPT).join(&name).join(which);
+            if run.exists() {
+                std::fs::create_dir_all(kept.parent().expect("a folder"))?;
+                std::fs::copy(&run, &kept)?;
+            }
+            Ok(kept)
+        };
+        rows_measured.push(Measured {
+            fidelity: read(&file("fidelity.json")?),
+            speed: read(&file("speed.json")?),
             name,
             what,
             target,
-        })
-        .collect()
+        });
+    }
+    Ok(rows_measured)
 }
 
 fn cell(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
@@ -704,13 +719,13 @@ fn cell(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
 
 /// `docs/results-fidelity.md` and the frontier picture, from whatever has finished.
 pub fn write_report(work: &Path, settings: &Settings) -> Result<()> {
-    let rows = measured(work, settings);
+    let rows = measured(work, settings)?;
     let mut md = String::new();
     writeln!(
         md,
         "# A SkipGPT SmolLM2 judged where nobody trained it\n\n\
          Generated on {} by `cargo xtask fidelity` (rewritten after every finished model) on a 2-core CPU machine. \
-         Rerun: `cargo xtask fidelity`; every finished step is reused.\n",
+         Rerun: `cargo xtask fidelity`; every finished step is reused. The measurements behind the page are kept in `docs/data/fidelity/` (each model's `fidelity.json` from `skipgpt eval-fidelity`, answers included, and `speed.json` from `examples/bench_real`), so `cargo xtask fidelity --until report` rewrites it anywhere.\n",
         today()
     )?;
     md.push_str(SETUP);
