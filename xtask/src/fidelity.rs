@@ -347,17 +347,7 @@ fn rows(settings: &Settings) -> Vec<(String, String, Option<u32>)> {
 
 /// The whole experiment, then the report.
 pub fn experiment(out: &str, settings: Settings, until: &str) -> Result<()> {
-    run(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "--bin",
-            "skipgpt",
-            "--example",
-            "bench_real",
-        ],
-    )?;
+    crate::build_release_tools()?;
     let work = PathBuf::from(out);
     std::fs::create_dir_all(&work)?;
     let model = crate::real::model(&work)?;
@@ -570,39 +560,24 @@ pub fn publish(work: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(&rebuilt);
     link_model(&ctx.model, &rebuilt, &dest)?;
     let adapter = dest.join("adapter");
-    let docs = |with: bool| -> Result<skipgpt_pipeline::evaluate::EvalPplReport> {
-        let mut a = vec![
-            "eval-ppl",
-            "--model",
-            s(&rebuilt),
-            "--data",
-            DOCS_SLICE,
-            "--split",
-            "all",
-            "--seq-len",
-            "128",
-            "--json",
-        ];
-        if with {
-            a.extend(["--adapter", s(&adapter)]);
+    // a command's report on one slice, without the adapter or with it
+    let adapter_arg = ["--adapter", s(&adapter)];
+    let on_slice = |command: &'static str, slice: &'static str, with: bool| {
+        let mut a = vec![command, "--model", s(&rebuilt), "--data", slice];
+        a.extend(["--seq-len", "128", "--json"]);
+        if command == "eval-ppl" {
+            a.extend(["--split", "all"]);
         }
-        report(&a)
+        if with {
+            a.extend(adapter_arg);
+        }
+        a
+    };
+    let docs = |with: bool| -> Result<skipgpt_pipeline::evaluate::EvalPplReport> {
+        report(&on_slice("eval-ppl", DOCS_SLICE, with))
     };
     let general = |with: bool| -> Result<EvalFidelityReport> {
-        let mut a = vec![
-            "eval-fidelity",
-            "--model",
-            s(&rebuilt),
-            "--data",
-            GENERAL_SLICE,
-            "--seq-len",
-            "128",
-            "--json",
-        ];
-        if with {
-            a.extend(["--adapter", s(&adapter)]);
-        }
-        report(&a)
+        report(&on_slice("eval-fidelity", GENERAL_SLICE, with))
     };
     let (without, with) = (docs(false)?, docs(true)?);
     let (g_without, g_with) = (general(false)?, general(true)?);

@@ -145,6 +145,21 @@ pub(crate) fn run(program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The release binary and the benchmark example the real-model tasks run.
+pub(crate) fn build_release_tools() -> Result<()> {
+    run(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "--bin",
+            "skipgpt",
+            "--example",
+            "bench_real",
+        ],
+    )
+}
+
 fn ci() -> Result<()> {
     run("cargo", &["fmt", "--all", "--", "--check"])?;
     run(

@@ -80,25 +80,17 @@ pub fn eval_fidelity<B: Backend>(
     let pretrained = config.model.load::<B>(device)?;
     let tokenizer = require_tokenizer(pretrained.tokenizer, &config.model.dir, "eval-fidelity")?;
     let model = pretrained.model;
-    let reference: LlamaForCausalLM<B> = match &config.dense {
-        Some(dir) => {
-            ModelSource {
-                dir: dir.clone(),
-                adapter: None,
-                dtype: config.model.dtype,
-            }
-            .load::<B>(device)?
-            .model
-        }
-        None => {
-            ModelSource {
-                adapter: None,
-                ..config.model.clone()
-            }
-            .load::<B>(device)?
-            .model
-        }
-    };
+    // the dense reference: --dense, or the same directory without the adapter
+    let reference: LlamaForCausalLM<B> = ModelSource {
+        dir: config
+            .dense
+            .clone()
+            .unwrap_or_else(|| config.model.dir.clone()),
+        adapter: None,
+        dtype: config.model.dtype,
+    }
+    .load::<B>(device)?
+    .model;
     let routed = Served {
         model: &model,
         routing: if model.routing_config.is_some() {
