@@ -1,8 +1,8 @@
 //! Times one decoding step's matrix products on SmolLM2's shapes (30 layers of q, k, v, o,
 //! gate, up and down, and the tied 49152 x 576 head) with random weights: burn-flex's matmul
-//! against the crate's kernels (`skipgpt_model::matvec`) with the layers' weights held
+//! against the crate's kernels (`skipgpt_kernels::matvec`) with the layers' weights held
 //! `[in, out]` (rows of W added up) and `[out, in]` (a dot product per output, the layout the
-//! CPU backend loads), at f32, f16 and bf16, for a given number of rows. Run as the engine runs a decoding step (`team::run`):
+//! CPU backend loads), at f32, f16 and bf16, for a given number of rows. Run as the engine runs a decoding step (`thread_team::run`):
 //!
 //! `cargo run --release --example bench_matvec -- [ROWS]` (default 1; `RAYON_NUM_THREADS` sets
 //! the threads). Prints the best of 8 passes, in ms.
@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Distribution, Tensor, TensorData};
-use skipgpt_model::matvec::{rows_times_matrix, rows_times_matrix_t, WeightSlice};
+use skipgpt_kernels::matvec::{rows_times_matrix, rows_times_matrix_t, WeightSlice};
 
 /// `[in, out]` of one layer's projections.
 const LAYER: [(usize, usize); 7] = [
@@ -92,7 +92,7 @@ fn run(rows: usize) {
             }
         });
         // the layout the model holds its weights in on this backend: [out, in], a dot product
-        // per output (`cpu_fast::holds_weights_out_in`)
+        // per output (`flex_kernels::holds_weights_out_in`)
         let out_in: Vec<TensorData> = (0..LAYERS)
             .flat_map(|_| {
                 LAYER
@@ -124,5 +124,5 @@ fn main() {
         .nth(1)
         .map(|s| s.parse().expect("ROWS: a positive integer"))
         .unwrap_or(1);
-    skipgpt_model::team::run(|| run(rows));
+    skipgpt_kernels::thread_team::run(|| run(rows));
 }

@@ -26,7 +26,7 @@ use std::time::Instant;
 use burn::tensor::backend::Backend;
 use serde_json::json;
 use skipgpt_eval::speed::{decode_speed, paired_speedup, prefill_speed};
-use skipgpt_model::sparse::{sparse_forward, LogitRows, SparseCache};
+use skipgpt_model::engine::{sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{load_pretrained_as, KvPolicy, Routing, StoreDtype};
 
 /// One system of `cargo xtask bench-real` on a real checkpoint.

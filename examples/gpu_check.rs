@@ -37,8 +37,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use burn::train::metric::ItemLazy;
 use burn::train::TrainStep;
 use serde_json::{json, Value};
+use skipgpt_model::engine::{generate_sparse, sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::safetensors_io::TensorFile;
-use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{
     generate, load_pretrained, GenerateOptions, LlamaConfig, MlpRouterInput, Routing,
     RoutingConfig, Sampling,
@@ -55,7 +55,7 @@ mod gpu {
 }
 type Cpu = burn::backend::NdArray<f32>;
 
-/// Logits within this of HF transformers (the wgpu tests' bound; see `tests/wgpu.rs`).
+/// Logits within this of HF transformers (the wgpu tests' bound; see `tests/it/wgpu.rs`).
 const GPU_TOL: f64 = 1e-3;
 
 const SECTIONS: [&str; 5] = ["parity", "engine-f32", "engine-bf16", "train", "train-ckpt"];

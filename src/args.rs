@@ -4,10 +4,12 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use burn::tensor::backend::Backend;
 use clap::Args;
 use skipgpt_model::lora::LORA_TARGETS;
 use skipgpt_model::LoraConfig;
-use skipgpt_pipeline::CorpusConfig;
+use skipgpt_pipeline::evaluate::ModelSource;
+use skipgpt_pipeline::{CorpusConfig, PromptFormat};
 use skipgpt_train::loss::{Distillation, TokenObjective};
 use skipgpt_train::{ScheduleKind, TrainOptions};
 
@@ -18,14 +20,14 @@ pub struct CorpusArgs {
     #[arg(long, required_unless_present = "synthetic")]
     pub data: Vec<PathBuf>,
     /// Use N documents of the built-in synthetic corpus instead of files.
-    #[arg(long, conflicts_with = "data", value_parser = crate::positive)]
+    #[arg(long, conflicts_with = "data", value_parser = crate::args::positive)]
     pub synthetic: Option<usize>,
     /// Seed of the synthetic corpus and of the train/validation split (keep it equal across
     /// pretrain, tune-routers and eval-ppl to evaluate on held-out text).
     #[arg(long, default_value_t = 0)]
     pub data_seed: u64,
     /// Tokens per sequence.
-    #[arg(long, default_value_t = 128, value_parser = crate::positive)]
+    #[arg(long, default_value_t = 128, value_parser = crate::args::positive)]
     pub seq_len: usize,
     /// Fraction of sequences held out for validation.
     #[arg(long, default_value_t = 0.1)]
@@ -53,13 +55,13 @@ impl CorpusArgs {
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
     /// Optimizer steps [pretrain: 300; tune-routers: 200].
-    #[arg(long, value_parser = crate::positive)]
+    #[arg(long, value_parser = crate::args::positive)]
     pub steps: Option<usize>,
     /// Sequences per micro-batch.
-    #[arg(long, default_value_t = 8, value_parser = crate::positive)]
+    #[arg(long, default_value_t = 8, value_parser = crate::args::positive)]
     pub batch_size: usize,
     /// Micro-batches per optimizer step (gradients averaged).
-    #[arg(long, default_value_t = 1, value_parser = crate::positive)]
+    #[arg(long, default_value_t = 1, value_parser = crate::args::positive)]
     pub grad_accum: usize,
     /// Peak learning rate, AdamW [pretrain: 3e-3; tune-routers: 2e-3, the paper's].
     #[arg(long)]
@@ -157,7 +159,7 @@ impl DistillArgs {
 #[derive(Args, Debug, Clone)]
 pub struct LoraArgs {
     /// Rank r of each adapter.
-    #[arg(long, default_value_t = 16, value_parser = crate::positive)]
+    #[arg(long, default_value_t = 16, value_parser = crate::args::positive)]
     pub rank: usize,
     /// α: updates are scaled by α / r.
     #[arg(long, default_value_t = 32.0)]
@@ -216,5 +218,108 @@ impl ReportArgs {
             text(report);
         }
         Ok(())
+    }
+}
+
+/// How a SkipGPT model's routers are used at inference.
+#[derive(Args, Debug, Clone)]
+pub struct RoutingArgs {
+    /// Ignore the routers: run every module (the dense baseline).
+    #[arg(long)]
+    pub dense: bool,
+    /// `deterministic`: execute iff logit0 > logit1; `sample`: draw each decision from the
+    /// router's softmax, as the reference code does.
+    #[arg(long, value_enum, default_value = "deterministic")]
+    pub routing: RoutingArg,
+    /// Seed of the routing draws with `--routing sample`.
+    #[arg(long, default_value_t = 0)]
+    pub routing_seed: u64,
+}
+
+/// Which computation serves the model.
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// `sparse` (default): the inference engine, which does not compute skipped modules (a
+    /// dense model runs through it with every module executing); `dense-gated`: every module
+    /// computed and multiplied by its gate, as the reference code does (for checking).
+    #[arg(long, value_enum, default_value = "sparse")]
+    pub engine: EngineArg,
+    /// Print the realised skip rates and the FLOPs and weight bytes saved.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineArg {
+    Sparse,
+    DenseGated,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutingArg {
+    Deterministic,
+    Sample,
+}
+
+/// A count that must be at least 1 (sizes, steps, batches): 0 is refused by the argument
+/// parser, naming the flag, instead of failing deep inside a backend.
+pub(crate) fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?} is not a count: {e}")),
+    }
+}
+
+/// `--model DIR [--adapter PEFT_DIR]`: the model a serving or evaluation command runs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model directory (HF layout, optionally with SkipGPT routers).
+    #[arg(long = "model")]
+    pub dir: std::path::PathBuf,
+    /// A LoRA adapter in PEFT layout to apply on top of --model (merged into its weights at
+    /// load: the adapter's function at the base's speed).
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
+    /// What the projection and embedding matrices are held in, whatever the file stores:
+    /// f16 or bf16 take half the memory and decode faster where memory bandwidth bounds it.
+    /// The residual stream, norms, routers, attention and the cache stay f32.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: skipgpt_model::StoreDtype,
+}
+
+impl ModelArgs {
+    pub fn source(&self) -> ModelSource {
+        ModelSource {
+            dir: self.dir.clone(),
+            adapter: self.adapter.clone(),
+            dtype: self.dtype,
+        }
+    }
+
+    /// The model directory, with the adapter applied when one is given.
+    pub fn load<B: Backend>(&self, device: &B::Device) -> Result<skipgpt_model::Pretrained<B>> {
+        Ok(self.source().load::<B>(device)?)
+    }
+}
+
+/// How prompts are put to the model.
+#[derive(Args, Debug, Clone)]
+pub struct PromptFormatArgs {
+    /// A Jinja chat template to use instead of the model's own (tokenizer_config.json).
+    #[arg(long, conflicts_with = "raw_prompts")]
+    pub chat_template: Option<PathBuf>,
+    /// Continue the prompts as plain text instead of putting them in the chat format.
+    #[arg(long)]
+    pub raw_prompts: bool,
+}
+
+impl PromptFormatArgs {
+    pub fn format(&self) -> PromptFormat {
+        match (&self.chat_template, self.raw_prompts) {
+            (_, true) => PromptFormat::Raw,
+            (Some(path), false) => PromptFormat::ChatTemplateFile(path.clone()),
+            (None, false) => PromptFormat::Chat,
+        }
     }
 }

@@ -1,5 +1,5 @@
 """A PEFT LoRA adapter for tests/fixtures/llama-tiny/model, made by peft itself, and the
-logits of the adapted model: the reference for `tests/lora.rs` (peft_made_adapter_matches).
+logits of the adapted model: the reference for `crates/skipgpt-model/tests/it/lora.rs` (peft_made_adapter_matches).
 
     python tools/make_peft_fixture.py tests/fixtures/peft-lora   # needs torch, transformers, peft
 

@@ -10,7 +10,7 @@
 
 use burn::module::Param;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
+use skipgpt_model::engine::{generate_sparse, sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{
     GenerateOptions, KvPolicy, LlamaForCausalLM, MlpRouterInput, Routing, RoutingConfig, Sampling,
 };

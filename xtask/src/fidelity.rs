@@ -29,7 +29,7 @@ const BENCH: &str = "target/release/examples/bench_real";
 const TRAIN_PROMPTS: &str = "data/prompts/train.txt";
 const EVAL_PROMPTS: &str = "data/prompts/eval.txt";
 const REPORT: &str = "docs/results-fidelity.md";
-/// The fixed slices `results.json` records and `tests/smollm2.rs` checks.
+/// The fixed slices `results.json` records and `tests/it/smollm2.rs` checks.
 const DOCS_SLICE: &str = "tests/fixtures/smollm2/heldout.jsonl";
 const GENERAL_SLICE: &str = "tests/fixtures/smollm2/general.jsonl";
 const PUBLISHED: &str = "models/smollm2-135m/skipgpt-t25";
@@ -526,7 +526,7 @@ fn report<T: DeserializeOwned>(args: &[&str]) -> Result<T> {
 
 /// Publishes the 25% point ([`POINT`]'s routers and adapter, the adapter in f16) as
 /// `models/smollm2-135m/skipgpt-t25/`, with what it gives on the fixed slices (`results.json`,
-/// which `tests/smollm2.rs` and `skipgpt demo --real` check) and a README.
+/// which `tests/it/smollm2.rs` and `skipgpt demo --real` check) and a README.
 pub fn publish(work: &Path) -> Result<()> {
     let ctx = Ctx {
         work: work.to_path_buf(),

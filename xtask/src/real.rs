@@ -76,7 +76,7 @@ struct Evaluation {
 }
 
 /// `models/smollm2-135m/skipgpt-tNN/results.json`: what the published model gives on
-/// [`SLICE`] (checked by `tests/smollm2.rs`) and on the held-out evaluation.
+/// [`SLICE`] (checked by `tests/it/smollm2.rs`) and on the held-out evaluation.
 #[derive(Debug, Serialize)]
 struct Published {
     slice: &'static str,
@@ -857,7 +857,7 @@ Made by `cargo xtask experiment --real` (see `docs/results-smollm2.md` for the w
 
 ## Numbers
 
-On the held-out documentation ({} sequences of 128 tokens): perplexity {:.2} at {:.1}% parameter skip (dense: see the results page). On the fixed slice `{SLICE}` (which `tests/smollm2.rs` checks): dense {:.3}, routers {:.3}, routers + LoRA {:.3}.
+On the held-out documentation ({} sequences of 128 tokens): perplexity {:.2} at {:.1}% parameter skip (dense: see the results page). On the fixed slice `{SLICE}` (which `tests/it/smollm2.rs` checks): dense {:.3}, routers {:.3}, routers + LoRA {:.3}.
 
 ## Rebuild the model
 
@@ -938,18 +938,63 @@ fn minutes(work: &Path, dir: &str) -> String {
         .map_or("–".into(), |s| format!("{:.1}", s / 60.0))
 }
 
+/// Where the page's pictures go.
+const IMAGES: &str = "docs/images/smollm2";
+
 /// `docs/results-smollm2.md` from what has finished in `work`; the pictures go to
 /// `docs/images/smollm2/`.
 pub fn write_report(work: &Path) -> Result<()> {
-    let images = Path::new("docs/images/smollm2");
-    std::fs::create_dir_all(images)?;
-    let settings: Vec<(String, String)> = read(&work.join("settings.json"))?;
-    let get = |k: &str| {
-        settings
+    std::fs::create_dir_all(IMAGES)?;
+    let settings = Settings(read(&work.join("settings.json"))?);
+    let mut md = String::new();
+    for section in [
+        report_setup,
+        report_initialisation,
+        report_comparison,
+        report_claims,
+        report_goals,
+    ] {
+        section(work, &settings, &mut md)?;
+    }
+    let path = Path::new("docs/results-smollm2.md");
+    std::fs::write(path, md)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+/// A model's row label in the results page.
+fn label(m: &str) -> &'static str {
+    match m {
+        "rt" => "SkipGPT-RT",
+        "rt-lora" => "SkipGPT-RT + LoRA",
+        "rt-param" => "SkipGPT-RT, parameter target",
+        "rt-param-lora" => "SkipGPT-RT, parameter target + LoRA",
+        "rt-param-cal" => "SkipGPT-RT, parameter target, calibrated",
+        "rt-param-cal-lora" => "SkipGPT-RT, parameter target, calibrated + LoRA",
+        "mod-d" => "MoD-D (coupled)",
+        "shortgpt" => "ShortGPT (static blocks)",
+        "attn-drop" => "static attention drop",
+        "joint" => "joint (routers + LoRA)",
+        _ => "dense",
+    }
+}
+
+/// The run's settings (flag, value), as `settings.json` keeps them.
+struct Settings(Vec<(String, String)>);
+
+impl Settings {
+    /// The value of `flag`, or `?` when the run did not record it.
+    fn get(&self, flag: &str) -> String {
+        self.0
             .iter()
-            .find(|(key, _)| key == k)
+            .find(|(key, _)| key == flag)
             .map_or("?".to_string(), |(_, v)| v.clone())
-    };
+    }
+}
+
+/// The title, what the page is, and the setup of the run.
+fn report_setup(work: &Path, settings: &Settings, md: &mut String) -> Result<()> {
+    let get = |k: &str| settings.get(k);
     let split: Split = read(&work.join("corpus").join("split.json"))?;
     let held = split.held_out.len();
     let cloze_n = std::fs::read_to_string(work.join("corpus").join("cloze.jsonl"))
@@ -959,7 +1004,6 @@ pub fn write_report(work: &Path) -> Result<()> {
     let (seq, batch) = (get("--seq-len"), get("--batch-size"));
     let tokens_per_step = seq.parse::<usize>().unwrap_or(0) * batch.parse::<usize>().unwrap_or(0);
 
-    let mut md = String::new();
     let _ = writeln!(
         md,
         "# SkipGPT on a real model: SmolLM2-135M on the Python documentation\n"
@@ -987,7 +1031,12 @@ pub fn write_report(work: &Path) -> Result<()> {
         get("--valid-sequences"),
     );
 
-    // the router initialisation
+    Ok(())
+}
+
+/// Where routers start: the paper's initialisation against an execute-biased one.
+fn report_initialisation(work: &Path, settings: &Settings, md: &mut String) -> Result<()> {
+    let get = |k: &str| settings.get(k);
     let _ = writeln!(
         md,
         "## Where routers start: the paper's initialisation against an execute-biased one\n"
@@ -1035,7 +1084,7 @@ pub fn write_report(work: &Path) -> Result<()> {
         }
         let curves = dir.join("train").join("curves.svg");
         if curves.exists() {
-            std::fs::copy(&curves, images.join(format!("init-{init}.svg")))?;
+            std::fs::copy(&curves, Path::new(IMAGES).join(format!("init-{init}.svg")))?;
         }
     }
     let _ = writeln!(
@@ -1043,7 +1092,11 @@ pub fn write_report(work: &Path) -> Result<()> {
         "\n![paper initialisation](images/smollm2/init-paper.svg)\n![execute-biased initialisation](images/smollm2/init-execute.svg)\n"
     );
 
-    // the comparison
+    Ok(())
+}
+
+/// The comparison table of every model at both budgets.
+fn report_comparison(work: &Path, _settings: &Settings, md: &mut String) -> Result<()> {
     let dense = row(work, "dense");
     let _ = writeln!(md, "## The comparison\n");
     let _ = writeln!(
@@ -1054,19 +1107,6 @@ pub fn write_report(work: &Path) -> Result<()> {
         md,
         "| model | budget | perplexity | vs dense | next-token acc | cloze acc | attn skip | MLP skip | param skip | prefill tok/s | decode tok/s | train (min) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
-    let label = |m: &str| match m {
-        "rt" => "SkipGPT-RT",
-        "rt-lora" => "SkipGPT-RT + LoRA",
-        "rt-param" => "SkipGPT-RT, parameter target",
-        "rt-param-lora" => "SkipGPT-RT, parameter target + LoRA",
-        "rt-param-cal" => "SkipGPT-RT, parameter target, calibrated",
-        "rt-param-cal-lora" => "SkipGPT-RT, parameter target, calibrated + LoRA",
-        "mod-d" => "MoD-D (coupled)",
-        "shortgpt" => "ShortGPT (static blocks)",
-        "attn-drop" => "static attention drop",
-        "joint" => "joint (routers + LoRA)",
-        _ => "dense",
-    };
     let fmt_row = |md: &mut String,
                    name: &str,
                    budget: &str,
@@ -1099,11 +1139,11 @@ pub fn write_report(work: &Path) -> Result<()> {
         );
     };
     if let Some(d) = &dense {
-        fmt_row(&mut md, "dense", "–", "dense", d, "–".into());
+        fmt_row(md, "dense", "–", "dense", d, "–".into());
     }
     if let Some(r) = row(work, "t0-dense-lora") {
         fmt_row(
-            &mut md,
+            md,
             "t0-dense-lora",
             "–",
             "dense + LoRA",
@@ -1129,7 +1169,7 @@ pub fn write_report(work: &Path) -> Result<()> {
             let name = format!("t{t}-{m}");
             match row(work, &name) {
                 Some(r) => fmt_row(
-                    &mut md,
+                    md,
                     &name,
                     &format!("{t}%"),
                     label(m),
@@ -1155,7 +1195,12 @@ pub fn write_report(work: &Path) -> Result<()> {
         );
     }
 
-    // the claims
+    Ok(())
+}
+
+/// The paper's claims checked on the real model.
+fn report_claims(work: &Path, settings: &Settings, md: &mut String) -> Result<()> {
+    let get = |k: &str| settings.get(k);
     let _ = writeln!(md, "\n## The paper's claims on a real model\n");
     let get_row = |n: &str| row(work, n);
     let cmp = |md: &mut String, claim: &str, a: &str, b: &str| {
@@ -1182,19 +1227,14 @@ pub fn write_report(work: &Path) -> Result<()> {
         }
     };
     cmp(
-        &mut md,
+        md,
         "Decoupled (per module) routing beats coupled (per layer)",
         "rt",
         "mod-d",
     );
-    cmp(&mut md, "Dynamic beats static pruning", "rt", "shortgpt");
-    cmp(&mut md, "LoRA recovers quality", "rt-lora", "rt");
-    cmp(
-        &mut md,
-        "Two stages beat joint training",
-        "rt-lora",
-        "joint",
-    );
+    cmp(md, "Dynamic beats static pruning", "rt", "shortgpt");
+    cmp(md, "LoRA recovers quality", "rt-lora", "rt");
+    cmp(md, "Two stages beat joint training", "rt-lora", "joint");
     for t in ["25", "40"] {
         for (m, unit) in [
             ("rt", "counting module decisions, as the paper's loss does"),
@@ -1254,19 +1294,31 @@ pub fn write_report(work: &Path) -> Result<()> {
         );
         for pic in ["skip-per-layer.svg", "skip-by-position.svg"] {
             if analysis.join(pic).exists() {
-                std::fs::copy(analysis.join(pic), images.join(format!("t{t}-{pic}")))?;
+                std::fs::copy(
+                    analysis.join(pic),
+                    Path::new(IMAGES).join(format!("t{t}-{pic}")),
+                )?;
             }
         }
     }
     for t in ["25", "40"] {
-        if images.join(format!("t{t}-skip-per-layer.svg")).exists() {
+        if Path::new(IMAGES)
+            .join(format!("t{t}-skip-per-layer.svg"))
+            .exists()
+        {
             let _ = writeln!(
                 md,
                 "\nSkipGPT-RT at {t}%, where the routers skip:\n\n![per layer](images/smollm2/t{t}-skip-per-layer.svg)\n![by position](images/smollm2/t{t}-skip-by-position.svg)"
             );
         }
     }
-    // the goals
+    Ok(())
+}
+
+/// The goals of the experiment, met or missed.
+fn report_goals(work: &Path, _settings: &Settings, md: &mut String) -> Result<()> {
+    let dense = row(work, "dense");
+    let get_row = |n: &str| row(work, n);
     let _ = writeln!(md, "\n## Goals\n");
     for (m, unit, why) in [
         (
@@ -1354,8 +1406,5 @@ pub fn write_report(work: &Path) -> Result<()> {
             );
         }
     }
-    let path = Path::new("docs/results-smollm2.md");
-    std::fs::write(path, md)?;
-    eprintln!("wrote {}", path.display());
     Ok(())
 }

@@ -11,7 +11,7 @@
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 use skipgpt_data::PackedDataset;
-use skipgpt_model::sparse::{sparse_forward, EngineStats, LogitRows, SparseCache};
+use skipgpt_model::engine::{sparse_forward, EngineStats, LogitRows, SparseCache};
 use skipgpt_model::{LlamaForCausalLM, Routing, SparsityUnit};
 
 use crate::error::{EvalError, Result};

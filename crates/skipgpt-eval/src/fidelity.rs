@@ -11,7 +11,7 @@
 use burn::tensor::{activation, backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 use skipgpt_data::PackedDataset;
-use skipgpt_model::sparse::{generate_sparse, sparse_forward, LogitRows, SparseCache};
+use skipgpt_model::engine::{generate_sparse, sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{GenerateOptions, LlamaForCausalLM, Routing, Sampling};
 
 use crate::{batch_ids, host_f64, Result};

@@ -15,7 +15,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use skipgpt_data::{OBJECTS, SUBJECTS, VERBS};
-use skipgpt_model::sparse::{sparse_forward, LogitRows, SparseCache};
+use skipgpt_model::engine::{sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{LlamaForCausalLM, Routing, Tokenizer};
 
 use crate::error::{EvalError, Result};

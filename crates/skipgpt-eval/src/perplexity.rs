@@ -3,7 +3,7 @@
 use burn::tensor::{activation, backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 use skipgpt_data::PackedDataset;
-use skipgpt_model::sparse::{sparse_forward, LogitRows, SparseCache};
+use skipgpt_model::engine::{sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{LlamaForCausalLM, Routing};
 
 use crate::{batch_ids, host_f64, Result};

@@ -43,7 +43,7 @@ pub fn validate_ids(ids: &[i64], vocab_size: usize, what: &str) -> Result<()> {
 }
 
 /// Continues each prompt (all of the same length) by up to `max_new_tokens` tokens with the
-/// gated forward pass: the reference the sparse engine ([`crate::sparse::generate_sparse`],
+/// gated forward pass: the reference the sparse engine ([`crate::engine::generate_sparse`],
 /// which serves every command) is tested against. It keeps no cache: every step runs the
 /// whole sequence so far, which is plainly right and quadratic in its length. Returns only the
 /// new tokens; a sequence that stopped at EOS includes the EOS token.

@@ -7,9 +7,8 @@
 //! - [`llama`]: the model, its modules named like the HF weight keys;
 //! - [`lora`]: LoRA adapters on the projections, merging, and the PEFT adapter format;
 //! - [`precision`]: f16/bf16 weights against the f32 residual stream;
-//! - [`matvec`], [`cpu_attention`], [`cpu_ops`] and [`cpu_fast`]: the CPU backend's decoding
-//!   products, the engine's attention and the small operations, on every core ([`team`] keeps
-//!   a decoding step's threads awake);
+//! - [`flex_kernels`]: the CPU backend's (burn-flex) tensors handed to `skipgpt-kernels`
+//!   (decoding products, the engine's attention, the small operations, on every core);
 //! - [`rope`]: rotary embeddings with default, linear, dynamic and llama3 scaling;
 //! - [`checkpoint`] and [`safetensors_io`]: reading/writing model directories;
 //! - [`atomic`]: writing a user's files without losing what was there;
@@ -21,24 +20,19 @@ pub mod atomic;
 pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
-pub mod cpu_attention;
-pub mod cpu_fast;
-pub mod cpu_ops;
+pub mod engine;
 pub mod error;
+pub mod flex_kernels;
 pub mod generate;
 pub mod gguf;
 pub mod linear;
 pub mod llama;
 pub mod lora;
-pub mod matvec;
 pub mod precision;
 pub mod rope;
 pub mod router;
 pub mod safetensors_io;
-pub mod sparse;
-pub mod team;
-#[cfg(test)]
-mod test_values;
+
 pub mod tokenizer;
 
 pub use chat_template::{ChatMessage, ChatTemplate};

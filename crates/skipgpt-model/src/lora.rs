@@ -190,7 +190,7 @@ impl<B: Backend> LoraLinear<B> {
 
     /// The forwards of several projections of the same rows (q, k and v; gate and up): on the
     /// CPU backend, for a decoding step's few rows, their products run as one parallel pass
-    /// ([`crate::cpu_fast::rows_times_weights`]); each adapter's term is added to its own.
+    /// ([`crate::flex_kernels::rows_times_weights`]); each adapter's term is added to its own.
     ///
     /// # Shapes
     /// - x: `[..., in]`
@@ -203,7 +203,7 @@ impl<B: Backend> LoraLinear<B> {
             .iter()
             .map(|p| p.base_layer.weight.val())
             .collect();
-        let Some(products) = crate::cpu_fast::rows_times_weights(&x, &weights) else {
+        let Some(products) = crate::flex_kernels::rows_times_weights(&x, &weights) else {
             return projections.iter().map(|p| p.forward(x.clone())).collect();
         };
         products
@@ -234,7 +234,7 @@ impl<B: Backend> LoraLinear<B> {
             // in the base weight's type: merging keeps a half-precision model half
             let base = self.base_layer.weight.val();
             let weight = base.clone() + lora.delta().cast(base.dtype());
-            self.base_layer.weight = Param::from_tensor(crate::cpu_fast::hold_weight(weight));
+            self.base_layer.weight = Param::from_tensor(crate::flex_kernels::hold_weight(weight));
         }
     }
 }

@@ -4,14 +4,14 @@
 //! Decoding one token reads every weight once, so on most hardware its time is the weight bytes
 //! over the memory bandwidth: halving the bytes nearly halves the time. Only the large matrices
 //! go to half precision, and the sparse engine's key/value cache with them
-//! ([`crate::sparse::cache_dtype`]: half its memory, widened back to f32 as attention reads it).
+//! ([`crate::engine::cache_dtype`]: half its memory, widened back to f32 as attention reads it).
 //! The residual stream, RMSNorm (its statistics and weight), the routers, RoPE, attention
 //! (scores, softmax and the weighted sum), LoRA adapters and the logits' consumers stay f32:
 //! each matrix product casts its input rows to the weight's type, multiplies there, and casts
 //! the result back to f32 (as llama.cpp does with f16 weights). The price is one rounding of
 //! each projection's input and output to half precision. On the CPU backend products of up to
-//! [`crate::cpu_fast::MAX_ROWS`] rows (decoding, prompts, which the engine feeds in pieces of
-//! that many rows) take [`crate::cpu_fast`] instead, which widens the weights to f32 in
+//! [`crate::flex_kernels::MAX_ROWS`] rows (decoding, prompts, which the engine feeds in pieces of
+//! that many rows) take [`crate::flex_kernels`] instead, which widens the weights to f32 in
 //! registers and rounds nothing.
 
 use burn::nn::{Embedding, Linear};
@@ -79,7 +79,7 @@ pub fn linear_forward<B: Backend, const D: usize>(
 ) -> Tensor<B, D> {
     let (x_dtype, w) = (x.dtype(), linear.weight.val());
     let w_dtype = w.dtype();
-    let y = match crate::cpu_fast::rows_times_weight(&x, &w) {
+    let y = match crate::flex_kernels::rows_times_weight(&x, &w) {
         Some(y) => y,
         None => {
             // one 2-D product of every row: Burn's `linear` would reshape the weight to x's

@@ -29,7 +29,7 @@ impl<B: Backend> RmsNorm<B> {
     /// - x: `[..., dim]`
     /// - output: like x
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        if let Some(y) = crate::cpu_fast::rms_norm(&x, &self.weight.val(), self.eps) {
+        if let Some(y) = crate::flex_kernels::rms_norm(&x, &self.weight.val(), self.eps) {
             return y;
         }
         let rms = (x.clone().powi_scalar(2).mean_dim(D - 1) + self.eps).sqrt();
@@ -240,7 +240,7 @@ impl<B: Backend> Mlp<B> {
             LoraLinear::forward_many(&[&self.gate_proj, &self.up_proj], x)
                 .try_into()
                 .expect("two projections");
-        let hidden = match crate::cpu_fast::swiglu(&gate, &up) {
+        let hidden = match crate::flex_kernels::swiglu(&gate, &up) {
             Some(hidden) => hidden,
             None => activation::silu(gate) * up,
         };

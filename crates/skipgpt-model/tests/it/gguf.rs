@@ -1,0 +1,347 @@
+//! GGUF import: dequantization against gguf-py's reference, the tiny fixture round-tripped
+//! through a GGUF file (weights, q/k permutation, tokenizer), dtypes, and the errors a broken
+//! or unsupported file must produce. The real model (SmolLM2) is in `tests/it/smollm2.rs`.
+
+use std::path::Path;
+
+use skipgpt_model::gguf::{import_gguf, GgmlType, ImportOptions};
+use skipgpt_model::{generate, load_pretrained, StoreDtype, Tokenizer};
+use skipgpt_test_support::gguf_writer::{llama_tiny_gguf, GgufBuilder, Meta};
+use skipgpt_test_support::*;
+
+fn import(gguf: &Path, out: &Path, dtype: StoreDtype) -> skipgpt_model::Result<()> {
+    let opts = ImportOptions {
+        dtype,
+        overwrite: false,
+    };
+    import_gguf(gguf, out, &opts, &mut |_, _, _| {}).map(drop)
+}
+
+/// The error of importing `g`, as text.
+fn import_error(g: &GgufBuilder) -> String {
+    import_bytes_error(&g.to_bytes())
+}
+
+fn import_bytes_error(bytes: &[u8]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.gguf");
+    std::fs::write(&file, bytes).unwrap();
+    let err = import(&file, &dir.path().join("out"), StoreDtype::F32)
+        .expect_err("a broken file must not import")
+        .to_string();
+    assert!(err.contains("bad.gguf"), "the error names the file: {err}");
+    assert!(
+        !dir.path().join("out/config.json").exists(),
+        "a failed import leaves no model behind"
+    );
+    err
+}
+
+#[test]
+fn dequantization_matches_gguf_py() {
+    let bytes = std::fs::read(fixtures().join("gguf-quants/quants.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (code, name) in [
+        (1, "F16"),
+        (30, "BF16"),
+        (2, "Q4_0"),
+        (3, "Q4_1"),
+        (6, "Q5_0"),
+        (7, "Q5_1"),
+        (8, "Q8_0"),
+        (12, "Q4_K"),
+        (13, "Q5_K"),
+        (14, "Q6_K"),
+    ] {
+        let kind = GgmlType::from_code(code).unwrap();
+        assert_eq!(kind.name(), name);
+        let raw = file.tensor(&format!("{name}.bytes")).unwrap();
+        let expected: Vec<f32> = file
+            .tensor(&format!("{name}.values"))
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let got = kind.dequantize(raw.data());
+        assert_eq!(got.len(), expected.len(), "{name}: element count");
+        let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0, "{name}: the vectors are not all zero");
+        // gguf-py computes in float32 with numpy, in another order for the K-quants
+        let d = max_abs_diff(&got, &expected);
+        assert!(d <= 1e-6 * scale, "{name}: max |Δ| {d} (scale {scale})");
+    }
+}
+
+#[test]
+fn tiny_gguf_imports_to_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    llama_tiny_gguf(&tiny().join("model")).write(&gguf);
+    let out = dir.path().join("model");
+    import(&gguf, &out, StoreDtype::F32).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(out.join(f).exists(), "{f} written");
+    }
+    let model = load_pretrained::<B>(&out, &device()).unwrap().model;
+    let r = reference(&tiny());
+    let out_full = model.forward_full(ids_tensor(&r, "input_ids"), true);
+    let d = diff_with(out_full.logits, &r, "logits");
+    // f32 in, f32 out: the import is exact, and q/k come back in HF's row order
+    assert!(d < 1e-4, "logits differ by {d}");
+    let prompts = ids_rows(&r, "greedy_prompt");
+    assert_eq!(
+        generate(&model, &prompts, &greedy(16)).unwrap(),
+        ids_rows(&r, "greedy_tokens")
+    );
+    // the same tensors as the original checkpoint, to the bit
+    let a =
+        skipgpt_model::safetensors_io::TensorFile::open(&out.join("model.safetensors")).unwrap();
+    let b =
+        skipgpt_model::safetensors_io::TensorFile::open(&tiny().join("model/model.safetensors"))
+            .unwrap();
+    let mut names = a.names();
+    names.sort();
+    let mut expected = b.names();
+    expected.sort();
+    assert_eq!(names, expected);
+    for n in &names {
+        assert_eq!(a.read_f32(n).unwrap(), b.read_f32(n).unwrap(), "{n}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["num_key_value_heads"], 2);
+    assert_eq!(config["tie_word_embeddings"], false);
+    assert_eq!(config["eos_token_id"], 1);
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(tc["eos_token"], "<|end_of_text|>");
+    assert!(tc["chat_template"].as_str().unwrap().contains("messages"));
+}
+
+#[test]
+fn tiny_gguf_tokenizer_matches_tokenizer_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    llama_tiny_gguf(&tiny().join("model")).write(&gguf);
+    let out = dir.path().join("model");
+    import(&gguf, &out, StoreDtype::F32).unwrap();
+    let original = Tokenizer::from_file(&tiny().join("model/tokenizer.json")).unwrap();
+    let imported = Tokenizer::from_file(&out.join("tokenizer.json")).unwrap();
+    assert_eq!(imported.vocab_size(), original.vocab_size());
+    let texts: Vec<String> = serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(tiny().join("reference.json")).unwrap(),
+    )
+    .unwrap()["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .chain([
+            "  spaces,\ttabs\nand 12345 digits; naïve — 日本".to_string(),
+            "<|begin_of_text|>the end<|end_of_text|>".to_string(),
+        ])
+        .collect();
+    for t in &texts {
+        let (a, _) = original.encode_plain(t).unwrap();
+        let (b, _) = imported.encode_plain(t).unwrap();
+        assert_eq!(a, b, "{t:?}");
+        assert_eq!(imported.decode(&b).unwrap(), original.decode(&a).unwrap());
+    }
+    let (ids, _) = imported
+        .encode_plain("<|begin_of_text|>x<|end_of_text|>")
+        .unwrap();
+    assert_eq!(
+        (ids[0], *ids.last().unwrap()),
+        (0, 1),
+        "control tokens are single tokens"
+    );
+}
+
+#[test]
+fn half_precision_imports_round_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    llama_tiny_gguf(&tiny().join("model")).write(&gguf);
+    let r = reference(&tiny());
+    for (dtype, name, tol) in [
+        (StoreDtype::F16, "float16", 2e-2),
+        (StoreDtype::BF16, "bfloat16", 1e-1),
+    ] {
+        let out = dir.path().join(name);
+        import(&gguf, &out, dtype).unwrap();
+        let config = skipgpt_model::load_config(&out).unwrap();
+        assert_eq!(config.dtype, name);
+        let model = load_pretrained::<B>(&out, &device()).unwrap().model;
+        let d = diff_with(model.forward(ids_tensor(&r, "input_ids")), &r, "logits");
+        assert!(d > 0.0 && d < tol, "{name}: logits differ by {d}");
+    }
+}
+
+#[test]
+fn existing_model_is_not_replaced_without_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    llama_tiny_gguf(&tiny().join("model")).write(&gguf);
+    let out = dir.path().join("model");
+    import(&gguf, &out, StoreDtype::F32).unwrap();
+    let before = std::fs::read(out.join("model.safetensors")).unwrap();
+    let err = import(&gguf, &out, StoreDtype::F16)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("already exists") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        before
+    );
+    let opts = ImportOptions {
+        dtype: StoreDtype::F16,
+        overwrite: true,
+    };
+    import_gguf(&gguf, &out, &opts, &mut |_, _, _| {}).unwrap();
+    assert!(std::fs::read(out.join("model.safetensors")).unwrap().len() < before.len());
+}
+
+#[test]
+fn broken_files_are_named_errors() {
+    let good = llama_tiny_gguf(&tiny().join("model"));
+    let bytes = good.to_bytes();
+
+    let mut bad = bytes.clone();
+    bad[..4].copy_from_slice(b"GGML");
+    let e = import_bytes_error(&bad);
+    assert!(e.contains("not a GGUF file") && e.contains("GGML"), "{e}");
+
+    let mut v1 = bytes.clone();
+    v1[4..8].copy_from_slice(&1u32.to_le_bytes());
+    let e = import_bytes_error(&v1);
+    assert!(e.contains("version 1"), "{e}");
+    let mut be = bytes.clone();
+    be[4..8].copy_from_slice(&3u32.to_be_bytes());
+    assert!(import_bytes_error(&be).contains("big-endian"));
+
+    // truncated in the header, the metadata, the tensor infos and the data
+    for cut in [2, 10, 200, bytes.len() / 2, bytes.len() - 8] {
+        let e = import_bytes_error(&bytes[..cut]);
+        assert!(e.contains("truncated"), "cut at {cut}: {e}");
+    }
+    let e = import_bytes_error(&bytes[..bytes.len() - 8]);
+    assert!(
+        e.contains("blk.2.ffn_up.weight") || e.contains("tensor `"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unsupported_or_inconsistent_models_are_named_errors() {
+    let base = || llama_tiny_gguf(&tiny().join("model"));
+
+    let mut g = base();
+    g.tensors[0].ggml_type = 10; // Q2_K
+    let e = import_error(&g);
+    assert!(e.contains("token_embd.weight") && e.contains("Q2_K"), "{e}");
+
+    let mut g = base();
+    g.set("general.architecture", Meta::Str("gpt2".into()));
+    let e = import_error(&g);
+    assert!(
+        e.contains("general.architecture") && e.contains("gpt2") && e.contains("llama"),
+        "{e}"
+    );
+
+    let mut g = base();
+    g.remove_tensor("blk.1.ffn_up.weight");
+    let e = import_error(&g);
+    assert!(
+        e.contains("blk.1.ffn_up.weight") && e.contains("not found"),
+        "{e}"
+    );
+
+    let mut g = base();
+    let t = g
+        .tensors
+        .iter_mut()
+        .find(|t| t.name == "blk.0.attn_k.weight")
+        .unwrap();
+    t.dims = vec![t.dims[1], t.dims[0]];
+    let e = import_error(&g);
+    assert!(
+        e.contains("blk.0.attn_k.weight") && e.contains("[32, 64]"),
+        "{e}"
+    );
+
+    let mut g = base();
+    g.set("llama.embedding_length", Meta::Str("64".into()));
+    let e = import_error(&g);
+    assert!(
+        e.contains("llama.embedding_length") && e.contains("string"),
+        "{e}"
+    );
+
+    let mut g = base();
+    g.meta.retain(|(k, _)| k != "llama.block_count");
+    let e = import_error(&g);
+    assert!(
+        e.contains("llama.block_count") && e.contains("missing"),
+        "{e}"
+    );
+
+    let mut g = base();
+    g.set("tokenizer.ggml.model", Meta::Str("llama".into()));
+    let e = import_error(&g);
+    assert!(
+        e.contains("tokenizer.ggml.model") && e.contains("SentencePiece"),
+        "{e}"
+    );
+
+    let mut g = base();
+    g.set("tokenizer.ggml.pre", Meta::Str("mystery".into()));
+    let e = import_error(&g);
+    assert!(
+        e.contains("tokenizer.ggml.pre") && e.contains("mystery") && e.contains("smollm"),
+        "{e}"
+    );
+}
+
+#[test]
+fn pre_tokenizers_split_as_llama_cpp_groups_them() {
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+    let dir = tempfile::tempdir().unwrap();
+    // how "abc 12345" is cut before merging: GPT-2 keeps digit runs, SmolLM splits every
+    // digit, LLaMA 3 groups digits by three, Qwen2 splits every digit
+    for (pre, expected) in [
+        ("gpt2", vec!["abc", "Ġ12345"]),
+        ("smollm", vec!["abc", "Ġ", "1", "2", "3", "4", "5"]),
+        ("llama-bpe", vec!["abc", "Ġ", "123", "45"]),
+        ("qwen2", vec!["abc", "Ġ", "1", "2", "3", "4", "5"]),
+    ] {
+        let mut g = llama_tiny_gguf(&tiny().join("model"));
+        g.set("tokenizer.ggml.pre", Meta::Str(pre.into()));
+        let gguf = dir.path().join(format!("{pre}.gguf"));
+        g.write(&gguf);
+        let out = dir.path().join(pre);
+        import(&gguf, &out, StoreDtype::F32).unwrap();
+        let tok = Tokenizer::from_file(&out.join("tokenizer.json")).unwrap();
+        let mut text = PreTokenizedString::from("abc 12345");
+        tok.inner()
+            .get_pre_tokenizer()
+            .expect("a pre-tokenizer")
+            .pre_tokenize(&mut text)
+            .unwrap();
+        let pieces: Vec<String> = text
+            .get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(s, _, _)| s.to_string())
+            .collect();
+        assert_eq!(pieces, expected, "pre = {pre}");
+    }
+}

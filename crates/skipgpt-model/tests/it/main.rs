@@ -1,0 +1,14 @@
+//! The model crate's integration tests, one binary: parity with HF transformers on the
+//! fixtures, checkpoints, routing, the sparse engine, the CPU backend's kernels, GGUF import
+//! and LoRA. Helpers come from `skipgpt-test-support`.
+
+mod checkpoint;
+mod comparisons;
+mod engine;
+// the CPU backend's fast paths exist only with the `flex` feature (on in a workspace build)
+#[cfg(feature = "flex")]
+mod flex_kernels;
+mod gguf;
+mod lora;
+mod parity;
+mod routing;
