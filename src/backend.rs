@@ -150,3 +150,17 @@ macro_rules! with_backend {
         }
     }};
 }
+
+/// Runs the pipeline's training stage `$stage` (`skipgpt_pipeline::pretrain`, `tune_routers`,
+/// `finetune_lora`) with `$config` on the chosen backend, over the `--devices` of `$devices`.
+#[macro_export]
+macro_rules! train_with_backend {
+    ($kind:expr, $devices:expr, $($stage:ident)::+, $config:expr) => {
+        $crate::with_backend!($kind, |B, device| {
+            let devices = $crate::backend::training_devices::<burn::backend::Autodiff<B>>(
+                $devices, &device,
+            )?;
+            $($stage)::+::<B>($config, &devices)
+        })
+    };
+}

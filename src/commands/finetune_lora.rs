@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use burn::backend::Autodiff;
 use clap::Args;
 use skipgpt_model::Routing;
 use skipgpt_pipeline::{finetune_lora, AdaptedOutput, FinetuneLoraConfig, FinetuneLoraReport};
@@ -12,9 +11,9 @@ use skipgpt_train::TrainOptions;
 
 use crate::args::RoutingArg;
 use crate::args::{CorpusArgs, DistillArgs, LoraArgs, ReportArgs, TrainArgs};
-use crate::backend::{training_devices, BackendKind};
+use crate::backend::BackendKind;
 use crate::commands::pretrain::print_validation;
-use crate::with_backend;
+use crate::train_with_backend;
 
 #[derive(Args, Debug, Clone)]
 pub struct FinetuneLoraArgs {
@@ -88,10 +87,12 @@ impl FinetuneLoraArgs {
 
 pub fn run(backend: BackendKind, args: FinetuneLoraArgs) -> Result<()> {
     let config = args.config()?;
-    let report = with_backend!(backend, |B, device| {
-        let devices = training_devices::<Autodiff<B>>(&args.train.devices, &device)?;
-        skipgpt_pipeline::finetune_lora::<B>(&config, &devices)
-    })?;
+    let report = train_with_backend!(
+        backend,
+        &args.train.devices,
+        skipgpt_pipeline::finetune_lora,
+        &config
+    )?;
     args.report.show(&report, print_adapted)
 }
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
-use skipgpt_model::gguf::{import_gguf, ImportOptions};
+use skipgpt_model::io::gguf::{import_gguf, ImportOptions};
 use skipgpt_model::StoreDtype;
 
 #[derive(Args, Debug)]

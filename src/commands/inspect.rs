@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use skipgpt_model::safetensors_io::WeightSet;
+use skipgpt_model::io::safetensors_io::WeightSet;
 use skipgpt_model::{load_routing_config, Tokenizer};
 
 #[derive(Args, Debug)]
@@ -18,7 +18,7 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
-    let config = skipgpt_model::checkpoint::check_config_against_weights(&args.model)?;
+    let config = skipgpt_model::io::checkpoint::check_config_against_weights(&args.model)?;
     let weights = WeightSet::open_dir(&args.model)?;
     let (params, dtypes) = weights.summary();
     let tokenizer = args.model.join("tokenizer.json");
@@ -29,7 +29,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
     };
     let routers = match load_routing_config(&args.model)? {
         Some(routing) => {
-            let path = args.model.join(skipgpt_model::checkpoint::ROUTERS_FILE);
+            let path = args.model.join(skipgpt_model::io::checkpoint::ROUTERS_FILE);
             let (n, _) = WeightSet::open_files(&[path])?.summary();
             Some(serde_json::json!({
                 "config": routing,

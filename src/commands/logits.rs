@@ -9,7 +9,7 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use clap::Args;
 use skipgpt_model::engine::{sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::generate::validate_ids;
-use skipgpt_model::safetensors_io::{write_safetensors, OwnedTensor, TensorFile};
+use skipgpt_model::io::safetensors_io::{write_safetensors, OwnedTensor, TensorFile};
 use skipgpt_model::StoreDtype;
 
 use crate::args::{EngineArgs, RoutingArgs};

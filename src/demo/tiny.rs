@@ -20,12 +20,12 @@ use std::time::Instant;
 
 use anyhow::Result;
 use burn::tensor::backend::Backend;
-use skipgpt_eval::{synthetic_mc_tasks, PerplexityReport, StaticMode};
+use skipgpt_eval::{synthetic_mc_tasks, McTask, PerplexityReport, StaticMode};
 use skipgpt_model::engine::EngineStats;
 use skipgpt_model::engine::{generate_sparse, sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{
-    load_config, load_pretrained, GenerateOptions, Granularity, LlamaForCausalLM, LoraConfig,
-    RouterInit, Routing, Sampling, SparsityUnit, Tokenizer,
+    load_config, load_pretrained, GenerateOptions, Granularity, LlamaConfig, LlamaForCausalLM,
+    LoraConfig, RouterInit, Routing, Sampling, SparsityUnit, Tokenizer,
 };
 use skipgpt_pipeline::evaluate::{perplexity, score_tasks};
 use skipgpt_pipeline::{
@@ -77,181 +77,329 @@ fn resumes(out: &Path) -> bool {
     run_dir(out).join(RunManifest::FILE).exists()
 }
 
+/// Where the demo's models go, for the target skip rate `t` (in percent).
+struct Dirs {
+    dense: PathBuf,
+    rt: PathBuf,
+    lora: PathBuf,
+    modd: PathBuf,
+    short: PathBuf,
+    joint: PathBuf,
+    pictures: PathBuf,
+}
+
+impl Dirs {
+    fn new(args: &DemoArgs) -> Self {
+        let t = (100.0 * args.target_sparsity).round() as u32;
+        let dir = |name: &str| args.out.join(format!("{name}-t{t}"));
+        Dirs {
+            dense: args.out.join("dense"),
+            rt: dir("skipgpt"),
+            lora: dir("skipgpt-lora"),
+            modd: dir("mod-d"),
+            short: dir("shortgpt"),
+            joint: dir("joint"),
+            pictures: dir("analysis"),
+        }
+    }
+}
+
+/// What the trained models measured on the held-out split as their commands finished.
+struct Trained {
+    rt: TunedValidation,
+    lora: PerplexityReport,
+    modd: TunedValidation,
+    joint: Option<TunedValidation>,
+}
+
+/// What step 6 measured, and the two models it goes on with.
+struct Evaluated<B: Backend> {
+    rows: Vec<ComparisonRow>,
+    rt_model: LlamaForCausalLM<B>,
+    final_model: LlamaForCausalLM<B>,
+    tokenizer: Tokenizer,
+    valid: PackedDataset,
+    tasks: Vec<String>,
+    config: LlamaConfig,
+}
+
 fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
     let started = Instant::now();
-    let devices = [device.clone()];
     let corpus = CorpusConfig::synthetic(args.docs, args.seed, args.seq_len);
-    let t = (100.0 * args.target_sparsity).round() as u32;
-    let dense_dir = args.out.join("dense");
-    let rt_dir = args.out.join(format!("skipgpt-t{t}"));
-    let lora_dir = args.out.join(format!("skipgpt-lora-t{t}"));
-    let modd_dir = args.out.join(format!("mod-d-t{t}"));
-    let short_dir = args.out.join(format!("shortgpt-t{t}"));
-    let joint_dir = args.out.join(format!("joint-t{t}"));
-    let pictures = args.out.join(format!("analysis-t{t}"));
-    let tune = |out: &Path, granularity: Granularity, steps: usize| {
-        let defaults = TuneRoutersConfig::default();
-        TuneRoutersConfig {
-            model: dense_dir.clone(),
-            out: out.to_path_buf(),
-            corpus: corpus.clone(),
-            target_sparsity: args.target_sparsity,
-            // the reference code's count, which the demo's recorded numbers come from
-            sparsity_unit: SparsityUnit::Modules,
-            // the paper's start: the toy model absorbs it, and the demo reproduces the method
-            // as published (a real model starts execute-biased, the default)
-            router_init: RouterInit::Paper,
-            granularity,
-            // The paper's 2e-3 is for 10k steps. In 200 steps it reaches the target under the
-            // Gumbel gates, but the routers stay unsure, and the deterministic gates of
-            // inference skip far less (measured: 10% for a 25% target); 10x converges.
-            train: train_options(
-                defaults.train.clone(),
-                skipgpt_pipeline::tune_routers::WARMUP_FRACTION,
-                steps,
-                Some(2e-2),
-                args.seed,
-            ),
-            resume: resumes(out),
-            ..defaults
-        }
+    let dirs = Dirs::new(args);
+    let trained = train_all::<B>(args, &corpus, &dirs, device)?;
+
+    eprintln!("\n[6/6] evaluating every model the same way");
+    let evaluated = evaluate_all::<B>(args, &corpus, &dirs, &trained, device)?;
+    let held_out = PackedDataset {
+        seq_len: evaluated.valid.seq_len,
+        sequences: evaluated
+            .valid
+            .sequences
+            .iter()
+            .take(256)
+            .cloned()
+            .collect(),
     };
-    let empty = || anyhow::anyhow!("the held-out split is empty: raise --docs");
+    let prompt = format!(
+        "{} keeps the long road. then it counts 10 11 12 13 14 15. and so on, the end.",
+        args.prompt
+    );
+    let analysed = analyse_model(
+        &evaluated.rt_model,
+        &evaluated.tokenizer,
+        &held_out,
+        &prompt,
+        &dirs.pictures,
+        16,
+    )?;
+    print_analysis(&analysed);
+
+    print_results(args, &evaluated, &trained.rt);
+    let continuation = continue_prompt(&evaluated.final_model, &evaluated.tokenizer, &args.prompt)?;
+    println!(
+        "\nSkipGPT-RT + LoRA continues {:?}: {continuation:?}",
+        args.prompt
+    );
+
+    let config = &evaluated.config;
+    let summary = Comparison {
+        target_sparsity: args.target_sparsity,
+        model_params: config.num_params(),
+        layers: config.num_hidden_layers,
+        hidden_size: config.hidden_size,
+        pretrain_steps: args.pretrain_steps,
+        tune_steps: args.tune_steps,
+        lora_steps: args.lora_steps,
+        heldout_tokens: trained.rt.routed.tokens,
+        rows: evaluated.rows,
+        analysis: analysed.analysis,
+    };
+    let summary_path = Comparison::path(&args.out, args.target_sparsity);
+    summary.write(&summary_path)?;
+    println!(
+        "\nrouting pictures: {}/*.svg; numbers: {}; models under {} ({:.0} s)",
+        dirs.pictures.display(),
+        summary_path.display(),
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Steps 1 to 5: the dense model, SkipGPT-RT, its LoRA, MoD-D, ShortGPT (and the joint
+/// ablation with `--joint`), each resumed where an earlier run stopped.
+fn train_all<B: Backend>(
+    args: &DemoArgs,
+    corpus: &CorpusConfig,
+    dirs: &Dirs,
+    device: &B::Device,
+) -> Result<Trained> {
+    let devices = [device.clone()];
     let validated = |report: TuneRoutersReport| -> Result<TunedValidation> {
         print_tuned(&report);
-        report.validation.ok_or_else(empty)
+        report.validation.ok_or_else(empty_split)
     };
-
     eprintln!(
         "[1/6] pretraining a small LLaMA on {} synthetic documents -> {}",
         args.docs,
-        dense_dir.display()
+        dirs.dense.display()
     );
-    let defaults = PretrainConfig::default();
-    let pretrained = pretrain::<B>(
-        &PretrainConfig {
-            out: dense_dir.clone(),
-            corpus: corpus.clone(),
-            vocab_size: 384,
-            hidden_size: args.hidden_size,
-            layers: args.layers,
-            heads: args.heads,
-            kv_heads: (args.heads / 2).max(1),
-            intermediate_size: None,
-            train: train_options(
-                defaults.train.clone(),
-                skipgpt_pipeline::pretrain::WARMUP_FRACTION,
-                args.pretrain_steps,
-                None,
-                args.seed,
-            ),
-            resume: resumes(&dense_dir),
-            ..defaults
-        },
+    print_pretrained(&pretrain::<B>(
+        &pretrain_config(args, corpus, dirs),
         &devices,
-    )?;
-    print_pretrained(&pretrained);
+    )?);
 
     eprintln!(
         "\n[2/6] SkipGPT-RT: routers before every attention and MLP module, target skip {} -> {}",
         args.target_sparsity,
-        rt_dir.display()
+        dirs.rt.display()
     );
-    let rt = tune_routers::<B>(
-        &tune(&rt_dir, Granularity::Module, args.tune_steps),
-        &devices,
-    )?;
-    let rt = validated(rt)?;
+    let rt_config = tune_config(
+        args,
+        corpus,
+        dirs,
+        &dirs.rt,
+        Granularity::Module,
+        args.tune_steps,
+    );
+    let rt = validated(tune_routers::<B>(&rt_config, &devices)?)?;
 
     eprintln!(
         "\n[3/6] SkipGPT-RT + LoRA: adapters with the routers frozen (stage 2) -> {}",
-        lora_dir.display()
+        dirs.lora.display()
     );
-    let defaults = FinetuneLoraConfig::default();
-    let lora = finetune_lora::<B>(
-        &FinetuneLoraConfig {
-            model: rt_dir.clone(),
-            out: lora_dir.clone(),
-            corpus: corpus.clone(),
-            // the paper's stage-2 adapters: r 16, α 32, dropout 0.1 on q, v and gate
-            lora: LoraConfig::default(),
-            routing: Routing::Deterministic,
-            // 10x the paper's 2e-4, for a run of 200 steps rather than thousands
-            train: train_options(
-                defaults.train.clone(),
-                skipgpt_pipeline::finetune_lora::WARMUP_FRACTION,
-                args.lora_steps,
-                Some(2e-3),
-                args.seed,
-            ),
-            resume: resumes(&lora_dir),
-            ..defaults
-        },
-        &devices,
-    )?;
+    let lora = finetune_lora::<B>(&lora_config(args, corpus, dirs), &devices)?;
     print_adapted(&lora);
-    let lora = lora.validation.ok_or_else(empty)?.after;
+    let lora = lora.validation.ok_or_else(empty_split)?.after;
 
     eprintln!(
         "\n[4/6] MoD-D style: one router per layer gating both modules -> {}",
-        modd_dir.display()
+        dirs.modd.display()
     );
-    let modd = tune_routers::<B>(
-        &tune(&modd_dir, Granularity::Layer, args.tune_steps),
-        &devices,
-    )?;
-    let modd = validated(modd)?;
+    let modd_config = tune_config(
+        args,
+        corpus,
+        dirs,
+        &dirs.modd,
+        Granularity::Layer,
+        args.tune_steps,
+    );
+    let modd = validated(tune_routers::<B>(&modd_config, &devices)?)?;
 
     eprintln!(
         "\n[5/6] ShortGPT: removing the least influential layers to the same parameter budget -> {}",
-        short_dir.display()
+        dirs.short.display()
     );
-    let pruned = prune_static::<B>(
-        &PruneStaticConfig {
-            model: dense_dir.clone(),
-            out: short_dir.clone(),
-            corpus: corpus.clone(),
-            target_sparsity: args.target_sparsity,
-            mode: StaticMode::Block,
-            calibration_sequences: 64,
-            batch_size: 8,
-        },
-        device,
-    )?;
+    let pruned = prune_static::<B>(&shortgpt_config(args, corpus, dirs), device)?;
     print_pruned(&pruned, args.target_sparsity);
 
     let joint = if args.joint {
         eprintln!(
             "\n[5b/6] joint ablation: routers and LoRA trained together -> {}",
-            joint_dir.display()
+            dirs.joint.display()
         );
-        let mut config = tune(
-            &joint_dir,
-            Granularity::Module,
-            args.tune_steps + args.lora_steps,
-        );
+        let steps = args.tune_steps + args.lora_steps;
+        let mut config = tune_config(args, corpus, dirs, &dirs.joint, Granularity::Module, steps);
         config.joint_lora = Some(LoraConfig::default());
-        let joint = tune_routers::<B>(&config, &devices)?;
-        Some(validated(joint)?)
+        Some(validated(tune_routers::<B>(&config, &devices)?)?)
     } else {
         None
     };
+    Ok(Trained {
+        rt,
+        lora,
+        modd,
+        joint,
+    })
+}
 
-    eprintln!("\n[6/6] evaluating every model the same way");
-    let tokenizer = Tokenizer::from_file(&dense_dir.join("tokenizer.json"))?;
-    let config = load_config(&dense_dir)?;
+fn empty_split() -> anyhow::Error {
+    anyhow::anyhow!("the held-out split is empty: raise --docs")
+}
+
+/// Step 1: the dense model and its tokenizer.
+fn pretrain_config(args: &DemoArgs, corpus: &CorpusConfig, dirs: &Dirs) -> PretrainConfig {
+    let defaults = PretrainConfig::default();
+    PretrainConfig {
+        out: dirs.dense.clone(),
+        corpus: corpus.clone(),
+        vocab_size: 384,
+        hidden_size: args.hidden_size,
+        layers: args.layers,
+        heads: args.heads,
+        kv_heads: (args.heads / 2).max(1),
+        intermediate_size: None,
+        train: train_options(
+            defaults.train.clone(),
+            skipgpt_pipeline::pretrain::WARMUP_FRACTION,
+            args.pretrain_steps,
+            None,
+            args.seed,
+        ),
+        resume: resumes(&dirs.dense),
+        ..defaults
+    }
+}
+
+/// Steps 2, 4 and 5b: routers on the dense model into `out`.
+fn tune_config(
+    args: &DemoArgs,
+    corpus: &CorpusConfig,
+    dirs: &Dirs,
+    out: &Path,
+    granularity: Granularity,
+    steps: usize,
+) -> TuneRoutersConfig {
+    let defaults = TuneRoutersConfig::default();
+    TuneRoutersConfig {
+        model: dirs.dense.clone(),
+        out: out.to_path_buf(),
+        corpus: corpus.clone(),
+        target_sparsity: args.target_sparsity,
+        // the reference code's count, which the demo's recorded numbers come from
+        sparsity_unit: SparsityUnit::Modules,
+        // the paper's start: the toy model absorbs it, and the demo reproduces the method
+        // as published (a real model starts execute-biased, the default)
+        router_init: RouterInit::Paper,
+        granularity,
+        // The paper's 2e-3 is for 10k steps. In 200 steps it reaches the target under the
+        // Gumbel gates, but the routers stay unsure, and the deterministic gates of
+        // inference skip far less (measured: 10% for a 25% target); 10x converges.
+        train: train_options(
+            defaults.train.clone(),
+            skipgpt_pipeline::tune_routers::WARMUP_FRACTION,
+            steps,
+            Some(2e-2),
+            args.seed,
+        ),
+        resume: resumes(out),
+        ..defaults
+    }
+}
+
+/// Step 3: LoRA on SkipGPT-RT with its routers frozen.
+fn lora_config(args: &DemoArgs, corpus: &CorpusConfig, dirs: &Dirs) -> FinetuneLoraConfig {
+    let defaults = FinetuneLoraConfig::default();
+    FinetuneLoraConfig {
+        model: dirs.rt.clone(),
+        out: dirs.lora.clone(),
+        corpus: corpus.clone(),
+        // the paper's stage-2 adapters: r 16, α 32, dropout 0.1 on q, v and gate
+        lora: LoraConfig::default(),
+        routing: Routing::Deterministic,
+        // 10x the paper's 2e-4, for a run of 200 steps rather than thousands
+        train: train_options(
+            defaults.train.clone(),
+            skipgpt_pipeline::finetune_lora::WARMUP_FRACTION,
+            args.lora_steps,
+            Some(2e-3),
+            args.seed,
+        ),
+        resume: resumes(&dirs.lora),
+        ..defaults
+    }
+}
+
+/// Step 5: ShortGPT's layers removed from the dense model to the same budget.
+fn shortgpt_config(args: &DemoArgs, corpus: &CorpusConfig, dirs: &Dirs) -> PruneStaticConfig {
+    PruneStaticConfig {
+        model: dirs.dense.clone(),
+        out: dirs.short.clone(),
+        corpus: corpus.clone(),
+        target_sparsity: args.target_sparsity,
+        mode: StaticMode::Block,
+        calibration_sequences: 64,
+        batch_size: 8,
+    }
+}
+
+/// Step 6: every model scored the same way on the held-out split and the built-in tasks.
+fn evaluate_all<B: Backend>(
+    args: &DemoArgs,
+    corpus: &CorpusConfig,
+    dirs: &Dirs,
+    trained: &Trained,
+    device: &B::Device,
+) -> Result<Evaluated<B>> {
+    let tokenizer = Tokenizer::from_file(&dirs.dense.join("tokenizer.json"))?;
+    let config = load_config(&dirs.dense)?;
     let (_, valid) = corpus.load_split(&tokenizer, &config)?;
     let tasks = synthetic_mc_tasks(args.mc_examples, args.seed ^ 0x6d63);
     // (name, directory, held-out report when its training command measured it)
     let mut entries: Vec<(&str, &PathBuf, Option<PerplexityReport>)> = vec![
-        ("dense", &dense_dir, Some(rt.dense)),
-        ("SkipGPT-RT", &rt_dir, Some(rt.routed.clone())),
-        ("SkipGPT-RT + LoRA", &lora_dir, Some(lora)),
-        ("MoD-D (coupled)", &modd_dir, Some(modd.routed)),
-        ("ShortGPT (static)", &short_dir, None),
+        ("dense", &dirs.dense, Some(trained.rt.dense.clone())),
+        ("SkipGPT-RT", &dirs.rt, Some(trained.rt.routed.clone())),
+        ("SkipGPT-RT + LoRA", &dirs.lora, Some(trained.lora.clone())),
+        (
+            "MoD-D (coupled)",
+            &dirs.modd,
+            Some(trained.modd.routed.clone()),
+        ),
+        ("ShortGPT (static)", &dirs.short, None),
     ];
-    if let Some(j) = joint {
-        entries.push(("joint (RT + LoRA)", &joint_dir, Some(j.routed)));
+    if let Some(j) = &trained.joint {
+        entries.push(("joint (RT + LoRA)", &dirs.joint, Some(j.routed.clone())));
     }
     let mut rows = Vec::new();
     // kept from the loop: the routed model is analysed, the adapted one generates
@@ -262,55 +410,62 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
             Some(r) => r,
             None => perplexity(&model, &valid, model.routing, 16, Some(name))?,
         };
-        let mc = score_tasks(&model, &tokenizer, &tasks, 16, false)?;
-        let per_task: Vec<(String, f64)> = mc
-            .iter()
-            .map(|r| (r.dense.task.clone(), r.served().acc))
-            .collect();
-        let mc_acc = per_task.iter().map(|t| t.1).sum::<f64>() / per_task.len() as f64;
-        let (speedup, ideal_speedup) = engine_speedup(&model, &valid);
-        rows.push(ComparisonRow {
-            name: name.to_string(),
-            dir: dir.to_path_buf(),
-            perplexity: report.perplexity,
-            mc_acc,
-            mc_acc_per_task: per_task,
-            attn_skip: report.attn_skip,
-            mlp_skip: report.mlp_skip,
-            param_skip: report.param_skip,
-            speedup,
-            ideal_speedup,
-        });
-        if dir == &rt_dir {
+        rows.push(score_row(
+            name, dir, &model, report, &tokenizer, &tasks, &valid,
+        )?);
+        if dir == &dirs.rt {
             rt_model = Some(model);
-        } else if dir == &lora_dir {
+        } else if dir == &dirs.lora {
             final_model = Some(model);
         }
     }
-    let held_out = PackedDataset {
-        seq_len: valid.seq_len,
-        sequences: valid.sequences.iter().take(256).cloned().collect(),
-    };
-    let analysed = analyse_model(
-        &rt_model.expect("SkipGPT-RT is one of the rows"),
-        &tokenizer,
-        &held_out,
-        &format!(
-            "{} keeps the long road. then it counts 10 11 12 13 14 15. and so on, the end.",
-            args.prompt
-        ),
-        &pictures,
-        16,
-    )?;
-    print_analysis(&analysed);
-    let analysis = analysed.analysis;
+    Ok(Evaluated {
+        rows,
+        rt_model: rt_model.expect("SkipGPT-RT is one of the rows"),
+        final_model: final_model.expect("the LoRA model is one of the rows"),
+        tokenizer,
+        valid,
+        tasks: tasks.iter().map(|t| t.name.clone()).collect(),
+        config,
+    })
+}
 
+/// One row of the table: perplexity and skip from `report`, the tasks, the engine's speedup.
+fn score_row<B: Backend>(
+    name: &str,
+    dir: &Path,
+    model: &LlamaForCausalLM<B>,
+    report: PerplexityReport,
+    tokenizer: &Tokenizer,
+    tasks: &[McTask],
+    valid: &PackedDataset,
+) -> Result<ComparisonRow> {
+    let mc = score_tasks(model, tokenizer, tasks, 16, false)?;
+    let per_task: Vec<(String, f64)> = mc
+        .iter()
+        .map(|r| (r.dense.task.clone(), r.served().acc))
+        .collect();
+    let mc_acc = per_task.iter().map(|t| t.1).sum::<f64>() / per_task.len() as f64;
+    let (speedup, ideal_speedup) = engine_speedup(model, valid);
+    Ok(ComparisonRow {
+        name: name.to_string(),
+        dir: dir.to_path_buf(),
+        perplexity: report.perplexity,
+        mc_acc,
+        mc_acc_per_task: per_task,
+        attn_skip: report.attn_skip,
+        mlp_skip: report.mlp_skip,
+        param_skip: report.param_skip,
+        speedup,
+        ideal_speedup,
+    })
+}
+
+/// The table, and what it says about SkipGPT-RT.
+fn print_results<B: Backend>(args: &DemoArgs, e: &Evaluated<B>, rt: &TunedValidation) {
     println!();
-    print_table(
-        &rows,
-        &tasks.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
-    );
-    let (dense, routed, adapted) = (&rows[0], &rows[1], &rows[2]);
+    print_table(&e.rows, &e.tasks);
+    let (dense, routed, adapted) = (&e.rows[0], &e.rows[1], &e.rows[2]);
     println!(
         "\nSkipGPT-RT / dense perplexity: {:.3}, with LoRA {:.3}; {:.1}% of (token, module) executions skipped (target {:.0}%), {} held-out tokens",
         routed.perplexity / dense.perplexity,
@@ -332,46 +487,25 @@ fn demo_on<B: Backend>(args: &DemoArgs, device: &B::Device) -> Result<()> {
     );
     println!(
         "speedup: the sparse engine's prefill time, dense / routed, on {} held-out sequences (ideal: by FLOPs); a model this small is bound by per-operation overhead, not arithmetic",
-        SPEED_SEQUENCES.min(valid.len())
+        SPEED_SEQUENCES.min(e.valid.len())
     );
+}
 
-    let final_model = final_model.expect("the LoRA model is one of the rows");
-    let prompt = tokenizer.encode(&args.prompt)?;
+/// The final model's greedy continuation of `prompt` (24 tokens at most).
+fn continue_prompt<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+) -> Result<String> {
     let opts = GenerateOptions {
         max_new_tokens: 24,
         sampling: Sampling::Greedy,
-        eos_token_ids: final_model.config.eos_token_ids.clone(),
+        eos_token_ids: model.config.eos_token_ids.clone(),
         ignore_eos: false,
     };
-    let (mut tokens, _, _) = generate_sparse(&final_model, &[prompt], &opts, final_model.routing)?;
-    println!(
-        "\nSkipGPT-RT + LoRA continues {:?}: {:?}",
-        args.prompt,
-        tokenizer.decode(&tokens.remove(0))?
-    );
-
-    let summary = Comparison {
-        target_sparsity: args.target_sparsity,
-        model_params: config.num_params(),
-        layers: config.num_hidden_layers,
-        hidden_size: config.hidden_size,
-        pretrain_steps: args.pretrain_steps,
-        tune_steps: args.tune_steps,
-        lora_steps: args.lora_steps,
-        heldout_tokens: rt.routed.tokens,
-        rows,
-        analysis,
-    };
-    let summary_path = Comparison::path(&args.out, args.target_sparsity);
-    summary.write(&summary_path)?;
-    println!(
-        "\nrouting pictures: {}/*.svg; numbers: {}; models under {} ({:.0} s)",
-        pictures.display(),
-        summary_path.display(),
-        args.out.display(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
+    let (mut tokens, _, _) =
+        generate_sparse(model, &[tokenizer.encode(prompt)?], &opts, model.routing)?;
+    Ok(tokenizer.decode(&tokens.remove(0))?)
 }
 
 fn print_table(rows: &[ComparisonRow], tasks: &[String]) {

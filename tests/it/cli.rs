@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::common::*;
-use skipgpt_model::safetensors_io::{write_safetensors, OwnedTensor, StoreDtype, TensorFile};
+use skipgpt_model::io::safetensors_io::{write_safetensors, OwnedTensor, StoreDtype, TensorFile};
 
 /// Loading the model in `dir` (through `generate`) must fail cleanly, mentioning every needle.
 fn assert_load_fails(dir: &Path, needles: &[&str]) {
@@ -590,7 +590,7 @@ fn cli_serves_routed_models_with_the_sparse_engine() {
         let o = skipgpt(&args);
         assert!(o.status.success(), "{}", stderr(&o));
         (
-            skipgpt_model::safetensors_io::TensorFile::open(&path).unwrap(),
+            skipgpt_model::io::safetensors_io::TensorFile::open(&path).unwrap(),
             stderr(&o),
         )
     };

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use crate::common::*;
 use burn::tensor::{Int, Tensor, TensorData};
-use skipgpt_model::gguf::{import_gguf, ImportOptions};
+use skipgpt_model::io::gguf::{import_gguf, ImportOptions};
 use skipgpt_model::{generate, load_pretrained, LlamaForCausalLM, Tokenizer};
 
 const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";

@@ -98,7 +98,7 @@ fn a_skipgpt_json_from_before_target_unit_counts_modules() {
 
 #[test]
 fn tensors_the_model_does_not_use_are_named_in_a_warning() {
-    use skipgpt_model::safetensors_io::{write_safetensors, OwnedTensor, TensorFile};
+    use skipgpt_model::io::safetensors_io::{write_safetensors, OwnedTensor, TensorFile};
     use skipgpt_model::StoreDtype;
     let dir = copy_dir(&tiny().join("model"));
     let path = dir.path().join("model.safetensors");
@@ -140,7 +140,7 @@ fn tensors_the_model_does_not_use_are_named_in_a_warning() {
 /// bytes do not hold its tensor, a JSON file that is not a tokenizer.
 #[test]
 fn broken_files_are_described_by_what_is_wrong() {
-    use skipgpt_model::safetensors_io::TensorFile;
+    use skipgpt_model::io::safetensors_io::TensorFile;
     // model.safetensors is a directory
     let dir = copy_dir(&tiny().join("model"));
     let weights = dir.path().join("model.safetensors");
@@ -189,7 +189,7 @@ fn broken_files_are_described_by_what_is_wrong() {
 #[test]
 fn mutated_inputs_never_panic() {
     use rand::{rngs::StdRng, Rng, SeedableRng};
-    use skipgpt_model::gguf::{import_gguf, ImportOptions};
+    use skipgpt_model::io::gguf::{import_gguf, ImportOptions};
     let n: usize = std::env::var("SKIPGPT_MUTATIONS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -20,7 +20,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use skipgpt_model::engine::{generate_sparse, sparse_forward, LogitRows, SparseCache};
-use skipgpt_model::safetensors_io::TensorFile;
+use skipgpt_model::io::safetensors_io::TensorFile;
 use skipgpt_model::{generate, load_pretrained, LlamaForCausalLM, Routing};
 use skipgpt_train::data::PackedDataset;
 use skipgpt_train::loader::LmBatch;

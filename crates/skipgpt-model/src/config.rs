@@ -113,164 +113,39 @@ impl LlamaConfig {
         Self::from_hf_json(&text, path)
     }
 
-    /// Parses the text of a HF `config.json`; `path` is only used in error messages.
+    /// Parses the text of a HF `config.json`; `path` is only used in error messages. Each key
+    /// is checked by its own method of [`HfKeys`], whose error names the key at fault.
     pub fn from_hf_json(text: &str, path: &Path) -> Result<Self> {
-        let cfg_err = |message: String| ModelError::Config {
-            path: path.to_path_buf(),
-            message,
-        };
         let file: HfConfigFile = crate::error::from_json_text(text, path)?;
-
-        let Some(model_type) = file.model_type.clone() else {
-            return Err(cfg_err("missing key `model_type` (a string)".into()));
-        };
-        if !SUPPORTED.contains(&model_type.as_str()) {
-            return Err(ModelError::UnsupportedArchitecture {
-                path: path.to_path_buf(),
-                model_type,
-            });
-        }
-
-        let req = |key: &str, v: Option<u64>| -> Result<usize> {
-            match v {
-                None => Err(cfg_err(format!(
-                    "missing required key `{key}` (a positive integer)"
-                ))),
-                Some(0) => Err(cfg_err(format!(
-                    "key `{key}` must be a positive integer, got 0"
-                ))),
-                Some(n) => Ok(n as usize),
-            }
-        };
-        let opt_usize = |v: Option<u64>| v.map(|n| n as usize);
-
-        let hidden_size = req("hidden_size", file.hidden_size)?;
-        let num_attention_heads = req("num_attention_heads", file.num_attention_heads)?;
-        let num_key_value_heads =
-            opt_usize(file.num_key_value_heads).unwrap_or(num_attention_heads);
-        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
-            return Err(cfg_err(format!(
-                "`num_attention_heads` ({num_attention_heads}) must be a multiple of `num_key_value_heads` ({num_key_value_heads})"
-            )));
-        }
-        let head_dim = match opt_usize(file.head_dim) {
-            Some(d) => d,
-            None => {
-                if hidden_size % num_attention_heads != 0 {
-                    return Err(cfg_err(format!(
-                        "`hidden_size` ({hidden_size}) is not divisible by `num_attention_heads` ({num_attention_heads}) and no `head_dim` is given"
-                    )));
-                }
-                hidden_size / num_attention_heads
-            }
-        };
-        if head_dim % 2 != 0 {
-            return Err(cfg_err(format!(
-                "`head_dim` must be even for RoPE, got {head_dim}"
-            )));
-        }
-        if let Some(act) = &file.hidden_act {
-            if act != "silu" {
-                return Err(ModelError::Unsupported {
-                    path: path.to_path_buf(),
-                    key: "hidden_act".into(),
-                    value: act.clone(),
-                    expected: "only \"silu\" (SwiGLU) is supported".into(),
-                });
-            }
-        }
-
-        // transformers 5.x nests theta and scaling in `rope_parameters`; 4.x keeps them on top.
-        let rope_params = file.rope_parameters.as_ref().filter(|v| !v.is_null());
-        let rope_theta = match rope_params.and_then(|p| p.get("rope_theta")) {
-            Some(v) => v.as_f64().ok_or_else(|| {
-                cfg_err(format!(
-                    "`rope_parameters.rope_theta` must be a number, got {v}"
-                ))
-            })?,
-            None => file.rope_theta.unwrap_or(10000.0),
-        };
-        let (scaling_key, scaling) = match rope_params {
-            Some(p) => ("rope_parameters", Some(p)),
-            None => (
-                "rope_scaling",
-                file.rope_scaling.as_ref().filter(|v| !v.is_null()),
-            ),
-        };
-        let rope_scaling = match scaling {
-            None => RopeScaling::Default,
-            Some(v) => parse_rope_scaling(v, scaling_key, path)?,
-        };
-
-        let attention_bias = file.attention_bias.unwrap_or(false);
-        let (qkv_bias, o_bias) = if model_type == "qwen2" {
-            (true, false)
-        } else {
-            (attention_bias, attention_bias)
-        };
-        // Qwen2 configs carry a `sliding_window` that only applies with `use_sliding_window`.
-        let sliding_window = match model_type.as_str() {
-            "mistral" => opt_usize(file.sliding_window),
-            "qwen2" if file.use_sliding_window.unwrap_or(false) => opt_usize(file.sliding_window),
-            _ => None,
-        };
-        let eos_token_ids = match file.eos_token_id {
-            None => Vec::new(),
-            Some(EosTokenIds::One(id)) => vec![id],
-            Some(EosTokenIds::Many(ids)) => ids,
-        };
-        let dtype = file
-            .dtype
-            .or(file.torch_dtype)
-            .unwrap_or_else(|| "float32".into());
-
-        // values JSON allows but the model cannot use: each would give NaN or empty output
-        let positive = |key: &str, v: f64| -> Result<f64> {
-            if v.is_finite() && v > 0.0 {
-                Ok(v)
-            } else {
-                Err(cfg_err(format!(
-                    "`{key}` must be a positive number, got {v}"
-                )))
-            }
-        };
-        let rope_theta = positive("rope_theta", rope_theta)?;
-        let rms_norm_eps = positive("rms_norm_eps", file.rms_norm_eps.unwrap_or(1e-6))?;
-        if head_dim == 0 {
-            return Err(cfg_err(
-                "`head_dim` must be a positive integer, got 0".into(),
-            ));
-        }
-        let max_position_embeddings = match opt_usize(file.max_position_embeddings) {
-            Some(0) => {
-                return Err(cfg_err(
-                    "`max_position_embeddings` must be a positive integer, got 0".into(),
-                ))
-            }
-            other => other.unwrap_or(2048),
-        };
-
+        let keys = HfKeys { file: &file, path };
+        let model_type = keys.model_type()?;
+        let hidden_size = keys.positive_int("hidden_size", file.hidden_size)?;
+        let (num_attention_heads, num_key_value_heads, head_dim) = keys.heads(hidden_size)?;
+        keys.activation()?;
+        let (rope_theta, rope_scaling) = keys.rope()?;
+        let (qkv_bias, o_bias) = keys.attention_biases(&model_type);
         Ok(LlamaConfig {
-            model_type,
-            vocab_size: req("vocab_size", file.vocab_size)?,
+            vocab_size: keys.positive_int("vocab_size", file.vocab_size)?,
             hidden_size,
-            intermediate_size: req("intermediate_size", file.intermediate_size)?,
-            num_hidden_layers: req("num_hidden_layers", file.num_hidden_layers)?,
+            intermediate_size: keys.positive_int("intermediate_size", file.intermediate_size)?,
+            num_hidden_layers: keys.positive_int("num_hidden_layers", file.num_hidden_layers)?,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps,
+            rms_norm_eps: keys
+                .positive_number("rms_norm_eps", file.rms_norm_eps.unwrap_or(1e-6))?,
             rope_theta,
             rope_scaling,
-            max_position_embeddings,
+            max_position_embeddings: keys.max_position_embeddings()?,
             qkv_bias,
             o_bias,
             mlp_bias: file.mlp_bias.unwrap_or(false),
             tie_word_embeddings: file.tie_word_embeddings.unwrap_or(false),
-            sliding_window,
+            sliding_window: keys.sliding_window(&model_type),
             bos_token_id: file.bos_token_id,
-            eos_token_ids,
-            dtype,
+            eos_token_ids: keys.eos_token_ids(),
+            dtype: keys.dtype(),
+            model_type,
         })
     }
 
@@ -388,6 +263,173 @@ struct HfConfigFile {
 enum EosTokenIds {
     One(u32),
     Many(Vec<u32>),
+}
+
+/// The keys of a `config.json`, each read and checked on its own; errors name the file and key.
+struct HfKeys<'a> {
+    file: &'a HfConfigFile,
+    path: &'a Path,
+}
+
+impl HfKeys<'_> {
+    fn error(&self, message: String) -> ModelError {
+        ModelError::Config {
+            path: self.path.to_path_buf(),
+            message,
+        }
+    }
+
+    /// `model_type`, one this crate runs.
+    fn model_type(&self) -> Result<String> {
+        let Some(model_type) = self.file.model_type.clone() else {
+            return Err(self.error("missing key `model_type` (a string)".into()));
+        };
+        if !SUPPORTED.contains(&model_type.as_str()) {
+            return Err(ModelError::UnsupportedArchitecture {
+                path: self.path.to_path_buf(),
+                model_type,
+            });
+        }
+        Ok(model_type)
+    }
+
+    /// A required key holding a positive integer.
+    fn positive_int(&self, key: &str, v: Option<u64>) -> Result<usize> {
+        match v {
+            None => Err(self.error(format!("missing required key `{key}` (a positive integer)"))),
+            Some(0) => Err(self.error(format!("key `{key}` must be a positive integer, got 0"))),
+            Some(n) => Ok(n as usize),
+        }
+    }
+
+    /// A number JSON allows but the model cannot use (zero, negative) would give NaN or empty
+    /// output: refused.
+    fn positive_number(&self, key: &str, v: f64) -> Result<f64> {
+        if v.is_finite() && v > 0.0 {
+            Ok(v)
+        } else {
+            Err(self.error(format!("`{key}` must be a positive number, got {v}")))
+        }
+    }
+
+    /// (`num_attention_heads`, `num_key_value_heads`, `head_dim`): the key/value heads divide
+    /// the query heads, and the head size (given, or the hidden size over the heads) is even
+    /// for RoPE.
+    fn heads(&self, hidden_size: usize) -> Result<(usize, usize, usize)> {
+        let file = self.file;
+        let heads = self.positive_int("num_attention_heads", file.num_attention_heads)?;
+        let kv_heads = file.num_key_value_heads.map_or(heads, |n| n as usize);
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(self.error(format!(
+                "`num_attention_heads` ({heads}) must be a multiple of `num_key_value_heads` ({kv_heads})"
+            )));
+        }
+        let head_dim = match file.head_dim {
+            Some(d) => d as usize,
+            None if !hidden_size.is_multiple_of(heads) => {
+                return Err(self.error(format!(
+                    "`hidden_size` ({hidden_size}) is not divisible by `num_attention_heads` ({heads}) and no `head_dim` is given"
+                )))
+            }
+            None => hidden_size / heads,
+        };
+        if head_dim % 2 != 0 {
+            return Err(self.error(format!("`head_dim` must be even for RoPE, got {head_dim}")));
+        }
+        if head_dim == 0 {
+            return Err(self.error("`head_dim` must be a positive integer, got 0".into()));
+        }
+        Ok((heads, kv_heads, head_dim))
+    }
+
+    /// `hidden_act`: SwiGLU's SiLU only.
+    fn activation(&self) -> Result<()> {
+        match &self.file.hidden_act {
+            Some(act) if act != "silu" => Err(ModelError::Unsupported {
+                path: self.path.to_path_buf(),
+                key: "hidden_act".into(),
+                value: act.clone(),
+                expected: "only \"silu\" (SwiGLU) is supported".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// RoPE's theta and scaling: transformers 5.x nests both in `rope_parameters`, 4.x keeps
+    /// them on top.
+    fn rope(&self) -> Result<(f64, RopeScaling)> {
+        let file = self.file;
+        let params = file.rope_parameters.as_ref().filter(|v| !v.is_null());
+        let theta = match params.and_then(|p| p.get("rope_theta")) {
+            Some(v) => v.as_f64().ok_or_else(|| {
+                self.error(format!(
+                    "`rope_parameters.rope_theta` must be a number, got {v}"
+                ))
+            })?,
+            None => file.rope_theta.unwrap_or(10000.0),
+        };
+        let (scaling_key, scaling) = match params {
+            Some(p) => ("rope_parameters", Some(p)),
+            None => (
+                "rope_scaling",
+                file.rope_scaling.as_ref().filter(|v| !v.is_null()),
+            ),
+        };
+        let scaling = match scaling {
+            None => RopeScaling::Default,
+            Some(v) => parse_rope_scaling(v, scaling_key, self.path)?,
+        };
+        Ok((self.positive_number("rope_theta", theta)?, scaling))
+    }
+
+    /// (q/k/v bias, output bias): Qwen2 always biases q, k and v and never the output.
+    fn attention_biases(&self, model_type: &str) -> (bool, bool) {
+        let bias = self.file.attention_bias.unwrap_or(false);
+        if model_type == "qwen2" {
+            (true, false)
+        } else {
+            (bias, bias)
+        }
+    }
+
+    /// Mistral's window; Qwen2 configs carry one that applies only with `use_sliding_window`.
+    fn sliding_window(&self, model_type: &str) -> Option<usize> {
+        let file = self.file;
+        let window = file.sliding_window.map(|n| n as usize);
+        match model_type {
+            "mistral" => window,
+            "qwen2" if file.use_sliding_window.unwrap_or(false) => window,
+            _ => None,
+        }
+    }
+
+    fn max_position_embeddings(&self) -> Result<usize> {
+        match self.file.max_position_embeddings {
+            Some(0) => {
+                Err(self
+                    .error("`max_position_embeddings` must be a positive integer, got 0".into()))
+            }
+            other => Ok(other.map_or(2048, |n| n as usize)),
+        }
+    }
+
+    /// `eos_token_id`: none, one or several.
+    fn eos_token_ids(&self) -> Vec<u32> {
+        match &self.file.eos_token_id {
+            None => Vec::new(),
+            Some(EosTokenIds::One(id)) => vec![*id],
+            Some(EosTokenIds::Many(ids)) => ids.clone(),
+        }
+    }
+
+    /// `dtype` (5.x) or `torch_dtype` (4.x), f32 when neither is given.
+    fn dtype(&self) -> String {
+        let file = self.file;
+        file.dtype
+            .clone()
+            .or_else(|| file.torch_dtype.clone())
+            .unwrap_or_else(|| "float32".into())
+    }
 }
 
 fn parse_rope_scaling(v: &Value, key: &str, path: &Path) -> Result<RopeScaling> {

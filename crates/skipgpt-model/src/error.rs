@@ -59,7 +59,7 @@ pub enum ModelError {
     InvalidInput(String),
 
     #[error(transparent)]
-    Gguf(#[from] crate::gguf::GgufError),
+    Gguf(#[from] crate::io::gguf::GgufError),
 }
 
 impl ModelError {

@@ -10,7 +10,7 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 
 use crate::error::Result;
-use crate::safetensors_io::{OwnedTensor, StoreDtype, WeightSet};
+use crate::io::safetensors_io::{OwnedTensor, StoreDtype, WeightSet};
 
 /// Standard deviation of the normal initialisation (transformers' `initializer_range`).
 pub(crate) const INIT_STD: f64 = 0.02;

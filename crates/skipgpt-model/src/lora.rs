@@ -18,10 +18,10 @@ use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::tensor::{backend::Backend, module::linear, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::atomic::atomic_write;
 use crate::error::{ModelError, Result};
+use crate::io::atomic_write::atomic_write;
+use crate::io::safetensors_io::{write_safetensors, OwnedTensor, StoreDtype, WeightSet};
 use crate::precision::linear_forward;
-use crate::safetensors_io::{write_safetensors, OwnedTensor, StoreDtype, WeightSet};
 
 /// Adapter settings: which projections get one, their rank, scale and dropout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -18,7 +18,7 @@ use burn::nn::{Embedding, Linear};
 use burn::tensor::{backend::Backend, DType, Int, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::safetensors_io::StoreDtype;
+use crate::io::safetensors_io::StoreDtype;
 
 impl StoreDtype {
     /// The Burn dtype of the same name.

@@ -12,9 +12,9 @@ use burn::tensor::{activation, backend::Backend, Distribution, Tensor, TensorDat
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
+use crate::io::safetensors_io::{OwnedTensor, StoreDtype, WeightSet};
 use crate::linear::{export_linear, load_linear};
 use crate::precision::linear_forward;
-use crate::safetensors_io::{OwnedTensor, StoreDtype, WeightSet};
 
 /// The router network.
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]

@@ -105,6 +105,6 @@ impl Tokenizer {
     /// Writes `tokenizer.json` into `dir` (atomically).
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = self.inner.to_string(false).map_err(|e| self.err(e))?;
-        crate::atomic::atomic_write(path, text.as_bytes())
+        crate::io::atomic_write::atomic_write(path, text.as_bytes())
     }
 }

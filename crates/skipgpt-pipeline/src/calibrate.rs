@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 use skipgpt_eval::CalibrationReport;
-use skipgpt_model::atomic::atomic_write;
+use skipgpt_model::io::atomic_write::atomic_write;
 use skipgpt_model::{load_pretrained, SparsityUnit};
 
 use crate::corpus::CorpusConfig;

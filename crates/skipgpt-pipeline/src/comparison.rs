@@ -54,7 +54,7 @@ impl Comparison {
     /// Writes it (pretty JSON, atomically) to `path`.
     pub fn write(&self, path: &Path) -> crate::Result<()> {
         let text = serde_json::to_string_pretty(self).expect("plain data serializes");
-        skipgpt_model::atomic::atomic_write(path, text.as_bytes())?;
+        skipgpt_model::io::atomic_write::atomic_write(path, text.as_bytes())?;
         Ok(())
     }
 

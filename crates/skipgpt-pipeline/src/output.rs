@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
-use skipgpt_model::checkpoint::{ROUTERS_FILE, ROUTING_FILE};
+use skipgpt_model::io::checkpoint::{ROUTERS_FILE, ROUTING_FILE};
 use skipgpt_model::{
     load_pretrained, save_peft_adapter, save_pretrained, save_routers, LlamaForCausalLM,
     StoreDtype, Tokenizer,

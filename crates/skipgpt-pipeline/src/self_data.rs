@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 use skipgpt_data::mix;
-use skipgpt_model::atomic::atomic_write;
 use skipgpt_model::engine::generate_sparse;
+use skipgpt_model::io::atomic_write::atomic_write;
 use skipgpt_model::{GenerateOptions, Routing, Sampling};
 
 use crate::evaluate::ModelSource;

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use skipgpt_model::safetensors_io::TensorFile;
+use skipgpt_model::io::safetensors_io::TensorFile;
 
 /// A metadata value (the types the tests need).
 #[derive(Debug, Clone)]

@@ -7,7 +7,7 @@ pub mod gguf_writer;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Int, Tensor, TensorData};
-use skipgpt_model::safetensors_io::TensorFile;
+use skipgpt_model::io::safetensors_io::TensorFile;
 use skipgpt_model::{GenerateOptions, Sampling};
 
 pub type B = burn::backend::NdArray<f32>;

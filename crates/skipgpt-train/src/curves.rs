@@ -90,7 +90,7 @@ pub fn write_curves(rows: &[LogRow], target: Option<f64>, path: &Path) -> std::i
         });
     }
     let svg = render(&panels).map_err(|e| std::io::Error::other(e.to_string()))?;
-    skipgpt_model::atomic::atomic_write(path, svg.as_bytes())
+    skipgpt_model::io::atomic_write::atomic_write(path, svg.as_bytes())
         .map_err(|e| std::io::Error::other(e.to_string()))
 }
 

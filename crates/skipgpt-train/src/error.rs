@@ -1,29 +1,11 @@
-//! Errors of the training crate: each names the file, line, key or value at fault.
+//! Errors of the training crate: each names the file, line, key or value at fault. A file,
+//! line or setting at fault is a [`skipgpt_data::DataError`] (the same messages), carried as
+//! [`TrainError::Data`].
 
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}:{line}: {message}")]
-    Jsonl {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
-    #[error("invalid setting `{name}` = {value}: {expected}")]
-    InvalidSetting {
-        name: &'static str,
-        value: String,
-        expected: &'static str,
-    },
-    #[error("not enough data: {0}")]
-    NotEnoughData(String),
     #[error(
         "{0} already holds a run: pass --resume to continue it, or choose another output directory"
     )]

@@ -11,6 +11,7 @@ use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::LearningRateMetric;
 use burn::train::{ExecutionStrategy, Learner, MultiDeviceOptim, SupervisedTraining};
 use serde::{Deserialize, Serialize};
+use skipgpt_data::DataError;
 use skipgpt_model::{LlamaForCausalLM, Routing};
 
 use crate::curves::write_curves;
@@ -100,13 +101,14 @@ impl TrainOptions {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let positive = |name: &'static str, v: usize| {
+        let positive = |name: &'static str, v: usize| -> Result<()> {
             if v == 0 {
-                Err(TrainError::InvalidSetting {
+                Err(DataError::InvalidSetting {
                     name,
                     value: "0".into(),
                     expected: "at least 1",
-                })
+                }
+                .into())
             } else {
                 Ok(())
             }
@@ -117,43 +119,48 @@ impl TrainOptions {
         positive("log_every", self.log_every)?;
         positive("checkpoint_every", self.checkpoint_every)?;
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(TrainError::InvalidSetting {
+            return Err(DataError::InvalidSetting {
                 name: "lr",
                 value: self.lr.to_string(),
                 expected: "a positive learning rate",
-            });
+            }
+            .into());
         }
         if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
-            return Err(TrainError::InvalidSetting {
+            return Err(DataError::InvalidSetting {
                 name: "weight_decay",
                 value: self.weight_decay.to_string(),
                 expected: ">= 0",
-            });
+            }
+            .into());
         }
         if let Some(c) = self.grad_clip {
             if c.is_nan() || c <= 0.0 {
-                return Err(TrainError::InvalidSetting {
+                return Err(DataError::InvalidSetting {
                     name: "grad_clip",
                     value: c.to_string(),
                     expected: "a positive norm",
-                });
+                }
+                .into());
             }
         }
         self.distill.validate()?;
         let (t0, t1) = self.temperature;
         if !(t0 > 0.0 && t1 > 0.0) {
-            return Err(TrainError::InvalidSetting {
+            return Err(DataError::InvalidSetting {
                 name: "temperature",
                 value: format!("{t0} -> {t1}"),
                 expected: "positive temperatures",
-            });
+            }
+            .into());
         }
         if self.warmup_steps > self.steps {
-            return Err(TrainError::InvalidSetting {
+            return Err(DataError::InvalidSetting {
                 name: "warmup_steps",
                 value: self.warmup_steps.to_string(),
                 expected: "no more than --steps",
-            });
+            }
+            .into());
         }
         Ok(())
     }
@@ -204,46 +211,9 @@ pub fn fit<B: AutodiffBackend>(
     run: &RunDir,
     devices: &[B::Device],
 ) -> Result<LlamaForCausalLM<B::InnerBackend>> {
-    opts.validate()?;
-    let Some(device) = devices.first() else {
-        return Err(TrainError::InvalidSetting {
-            name: "devices",
-            value: "none".into(),
-            expected: "at least one device",
-        });
-    };
+    let device = check_inputs(&model, &objective, &train, opts, devices)?;
     let replicas = devices.len();
-    if let Objective::Sparsity(cfg) = &objective {
-        cfg.validate()?;
-    }
-    if opts.distill.needs_teacher() && model.routing_config.is_none() && model.lora_config.is_none()
-    {
-        // the teacher is this model with routing and adapters off: here, the model itself
-        return Err(TrainError::InvalidSetting {
-            name: "objective",
-            value: format!("{:?}", opts.distill.objective),
-            expected: "lm for a model with neither routers nor adapters (KL distils the dense model into a routed or adapted one)",
-        });
-    }
-    if train.is_empty() {
-        return Err(TrainError::NotEnoughData(
-            "the training split is empty".into(),
-        ));
-    }
-    let mut valid = valid;
-    if opts.valid_sequences > 0 {
-        valid.sequences.truncate(opts.valid_sequences);
-    }
-    if valid.is_empty() {
-        // burn-train validates every epoch; without held-out data, validate on a few train
-        // sequences rather than not at all
-        valid.sequences = train
-            .sequences
-            .iter()
-            .take(opts.batch_size)
-            .cloned()
-            .collect();
-    }
+    let valid = validation_set(valid, &train, opts);
 
     let manifest = manifest(&objective, &model, &train, &valid, opts, replicas);
     let done_epochs = manifest.begin(&run.path, run.resume)?;
@@ -258,7 +228,7 @@ pub fn fit<B: AutodiffBackend>(
     };
     let num_epochs = plan.num_epochs();
     let done_steps = (done_epochs * opts.checkpoint_every).min(opts.steps);
-    truncate_log(&run.metrics_log(), done_steps).map_err(|e| TrainError::Io {
+    truncate_log(&run.metrics_log(), done_steps).map_err(|e| DataError::Io {
         path: run.metrics_log(),
         source: e,
     })?;
@@ -278,16 +248,7 @@ pub fn fit<B: AutodiffBackend>(
         Objective::Sparsity(cfg) if cfg.attn_target.is_none() => Some(cfg.target),
         _ => None,
     };
-    let layout = ProgressLayout {
-        total_steps: opts.steps,
-        steps_per_epoch: opts.checkpoint_every,
-        // burn-train reports every micro-batch of every device as an iteration
-        accumulation: opts.grad_accum * replicas,
-        log_every: opts.log_every,
-        tokens_per_step: opts.batch_size * opts.grad_accum * replicas * train.seq_len,
-        label: run.label.clone(),
-        quiet: opts.quiet,
-    };
+    let layout = progress_layout(opts, replicas, train.seq_len, &run.label);
     let train_loader = TrainLoader::<B>::new(Arc::new(train), plan, done_epochs + 1, device);
     let valid_loader =
         ValidLoader::<B::InnerBackend>::new(Arc::new(valid), opts.batch_size, device);
@@ -359,6 +320,83 @@ pub fn fit<B: AutodiffBackend>(
         eprintln!("warning: cannot write {}: {e}", curves.display());
     }
     Ok(result.model.model)
+}
+
+/// Refuses what cannot train: bad options, no device, a KL objective with no teacher, no data.
+/// Returns the first device (the one that holds the model and runs the optimizer).
+fn check_inputs<'d, B: AutodiffBackend>(
+    model: &LlamaForCausalLM<B>,
+    objective: &Objective,
+    train: &PackedDataset,
+    opts: &TrainOptions,
+    devices: &'d [B::Device],
+) -> Result<&'d B::Device> {
+    opts.validate()?;
+    let Some(device) = devices.first() else {
+        return Err(DataError::InvalidSetting {
+            name: "devices",
+            value: "none".into(),
+            expected: "at least one device",
+        }
+        .into());
+    };
+    if let Objective::Sparsity(cfg) = objective {
+        cfg.validate()?;
+    }
+    if opts.distill.needs_teacher() && model.routing_config.is_none() && model.lora_config.is_none()
+    {
+        // the teacher is this model with routing and adapters off: here, the model itself
+        return Err(DataError::InvalidSetting {
+            name: "objective",
+            value: format!("{:?}", opts.distill.objective),
+            expected: "lm for a model with neither routers nor adapters (KL distils the dense model into a routed or adapted one)",
+        }.into());
+    }
+    if train.is_empty() {
+        return Err(DataError::NotEnoughData("the training split is empty".into()).into());
+    }
+    Ok(device)
+}
+
+/// The held-out sequences each epoch validates on: at most `valid_sequences`, and a few
+/// training sequences when nothing is held out (burn-train validates every epoch; better on
+/// training text than not at all).
+fn validation_set(
+    mut valid: PackedDataset,
+    train: &PackedDataset,
+    opts: &TrainOptions,
+) -> PackedDataset {
+    if opts.valid_sequences > 0 {
+        valid.sequences.truncate(opts.valid_sequences);
+    }
+    if valid.is_empty() {
+        valid.sequences = train
+            .sequences
+            .iter()
+            .take(opts.batch_size)
+            .cloned()
+            .collect();
+    }
+    valid
+}
+
+/// What the progress lines count: burn-train reports every micro-batch of every device as an
+/// iteration.
+fn progress_layout(
+    opts: &TrainOptions,
+    replicas: usize,
+    seq_len: usize,
+    label: &str,
+) -> ProgressLayout {
+    ProgressLayout {
+        total_steps: opts.steps,
+        steps_per_epoch: opts.checkpoint_every,
+        accumulation: opts.grad_accum * replicas,
+        log_every: opts.log_every,
+        tokens_per_step: opts.batch_size * opts.grad_accum * replicas * seq_len,
+        label: label.to_string(),
+        quiet: opts.quiet,
+    }
 }
 
 /// The settings a resumed run must share with the run it continues.

@@ -17,8 +17,9 @@
 use burn::config::Config;
 use burn::tensor::{activation, backend::Backend, Int, Tensor};
 use serde::{Deserialize, Serialize};
+use skipgpt_data::DataError;
 
-use crate::error::{Result, TrainError};
+use crate::error::Result;
 
 /// Weights and targets of the sparsity term.
 #[derive(Config, Debug, PartialEq)]
@@ -50,28 +51,31 @@ impl SparsityLossConfig {
             if (0.0..1.0).contains(&t) {
                 Ok(())
             } else {
-                Err(TrainError::InvalidSetting {
+                Err(DataError::InvalidSetting {
                     name,
                     value: t.to_string(),
                     expected: "a skip fraction in [0, 1)",
-                })
+                }
+                .into())
             }
         };
         check_target("target_sparsity", self.target)?;
         if !(self.alpha >= 0.0 && self.alpha.is_finite()) {
-            return Err(TrainError::InvalidSetting {
+            return Err(DataError::InvalidSetting {
                 name: "alpha",
                 value: self.alpha.to_string(),
                 expected: "a weight >= 0",
-            });
+            }
+            .into());
         }
         if let Some(share) = self.attn_share {
             if !(share > 0.0 && share < 1.0) {
-                return Err(TrainError::InvalidSetting {
+                return Err(DataError::InvalidSetting {
                     name: "attn_share",
                     value: share.to_string(),
                     expected: "a fraction in (0, 1)",
-                });
+                }
+                .into());
             }
         }
         match (self.attn_target, self.mlp_target) {
@@ -80,11 +84,12 @@ impl SparsityLossConfig {
                 check_target("attn_target", a)?;
                 check_target("mlp_target", m)
             }
-            (a, m) => Err(TrainError::InvalidSetting {
+            (a, m) => Err(DataError::InvalidSetting {
                 name: "attn_target/mlp_target",
                 value: format!("{a:?}/{m:?}"),
                 expected: "both or neither",
-            }),
+            }
+            .into()),
         }
     }
 }
@@ -138,11 +143,12 @@ impl Distillation {
         if self.temperature > 0.0 && self.temperature.is_finite() {
             Ok(())
         } else {
-            Err(TrainError::InvalidSetting {
+            Err(DataError::InvalidSetting {
                 name: "kl_temperature",
                 value: self.temperature.to_string(),
                 expected: "a temperature > 0",
-            })
+            }
+            .into())
         }
     }
 }

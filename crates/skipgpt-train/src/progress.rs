@@ -53,7 +53,7 @@ pub fn truncate_log(path: &Path, step: usize) -> std::io::Result<()> {
     if !text.is_empty() {
         text.push('\n');
     }
-    skipgpt_model::atomic::atomic_write(path, text.as_bytes())
+    skipgpt_model::io::atomic_write::atomic_write(path, text.as_bytes())
         .map_err(|e| std::io::Error::other(e.to_string()))
 }
 

@@ -16,7 +16,8 @@ use burn::record::{FileRecorder, FullPrecisionSettings, Recorder, RecorderError}
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use skipgpt_model::atomic::atomic_write;
+use skipgpt_data::DataError;
+use skipgpt_model::io::atomic_write::atomic_write;
 
 use crate::error::{Result, TrainError};
 
@@ -204,12 +205,12 @@ impl RunManifest {
             atomic_write(&path, text.as_bytes())?;
             return Ok(0);
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::Io {
+        let text = std::fs::read_to_string(&path).map_err(|e| DataError::Io {
             path: path.clone(),
             source: e,
         })?;
         let saved: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
-            .map_err(|e| TrainError::Jsonl {
+            .map_err(|e| DataError::Jsonl {
                 path: path.clone(),
                 line: e.line(),
                 message: e.to_string(),

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use skipgpt_data::DataError;
 use skipgpt_model::Tokenizer;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
@@ -22,11 +23,12 @@ pub fn train_bpe(docs: &[String], vocab_size: usize, path: PathBuf) -> Result<To
     let alphabet = ByteLevel::alphabet();
     let min = alphabet.len() + 2;
     if vocab_size < min {
-        return Err(TrainError::InvalidSetting {
+        return Err(DataError::InvalidSetting {
             name: "vocab_size",
             value: vocab_size.to_string(),
             expected: "at least 258 (256 bytes and 2 special tokens)",
-        });
+        }
+        .into());
     }
     let specials = vec![AddedToken::from(BOS, true), AddedToken::from(EOS, true)];
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()

@@ -9,10 +9,10 @@ use burn::tensor::backend::Backend;
 
 use super::{LayerRouting, LlamaForCausalLM};
 use crate::error::{ModelError, Result};
+use crate::io::safetensors_io::{OwnedTensor, WeightSet};
 use crate::router::{
     router_names, KvPolicy, MlpRouterInput, Router, RouterInit, Routing, RoutingConfig,
 };
-use crate::safetensors_io::{OwnedTensor, WeightSet};
 
 impl<B: Backend> LlamaForCausalLM<B> {
     /// Adds freshly initialised routers (replacing any; the paper's start, [`RouterInit::Paper`])

@@ -20,10 +20,10 @@ use burn::tensor::backend::Backend;
 use super::{Attention, DecoderLayer, LlamaForCausalLM, LlamaModel, Mlp, RmsNorm};
 use crate::config::LlamaConfig;
 use crate::error::Result;
+use crate::io::safetensors_io::{OwnedTensor, StoreDtype, WeightSet};
 use crate::linear::{export_linear, load_linear};
 use crate::rope::RotaryEmbedding;
 use crate::router::Routing;
-use crate::safetensors_io::{OwnedTensor, StoreDtype, WeightSet};
 
 impl<B: Backend> RmsNorm<B> {
     pub(super) fn load(

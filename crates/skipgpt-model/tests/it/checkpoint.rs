@@ -1,6 +1,6 @@
 //! Saving and reloading model directories.
 
-use skipgpt_model::safetensors_io::TensorFile;
+use skipgpt_model::io::safetensors_io::TensorFile;
 use skipgpt_model::{load_pretrained, save_pretrained, LlamaConfig, StoreDtype};
 use skipgpt_test_support::*;
 

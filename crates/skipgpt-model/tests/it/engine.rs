@@ -78,13 +78,13 @@ fn check_routed(mode: &str, input: MlpRouterInput) {
 }
 
 #[test]
-fn routed_post_attn_matches_reference() {
-    check_routed("post_attn", MlpRouterInput::PostAttn);
-}
-
-#[test]
-fn routed_block_input_matches_reference() {
-    check_routed("block_input", MlpRouterInput::BlockInput);
+fn the_engine_matches_the_reference_with_either_mlp_router_input() {
+    for (mode, input) in [
+        ("post_attn", MlpRouterInput::PostAttn),
+        ("block_input", MlpRouterInput::BlockInput),
+    ] {
+        check_routed(mode, input);
+    }
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use skipgpt_model::gguf::{import_gguf, GgmlType, ImportOptions};
+use skipgpt_model::io::gguf::{import_gguf, GgmlType, ImportOptions};
 use skipgpt_model::{generate, load_pretrained, StoreDtype, Tokenizer};
 use skipgpt_test_support::gguf_writer::{llama_tiny_gguf, GgufBuilder, Meta};
 use skipgpt_test_support::*;
@@ -100,11 +100,12 @@ fn tiny_gguf_imports_to_the_same_model() {
         ids_rows(&r, "greedy_tokens")
     );
     // the same tensors as the original checkpoint, to the bit
-    let a =
-        skipgpt_model::safetensors_io::TensorFile::open(&out.join("model.safetensors")).unwrap();
-    let b =
-        skipgpt_model::safetensors_io::TensorFile::open(&tiny().join("model/model.safetensors"))
-            .unwrap();
+    let a = skipgpt_model::io::safetensors_io::TensorFile::open(&out.join("model.safetensors"))
+        .unwrap();
+    let b = skipgpt_model::io::safetensors_io::TensorFile::open(
+        &tiny().join("model/model.safetensors"),
+    )
+    .unwrap();
     let mut names = a.names();
     names.sort();
     let mut expected = b.names();

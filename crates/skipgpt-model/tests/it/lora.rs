@@ -3,8 +3,8 @@
 
 use burn::module::Param;
 use burn::tensor::{Distribution, Tensor, TensorData};
+use skipgpt_model::io::safetensors_io::TensorFile;
 use skipgpt_model::lora::{peft_key, LoraAdapter, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
-use skipgpt_model::safetensors_io::TensorFile;
 use skipgpt_model::{
     load_peft_adapter, load_pretrained, save_peft_adapter, LlamaForCausalLM, LoraConfig, Routing,
 };

@@ -215,7 +215,7 @@ fn kv_drop_cached_decoding_equals_full_forward() {
     let mut model = load_pretrained::<B>(&tiny().join("model-routed"), &device())
         .unwrap()
         .model;
-    let w = skipgpt_model::safetensors_io::WeightSet::open_files(&[
+    let w = skipgpt_model::io::safetensors_io::WeightSet::open_files(&[
         tiny().join("model-routed/routers.safetensors")
     ])
     .unwrap();

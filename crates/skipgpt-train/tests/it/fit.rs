@@ -446,7 +446,7 @@ fn inner_weights(
     std::collections::BTreeMap<String, Vec<u8>>,
 ) {
     let bytes =
-        |m: std::collections::BTreeMap<String, skipgpt_model::safetensors_io::OwnedTensor>| {
+        |m: std::collections::BTreeMap<String, skipgpt_model::io::safetensors_io::OwnedTensor>| {
             m.into_iter()
                 .map(|(k, v)| (k, v.bytes().to_vec()))
                 .collect::<std::collections::BTreeMap<_, _>>()

@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 
-use crate::atomic::atomic_write;
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
+use crate::io::atomic_write::atomic_write;
+use crate::io::safetensors_io::{write_safetensors, StoreDtype, WeightSet};
 use crate::llama::LlamaForCausalLM;
 use crate::router::RoutingConfig;
-use crate::safetensors_io::{write_safetensors, StoreDtype, WeightSet};
 use crate::tokenizer::Tokenizer;
 
 /// A model loaded from a directory, with its tokenizer when the directory has one.

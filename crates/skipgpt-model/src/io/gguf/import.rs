@@ -16,14 +16,14 @@ use std::str::FromStr;
 
 use serde_json::{json, Value};
 
+use super::config::llama_config;
 use super::reader::{GgufFile, TensorInfo};
 use super::tokenizer::{tokenizer_config, tokenizer_from_gguf};
 use super::GgufError;
-use crate::atomic::atomic_write;
-use crate::config::{LlamaConfig, RopeScaling};
+use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
-use crate::rope::RotaryEmbedding;
-use crate::safetensors_io::{OwnedTensor, StoreDtype};
+use crate::io::atomic_write::atomic_write;
+use crate::io::safetensors_io::{OwnedTensor, StoreDtype};
 
 /// How to import.
 #[derive(Debug, Clone)]
@@ -150,181 +150,6 @@ fn generation_config(c: &LlamaConfig) -> Value {
     json!({"bos_token_id": c.bos_token_id, "eos_token_id": eos})
 }
 
-/// The model's shape from the `llama.*` metadata.
-fn llama_config(g: &GgufFile, dtype: StoreDtype) -> Result<LlamaConfig, GgufError> {
-    let arch = g.string("general.architecture")?;
-    if arch != "llama" {
-        return Err(GgufError::Unsupported {
-            path: g.path().to_path_buf(),
-            key: "general.architecture".into(),
-            value: arch.into(),
-            supported: "supported: llama".into(),
-        });
-    }
-    let key = |k: &str| format!("llama.{k}");
-    let uint = |k: &str| g.uint(&key(k)).map(|v| v as usize);
-    let hidden = uint("embedding_length")?;
-    let heads = uint("attention.head_count")?;
-    let kv_heads = g
-        .optional(&key("attention.head_count_kv"), |g, k| g.uint(k))?
-        .map_or(heads, |v| v as usize);
-    let invalid = |message: String| GgufError::Invalid {
-        path: g.path().to_path_buf(),
-        message,
-    };
-    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
-        return Err(invalid(format!(
-            "llama.attention.head_count = {heads} is not a multiple of llama.attention.head_count_kv = {kv_heads}"
-        )));
-    }
-    let head_dim = match g.optional(&key("attention.key_length"), |g, k| g.uint(k))? {
-        Some(d) => d as usize,
-        None if hidden % heads == 0 => hidden / heads,
-        None => {
-            return Err(invalid(format!(
-                "llama.embedding_length = {hidden} is not a multiple of llama.attention.head_count = {heads}"
-            )))
-        }
-    };
-    if let Some(rot) = g.optional(&key("rope.dimension_count"), |g, k| g.uint(k))? {
-        if rot as usize != head_dim {
-            return Err(GgufError::Unsupported {
-                path: g.path().to_path_buf(),
-                key: key("rope.dimension_count"),
-                value: rot.to_string(),
-                supported: format!("partial rotary embeddings are not supported: it must equal the head size {head_dim}"),
-            });
-        }
-    }
-    let embed = g
-        .tensor("token_embd.weight")
-        .ok_or_else(|| GgufError::MissingTensor {
-            path: g.path().to_path_buf(),
-            name: "token_embd.weight".into(),
-            needed_for: "the token embedding".into(),
-        })?;
-    let vocab = match g.optional(&key("vocab_size"), |g, k| g.uint(k))? {
-        Some(v) => v as usize,
-        None => embed.dims.get(1).copied().unwrap_or(0) as usize,
-    };
-    let mut c = LlamaConfig::new(
-        vocab,
-        hidden,
-        uint("feed_forward_length")?,
-        uint("block_count")?,
-        heads,
-        kv_heads,
-        head_dim,
-    );
-    c.rms_norm_eps = g.float(&key("attention.layer_norm_rms_epsilon"))?;
-    if let Some(theta) = g.optional(&key("rope.freq_base"), |g, k| g.float(k))? {
-        c.rope_theta = theta;
-    }
-    c.max_position_embeddings = uint("context_length")?;
-    c.tie_word_embeddings = g.tensor("output.weight").is_none();
-    c.qkv_bias = g.tensor("blk.0.attn_q.bias").is_some();
-    c.o_bias = g.tensor("blk.0.attn_output.bias").is_some();
-    c.mlp_bias = g.tensor("blk.0.ffn_up.bias").is_some();
-    c.bos_token_id = g
-        .optional("tokenizer.ggml.bos_token_id", |g, k| g.uint(k))?
-        .map(|v| v as u32);
-    c.eos_token_ids = g
-        .optional("tokenizer.ggml.eos_token_id", |g, k| g.uint(k))?
-        .map(|v| v as u32)
-        .into_iter()
-        .collect();
-    c.rope_scaling = rope_scaling(g, &c)?;
-    c.dtype = dtype.hf_name().into();
-    for (name, v) in [
-        ("llama.embedding_length", c.hidden_size),
-        ("llama.feed_forward_length", c.intermediate_size),
-        ("llama.block_count", c.num_hidden_layers),
-        ("llama.context_length", c.max_position_embeddings),
-        ("the vocabulary size", c.vocab_size),
-    ] {
-        if v == 0 {
-            return Err(invalid(format!("{name} is 0")));
-        }
-    }
-    if !(c.rms_norm_eps > 0.0 && c.rope_theta > 0.0) {
-        return Err(invalid(format!(
-            "llama.attention.layer_norm_rms_epsilon = {} and llama.rope.freq_base = {} must be positive",
-            c.rms_norm_eps, c.rope_theta
-        )));
-    }
-    Ok(c)
-}
-
-/// RoPE scaling from `llama.rope.scaling.*`, or LLaMA 3.1's per-frequency factors in the
-/// `rope_freqs.weight` tensor, matched against transformers' `llama3` rule.
-fn rope_scaling(g: &GgufFile, c: &LlamaConfig) -> Result<RopeScaling, GgufError> {
-    let unsupported = |key: &str, value: String, supported: &str| GgufError::Unsupported {
-        path: g.path().to_path_buf(),
-        key: key.into(),
-        value,
-        supported: supported.into(),
-    };
-    let kind = g.optional("llama.rope.scaling.type", |g, k| g.string(k))?;
-    let factor = g.optional("llama.rope.scaling.factor", |g, k| g.float(k))?;
-    let scaling = match (kind, factor) {
-        (None | Some("none"), _) => RopeScaling::Default,
-        (Some("linear"), Some(f)) if f > 0.0 => RopeScaling::Linear { factor: f },
-        (Some(other), _) => {
-            return Err(unsupported(
-                "llama.rope.scaling.type",
-                other.into(),
-                "supported: none, linear (with a positive llama.rope.scaling.factor)",
-            ))
-        }
-    };
-    let Some(t) = g.tensor("rope_freqs.weight") else {
-        return Ok(scaling);
-    };
-    let freqs = g.tensor_f32(t);
-    let half = c.head_dim / 2;
-    if freqs.len() != half {
-        return Err(GgufError::TensorShape {
-            path: g.path().to_path_buf(),
-            name: t.name.clone(),
-            expected: vec![half],
-            found: t.torch_shape(),
-        });
-    }
-    let factor = freqs.iter().copied().fold(0.0f32, f32::max) as f64;
-    let original = g
-        .optional("llama.rope.scaling.original_context_length", |g, k| {
-            g.uint(k)
-        })?
-        .map_or(8192, |v| v as usize);
-    // LLaMA 3.1 / 3.2 use low 1, high 4; the factor is the largest divisor
-    let candidate = RopeScaling::Llama3 {
-        factor,
-        low_freq_factor: 1.0,
-        high_freq_factor: 4.0,
-        original_max_position_embeddings: original,
-    };
-    let with = |s: RopeScaling| {
-        let mut cc = c.clone();
-        cc.rope_scaling = s;
-        RotaryEmbedding::new(&cc).inv_freq(0)
-    };
-    let (plain, scaled) = (with(RopeScaling::Default), with(candidate.clone()));
-    let matches = plain
-        .iter()
-        .zip(&scaled)
-        .zip(&freqs)
-        .all(|((p, s), f)| ((p / s) - f).abs() <= 1e-3 * f.abs().max(1.0));
-    if matches {
-        Ok(candidate)
-    } else {
-        Err(unsupported(
-            "rope_freqs.weight",
-            format!("{:?}", &freqs[..freqs.len().min(8)]),
-            "per-frequency RoPE factors are read only when they follow LLaMA 3.1's rule (low_freq_factor 1, high_freq_factor 4)",
-        ))
-    }
-}
-
 /// A tensor the HF model has: its GGUF source name and what it must look like.
 struct Spec {
     gguf: String,
@@ -335,138 +160,197 @@ struct Spec {
     present: bool,
 }
 
+/// A dimension of a decoder layer's tensors.
+#[derive(Clone, Copy)]
+enum Dim {
+    Hidden,
+    /// Query heads × head size.
+    Q,
+    /// Key/value heads × head size.
+    Kv,
+    Intermediate,
+}
+
+/// Whose heads a tensor's rows are permuted within (llama.cpp's rotary layout).
+#[derive(Clone, Copy)]
+enum Heads {
+    None,
+    Query,
+    KeyValue,
+}
+
+/// When the config says a tensor is there.
+#[derive(Clone, Copy)]
+enum Present {
+    Always,
+    QkvBias,
+    OutputBias,
+    MlpBias,
+}
+
+/// Every tensor of a decoder layer: GGUF name, HF name (after `blk.{l}.` and
+/// `model.layers.{l}.`), shape, permuted heads, presence.
+const LAYER_TENSORS: [(&str, &str, &[Dim], Heads, Present); 16] = {
+    use Dim::*;
+    use Present::*;
+    [
+        (
+            "attn_norm.weight",
+            "input_layernorm.weight",
+            &[Hidden],
+            Heads::None,
+            Always,
+        ),
+        (
+            "attn_q.weight",
+            "self_attn.q_proj.weight",
+            &[Q, Hidden],
+            Heads::Query,
+            Always,
+        ),
+        (
+            "attn_k.weight",
+            "self_attn.k_proj.weight",
+            &[Kv, Hidden],
+            Heads::KeyValue,
+            Always,
+        ),
+        (
+            "attn_v.weight",
+            "self_attn.v_proj.weight",
+            &[Kv, Hidden],
+            Heads::None,
+            Always,
+        ),
+        (
+            "attn_output.weight",
+            "self_attn.o_proj.weight",
+            &[Hidden, Q],
+            Heads::None,
+            Always,
+        ),
+        (
+            "ffn_norm.weight",
+            "post_attention_layernorm.weight",
+            &[Hidden],
+            Heads::None,
+            Always,
+        ),
+        (
+            "ffn_gate.weight",
+            "mlp.gate_proj.weight",
+            &[Intermediate, Hidden],
+            Heads::None,
+            Always,
+        ),
+        (
+            "ffn_up.weight",
+            "mlp.up_proj.weight",
+            &[Intermediate, Hidden],
+            Heads::None,
+            Always,
+        ),
+        (
+            "ffn_down.weight",
+            "mlp.down_proj.weight",
+            &[Hidden, Intermediate],
+            Heads::None,
+            Always,
+        ),
+        (
+            "attn_q.bias",
+            "self_attn.q_proj.bias",
+            &[Q],
+            Heads::Query,
+            QkvBias,
+        ),
+        (
+            "attn_k.bias",
+            "self_attn.k_proj.bias",
+            &[Kv],
+            Heads::KeyValue,
+            QkvBias,
+        ),
+        (
+            "attn_v.bias",
+            "self_attn.v_proj.bias",
+            &[Kv],
+            Heads::None,
+            QkvBias,
+        ),
+        (
+            "attn_output.bias",
+            "self_attn.o_proj.bias",
+            &[Hidden],
+            Heads::None,
+            OutputBias,
+        ),
+        (
+            "ffn_gate.bias",
+            "mlp.gate_proj.bias",
+            &[Intermediate],
+            Heads::None,
+            MlpBias,
+        ),
+        (
+            "ffn_up.bias",
+            "mlp.up_proj.bias",
+            &[Intermediate],
+            Heads::None,
+            MlpBias,
+        ),
+        (
+            "ffn_down.bias",
+            "mlp.down_proj.bias",
+            &[Hidden],
+            Heads::None,
+            MlpBias,
+        ),
+    ]
+};
+
 /// Every tensor of a LLaMA model with `c`'s shape, under its GGUF and its HF name.
 fn llama_specs(c: &LlamaConfig) -> Vec<Spec> {
-    let (h, i) = (c.hidden_size, c.intermediate_size);
-    let (q, kv) = (
-        c.num_attention_heads * c.head_dim,
-        c.num_key_value_heads * c.head_dim,
-    );
-    let spec = |gguf: String, hf: String, shape: Vec<usize>, heads: Option<usize>, present| Spec {
-        gguf,
-        hf,
-        shape,
-        unpermute_heads: heads,
+    let size = |d: &Dim| match d {
+        Dim::Hidden => c.hidden_size,
+        Dim::Q => c.num_attention_heads * c.head_dim,
+        Dim::Kv => c.num_key_value_heads * c.head_dim,
+        Dim::Intermediate => c.intermediate_size,
+    };
+    let top = |gguf: &str, hf: &str, present| Spec {
+        gguf: gguf.into(),
+        hf: hf.into(),
+        shape: if gguf.ends_with("norm.weight") {
+            vec![c.hidden_size]
+        } else {
+            vec![c.vocab_size, c.hidden_size]
+        },
+        unpermute_heads: None,
         present,
     };
     let mut specs = vec![
-        spec(
-            "token_embd.weight".into(),
-            "model.embed_tokens.weight".into(),
-            vec![c.vocab_size, h],
-            None,
-            true,
-        ),
-        spec(
-            "output_norm.weight".into(),
-            "model.norm.weight".into(),
-            vec![h],
-            None,
-            true,
-        ),
-        spec(
-            "output.weight".into(),
-            "lm_head.weight".into(),
-            vec![c.vocab_size, h],
-            None,
-            !c.tie_word_embeddings,
-        ),
+        top("token_embd.weight", "model.embed_tokens.weight", true),
+        top("output_norm.weight", "model.norm.weight", true),
+        top("output.weight", "lm_head.weight", !c.tie_word_embeddings),
     ];
-    let (qh, kvh) = (Some(c.num_attention_heads), Some(c.num_key_value_heads));
-    let (qkv_b, o_b, mlp_b) = (c.qkv_bias, c.o_bias, c.mlp_bias);
     for l in 0..c.num_hidden_layers {
-        let layer = [
-            (
-                "attn_norm.weight",
-                "input_layernorm.weight",
-                vec![h],
-                None,
-                true,
-            ),
-            (
-                "attn_q.weight",
-                "self_attn.q_proj.weight",
-                vec![q, h],
-                qh,
-                true,
-            ),
-            (
-                "attn_k.weight",
-                "self_attn.k_proj.weight",
-                vec![kv, h],
-                kvh,
-                true,
-            ),
-            (
-                "attn_v.weight",
-                "self_attn.v_proj.weight",
-                vec![kv, h],
-                None,
-                true,
-            ),
-            (
-                "attn_output.weight",
-                "self_attn.o_proj.weight",
-                vec![h, q],
-                None,
-                true,
-            ),
-            (
-                "ffn_norm.weight",
-                "post_attention_layernorm.weight",
-                vec![h],
-                None,
-                true,
-            ),
-            (
-                "ffn_gate.weight",
-                "mlp.gate_proj.weight",
-                vec![i, h],
-                None,
-                true,
-            ),
-            (
-                "ffn_up.weight",
-                "mlp.up_proj.weight",
-                vec![i, h],
-                None,
-                true,
-            ),
-            (
-                "ffn_down.weight",
-                "mlp.down_proj.weight",
-                vec![h, i],
-                None,
-                true,
-            ),
-            ("attn_q.bias", "self_attn.q_proj.bias", vec![q], qh, qkv_b),
-            ("attn_k.bias", "self_attn.k_proj.bias", vec![kv], kvh, qkv_b),
-            (
-                "attn_v.bias",
-                "self_attn.v_proj.bias",
-                vec![kv],
-                None,
-                qkv_b,
-            ),
-            (
-                "attn_output.bias",
-                "self_attn.o_proj.bias",
-                vec![h],
-                None,
-                o_b,
-            ),
-            ("ffn_gate.bias", "mlp.gate_proj.bias", vec![i], None, mlp_b),
-            ("ffn_up.bias", "mlp.up_proj.bias", vec![i], None, mlp_b),
-            ("ffn_down.bias", "mlp.down_proj.bias", vec![h], None, mlp_b),
-        ];
-        for (src, dst, shape, heads, present) in layer {
-            specs.push(spec(
-                format!("blk.{l}.{src}"),
-                format!("model.layers.{l}.{dst}"),
-                shape,
-                heads,
-                present,
-            ));
+        for (gguf, hf, dims, heads, present) in LAYER_TENSORS {
+            specs.push(Spec {
+                gguf: format!("blk.{l}.{gguf}"),
+                hf: format!("model.layers.{l}.{hf}"),
+                shape: dims.iter().map(size).collect(),
+                unpermute_heads: match heads {
+                    Heads::None => None,
+                    Heads::Query => Some(c.num_attention_heads),
+                    Heads::KeyValue => Some(c.num_key_value_heads),
+                },
+                present: match present {
+                    Present::Always => true,
+                    Present::QkvBias => c.qkv_bias,
+                    Present::OutputBias => c.o_bias,
+                    Present::MlpBias => c.mlp_bias,
+                },
+            });
         }
     }
     specs

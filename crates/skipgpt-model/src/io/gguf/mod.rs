@@ -3,12 +3,14 @@
 //! - [`reader`]: the container (v2 and v3): metadata, tensor infos, aligned data;
 //! - [`quant`]: dequantization of F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K;
 //! - [`tokenizer`]: a `tokenizer.json` rebuilt from `tokenizer.ggml.*` (byte-level BPE);
+//! - `config`: the `llama.*` metadata → a [`crate::LlamaConfig`];
 //! - [`import`]: a LLaMA GGUF → `config.json`, `model.safetensors` (streamed tensor by tensor,
 //!   llama.cpp's q/k row permutation undone), `tokenizer.json`, `tokenizer_config.json`.
 //!
 //! References: llama.cpp's `ggml-quants.c`, `llama-vocab.cpp` and `convert_hf_to_gguf.py`, and
 //! gguf-py. Errors name the file and the key, tensor or type at fault.
 
+mod config;
 pub mod import;
 pub mod quant;
 pub mod reader;
