@@ -4,7 +4,7 @@
 //! `[in, out]` (rows of W added up) and `[out, in]` (a dot product per output, the layout the
 //! CPU backend loads), at f32, f16 and bf16, for a given number of rows. Run as the engine runs a decoding step (`thread_team::run`):
 //!
-//! `cargo run --release --example bench_matvec -- [ROWS]` (default 1; `RAYON_NUM_THREADS` sets
+//! `cargo run --release --features bench --example bench_matvec -- [ROWS]` (default 1; `RAYON_NUM_THREADS` sets
 //! the threads). Prints the best of 8 passes, in ms.
 
 use std::time::Instant;

@@ -1,6 +1,6 @@
 //! Sparse engine vs dense: prefill and decode throughput at given skip rates, on a random
 //! model big enough that matrix work dominates. Run through `cargo xtask bench` (or
-//! `cargo run --release --example bench_sparse -- --help`).
+//! `cargo run --release --features bench --example bench_sparse -- --help`).
 //!
 //! The measurement itself (calibrated random routers, dense and routed runs in one process)
 //! is `support/engine_bench.rs`, shared with `gpu_check`.

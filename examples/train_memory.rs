@@ -1,6 +1,6 @@
 //! Activation memory of one router-tuning step, measured, and extrapolated to a 7B model.
 //!
-//! `cargo run --release --example train_memory`
+//! `cargo run --release --features bench --example train_memory`
 //!
 //! A counting allocator records the peak of live heap bytes during one training step (forward,
 //! sparsity loss, backward) of a frozen LLaMA with SkipGPT routers on the CPU backend, above

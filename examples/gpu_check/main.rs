@@ -19,7 +19,7 @@
 //!
 //! `--cpu` runs the same sections on the CPU backend (bf16 skipped; always the case in a build
 //! without `--features cuda`), which is how the script is tried before spending GPU time:
-//! `cargo run --release --example gpu_check -- --cpu --small`.
+//! `cargo run --release --features bench --example gpu_check -- --cpu --small`.
 
 #[path = "../support/engine_bench.rs"]
 mod engine_bench;
@@ -45,7 +45,8 @@ mod gpu {
 }
 type Cpu = burn::backend::NdArray<f32>;
 
-/// Logits within this of HF transformers (the wgpu tests' bound; see `tests/it/wgpu.rs`).
+/// Logits within this of HF transformers (the wgpu tests' bound; see
+/// `crates/skipgpt-train/tests/it/wgpu.rs`).
 const GPU_TOL: f64 = 1e-3;
 
 const SECTIONS: [&str; 5] = ["parity", "engine-f32", "engine-bf16", "train", "train-ckpt"];

@@ -1,6 +1,6 @@
 //! The root package's integration tests, one binary: the `skipgpt` command line, evaluation
-//! and baselines, training from the command line, bad input, the wgpu backend, and SmolLM2
-//! (the real model; `--include-ignored`).
+//! and baselines, training from the command line, bad input, and SmolLM2 (the real model;
+//! `--include-ignored`).
 
 mod baselines;
 mod cli;
@@ -9,4 +9,3 @@ mod eval;
 mod smollm2;
 mod train_cli;
 mod validation;
-mod wgpu;

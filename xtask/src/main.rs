@@ -156,6 +156,8 @@ pub(crate) fn build_release_tools() -> Result<()> {
             "skipgpt",
             "--example",
             "bench_real",
+            "--features",
+            "bench",
         ],
     )
 }
@@ -168,6 +170,8 @@ fn ci() -> Result<()> {
             "clippy",
             "--workspace",
             "--all-targets",
+            "--features",
+            "bench",
             "--",
             "-D",
             "warnings",
@@ -220,7 +224,14 @@ fn fixtures() -> Result<()> {
 /// `cargo xtask bench [--features cuda] [bench args...]`: the sparse-engine benchmark
 /// (`examples/bench_sparse.rs`), built with optimisation, its table on stdout.
 fn bench(features: Option<&str>, args: &[String]) -> Result<()> {
-    let mut cargo = vec!["run", "--release", "--example", "bench_sparse"];
+    let mut cargo = vec![
+        "run",
+        "--release",
+        "--features",
+        "bench",
+        "--example",
+        "bench_sparse",
+    ];
     if let Some(f) = features {
         cargo.extend(["--features", f]);
     }
@@ -239,7 +250,7 @@ fn gpu_check(run_here: bool, args: &[String]) -> Result<()> {
             "build",
             "--release",
             "--features",
-            "cuda",
+            "cuda,bench",
             "--example",
             "gpu_check",
         ],

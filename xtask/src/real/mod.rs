@@ -448,7 +448,17 @@ pub fn experiment(out: &str, overrides: &[String], until: &str) -> Result<()> {
         write_report(&work)?;
     }
     // speed last, in one go, so that nothing else of the experiment shares the CPU with it
-    run("cargo", &["build", "--release", "--example", "bench_real"])?;
+    run(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "--example",
+            "bench_real",
+            "--features",
+            "bench",
+        ],
+    )?;
     ctx.speed(&ctx.model.clone(), "dense", false)?;
     for (t, job) in JOBS {
         let dir = ctx.work.join(format!("t{t}/{job}"));

@@ -190,24 +190,18 @@ pub fn rows_times_matrix(
     d_in: usize,
     d_out: usize,
 ) -> Vec<f32> {
-    rows_times_matrix_on(Isa::detect(), x, m, w, d_in, d_out)
-}
-
-fn rows_times_matrix_on(
-    isa: Isa,
-    x: &[f32],
-    m: usize,
-    w: WeightSlice<'_>,
-    d_in: usize,
-    d_out: usize,
-) -> Vec<f32> {
-    let mat = Matrix {
-        w,
-        d_in,
-        d_out,
-        out_in: false,
-    };
-    rows_times_matrices_on(isa, x, m, &[mat]).remove(0)
+    let out_in = false;
+    one_product(
+        Isa::detect(),
+        x,
+        m,
+        Matrix {
+            w,
+            d_in,
+            d_out,
+            out_in,
+        },
+    )
 }
 
 /// `y = x · Wᵀ`: `m` rows of `x` (`[m, d]`) times `W` stored `[n, d]` (each output is a dot
@@ -222,24 +216,23 @@ pub fn rows_times_matrix_t(
     n: usize,
     d: usize,
 ) -> Vec<f32> {
-    rows_times_matrix_t_on(Isa::detect(), x, m, w, n, d)
+    let (d_in, d_out, out_in) = (d, n, true);
+    one_product(
+        Isa::detect(),
+        x,
+        m,
+        Matrix {
+            w,
+            d_in,
+            d_out,
+            out_in,
+        },
+    )
 }
 
-fn rows_times_matrix_t_on(
-    isa: Isa,
-    x: &[f32],
-    m: usize,
-    w: WeightSlice<'_>,
-    n: usize,
-    d: usize,
-) -> Vec<f32> {
-    let mat = Matrix {
-        w,
-        d_in: d,
-        d_out: n,
-        out_in: true,
-    };
-    rows_times_matrices_on(isa, x, m, &[mat]).remove(0)
+/// `m` rows of `x` times one matrix, with the loops of `isa`.
+fn one_product(isa: Isa, x: &[f32], m: usize, matrix: Matrix<'_>) -> Vec<f32> {
+    rows_times_matrices_on(isa, x, m, &[matrix]).remove(0)
 }
 
 /// The weights as f32, in their storage order, converted on every core (f16 through the CPU's

@@ -72,7 +72,18 @@ fn every_type_and_shape_matches_the_plain_product() {
             let want = reference(&x, m, &exact, d_in, d_out);
             let what = format!("{name} {m}x{d_in}x{d_out}");
             for isa in Isa::available() {
-                let got = rows_times_matrix_on(isa, &x, m, slice, d_in, d_out);
+                let out_in = false;
+                let got = one_product(
+                    isa,
+                    &x,
+                    m,
+                    Matrix {
+                        w: slice,
+                        d_in,
+                        d_out,
+                        out_in,
+                    },
+                );
                 assert_close(&got, &want, &format!("{what} {isa:?}"));
             }
             // the same product with W stored the other way round
@@ -88,7 +99,18 @@ fn every_type_and_shape_matches_the_plain_product() {
             };
             let what = format!("{what}, transposed");
             for isa in Isa::available() {
-                let got = rows_times_matrix_t_on(isa, &x, m, t_slice, d_out, d_in);
+                let (w, out_in) = (t_slice, true);
+                let got = one_product(
+                    isa,
+                    &x,
+                    m,
+                    Matrix {
+                        w,
+                        d_in,
+                        d_out,
+                        out_in,
+                    },
+                );
                 assert_close(&got, &want, &format!("{what} {isa:?}"));
             }
         }

@@ -1,5 +1,7 @@
 //! The training crate's integration tests, one binary: gradient checkpointing against the
-//! whole graph, and runs through burn-train's learner (sparsity, pretraining, resuming).
+//! whole graph, runs through burn-train's learner (sparsity, pretraining, resuming), and the
+//! wgpu backend against the CPU (parity, the engine, a router-tuning step).
 
 mod checkpointing;
 mod fit;
+mod wgpu;

@@ -14,7 +14,6 @@
 
 use std::sync::OnceLock;
 
-use crate::common::{diff_with, ids_rows, reference, tiny, to_vec};
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
@@ -22,6 +21,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use skipgpt_model::engine::{generate_sparse, sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::io::safetensors_io::TensorFile;
 use skipgpt_model::{generate, load_pretrained, LlamaForCausalLM, Routing};
+use skipgpt_test_support::{diff_with, ids_rows, reference, tiny, to_vec};
 use skipgpt_train::data::PackedDataset;
 use skipgpt_train::loader::LmBatch;
 use skipgpt_train::loss::SparsityLossConfig;
@@ -29,7 +29,7 @@ use skipgpt_train::step::LmTrainer;
 use skipgpt_train::{fit, Objective, RunDir, TrainOptions};
 
 type W = Wgpu;
-type Cpu = crate::common::B;
+type Cpu = skipgpt_test_support::B;
 
 const GPU_TOL: f32 = 1e-3;
 
@@ -103,7 +103,7 @@ fn wgpu_dense_logits_hidden_states_and_greedy_match_hf() {
     assert!(d < GPU_TOL, "dense logits differ by {d}");
 
     let prompts = ids_rows(&r, "greedy_prompt");
-    let got = generate(&model, &prompts, &crate::common::greedy(8)).unwrap();
+    let got = generate(&model, &prompts, &skipgpt_test_support::greedy(8)).unwrap();
     let expected: Vec<Vec<u32>> = ids_rows(&r, "greedy_tokens")
         .into_iter()
         .map(|t| t[..8].to_vec())
@@ -163,7 +163,7 @@ fn wgpu_routed_logits_gates_and_sparse_engine_match_hf() {
         .into_iter()
         .map(|t| t[..8].to_vec())
         .collect();
-    let opts = crate::common::greedy(8);
+    let opts = skipgpt_test_support::greedy(8);
     assert_eq!(generate(&model, &prompts, &opts).unwrap(), expected);
     let (tokens, _, _) = generate_sparse(&model, &prompts, &opts, Routing::Deterministic).unwrap();
     assert_eq!(tokens, expected, "sparse-engine greedy tokens");
@@ -226,7 +226,7 @@ fn wgpu_router_tuning_step_matches_the_cpu() {
         "loss: cpu {cpu_loss}, wgpu {gpu_loss}"
     );
     let scale = cpu_grads.iter().fold(0.0f32, |m, g| m.max(g.abs()));
-    let d = crate::common::max_abs_diff(&cpu_grads, &gpu_grads);
+    let d = skipgpt_test_support::max_abs_diff(&cpu_grads, &gpu_grads);
     eprintln!("wgpu router gradients: max |Δ| = {d:e} (max |g| = {scale:e})");
     assert!(
         d <= 1e-3 * scale,
@@ -287,9 +287,9 @@ fn wgpu_router_tuning_step_matches_the_cpu() {
     .unwrap();
     let w0 = router_weights(&routed::<Cpu>(&Default::default()));
     let (w_cpu, gpu_after) = (router_weights(&cpu), router_weights(&gpu));
-    let moved = crate::common::max_abs_diff(&w0, &w_cpu);
+    let moved = skipgpt_test_support::max_abs_diff(&w0, &w_cpu);
     assert!(moved > 1e-4, "one step changed the routers by only {moved}");
-    let d = crate::common::max_abs_diff(&w_cpu, &gpu_after);
+    let d = skipgpt_test_support::max_abs_diff(&w_cpu, &gpu_after);
     eprintln!("wgpu one learner step: routers within {d:e} of the CPU's (moved {moved:e})");
     assert!(
         d < 0.05 * moved,
