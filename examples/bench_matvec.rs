@@ -119,10 +119,61 @@ fn run(rows: usize) {
     }
 }
 
+/// One step's layer products with the weights in llama.cpp block formats (`[out, in]`, read in
+/// place by `skipgpt_kernels::quant`), against the same shapes at f32.
+fn run_quantized(rows: usize) {
+    use skipgpt_kernels::quant::{rows_times_quantized, QuantMatrix, QuantType};
+    let xs: Vec<Vec<f32>> = [576usize, 1536]
+        .iter()
+        .map(|&d| {
+            (0..rows * d)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect()
+        })
+        .collect();
+    for kind in [QuantType::Q8_0, QuantType::Q5_0, QuantType::Q4_0] {
+        // random blocks with a small finite f16 scale in their first two bytes
+        let mats: Vec<(Vec<u8>, usize, usize)> = (0..LAYERS)
+            .flat_map(|l| {
+                LAYER.iter().map(move |&(i, o)| {
+                    let mut b: Vec<u8> = (0..o * kind.row_bytes(i))
+                        .map(|k| ((k * 31 + l * 17) % 251) as u8)
+                        .collect();
+                    for block in b.chunks_exact_mut(kind.block_bytes()) {
+                        block[..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+                    }
+                    (b, o, i)
+                })
+            })
+            .collect();
+        let bytes: usize = mats.iter().map(|m| m.0.len()).sum();
+        let ms = best_ms(|| {
+            for (b, o, i) in &mats {
+                let w = QuantMatrix {
+                    kind,
+                    bytes: b,
+                    n: *o,
+                    d: *i,
+                };
+                let x = &xs[usize::from(*i != 576)];
+                std::hint::black_box(rows_times_quantized(x, rows, w));
+            }
+        });
+        println!(
+            "{}, {rows} rows: kernels layers [out, in] {ms:.2} ms ({:.1} MB of weights)",
+            kind.name(),
+            bytes as f64 / 1e6
+        );
+    }
+}
+
 fn main() {
     let rows = std::env::args()
         .nth(1)
         .map(|s| s.parse().expect("ROWS: a positive integer"))
         .unwrap_or(1);
-    skipgpt_kernels::thread_team::run(|| run(rows));
+    skipgpt_kernels::thread_team::run(|| {
+        run(rows);
+        run_quantized(rows);
+    });
 }

@@ -15,6 +15,7 @@ pub mod attention;
 pub mod isa;
 pub mod matvec;
 pub mod ops;
+pub mod quant;
 #[cfg(test)]
 mod test_values;
 pub mod thread_team;

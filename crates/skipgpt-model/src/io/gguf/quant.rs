@@ -1,5 +1,6 @@
 //! ggml tensor types and their dequantization to f32, following `ggml-quants.c`
-//! (`dequantize_row_*`) block by block. Tested against `gguf.quants` from the `gguf` PyPI
+//! (`dequantize_row_*`) block by block: F32, F16 and BF16 here, the block formats through
+//! `skipgpt_kernels::quant`, whose products run on them in place. Tested against `gguf.quants` from the `gguf` PyPI
 //! package (`tests/fixtures/gguf-quants`).
 //!
 //! Every quantized type stores blocks of a fixed number of elements, each with its own scale
@@ -7,6 +8,7 @@
 //! with 6-bit (Q4_K, Q5_K) or 8-bit (Q6_K) sub-block scales.
 
 use half::{bf16, f16};
+use skipgpt_kernels::quant::QuantType;
 
 /// The tensor types this reader dequantizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +144,22 @@ impl GgmlType {
         }
     }
 
+    /// The block format of `skipgpt_kernels::quant` this type is, if it is one (their products
+    /// run on the blocks in place).
+    pub fn block_format(self) -> Option<QuantType> {
+        match self {
+            GgmlType::Q4_0 => Some(QuantType::Q4_0),
+            GgmlType::Q4_1 => Some(QuantType::Q4_1),
+            GgmlType::Q5_0 => Some(QuantType::Q5_0),
+            GgmlType::Q5_1 => Some(QuantType::Q5_1),
+            GgmlType::Q8_0 => Some(QuantType::Q8_0),
+            GgmlType::Q4K => Some(QuantType::Q4K),
+            GgmlType::Q5K => Some(QuantType::Q5K),
+            GgmlType::Q6K => Some(QuantType::Q6K),
+            _ => None,
+        }
+    }
+
     /// Dequantizes whole blocks: `bytes.len()` must be a multiple of [`Self::block_bytes`].
     pub fn dequantize(self, bytes: &[u8]) -> Vec<f32> {
         let bb = self.block_bytes();
@@ -151,6 +169,9 @@ impl GgmlType {
             "{} data is not whole blocks",
             self.name()
         );
+        if let Some(format) = self.block_format() {
+            return skipgpt_kernels::quant::dequantize(format, bytes);
+        }
         let mut out = Vec::with_capacity(bytes.len() / bb * self.block_elements());
         for block in bytes.chunks_exact(bb) {
             match self {
@@ -159,14 +180,7 @@ impl GgmlType {
                 GgmlType::BF16 => {
                     out.push(bf16::from_le_bytes([block[0], block[1]]).to_f32());
                 }
-                GgmlType::Q4_0 => q4_0(block, &mut out),
-                GgmlType::Q4_1 => q4_1(block, &mut out),
-                GgmlType::Q5_0 => q5_0(block, &mut out),
-                GgmlType::Q5_1 => q5_1(block, &mut out),
-                GgmlType::Q8_0 => q8_0(block, &mut out),
-                GgmlType::Q4K => q4_k(block, &mut out),
-                GgmlType::Q5K => q5_k(block, &mut out),
-                GgmlType::Q6K => q6_k(block, &mut out),
+                other => unreachable!("{} is a block format of skipgpt-kernels", other.name()),
             }
         }
         out
@@ -176,143 +190,6 @@ impl GgmlType {
 /// The f16 at byte `at`.
 fn half(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
-}
-
-/// `{d: f16, qs: [u8; 16]}`: element j is `(nibble - 8)·d`, low nibbles first.
-fn q4_0(b: &[u8], out: &mut Vec<f32>) {
-    let d = half(b, 0);
-    let qs = &b[2..18];
-    out.extend(qs.iter().map(|&q| ((q & 0x0F) as i32 - 8) as f32 * d));
-    out.extend(qs.iter().map(|&q| ((q >> 4) as i32 - 8) as f32 * d));
-}
-
-/// `{d, m: f16, qs: [u8; 16]}`: `nibble·d + m`.
-fn q4_1(b: &[u8], out: &mut Vec<f32>) {
-    let (d, m) = (half(b, 0), half(b, 2));
-    let qs = &b[4..20];
-    out.extend(qs.iter().map(|&q| (q & 0x0F) as f32 * d + m));
-    out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
-}
-
-/// The 5-bit values of a Q5 block: nibbles of `qs` with the fifth bit from `qh`.
-fn five_bit(qh: &[u8], qs: &[u8]) -> [u8; 32] {
-    let qh = u32::from_le_bytes(qh.try_into().unwrap());
-    let mut v = [0u8; 32];
-    for j in 0..16 {
-        let h0 = (((qh >> j) << 4) & 0x10) as u8;
-        let h1 = ((qh >> (j + 12)) & 0x10) as u8;
-        v[j] = (qs[j] & 0x0F) | h0;
-        v[j + 16] = (qs[j] >> 4) | h1;
-    }
-    v
-}
-
-/// `{d: f16, qh: u32, qs: [u8; 16]}`: `(q5 - 16)·d`.
-fn q5_0(b: &[u8], out: &mut Vec<f32>) {
-    let d = half(b, 0);
-    out.extend(
-        five_bit(&b[2..6], &b[6..22])
-            .iter()
-            .map(|&q| (q as i32 - 16) as f32 * d),
-    );
-}
-
-/// `{d, m: f16, qh: u32, qs: [u8; 16]}`: `q5·d + m`.
-fn q5_1(b: &[u8], out: &mut Vec<f32>) {
-    let (d, m) = (half(b, 0), half(b, 2));
-    out.extend(
-        five_bit(&b[4..8], &b[8..24])
-            .iter()
-            .map(|&q| q as f32 * d + m),
-    );
-}
-
-/// `{d: f16, qs: [i8; 32]}`: `q·d`.
-fn q8_0(b: &[u8], out: &mut Vec<f32>) {
-    let d = half(b, 0);
-    out.extend(b[2..34].iter().map(|&q| q as i8 as f32 * d));
-}
-
-/// Scale and minimum of sub-block `j` (0..8) from the 12 packed bytes of Q4_K/Q5_K: the first
-/// four sub-blocks keep 6 bits in the low bits of bytes 0-7, the last four spread theirs over
-/// bytes 8-11 and the top two bits of bytes 0-7.
-fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
-    let (sc, m) = if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
-    };
-    (sc as f32, m as f32)
-}
-
-/// `{d, dmin: f16, scales: [u8; 12], qs: [u8; 128]}`: 8 sub-blocks of 32, each
-/// `d·sc·nibble - dmin·m`; a run of 32 bytes holds two sub-blocks (low nibbles, then high).
-fn q4_k(b: &[u8], out: &mut Vec<f32>) {
-    let (d, dmin) = (half(b, 0), half(b, 2));
-    let scales = &b[4..16];
-    let qs = &b[16..144];
-    for (pair, q) in qs.chunks_exact(32).enumerate() {
-        let (s1, m1) = scale_min_k4(2 * pair, scales);
-        let (s2, m2) = scale_min_k4(2 * pair + 1, scales);
-        let (d1, m1, d2, m2) = (d * s1, dmin * m1, d * s2, dmin * m2);
-        out.extend(q.iter().map(|&x| d1 * (x & 0x0F) as f32 - m1));
-        out.extend(q.iter().map(|&x| d2 * (x >> 4) as f32 - m2));
-    }
-}
-
-/// `{d, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]}`: as Q4_K, with a fifth bit
-/// per element from `qh` (bit 2·pair for the low nibbles, 2·pair + 1 for the high ones).
-fn q5_k(b: &[u8], out: &mut Vec<f32>) {
-    let (d, dmin) = (half(b, 0), half(b, 2));
-    let scales = &b[4..16];
-    let qh = &b[16..48];
-    let qs = &b[48..176];
-    for (pair, q) in qs.chunks_exact(32).enumerate() {
-        let (s1, m1) = scale_min_k4(2 * pair, scales);
-        let (s2, m2) = scale_min_k4(2 * pair + 1, scales);
-        let (d1, m1, d2, m2) = (d * s1, dmin * m1, d * s2, dmin * m2);
-        let (u1, u2) = (1u8 << (2 * pair), 1u8 << (2 * pair + 1));
-        out.extend(
-            q.iter()
-                .zip(qh)
-                .map(|(&x, &h)| d1 * ((x & 0x0F) + if h & u1 != 0 { 16 } else { 0 }) as f32 - m1),
-        );
-        out.extend(
-            q.iter()
-                .zip(qh)
-                .map(|(&x, &h)| d2 * ((x >> 4) + if h & u2 != 0 { 16 } else { 0 }) as f32 - m2),
-        );
-    }
-}
-
-/// `{ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16}`: 6-bit values (4 low bits from
-/// `ql`, 2 high bits from `qh`) minus 32, times `d` and an 8-bit scale per 16 elements. Each
-/// half of 128 elements reads 64 bytes of `ql`, 32 of `qh` and 8 scales.
-fn q6_k(b: &[u8], out: &mut Vec<f32>) {
-    let d = half(b, 208);
-    let start = out.len();
-    out.resize(start + QK_K, 0.0);
-    let y = &mut out[start..];
-    for n in 0..2 {
-        let ql = &b[64 * n..64 * n + 64];
-        let qh = &b[128 + 32 * n..128 + 32 * n + 32];
-        let sc = &b[192 + 8 * n..192 + 8 * n + 8];
-        let y = &mut y[128 * n..128 * n + 128];
-        for l in 0..32 {
-            let is = l / 16;
-            let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32 - 32;
-            let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-            y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-            y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-            y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-            y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,191 @@
+//! The quantized products against f64 references: the exact product of the dequantized
+//! weights with the quantized activations (what the integer arithmetic must give), and the
+//! product with the activations as they were (off by no more than the activations' rounding).
+
+use half::f16;
+
+use super::*;
+use crate::test_values::values;
+
+/// Deterministic bytes from a xorshift generator.
+fn bytes(n: usize, seed: u32) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(2654435761).wrapping_add(7);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s >> 24) as u8
+        })
+        .collect()
+}
+
+/// `blocks` random blocks of `kind` whose f16 scales are small and finite (random bytes
+/// elsewhere: every bit pattern of the quantized values is a valid block).
+fn random_blocks(kind: QuantType, blocks: usize, seed: u32) -> Vec<u8> {
+    let mut b = bytes(blocks * kind.block_bytes(), seed);
+    let scales: &[usize] = match kind {
+        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q5_0 => &[0],
+        QuantType::Q4_1 | QuantType::Q5_1 | QuantType::Q4K | QuantType::Q5K => &[0, 2],
+        QuantType::Q6K => &[208],
+    };
+    let scale_values = values(blocks * 2, seed + 1);
+    for (i, block) in b.chunks_exact_mut(kind.block_bytes()).enumerate() {
+        for (k, &at) in scales.iter().enumerate() {
+            let v = 0.02 + 0.01 * scale_values[2 * i + k];
+            block[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+        }
+    }
+    b
+}
+
+/// The activations as the kernels see them, back in f64.
+fn dequantized(row: &Q8Row) -> Vec<f64> {
+    row.qs
+        .iter()
+        .enumerate()
+        .map(|(i, &q)| row.d[i / Q8_BLOCK] as f64 * q as f64)
+        .collect()
+}
+
+#[test]
+fn every_format_unpacks_to_the_documented_block_sizes() {
+    for kind in QuantType::ALL {
+        let b = random_blocks(kind, 3, 1);
+        assert_eq!(
+            dequantize(kind, &b).len(),
+            3 * kind.block_values(),
+            "{kind:?}"
+        );
+        assert_eq!(QuantType::from_ggml(kind as u32), Some(kind));
+    }
+    assert_eq!(QuantType::from_ggml(0), None);
+}
+
+#[test]
+fn q8_0_and_q4_0_dequantize_by_hand() {
+    // d = 0.5, values 0..32 as bytes
+    let mut q8 = f16::from_f32(0.5).to_le_bytes().to_vec();
+    q8.extend((0..32).map(|i| (i as i8 - 16) as u8));
+    let want: Vec<f32> = (0..32).map(|i| 0.5 * (i as f32 - 16.0)).collect();
+    assert_eq!(dequantize(QuantType::Q8_0, &q8), want);
+    // Q4_0: byte j holds value j (low nibble) and value j + 16 (high nibble), minus 8
+    let mut q4 = f16::from_f32(2.0).to_le_bytes().to_vec();
+    q4.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+    let got = dequantize(QuantType::Q4_0, &q4);
+    for j in 0..16 {
+        assert_eq!(got[j], 2.0 * (j as f32 - 8.0));
+        assert_eq!(got[j + 16], 2.0 * (15.0 - j as f32 - 8.0));
+    }
+}
+
+#[test]
+fn activations_round_to_within_half_a_step() {
+    let x = values(96, 3);
+    let row = Q8Row::quantize(&x);
+    let back = dequantized(&row);
+    for (i, (&v, &b)) in x.iter().zip(&back).enumerate() {
+        let step = row.d[i / Q8_BLOCK] as f64;
+        assert!(
+            (v as f64 - b).abs() <= 0.5 * step + 1e-7,
+            "{i}: {v} against {b}"
+        );
+    }
+    for (k, &sum) in row.sums.iter().enumerate() {
+        let want: i32 = row.qs[16 * k..16 * k + 16].iter().map(|&q| q as i32).sum();
+        assert_eq!(sum, want);
+    }
+    // all zeros: a zero scale and zero values, no NaN
+    let zero = Q8Row::quantize(&[0.0; 32]);
+    assert_eq!((zero.d[0], zero.qs.iter().all(|&q| q == 0)), (0.0, true));
+}
+
+#[test]
+fn every_format_multiplies_like_its_dequantized_weights() {
+    for kind in QuantType::ALL {
+        for (m, n, blocks) in [(1, 5, 1), (3, 7, 2), (2, 33, 4)] {
+            let d = blocks * kind.block_values();
+            let w = random_blocks(kind, n * blocks, 10 + n as u32);
+            let x = values(m * d, 20 + m as u32);
+            let matrix = QuantMatrix {
+                kind,
+                bytes: &w,
+                n,
+                d,
+            };
+            let got = rows_times_quantized(&x, m, matrix);
+            let wf = dequantize(kind, &w);
+            for i in 0..m {
+                let xr = &x[i * d..(i + 1) * d];
+                let q = Q8Row::quantize(xr);
+                let xq = dequantized(&q);
+                for r in 0..n {
+                    let wr = &wf[r * d..(r + 1) * d];
+                    let exact: f64 = wr.iter().zip(&xq).map(|(&a, &b)| a as f64 * b).sum();
+                    let size: f64 = wr
+                        .iter()
+                        .zip(&xq)
+                        .map(|(&a, &b)| (a as f64 * b).abs())
+                        .sum();
+                    let y = got[i * n + r] as f64;
+                    let what = format!("{kind:?} m {m} n {n} d {d}: [{i}, {r}]");
+                    assert!(
+                        (y - exact).abs() <= 1e-5 * size + 1e-6,
+                        "{what}: {y} against {exact}"
+                    );
+                    // and the activations' rounding is all that separates it from x · w
+                    let true_dot: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let bound: f64 = wr
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &a)| a.abs() as f64 * 0.5 * q.d[k / Q8_BLOCK] as f64)
+                        .sum();
+                    assert!(
+                        (y - true_dot).abs() <= bound * 1.001 + 1e-5 * size + 1e-6,
+                        "{what}: {y} against {true_dot} (bound {bound})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "do not hold")]
+fn a_matrix_of_the_wrong_size_is_refused() {
+    let w = random_blocks(QuantType::Q8_0, 3, 1);
+    let matrix = QuantMatrix {
+        kind: QuantType::Q8_0,
+        bytes: &w,
+        n: 2,
+        d: 32,
+    };
+    rows_times_quantized(&[0.0; 32], 1, matrix);
+}
+
+#[test]
+fn integer_dot_products_agree_on_every_instruction_set() {
+    use crate::isa::Isa;
+    for len in [16, 32] {
+        for seed in 0..20u32 {
+            let a: Vec<i8> = bytes(len, seed)
+                .iter()
+                .map(|&b| (b as i8).max(-127))
+                .collect();
+            let b: Vec<i8> = bytes(len, 100 + seed)
+                .iter()
+                .map(|&b| (b as i8).max(-127))
+                .collect();
+            let want: i32 = a.iter().zip(&b).map(|(&x, &y)| x as i32 * y as i32).sum();
+            for isa in Isa::available() {
+                assert_eq!(blocks::int_dot(isa, &a, &b), want, "{isa:?}, {len} values");
+            }
+        }
+    }
+    // the extremes: every product at ±127², the pairs' i16 sums at their largest
+    let (hi, lo) = (vec![127i8; 32], vec![-127i8; 32]);
+    for isa in Isa::available() {
+        assert_eq!(blocks::int_dot(isa, &hi, &lo), -32 * 127 * 127, "{isa:?}");
+        assert_eq!(blocks::int_dot(isa, &lo, &lo), 32 * 127 * 127, "{isa:?}");
+    }
+}
