@@ -18,6 +18,7 @@ mod blocks;
 #[cfg(test)]
 mod tests;
 
+use crate::isa::Isa;
 use crate::thread_team::par_map;
 pub use blocks::Unpacked;
 
@@ -184,6 +185,10 @@ impl Q8Row {
 /// # Panics
 /// When `x` is not `m·d` long or `w` is not consistent ([`QuantMatrix::is_consistent`]).
 pub fn rows_times_quantized(x: &[f32], m: usize, w: QuantMatrix<'_>) -> Vec<f32> {
+    rows_times_quantized_on(Isa::detect(), x, m, w)
+}
+
+fn rows_times_quantized_on(isa: Isa, x: &[f32], m: usize, w: QuantMatrix<'_>) -> Vec<f32> {
     assert_eq!(x.len(), m * w.d, "x is [m, d]");
     assert!(
         w.is_consistent(),
@@ -200,7 +205,7 @@ pub fn rows_times_quantized(x: &[f32], m: usize, w: QuantMatrix<'_>) -> Vec<f32>
         let mut unpacked = Unpacked::default();
         let mut out = vec![0.0f32; (end - start) * m];
         for (r, dots) in (start..end).zip(out.chunks_mut(m.max(1))) {
-            blocks::dot_rows(w.kind, w.row(r), &rows, dots, &mut unpacked);
+            blocks::dot_rows(isa, w.kind, w.row(r), &rows, dots, &mut unpacked);
         }
         out
     });

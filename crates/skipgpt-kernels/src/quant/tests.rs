@@ -113,39 +113,47 @@ fn every_format_multiplies_like_its_dequantized_weights() {
                 n,
                 d,
             };
-            let got = rows_times_quantized(&x, m, matrix);
-            let wf = dequantize(kind, &w);
-            for i in 0..m {
-                let xr = &x[i * d..(i + 1) * d];
-                let q = Q8Row::quantize(xr);
-                let xq = dequantized(&q);
-                for r in 0..n {
-                    let wr = &wf[r * d..(r + 1) * d];
-                    let exact: f64 = wr.iter().zip(&xq).map(|(&a, &b)| a as f64 * b).sum();
-                    let size: f64 = wr
-                        .iter()
-                        .zip(&xq)
-                        .map(|(&a, &b)| (a as f64 * b).abs())
-                        .sum();
-                    let y = got[i * n + r] as f64;
-                    let what = format!("{kind:?} m {m} n {n} d {d}: [{i}, {r}]");
-                    assert!(
-                        (y - exact).abs() <= 1e-5 * size + 1e-6,
-                        "{what}: {y} against {exact}"
-                    );
-                    // and the activations' rounding is all that separates it from x · w
-                    let true_dot: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    let bound: f64 = wr
-                        .iter()
-                        .enumerate()
-                        .map(|(k, &a)| a.abs() as f64 * 0.5 * q.d[k / Q8_BLOCK] as f64)
-                        .sum();
-                    assert!(
-                        (y - true_dot).abs() <= bound * 1.001 + 1e-5 * size + 1e-6,
-                        "{what}: {y} against {true_dot} (bound {bound})"
-                    );
-                }
+            for isa in crate::isa::Isa::available() {
+                let got = rows_times_quantized_on(isa, &x, m, matrix);
+                let what = format!("{kind:?} {isa:?} m {m} n {n} d {d}");
+                check_product(&got, &x, &dequantize(kind, &w), m, n, d, &what);
             }
+        }
+    }
+}
+
+/// `got` (`[m, n]`) against the f64 products of `x` (`[m, d]`) with the dequantized weights
+/// `wf` (`[n, d]`): exact up to f32 rounding with the activations as quantized, and within
+/// the activations' rounding of the product with `x` itself.
+fn check_product(got: &[f32], x: &[f32], wf: &[f32], m: usize, n: usize, d: usize, what: &str) {
+    for i in 0..m {
+        let xr = &x[i * d..(i + 1) * d];
+        let q = Q8Row::quantize(xr);
+        let xq = dequantized(&q);
+        for r in 0..n {
+            let wr = &wf[r * d..(r + 1) * d];
+            let exact: f64 = wr.iter().zip(&xq).map(|(&a, &b)| a as f64 * b).sum();
+            let size: f64 = wr
+                .iter()
+                .zip(&xq)
+                .map(|(&a, &b)| (a as f64 * b).abs())
+                .sum();
+            let y = got[i * n + r] as f64;
+            let at = format!("{what}: [{i}, {r}]");
+            assert!(
+                (y - exact).abs() <= 1e-5 * size + 1e-6,
+                "{at}: {y} against {exact}"
+            );
+            let true_dot: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let bound: f64 = wr
+                .iter()
+                .enumerate()
+                .map(|(k, &a)| a.abs() as f64 * 0.5 * q.d[k / Q8_BLOCK] as f64)
+                .sum();
+            assert!(
+                (y - true_dot).abs() <= bound * 1.001 + 1e-5 * size + 1e-6,
+                "{at}: {y} against {true_dot} (bound {bound})"
+            );
         }
     }
 }
