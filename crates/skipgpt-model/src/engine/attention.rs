@@ -31,7 +31,7 @@ pub(super) fn attention_step<B: Backend>(
     let n = exec.len();
     let executing: Vec<usize> = (0..n).filter(|&i| exec[i]).collect();
     // rows whose keys and values this layer stores, and where the executing ones sit in them
-    let (kv_rows, q_local): (Vec<usize>, Vec<usize>) = match call.kv_policy {
+    let (kv_rows, q_local): (Vec<usize>, Vec<usize>) = match call.layer_routing.kv_policy {
         KvPolicy::Keep => ((0..n).collect(), executing.clone()),
         KvPolicy::Drop => (executing.clone(), (0..executing.len()).collect()),
     };

@@ -12,7 +12,7 @@ use super::{cache_dtype, LogitRows, SparseCache, SparseOutput};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::llama::{Decider, DecoderLayer, LayerRouting, LlamaForCausalLM};
-use crate::router::{KvPolicy, Routing};
+use crate::router::Routing;
 
 /// What every layer of one call shares: its rows, their rotary tables, and how the cache keeps
 /// keys and values.
@@ -20,8 +20,11 @@ pub(super) struct Call<'a, B: Backend> {
     pub(super) config: &'a LlamaConfig,
     /// (sequence, position) of each row, sequence-major.
     pub(super) rows: Vec<(usize, usize)>,
-    pub(super) kv_policy: KvPolicy,
-    /// The type the cache holds keys and values in ([`cache_dtype`]).
+    /// How every layer routes (the cache's `kv_policy` among it).
+    pub(super) layer_routing: LayerRouting,
+    /// The type the model's matrices are held in, and the cache keys and values in
+    /// ([`cache_dtype`]).
+    weight_dtype: DType,
     pub(super) kv_dtype: DType,
     pub(super) device: B::Device,
     /// Rotary tables at each row's position, `[n, head_dim]`.
@@ -56,11 +59,13 @@ impl<'a, B: Backend> Call<'a, B> {
         let device = model.device();
         let positions: Vec<usize> = rows.iter().map(|r| r.1).collect();
         let (cos, sin) = model.rope.cos_sin_at::<B>(&positions, &device);
+        let weight_dtype = model.model.embed_tokens.weight.val().dtype();
         Call {
             config: &model.config,
             rows,
-            kv_policy: model.layer_routing(routing).kv_policy,
-            kv_dtype: cache_dtype(weight_dtype(model)),
+            layer_routing: model.layer_routing(routing),
+            weight_dtype,
+            kv_dtype: cache_dtype(weight_dtype),
             device,
             cos,
             sin,
@@ -107,11 +112,6 @@ impl<'a, B: Backend> Call<'a, B> {
     }
 }
 
-/// The type the model's weights are held in (f32, or f16/bf16 with `--dtype`).
-fn weight_dtype<B: Backend>(model: &LlamaForCausalLM<B>) -> DType {
-    model.model.embed_tokens.weight.val().dtype()
-}
-
 /// [`super::sparse_forward`] on one piece of rows.
 pub(super) fn forward_rows<B: Backend>(
     model: &LlamaForCausalLM<B>,
@@ -129,9 +129,9 @@ pub(super) fn forward_rows<B: Backend>(
     }
     let mut x = embed(model, tokens, &model.device())?;
     let call = Call::new(model, tokens, cache, routing);
-    let weight_size = weight_dtype(model).size() as f64;
+    let weight_size = call.weight_dtype.size() as f64;
     let mut ledger = Ledger::new(&model.config, weight_size, &call.positions());
-    let layer_routing = model.layer_routing(routing);
+    let layer_routing = call.layer_routing;
     let (mut attn_gates, mut mlp_gates) = (Vec::new(), Vec::new());
     for (layer, store) in model.model.layers.iter().zip(&mut cache.layers) {
         let block_input = x.clone();
