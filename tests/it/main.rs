@@ -4,6 +4,7 @@
 
 mod baselines;
 mod cli;
+mod cli_models;
 mod common;
 mod eval;
 mod smollm2;

@@ -1,0 +1,113 @@
+//! The command line on model files: a routed model served by the sparse engine and by the
+//! gated reference, a GGUF imported and tokenized, a PEFT adapter applied with `--adapter`.
+
+use skipgpt_model::io::safetensors_io::TensorFile;
+
+use crate::common::*;
+
+#[test]
+fn cli_serves_routed_models_with_the_sparse_engine() {
+    let dir = copy_dir(&tiny().join("model-routed"));
+    std::fs::write(
+        dir.path().join("skipgpt.json"),
+        skipgpt_model::RoutingConfig::new().to_json(),
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let input = tiny().join("reference.safetensors");
+    let run = |engine: &str, file: &str| {
+        let path = out.path().join(file);
+        let mut args = logits_args(dir.path().to_str().unwrap(), &input, &path);
+        args.extend(["--engine", engine, "--stats"]);
+        let o = skipgpt(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        (
+            skipgpt_model::io::safetensors_io::TensorFile::open(&path).unwrap(),
+            stderr(&o),
+        )
+    };
+    let (sparse, sparse_err) = run("sparse", "s.safetensors");
+    let (gated, gated_err) = run("dense-gated", "g.safetensors");
+    let (a, _) = sparse.read_f32("logits").unwrap();
+    let (b, _) = gated.read_f32("logits").unwrap();
+    assert!(max_abs_diff(&a, &b) < 1e-4);
+    assert_eq!(
+        sparse.read_f32("attn_gates").unwrap(),
+        gated.read_f32("attn_gates").unwrap()
+    );
+    assert!(sparse_err.contains("ideal speedup"), "{sparse_err}");
+    assert!(gated_err.contains("0% saved"), "{gated_err}");
+}
+
+#[test]
+fn cli_imports_and_tokenizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    crate::common::gguf_writer::llama_tiny_gguf(&tiny().join("model")).write(&gguf);
+    let out = dir.path().join("model");
+    let o = skipgpt(&[
+        "import-gguf",
+        gguf.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("3 layers") && text.contains("30 F32"),
+        "{text}"
+    );
+
+    let o = skipgpt(&[
+        "tokenize",
+        "--model",
+        out.to_str().unwrap(),
+        "--text",
+        "the end",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let original =
+        skipgpt_model::Tokenizer::from_file(&tiny().join("model/tokenizer.json")).unwrap();
+    let (ids, tokens) = original.encode_plain("the end").unwrap();
+    assert_eq!(v["ids"], serde_json::json!(ids));
+    assert_eq!(v["tokens"], serde_json::json!(tokens));
+
+    assert_clean_failure(
+        &[
+            "import-gguf",
+            "/nonexistent.gguf",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["/nonexistent.gguf"],
+    );
+    assert_clean_failure(
+        &[
+            "import-gguf",
+            gguf.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["already exists"],
+    );
+}
+
+#[test]
+fn the_command_line_applies_a_peft_adapter_with_its_logits() {
+    // tests/fixtures/peft-lora: made by peft for the tiny model, with the adapted logits
+    let dir = fixtures().join("peft-lora");
+    let r = reference(&dir);
+    let out = tempfile::tempdir().unwrap();
+    let path = out.path().join("l.safetensors");
+    let model_dir = tiny().join("model");
+    let input = dir.join("reference.safetensors");
+    let mut args = logits_args(model_dir.to_str().unwrap(), &input, &path);
+    args.extend(["--adapter", dir.to_str().unwrap()]);
+    let o = skipgpt(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (got, _) = TensorFile::open(&path).unwrap().read_f32("logits").unwrap();
+    let (want, _) = r.read_f32("logits").unwrap();
+    assert!(max_abs_diff(&got, &want) < 1e-4);
+}
