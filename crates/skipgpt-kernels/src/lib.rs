@@ -8,6 +8,8 @@
 //!   step), f16/bf16 weights widened in registers;
 //! - [`attention`]: causal attention of a few query rows over a key/value cache;
 //! - [`ops`]: RMSNorm, rotary embeddings and SwiGLU on rows;
+//! - [`quant`]: products with weights kept in llama.cpp's quantized block formats, read in
+//!   place;
 //! - [`thread_team`]: a decoding step's threads, kept awake between its parallel products;
 //! - [`isa`]: the instruction sets the loops are compiled for, picked at run time.
 

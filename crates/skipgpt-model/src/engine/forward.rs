@@ -20,6 +20,8 @@ pub(super) struct Call<'a, B: Backend> {
     pub(super) config: &'a LlamaConfig,
     /// (sequence, position) of each row, sequence-major.
     pub(super) rows: Vec<(usize, usize)>,
+    /// Each row's position (what the rotary tables and the dense cost are computed at).
+    positions: Vec<usize>,
     /// How every layer routes (the cache's `kv_policy` among it).
     pub(super) layer_routing: LayerRouting,
     /// The type the model's matrices are held in, and the cache keys and values in
@@ -63,6 +65,7 @@ impl<'a, B: Backend> Call<'a, B> {
         Call {
             config: &model.config,
             rows,
+            positions,
             layer_routing: model.layer_routing(routing),
             weight_dtype,
             kv_dtype: cache_dtype(weight_dtype),
@@ -72,10 +75,6 @@ impl<'a, B: Backend> Call<'a, B> {
             q_tables: OnceCell::new(),
             kv_tables: OnceCell::new(),
         }
-    }
-
-    fn positions(&self) -> Vec<usize> {
-        self.rows.iter().map(|r| r.1).collect()
     }
 
     /// `t`, rows `which` of the call, each rotated at its own position.
@@ -130,7 +129,7 @@ pub(super) fn forward_rows<B: Backend>(
     let mut x = embed(model, tokens, &model.device())?;
     let call = Call::new(model, tokens, cache, routing);
     let weight_size = call.weight_dtype.size() as f64;
-    let mut ledger = Ledger::new(&model.config, weight_size, &call.positions());
+    let mut ledger = Ledger::new(&model.config, weight_size, &call.positions);
     let layer_routing = call.layer_routing;
     let (mut attn_gates, mut mlp_gates) = (Vec::new(), Vec::new());
     for (layer, store) in model.model.layers.iter().zip(&mut cache.layers) {
