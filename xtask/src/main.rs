@@ -110,6 +110,10 @@ enum Task {
         /// the finished 25% point to `models/smollm2-135m/skipgpt-t25/`.
         #[arg(long, value_parser = ["t25", "all", "report", "publish"], default_value = "all")]
         until: String,
+        /// `frontier` skips the 25% models (their measurements are kept in
+        /// `docs/data/fidelity/`) and trains the frontier budgets at once.
+        #[arg(long, value_parser = ["start", "frontier"], default_value = "start")]
+        from: String,
         /// Threads for every command (default: every core).
         #[arg(long)]
         threads: Option<usize>,
@@ -312,6 +316,7 @@ fn main() -> Result<()> {
             out,
             targets,
             until,
+            from,
             threads,
         } => {
             let settings = fidelity::Settings {
@@ -324,7 +329,7 @@ fn main() -> Result<()> {
             } else if until == "publish" {
                 fidelity::publish(std::path::Path::new(&out))
             } else {
-                fidelity::experiment(&out, settings, &until)
+                fidelity::experiment(&out, settings, &from, &until)
             }
         }
         Task::Report { dir, real: true } => {

@@ -335,7 +335,9 @@ fn rows(settings: &Settings) -> Vec<(String, String, Option<u32>)> {
         .iter()
         .map(|(n, w, t)| (n.to_string(), w.to_string(), Some(*t)))
         .collect();
-    for &t in settings.targets.iter().filter(|&&t| t != 25) {
+    let mut targets = settings.targets.clone();
+    targets.sort_unstable();
+    for t in targets.into_iter().filter(|&t| t != 25) {
         for (name, what) in [
             ("s1-lm", "self-data, lm: routers"),
             ("s2-lm", "self-data, lm: routers + LoRA (kl)"),
@@ -347,8 +349,10 @@ fn rows(settings: &Settings) -> Vec<(String, String, Option<u32>)> {
     rows
 }
 
-/// The whole experiment, then the report.
-pub fn experiment(out: &str, settings: Settings, until: &str) -> Result<()> {
+/// The whole experiment, then the report. `from` is `start`, or `frontier` to go straight to
+/// the trained frontier (the 25% models' measurements are kept in `docs/data/fidelity/`, so a
+/// fresh machine need not retrain them to add frontier points).
+pub fn experiment(out: &str, settings: Settings, from: &str, until: &str) -> Result<()> {
     crate::build_release_tools()?;
     let work = PathBuf::from(out);
     std::fs::create_dir_all(&work)?;
@@ -359,6 +363,18 @@ pub fn experiment(out: &str, settings: Settings, until: &str) -> Result<()> {
         settings,
     };
     prepare(&ctx)?;
+    if from != "frontier" {
+        objectives_at_25(&ctx)?;
+        if until == "t25" {
+            return Ok(());
+        }
+    }
+    frontier(&ctx)
+}
+
+/// The published Python-docs model, the three objectives at 25%, their calibrations and stage
+/// 2, ShortGPT at 25%, and the `lm` routers calibrated down to smaller budgets.
+fn objectives_at_25(ctx: &Ctx) -> Result<()> {
     // the Python-docs model as it was published before this experiment (git history)
     let published = ctx.path("published-t25");
     let adapter = ctx.path("published-t25-adapter");
@@ -403,12 +419,13 @@ pub fn experiment(out: &str, settings: Settings, until: &str) -> Result<()> {
     let adapted = ctx.stage2(&ctx.path("s1-lm-t25-cal10"))?;
     ctx.fidelity("s2-lm-t25-cal10", &adapted, None)?;
     ctx.speed("s2-lm-t25-cal10", &adapted)?;
-    write_report(&ctx.work, &ctx.settings)?;
-    if until == "t25" {
-        return Ok(());
-    }
-    // the trained frontier, with the objective the 25% comparison favoured
-    for &t in &ctx.settings.targets.clone() {
+    write_report(&ctx.work, &ctx.settings)
+}
+
+/// The trained frontier, with the objective the 25% comparison favoured, budgets in the order
+/// `--targets` gives them (the most wanted first).
+fn frontier(ctx: &Ctx) -> Result<()> {
+    for &t in &ctx.settings.targets {
         let pruned = ctx.shortgpt(t)?;
         ctx.fidelity(&format!("shortgpt-t{t}"), &pruned, None)?;
         ctx.speed(&format!("shortgpt-t{t}"), &pruned)?;
