@@ -274,11 +274,18 @@ pub(crate) fn positive(s: &str) -> Result<usize, String> {
 /// `--model DIR [--adapter PEFT_DIR]`: the model a serving or evaluation command runs.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model directory (HF layout, optionally with SkipGPT routers).
+    /// Model directory (HF layout, optionally with SkipGPT routers), or a LLaMA GGUF file run
+    /// as it is: on the CPU its quantized matrices (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
+    /// Q6_K) stay in their blocks; other backends dequantize them at load.
     #[arg(long = "model")]
     pub dir: std::path::PathBuf,
+    /// SkipGPT routers to attach to --model: a directory with skipgpt.json and
+    /// routers.safetensors (as published under models/).
+    #[arg(long)]
+    pub routers: Option<std::path::PathBuf>,
     /// A LoRA adapter in PEFT layout to apply on top of --model (merged into its weights at
-    /// load: the adapter's function at the base's speed).
+    /// load: the adapter's function at the base's speed; on a quantized GGUF it stays unmerged,
+    /// as in QLoRA).
     #[arg(long)]
     pub adapter: Option<std::path::PathBuf>,
     /// What the projection and embedding matrices are held in, whatever the file stores:
@@ -292,6 +299,7 @@ impl ModelArgs {
     pub fn source(&self) -> ModelSource {
         ModelSource {
             dir: self.dir.clone(),
+            routers: self.routers.clone(),
             adapter: self.adapter.clone(),
             dtype: self.dtype,
         }

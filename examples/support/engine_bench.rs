@@ -181,7 +181,7 @@ pub fn calibrated<B: Backend>(
         .map(|p| {
             let ids: Vec<i64> = p.iter().map(|&x| x as i64).collect();
             let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, t]), &device);
-            skipgpt_model::precision::embed(&model.model.embed_tokens, ids)
+            model.model.embed(ids)
         })
         .collect();
     for l in 0..model.config.num_hidden_layers {

@@ -1,5 +1,6 @@
 //! The command line on model files: a routed model served by the sparse engine and by the
-//! gated reference, a GGUF imported and tokenized, a PEFT adapter applied with `--adapter`.
+//! gated reference, a GGUF imported and tokenized, a PEFT adapter applied with `--adapter`, a
+//! quantized GGUF run as it is with `--routers`.
 
 use skipgpt_model::io::safetensors_io::TensorFile;
 
@@ -110,4 +111,52 @@ fn the_command_line_applies_a_peft_adapter_with_its_logits() {
     let (got, _) = TensorFile::open(&path).unwrap().read_f32("logits").unwrap();
     let (want, _) = r.read_f32("logits").unwrap();
     assert!(max_abs_diff(&got, &want) < 1e-4);
+}
+
+#[test]
+fn the_command_line_runs_a_quantized_gguf_with_published_routers() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny-q8_0.gguf");
+    let mut g = crate::common::gguf_writer::llama_tiny_gguf(&tiny().join("model"));
+    g.quantize_matrices(skipgpt_kernels::quant::QuantType::Q8_0);
+    g.write(&gguf);
+    let routers = tiny().join("model-routed");
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--prompt-ids",
+            "5,17,42,7",
+            "--max-new-tokens",
+            "6",
+            "--ignore-eos",
+            "--json",
+        ];
+        args.extend(extra);
+        let o = skipgpt(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let dense = generate(&[]);
+    let routed = generate(&["--routers", routers.to_str().unwrap()]);
+    for run in [&dense, &routed] {
+        assert_eq!(run["tokens"].as_array().unwrap().len(), 6, "{run}");
+        assert!(
+            run["text"].is_string(),
+            "the GGUF's own tokenizer decodes: {run}"
+        );
+    }
+    assert_clean_failure(
+        &[
+            "generate",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--routers",
+            dir.path().to_str().unwrap(),
+            "--prompt-ids",
+            "5",
+        ],
+        &["routers.safetensors"],
+    );
 }

@@ -39,10 +39,16 @@ impl ChatTemplate {
     /// The template of a model directory: `chat_template` in `tokenizer_config.json` (a
     /// string, or a list of named templates of which `default` is taken), with its
     /// `bos_token` and `eos_token`.
+    /// A GGUF file's template is its `tokenizer.chat_template`.
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
-        let path = dir.join("tokenizer_config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-        let config: serde_json::Value = crate::error::from_json_text(&text, &path)?;
+        let (config, path) = if crate::io::gguf::is_gguf(dir) {
+            let config = crate::io::gguf::gguf_tokenizer_config(dir)?;
+            (config, dir.to_path_buf())
+        } else {
+            let path = dir.join("tokenizer_config.json");
+            let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+            (crate::error::from_json_text(&text, &path)?, path)
+        };
         let template = match &config["chat_template"] {
             serde_json::Value::String(s) => s.clone(),
             serde_json::Value::Array(named) => named

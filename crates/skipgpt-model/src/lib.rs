@@ -10,6 +10,7 @@
 //! - [`linear`]: one linear layer's weights in the HF layout, initialised, loaded and saved;
 //! - [`lora`]: LoRA adapters on the projections, merging, and the PEFT adapter format;
 //! - [`precision`]: f16/bf16 weights against the f32 residual stream;
+//! - [`quantized`]: weights kept in llama.cpp's block formats, read in place from a GGUF;
 //! - [`flex_kernels`]: the CPU backend's (burn-flex) tensors handed to `skipgpt-kernels`
 //!   (decoding products, the engine's attention, the small operations, on every core);
 //! - [`rope`]: rotary embeddings with default, linear, dynamic and llama3 scaling;
@@ -32,6 +33,7 @@ pub mod linear;
 pub mod llama;
 pub mod lora;
 pub mod precision;
+pub mod quantized;
 pub mod rope;
 pub mod router;
 
@@ -42,8 +44,8 @@ pub use config::{LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use generate::{generate, GenerateOptions, Sampling};
 pub use io::checkpoint::{
-    load_config, load_pretrained, load_pretrained_as, load_routing_config, save_pretrained,
-    save_routers, Pretrained,
+    attach_routers, load_config, load_pretrained, load_pretrained_as, load_routing_config,
+    save_pretrained, save_routers, Pretrained,
 };
 pub use io::safetensors_io::StoreDtype;
 pub use llama::{CausalLmOutput, LlamaForCausalLM};

@@ -15,13 +15,16 @@ use std::path::{Path, PathBuf};
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
-use burn::tensor::{backend::Backend, module::linear, Distribution, Tensor};
+use burn::tensor::{backend::Backend, module::linear, Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 use crate::io::atomic_write::atomic_write;
 use crate::io::safetensors_io::{write_safetensors, OwnedTensor, StoreDtype, WeightSet};
+use crate::io::weight_source::WeightSource;
+use crate::linear::{load_bias, load_linear};
 use crate::precision::linear_forward;
+use crate::quantized::QuantWeight;
 
 /// Adapter settings: which projections get one, their rank, scale and dropout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,10 +164,17 @@ impl<B: Backend> LoraAdapter<B> {
 }
 
 /// A linear projection with an optional LoRA adapter. Without one it is exactly `Linear`.
+///
+/// Its base weight is `base_layer`'s, or, for a model run from a quantized GGUF on the CPU
+/// backend, `quantized` (llama.cpp's blocks, read in place; `base_layer` then keeps only the
+/// bias and an empty `[in, 0]` weight). An adapter on a quantized base stays unmerged, as in
+/// QLoRA: its term is added to the quantized product.
 #[derive(Module, Debug)]
 pub struct LoraLinear<B: Backend> {
     /// The base projection (PEFT's `base_layer`); frozen while an adapter trains.
     pub base_layer: Linear<B>,
+    /// The base weight in a block format, in place of `base_layer`'s.
+    pub quantized: Option<QuantWeight>,
     pub lora: Option<LoraAdapter<B>>,
 }
 
@@ -172,19 +182,58 @@ impl<B: Backend> From<Linear<B>> for LoraLinear<B> {
     fn from(base_layer: Linear<B>) -> Self {
         LoraLinear {
             base_layer,
+            quantized: None,
             lora: None,
         }
     }
 }
 
 impl<B: Backend> LoraLinear<B> {
+    /// Loads HF `{name}.weight` `[d_out, d_in]` (and `{name}.bias`): kept in its block format
+    /// where the source stores it so and the backend computes with it
+    /// ([`crate::quantized::keeps_quantized`]), else as [`load_linear`] holds it.
+    pub(crate) fn load(
+        w: &impl WeightSource,
+        name: &str,
+        [d_in, d_out]: [usize; 2],
+        bias: bool,
+        device: &B::Device,
+    ) -> Result<Self> {
+        if crate::quantized::keeps_quantized::<B>() {
+            if let Some(q) = w.quantized(&format!("{name}.weight"), [d_out, d_in])? {
+                let base_layer = Linear {
+                    weight: Param::from_tensor(Tensor::zeros([d_in, 0], device)),
+                    bias: load_bias(w, name, d_out, bias, device)?,
+                };
+                return Ok(LoraLinear {
+                    base_layer,
+                    quantized: Some(q),
+                    lora: None,
+                });
+            }
+        }
+        Ok(load_linear(w, name, d_in, d_out, bias, device)?.into())
+    }
+
     /// # Shapes
     /// - x: `[..., in]`
     /// - output: `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.lora {
+            None => self.base_forward(x),
+            Some(lora) => self.base_forward(x.clone()) + lora.forward(x),
+        }
+    }
+
+    /// The base projection alone.
+    ///
+    /// # Shapes
+    /// - x: `[..., in]`
+    /// - output: `[..., out]`
+    pub fn base_forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.quantized {
             None => linear_forward(&self.base_layer, x),
-            Some(lora) => linear_forward(&self.base_layer, x.clone()) + lora.forward(x),
+            Some(q) => add_bias(q.forward(x), &self.base_layer),
         }
     }
 
@@ -199,21 +248,22 @@ impl<B: Backend> LoraLinear<B> {
         projections: &[&Self],
         x: Tensor<B, D>,
     ) -> Vec<Tensor<B, D>> {
+        let forward_each = || projections.iter().map(|p| p.forward(x.clone())).collect();
+        if projections.iter().any(|p| p.quantized.is_some()) {
+            return forward_each();
+        }
         let weights: Vec<Tensor<B, 2>> = projections
             .iter()
             .map(|p| p.base_layer.weight.val())
             .collect();
         let Some(products) = crate::flex_kernels::rows_times_weights(&x, &weights) else {
-            return projections.iter().map(|p| p.forward(x.clone())).collect();
+            return forward_each();
         };
         products
             .into_iter()
             .zip(projections)
             .map(|(y, p)| {
-                let y = match &p.base_layer.bias {
-                    Some(b) => y + b.val().unsqueeze(),
-                    None => y,
-                };
+                let y = add_bias(y, &p.base_layer);
                 match &p.lora {
                     Some(lora) => y + lora.forward(x.clone()),
                     None => y,
@@ -224,18 +274,48 @@ impl<B: Backend> LoraLinear<B> {
 
     /// `[in, out]` of the base weight.
     pub fn dims(&self) -> [usize; 2] {
-        self.base_layer.weight.dims()
+        match &self.quantized {
+            Some(q) => {
+                let [n, d] = q.dims();
+                [d, n]
+            }
+            None => self.base_layer.weight.dims(),
+        }
+    }
+
+    /// The base weight `[in, out]` as a float tensor (a quantized one dequantized, in f32).
+    pub fn dense_weight(&self) -> Tensor<B, 2> {
+        match &self.quantized {
+            Some(q) => {
+                let device = self.base_layer.weight.device();
+                let data = TensorData::new(q.dequantize(), q.dims());
+                Tensor::<B, 2>::from_data(data, &device).transpose()
+            }
+            None => self.base_layer.weight.val(),
+        }
     }
 
     /// Folds the adapter into the base weight (`W + scale·A·B`) and drops it: the same
-    /// function at inference, at the cost of a plain linear layer.
+    /// function at inference, at the cost of a plain linear layer. A quantized base keeps its
+    /// adapter (folding it in would need the blocks quantized again).
     pub fn merge(&mut self) {
+        if self.quantized.is_some() {
+            return;
+        }
         if let Some(lora) = self.lora.take() {
             // in the base weight's type: merging keeps a half-precision model half
             let base = self.base_layer.weight.val();
             let weight = base.clone() + lora.delta().cast(base.dtype());
             self.base_layer.weight = Param::from_tensor(crate::flex_kernels::hold_weight(weight));
         }
+    }
+}
+
+/// `y` plus `linear`'s bias, if it has one.
+fn add_bias<B: Backend, const D: usize>(y: Tensor<B, D>, linear: &Linear<B>) -> Tensor<B, D> {
+    match &linear.bias {
+        Some(b) => y + b.val().unsqueeze(),
+        None => y,
     }
 }
 

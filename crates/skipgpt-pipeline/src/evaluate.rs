@@ -11,8 +11,8 @@ use skipgpt_eval::{
     evaluate_mc, evaluate_perplexity, synthetic_mc_tasks, McReport, McTask, PerplexityReport,
 };
 use skipgpt_model::{
-    load_peft_adapter, load_pretrained_as, LlamaForCausalLM, Pretrained, Routing, StoreDtype,
-    Tokenizer,
+    attach_routers, load_peft_adapter, load_pretrained_as, LlamaForCausalLM, Pretrained, Routing,
+    StoreDtype, Tokenizer,
 };
 
 use crate::corpus::CorpusConfig;
@@ -107,8 +107,10 @@ pub fn score_tasks<B: Backend>(
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ModelSource {
-    /// Model directory (HF layout, optionally with SkipGPT routers).
+    /// Model directory (HF layout, optionally with SkipGPT routers), or a GGUF file.
     pub dir: PathBuf,
+    /// A routers directory (`skipgpt.json` and `routers.safetensors`) to attach.
+    pub routers: Option<PathBuf>,
     pub adapter: Option<PathBuf>,
     /// f16 or bf16 take half the memory; the residual stream, norms, routers, attention and
     /// the cache stay f32.
@@ -128,9 +130,13 @@ impl ModelSource {
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<Pretrained<B>> {
         let mut pretrained = load_pretrained_as::<B>(&self.dir, device, self.dtype)?;
         warn_unused(&pretrained);
+        if let Some(routers) = &self.routers {
+            pretrained.model = attach_routers(pretrained.model, routers)?;
+        }
         if let Some(adapter) = &self.adapter {
             let adapter = load_peft_adapter(adapter)?;
-            // merged: the same function as the unmerged adapter, at the speed of the base
+            // merged: the same function as the unmerged adapter, at the speed of the base (a
+            // quantized base keeps it unmerged)
             pretrained.model = pretrained.model.load_lora(&adapter)?.merge_lora();
         }
         Ok(pretrained)

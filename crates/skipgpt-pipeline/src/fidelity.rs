@@ -80,12 +80,13 @@ pub fn eval_fidelity<B: Backend>(
     let pretrained = config.model.load::<B>(device)?;
     let tokenizer = require_tokenizer(pretrained.tokenizer, &config.model.dir, "eval-fidelity")?;
     let model = pretrained.model;
-    // the dense reference: --dense, or the same directory without the adapter
+    // the dense reference: --dense, or the same model without routers or adapter
     let reference: LlamaForCausalLM<B> = ModelSource {
         dir: config
             .dense
             .clone()
             .unwrap_or_else(|| config.model.dir.clone()),
+        routers: None,
         adapter: None,
         dtype: config.model.dtype,
     }

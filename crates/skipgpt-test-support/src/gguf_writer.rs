@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use skipgpt_kernels::quant::{quantize, QuantType};
 use skipgpt_model::io::safetensors_io::TensorFile;
 
 /// A metadata value (the types the tests need).
@@ -53,6 +54,23 @@ impl GgufBuilder {
             ggml_type: 0,
             data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         });
+    }
+
+    /// Every f32 matrix whose rows are whole 32-value blocks, in `kind` (Q8_0 or Q4_0), as
+    /// `llama-quantize` would leave it; the rest (norms, rows of other lengths) stays f32.
+    pub fn quantize_matrices(&mut self, kind: QuantType) {
+        for t in self.tensors.iter_mut() {
+            if t.ggml_type != 0 || t.dims.len() != 2 || t.dims[0] % 32 != 0 {
+                continue;
+            }
+            let values: Vec<f32> = t
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            t.data = quantize(kind, &values).expect("a quantizable format");
+            t.ggml_type = kind as u32;
+        }
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {

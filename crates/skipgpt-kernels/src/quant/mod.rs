@@ -11,16 +11,19 @@
 //!   for byte as GGUF stores them (llama.cpp quantizes rows that are no multiple of 256 values,
 //!   SmolLM2's among them, to Q5_0, Q5_1 or Q8_0 where a K format was asked for);
 //! - [`dequantize`]: a block format back to f32 (what other backends load);
+//! - [`quantize`]: f32 rows into Q8_0 or Q4_0 blocks;
 //! - [`rows_times_quantized`]: `x · Wᵀ` for `W` stored `[n, d]` in a block format, on every
 //!   core.
 
 mod blocks;
+mod quantize;
 #[cfg(test)]
 mod tests;
 
 use crate::isa::Isa;
 use crate::thread_team::par_map;
 pub use blocks::Unpacked;
+pub use quantize::{quantize, QUANTIZABLE};
 
 /// A llama.cpp block format. The discriminants are ggml's type codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

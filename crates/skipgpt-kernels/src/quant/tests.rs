@@ -197,3 +197,45 @@ fn integer_dot_products_agree_on_every_instruction_set() {
         assert_eq!(blocks::int_dot(isa, &lo, &lo), 32 * 127 * 127, "{isa:?}");
     }
 }
+
+#[test]
+fn quantized_rows_come_back_within_a_step_of_each_value() {
+    let x = values(32 * 8, 5);
+    for kind in QUANTIZABLE {
+        let blocks = quantize(kind, &x).expect("a quantizable format");
+        assert_eq!(blocks.len(), 8 * kind.block_bytes(), "{kind:?}");
+        let back = dequantize(kind, &blocks);
+        for (block, (orig, got)) in x.chunks(32).zip(back.chunks(32)).enumerate() {
+            let scale = f16::from_le_bytes([
+                blocks[block * kind.block_bytes()],
+                blocks[block * kind.block_bytes() + 1],
+            ])
+            .to_f32()
+            .abs();
+            for (a, b) in orig.iter().zip(got) {
+                // half a quantization step (a whole one on Q4_0's clipped side: the largest
+                // magnitude maps to -8, its opposite to at most +7), and the f16 rounding of
+                // the scale over 127 steps
+                let steps = if kind == QuantType::Q4_0 { 1.0 } else { 0.5 };
+                let bound = steps * scale + 127.0 * scale * 1e-3;
+                assert!((a - b).abs() <= bound, "{kind:?}: {a} came back as {b}");
+            }
+        }
+    }
+}
+
+#[test]
+fn q8_0_matches_llama_cpp_on_a_block_written_by_hand() {
+    let mut x = [0.0f32; 32];
+    x[0] = 1.27;
+    x[1] = -0.635;
+    x[2] = 0.004;
+    let blocks = quantize(QuantType::Q8_0, &x).unwrap();
+    assert_eq!(
+        f16::from_le_bytes([blocks[0], blocks[1]]),
+        f16::from_f32(0.01)
+    );
+    assert_eq!(&blocks[2..5], &[127u8, (-64i8) as u8, 0]);
+    assert!(quantize(QuantType::Q8_0, &x[..31]).is_none());
+    assert!(quantize(QuantType::Q6K, &x).is_none());
+}

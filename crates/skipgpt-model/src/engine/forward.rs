@@ -175,7 +175,9 @@ fn embed<B: Backend>(
     }
     crate::generate::validate_ids(&ids, model.config.vocab_size, "input")?;
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), device);
-    Ok(crate::precision::embed(&model.model.embed_tokens, ids)
+    Ok(model
+        .model
+        .embed(ids)
         .reshape([n, model.config.hidden_size]))
 }
 

@@ -152,12 +152,16 @@ pub fn load_pretrained<B: Backend>(dir: &Path, device: &B::Device) -> Result<Pre
 }
 
 /// [`load_pretrained`] with the projection and embedding matrices held in `dtype` whatever the
-/// file stores (see [`crate::precision`]); routers, norms and biases stay f32.
+/// file stores (see [`crate::precision`]); routers, norms and biases stay f32. `dir` may also
+/// be a GGUF file, run as it is ([`crate::io::gguf::load_gguf`]).
 pub fn load_pretrained_as<B: Backend>(
     dir: &Path,
     device: &B::Device,
     dtype: StoreDtype,
 ) -> Result<Pretrained<B>> {
+    if crate::io::gguf::is_gguf(dir) {
+        return crate::io::gguf::load_gguf(dir, device, dtype);
+    }
     crate::precision::check_supported::<B>(dtype, device)?;
     let config = load_config(dir)?;
     let weights = WeightSet::open_dir(dir)?.with_matrix_dtype(dtype);
@@ -213,6 +217,29 @@ pub fn load_routing_config(dir: &Path) -> Result<Option<RoutingConfig>> {
         }),
         (false, false) => Ok(None),
     }
+}
+
+/// Attaches the routers of `dir` (`skipgpt.json` and `routers.safetensors`, as published under
+/// `models/`) to `model`, a directory's or a GGUF's, replacing any it has. Routers made for
+/// another model are refused ([`LlamaForCausalLM::load_routers`]).
+pub fn attach_routers<B: Backend>(
+    model: LlamaForCausalLM<B>,
+    dir: &Path,
+) -> Result<LlamaForCausalLM<B>> {
+    if !dir.is_dir() {
+        return Err(ModelError::MissingFile {
+            path: dir.to_path_buf(),
+            what: "routers directory not found (expected a folder with skipgpt.json and routers.safetensors)",
+        });
+    }
+    let Some(routing) = load_routing_config(dir)? else {
+        return Err(ModelError::MissingFile {
+            path: dir.join(ROUTERS_FILE),
+            what: "not found: a routers directory holds routers.safetensors and skipgpt.json",
+        });
+    };
+    let routers = WeightSet::open_files(&[dir.join(ROUTERS_FILE)])?;
+    model.load_routers(routing, &routers)
 }
 
 /// Writes only the routers and `skipgpt.json` of a routed model into `dir`.

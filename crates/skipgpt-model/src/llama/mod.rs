@@ -18,7 +18,7 @@ pub mod routers;
 pub mod weights;
 
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 pub use block::{Decider, DecoderLayer, LayerOutput, LayerRouting};
@@ -27,7 +27,8 @@ pub use layers::{Attention, AttentionContext, Mlp, RmsNorm, MASKED};
 
 use crate::config::LlamaConfig;
 use crate::linear::{init_linear, INIT_STD};
-use crate::lora::LoraConfig;
+use crate::lora::{LoraConfig, LoraLinear};
+use crate::quantized::QuantWeight;
 use crate::rope::RotaryEmbedding;
 use crate::router::{RouterNoise, Routing, RoutingConfig};
 
@@ -35,8 +36,37 @@ use crate::router::{RouterNoise, Routing, RoutingConfig};
 #[derive(Module, Debug)]
 pub struct LlamaModel<B: Backend> {
     pub embed_tokens: Embedding<B>,
+    /// The embedding table in a block format (a model run from a quantized GGUF on the CPU
+    /// backend), in place of `embed_tokens`' (then `[vocab, 0]`): rows are dequantized as
+    /// they are looked up, and a tied head multiplies with the blocks.
+    pub embed_quantized: Option<QuantWeight>,
     pub layers: Vec<DecoderLayer<B>>,
     pub norm: RmsNorm<B>,
+}
+
+impl<B: Backend> LlamaModel<B> {
+    /// The embeddings of `ids`, in f32.
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let Some(table) = &self.embed_quantized else {
+            return crate::precision::embed(&self.embed_tokens, ids);
+        };
+        let [b, t] = ids.dims();
+        let device = ids.device();
+        let rows: Vec<usize> = ids
+            .into_data()
+            .convert::<i64>()
+            .into_vec::<i64>()
+            .expect("integer ids")
+            .into_iter()
+            .map(|id| id as usize)
+            .collect();
+        let hidden = table.dims()[1];
+        Tensor::from_data(TensorData::new(table.rows(&rows), [b, t, hidden]), &device)
+    }
 }
 
 /// What a forward pass returns.
@@ -59,7 +89,7 @@ pub struct CausalLmOutput<B: Backend> {
 pub struct LlamaForCausalLM<B: Backend> {
     pub model: LlamaModel<B>,
     /// `None` when the head is tied to `model.embed_tokens`.
-    pub lm_head: Option<Linear<B>>,
+    pub lm_head: Option<LoraLinear<B>>,
     #[module(skip)]
     pub config: LlamaConfig,
     #[module(skip)]
@@ -88,13 +118,14 @@ impl LlamaConfig {
         LlamaForCausalLM {
             model: LlamaModel {
                 embed_tokens,
+                embed_quantized: None,
                 layers: (0..self.num_hidden_layers)
                     .map(|_| DecoderLayer::init(self, device))
                     .collect(),
                 norm: RmsNorm::new(self.hidden_size, self.rms_norm_eps, device),
             },
             lm_head: (!self.tie_word_embeddings)
-                .then(|| init_linear(self.hidden_size, self.vocab_size, false, device)),
+                .then(|| init_linear(self.hidden_size, self.vocab_size, false, device).into()),
             config: self.clone(),
             rope: RotaryEmbedding::new(self),
             routing_config: None,
@@ -168,7 +199,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let [_, t] = input_ids.dims();
         let ctx = self.attention_context(t);
         let layer_routing = self.layer_routing(routing);
-        let mut x = crate::precision::embed(&self.model.embed_tokens, input_ids);
+        let mut x = self.model.embed(input_ids);
         let mut hidden_states = Vec::new();
         let (mut attn_gates, mut mlp_gates) = (Vec::new(), Vec::new());
         for (i, layer) in self.model.layers.iter().enumerate() {
@@ -194,9 +225,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
 
     /// The output projection, `[.., hidden] -> [.., vocab]`.
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.lm_head {
-            Some(head) => crate::precision::linear_forward(head, x),
-            None => {
+        match (&self.lm_head, &self.model.embed_quantized) {
+            (Some(head), _) => head.forward(x),
+            (None, Some(table)) => table.forward(x),
+            (None, None) => {
                 // [vocab, hidden] · [hidden, rows]: the tied embedding is read in its stored
                 // layout (a transposed view of it would be copied by some backends on every
                 // call); only the few activation rows are transposed

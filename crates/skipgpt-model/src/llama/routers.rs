@@ -67,7 +67,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
     }
 
     /// Loads routers saved by [`LlamaForCausalLM::export_routers`] (`routers.safetensors`).
+    /// Routers made for another model (another layer count or hidden size) are refused with
+    /// the mismatch named.
     pub fn load_routers(mut self, routing: RoutingConfig, w: &WeightSet) -> Result<Self> {
+        self.check_routers_fit(w)?;
         let device = self.device();
         let h = self.config.hidden_size;
         let (attn_slot, mlp_slot) = router_names(routing.granularity);
@@ -87,6 +90,37 @@ impl<B: Backend> LlamaForCausalLM<B> {
         self.routing_config = Some(routing);
         self.routing = Routing::Deterministic;
         Ok(self)
+    }
+
+    /// Whether the routers of `w` were made for a model of this one's layer count and hidden
+    /// size: every router reads the hidden state, so a matrix's input width is the hidden size.
+    fn check_routers_fit(&self, w: &WeightSet) -> Result<()> {
+        let file = w
+            .paths()
+            .first()
+            .map_or(String::new(), |p| format!("{}: ", p.display()));
+        let layer_of = |name: &str| {
+            let rest = name.strip_prefix("model.layers.")?;
+            rest.split('.').next()?.parse::<usize>().ok()
+        };
+        let layers = w.names().filter_map(layer_of).max().map_or(0, |l| l + 1);
+        let expected = self.config.num_hidden_layers;
+        if layers != expected {
+            return Err(ModelError::InvalidInput(format!(
+                "{file}routers for {layers} layers, but the model has {expected}: these routers were made for another model"
+            )));
+        }
+        let h = self.config.hidden_size;
+        for name in w.names().filter(|n| n.ends_with(".weight")) {
+            let shape = w.shape(name)?;
+            if shape.len() == 2 && !name.contains(".fc2.") && shape[1] != h {
+                return Err(ModelError::InvalidInput(format!(
+                    "{file}router `{name}` reads {} values, but the model's hidden size is {h}: these routers were made for another model",
+                    shape[1]
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The router weights under their checkpoint names (f32).

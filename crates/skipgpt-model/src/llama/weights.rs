@@ -15,19 +15,22 @@ use std::collections::BTreeMap;
 
 use burn::module::Param;
 use burn::nn::Embedding;
-use burn::tensor::backend::Backend;
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use super::{Attention, DecoderLayer, LlamaForCausalLM, LlamaModel, Mlp, RmsNorm};
 use crate::config::LlamaConfig;
 use crate::error::Result;
-use crate::io::safetensors_io::{OwnedTensor, StoreDtype, WeightSet};
-use crate::linear::{export_linear, load_linear};
+use crate::io::safetensors_io::{OwnedTensor, StoreDtype};
+use crate::io::weight_source::WeightSource;
+use crate::linear::export_with_weight;
+use crate::lora::LoraLinear;
+use crate::quantized::{keeps_quantized, QuantWeight};
 use crate::rope::RotaryEmbedding;
 use crate::router::Routing;
 
 impl<B: Backend> RmsNorm<B> {
     pub(super) fn load(
-        w: &WeightSet,
+        w: &impl WeightSource,
         name: &str,
         dim: usize,
         eps: f64,
@@ -43,7 +46,7 @@ impl<B: Backend> RmsNorm<B> {
 impl<B: Backend> Attention<B> {
     pub(super) fn load(
         c: &LlamaConfig,
-        w: &WeightSet,
+        w: &impl WeightSource,
         p: &str,
         device: &B::Device,
     ) -> Result<Self> {
@@ -53,10 +56,10 @@ impl<B: Backend> Attention<B> {
             c.num_key_value_heads * c.head_dim,
         );
         Ok(Attention {
-            q_proj: load_linear(w, &format!("{p}.q_proj"), h, q, c.qkv_bias, device)?.into(),
-            k_proj: load_linear(w, &format!("{p}.k_proj"), h, kv, c.qkv_bias, device)?.into(),
-            v_proj: load_linear(w, &format!("{p}.v_proj"), h, kv, c.qkv_bias, device)?.into(),
-            o_proj: load_linear(w, &format!("{p}.o_proj"), q, h, c.o_bias, device)?.into(),
+            q_proj: LoraLinear::load(w, &format!("{p}.q_proj"), [h, q], c.qkv_bias, device)?,
+            k_proj: LoraLinear::load(w, &format!("{p}.k_proj"), [h, kv], c.qkv_bias, device)?,
+            v_proj: LoraLinear::load(w, &format!("{p}.v_proj"), [h, kv], c.qkv_bias, device)?,
+            o_proj: LoraLinear::load(w, &format!("{p}.o_proj"), [q, h], c.o_bias, device)?,
             num_heads: c.num_attention_heads,
             num_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
@@ -75,7 +78,7 @@ impl<B: Backend> Attention<B> {
             ("v_proj", &self.v_proj),
             ("o_proj", &self.o_proj),
         ] {
-            export_linear(out, &format!("{p}.{name}"), &lin.base_layer, dtype);
+            export_projection(out, &format!("{p}.{name}"), lin, dtype);
         }
     }
 }
@@ -83,15 +86,15 @@ impl<B: Backend> Attention<B> {
 impl<B: Backend> Mlp<B> {
     pub(super) fn load(
         c: &LlamaConfig,
-        w: &WeightSet,
+        w: &impl WeightSource,
         p: &str,
         device: &B::Device,
     ) -> Result<Self> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         Ok(Mlp {
-            gate_proj: load_linear(w, &format!("{p}.gate_proj"), h, i, c.mlp_bias, device)?.into(),
-            up_proj: load_linear(w, &format!("{p}.up_proj"), h, i, c.mlp_bias, device)?.into(),
-            down_proj: load_linear(w, &format!("{p}.down_proj"), i, h, c.mlp_bias, device)?.into(),
+            gate_proj: LoraLinear::load(w, &format!("{p}.gate_proj"), [h, i], c.mlp_bias, device)?,
+            up_proj: LoraLinear::load(w, &format!("{p}.up_proj"), [h, i], c.mlp_bias, device)?,
+            down_proj: LoraLinear::load(w, &format!("{p}.down_proj"), [i, h], c.mlp_bias, device)?,
         })
     }
 
@@ -106,7 +109,7 @@ impl<B: Backend> Mlp<B> {
             ("up_proj", &self.up_proj),
             ("down_proj", &self.down_proj),
         ] {
-            export_linear(out, &format!("{p}.{name}"), &lin.base_layer, dtype);
+            export_projection(out, &format!("{p}.{name}"), lin, dtype);
         }
     }
 }
@@ -114,7 +117,7 @@ impl<B: Backend> Mlp<B> {
 impl<B: Backend> DecoderLayer<B> {
     pub(super) fn load(
         c: &LlamaConfig,
-        w: &WeightSet,
+        w: &impl WeightSource,
         p: &str,
         device: &B::Device,
     ) -> Result<Self> {
@@ -162,33 +165,22 @@ impl<B: Backend> DecoderLayer<B> {
 impl<B: Backend> LlamaForCausalLM<B> {
     /// Builds the model from HF-named weights. Every expected tensor must be present with the
     /// exact shape the config implies.
-    pub fn load(config: &LlamaConfig, w: &WeightSet, device: &B::Device) -> Result<Self> {
+    pub fn load(config: &LlamaConfig, w: &impl WeightSource, device: &B::Device) -> Result<Self> {
         let c = config;
-        let embed = w.matrix::<B>(
-            "model.embed_tokens.weight",
-            [c.vocab_size, c.hidden_size],
-            device,
-        )?;
+        let (embed_tokens, embed_quantized) = load_embedding(c, w, device)?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| DecoderLayer::load(c, w, &format!("model.layers.{i}"), device))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(load_linear(
-                w,
-                "lm_head",
-                c.hidden_size,
-                c.vocab_size,
-                false,
-                device,
-            )?)
+            let dims = [c.hidden_size, c.vocab_size];
+            Some(LoraLinear::load(w, "lm_head", dims, false, device)?)
         };
         Ok(LlamaForCausalLM {
             model: LlamaModel {
-                embed_tokens: Embedding {
-                    weight: Param::from_tensor(embed),
-                },
+                embed_tokens,
+                embed_quantized,
                 layers,
                 norm: RmsNorm::load(w, "model.norm", c.hidden_size, c.rms_norm_eps, device)?,
             },
@@ -206,7 +198,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let mut out = BTreeMap::new();
         out.insert(
             "model.embed_tokens.weight".into(),
-            OwnedTensor::from_tensor(self.model.embed_tokens.weight.val(), dtype),
+            OwnedTensor::from_tensor(self.model.dense_embedding(), dtype),
         );
         for (i, layer) in self.model.layers.iter().enumerate() {
             layer.export(&mut out, &format!("model.layers.{i}"), dtype);
@@ -216,8 +208,49 @@ impl<B: Backend> LlamaForCausalLM<B> {
             OwnedTensor::from_tensor(self.model.norm.weight.val(), dtype),
         );
         if let Some(head) = &self.lm_head {
-            export_linear(&mut out, "lm_head", head, dtype);
+            export_projection(&mut out, "lm_head", head, dtype);
         }
         out
+    }
+}
+
+/// The embedding table `[vocab, hidden]`: kept in its block format where the source stores it
+/// so and the backend computes with it (the `Embedding` then holds `[vocab, 0]`).
+fn load_embedding<B: Backend>(
+    c: &LlamaConfig,
+    w: &impl WeightSource,
+    device: &B::Device,
+) -> Result<(Embedding<B>, Option<QuantWeight>)> {
+    let (name, shape) = ("model.embed_tokens.weight", [c.vocab_size, c.hidden_size]);
+    if keeps_quantized::<B>() {
+        if let Some(table) = w.quantized(name, shape)? {
+            let weight = Param::from_tensor(Tensor::zeros([c.vocab_size, 0], device));
+            return Ok((Embedding { weight }, Some(table)));
+        }
+    }
+    let weight = Param::from_tensor(w.matrix::<B>(name, shape, device)?);
+    Ok((Embedding { weight }, None))
+}
+
+/// Writes a projection's HF weight (a quantized one dequantized) and bias.
+fn export_projection<B: Backend>(
+    out: &mut BTreeMap<String, OwnedTensor>,
+    name: &str,
+    lin: &LoraLinear<B>,
+    dtype: StoreDtype,
+) {
+    export_with_weight(out, name, lin.dense_weight(), &lin.base_layer, dtype);
+}
+
+impl<B: Backend> LlamaModel<B> {
+    /// The embedding table `[vocab, hidden]` as a float tensor (a quantized one dequantized).
+    pub fn dense_embedding(&self) -> Tensor<B, 2> {
+        match &self.embed_quantized {
+            Some(table) => {
+                let device = self.embed_tokens.weight.device();
+                Tensor::from_data(TensorData::new(table.dequantize(), table.dims()), &device)
+            }
+            None => self.embed_tokens.weight.val(),
+        }
     }
 }

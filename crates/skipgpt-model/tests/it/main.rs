@@ -1,6 +1,6 @@
 //! The model crate's integration tests, one binary: parity with HF transformers on the
-//! fixtures, checkpoints, routing, the sparse engine, the CPU backend's kernels, GGUF import
-//! and LoRA. Helpers come from `skipgpt-test-support`.
+//! fixtures, checkpoints, routing, the sparse engine, the CPU backend's kernels, GGUF import,
+//! GGUF files run quantized, and LoRA. Helpers come from `skipgpt-test-support`.
 
 mod checkpoint;
 mod comparisons;
@@ -11,4 +11,6 @@ mod flex_kernels;
 mod gguf;
 mod lora;
 mod parity;
+#[cfg(feature = "flex")]
+mod quantized;
 mod routing;

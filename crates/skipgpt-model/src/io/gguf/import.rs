@@ -57,12 +57,12 @@ pub struct ImportReport {
 }
 
 /// One output tensor: where it comes from and what it must look like.
-struct Planned<'a> {
-    hf_name: String,
-    source: &'a TensorInfo,
-    shape: Vec<usize>,
+pub(super) struct Planned<'a> {
+    pub(super) hf_name: String,
+    pub(super) source: &'a TensorInfo,
+    pub(super) shape: Vec<usize>,
     /// Row permutation to undo: the number of heads of a q or k projection.
-    unpermute_heads: Option<usize>,
+    pub(super) unpermute_heads: Option<usize>,
 }
 
 /// Imports `gguf_path` into `out` (created if needed). `progress(done, total, tensor)` is called
@@ -357,7 +357,7 @@ fn llama_specs(c: &LlamaConfig) -> Vec<Spec> {
 }
 
 /// Maps every GGUF tensor to its HF name and expected shape; returns the tensors left over.
-fn plan_tensors<'a>(
+pub(super) fn plan_tensors<'a>(
     g: &'a GgufFile,
     c: &LlamaConfig,
 ) -> Result<(Vec<Planned<'a>>, Vec<String>), GgufError> {
@@ -415,20 +415,25 @@ fn plan_tensors<'a>(
 /// Undoes llama.cpp's `permute(w, n_head)`: within each head of `rows / heads` rows, GGUF row
 /// `2i + j` holds HF row `j·half + i` (j in {0, 1}, i < half). `cols` is 1 for a bias.
 pub fn unpermute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let rows = w.len() / cols;
+    unpermuted_order(w.len() / cols, heads)
+        .into_iter()
+        .flat_map(|src| &w[src * cols..(src + 1) * cols])
+        .copied()
+        .collect()
+}
+
+/// For every HF row of a q or k projection of `rows` rows, the GGUF row that holds it (see
+/// [`unpermute_rows`]).
+pub fn unpermuted_order(rows: usize, heads: usize) -> Vec<usize> {
     let head = rows / heads;
     let half = head / 2;
-    let mut out = vec![0.0; w.len()];
-    for hd in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = hd * head + 2 * i + j;
-                let dst = hd * head + j * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
+    (0..rows)
+        .map(|dst| {
+            let (hd, local) = (dst / head, dst % head);
+            let (j, i) = (local / half, local % half);
+            hd * head + 2 * i + j
+        })
+        .collect()
 }
 
 fn dtype_tag(d: StoreDtype) -> (&'static str, usize) {

@@ -4,6 +4,8 @@
 //! - [`quant`]: dequantization of F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K;
 //! - [`tokenizer`]: a `tokenizer.json` rebuilt from `tokenizer.ggml.*` (byte-level BPE);
 //! - `config`: the `llama.*` metadata → a [`crate::LlamaConfig`];
+//! - [`weights`]: a LLaMA GGUF run as it is ([`load_gguf`]), quantized matrices kept in
+//!   their blocks;
 //! - [`import`]: a LLaMA GGUF → `config.json`, `model.safetensors` (streamed tensor by tensor,
 //!   llama.cpp's q/k row permutation undone), `tokenizer.json`, `tokenizer_config.json`.
 //!
@@ -15,12 +17,14 @@ pub mod import;
 pub mod quant;
 pub mod reader;
 pub mod tokenizer;
+pub mod weights;
 
 use std::path::PathBuf;
 
 pub use import::{import_gguf, ImportOptions, ImportReport};
 pub use quant::GgmlType;
 pub use reader::{GgufFile, GgufValue, TensorInfo};
+pub use weights::{gguf_tokenizer_config, is_gguf, load_gguf, GgufWeights};
 
 /// What can be wrong with a GGUF file, or with what it asks of us.
 #[derive(Debug, thiserror::Error)]

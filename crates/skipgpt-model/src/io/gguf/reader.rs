@@ -105,7 +105,7 @@ impl TensorInfo {
 /// An open GGUF file.
 pub struct GgufFile {
     path: PathBuf,
-    map: memmap2::Mmap,
+    map: std::sync::Arc<memmap2::Mmap>,
     pub version: u32,
     pub metadata: BTreeMap<String, GgufValue>,
     /// In file order.
@@ -330,7 +330,7 @@ impl GgufFile {
             })?;
         let file = GgufFile {
             path: path.to_path_buf(),
-            map,
+            map: std::sync::Arc::new(map),
             version,
             metadata,
             tensors,
@@ -395,9 +395,20 @@ impl GgufFile {
 
     /// The raw (possibly quantized) bytes of a tensor.
     pub fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
+        &self.map[self.tensor_range(t)] // in bounds: checked when the file was opened
+    }
+
+    /// Where a tensor's bytes lie in [`GgufFile::shared_map`].
+    pub fn tensor_range(&self, t: &TensorInfo) -> std::ops::Range<usize> {
         let n = t.num_elements() as usize / t.kind.block_elements() * t.kind.block_bytes();
         let start = (self.data_start + t.offset) as usize;
-        &self.map[start..start + n] // in bounds: checked when the file was opened
+        start..start + n
+    }
+
+    /// The mapped file, for weights read in place for as long as a model lives
+    /// ([`crate::quantized::QuantWeight`]).
+    pub fn shared_map(&self) -> std::sync::Arc<memmap2::Mmap> {
+        self.map.clone()
     }
 
     /// A tensor's values as f32, dequantized.

@@ -273,7 +273,7 @@ fn inconsistent_tensor(bytes: &[u8]) -> Option<String> {
 }
 
 /// f32 host values as a tensor held in `dtype` (f32: the backend's default float tensor).
-pub(super) fn tensor_in<B: Backend, const D: usize>(
+pub(crate) fn tensor_in<B: Backend, const D: usize>(
     data: TensorData,
     dtype: StoreDtype,
     device: &B::Device,

@@ -11,6 +11,7 @@ mod file;
 mod weights;
 mod write;
 
+pub(crate) use file::tensor_in;
 pub use file::TensorFile;
 pub use weights::{transpose, WeightSet};
 pub use write::{write_safetensors, OwnedTensor, StoreDtype};

@@ -1,0 +1,148 @@
+//! Weight matrices kept in llama.cpp's block formats (Q8_0, Q4_K, ...), read in place from the
+//! memory-mapped GGUF they came from: a quantized model takes the memory of its file, not of
+//! its dequantized copy.
+//!
+//! Only the CPU backend computes with them ([`keeps_quantized`]): its products go to
+//! [`skipgpt_kernels::quant`], which quantizes the activation rows to 8 bits and takes integer
+//! dot products with the blocks. Every other backend (and training, whose autodiff tensors
+//! are of another type) gets the matrices dequantized at load.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use skipgpt_kernels::quant::{self, QuantMatrix, QuantType};
+
+/// Whether weights loaded for `B` stay in their block format: on the CPU backend itself, not
+/// under autodiff (nothing trains a quantized weight; an adapter trains beside it).
+pub fn keeps_quantized<B: Backend>() -> bool {
+    crate::flex_kernels::runs_engine_kernels::<B>()
+}
+
+/// Where a matrix's blocks are: a range of the mapped file, or bytes of its own (rows moved,
+/// as llama.cpp's q/k order is undone).
+#[derive(Clone)]
+enum Blocks {
+    Mapped(Arc<memmap2::Mmap>, Range<usize>),
+    Owned(Arc<[u8]>),
+}
+
+/// A matrix `[n, d]` (HF's `[out, in]`) in a block format: row `r` holds the weights of output
+/// `r`, whole blocks of `d` values.
+#[derive(Clone)]
+pub struct QuantWeight {
+    kind: QuantType,
+    blocks: Blocks,
+    n: usize,
+    d: usize,
+}
+
+impl std::fmt::Debug for QuantWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QuantWeight({}, [{}, {}])",
+            self.kind.name(),
+            self.n,
+            self.d
+        )
+    }
+}
+
+impl QuantWeight {
+    /// The blocks at `range` of `map`, or `None` when they do not hold `[n, d]` of `kind`.
+    pub fn mapped(
+        kind: QuantType,
+        map: Arc<memmap2::Mmap>,
+        range: Range<usize>,
+        [n, d]: [usize; 2],
+    ) -> Option<Self> {
+        let w = QuantWeight {
+            kind,
+            blocks: Blocks::Mapped(map, range),
+            n,
+            d,
+        };
+        w.matrix().is_consistent().then_some(w)
+    }
+
+    /// The same matrix with its rows reordered: row `r` of the result is row `order[r]`.
+    pub fn with_rows(&self, order: &[usize]) -> Self {
+        let row = self.kind.row_bytes(self.d);
+        let bytes = self.bytes();
+        let moved: Vec<u8> = order
+            .iter()
+            .flat_map(|&r| &bytes[r * row..(r + 1) * row])
+            .copied()
+            .collect();
+        QuantWeight {
+            blocks: Blocks::Owned(moved.into()),
+            n: order.len(),
+            ..self.clone()
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match &self.blocks {
+            Blocks::Mapped(map, range) => &map[range.clone()],
+            Blocks::Owned(bytes) => bytes,
+        }
+    }
+
+    /// What the kernels read.
+    pub fn matrix(&self) -> QuantMatrix<'_> {
+        QuantMatrix {
+            kind: self.kind,
+            bytes: self.bytes(),
+            n: self.n,
+            d: self.d,
+        }
+    }
+
+    pub fn kind(&self) -> QuantType {
+        self.kind
+    }
+
+    /// `[n, d]`: outputs, inputs.
+    pub fn dims(&self) -> [usize; 2] {
+        [self.n, self.d]
+    }
+
+    /// Bytes of the blocks.
+    pub fn size(&self) -> usize {
+        self.bytes().len()
+    }
+
+    /// Every value, `[n, d]` row-major, as f32.
+    pub fn dequantize(&self) -> Vec<f32> {
+        quant::dequantize(self.kind, self.bytes())
+    }
+
+    /// Rows `ids` dequantized, `[ids.len(), d]` row-major: an embedding lookup.
+    pub fn rows(&self, ids: &[usize]) -> Vec<f32> {
+        let row = self.kind.row_bytes(self.d);
+        let bytes = self.bytes();
+        ids.iter()
+            .flat_map(|&r| quant::dequantize(self.kind, &bytes[r * row..(r + 1) * row]))
+            .collect()
+    }
+
+    /// `x · Wᵀ`, in f32.
+    ///
+    /// # Shapes
+    /// - x: `[..., d]`
+    /// - output: `[..., n]`
+    pub fn forward<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let mut dims = x.dims();
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let device = x.device();
+        let values = x
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("f32 activations");
+        let y = quant::rows_times_quantized(&values, rows, self.matrix());
+        dims[D - 1] = self.n;
+        Tensor::from_data(TensorData::new(y, dims), &device)
+    }
+}

@@ -1,0 +1,229 @@
+//! A GGUF run as it is on the CPU backend: the tiny fixture quantized to Q8_0 and Q4_0 keeps
+//! its matrices in blocks, and computes what its dequantized import computes, with and without
+//! routers; routers and adapters attach to it; routers made for another model are refused.
+
+use std::path::Path;
+
+use burn::tensor::{Int, Tensor};
+use skipgpt_kernels::quant::QuantType;
+use skipgpt_model::io::gguf::{import_gguf, load_gguf, ImportOptions};
+use skipgpt_model::{
+    attach_routers, generate, load_pretrained, save_routers, LlamaConfig, LlamaForCausalLM,
+    Routing, RoutingConfig, StoreDtype,
+};
+use skipgpt_test_support::gguf_writer::llama_tiny_gguf;
+use skipgpt_test_support::*;
+
+type Flex = burn::backend::Flex;
+
+fn flex() -> burn::backend::flex::FlexDevice {
+    burn::backend::flex::FlexDevice
+}
+
+/// The tiny fixture as a GGUF quantized to `kind`, in `dir`.
+fn quantized_gguf(dir: &Path, kind: QuantType) -> std::path::PathBuf {
+    let path = dir.join(format!("tiny-{}.gguf", kind.name()));
+    let mut g = llama_tiny_gguf(&tiny().join("model"));
+    g.quantize_matrices(kind);
+    g.write(&path);
+    path
+}
+
+/// The same file imported (every matrix dequantized to f32) and loaded.
+fn dequantized(gguf: &Path, dir: &Path) -> LlamaForCausalLM<Flex> {
+    let out = dir.join("imported");
+    let opts = ImportOptions::default();
+    import_gguf(gguf, &out, &opts, &mut |_, _, _| {}).unwrap();
+    load_pretrained::<Flex>(&out, &flex()).unwrap().model
+}
+
+fn logits(model: &LlamaForCausalLM<Flex>, ids: &[Vec<u32>]) -> Vec<f32> {
+    let flat: Vec<i64> = ids.iter().flatten().map(|&t| t as i64).collect();
+    let input = Tensor::<Flex, 1, Int>::from_ints(flat.as_slice(), &flex())
+        .reshape([ids.len(), ids[0].len()]);
+    to_vec(model.forward(input))
+}
+
+/// Largest difference over largest magnitude.
+fn relative_diff(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    max_abs_diff(a, b) / scale
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    ids_rows(&reference(&tiny()), "greedy_prompt")
+}
+
+#[test]
+fn a_quantized_gguf_keeps_its_matrices_in_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = quantized_gguf(dir.path(), QuantType::Q8_0);
+    let model = load_gguf::<Flex>(&gguf, &flex(), StoreDtype::F32)
+        .unwrap()
+        .model;
+    let layer = &model.model.layers[0];
+    for proj in [&layer.self_attn.q_proj, &layer.mlp.gate_proj] {
+        let q = proj
+            .quantized
+            .as_ref()
+            .expect("a Q8_0 matrix kept in blocks");
+        assert_eq!(q.kind(), QuantType::Q8_0);
+        assert_eq!(
+            proj.base_layer.weight.dims(),
+            [64, 0],
+            "no dequantized copy"
+        );
+    }
+    // rows of 176 values are no whole number of blocks: left f32, as llama-quantize does
+    assert!(layer.mlp.down_proj.quantized.is_none());
+    assert_eq!(layer.mlp.down_proj.dims(), [176, 64]);
+    assert!(model.model.embed_quantized.is_some());
+    assert!(model.lm_head.as_ref().unwrap().quantized.is_some());
+    // the reference backend dequantizes at load
+    let other = load_gguf::<B>(&gguf, &device(), StoreDtype::F32)
+        .unwrap()
+        .model;
+    assert!(other.model.layers[0].self_attn.q_proj.quantized.is_none());
+    assert!(other.model.embed_quantized.is_none());
+}
+
+#[test]
+fn a_quantized_gguf_computes_what_its_dequantized_import_computes() {
+    let dir = tempfile::tempdir().unwrap();
+    for kind in [QuantType::Q8_0, QuantType::Q4_0] {
+        let gguf = quantized_gguf(dir.path(), kind);
+        let quantized = load_gguf::<Flex>(&gguf, &flex(), StoreDtype::F32)
+            .unwrap()
+            .model;
+        let sub = tempfile::tempdir().unwrap();
+        let reference = dequantized(&gguf, sub.path());
+        let ids = prompts();
+        // the only difference: activations rounded to 8 bits before each product
+        let d = relative_diff(&logits(&quantized, &ids), &logits(&reference, &ids));
+        assert!(d < 0.02, "{kind:?}: logits differ by {d} of their range");
+        let len = ids[0].len();
+        let engine = engine_logits_in_chunks(&quantized, &ids, &[len - 2, 1, 1], Routing::Dense);
+        let d = relative_diff(
+            &engine,
+            &engine_logits_in_chunks(&reference, &ids, &[len - 2, 1, 1], Routing::Dense),
+        );
+        assert!(d < 0.02, "{kind:?}: the engine's logits differ by {d}");
+        assert_eq!(
+            generate(&quantized, &ids, &greedy(12)).unwrap(),
+            generate(&reference, &ids, &greedy(12)).unwrap(),
+            "{kind:?}: greedy tokens"
+        );
+    }
+}
+
+#[test]
+fn routing_on_a_quantized_model_matches_its_dequantized_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = quantized_gguf(dir.path(), QuantType::Q8_0);
+    let routers = tiny().join("model-routed");
+    let quantized = load_gguf::<Flex>(&gguf, &flex(), StoreDtype::F32)
+        .unwrap()
+        .model;
+    let quantized = attach_routers(quantized, &routers).unwrap();
+    let reference = attach_routers(dequantized(&gguf, dir.path()), &routers).unwrap();
+    assert_eq!(quantized.routing, Routing::Deterministic);
+    let ids = prompts();
+    let len = ids[0].len();
+    let input = |m: &LlamaForCausalLM<Flex>| {
+        let flat: Vec<i64> = ids.iter().flatten().map(|&t| t as i64).collect();
+        let t = Tensor::<Flex, 1, Int>::from_ints(flat.as_slice(), &flex());
+        m.forward_full(t.reshape([ids.len(), len]), false)
+    };
+    let (q, r) = (input(&quantized), input(&reference));
+    // the routers decide (nearly) alike on the two copies' hidden states ...
+    let gates = |o: &skipgpt_model::CausalLmOutput<Flex>| -> Vec<f32> {
+        o.attn_gates
+            .iter()
+            .chain(&o.mlp_gates)
+            .flat_map(|g| to_vec(g.clone()))
+            .collect()
+    };
+    let (gq, gr) = (gates(&q), gates(&r));
+    let same = gq.iter().zip(&gr).filter(|(a, b)| a == b).count();
+    assert!(
+        same as f32 >= 0.9 * gr.len() as f32,
+        "{same} of {} decisions alike",
+        gr.len()
+    );
+    assert!(
+        gr.contains(&0.0),
+        "the routers skip something (else this compares nothing)"
+    );
+    // ... and the engine, which skips the blocks for real, computes what the gated reference
+    // computes on the same quantized weights
+    let engine =
+        engine_logits_in_chunks(&quantized, &ids, &[len - 2, 1, 1], Routing::Deterministic);
+    let d = relative_diff(&engine, &to_vec(q.logits));
+    assert!(d < 1e-4, "the engine and the gated forward differ by {d}");
+}
+
+#[test]
+fn an_adapter_on_a_quantized_base_stays_unmerged_and_adds_its_term() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = quantized_gguf(dir.path(), QuantType::Q8_0);
+    let adapter = skipgpt_model::load_peft_adapter(&fixtures().join("peft-lora")).unwrap();
+    let quantized = load_gguf::<Flex>(&gguf, &flex(), StoreDtype::F32)
+        .unwrap()
+        .model
+        .load_lora(&adapter)
+        .unwrap()
+        .merge_lora();
+    let targeted = &quantized.model.layers[0].self_attn.q_proj;
+    assert!(targeted.quantized.is_some() && targeted.lora.is_some());
+    let reference = dequantized(&gguf, dir.path())
+        .load_lora(&adapter)
+        .unwrap()
+        .merge_lora();
+    let ids = prompts();
+    let d = relative_diff(&logits(&quantized, &ids), &logits(&reference, &ids));
+    assert!(
+        d < 0.02,
+        "logits with the adapter differ by {d} of their range"
+    );
+}
+
+#[test]
+fn routers_made_for_another_model_are_refused_naming_the_mismatch() {
+    let tiny_model = || {
+        load_pretrained::<B>(&tiny().join("model"), &device())
+            .unwrap()
+            .model
+    };
+    let other_routers = |edit: fn(&mut LlamaConfig)| {
+        let mut config = tiny_model().config.clone();
+        edit(&mut config);
+        let model = config
+            .init::<B>(&device())
+            .with_new_routers(RoutingConfig::new());
+        let dir = tempfile::tempdir().unwrap();
+        save_routers(&model, dir.path()).unwrap();
+        dir
+    };
+    let fewer_layers = other_routers(|c| c.num_hidden_layers = 2);
+    let err = attach_routers(tiny_model(), fewer_layers.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("routers for 2 layers, but the model has 3")
+            && err.contains("routers.safetensors"),
+        "{err}"
+    );
+    let narrower = other_routers(|c| c.hidden_size = 32);
+    let err = attach_routers(tiny_model(), narrower.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("reads 32 values, but the model's hidden size is 64"),
+        "{err}"
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let err = attach_routers(tiny_model(), empty.path())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("routers.safetensors"), "{err}");
+}
