@@ -187,14 +187,43 @@ pub fn dot_rows(
     unpacked: &mut Unpacked,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Plain && matches!(kind, QuantType::Q8_0 | QuantType::Q4_0) {
-        for (x, y) in rows.iter().zip(out.iter_mut()) {
-            // SAFETY: `Isa::detect` found AVX2, FMA and F16C; the row is whole blocks and `x`
-            // as long as the row
-            *y = unsafe { fused::dot_avx2(kind, weights, x) };
+    if isa != Isa::Plain {
+        if matches!(kind, QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1) {
+            // SAFETY: `Isa::detect` found AVX2, FMA and F16C; the row is whole blocks and each
+            // of `rows` as long as it
+            return unsafe { fused::rows_avx2(kind, weights, rows, out) };
         }
-        return;
+        // SAFETY: as above
+        return unsafe { unpacked_rows_avx2(isa, kind, weights, rows, out, unpacked) };
     }
+    unpacked_rows(isa, kind, weights, rows, out, unpacked);
+}
+
+/// [`unpacked_rows`] compiled for AVX2, so that its integer dot products inline.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn unpacked_rows_avx2(
+    isa: Isa,
+    kind: QuantType,
+    weights: &[u8],
+    rows: &[Q8Row],
+    out: &mut [f32],
+    unpacked: &mut Unpacked,
+) {
+    unpacked_rows(isa, kind, weights, rows, out, unpacked);
+}
+
+/// [`dot_rows`] for any format: each block unpacked to small integers, then one integer dot
+/// product per group and row.
+#[inline(always)]
+fn unpacked_rows(
+    isa: Isa,
+    kind: QuantType,
+    weights: &[u8],
+    rows: &[Q8Row],
+    out: &mut [f32],
+    unpacked: &mut Unpacked,
+) {
     let values = kind.block_values();
     out.fill(0.0);
     for (b, block) in weights.chunks_exact(kind.block_bytes()).enumerate() {
@@ -214,6 +243,7 @@ pub fn dot_rows(
 }
 
 /// Σ a·b over two equally long i8 slices (16 or 32 values), exact in i32.
+#[inline(always)]
 pub(super) fn int_dot(isa: Isa, a: &[i8], b: &[i8]) -> i32 {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Plain && a.len() == 32 {
@@ -243,41 +273,86 @@ unsafe fn int_dot32_avx2(a: &[i8], b: &[i8]) -> i32 {
     _mm_cvtsi128_si32(half)
 }
 
-/// Q8_0 and Q4_0 rows multiplied without unpacking to memory: each block's 32 weights go
-/// straight from its bytes into a register, meet the activations' 32 bytes in one integer dot
-/// product, and add into eight f32 lanes scaled by both blocks' scales.
+/// Q8_0, Q4_0 and Q4_1 rows multiplied without unpacking to memory: each block's 32 weights
+/// go straight from its bytes into a register, meet the activations' 32 bytes in one integer
+/// dot product, and add into eight f32 lanes scaled by both blocks' scales. A block is decoded
+/// once for a tile of activation rows (a prompt's), not once per row.
 #[cfg(target_arch = "x86_64")]
 mod fused {
     use std::arch::x86_64::*;
 
     use super::super::{Q8Row, QuantType};
 
+    /// Activation rows that share each decoded weight block.
+    const TILE: usize = 4;
+
+    /// `out[r]` = the weight row (whole blocks of `kind`) · `rows[r]`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_avx2(kind: QuantType, weights: &[u8], x: &Q8Row) -> f32 {
-        let size = kind.block_bytes();
+    pub(super) unsafe fn rows_avx2(
+        kind: QuantType,
+        weights: &[u8],
+        rows: &[Q8Row],
+        out: &mut [f32],
+    ) {
         let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        for (b, block) in weights.chunks_exact(size).enumerate() {
-            let p = block.as_ptr();
-            let w = match kind {
-                QuantType::Q4_0 => {
-                    // byte j: value j (low nibble) and value j + 16 (high nibble), minus 8
-                    let bytes = _mm_loadu_si128(p.add(2) as *const __m128i);
-                    let mask = _mm_set1_epi8(0x0F);
-                    let low = _mm_and_si128(bytes, mask);
-                    let high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-                    _mm256_sub_epi8(_mm256_set_m128i(high, low), _mm256_set1_epi8(8))
+        let size = kind.block_bytes();
+        for (tile, outs) in rows.chunks(TILE).zip(out.chunks_mut(TILE)) {
+            let mut acc = [_mm256_setzero_ps(); TILE];
+            let mut offsets = [0.0f32; TILE];
+            for (b, block) in weights.chunks_exact(size).enumerate() {
+                let (w, d_w, m_w) = decode(kind, block);
+                // Q4_1's nibbles are unsigned and multiply the activations as they are; a
+                // signed block's sign moves onto the activations (maddubs takes u8 · i8)
+                let unsigned = kind == QuantType::Q4_1;
+                let w_abs = if unsigned { w } else { _mm256_sign_epi8(w, w) };
+                for (r, x) in tile.iter().enumerate() {
+                    let a = _mm256_loadu_si256(x.qs.as_ptr().add(32 * b) as *const __m256i);
+                    let a = if unsigned { a } else { _mm256_sign_epi8(a, w) };
+                    let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, a), ones);
+                    let scale = _mm256_set1_ps(d_w * x.d[b]);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
+                    if unsigned {
+                        // Σ (d·q + m)·a = d·Σ q·a + m·Σ a
+                        let block_sum = x.sums[2 * b] + x.sums[2 * b + 1];
+                        offsets[r] += m_w * x.d[b] * block_sum as f32;
+                    }
                 }
-                _ => _mm256_loadu_si256(p.add(2) as *const __m256i),
-            };
-            let a = _mm256_loadu_si256(x.qs.as_ptr().add(32 * b) as *const __m256i);
-            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
-            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-            let d_w = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([
-                block[0], block[1],
-            ]) as i32)));
-            acc = _mm256_fmadd_ps(sums, _mm256_set1_ps(d_w * x.d[b]), acc);
+            }
+            for (r, y) in outs.iter_mut().enumerate() {
+                *y = horizontal_sum(acc[r]) + offsets[r];
+            }
         }
+    }
+
+    /// One block's 32 weights as bytes (signed for Q8_0 and Q4_0, unsigned nibbles for Q4_1),
+    /// its scale and (Q4_1) its offset.
+    #[inline(always)]
+    unsafe fn decode(kind: QuantType, block: &[u8]) -> (__m256i, f32, f32) {
+        let p = block.as_ptr();
+        let halves = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+            block[0], block[1], block[2], block[3],
+        ])));
+        let first = _mm_cvtss_f32(halves);
+        // byte j: value j (low nibble) and value j + 16 (high nibble)
+        let nibbles = |at: usize| {
+            let bytes = _mm_loadu_si128(p.add(at) as *const __m128i);
+            let mask = _mm_set1_epi8(0x0F);
+            let low = _mm_and_si128(bytes, mask);
+            let high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+            _mm256_set_m128i(high, low)
+        };
+        match kind {
+            QuantType::Q4_0 => (_mm256_sub_epi8(nibbles(2), _mm256_set1_epi8(8)), first, 0.0),
+            QuantType::Q4_1 => {
+                let second = _mm_cvtss_f32(_mm_shuffle_ps(halves, halves, 1));
+                (nibbles(4), first, second)
+            }
+            _ => (_mm256_loadu_si256(p.add(2) as *const __m256i), first, 0.0),
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn horizontal_sum(acc: __m256) -> f32 {
         let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
         let half = _mm_add_ps(half, _mm_movehl_ps(half, half));
         _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)))

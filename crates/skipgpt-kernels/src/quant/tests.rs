@@ -103,7 +103,8 @@ fn activations_round_to_within_half_a_step() {
 #[test]
 fn every_format_multiplies_like_its_dequantized_weights() {
     for kind in QuantType::ALL {
-        for (m, n, blocks) in [(1, 5, 1), (3, 7, 2), (2, 33, 4)] {
+        // 9 rows: two whole tiles of the fused kernels and one row over
+        for (m, n, blocks) in [(1, 5, 1), (3, 7, 2), (2, 33, 4), (9, 3, 2)] {
             let d = blocks * kind.block_values();
             let w = random_blocks(kind, n * blocks, 10 + n as u32);
             let x = values(m * d, 20 + m as u32);
