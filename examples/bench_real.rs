@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use serde_json::json;
-use skipgpt_eval::speed::{decode_speed, paired_speedup, prefill_speed};
+use skipgpt_eval::speed::{decode_speed, paired_speedup, peak_rss_mb, prefill_speed};
 use skipgpt_model::engine::{sparse_forward, LogitRows, SparseCache};
 use skipgpt_model::{load_pretrained_as, KvPolicy, Routing, StoreDtype};
 
@@ -112,14 +112,6 @@ fn main() {
     if let Some(path) = &a.json {
         std::fs::write(path, text).expect("write --json");
     }
-}
-
-/// Peak resident memory of this process so far (Linux `VmHWM`), in MB.
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }
 
 fn run<B: Backend>(a: &Args, device: &B::Device) -> serde_json::Value {

@@ -9,12 +9,14 @@ mod args;
 mod backend;
 mod commands;
 mod demo;
+mod serve;
 mod threads;
 
 use clap::{Parser, Subcommand};
 use commands::{
-    analyze, calibrate_routers, eval_fidelity, eval_mc, eval_ppl, finetune_lora, generate,
-    import_gguf, inspect, logits, pretrain, prune_static, self_data, tokenize, tune_routers,
+    analyze, bench, calibrate_routers, chat, eval_fidelity, eval_mc, eval_ppl, finetune_lora,
+    generate, import_gguf, inspect, logits, pretrain, prune_static, quantize, self_data, tokenize,
+    tune_routers,
 };
 
 use crate::backend::BackendKind;
@@ -56,6 +58,18 @@ enum Command {
     /// Convert a llama.cpp GGUF file (LLaMA architecture, quantized or not) into a HF model
     /// directory that every command loads.
     ImportGguf(import_gguf::ImportGgufArgs),
+    /// An OpenAI-compatible server (chat and text completions, streaming, continuous
+    /// batching, per-request compute budgets with the `skip` field).
+    Serve(serve::ServeArgs),
+    /// Chat with a model in the terminal under its chat template (/reset, /skip 0.3, /quit;
+    /// Ctrl-C stops an answer).
+    Chat(chat::ChatArgs),
+    /// Prefill and decode speed, skip rates and peak memory of a model, as `llama-bench`
+    /// measures them (a table, or --json).
+    Bench(bench::BenchArgs),
+    /// Write a GGUF with its matrices quantized (Q8_0, Q4_0, Q4_1) or in F16/F32, tokenizer
+    /// and chat template carried over, for this program and llama.cpp alike.
+    Quantize(quantize::QuantizeArgs),
     /// Print the token ids of a text (no special tokens added).
     Tokenize(tokenize::TokenizeArgs),
     /// Describe a model directory: architecture, parameter count, dtype, context length.
@@ -104,6 +118,10 @@ fn main() {
         Command::Generate(args) => generate::run(backend, args),
         Command::Inspect(args) => inspect::run(args),
         Command::ImportGguf(args) => import_gguf::run(args),
+        Command::Quantize(args) => quantize::run(args),
+        Command::Bench(args) => bench::run(backend, args),
+        Command::Serve(args) => serve::run(backend, args),
+        Command::Chat(args) => chat::run(backend, args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::EvalPpl(args) => eval_ppl::run(backend, args),
         Command::EvalMc(args) => eval_mc::run(backend, args),

@@ -5,7 +5,8 @@ the `gguf` PyPI package, which follows ggml-quants.c).
     python tools/make_gguf_quant_fixture.py tests/fixtures/gguf-quants
 
 For each type, `<TYPE>.bytes` (u8, the raw blocks) and `<TYPE>.values` (f32, what
-`gguf.quants.dequantize` makes of them). Types gguf-py can quantize (F16, BF16, Q4_0, Q4_1,
+`gguf.quants.dequantize` makes of them); `source`, the f32 values the quantized types were
+made from (so that quantizers can be checked against gguf-py's too). Types gguf-py can quantize (F16, BF16, Q4_0, Q4_1,
 Q5_0, Q5_1, Q8_0) are quantized from normal samples; for the K-quants, which it only
 dequantizes, the blocks are random bytes with their f16 scales set to finite values, so every
 bit pattern of the packed scales and quants is exercised.
@@ -23,6 +24,7 @@ Q = gguf.GGMLQuantizationType
 tensors, meta = {}, {}
 x = (rng.standard_normal((4, 512)) * 0.05).astype(np.float32)
 x[0, :32] = 0.0  # an all-zero block (scale 0)
+tensors["source"] = x.reshape(-1)  # what the quantized types were made from
 for t in [Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]:
     raw = np.ascontiguousarray(quants.quantize(x, t)).view(np.uint8).reshape(-1)
     tensors[f"{t.name}.bytes"] = raw

@@ -1,6 +1,5 @@
 //! `skipgpt import-gguf`: a llama.cpp GGUF file into a Hugging Face model directory.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -8,6 +7,8 @@ use anyhow::Result;
 use clap::Args;
 use skipgpt_model::io::gguf::{import_gguf, ImportOptions};
 use skipgpt_model::StoreDtype;
+
+use super::bytes_progress;
 
 #[derive(Args, Debug)]
 pub struct ImportGgufArgs {
@@ -33,16 +34,7 @@ pub fn run(args: ImportGgufArgs) -> Result<()> {
         overwrite: args.overwrite,
     };
     let t = Instant::now();
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:40} {bytes}/{total_bytes} {msg}",
-            )
-            .expect("valid template"),
-        );
-        bar
-    });
+    let bar = bytes_progress();
     let report = import_gguf(&args.file, &args.out, &opts, &mut |done, total, name| {
         if let Some(bar) = &bar {
             bar.set_length(total);

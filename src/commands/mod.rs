@@ -4,7 +4,9 @@
 //! the engine's `--stats`.
 
 pub mod analyze;
+pub mod bench;
 pub mod calibrate_routers;
+pub mod chat;
 pub mod eval_fidelity;
 pub mod eval_mc;
 pub mod eval_ppl;
@@ -15,6 +17,7 @@ pub mod inspect;
 pub mod logits;
 pub mod pretrain;
 pub mod prune_static;
+pub mod quantize;
 pub mod self_data;
 pub mod tokenize;
 pub mod tune_routers;
@@ -24,6 +27,21 @@ use skipgpt_model::engine::EngineStats;
 use skipgpt_model::{LlamaForCausalLM, Routing};
 
 use crate::args::{EngineArg, EngineArgs, RoutingArg, RoutingArgs};
+
+/// A progress bar over bytes for a file conversion, when stderr is a terminal.
+fn bytes_progress() -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {bytes}/{total_bytes} {msg}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    })
+}
 
 /// The routing mode the command line asks for.
 fn routing_of(args: &RoutingArgs) -> Routing {

@@ -114,12 +114,44 @@ fn the_command_line_applies_a_peft_adapter_with_its_logits() {
 }
 
 #[test]
-fn the_command_line_runs_a_quantized_gguf_with_published_routers() {
+fn the_command_line_quantizes_a_gguf_and_runs_it_with_published_routers() {
     let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("tiny-f32.gguf");
+    crate::common::gguf_writer::llama_tiny_gguf(&tiny().join("model")).write(&source);
     let gguf = dir.path().join("tiny-q8_0.gguf");
-    let mut g = crate::common::gguf_writer::llama_tiny_gguf(&tiny().join("model"));
-    g.quantize_matrices(skipgpt_kernels::quant::QuantType::Q8_0);
-    g.write(&gguf);
+    let quantize = |target: &str, out: &std::path::Path| {
+        skipgpt(&[
+            "quantize",
+            "--model",
+            source.to_str().unwrap(),
+            "--type",
+            target,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let o = quantize("q8_0", &gguf);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("20 F32 → Q8_0") && text.contains("10 F32 kept"),
+        "{text}"
+    );
+    assert_clean_failure(
+        &[
+            "quantize",
+            "--model",
+            tiny().join("model").to_str().unwrap(),
+            "--type",
+            "q8_0",
+            "--out",
+            dir.path().join("x.gguf").to_str().unwrap(),
+        ],
+        &["not a GGUF file", "convert_hf_to_gguf.py"],
+    );
+    let o = quantize("q2_k", &dir.path().join("x.gguf"));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("q8_0"), "{}", stderr(&o));
     let routers = tiny().join("model-routed");
     let generate = |extra: &[&str]| {
         let mut args = vec![
@@ -159,4 +191,51 @@ fn the_command_line_runs_a_quantized_gguf_with_published_routers() {
         ],
         &["routers.safetensors"],
     );
+}
+
+#[test]
+fn bench_reports_speed_skip_rates_and_memory_as_json() {
+    let routed = tiny().join("model-routed");
+    let o = skipgpt(&[
+        "bench",
+        "--model",
+        routed.to_str().unwrap(),
+        "--prefill",
+        "32",
+        "--decode",
+        "4",
+        "--batch",
+        "1,2",
+        "--repeats",
+        "2",
+        "--pairs",
+        "1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let tests = r["tests"].as_array().unwrap();
+    let names: Vec<(&str, u64)> = tests
+        .iter()
+        .map(|t| (t["test"].as_str().unwrap(), t["batch"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(names, [("pp32", 1), ("tg4", 1), ("tg4", 2)]);
+    for t in tests {
+        let (lo, mid, hi) = (
+            t["tok_s_min"].as_f64().unwrap(),
+            t["tok_s"].as_f64().unwrap(),
+            t["tok_s_max"].as_f64().unwrap(),
+        );
+        assert!(0.0 < lo && lo <= mid && mid <= hi, "{t}");
+        assert!(
+            t["attn_skip"].as_f64().unwrap() > 0.0,
+            "the routers skip: {t}"
+        );
+    }
+    assert_eq!(r["routed"], true);
+    assert!(r["paired_speedup"]["decode"].as_f64().unwrap() > 0.0);
+    assert!(r["peak_rss_mb"].as_f64().unwrap() > r["file_mb"].as_f64().unwrap());
+    let o = skipgpt(&["bench", "--model", routed.to_str().unwrap(), "--batch", "0"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--batch"), "{}", stderr(&o));
 }

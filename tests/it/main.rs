@@ -1,5 +1,5 @@
 //! The root package's integration tests, one binary: the `skipgpt` command line, evaluation
-//! and baselines, training from the command line, bad input, and SmolLM2 (the real model;
+//! and baselines, training from the command line, bad input, the server, and SmolLM2 (the real model;
 //! `--include-ignored`).
 
 mod baselines;
@@ -7,6 +7,7 @@ mod cli;
 mod cli_models;
 mod common;
 mod eval;
+mod serve;
 mod smollm2;
 mod train_cli;
 mod validation;

@@ -7,6 +7,8 @@
 //!   as `docs/results.md` (`report [DIR]` rewrites it from a finished run).
 //! - `bench-real`: the project against llama.cpp and transformers on SmolLM2-135M, same
 //!   weights and threads (sets up its own Python venv and files under `target/`).
+//! - `bench-serve`: `skipgpt serve` (dense and routed) against llama.cpp's `llama-server` on
+//!   the SmolLM2 GGUF under 1, 4 and 16 streaming clients (throughput, TTFT, ITL).
 //! - `gpu-check`: builds `examples/gpu_check.rs` with CUDA into `gpu-check/` (git-ignored; one
 //!   file to carry to a GPU machine that has no toolchain or network) and, with `--run`, runs it
 //!   here: parity on the tiny fixtures, the sparse engine on a 1B-shape model at f32 and bf16,
@@ -19,6 +21,7 @@
 //!   safetensors, tokenizers; set `PYTHON`).
 
 mod bench_real;
+mod bench_serve;
 mod experiment;
 mod fidelity;
 mod real;
@@ -65,6 +68,25 @@ enum Task {
         /// once, in a rotated order, and the table gives each figure's median and range.
         #[arg(long)]
         rounds: Option<usize>,
+    },
+    /// `skipgpt serve` against llama.cpp's llama-server on SmolLM2 under concurrent clients.
+    BenchServe {
+        /// Threads for every server (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Concurrent clients, one level after another.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        clients: Vec<usize>,
+        /// Requests each client sends at each level, one after another.
+        #[arg(long, default_value_t = 2)]
+        requests: usize,
+        /// New tokens per request.
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        /// llama.cpp's llama-server [default: ~/.cache/llama.cpp/bin/llama-server, as
+        /// ../shared/tools/build_llama_tools.sh builds it].
+        #[arg(long)]
+        llama_server: Option<PathBuf>,
     },
     /// Builds the CUDA check into `gpu-check/` and, with --run, runs it here.
     GpuCheck {
@@ -290,6 +312,20 @@ fn main() -> Result<()> {
             quick,
             rounds,
         } => bench_real::bench_real(threads, quick, rounds),
+        Task::BenchServe {
+            threads,
+            clients,
+            requests,
+            new_tokens,
+            llama_server,
+        } => bench_serve::bench_serve(bench_serve::Options {
+            threads: threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            levels: clients,
+            requests_per_client: requests,
+            new_tokens,
+            llama_server,
+        }),
         Task::Experiment {
             features,
             out,

@@ -11,23 +11,44 @@ use skipgpt_model::{GenerateOptions, LlamaForCausalLM, Result, Routing, Sampling
 
 /// Median wall time (seconds) of `n` runs after one warm-up ([`median`]). `f` must wait for its results
 /// (read them back), so that asynchronous GPU backends are timed to completion.
-pub fn median_seconds(n: usize, mut f: impl FnMut()) -> f64 {
+pub fn median_seconds(n: usize, f: impl FnMut()) -> f64 {
+    median(timed_runs(n, f))
+}
+
+/// The wall times (seconds) of `n` runs (at least one) after one warm-up.
+pub fn timed_runs(n: usize, mut f: impl FnMut()) -> Vec<f64> {
     f();
-    let times: Vec<f64> = (0..n.max(1))
+    (0..n.max(1))
         .map(|_| {
             let t = Instant::now();
             f();
             t.elapsed().as_secs_f64()
         })
-        .collect();
-    median(times)
+        .collect()
 }
 
 /// A measured rate and what the engine did meanwhile (from the last repeat).
 #[derive(Debug, Clone)]
 pub struct Throughput {
+    /// The median over the repeats.
     pub tokens_per_s: f64,
+    /// The slowest and the fastest repeat.
+    pub range: (f64, f64),
     pub stats: EngineStats,
+}
+
+impl Throughput {
+    /// `tokens` per run over the runs' times.
+    fn of(tokens: usize, seconds: Vec<f64>, stats: EngineStats) -> Self {
+        let rates: Vec<f64> = seconds.iter().map(|s| tokens as f64 / s).collect();
+        let lo = rates.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = rates.iter().copied().fold(0.0, f64::max);
+        Throughput {
+            tokens_per_s: median(rates),
+            range: (lo, hi),
+            stats,
+        }
+    }
 }
 
 /// Prefill of `prompt` as one sequence, every position through the model, the last row of
@@ -40,11 +61,8 @@ pub fn prefill_speed<B: Backend>(
 ) -> Result<Throughput> {
     let batch = [prompt.to_vec()];
     let mut stats = Ok(EngineStats::default());
-    let seconds = median_seconds(repeats, || stats = prefill_once(model, &batch, routing));
-    Ok(Throughput {
-        tokens_per_s: prompt.len() as f64 / seconds,
-        stats: stats?,
-    })
+    let seconds = timed_runs(repeats, || stats = prefill_once(model, &batch, routing));
+    Ok(Throughput::of(prompt.len(), seconds, stats?))
 }
 
 /// Greedy decode of `new_tokens` after each of `prompts` (one batch; end-of-sequence tokens
@@ -58,13 +76,10 @@ pub fn decode_speed<B: Backend>(
 ) -> Result<Throughput> {
     let opts = greedy(new_tokens);
     let mut stats = Ok(EngineStats::default());
-    let seconds = median_seconds(repeats, || {
+    let seconds = timed_runs(repeats, || {
         stats = generate_sparse(model, prompts, &opts, routing).map(|(_, s, _)| s);
     });
-    Ok(Throughput {
-        tokens_per_s: (prompts.len() * new_tokens) as f64 / seconds,
-        stats: stats?,
-    })
+    Ok(Throughput::of(prompts.len() * new_tokens, seconds, stats?))
 }
 
 /// One prefill of `batch` through the engine into a fresh cache, its last logits read back
@@ -153,6 +168,14 @@ pub fn paired_ratio(
         ratios.push(b / o);
     }
     Ok(median(ratios))
+}
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), in MB; `None` elsewhere.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 /// The median (the mean of the middle two for an even count); NaN for none.

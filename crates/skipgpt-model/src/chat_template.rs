@@ -94,6 +94,14 @@ impl ChatTemplate {
     /// assistant's answer begins.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let mut env = minijinja::Environment::new();
+        // transformers' environment: a block tag's newline and the indentation before it are
+        // not output, so templates can be written over many lines
+        let syntax = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .expect("the default delimiters");
+        env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
@@ -168,6 +176,16 @@ mod tests {
             err.contains("no system messages") && err.contains("tokenizer_config.json"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn block_tags_leave_neither_their_newline_nor_their_indentation() {
+        let dir = write_config(serde_json::json!({
+            "chat_template": "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}\n{% if add_generation_prompt %}\n>{% endif %}",
+        }));
+        let t = ChatTemplate::from_model_dir(dir.path()).unwrap();
+        let m = [ChatMessage::user("a"), ChatMessage::user("b")];
+        assert_eq!(t.render(&m, true).unwrap(), "[a]\n[b]\n>");
     }
 
     #[test]

@@ -41,6 +41,26 @@ impl<B: Backend> LayerCache<B> {
         }
     }
 
+    /// Forgets sequence `s`'s entries and zeroes their rows.
+    fn reset_sequence(&mut self, s: usize) {
+        if self.positions[s].is_empty() {
+            return;
+        }
+        self.positions[s].clear();
+        if let Some((k, v)) = self.kv.take() {
+            let [_, hd] = k.dims();
+            let (lanes, cap) = (self.positions.len(), self.capacity);
+            let zero = |t: Tensor<B, 2>| {
+                let heads = t.dims()[0] / cap / lanes;
+                let t = t.reshape([lanes * heads, cap, hd]);
+                let zeros = Tensor::zeros([heads, cap, hd], (&t.device(), t.dtype()));
+                t.slice_assign([s * heads..(s + 1) * heads, 0..cap, 0..hd], zeros)
+                    .reshape([lanes * heads * cap, hd])
+            };
+            self.kv = Some((zero(k), zero(v)));
+        }
+    }
+
     /// Makes room for `needed` entries per sequence, growing by whole blocks of `dtype`.
     fn reserve(
         &mut self,
@@ -170,6 +190,29 @@ impl<B: Backend> SparseCache<B> {
         for (len, t) in self.lens.iter_mut().zip(tokens) {
             *len += t.len();
         }
+    }
+
+    /// Empties sequence `s`'s caches, so that its slot can take a new sequence (a server's
+    /// finished request making room for the next) while the others keep theirs. Its rows are
+    /// zeroed: backends other than the CPU add new entries into zero rows.
+    pub fn reset_sequence(&mut self, s: usize) -> Result<()> {
+        self.check_slot(s)?;
+        self.lens[s] = 0;
+        for layer in &mut self.layers {
+            layer.reset_sequence(s);
+        }
+        Ok(())
+    }
+
+    /// Refuses a slot this cache does not have.
+    fn check_slot(&self, s: usize) -> Result<()> {
+        if s >= self.lens.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "sequence {s} of a cache made for {}",
+                self.lens.len()
+            )));
+        }
+        Ok(())
     }
 
     /// Positions sequence `s` has consumed (its next token's position).

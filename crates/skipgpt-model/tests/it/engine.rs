@@ -200,3 +200,43 @@ fn long_ragged_generation_crosses_cache_blocks_like_the_gated_path() {
         }
     }
 }
+
+/// What a server does between requests: a finished sequence's slot is emptied and takes a new
+/// sequence while the other slot keeps decoding. Both must compute what they compute alone.
+#[test]
+fn a_reset_slot_takes_a_new_sequence_while_the_other_keeps_its_own() {
+    let (_dir, model) = routed(RoutingConfig::new());
+    let r = reference(&tiny());
+    let rows = ids_rows(&r, "input_ids");
+    let (a, b, c) = (&rows[0][..9], &rows[1][..12], &rows[1][3..8]);
+    let layers = model.config.num_hidden_layers;
+    let step = |cache: &mut SparseCache<B>, tokens: &[Vec<u32>]| {
+        let out = sparse_forward(
+            &model,
+            tokens,
+            cache,
+            Routing::Deterministic,
+            LogitRows::All,
+        )
+        .unwrap();
+        to_vec(out.logits)
+    };
+    // b's first 6 tokens beside a, then b's rest beside c in a's emptied slot
+    let mut shared = SparseCache::new(2, layers);
+    step(&mut shared, &[a.to_vec(), b[..6].to_vec()]);
+    shared.reset_sequence(0).unwrap();
+    assert_eq!(shared.seq_len(0), 0);
+    let together = step(&mut shared, &[c.to_vec(), b[6..].to_vec()]);
+
+    let alone = |first: &[u32], then: &[u32]| {
+        let mut cache = SparseCache::new(1, layers);
+        if !first.is_empty() {
+            step(&mut cache, &[first.to_vec()]);
+        }
+        step(&mut cache, &[then.to_vec()])
+    };
+    let want: Vec<f32> = [alone(&[], c), alone(&b[..6], &b[6..])].concat();
+    assert!(max_abs_diff(&together, &want) < 1e-5);
+    assert_eq!((shared.seq_len(0), shared.seq_len(1)), (c.len(), b.len()));
+    assert!(shared.reset_sequence(2).is_err());
+}

@@ -73,6 +73,39 @@ fn dequantization_matches_gguf_py() {
     }
 }
 
+/// What `skipgpt quantize` writes: the blocks gguf-py's quantizers (ggml-quants.c's reference
+/// ones) make of the same values. A block may differ where a value lies within rounding of a
+/// half step (numpy and Rust divide alike, but f16 scales round ties the same only mostly).
+#[test]
+fn quantization_matches_gguf_py() {
+    let bytes = std::fs::read(fixtures().join("gguf-quants/quants.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let source: Vec<f32> = file
+        .tensor("source")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    for kind in skipgpt_kernels::quant::QUANTIZABLE {
+        let ours = skipgpt_kernels::quant::quantize(kind, &source).unwrap();
+        let theirs = file.tensor(&format!("{}.bytes", kind.name())).unwrap();
+        let size = kind.block_bytes();
+        let differ = ours
+            .chunks(size)
+            .zip(theirs.data().chunks(size))
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(
+            differ,
+            0,
+            "{}: {differ} of {} blocks differ",
+            kind.name(),
+            ours.len() / size
+        );
+    }
+}
+
 #[test]
 fn tiny_gguf_imports_to_the_same_model() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,7 +1,8 @@
 //! The model crate's integration tests, one binary: parity with HF transformers on the
 //! fixtures, checkpoints, routing, the sparse engine, the CPU backend's kernels, GGUF import,
-//! GGUF files run quantized, and LoRA. Helpers come from `skipgpt-test-support`.
+//! GGUF files run quantized, LoRA, and chat templates against transformers'. Helpers come from `skipgpt-test-support`.
 
+mod chat_templates;
 mod checkpoint;
 mod comparisons;
 mod engine;

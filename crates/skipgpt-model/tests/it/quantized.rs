@@ -227,3 +227,126 @@ fn routers_made_for_another_model_are_refused_naming_the_mismatch() {
         .to_string();
     assert!(err.contains("routers.safetensors"), "{err}");
 }
+
+#[test]
+fn quantize_writes_the_blocks_llama_quantize_would_and_carries_the_metadata_over() {
+    use skipgpt_model::io::gguf::{quantize_gguf, GgufFile, GgufValue, QuantizeTarget};
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("tiny-f32.gguf");
+    llama_tiny_gguf(&tiny().join("model")).write(&source);
+    let out = dir.path().join("tiny-q8_0.gguf");
+    let report = quantize_gguf(&source, &out, QuantizeTarget::Q8_0, &mut |_, _, _| {}).unwrap();
+    // 3 layers × 6 matrices with 64-value rows, the embedding and the output; the 3 down
+    // projections (rows of 176) and 7 norms keep F32
+    assert_eq!(report.conversions["F32 → Q8_0"], 3 * 6 + 2);
+    assert_eq!(report.conversions["F32 kept"], 3 + 7);
+    assert_eq!(report.requantized, 0);
+    assert_eq!(report.bytes_written, std::fs::metadata(&out).unwrap().len());
+
+    // the same bytes as the reference quantizer gives, tensor by tensor
+    let written = GgufFile::open(&out).unwrap();
+    let expected_path = quantized_gguf(dir.path(), QuantType::Q8_0);
+    let expected = GgufFile::open(&expected_path).unwrap();
+    assert_eq!(written.tensors.len(), expected.tensors.len());
+    for t in &expected.tensors {
+        let w = written.tensor(&t.name).expect("every tensor written");
+        assert_eq!((w.kind, &w.dims), (t.kind, &t.dims), "{}", t.name);
+        assert_eq!(
+            written.tensor_bytes(w),
+            expected.tensor_bytes(t),
+            "{}",
+            t.name
+        );
+    }
+    // every key but the file type carried over, tokenizer and chat template included
+    let original = GgufFile::open(&source).unwrap();
+    for (key, value) in &original.metadata {
+        assert_eq!(written.get(key), Some(value), "{key}");
+    }
+    assert_eq!(written.get("general.file_type"), Some(&GgufValue::U32(7)));
+    assert_eq!(
+        written.get("general.quantization_version"),
+        Some(&GgufValue::U32(2))
+    );
+
+    // and it runs as the reference quantizer's file does
+    let ids = prompts();
+    let load = |p: &Path| {
+        load_gguf::<Flex>(p, &flex(), StoreDtype::F32)
+            .unwrap()
+            .model
+    };
+    assert_eq!(
+        logits(&load(&out), &ids),
+        logits(&load(&expected_path), &ids)
+    );
+}
+
+/// Each type moves the logits by what its precision allows: F16 least, Q8_0 next, the 4-bit
+/// types most (the tiny model's 64-value rows are two blocks each, so 4 bits show).
+#[test]
+fn each_quantized_type_moves_the_logits_by_its_precision() {
+    use skipgpt_model::io::gguf::{quantize_gguf, QuantizeTarget};
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("tiny-f32.gguf");
+    llama_tiny_gguf(&tiny().join("model")).write(&source);
+    let load = |p: &Path| {
+        load_gguf::<Flex>(p, &flex(), StoreDtype::F32)
+            .unwrap()
+            .model
+    };
+    let ids = prompts();
+    let reference = logits(&load(&source), &ids);
+    let mut diff = std::collections::BTreeMap::new();
+    for target in [
+        QuantizeTarget::F16,
+        QuantizeTarget::Q8_0,
+        QuantizeTarget::Q4_1,
+        QuantizeTarget::Q4_0,
+    ] {
+        let out = dir.path().join(format!("tiny-{target:?}.gguf"));
+        quantize_gguf(&source, &out, target, &mut |_, _, _| {}).unwrap();
+        let d = relative_diff(&logits(&load(&out), &ids), &reference);
+        eprintln!("{target:?}: logits differ by {d} of their range");
+        diff.insert(format!("{target:?}"), d);
+    }
+    assert!(diff["F16"] > 0.0 && diff["F16"] < 2e-3, "{diff:?}");
+    assert!(
+        diff["Q8_0"] > diff["F16"] && diff["Q8_0"] < 0.05,
+        "{diff:?}"
+    );
+    for four_bit in ["Q4_0", "Q4_1"] {
+        assert!(
+            diff[four_bit] > diff["Q8_0"] && diff[four_bit] < 0.5,
+            "{diff:?}"
+        );
+    }
+}
+
+#[test]
+fn quantize_refuses_to_overwrite_its_input_and_names_a_broken_source() {
+    use skipgpt_model::io::gguf::{quantize_gguf, QuantizeTarget};
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("tiny.gguf");
+    llama_tiny_gguf(&tiny().join("model")).write(&source);
+    let before = std::fs::read(&source).unwrap();
+    let err = quantize_gguf(&source, &source, QuantizeTarget::Q8_0, &mut |_, _, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the output is the input file"), "{err}");
+    assert_eq!(std::fs::read(&source).unwrap(), before);
+
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &before[..before.len() / 2]).unwrap();
+    let out = dir.path().join("out.gguf");
+    let err = quantize_gguf(&truncated, &out, QuantizeTarget::Q8_0, &mut |_, _, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("truncated.gguf") && err.contains("truncated"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing written");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(left.len(), 2, "no temporary file left behind");
+}

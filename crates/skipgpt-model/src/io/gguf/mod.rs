@@ -1,4 +1,5 @@
-//! GGUF, the file format of llama.cpp and Ollama, into a Hugging Face model directory.
+//! GGUF, the file format of llama.cpp and Ollama: read, run as it is, imported into a Hugging
+//! Face model directory, and written quantized.
 //!
 //! - [`reader`]: the container (v2 and v3): metadata, tensor infos, aligned data;
 //! - [`quant`]: dequantization of F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K;
@@ -6,6 +7,8 @@
 //! - `config`: the `llama.*` metadata → a [`crate::LlamaConfig`];
 //! - [`weights`]: a LLaMA GGUF run as it is ([`load_gguf`]), quantized matrices kept in
 //!   their blocks;
+//! - [`writer`]: GGUF v3 written tensor by tensor; [`quantize_file`]: a GGUF with its matrices
+//!   in another type (`skipgpt quantize`);
 //! - [`import`]: a LLaMA GGUF → `config.json`, `model.safetensors` (streamed tensor by tensor,
 //!   llama.cpp's q/k row permutation undone), `tokenizer.json`, `tokenizer_config.json`.
 //!
@@ -15,14 +18,17 @@
 mod config;
 pub mod import;
 pub mod quant;
+pub mod quantize_file;
 pub mod reader;
 pub mod tokenizer;
 pub mod weights;
+pub mod writer;
 
 use std::path::PathBuf;
 
 pub use import::{import_gguf, ImportOptions, ImportReport};
 pub use quant::GgmlType;
+pub use quantize_file::{quantize_gguf, QuantizeReport, QuantizeTarget};
 pub use reader::{GgufFile, GgufValue, TensorInfo};
 pub use weights::{gguf_tokenizer_config, is_gguf, load_gguf, GgufWeights};
 

@@ -93,6 +93,13 @@ impl GgmlType {
         })
     }
 
+    /// ggml's code of the type, as a GGUF tensor info stores it.
+    pub fn code(self) -> u32 {
+        (0..NAMES.len() as u32)
+            .find(|&c| Self::from_code(c) == Some(self))
+            .expect("every type has a code")
+    }
+
     /// ggml's name of a type code, known to this reader or not.
     pub fn name_of(code: u32) -> String {
         NAMES
@@ -206,6 +213,7 @@ mod tests {
         for code in 0..40 {
             if let Some(t) = GgmlType::from_code(code) {
                 assert_eq!(GgmlType::name_of(code), t.name());
+                assert_eq!(t.code(), code);
             }
         }
         assert_eq!(GgmlType::name_of(10), "Q2_K");

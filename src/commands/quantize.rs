@@ -1,0 +1,74 @@
+//! `skipgpt quantize`: a GGUF rewritten with its matrices in Q8_0, Q4_0, Q4_1, F16 or F32,
+//! metadata (tokenizer, chat template) carried over, as `llama-quantize` writes it.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use skipgpt_model::io::gguf::{is_gguf, quantize_gguf, QuantizeTarget};
+
+use super::bytes_progress;
+
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// The GGUF file to read (any type this program reads: F32, F16, BF16, Q4_0, Q4_1, Q5_0,
+    /// Q5_1, Q8_0, Q4_K, Q5_K, Q6_K).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The type of the matrices written (vectors such as norms stay as they are).
+    #[arg(long = "type", value_enum)]
+    pub target: QuantizeTarget,
+    /// The GGUF file to write (replaced in one rename once it is whole).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(args: QuantizeArgs) -> Result<()> {
+    if !is_gguf(&args.model) {
+        bail!(
+            "{}: not a GGUF file; `skipgpt quantize` reads GGUF files (a model directory can be \
+             converted with llama.cpp's convert_hf_to_gguf.py first)",
+            args.model.display()
+        );
+    }
+    let t = Instant::now();
+    let bar = bytes_progress();
+    let report = quantize_gguf(
+        &args.model,
+        &args.out,
+        args.target,
+        &mut |done, total, name| {
+            if let Some(bar) = &bar {
+                bar.set_length(total);
+                bar.set_position(done);
+                bar.set_message(name.to_string());
+            }
+        },
+    )?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let conversions: Vec<String> = report
+        .conversions
+        .iter()
+        .map(|(what, n)| format!("{n} {what}"))
+        .collect();
+    println!(
+        "quantized {} ({:.1} MB) → {} ({:.1} MB) in {:.1} s: {}",
+        args.model.display(),
+        report.bytes_read as f64 / 1e6,
+        args.out.display(),
+        report.bytes_written as f64 / 1e6,
+        t.elapsed().as_secs_f64(),
+        conversions.join(", ")
+    );
+    if report.requantized > 0 {
+        eprintln!(
+            "note: {} tensors were already quantized in another format; quantizing them again \
+             rounds their rounded values, so the file is no more accurate than its source",
+            report.requantized
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,356 @@
+//! The scheduler: one thread owns the model and the engine's cache of `--max-seqs` slots, and
+//! runs steps. Each step every running request gets its next input (a chunk of its prompt, or
+//! the token it last produced), all of them go through the sparse engine in one call, and the
+//! requests whose prompt is in sample their next token.
+//!
+//! - **Joining**: waiting requests take free slots at the start of a step.
+//! - **Chunked prefill**: a prompt goes in pieces of at most [`PREFILL_CHUNK`] tokens, one per
+//!   step, beside the other requests' decoding, so a long prompt does not stall them.
+//! - **Leaving**: a request leaves when it ends (end-of-sequence, `max_tokens`) or when its
+//!   client has gone (its channel closed: a disconnect, or a stop string the HTTP side found);
+//!   its slot is emptied ([`SparseCache::reset_sequence`]) before the next step.
+//! - **Compute budgets**: requests are grouped by the router bias shift of their `skip`
+//!   budget ([`super::budget`]); each group runs as its own engine call on a copy of the model
+//!   (weights shared) with shifted routers, or dense.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use burn::tensor::backend::Backend;
+use skipgpt_model::engine::{sparse_forward, LogitRows, SparseCache};
+use skipgpt_model::{LlamaForCausalLM, Routing};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::budget::Budgets;
+use super::metrics::Metrics;
+use super::sampler::Sampler;
+
+/// Prompt tokens a request feeds per step.
+pub const PREFILL_CHUNK: usize = 128;
+
+/// A request as the engine runs it.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    /// Tokens that end the answer (empty with `ignore_eos`).
+    pub eos: Vec<u32>,
+    pub sampler: Sampler,
+    /// `Some(k)`: report each token's log-probability and the `k` most likely alternatives.
+    pub logprobs: Option<usize>,
+    /// The `skip` budget: `None` the model's own routing, `Some(0.0)` dense.
+    pub skip: Option<f64>,
+    pub events: UnboundedSender<Event>,
+    pub arrived: Instant,
+}
+
+/// What the engine tells a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Token {
+        id: u32,
+        logprobs: Option<TokenLogprobs>,
+        /// So far: skipped (token, layer) attention and MLP decisions, and decisions per
+        /// module kind.
+        skips: (usize, usize, usize),
+    },
+    /// The answer is over (`stop`: end-of-sequence, `length`: `max_tokens`); nothing follows.
+    Done {
+        finish_reason: &'static str,
+    },
+    Failed(String),
+}
+
+/// A token's log-probability and the most likely alternatives at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// A running request in its slot.
+struct Running {
+    job: Job,
+    fed: usize,
+    generated: usize,
+    last: u32,
+    last_at: Instant,
+    attn_skipped: usize,
+    mlp_skipped: usize,
+    decisions: usize,
+}
+
+/// The engine thread's state.
+pub struct Scheduler<B: Backend> {
+    model: LlamaForCausalLM<B>,
+    budgets: Budgets<B>,
+    cache: SparseCache<B>,
+    slots: Vec<Option<Running>>,
+    jobs: Receiver<Job>,
+    waiting: Arc<AtomicUsize>,
+    running: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl<B: Backend> Scheduler<B> {
+    pub fn new(
+        model: LlamaForCausalLM<B>,
+        budgets: Budgets<B>,
+        max_seqs: usize,
+        jobs: Receiver<Job>,
+        waiting: Arc<AtomicUsize>,
+        running: Arc<AtomicUsize>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let cache = SparseCache::new(max_seqs, model.config.num_hidden_layers);
+        Scheduler {
+            model,
+            budgets,
+            cache,
+            slots: (0..max_seqs).map(|_| None).collect(),
+            jobs,
+            waiting,
+            running,
+            metrics,
+        }
+    }
+
+    /// Runs until every sender of jobs is gone and every request has ended.
+    pub fn run(mut self) {
+        loop {
+            if !self.admit() {
+                return;
+            }
+            self.drop_cancelled();
+            if self.slots.iter().all(Option::is_none) {
+                continue;
+            }
+            self.step();
+        }
+    }
+
+    /// Takes waiting jobs into free slots; blocks while nothing runs. False once no job can
+    /// come any more and nothing runs.
+    fn admit(&mut self) -> bool {
+        while let Some(free) = self.slots.iter().position(Option::is_none) {
+            let idle = self.slots.iter().all(Option::is_none);
+            let job = if idle {
+                match self.jobs.recv_timeout(Duration::from_millis(200)) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout) => return true,
+                    Err(RecvTimeoutError::Disconnected) => return false,
+                }
+            } else {
+                match self.jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            };
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            if job.events.is_closed() {
+                continue;
+            }
+            self.metrics.queue_wait(job.arrived.elapsed());
+            self.running.fetch_add(1, Ordering::SeqCst);
+            let last = *job.prompt.last().unwrap_or(&0);
+            self.slots[free] = Some(Running {
+                job,
+                fed: 0,
+                generated: 0,
+                last,
+                last_at: Instant::now(),
+                attn_skipped: 0,
+                mlp_skipped: 0,
+                decisions: 0,
+            });
+        }
+        true
+    }
+
+    /// Frees the slots of requests whose client has gone.
+    fn drop_cancelled(&mut self) {
+        for s in 0..self.slots.len() {
+            if self.slots[s]
+                .as_ref()
+                .is_some_and(|r| r.job.events.is_closed())
+            {
+                self.metrics.cancelled();
+                self.free(s);
+            }
+        }
+    }
+
+    fn free(&mut self, s: usize) {
+        self.slots[s] = None;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        self.cache
+            .reset_sequence(s)
+            .expect("the slot is one of the cache's");
+    }
+
+    /// One engine call per budget group among the running requests.
+    fn step(&mut self) {
+        let t = Instant::now();
+        let mut groups: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+        for (s, r) in self.slots.iter().enumerate() {
+            if let Some(r) = r {
+                groups
+                    .entry(self.budgets.key(r.job.skip))
+                    .or_default()
+                    .push(s);
+            }
+        }
+        let running: usize = groups.values().map(Vec::len).sum();
+        for (key, members) in groups {
+            self.step_group(key, &members);
+        }
+        self.metrics.step(running, t.elapsed());
+    }
+
+    fn step_group(&mut self, key: i64, members: &[usize]) {
+        let mut inputs = vec![Vec::new(); self.slots.len()];
+        for &s in members {
+            let r = self.slots[s].as_ref().expect("a member runs");
+            inputs[s] = if r.fed < r.job.prompt.len() {
+                let end = (r.fed + PREFILL_CHUNK).min(r.job.prompt.len());
+                r.job.prompt[r.fed..end].to_vec()
+            } else {
+                vec![r.last]
+            };
+        }
+        let (model, routing) = self.budgets.model(key, &self.model);
+        let out = sparse_forward(model, &inputs, &mut self.cache, routing, LogitRows::Last);
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                for &s in members {
+                    let r = self.slots[s].take().expect("a member runs");
+                    let _ = r.job.events.send(Event::Failed(e.to_string()));
+                    self.free(s);
+                }
+                return;
+            }
+        };
+        let [_, vocab] = out.logits.dims();
+        let logits: Vec<f32> = out
+            .logits
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("f32 after convert");
+        // gates come per new token in sequence order; logits one row per sequence with input
+        let mut token_at = 0;
+        for (row, &s) in members.iter().enumerate() {
+            let n = inputs[s].len();
+            let r = self.slots[s].as_mut().expect("a member runs");
+            r.attn_skipped += count_skips(&out.attn_gates, token_at, n);
+            r.mlp_skipped += count_skips(&out.mlp_gates, token_at, n);
+            r.decisions += n * out.attn_gates.len();
+            token_at += n;
+            r.fed += if r.fed < r.job.prompt.len() { n } else { 0 };
+            if r.fed < r.job.prompt.len() {
+                continue;
+            }
+            let mut row_logits = logits[row * vocab..(row + 1) * vocab].to_vec();
+            if self.emit(s, &mut row_logits) {
+                self.free(s);
+            }
+        }
+        self.metrics
+            .tokens_in(members.iter().map(|&s| inputs[s].len()).sum());
+    }
+
+    /// Samples slot `s`'s next token and sends it; true when the request is over.
+    fn emit(&mut self, s: usize, logits: &mut [f32]) -> bool {
+        let r = self.slots[s].as_mut().expect("a member runs");
+        let logprobs = r.job.logprobs.map(|k| (log_softmax(logits), k));
+        let sampled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| r.job.sampler.next(logits)));
+        let Ok(id) = sampled else {
+            let _ = r.job.events.send(Event::Failed("sampling failed".into()));
+            return true;
+        };
+        let logprobs = logprobs.map(|(lp, k)| TokenLogprobs {
+            logprob: lp[id as usize],
+            top: top_k(&lp, k),
+        });
+        r.generated += 1;
+        r.last = id;
+        let now = Instant::now();
+        match r.generated {
+            1 => self.metrics.token_out(Some(now - r.job.arrived), None),
+            _ => self.metrics.token_out(None, Some(now - r.last_at)),
+        }
+        r.last_at = now;
+        let skips = (r.attn_skipped, r.mlp_skipped, r.decisions);
+        if r.job
+            .events
+            .send(Event::Token {
+                id,
+                logprobs,
+                skips,
+            })
+            .is_err()
+        {
+            self.metrics.cancelled();
+            return true;
+        }
+        let finish = if r.job.eos.contains(&id) {
+            "stop"
+        } else if r.generated >= r.job.max_tokens {
+            "length"
+        } else {
+            return false;
+        };
+        self.metrics
+            .finished(r.attn_skipped, r.mlp_skipped, r.decisions);
+        let _ = r.job.events.send(Event::Done {
+            finish_reason: finish,
+        });
+        true
+    }
+}
+
+/// Skipped decisions among tokens `from..from + n` over every layer's gates.
+fn count_skips(gates: &[Vec<bool>], from: usize, n: usize) -> usize {
+    gates
+        .iter()
+        .map(|layer| {
+            layer
+                .get(from..from + n)
+                .map_or(0, |g| g.iter().filter(|&&x| !x).count())
+        })
+        .sum()
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::MIN, f32::max);
+    let lse = max + logits.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+    logits.iter().map(|&x| x - lse).collect()
+}
+
+/// The `k` largest entries, largest first.
+fn top_k(values: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut order: Vec<u32> = (0..values.len() as u32).collect();
+    let k = k.min(order.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    order.select_nth_unstable_by(k - 1, |&a, &b| {
+        values[b as usize].total_cmp(&values[a as usize])
+    });
+    order.truncate(k);
+    order.sort_by(|&a, &b| values[b as usize].total_cmp(&values[a as usize]));
+    order.into_iter().map(|i| (i, values[i as usize])).collect()
+}
+
+/// The routing a budget group runs with.
+pub fn group_routing<B: Backend>(model: &LlamaForCausalLM<B>, dense: bool) -> Routing {
+    if dense || model.routing_config.is_none() {
+        Routing::Dense
+    } else {
+        model.routing
+    }
+}
