@@ -10,6 +10,7 @@ use skipgpt_model::{generate as gen, GenerateOptions, Sampling, Tokenizer};
 use crate::args::{EngineArgs, RoutingArgs};
 use crate::backend::BackendKind;
 use crate::commands::{apply_routing, print_stats, use_sparse};
+use crate::serve::text::AnswerText;
 use crate::with_backend;
 
 #[derive(Args, Debug)]
@@ -145,46 +146,31 @@ fn generate_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()
     Ok(())
 }
 
-/// Prints a generation's text as its tokens come: each step decodes everything so far and
-/// prints what was added (a token may complete a character that the previous one began, so
-/// tokens are not decoded one by one).
+/// Prints a generation's text as its tokens come ([`AnswerText`]: a token may complete a
+/// character that the previous one began, so tokens are not decoded one by one).
 struct TextStream<'a> {
     tokenizer: &'a Tokenizer,
-    tokens: Vec<u32>,
-    printed: String,
+    text: AnswerText,
 }
 
 impl<'a> TextStream<'a> {
     fn new(tokenizer: &'a Tokenizer) -> Self {
         TextStream {
             tokenizer,
-            tokens: Vec::new(),
-            printed: String::new(),
+            text: AnswerText::new(Vec::new()),
         }
     }
 
     fn push(&mut self, token: u32) {
         use std::io::Write;
-        self.tokens.push(token);
-        let Ok(text) = self.tokenizer.decode(&self.tokens) else {
-            return;
-        };
-        // an incomplete character decodes to U+FFFD: wait for the token that completes it
-        if text.ends_with('\u{FFFD}') {
-            return;
-        }
-        if let Some(new) = text.strip_prefix(self.printed.as_str()) {
-            print!("{new}");
-            let _ = std::io::stdout().flush();
-            self.printed = text;
-        }
+        print!(
+            "{}",
+            self.text.push(self.tokenizer, Some(token), false).text
+        );
+        let _ = std::io::stdout().flush();
     }
 
-    fn finish(self) {
-        let text = self.tokenizer.decode(&self.tokens).unwrap_or_default();
-        if let Some(rest) = text.strip_prefix(self.printed.as_str()) {
-            print!("{rest}");
-        }
-        println!();
+    fn finish(mut self) {
+        println!("{}", self.text.push(self.tokenizer, None, true).text);
     }
 }

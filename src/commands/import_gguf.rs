@@ -8,7 +8,7 @@ use clap::Args;
 use skipgpt_model::io::gguf::{import_gguf, ImportOptions};
 use skipgpt_model::StoreDtype;
 
-use super::bytes_progress;
+use super::BytesProgress;
 
 #[derive(Args, Debug)]
 pub struct ImportGgufArgs {
@@ -34,17 +34,11 @@ pub fn run(args: ImportGgufArgs) -> Result<()> {
         overwrite: args.overwrite,
     };
     let t = Instant::now();
-    let bar = bytes_progress();
+    let bar = BytesProgress::new();
     let report = import_gguf(&args.file, &args.out, &opts, &mut |done, total, name| {
-        if let Some(bar) = &bar {
-            bar.set_length(total);
-            bar.set_position(done);
-            bar.set_message(name.to_string());
-        }
+        bar.update(done, total, name)
     })?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    bar.finish();
     let c = &report.config;
     let types: Vec<String> = report
         .source_types

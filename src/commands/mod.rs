@@ -28,19 +28,38 @@ use skipgpt_model::{LlamaForCausalLM, Routing};
 
 use crate::args::{EngineArg, EngineArgs, RoutingArg, RoutingArgs};
 
-/// A progress bar over bytes for a file conversion, when stderr is a terminal.
-fn bytes_progress() -> Option<indicatif::ProgressBar> {
-    use std::io::IsTerminal;
-    std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:40} {bytes}/{total_bytes} {msg}",
-            )
-            .expect("valid template"),
-        );
-        bar
-    })
+/// A progress bar over bytes for a file conversion, shown when stderr is a terminal.
+struct BytesProgress(Option<indicatif::ProgressBar>);
+
+impl BytesProgress {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        BytesProgress(std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:40} {bytes}/{total_bytes} {msg}",
+                )
+                .expect("valid template"),
+            );
+            bar
+        }))
+    }
+
+    /// `done` of `total` bytes, at `item`.
+    fn update(&self, done: u64, total: u64, item: &str) {
+        if let Some(bar) = &self.0 {
+            bar.set_length(total);
+            bar.set_position(done);
+            bar.set_message(item.to_string());
+        }
+    }
+
+    fn finish(self) {
+        if let Some(bar) = self.0 {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// The routing mode the command line asks for.

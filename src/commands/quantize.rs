@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use skipgpt_model::io::gguf::{is_gguf, quantize_gguf, QuantizeTarget};
 
-use super::bytes_progress;
+use super::BytesProgress;
 
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
@@ -33,22 +33,14 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         );
     }
     let t = Instant::now();
-    let bar = bytes_progress();
+    let bar = BytesProgress::new();
     let report = quantize_gguf(
         &args.model,
         &args.out,
         args.target,
-        &mut |done, total, name| {
-            if let Some(bar) = &bar {
-                bar.set_length(total);
-                bar.set_position(done);
-                bar.set_message(name.to_string());
-            }
-        },
+        &mut |done, total, name| bar.update(done, total, name),
     )?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    bar.finish();
     let conversions: Vec<String> = report
         .conversions
         .iter()

@@ -150,6 +150,8 @@ impl<B: Backend> Scheduler<B> {
             };
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             if job.events.is_closed() {
+                // its client left while it waited
+                self.metrics.cancelled();
                 continue;
             }
             self.metrics.queue_wait(job.arrived.elapsed());
@@ -352,5 +354,133 @@ pub fn group_routing<B: Backend>(model: &LlamaForCausalLM<B>, dense: bool) -> Ro
         Routing::Dense
     } else {
         model.routing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::sampler::SamplingParams;
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+    type B = burn::backend::NdArray<f32>;
+
+    fn tiny() -> LlamaForCausalLM<B> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/llama-tiny/model");
+        skipgpt_model::load_pretrained::<B>(&dir, &Default::default())
+            .unwrap()
+            .model
+    }
+
+    fn job(prompt: &[u32], max_tokens: usize) -> (Job, UnboundedReceiver<Event>) {
+        let (events, rx) = unbounded_channel();
+        let sampler = Sampler::new(
+            SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            prompt,
+        );
+        let job = Job {
+            prompt: prompt.to_vec(),
+            max_tokens,
+            eos: Vec::new(),
+            sampler,
+            logprobs: None,
+            skip: None,
+            events,
+            arrived: Instant::now(),
+        };
+        (job, rx)
+    }
+
+    /// A scheduler of `slots` slots, and the sender to give it jobs.
+    fn scheduler(slots: usize) -> (Scheduler<B>, std::sync::mpsc::Sender<Job>, Arc<AtomicUsize>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let running = Arc::new(AtomicUsize::new(0));
+        let metrics = Arc::new(Metrics::new(waiting.clone()));
+        let s = Scheduler::new(
+            tiny(),
+            Budgets::fixed(),
+            slots,
+            rx,
+            waiting.clone(),
+            running.clone(),
+            metrics,
+        );
+        (s, tx, running)
+    }
+
+    fn submit(tx: &std::sync::mpsc::Sender<Job>, s: &Scheduler<B>, job: Job) {
+        s.waiting.fetch_add(1, Ordering::SeqCst);
+        tx.send(job).unwrap();
+    }
+
+    fn tokens(rx: &mut UnboundedReceiver<Event>) -> Vec<u32> {
+        let mut out = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            if let Event::Token { id, .. } = e {
+                out.push(id);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_request_whose_client_left_gives_its_slot_back_within_one_step() {
+        let (mut s, tx, running) = scheduler(1);
+        let (a, mut a_rx) = job(&[5, 17, 42], 100);
+        submit(&tx, &s, a);
+        assert!(s.admit());
+        s.step();
+        assert_eq!(tokens(&mut a_rx).len(), 1);
+        assert_eq!(running.load(Ordering::SeqCst), 1);
+        // the client goes: before the next step the slot is free and its cache empty
+        drop(a_rx);
+        s.drop_cancelled();
+        assert!(s.slots[0].is_none());
+        assert_eq!(s.cache.seq_len(0), 0);
+        assert_eq!(running.load(Ordering::SeqCst), 0);
+
+        // the next request takes the slot and answers as it does on a fresh scheduler
+        let (b, mut b_rx) = job(&[7, 9], 6);
+        submit(&tx, &s, b);
+        assert!(s.admit());
+        for _ in 0..6 {
+            s.step();
+        }
+        let reused = tokens(&mut b_rx);
+        let (mut fresh, tx2, _) = scheduler(1);
+        let (b, mut b_rx) = job(&[7, 9], 6);
+        submit(&tx2, &fresh, b);
+        assert!(fresh.admit());
+        for _ in 0..6 {
+            fresh.step();
+        }
+        assert_eq!(reused.len(), 6);
+        assert_eq!(reused, tokens(&mut b_rx));
+        assert!(s.slots[0].is_none(), "a finished request leaves its slot");
+    }
+
+    #[test]
+    fn a_long_prompt_goes_in_chunks_beside_another_requests_decoding() {
+        let (mut s, tx, _) = scheduler(2);
+        let (short, mut short_rx) = job(&[5, 17], 50);
+        let long_prompt: Vec<u32> = (0..(PREFILL_CHUNK as u32 * 2 + 10))
+            .map(|i| 3 + i % 400)
+            .collect();
+        let (long, mut long_rx) = job(&long_prompt, 2);
+        submit(&tx, &s, short);
+        submit(&tx, &s, long);
+        assert!(s.admit());
+        // three steps to feed the long prompt; the short one gains a token at each
+        for step in 1..=3 {
+            s.step();
+            assert_eq!(tokens(&mut short_rx).len(), 1, "step {step}");
+            let long_tokens = tokens(&mut long_rx).len();
+            assert_eq!(long_tokens, usize::from(step == 3), "step {step}");
+        }
     }
 }

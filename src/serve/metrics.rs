@@ -155,60 +155,62 @@ impl Metrics {
     pub fn render(&self) -> String {
         let m = self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut out = String::new();
-        let mut counter = |name: &str, help: &str, kind: &str, value: String| {
+        let scalars = [
+            (
+                "skipgpt_prompt_tokens_total",
+                "Prompt tokens run through the model.",
+                "counter",
+                m.prompt_tokens as f64,
+            ),
+            (
+                "skipgpt_generation_tokens_total",
+                "Tokens generated.",
+                "counter",
+                m.generated_tokens as f64,
+            ),
+            (
+                "skipgpt_requests_cancelled_total",
+                "Requests whose client left before the answer ended.",
+                "counter",
+                m.cancelled as f64,
+            ),
+            (
+                "skipgpt_queue_length",
+                "Requests waiting for a slot.",
+                "gauge",
+                self.waiting.load(Ordering::SeqCst) as f64,
+            ),
+            (
+                "skipgpt_running_sequences",
+                "Requests in the running batch at the last step.",
+                "gauge",
+                m.running as f64,
+            ),
+            (
+                "skipgpt_attention_skipped_total",
+                "(token, layer) attention modules the routers skipped, over finished requests.",
+                "counter",
+                m.attn_skipped as f64,
+            ),
+            (
+                "skipgpt_mlp_skipped_total",
+                "(token, layer) MLP modules the routers skipped, over finished requests.",
+                "counter",
+                m.mlp_skipped as f64,
+            ),
+            (
+                "skipgpt_routing_decisions_total",
+                "(token, layer) positions routed, per module kind, over finished requests.",
+                "counter",
+                m.decisions as f64,
+            ),
+        ];
+        for (name, help, kind, value) in scalars {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
-        };
-        counter(
-            "skipgpt_prompt_tokens_total",
-            "Prompt tokens run through the model.",
-            "counter",
-            m.prompt_tokens.to_string(),
-        );
-        counter(
-            "skipgpt_generation_tokens_total",
-            "Tokens generated.",
-            "counter",
-            m.generated_tokens.to_string(),
-        );
-        counter(
-            "skipgpt_requests_cancelled_total",
-            "Requests whose client left before the answer ended.",
-            "counter",
-            m.cancelled.to_string(),
-        );
-        counter(
-            "skipgpt_queue_length",
-            "Requests waiting for a slot.",
-            "gauge",
-            self.waiting.load(Ordering::SeqCst).to_string(),
-        );
-        counter(
-            "skipgpt_running_sequences",
-            "Requests in the running batch at the last step.",
-            "gauge",
-            m.running.to_string(),
-        );
-        counter(
-            "skipgpt_attention_skipped_total",
-            "(token, layer) attention modules the routers skipped, over finished requests.",
-            "counter",
-            m.attn_skipped.to_string(),
-        );
-        counter(
-            "skipgpt_mlp_skipped_total",
-            "(token, layer) MLP modules the routers skipped, over finished requests.",
-            "counter",
-            m.mlp_skipped.to_string(),
-        );
-        counter(
-            "skipgpt_routing_decisions_total",
-            "(token, layer) positions routed, per module kind, over finished requests.",
-            "counter",
-            m.decisions.to_string(),
-        );
+        }
         let _ = writeln!(out, "# HELP skipgpt_requests_total HTTP responses by status.\n# TYPE skipgpt_requests_total counter");
         for (status, n) in &m.requests {
             let _ = writeln!(out, "skipgpt_requests_total{{status=\"{status}\"}} {n}");

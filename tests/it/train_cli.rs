@@ -461,3 +461,63 @@ fn an_output_over_an_unrelated_model_is_refused() {
         weights
     );
 }
+
+/// A run in progress locks its directory: a second run, or a `--resume`, on the same `--out`
+/// is refused naming the running process, instead of interleaving with it.
+#[test]
+fn a_running_run_locks_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut args = pretrain_args(&out, "2", &[]);
+    let steps = args.iter().position(|a| *a == "--steps").unwrap();
+    args[steps + 1] = "100000";
+    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_skipgpt"))
+        .args(&args)
+        .env_remove("SKIPGPT_BACKEND")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (lock, manifest) = (out.join("train/.lock"), out.join("train/run.json"));
+    let t = std::time::Instant::now();
+    while !(lock.exists() && manifest.exists()) {
+        assert!(
+            t.elapsed().as_secs() < 120,
+            "the first run never started training"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let resume = pretrain_args(&out, "2", &["--resume"]);
+    let pid = first.id().to_string();
+    assert_clean_failure(&resume, &["in use by another run", &pid, ".lock"]);
+    first.kill().unwrap();
+    first.wait().unwrap();
+}
+
+/// A `--resume` of a finished run (pretraining, router tuning) rewrites its model and leaves
+/// no temporary files.
+#[test]
+fn resuming_a_finished_run_leaves_no_temporary_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, routed) = (dir.path().join("model"), dir.path().join("routed"));
+    pretrain(&model);
+    let o = skipgpt(&pretrain_args(&model, "2", &["--resume"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = skipgpt(&tune_args(&model, &routed, &[]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = skipgpt(&tune_args(&model, &routed, &["--resume"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    for d in [
+        model.clone(),
+        model.join("train"),
+        routed.clone(),
+        routed.join("train"),
+    ] {
+        let hidden: Vec<String> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(hidden.is_empty(), "{}: {hidden:?}", d.display());
+    }
+}

@@ -25,6 +25,9 @@ struct System {
     port: u16,
 }
 
+/// A server's results: its idle RSS (MB) and each level's figures.
+type Measured = (Option<f64>, Vec<Level>);
+
 /// What one concurrency level measured.
 #[derive(Debug, Clone)]
 struct Level {
@@ -101,7 +104,7 @@ pub fn bench_serve(o: Options) -> Result<()> {
     let mut results = Vec::new();
     for system in &systems {
         let mut child = start(system)?;
-        let measured = (|| -> Result<Vec<Level>> {
+        let measured = (|| -> Result<Measured> {
             wait_healthy(system.port, &mut child)?;
             let idle_rss = rss_mb(child.id());
             let mut levels = Vec::new();
@@ -115,23 +118,19 @@ pub fn bench_serve(o: Options) -> Result<()> {
                     &text,
                 )?);
             }
-            eprintln!(
-                "{}: idle RSS {:.0} MB",
-                system.name,
-                idle_rss.unwrap_or(f64::NAN)
-            );
-            Ok(levels)
+            Ok((idle_rss, levels))
         })();
         let _ = child.kill();
         let _ = child.wait();
         results.push((system.name.clone(), measured?));
     }
-    let table = table(&results, o.threads, o.new_tokens);
+    let weights_mb = std::fs::metadata(&gguf)?.len() as f64 / 1e6;
+    let table = table(&results, o.threads, o.new_tokens, weights_mb);
     std::fs::write(work.join("table.md"), &table)?;
     let json: Vec<Value> = results
         .iter()
-        .map(|(name, levels)| {
-            json!({"system": name, "levels": levels.iter().map(|l| json!({
+        .map(|(name, (idle, levels))| {
+            json!({"system": name, "idle_rss_mb": idle, "weights_mb": weights_mb, "levels": levels.iter().map(|l| json!({
             "clients": l.clients, "requests": l.requests, "tok_s": l.tok_s,
             "ttft_p50": pct(&l.ttft, 50.0), "ttft_p99": pct(&l.ttft, 99.0),
             "itl_p50": pct(&l.itl, 50.0), "itl_p99": pct(&l.itl, 99.0),
@@ -288,14 +287,20 @@ fn pct(v: &[f64], p: f64) -> f64 {
     v[((p / 100.0) * (v.len() - 1) as f64).round() as usize]
 }
 
-fn table(results: &[(String, Vec<Level>)], threads: usize, new_tokens: usize) -> String {
+fn table(
+    results: &[(String, Measured)],
+    threads: usize,
+    new_tokens: usize,
+    weights_mb: f64,
+) -> String {
     let mut t = format!(
-        "SmolLM2-135M-Instruct Q4_1 GGUF, {threads} threads, streamed completions of {new_tokens} new tokens after prompts of about 50 to 500 tokens; each client sends its requests one after another. TTFT and ITL in milliseconds.\n\n| system | clients | requests | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "SmolLM2-135M-Instruct Q4_1 GGUF ({weights_mb:.0} MB), {threads} threads, streamed completions of {new_tokens} new tokens after prompts of about 50 to 500 tokens; each client sends its requests one after another. TTFT and ITL in milliseconds; idle RSS after loading, before the first request.\n\n| system | idle RSS (MB) | clients | requests | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
-    for (name, levels) in results {
+    for (name, (idle, levels)) in results {
         for l in levels {
             t.push_str(&format!(
-                "| {name} | {} | {} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} |\n",
+                "| {name} | {:.0} | {} | {} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} |\n",
+                idle.unwrap_or(f64::NAN),
                 l.clients,
                 l.requests,
                 l.tok_s,

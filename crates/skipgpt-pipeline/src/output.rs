@@ -117,6 +117,9 @@ fn place_copy(src: &Path, dst: &Path) -> Result<()> {
         std::fs::copy(src, &tmp).map_err(io(src))?;
     }
     std::fs::rename(&tmp, dst).map_err(io(dst))?;
+    // renaming a hard link over another link to the same file does nothing (POSIX), which
+    // leaves the temporary name behind when `dst` already was this copy (a resumed run)
+    let _ = std::fs::remove_file(&tmp);
     Ok(())
 }
 
@@ -190,5 +193,27 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placing_the_same_copy_twice_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, out) = (dir.path().join("src"), dir.path().join("out"));
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(&src, b"weights").unwrap();
+        // the second time `out/model` is already a hard link to `src` (a resumed run)
+        place_copy(&src, &out.join("model")).unwrap();
+        place_copy(&src, &out.join("model")).unwrap();
+        let names: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["model"]);
+        assert_eq!(std::fs::read(out.join("model")).unwrap(), b"weights");
     }
 }

@@ -12,12 +12,17 @@ pub enum TrainError {
     RunExists(PathBuf),
     #[error("--resume: {0} holds no run to resume (no run.json)")]
     NothingToResume(PathBuf),
-    #[error("--resume: {path} was started with {key} = {before}, now {key} = {now}; resume with the same settings or start a new run elsewhere")]
+    #[error("--resume: {path} was started with other settings: {}; resume with the same settings or start a new run elsewhere", differences.iter().map(|(key, before, now)| format!("{key} = {before}, now {now}")).collect::<Vec<_>>().join("; "))]
     ResumeMismatch {
         path: PathBuf,
-        key: String,
-        before: String,
-        now: String,
+        /// Every key that differs: (key, the run's value, this command's value).
+        differences: Vec<(String, String, String)>,
+    },
+    #[error("{dir} is in use by another run (process {pid}, lock file {lock}); wait for it to end, or write to another directory")]
+    RunLocked {
+        dir: PathBuf,
+        lock: PathBuf,
+        pid: u32,
     },
     #[error("training failed: {0}")]
     Training(String),

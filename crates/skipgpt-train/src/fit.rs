@@ -216,6 +216,9 @@ pub fn fit<B: AutodiffBackend>(
     let valid = validation_set(valid, &train, opts);
 
     let manifest = manifest(&objective, &model, &train, &valid, opts, replicas);
+    // held until training returns: a second run on the same directory is refused, not
+    // interleaved with this one
+    let _lock = crate::resume::RunLock::acquire(&run.path)?;
     let done_epochs = manifest.begin(&run.path, run.resume)?;
     let plan = StepPlan {
         total_steps: opts.steps,

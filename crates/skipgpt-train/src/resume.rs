@@ -6,6 +6,7 @@
 //!   written (burn-train writes the three on a background thread, one after the other);
 //! - [`RunManifest`]: the settings a run was started with, checked on `--resume` so that a
 //!   resumed run cannot silently continue with other data or hyper-parameters;
+//! - [`RunLock`]: one run at a time in a run directory;
 //! - [`store_only_trainable`]: checkpoints hold what training changes (routers, adapters) and
 //!   the optimizer's state for it, not the frozen base model a run starts from anyway.
 
@@ -148,6 +149,83 @@ fn is_whole_record(path: &Path) -> bool {
         && de.into_inner().read(&mut [0u8]).is_ok_and(|n| n == 0)
 }
 
+/// One run at a time in a run directory: `.lock` holds the running process's id, created
+/// exclusively and removed when the lock is dropped. A lock whose process is gone (killed,
+/// crashed) is stale and taken over.
+#[derive(Debug)]
+pub struct RunLock {
+    path: PathBuf,
+}
+
+impl RunLock {
+    pub const FILE: &'static str = ".lock";
+
+    /// Takes the lock of `run_dir` (created if needed), or names the process holding it.
+    pub fn acquire(run_dir: &Path) -> Result<Self> {
+        let io = |e| DataError::Io {
+            path: run_dir.to_path_buf(),
+            source: e,
+        };
+        std::fs::create_dir_all(run_dir).map_err(io)?;
+        let path = run_dir.join(Self::FILE);
+        for _ in 0..3 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut file) => {
+                    use std::io::Write;
+                    write!(file, "{}", std::process::id()).map_err(io)?;
+                    return Ok(RunLock { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u32>().ok());
+                    match holder {
+                        Some(pid) if process_alive(pid) => {
+                            return Err(TrainError::RunLocked {
+                                dir: run_dir.to_path_buf(),
+                                lock: path,
+                                pid,
+                            })
+                        }
+                        // stale (or half written by a process killed at that instant)
+                        _ => {
+                            let _ = std::fs::remove_file(&path);
+                        }
+                    }
+                }
+                Err(e) => return Err(io(e).into()),
+            }
+        }
+        Err(TrainError::Training(format!(
+            "{}: could not take the run lock",
+            path.display()
+        )))
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether a process with this id is running (on Linux, `/proc/PID`; elsewhere every lock
+/// counts as held).
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    if cfg!(target_os = "linux") {
+        Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
+}
+
 /// Removes what a killed write left behind in a run directory and its checkpoints: temporary
 /// files (`.NAME.*.tmp`).
 pub fn remove_stale_temporaries(run_dir: &Path) {
@@ -220,6 +298,7 @@ impl RunManifest {
             "devices" => serde_json::json!(1),
             _ => serde_json::Value::Null,
         };
+        let mut differences = Vec::new();
         for (key, value) in &self.0 {
             // the architecture was recorded from this version on; earlier runs cannot be checked
             if !saved.contains_key(key) && ARCHITECTURE_KEYS.contains(&key.as_str()) {
@@ -230,13 +309,11 @@ impl RunManifest {
                 .cloned()
                 .unwrap_or_else(|| earlier_default(key));
             if &before != value {
-                return Err(TrainError::ResumeMismatch {
-                    path,
-                    key: key.clone(),
-                    before: before.to_string(),
-                    now: value.to_string(),
-                });
+                differences.push((key.clone(), before.to_string(), value.to_string()));
             }
+        }
+        if !differences.is_empty() {
+            return Err(TrainError::ResumeMismatch { path, differences });
         }
         remove_stale_temporaries(run_dir);
         Ok(latest_checkpoint(run_dir).unwrap_or(0))
@@ -246,6 +323,48 @@ impl RunManifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_directory_is_locked_by_one_run_and_a_stale_lock_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = RunLock::acquire(dir.path()).unwrap();
+        let err = RunLock::acquire(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("process {}", std::process::id())) && err.contains(".lock"),
+            "{err}"
+        );
+        drop(lock);
+        assert!(!dir.path().join(RunLock::FILE).exists());
+        // a lock left by a process that is gone
+        let gone = u32::MAX - 7;
+        std::fs::write(dir.path().join(RunLock::FILE), gone.to_string()).unwrap();
+        let lock = RunLock::acquire(dir.path()).unwrap();
+        let held = std::fs::read_to_string(dir.path().join(RunLock::FILE)).unwrap();
+        assert_eq!(held, std::process::id().to_string());
+        drop(lock);
+    }
+
+    #[test]
+    fn a_resume_with_other_settings_names_every_key_that_differs() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = |hidden: u64, head: u64, lr: f64| {
+            let mut m = serde_json::Map::new();
+            m.insert("hidden_size".into(), serde_json::json!(hidden));
+            m.insert("head_dim".into(), serde_json::json!(head));
+            m.insert("lr".into(), serde_json::json!(lr));
+            RunManifest(m)
+        };
+        manifest(64, 16, 1e-3).begin(dir.path(), false).unwrap();
+        let err = manifest(128, 32, 1e-3)
+            .begin(dir.path(), true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("hidden_size = 64, now 128") && err.contains("head_dim = 16, now 32"),
+            "{err}"
+        );
+        assert!(!err.contains("lr"), "{err}");
+    }
     use burn::module::Module;
     use burn::nn::{Linear, LinearConfig};
 

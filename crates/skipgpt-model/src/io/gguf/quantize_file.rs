@@ -64,8 +64,9 @@ pub struct QuantizeReport {
     pub conversions: BTreeMap<String, usize>,
     pub bytes_read: u64,
     pub bytes_written: u64,
-    /// Tensors converted from another block format: their values are the source's rounded
-    /// values, rounded again, so the file cannot be more accurate than the source.
+    /// Tensors quantized from another block format: their values are the source's rounded
+    /// values, rounded again, so the file cannot be more accurate than the source (written
+    /// as F32 or F16 they are only dequantized, and do not count).
     pub requantized: usize,
 }
 
@@ -115,7 +116,7 @@ pub fn quantize_gguf(
             format!("{} → {}", t.kind.name(), to.name())
         };
         *report.conversions.entry(what).or_default() += 1;
-        if to != t.kind && t.kind.block_format().is_some() {
+        if to != t.kind && t.kind.block_format().is_some() && to.block_format().is_some() {
             report.requantized += 1;
         }
         report.bytes_read += gguf.tensor_bytes(t).len() as u64;
