@@ -159,10 +159,7 @@ impl<B: Backend> Session<'_, B> {
             bail!("this model has no routers (give --routers DIR): it runs dense");
         }
         if skip > 0.0 && self.budgets.is_none() {
-            let docs = skipgpt_data::synthetic_corpus(32, 0);
-            let mut data = skipgpt_data::pack(&docs, self.tokenizer, 128, None)?;
-            data.sequences.truncate(4);
-            self.budgets = Some(Budgets::calibrate(self.model, &data)?);
+            self.budgets = Some(Budgets::calibrate_on_builtin(self.model, self.tokenizer)?);
         }
         self.skip = Some(skip);
         Ok(if skip == 0.0 {

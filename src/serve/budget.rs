@@ -10,7 +10,7 @@ use anyhow::Result;
 use burn::tensor::backend::Backend;
 use skipgpt_data::PackedDataset;
 use skipgpt_eval::calibrate::realised_skip;
-use skipgpt_model::{LlamaForCausalLM, Routing, SparsityUnit};
+use skipgpt_model::{LlamaForCausalLM, Routing, SparsityUnit, Tokenizer};
 
 /// Shifts at which the realised skip is measured.
 const GRID: [f64; 11] = [-8.0, -4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0];
@@ -33,6 +33,18 @@ impl<B: Backend> Budgets<B> {
             table: Vec::new(),
             shifted: HashMap::new(),
         }
+    }
+
+    /// Measures the table on four 128-token sequences of the built-in corpus, the text the
+    /// server and `chat` calibrate on.
+    pub fn calibrate_on_builtin(
+        model: &LlamaForCausalLM<B>,
+        tokenizer: &Tokenizer,
+    ) -> Result<Self> {
+        let docs = skipgpt_data::synthetic_corpus(32, 0);
+        let mut data = skipgpt_data::pack(&docs, tokenizer, 128, None)?;
+        data.sequences.truncate(4);
+        Self::calibrate(model, &data)
     }
 
     /// Measures the table on `data` (parameters skipped, deterministic routing).
@@ -88,7 +100,9 @@ impl<B: Backend> Budgets<B> {
         base: &'a LlamaForCausalLM<B>,
     ) -> (&'a LlamaForCausalLM<B>, Routing) {
         match key {
-            OWN => (base, super::engine::group_routing(base, false)),
+            // a model without routers runs dense whatever its routing field says
+            OWN if base.routing_config.is_none() => (base, Routing::Dense),
+            OWN => (base, base.routing),
             DENSE => (base, Routing::Dense),
             _ => {
                 let model = self

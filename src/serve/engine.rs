@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::backend::Backend;
 use skipgpt_model::engine::{sparse_forward, LogitRows, SparseCache};
-use skipgpt_model::{LlamaForCausalLM, Routing};
+use skipgpt_model::LlamaForCausalLM;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::budget::Budgets;
@@ -346,15 +346,6 @@ fn top_k(values: &[f32], k: usize) -> Vec<(u32, f32)> {
     order.truncate(k);
     order.sort_by(|&a, &b| values[b as usize].total_cmp(&values[a as usize]));
     order.into_iter().map(|i| (i, values[i as usize])).collect()
-}
-
-/// The routing a budget group runs with.
-pub fn group_routing<B: Backend>(model: &LlamaForCausalLM<B>, dense: bool) -> Routing {
-    if dense || model.routing_config.is_none() {
-        Routing::Dense
-    } else {
-        model.routing
-    }
 }
 
 #[cfg(test)]

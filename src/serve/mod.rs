@@ -177,11 +177,8 @@ fn load<B: Backend>(
     let model = pretrained.model;
     let routed = model.routing_config.is_some();
     let budgets = if routed {
-        let docs = skipgpt_data::synthetic_corpus(32, 0);
-        let mut data = skipgpt_data::pack(&docs, &tokenizer, 128, None)?;
-        data.sequences.truncate(4);
         let t = std::time::Instant::now();
-        let budgets = Budgets::calibrate(&model, &data)?;
+        let budgets = Budgets::calibrate_on_builtin(&model, &tokenizer)?;
         if let Some((lo, hi)) = budgets.range() {
             eprintln!(
                 "skip budgets: {:.0}% to {:.0}% of routed parameters (measured in {:.1} s)",
