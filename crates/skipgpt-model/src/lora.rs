@@ -249,8 +249,15 @@ impl<B: Backend> LoraLinear<B> {
         x: Tensor<B, D>,
     ) -> Vec<Tensor<B, D>> {
         let forward_each = || projections.iter().map(|p| p.forward(x.clone())).collect();
-        if projections.iter().any(|p| p.quantized.is_some()) {
-            return forward_each();
+        let quantized: Option<Vec<&QuantWeight>> =
+            projections.iter().map(|p| p.quantized.as_ref()).collect();
+        match quantized {
+            Some(weights) => {
+                let products = QuantWeight::forward_many(&weights, x.clone());
+                return Self::finish_many(projections, products, &x);
+            }
+            None if projections.iter().any(|p| p.quantized.is_some()) => return forward_each(),
+            None => {}
         }
         let weights: Vec<Tensor<B, 2>> = projections
             .iter()
@@ -259,6 +266,15 @@ impl<B: Backend> LoraLinear<B> {
         let Some(products) = crate::flex_kernels::rows_times_weights(&x, &weights) else {
             return forward_each();
         };
+        Self::finish_many(projections, products, &x)
+    }
+
+    /// Each projection's bias and adapter term added to its base product.
+    fn finish_many<const D: usize>(
+        projections: &[&Self],
+        products: Vec<Tensor<B, D>>,
+        x: &Tensor<B, D>,
+    ) -> Vec<Tensor<B, D>> {
         products
             .into_iter()
             .zip(projections)

@@ -133,7 +133,20 @@ impl QuantWeight {
     /// - x: `[..., d]`
     /// - output: `[..., n]`
     pub fn forward<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let mut dims = x.dims();
+        Self::forward_many(&[self], x).remove(0)
+    }
+
+    /// `x · Wᵀ` for several matrices of the same input width (q, k and v; gate and up): `x`
+    /// quantized once, and all their rows in one parallel pass.
+    ///
+    /// # Shapes
+    /// - x: `[..., d]`
+    /// - output: `[..., n_k]` per matrix
+    pub fn forward_many<B: Backend, const D: usize>(
+        weights: &[&Self],
+        x: Tensor<B, D>,
+    ) -> Vec<Tensor<B, D>> {
+        let dims = x.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
         let device = x.device();
         let values = x
@@ -141,8 +154,15 @@ impl QuantWeight {
             .convert::<f32>()
             .into_vec::<f32>()
             .expect("f32 activations");
-        let y = quant::rows_times_quantized(&values, rows, self.matrix());
-        dims[D - 1] = self.n;
-        Tensor::from_data(TensorData::new(y, dims), &device)
+        let matrices: Vec<QuantMatrix<'_>> = weights.iter().map(|w| w.matrix()).collect();
+        let ys = quant::rows_times_quantized_many(&values, rows, &matrices);
+        ys.into_iter()
+            .zip(weights)
+            .map(|(y, w)| {
+                let mut dims = dims;
+                dims[D - 1] = w.n;
+                Tensor::from_data(TensorData::new(y, dims), &device)
+            })
+            .collect()
     }
 }

@@ -110,7 +110,7 @@ fn q5_1(b: &[u8], out: &mut Unpacked) {
 }
 
 /// Sub-block `j`'s 6-bit scale and minimum from the 12 packed bytes of Q4_K and Q5_K.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -188,36 +188,17 @@ pub fn dot_rows(
 ) {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Plain {
-        if matches!(kind, QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1) {
-            // SAFETY: `Isa::detect` found AVX2, FMA and F16C; the row is whole blocks and each
-            // of `rows` as long as it
-            return unsafe { fused::rows_avx2(kind, weights, rows, out) };
-        }
-        // SAFETY: as above
-        return unsafe { unpacked_rows_avx2(isa, kind, weights, rows, out, unpacked) };
+        // SAFETY: `Isa::detect` found AVX2, FMA and F16C; the row is whole blocks and each of
+        // `rows` as long as it
+        return unsafe { super::fused::rows_avx2(kind, weights, rows, out) };
     }
-    unpacked_rows(isa, kind, weights, rows, out, unpacked);
-}
-
-/// [`unpacked_rows`] compiled for AVX2, so that its integer dot products inline.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn unpacked_rows_avx2(
-    isa: Isa,
-    kind: QuantType,
-    weights: &[u8],
-    rows: &[Q8Row],
-    out: &mut [f32],
-    unpacked: &mut Unpacked,
-) {
-    unpacked_rows(isa, kind, weights, rows, out, unpacked);
+    let _ = isa;
+    unpacked_rows(kind, weights, rows, out, unpacked);
 }
 
 /// [`dot_rows`] for any format: each block unpacked to small integers, then one integer dot
-/// product per group and row.
-#[inline(always)]
+/// product per group and row: the plain loop every vector kernel is tested against.
 fn unpacked_rows(
-    isa: Isa,
     kind: QuantType,
     weights: &[u8],
     rows: &[Q8Row],
@@ -233,7 +214,7 @@ fn unpacked_rows(
             for g in 0..values / group {
                 let start = b * values + g * group;
                 let q = &unpacked.q[g * group..(g + 1) * group];
-                let dot = int_dot(isa, q, &x.qs[start..start + group]);
+                let dot = int_dot(q, &x.qs[start..start + group]);
                 let sums: i32 = x.sums[start / 16..(start + group) / 16].iter().sum();
                 let d = x.d[start / Q8_BLOCK];
                 *sum += d * (unpacked.scale[g] * dot as f32 - unpacked.offset[g] * sums as f32);
@@ -242,119 +223,7 @@ fn unpacked_rows(
     }
 }
 
-/// Σ a·b over two equally long i8 slices (16 or 32 values), exact in i32.
-#[inline(always)]
-pub(super) fn int_dot(isa: Isa, a: &[i8], b: &[i8]) -> i32 {
-    #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Plain && a.len() == 32 {
-        // SAFETY: `Isa::detect` found AVX2 (AVX-512 implies it); both slices hold 32 values
-        return unsafe { int_dot32_avx2(a, b) };
-    }
-    let _ = isa;
+/// Σ a·b over two equally long i8 slices, exact in i32.
+fn int_dot(a: &[i8], b: &[i8]) -> i32 {
     a.iter().zip(b).map(|(&x, &y)| x as i32 * y as i32).sum()
-}
-
-/// [`int_dot`] of 32 values: `maddubs` multiplies unsigned by signed bytes, so `a`'s sign moves
-/// onto `b` first (`|a| · (b · sign a)`); the pairs' i16 sums cannot overflow (127 · 127 · 2).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn int_dot32_avx2(a: &[i8], b: &[i8]) -> i32 {
-    use std::arch::x86_64::*;
-    let va = _mm256_loadu_si256(a.as_ptr() as *const __m256i);
-    let vb = _mm256_loadu_si256(b.as_ptr() as *const __m256i);
-    let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(va, va), _mm256_sign_epi8(vb, va));
-    let quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-    let half = _mm_add_epi32(
-        _mm256_castsi256_si128(quads),
-        _mm256_extracti128_si256(quads, 1),
-    );
-    let half = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0b01_00_11_10));
-    let half = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0b10_11_00_01));
-    _mm_cvtsi128_si32(half)
-}
-
-/// Q8_0, Q4_0 and Q4_1 rows multiplied without unpacking to memory: each block's 32 weights
-/// go straight from its bytes into a register, meet the activations' 32 bytes in one integer
-/// dot product, and add into eight f32 lanes scaled by both blocks' scales. A block is decoded
-/// once for a tile of activation rows (a prompt's), not once per row.
-#[cfg(target_arch = "x86_64")]
-mod fused {
-    use std::arch::x86_64::*;
-
-    use super::super::{Q8Row, QuantType};
-
-    /// Activation rows that share each decoded weight block.
-    const TILE: usize = 4;
-
-    /// `out[r]` = the weight row (whole blocks of `kind`) · `rows[r]`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn rows_avx2(
-        kind: QuantType,
-        weights: &[u8],
-        rows: &[Q8Row],
-        out: &mut [f32],
-    ) {
-        let ones = _mm256_set1_epi16(1);
-        let size = kind.block_bytes();
-        for (tile, outs) in rows.chunks(TILE).zip(out.chunks_mut(TILE)) {
-            let mut acc = [_mm256_setzero_ps(); TILE];
-            let mut offsets = [0.0f32; TILE];
-            for (b, block) in weights.chunks_exact(size).enumerate() {
-                let (w, d_w, m_w) = decode(kind, block);
-                // Q4_1's nibbles are unsigned and multiply the activations as they are; a
-                // signed block's sign moves onto the activations (maddubs takes u8 · i8)
-                let unsigned = kind == QuantType::Q4_1;
-                let w_abs = if unsigned { w } else { _mm256_sign_epi8(w, w) };
-                for (r, x) in tile.iter().enumerate() {
-                    let a = _mm256_loadu_si256(x.qs.as_ptr().add(32 * b) as *const __m256i);
-                    let a = if unsigned { a } else { _mm256_sign_epi8(a, w) };
-                    let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, a), ones);
-                    let scale = _mm256_set1_ps(d_w * x.d[b]);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
-                    if unsigned {
-                        // Σ (d·q + m)·a = d·Σ q·a + m·Σ a
-                        let block_sum = x.sums[2 * b] + x.sums[2 * b + 1];
-                        offsets[r] += m_w * x.d[b] * block_sum as f32;
-                    }
-                }
-            }
-            for (r, y) in outs.iter_mut().enumerate() {
-                *y = horizontal_sum(acc[r]) + offsets[r];
-            }
-        }
-    }
-
-    /// One block's 32 weights as bytes (signed for Q8_0 and Q4_0, unsigned nibbles for Q4_1),
-    /// its scale and (Q4_1) its offset.
-    #[inline(always)]
-    unsafe fn decode(kind: QuantType, block: &[u8]) -> (__m256i, f32, f32) {
-        let p = block.as_ptr();
-        let halves = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
-            block[0], block[1], block[2], block[3],
-        ])));
-        let first = _mm_cvtss_f32(halves);
-        // byte j: value j (low nibble) and value j + 16 (high nibble)
-        let nibbles = |at: usize| {
-            let bytes = _mm_loadu_si128(p.add(at) as *const __m128i);
-            let mask = _mm_set1_epi8(0x0F);
-            let low = _mm_and_si128(bytes, mask);
-            let high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-            _mm256_set_m128i(high, low)
-        };
-        match kind {
-            QuantType::Q4_0 => (_mm256_sub_epi8(nibbles(2), _mm256_set1_epi8(8)), first, 0.0),
-            QuantType::Q4_1 => {
-                let second = _mm_cvtss_f32(_mm_shuffle_ps(halves, halves, 1));
-                (nibbles(4), first, second)
-            }
-            _ => (_mm256_loadu_si256(p.add(2) as *const __m256i), first, 0.0),
-        }
-    }
-
-    #[target_feature(enable = "avx2")]
-    unsafe fn horizontal_sum(acc: __m256) -> f32 {
-        let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)))
-    }
 }

@@ -2,9 +2,10 @@
 //! memory-mapped GGUF): no dequantized copy of a matrix is ever made.
 //!
 //! Each activation row is quantized once per product to 8 bits ([`Q8Row`]: one f32 scale per
-//! 32 values, and the integer sum of every 16), then each weight block is unpacked to small
-//! integers with a scale (and an offset) per group of 16 or 32 ([`blocks`]) and multiplied
-//! with integer dot products. llama.cpp computes the same way (`ggml_vec_dot_*_q8_*`); its
+//! 32 values, and the integer sum of every 16), then multiplied with each weight block in
+//! integer dot products: on AVX2 straight from the block's bytes (`fused`), elsewhere through
+//! the plain loop that unpacks a block to small integers with a scale (and an offset) per
+//! group of 16 or 32 (`blocks`), which the tests hold every vector kernel to. llama.cpp computes the same way (`ggml_vec_dot_*_q8_*`); its
 //! activations for the K-quants carry one scale per 256 values, these one per 32.
 //!
 //! - [`QuantType`]: the block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), byte
@@ -16,6 +17,8 @@
 //!   core.
 
 mod blocks;
+#[cfg(target_arch = "x86_64")]
+mod fused;
 mod quantize;
 #[cfg(test)]
 mod tests;
@@ -140,13 +143,15 @@ pub fn dequantize(kind: QuantType, bytes: &[u8]) -> Vec<f32> {
     out
 }
 
-/// An activation row quantized to 8 bits: `x[i] ≈ d[i / 32] · qs[i]`, and `sums[k]` the sum of
-/// `qs[16k .. 16k + 16]` (what a weight group's offset multiplies).
+/// An activation row quantized to 8 bits: `x[i] ≈ d[i / 32] · qs[i]`, `sums[k]` the sum of
+/// `qs[16k .. 16k + 16]` (what a weight group's offset multiplies), and `scaled_sums[k]` that
+/// sum times its block's scale.
 #[derive(Clone, Debug, Default)]
 pub struct Q8Row {
     pub d: Vec<f32>,
     pub qs: Vec<i8>,
     pub sums: Vec<i32>,
+    pub scaled_sums: Vec<f32>,
 }
 
 /// Values per activation scale.
@@ -161,6 +166,7 @@ impl Q8Row {
             d: Vec::with_capacity(x.len() / Q8_BLOCK),
             qs: Vec::with_capacity(x.len()),
             sums: Vec::with_capacity(x.len() / 16),
+            scaled_sums: Vec::with_capacity(x.len() / 16),
         };
         for block in x.chunks_exact(Q8_BLOCK) {
             let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -174,7 +180,9 @@ impl Q8Row {
                     .map(|&v| (v * inv).round().clamp(-127.0, 127.0) as i8),
             );
             for half in row.qs[start..].chunks(16) {
-                row.sums.push(half.iter().map(|&q| q as i32).sum());
+                let sum: i32 = half.iter().map(|&q| q as i32).sum();
+                row.sums.push(sum);
+                row.scaled_sums.push(d * sum as f32);
             }
         }
         row
@@ -188,23 +196,47 @@ impl Q8Row {
 /// # Panics
 /// When `x` is not `m·d` long or `w` is not consistent ([`QuantMatrix::is_consistent`]).
 pub fn rows_times_quantized(x: &[f32], m: usize, w: QuantMatrix<'_>) -> Vec<f32> {
-    rows_times_quantized_on(Isa::detect(), x, m, w)
+    rows_times_quantized_on(Isa::detect(), x, m, &[w]).remove(0)
 }
 
-fn rows_times_quantized_on(isa: Isa, x: &[f32], m: usize, w: QuantMatrix<'_>) -> Vec<f32> {
-    assert_eq!(x.len(), m * w.d, "x is [m, d]");
-    assert!(
-        w.is_consistent(),
-        "{:?} bytes do not hold [{}, {}]",
-        w.kind,
-        w.n,
-        w.d
-    );
-    let rows: Vec<Q8Row> = x.chunks(w.d.max(1)).take(m).map(Q8Row::quantize).collect();
-    let per_task = band_rows(w);
-    let tasks = w.n.div_ceil(per_task);
-    let bands = par_map(tasks, |t| {
-        let (start, end) = (t * per_task, ((t + 1) * per_task).min(w.n));
+/// [`rows_times_quantized`] for several matrices of the same input width (q, k and v; gate and
+/// up): `x` quantized once, and the rows of all of them shared out in one parallel pass, so
+/// that a decoding step waits for the cores once rather than once per matrix.
+///
+/// # Panics
+/// As [`rows_times_quantized`], or when the matrices differ in `d`.
+pub fn rows_times_quantized_many(x: &[f32], m: usize, ws: &[QuantMatrix<'_>]) -> Vec<Vec<f32>> {
+    rows_times_quantized_on(Isa::detect(), x, m, ws)
+}
+
+fn rows_times_quantized_on(isa: Isa, x: &[f32], m: usize, ws: &[QuantMatrix<'_>]) -> Vec<Vec<f32>> {
+    let Some(d) = ws.first().map(|w| w.d) else {
+        return Vec::new();
+    };
+    assert_eq!(x.len(), m * d, "x is [m, d]");
+    for w in ws {
+        assert!(
+            w.is_consistent() && w.d == d,
+            "{:?} bytes do not hold [{}, {}] (inputs {d})",
+            w.kind,
+            w.n,
+            w.d
+        );
+    }
+    let rows: Vec<Q8Row> = x.chunks(d.max(1)).take(m).map(Q8Row::quantize).collect();
+    // (matrix, first row, end row) of each task
+    let tasks: Vec<(usize, usize, usize)> = ws
+        .iter()
+        .enumerate()
+        .flat_map(|(k, w)| {
+            let per_task = band_rows(w, ws.len());
+            (0..w.n.div_ceil(per_task))
+                .map(move |t| (k, t * per_task, ((t + 1) * per_task).min(w.n)))
+        })
+        .collect();
+    let bands = par_map(tasks.len(), |t| {
+        let (k, start, end) = tasks[t];
+        let w = ws[k];
         let mut unpacked = Unpacked::default();
         let mut out = vec![0.0f32; (end - start) * m];
         for (r, dots) in (start..end).zip(out.chunks_mut(m.max(1))) {
@@ -212,23 +244,28 @@ fn rows_times_quantized_on(isa: Isa, x: &[f32], m: usize, w: QuantMatrix<'_>) ->
         }
         out
     });
-    let mut y = vec![0.0f32; m * w.n];
-    for (t, band) in bands.into_iter().enumerate() {
-        for (k, v) in band.into_iter().enumerate() {
-            let (r, i) = (t * per_task + k / m.max(1), k % m.max(1));
-            y[i * w.n + r] = v;
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0f32; m * w.n]).collect();
+    for (&(k, start, end), band) in tasks.iter().zip(bands) {
+        let (y, n) = (&mut ys[k], ws[k].n);
+        if m == 1 {
+            y[start..end].copy_from_slice(&band);
+            continue;
+        }
+        for (j, v) in band.into_iter().enumerate() {
+            let (r, i) = (start + j / m.max(1), j % m.max(1));
+            y[i * n + r] = v;
         }
     }
-    y
+    ys
 }
 
 /// Weight rows per task: enough bytes per task that a hand-off costs little against reading
 /// them, and several tasks per thread so that a slow thread takes fewer.
-fn band_rows(w: QuantMatrix<'_>) -> usize {
+fn band_rows(w: &QuantMatrix<'_>, matrices: usize) -> usize {
     const MIN_BYTES_PER_TASK: usize = 32 * 1024;
     let threads = rayon::current_num_threads().max(1);
     let row_bytes = w.kind.row_bytes(w.d).max(1);
     let by_bytes = MIN_BYTES_PER_TASK.div_ceil(row_bytes);
-    let by_threads = w.n.div_ceil(threads * 4);
+    let by_threads = w.n.div_ceil((threads * 4).div_ceil(matrices));
     by_bytes.max(by_threads).clamp(1, w.n.max(1))
 }

@@ -115,10 +115,42 @@ fn every_format_multiplies_like_its_dequantized_weights() {
                 d,
             };
             for isa in crate::isa::Isa::available() {
-                let got = rows_times_quantized_on(isa, &x, m, matrix);
+                let got = rows_times_quantized_on(isa, &x, m, &[matrix]).remove(0);
                 let what = format!("{kind:?} {isa:?} m {m} n {n} d {d}");
                 check_product(&got, &x, &dequantize(kind, &w), m, n, d, &what);
             }
+        }
+    }
+}
+
+#[test]
+fn several_matrices_in_one_pass_give_each_ones_own_product() {
+    let d = 512;
+    let kinds = [QuantType::Q5_0, QuantType::Q6K, QuantType::Q8_0];
+    let weights: Vec<Vec<u8>> = kinds
+        .iter()
+        .zip([7usize, 300, 1])
+        .map(|(&kind, n)| random_blocks(kind, n * d / kind.block_values(), n as u32))
+        .collect();
+    let matrices: Vec<QuantMatrix> = kinds
+        .iter()
+        .zip(&weights)
+        .map(|(&kind, bytes)| QuantMatrix {
+            kind,
+            bytes,
+            n: bytes.len() / kind.row_bytes(d),
+            d,
+        })
+        .collect();
+    for m in [1, 5] {
+        let x = values(m * d, 3);
+        let together = super::rows_times_quantized_many(&x, m, &matrices);
+        for (k, matrix) in matrices.iter().enumerate() {
+            assert_eq!(
+                together[k],
+                rows_times_quantized(&x, m, *matrix),
+                "matrix {k}, m {m}"
+            );
         }
     }
 }
@@ -173,29 +205,31 @@ fn a_matrix_of_the_wrong_size_is_refused() {
 }
 
 #[test]
-fn integer_dot_products_agree_on_every_instruction_set() {
+fn the_vector_kernels_keep_the_extremes_exact() {
     use crate::isa::Isa;
-    for len in [16, 32] {
-        for seed in 0..20u32 {
-            let a: Vec<i8> = bytes(len, seed)
-                .iter()
-                .map(|&b| (b as i8).max(-127))
-                .collect();
-            let b: Vec<i8> = bytes(len, 100 + seed)
-                .iter()
-                .map(|&b| (b as i8).max(-127))
-                .collect();
-            let want: i32 = a.iter().zip(&b).map(|(&x, &y)| x as i32 * y as i32).sum();
+    // Q8_0 blocks of scale 1 whose weights are all −128, −127 or 127, against activations that
+    // quantize to ±127: the pairs' i16 sums at their largest (128·127·2) must not saturate
+    let one = half::f16::from_f32(1.0).to_le_bytes();
+    for weight in [-128i8, -127, 127] {
+        for sign in [-1.0f32, 1.0] {
+            let mut w = one.to_vec();
+            w.extend(std::iter::repeat_n(weight as u8, 32));
+            let x = vec![sign; 32];
+            let matrix = QuantMatrix {
+                kind: QuantType::Q8_0,
+                bytes: &w,
+                n: 1,
+                d: 32,
+            };
+            let want = sign * weight as f32 * 32.0;
             for isa in Isa::available() {
-                assert_eq!(blocks::int_dot(isa, &a, &b), want, "{isa:?}, {len} values");
+                let got = rows_times_quantized_on(isa, &x, 1, &[matrix])[0][0];
+                assert!(
+                    (got - want).abs() <= 1e-3 * want.abs(),
+                    "{isa:?} {weight} {sign}: {got}"
+                );
             }
         }
-    }
-    // the extremes: every product at ±127², the pairs' i16 sums at their largest
-    let (hi, lo) = (vec![127i8; 32], vec![-127i8; 32]);
-    for isa in Isa::available() {
-        assert_eq!(blocks::int_dot(isa, &hi, &lo), -32 * 127 * 127, "{isa:?}");
-        assert_eq!(blocks::int_dot(isa, &lo, &lo), 32 * 127 * 127, "{isa:?}");
     }
 }
 
