@@ -15,8 +15,8 @@ mod threads;
 use clap::{Parser, Subcommand};
 use commands::{
     analyze, bench, calibrate_routers, chat, eval_fidelity, eval_mc, eval_ppl, finetune_lora,
-    generate, import_gguf, inspect, logits, pretrain, prune_static, quantize, self_data, tokenize,
-    tune_routers,
+    generate, import_gguf, inspect, logits, perplexity, pretrain, prune_static, quantize,
+    self_data, tokenize, tune_routers,
 };
 
 use crate::backend::BackendKind;
@@ -76,6 +76,9 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Perplexity on a corpus, dense and routed, with the realised skip rates.
     EvalPpl(eval_ppl::EvalPplArgs),
+    /// Perplexity of one text file as llama.cpp's `llama-perplexity` scores it (chunks of
+    /// --ctx, the second half of each), to compare a GGUF here and there.
+    Perplexity(perplexity::PerplexityArgs),
     /// ShortGPT-style static pruning (Block Influence), written as a SkipGPT directory with
     /// constant routers: the static baseline.
     PruneStatic(prune_static::PruneStaticArgs),
@@ -124,6 +127,7 @@ fn main() {
         Command::Chat(args) => chat::run(backend, args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::EvalPpl(args) => eval_ppl::run(backend, args),
+        Command::Perplexity(args) => perplexity::run(backend, args),
         Command::EvalMc(args) => eval_mc::run(backend, args),
         Command::Analyze(args) => analyze::run(backend, args),
         Command::PruneStatic(args) => prune_static::run(backend, args),

@@ -8,7 +8,7 @@ use clap::Args;
 use skipgpt_model::io::gguf::{import_gguf, ImportOptions};
 use skipgpt_model::StoreDtype;
 
-use super::BytesProgress;
+use super::Progress;
 
 #[derive(Args, Debug)]
 pub struct ImportGgufArgs {
@@ -34,7 +34,7 @@ pub fn run(args: ImportGgufArgs) -> Result<()> {
         overwrite: args.overwrite,
     };
     let t = Instant::now();
-    let bar = BytesProgress::new();
+    let bar = Progress::bytes();
     let report = import_gguf(&args.file, &args.out, &opts, &mut |done, total, name| {
         bar.update(done, total, name)
     })?;

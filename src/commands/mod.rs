@@ -15,6 +15,7 @@ pub mod generate;
 pub mod import_gguf;
 pub mod inspect;
 pub mod logits;
+pub mod perplexity;
 pub mod pretrain;
 pub mod prune_static;
 pub mod quantize;
@@ -28,25 +29,34 @@ use skipgpt_model::{LlamaForCausalLM, Routing};
 
 use crate::args::{EngineArg, EngineArgs, RoutingArg, RoutingArgs};
 
-/// A progress bar over bytes for a file conversion, shown when stderr is a terminal.
-struct BytesProgress(Option<indicatif::ProgressBar>);
+/// A progress bar on stderr, shown when it is a terminal: over bytes for a file conversion
+/// ([`Progress::bytes`]), or over a count of items ([`Progress::count`]).
+struct Progress(Option<indicatif::ProgressBar>);
 
-impl BytesProgress {
-    fn new() -> Self {
+impl Progress {
+    fn bytes() -> Self {
+        Self::with_template("{spinner} [{elapsed_precise}] {bar:40} {bytes}/{total_bytes} {msg}")
+    }
+
+    /// Counting `unit` (e.g. "chunks").
+    fn count(unit: &str) -> Self {
+        Self::with_template(&format!(
+            "{{spinner}} [{{elapsed_precise}}] {{bar:40}} {{pos}}/{{len}} {unit} (eta {{eta}})"
+        ))
+    }
+
+    fn with_template(template: &str) -> Self {
         use std::io::IsTerminal;
-        BytesProgress(std::io::stderr().is_terminal().then(|| {
+        Progress(std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {bar:40} {bytes}/{total_bytes} {msg}",
-                )
-                .expect("valid template"),
+                indicatif::ProgressStyle::with_template(template).expect("valid template"),
             );
             bar
         }))
     }
 
-    /// `done` of `total` bytes, at `item`.
+    /// `done` of `total`, at `item`.
     fn update(&self, done: u64, total: u64, item: &str) {
         if let Some(bar) = &self.0 {
             bar.set_length(total);

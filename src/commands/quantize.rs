@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use skipgpt_model::io::gguf::{is_gguf, quantize_gguf, QuantizeTarget};
 
-use super::BytesProgress;
+use super::Progress;
 
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
@@ -33,7 +33,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         );
     }
     let t = Instant::now();
-    let bar = BytesProgress::new();
+    let bar = Progress::bytes();
     let report = quantize_gguf(
         &args.model,
         &args.out,

@@ -4,11 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
+use skipgpt_model::io::gguf::{gguf_file_tokenizer, is_gguf};
 use skipgpt_model::Tokenizer;
 
 #[derive(Args, Debug)]
 pub struct TokenizeArgs {
-    /// Model directory with a tokenizer.json.
+    /// Model directory with a tokenizer.json, or a GGUF file (its own tokenizer).
     #[arg(long)]
     pub model: PathBuf,
     /// The text (no special tokens are added; special-token text such as `<|im_start|>` is
@@ -21,7 +22,11 @@ pub struct TokenizeArgs {
 }
 
 pub fn run(args: TokenizeArgs) -> Result<()> {
-    let tokenizer = Tokenizer::from_file(&args.model.join("tokenizer.json"))?;
+    let tokenizer = if is_gguf(&args.model) {
+        gguf_file_tokenizer(&args.model)?
+    } else {
+        Tokenizer::from_file(&args.model.join("tokenizer.json"))?
+    };
     let (ids, tokens) = tokenizer.encode_plain(&args.text)?;
     if args.json {
         println!("{}", serde_json::json!({"ids": ids, "tokens": tokens}));

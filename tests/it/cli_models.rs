@@ -74,6 +74,18 @@ fn cli_imports_and_tokenizes() {
     let (ids, tokens) = original.encode_plain("the end").unwrap();
     assert_eq!(v["ids"], serde_json::json!(ids));
     assert_eq!(v["tokens"], serde_json::json!(tokens));
+    // the GGUF itself: the tokenizer it carries
+    let o = skipgpt(&[
+        "tokenize",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--text",
+        "the end",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let from_gguf: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(from_gguf, v);
 
     assert_clean_failure(
         &[

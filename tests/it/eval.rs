@@ -146,3 +146,154 @@ fn eval_ppl_command_reports_dense_and_routed() {
     let j = eval_ppl_json(&["--dense"]);
     assert!(j.get("routed").is_none() && j["dense"]["tokens"].as_u64().unwrap() > 0);
 }
+
+/// Mean next-token NLL of the reference logits `name` over positions `from..23` of both rows.
+fn reference_nll(name: &str, from: usize) -> f64 {
+    let r = reference(&tiny());
+    let (logits, _) = r.read_f32(name).unwrap();
+    let ids = ids_rows(&r, "input_ids");
+    let mut nll = Vec::new();
+    for (row, ids) in ids.iter().enumerate() {
+        for pos in from..23 {
+            let at = &logits[(row * 24 + pos) * 512..(row * 24 + pos + 1) * 512];
+            let max = at.iter().fold(f64::MIN, |m, &v| m.max(v as f64));
+            let log_sum = at.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+            nll.push(log_sum - at[ids[pos + 1] as usize] as f64);
+        }
+    }
+    nll.iter().sum::<f64>() / nll.len() as f64
+}
+
+#[test]
+fn chunked_perplexity_scores_the_second_half_of_each_chunk_as_llama_perplexity_does() {
+    let model = load_pretrained::<B>(&tiny().join("model-routed"), &device())
+        .unwrap()
+        .model;
+    // the fixture's two rows back to back: chunks of 24 are the rows, each run from nothing
+    let tokens: Vec<u32> = ids_rows(&reference(&tiny()), "input_ids").concat();
+    for (routing, logits) in [
+        (Routing::Dense, "logits"),
+        (Routing::Deterministic, "routed.post_attn.logits"),
+    ] {
+        let mut calls = Vec::new();
+        let got =
+            skipgpt_eval::chunked_perplexity(&model, &tokens, 24, None, None, routing, |d, t| {
+                calls.push((d, t))
+            })
+            .unwrap();
+        assert_eq!(calls, [(1, 2), (2, 2)], "progress after each chunk");
+        assert_eq!(
+            (got.chunks, got.tokens),
+            (2, 2 * 11),
+            "positions 12..23 of each"
+        );
+        let want = reference_nll(logits, 12);
+        assert!(
+            (got.nll - want).abs() < 1e-4,
+            "{routing:?}: nll {} against {want}",
+            got.nll
+        );
+        assert!((got.perplexity - want.exp()).abs() < 1e-3 * want.exp());
+        assert!(got.perplexity_error > 0.0 && got.perplexity_error < got.perplexity);
+        assert_eq!(
+            routing == Routing::Dense,
+            got.attn_skip + got.mlp_skip == 0.0
+        );
+    }
+    // one chunk at most: the first row only
+    let one = skipgpt_eval::chunked_perplexity(
+        &model,
+        &tokens,
+        24,
+        None,
+        Some(1),
+        Routing::Dense,
+        |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(one.chunks, 1);
+    // a BOS over each chunk's first token changes what the scored positions see
+    let with_bos = skipgpt_eval::chunked_perplexity(
+        &model,
+        &tokens,
+        24,
+        Some(0),
+        None,
+        Routing::Dense,
+        |_, _| {},
+    )
+    .unwrap();
+    assert_ne!(with_bos.nll, reference_nll("logits", 12));
+    let short = skipgpt_eval::chunked_perplexity(
+        &model,
+        &tokens[..47],
+        24,
+        None,
+        None,
+        Routing::Dense,
+        |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        short.contains("at least 48 tokens") && short.contains("47"),
+        "{short}"
+    );
+}
+
+#[test]
+fn perplexity_command_reads_a_text_file_and_names_one_too_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    let words: Vec<String> = (0..400)
+        .map(|i| format!("word{} and more", i % 37))
+        .collect();
+    std::fs::write(&text, words.join(" ")).unwrap();
+    let model = tiny().join("model-routed");
+    let (model, text_arg) = (model.to_str().unwrap(), text.to_str().unwrap());
+    let out = skipgpt(&[
+        "perplexity",
+        "--model",
+        model,
+        "-f",
+        text_arg,
+        "-c",
+        "64",
+        "--chunks",
+        "3",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["chunks"], 3);
+    assert_eq!(j["tokens"], 3 * (64 - 32 - 1));
+    // the same chunks through the library
+    let pretrained = load_pretrained::<B>(&tiny().join("model-routed"), &device()).unwrap();
+    let tokens = pretrained
+        .tokenizer
+        .as_ref()
+        .unwrap()
+        .encode(&std::fs::read_to_string(&text).unwrap())
+        .unwrap();
+    let want = skipgpt_eval::chunked_perplexity(
+        &pretrained.model,
+        &tokens,
+        64,
+        None,
+        Some(3),
+        Routing::Deterministic,
+        |_, _| {},
+    )
+    .unwrap();
+    let got = j["perplexity"].as_f64().unwrap();
+    assert!(
+        (got / want.perplexity - 1.0).abs() < 1e-4,
+        "{got} against {}",
+        want.perplexity
+    );
+    std::fs::write(&text, "too short").unwrap();
+    assert_clean_failure(
+        &["perplexity", "--model", model, "-f", text_arg, "-c", "64"],
+        &["text.txt", "at least 128 tokens"],
+    );
+}

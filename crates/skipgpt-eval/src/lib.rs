@@ -26,7 +26,9 @@ pub use fidelity::{
     TextFidelity,
 };
 pub use multiple_choice::{evaluate_mc, synthetic_mc_tasks, McExample, McReport, McTask};
-pub use perplexity::{evaluate_perplexity, PerplexityReport};
+pub use perplexity::{
+    chunked_perplexity, evaluate_perplexity, ChunkedPerplexity, PerplexityReport,
+};
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 

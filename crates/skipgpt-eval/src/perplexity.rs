@@ -1,6 +1,7 @@
-//! Perplexity and realised skip rates over a packed dataset.
+//! Perplexity and realised skip rates: over a packed dataset, and over one text as llama.cpp's
+//! `llama-perplexity` scores it.
 
-use burn::tensor::{activation, backend::Backend, Tensor};
+use burn::tensor::{activation, backend::Backend, s, Tensor};
 use serde::{Deserialize, Serialize};
 use skipgpt_data::PackedDataset;
 use skipgpt_model::engine::{sparse_forward, LogitRows, SparseCache};
@@ -99,4 +100,103 @@ pub fn evaluate_perplexity<B: Backend>(
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
     host_f64(t)[0]
+}
+
+/// What [`chunked_perplexity`] measured: llama.cpp's `llama-perplexity` scoring of one text.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChunkedPerplexity {
+    /// Tokens per chunk.
+    pub ctx: usize,
+    /// Chunks scored.
+    pub chunks: usize,
+    /// Tokens scored: `ctx − ctx/2 − 1` per chunk.
+    pub tokens: usize,
+    /// Mean negative log-likelihood per scored token (nats).
+    pub nll: f64,
+    /// `exp(nll)`.
+    pub perplexity: f64,
+    /// The standard error of `perplexity` (`perplexity · σ(nll) / √(tokens − 1)`), as
+    /// llama-perplexity prints it after `±`.
+    pub perplexity_error: f64,
+    /// Fraction of (token, layer) attention executions skipped (0 when dense).
+    pub attn_skip: f64,
+    /// Fraction of (token, layer) MLP executions skipped.
+    pub mlp_skip: f64,
+}
+
+/// Perplexity as llama.cpp's `llama-perplexity` computes it, so that the two can be compared
+/// on the same file and text: `tokens` (the whole text, tokenized once) cut into chunks of
+/// `ctx`, each chunk run alone from an empty cache with its first token replaced by `bos`
+/// where the tokenizer adds one, and only its second half scored (every token predicted with
+/// at least `ctx/2` tokens before it). At most `max_chunks` chunks; `progress` is called with
+/// (chunks done, chunks).
+pub fn chunked_perplexity<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    tokens: &[u32],
+    ctx: usize,
+    bos: Option<u32>,
+    max_chunks: Option<usize>,
+    routing: Routing,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<ChunkedPerplexity> {
+    if ctx < 4 || tokens.len() < 2 * ctx {
+        return Err(crate::EvalError::Input(format!(
+            "perplexity with a context of {ctx} needs a context of at least 4 and a text of at \
+             least {} tokens; this one has {}",
+            2 * ctx,
+            tokens.len()
+        )));
+    }
+    let chunks = (tokens.len() / ctx).min(max_chunks.unwrap_or(usize::MAX));
+    let first = ctx / 2;
+    let layers = model.config.num_hidden_layers;
+    let (mut nll, mut nll2, mut count) = (0.0f64, 0.0f64, 0usize);
+    let (mut attn_skipped, mut mlp_skipped) = (0usize, 0usize);
+    for c in 0..chunks {
+        let mut ids = tokens[c * ctx..(c + 1) * ctx].to_vec();
+        if let Some(bos) = bos {
+            ids[0] = bos;
+        }
+        let mut cache = SparseCache::new(1, layers);
+        let out = sparse_forward(model, &[ids.clone()], &mut cache, routing, LogitRows::All)?;
+        let log_probs = activation::log_softmax(out.logits.slice(s![first..ctx - 1, ..]), 1);
+        let targets: Vec<i64> = ids[first + 1..].iter().map(|&t| t as i64).collect();
+        let targets =
+            Tensor::<B, 1, burn::tensor::Int>::from_ints(targets.as_slice(), &model.device());
+        let picked = host_f64(
+            log_probs
+                .gather(1, targets.unsqueeze_dim(1))
+                .reshape([ctx - 1 - first]),
+        );
+        for lp in picked {
+            nll -= lp;
+            nll2 += lp * lp;
+        }
+        count += ctx - 1 - first;
+        for (sum, gates) in [
+            (&mut attn_skipped, &out.attn_gates),
+            (&mut mlp_skipped, &out.mlp_gates),
+        ] {
+            *sum += gates
+                .iter()
+                .flatten()
+                .filter(|&&executed| !executed)
+                .count();
+        }
+        progress(c + 1, chunks);
+    }
+    let mean = nll / count as f64;
+    let variance = (nll2 / count as f64 - mean * mean).max(0.0);
+    let perplexity = mean.exp();
+    let executions = (chunks * ctx * layers).max(1) as f64;
+    Ok(ChunkedPerplexity {
+        ctx,
+        chunks,
+        tokens: count,
+        nll: mean,
+        perplexity,
+        perplexity_error: perplexity * (variance / (count.max(2) - 1) as f64).sqrt(),
+        attn_skip: attn_skipped as f64 / executions,
+        mlp_skip: mlp_skipped as f64 / executions,
+    })
 }

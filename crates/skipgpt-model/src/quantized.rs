@@ -19,20 +19,17 @@ pub fn keeps_quantized<B: Backend>() -> bool {
     crate::flex_kernels::runs_engine_kernels::<B>()
 }
 
-/// Where a matrix's blocks are: a range of the mapped file, or bytes of its own (rows moved,
-/// as llama.cpp's q/k order is undone).
-#[derive(Clone)]
-enum Blocks {
-    Mapped(Arc<memmap2::Mmap>, Range<usize>),
-    Owned(Arc<[u8]>),
-}
-
-/// A matrix `[n, d]` (HF's `[out, in]`) in a block format: row `r` holds the weights of output
-/// `r`, whole blocks of `d` values.
+/// A matrix `[n, d]` (HF's `[out, in]`) in a block format, read in place from a mapped file:
+/// stored row `r` holds the weights of output `r`, or, with `order`, of the output that
+/// `order` puts there (llama.cpp's q/k row order, undone on the products rather than by
+/// copying the rows).
 #[derive(Clone)]
 pub struct QuantWeight {
     kind: QuantType,
-    blocks: Blocks,
+    map: Arc<memmap2::Mmap>,
+    range: Range<usize>,
+    /// Output `r` is stored row `order[r]`.
+    order: Option<Arc<[usize]>>,
     n: usize,
     d: usize,
 }
@@ -59,7 +56,9 @@ impl QuantWeight {
     ) -> Option<Self> {
         let w = QuantWeight {
             kind,
-            blocks: Blocks::Mapped(map, range),
+            map,
+            range,
+            order: None,
             n,
             d,
         };
@@ -67,26 +66,45 @@ impl QuantWeight {
     }
 
     /// The same matrix with its rows reordered: row `r` of the result is row `order[r]`.
+    ///
+    /// # Panics
+    /// When `order` is not a permutation of the rows.
     pub fn with_rows(&self, order: &[usize]) -> Self {
-        let row = self.kind.row_bytes(self.d);
-        let bytes = self.bytes();
-        let moved: Vec<u8> = order
-            .iter()
-            .flat_map(|&r| &bytes[r * row..(r + 1) * row])
-            .copied()
-            .collect();
+        let mut seen = vec![false; self.n];
+        for &r in order {
+            assert!(
+                r < self.n && !std::mem::replace(&mut seen[r], true),
+                "a row order"
+            );
+        }
+        assert_eq!(order.len(), self.n, "a row order");
+        let order: Arc<[usize]> = match &self.order {
+            Some(old) => order.iter().map(|&r| old[r]).collect(),
+            None => order.into(),
+        };
         QuantWeight {
-            blocks: Blocks::Owned(moved.into()),
-            n: order.len(),
+            order: Some(order),
             ..self.clone()
         }
     }
 
     fn bytes(&self) -> &[u8] {
-        match &self.blocks {
-            Blocks::Mapped(map, range) => &map[range.clone()],
-            Blocks::Owned(bytes) => bytes,
-        }
+        &self.map[self.range.clone()]
+    }
+
+    /// Stored row of output `r`.
+    fn stored_row(&self, r: usize) -> usize {
+        self.order.as_ref().map_or(r, |order| order[r])
+    }
+
+    /// `y` (`[rows, n]` in stored order) in output order.
+    fn reordered(&self, y: Vec<f32>) -> Vec<f32> {
+        let Some(order) = &self.order else {
+            return y;
+        };
+        y.chunks(self.n.max(1))
+            .flat_map(|row| order.iter().map(move |&r| row[r]))
+            .collect()
     }
 
     /// What the kernels read.
@@ -115,7 +133,7 @@ impl QuantWeight {
 
     /// Every value, `[n, d]` row-major, as f32.
     pub fn dequantize(&self) -> Vec<f32> {
-        quant::dequantize(self.kind, self.bytes())
+        self.rows(&(0..self.n).collect::<Vec<_>>())
     }
 
     /// Rows `ids` dequantized, `[ids.len(), d]` row-major: an embedding lookup.
@@ -123,7 +141,8 @@ impl QuantWeight {
         let row = self.kind.row_bytes(self.d);
         let bytes = self.bytes();
         ids.iter()
-            .flat_map(|&r| quant::dequantize(self.kind, &bytes[r * row..(r + 1) * row]))
+            .map(|&r| self.stored_row(r))
+            .flat_map(|r| quant::dequantize(self.kind, &bytes[r * row..(r + 1) * row]))
             .collect()
     }
 
@@ -161,7 +180,7 @@ impl QuantWeight {
             .map(|(y, w)| {
                 let mut dims = dims;
                 dims[D - 1] = w.n;
-                Tensor::from_data(TensorData::new(y, dims), &device)
+                Tensor::from_data(TensorData::new(w.reordered(y), dims), &device)
             })
             .collect()
     }

@@ -30,7 +30,7 @@ pub use import::{import_gguf, ImportOptions, ImportReport};
 pub use quant::GgmlType;
 pub use quantize_file::{quantize_gguf, QuantizeReport, QuantizeTarget};
 pub use reader::{GgufFile, GgufValue, TensorInfo};
-pub use weights::{gguf_tokenizer_config, is_gguf, load_gguf, GgufWeights};
+pub use weights::{gguf_file_tokenizer, gguf_tokenizer_config, is_gguf, load_gguf, GgufWeights};
 
 /// What can be wrong with a GGUF file, or with what it asks of us.
 #[derive(Debug, thiserror::Error)]

@@ -199,6 +199,11 @@ fn gguf_tokenizer(gguf: &GgufFile) -> Result<Tokenizer> {
     Ok(Tokenizer::from_inner(inner, gguf.path().to_path_buf()))
 }
 
+/// The tokenizer a GGUF carries (`tokenizer.ggml.*`), without loading its weights.
+pub fn gguf_file_tokenizer(path: &Path) -> Result<Tokenizer> {
+    gguf_tokenizer(&GgufFile::open(path)?)
+}
+
 /// What a model directory's `tokenizer_config.json` would say of a GGUF (its chat template and
 /// special tokens).
 pub fn gguf_tokenizer_config(path: &Path) -> Result<serde_json::Value> {
