@@ -3,9 +3,11 @@ same prompt token ids: the issue's "equal for 64 tokens on at least 9 of 10 prom
 
 Each prompt of PROMPTS (one per line, `#` lines skipped) is tokenized by `skipgpt tokenize`;
 llama-server (built by ../shared/tools/build_llama_tools.sh) continues the ids greedily
-(`/completion`, temperature 0, ignore_eos) and so does `skipgpt generate --prompt-ids`.
+(`/completion`, temperature 0) and so does `skipgpt generate --prompt-ids`. Both stop at the
+end-of-turn token (llama.cpp's `ignore_eos` forbids it, ours would generate past it, so
+neither is used); a prompt counts as equal when both give the same tokens, 64 or fewer.
 
-    python3 tools/compare_llama_cpp.py GGUF [--prompts data/prompts/eval.txt] [--n 10]
+    python3 tools/compare_llama_cpp.py GGUF [--prompts data/prompts/continuations.txt] [--n 10]
         [--tokens 64] [--threads 2] [--json OUT]
 """
 import argparse
@@ -50,7 +52,7 @@ def start_server(llama_bin, gguf, threads, port):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("gguf")
-    ap.add_argument("--prompts", default="data/prompts/eval.txt")
+    ap.add_argument("--prompts", default="data/prompts/continuations.txt")
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
@@ -69,21 +71,23 @@ def main():
             ids = ids["ids"] if isinstance(ids, dict) else ids
             theirs = post(f"http://127.0.0.1:{port}/completion", {
                 "prompt": ids, "n_predict": a.tokens, "temperature": 0, "top_k": 1,
-                "ignore_eos": True, "cache_prompt": False, "return_tokens": True})["tokens"]
+                "cache_prompt": False, "return_tokens": True})["tokens"]
             out = json.loads(subprocess.check_output(
                 [a.skipgpt, "--threads", str(a.threads), "generate", "--model", a.gguf,
                  "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", str(a.tokens),
-                 "--ignore-eos", "--json"]))
-            ours = out[0]["tokens"] if isinstance(out, list) else out["tokens"]
-            ours = ours[len(ids):] if ours[: len(ids)] == ids else ours
+                 "--json"]))
+            ours = out["tokens"]
             same = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y),
                         min(len(ours), len(theirs)))
-            rows.append({"prompt": text, "equal_prefix": same, "ours": ours, "llama_cpp": theirs})
-            print(f"{same:3d}/{a.tokens} equal  {text[:60]}", flush=True)
+            equal = ours == theirs
+            rows.append({"prompt": text, "equal": equal, "equal_prefix": same,
+                         "ours": ours, "llama_cpp": theirs})
+            print(f"{'equal' if equal else 'DIFFER'} {same:3d}/{len(theirs)}  {text[:60]}", flush=True)
     finally:
         server.kill()
-    whole = sum(r["equal_prefix"] >= a.tokens for r in rows)
-    print(f"{whole} of {len(rows)} prompts equal for all {a.tokens} tokens ({os.path.basename(a.gguf)})")
+    whole = sum(r["equal"] for r in rows)
+    print(f"{whole} of {len(rows)} prompts give the same tokens (up to {a.tokens}) "
+          f"({os.path.basename(a.gguf)})")
     if a.json:
         json.dump({"gguf": a.gguf, "tokens": a.tokens, "whole": whole, "rows": rows},
                   open(a.json, "w"), indent=1)

@@ -1,12 +1,12 @@
 //! Products with weights kept in llama.cpp's quantized block formats, read in place (from a
 //! memory-mapped GGUF): no dequantized copy of a matrix is ever made.
 //!
-//! Each activation row is quantized once per product to 8 bits ([`Q8Row`]: one f32 scale per
-//! 32 values, and the integer sum of every 16), then multiplied with each weight block in
-//! integer dot products: on AVX2 straight from the block's bytes (`fused`), elsewhere through
-//! the plain loop that unpacks a block to small integers with a scale (and an offset) per
-//! group of 16 or 32 (`blocks`), which the tests hold every vector kernel to. llama.cpp computes the same way (`ggml_vec_dot_*_q8_*`); its
-//! activations for the K-quants carry one scale per 256 values, these one per 32.
+//! Each activation row is quantized once per product to 8 bits ([`Q8Row`]: one scale per
+//! 32 or 256 values, as llama.cpp quantizes them, and the integer sum of every 16), then
+//! multiplied with each weight block in integer dot products: on AVX2 straight from the
+//! block's bytes (`fused`), elsewhere through the plain loop that unpacks a block to small
+//! integers with a scale (and an offset) per group of 16 or 32 (`blocks`), which the tests
+//! hold every vector kernel to. llama.cpp computes the same way (`ggml_vec_dot_*_q8_*`).
 //!
 //! - [`QuantType`]: the block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), byte
 //!   for byte as GGUF stores them (llama.cpp quantizes rows that are no multiple of 256 values,
@@ -146,6 +146,12 @@ pub fn dequantize(kind: QuantType, bytes: &[u8]) -> Vec<f32> {
 /// An activation row quantized to 8 bits: `x[i] ≈ d[i / 32] · qs[i]`, `sums[k]` the sum of
 /// `qs[16k .. 16k + 16]` (what a weight group's offset multiplies), and `scaled_sums[k]` that
 /// sum times its block's scale.
+///
+/// The rows are quantized as llama.cpp quantizes the activations for each weight format
+/// ([`Q8Row::quantize_for`]), so that a GGUF computes here what it computes there: to
+/// `block_q8_0` (one scale per 32 values, kept in f16) for the 32-value formats, to
+/// `block_q8_K` (one f32 scale per 256) for the K formats, whose scale is then repeated for
+/// each 32 values.
 #[derive(Clone, Debug, Default)]
 pub struct Q8Row {
     pub d: Vec<f32>,
@@ -157,35 +163,86 @@ pub struct Q8Row {
 /// Values per activation scale.
 pub const Q8_BLOCK: usize = 32;
 
+/// Values per K-format block, and per activation scale for them.
+const K_BLOCK: usize = 256;
+
 impl Q8Row {
-    /// `x` (a multiple of 32 values) quantized: each block of 32 scaled so that its largest
-    /// magnitude becomes 127.
+    /// `x` quantized for products with weights of `kind` (its length a multiple of the
+    /// format's block).
+    #[inline(always)]
+    pub fn quantize_for(kind: QuantType, x: &[f32]) -> Self {
+        match kind.block_values() {
+            K_BLOCK => Self::quantize_k(x),
+            _ => Self::quantize(x),
+        }
+    }
+
+    /// `x` (a multiple of 32 values) quantized as ggml's `quantize_row_q8_0`: each block of 32
+    /// scaled so that its largest magnitude becomes 127 (rounded half to even), the scale kept
+    /// in f16.
+    #[inline(always)]
     pub fn quantize(x: &[f32]) -> Self {
         assert_eq!(x.len() % Q8_BLOCK, 0, "a whole number of 32-value blocks");
-        let mut row = Q8Row {
-            d: Vec::with_capacity(x.len() / Q8_BLOCK),
-            qs: Vec::with_capacity(x.len()),
-            sums: Vec::with_capacity(x.len() / 16),
-            scaled_sums: Vec::with_capacity(x.len() / 16),
-        };
+        let mut row = Self::with_capacity(x.len());
         for block in x.chunks_exact(Q8_BLOCK) {
             let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            row.d.push(d);
-            let start = row.qs.len();
-            row.qs.extend(
-                block
-                    .iter()
-                    .map(|&v| (v * inv).round().clamp(-127.0, 127.0) as i8),
-            );
-            for half in row.qs[start..].chunks(16) {
-                let sum: i32 = half.iter().map(|&q| q as i32).sum();
-                row.sums.push(sum);
-                row.scaled_sums.push(d * sum as f32);
+            let d = half::f16::from_f32(amax / 127.0).to_f32();
+            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            let mut qs = [0i8; Q8_BLOCK];
+            for (q, &v) in qs.iter_mut().zip(block) {
+                *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+            }
+            row.push_block(d, &qs);
+        }
+        row
+    }
+
+    /// `x` (a multiple of 256 values) quantized as ggml's `quantize_row_q8_K`: each block of
+    /// 256 scaled by `−127 / v`, `v` its value of largest magnitude (rounded half to even),
+    /// the scale kept in f32 (negative where `v` is positive, as ggml has it).
+    #[inline(always)]
+    pub fn quantize_k(x: &[f32]) -> Self {
+        assert_eq!(x.len() % K_BLOCK, 0, "a whole number of 256-value blocks");
+        let mut row = Self::with_capacity(x.len());
+        for block in x.chunks_exact(K_BLOCK) {
+            let max = block
+                .iter()
+                .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            let (d, iscale) = if max == 0.0 {
+                (0.0, 0.0)
+            } else {
+                let iscale = -127.0 / max;
+                (1.0 / iscale, iscale)
+            };
+            for group in block.chunks_exact(Q8_BLOCK) {
+                let mut qs = [0i8; Q8_BLOCK];
+                for (q, &v) in qs.iter_mut().zip(group) {
+                    *q = (iscale * v).round_ties_even().min(127.0) as i8;
+                }
+                row.push_block(d, &qs);
             }
         }
         row
+    }
+
+    fn with_capacity(len: usize) -> Self {
+        Q8Row {
+            d: Vec::with_capacity(len / Q8_BLOCK),
+            qs: Vec::with_capacity(len),
+            sums: Vec::with_capacity(len / 16),
+            scaled_sums: Vec::with_capacity(len / 16),
+        }
+    }
+
+    /// Appends 32 quantized values of scale `d`.
+    fn push_block(&mut self, d: f32, qs: &[i8; Q8_BLOCK]) {
+        self.qs.extend_from_slice(qs);
+        self.d.push(d);
+        for half in qs.chunks(16) {
+            let sum: i32 = half.iter().map(|&q| q as i32).sum();
+            self.sums.push(sum);
+            self.scaled_sums.push(d * sum as f32);
+        }
     }
 }
 
@@ -223,7 +280,11 @@ fn rows_times_quantized_on(isa: Isa, x: &[f32], m: usize, ws: &[QuantMatrix<'_>]
             w.d
         );
     }
-    let rows: Vec<Q8Row> = x.chunks(d.max(1)).take(m).map(Q8Row::quantize).collect();
+    // each row quantized once per way the matrices need it (K formats or not)
+    let quantized = |kind: QuantType| quantize_rows(isa, kind, x, m, d);
+    let needs = |k: bool| ws.iter().find(|w| (w.kind.block_values() == K_BLOCK) == k);
+    let small_rows = needs(false).map(|w| quantized(w.kind)).unwrap_or_default();
+    let k_rows = needs(true).map(|w| quantized(w.kind)).unwrap_or_default();
     // (matrix, first row, end row) of each task
     let tasks: Vec<(usize, usize, usize)> = ws
         .iter()
@@ -234,29 +295,66 @@ fn rows_times_quantized_on(isa: Isa, x: &[f32], m: usize, ws: &[QuantMatrix<'_>]
                 .map(move |t| (k, t * per_task, ((t + 1) * per_task).min(w.n)))
         })
         .collect();
+    // each task's outputs as `[m, rows of its band]`, so that putting them in place copies
+    // whole runs of a row
     let bands = par_map(tasks.len(), |t| {
         let (k, start, end) = tasks[t];
-        let w = ws[k];
+        let (w, len) = (ws[k], end - start);
+        let rows = if w.kind.block_values() == K_BLOCK {
+            &k_rows
+        } else {
+            &small_rows
+        };
         let mut unpacked = Unpacked::default();
-        let mut out = vec![0.0f32; (end - start) * m];
-        for (r, dots) in (start..end).zip(out.chunks_mut(m.max(1))) {
-            blocks::dot_rows(isa, w.kind, w.row(r), &rows, dots, &mut unpacked);
+        let mut dots = vec![0.0f32; m];
+        let mut band = vec![0.0f32; len * m];
+        for r in start..end {
+            blocks::dot_rows(isa, w.kind, w.row(r), rows, &mut dots, &mut unpacked);
+            for (i, &v) in dots.iter().enumerate() {
+                band[i * len + r - start] = v;
+            }
         }
-        out
+        band
     });
     let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0f32; m * w.n]).collect();
     for (&(k, start, end), band) in tasks.iter().zip(bands) {
-        let (y, n) = (&mut ys[k], ws[k].n);
-        if m == 1 {
-            y[start..end].copy_from_slice(&band);
-            continue;
-        }
-        for (j, v) in band.into_iter().enumerate() {
-            let (r, i) = (start + j / m.max(1), j % m.max(1));
-            y[i * n + r] = v;
+        let (y, n, len) = (&mut ys[k], ws[k].n, end - start);
+        for (i, run) in band.chunks_exact(len.max(1)).enumerate() {
+            y[i * n + start..i * n + end].copy_from_slice(run);
         }
     }
     ys
+}
+
+/// The `m` rows of `x` (`[m, d]`) quantized for weights of `kind`, shared out over the
+/// cores in groups of rows (a prompt's rows would otherwise be quantized on one core while
+/// the others wait).
+fn quantize_rows(isa: Isa, kind: QuantType, x: &[f32], m: usize, d: usize) -> Vec<Q8Row> {
+    const ROWS_PER_TASK: usize = 16;
+    let groups = par_map(m.div_ceil(ROWS_PER_TASK), |t| {
+        let rows = t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(m);
+        rows.map(|i| quantize_row(isa, kind, &x[i * d..(i + 1) * d]))
+            .collect::<Vec<_>>()
+    });
+    groups.into_iter().flatten().collect()
+}
+
+fn quantize_row(isa: Isa, kind: QuantType, x: &[f32]) -> Q8Row {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Plain {
+        // SAFETY: `Isa::detect` found AVX2 (AVX-512 implies it)
+        return unsafe { quantize_row_avx2(kind, x) };
+    }
+    let _ = isa;
+    Q8Row::quantize_for(kind, x)
+}
+
+/// [`Q8Row::quantize_for`] compiled for AVX2, where its rounding is one instruction for eight
+/// values instead of a call per value.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_avx2(kind: QuantType, x: &[f32]) -> Q8Row {
+    Q8Row::quantize_for(kind, x)
 }
 
 /// Weight rows per task: enough bytes per task that a hand-off costs little against reading

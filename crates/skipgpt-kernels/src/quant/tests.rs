@@ -81,23 +81,43 @@ fn q8_0_and_q4_0_dequantize_by_hand() {
 
 #[test]
 fn activations_round_to_within_half_a_step() {
-    let x = values(96, 3);
-    let row = Q8Row::quantize(&x);
-    let back = dequantized(&row);
-    for (i, (&v, &b)) in x.iter().zip(&back).enumerate() {
-        let step = row.d[i / Q8_BLOCK] as f64;
-        assert!(
-            (v as f64 - b).abs() <= 0.5 * step + 1e-7,
-            "{i}: {v} against {b}"
-        );
+    let x = values(512, 3);
+    for (row, rounded_scale) in [(Q8Row::quantize(&x), true), (Q8Row::quantize_k(&x), false)] {
+        let back = dequantized(&row);
+        for (i, (&v, &b)) in x.iter().zip(&back).enumerate() {
+            let step = row.d[i / Q8_BLOCK].abs() as f64;
+            // the 32-value blocks keep their scale in f16: up to 127 of its rounding more
+            let slack = if rounded_scale {
+                127.0 * step * 2f64.powi(-11)
+            } else {
+                0.0
+            };
+            assert!(
+                (v as f64 - b).abs() <= 0.5 * step + slack + 1e-7,
+                "{i}: {v} against {b}"
+            );
+        }
+        for (k, &sum) in row.sums.iter().enumerate() {
+            let want: i32 = row.qs[16 * k..16 * k + 16].iter().map(|&q| q as i32).sum();
+            assert_eq!(sum, want);
+            let scaled = row.d[k / 2] * sum as f32;
+            assert_eq!(row.scaled_sums[k], scaled);
+        }
     }
-    for (k, &sum) in row.sums.iter().enumerate() {
-        let want: i32 = row.qs[16 * k..16 * k + 16].iter().map(|&q| q as i32).sum();
-        assert_eq!(sum, want);
+    // the K formats' activations: one scale per 256, the value of largest magnitude at ±127
+    let k = Q8Row::quantize_k(&x);
+    for (b, block) in k.d.chunks(8).enumerate() {
+        assert!(block.iter().all(|&d| d == block[0]), "block {b}");
+        let peak = k.qs[256 * b..256 * (b + 1)]
+            .iter()
+            .map(|q| q.unsigned_abs())
+            .max();
+        assert_eq!(peak, Some(127), "block {b}");
     }
     // all zeros: a zero scale and zero values, no NaN
-    let zero = Q8Row::quantize(&[0.0; 32]);
-    assert_eq!((zero.d[0], zero.qs.iter().all(|&q| q == 0)), (0.0, true));
+    for zero in [Q8Row::quantize(&[0.0; 256]), Q8Row::quantize_k(&[0.0; 256])] {
+        assert_eq!((zero.d[0], zero.qs.iter().all(|&q| q == 0)), (0.0, true));
+    }
 }
 
 #[test]
@@ -117,7 +137,7 @@ fn every_format_multiplies_like_its_dequantized_weights() {
             for isa in crate::isa::Isa::available() {
                 let got = rows_times_quantized_on(isa, &x, m, &[matrix]).remove(0);
                 let what = format!("{kind:?} {isa:?} m {m} n {n} d {d}");
-                check_product(&got, &x, &dequantize(kind, &w), m, n, d, &what);
+                check_product(&got, &x, (&dequantize(kind, &w), kind), [m, n, d], &what);
             }
         }
     }
@@ -156,12 +176,20 @@ fn several_matrices_in_one_pass_give_each_ones_own_product() {
 }
 
 /// `got` (`[m, n]`) against the f64 products of `x` (`[m, d]`) with the dequantized weights
-/// `wf` (`[n, d]`): exact up to f32 rounding with the activations as quantized, and within
-/// the activations' rounding of the product with `x` itself.
-fn check_product(got: &[f32], x: &[f32], wf: &[f32], m: usize, n: usize, d: usize, what: &str) {
+/// `wf` (`[n, d]`, of format `kind`): exact up to f32 rounding with the activations as
+/// quantized, and within the activations' rounding of the product with `x` itself.
+fn check_product(
+    got: &[f32],
+    x: &[f32],
+    (wf, kind): (&[f32], QuantType),
+    [m, n, d]: [usize; 3],
+    what: &str,
+) {
+    // half a step, and what a scale kept in f16 adds (up to 127 of its rounding)
+    let rounding = 0.5 + 127.0 * 2f64.powi(-11);
     for i in 0..m {
         let xr = &x[i * d..(i + 1) * d];
-        let q = Q8Row::quantize(xr);
+        let q = Q8Row::quantize_for(kind, xr);
         let xq = dequantized(&q);
         for r in 0..n {
             let wr = &wf[r * d..(r + 1) * d];
@@ -181,7 +209,7 @@ fn check_product(got: &[f32], x: &[f32], wf: &[f32], m: usize, n: usize, d: usiz
             let bound: f64 = wr
                 .iter()
                 .enumerate()
-                .map(|(k, &a)| a.abs() as f64 * 0.5 * q.d[k / Q8_BLOCK] as f64)
+                .map(|(k, &a)| a.abs() as f64 * rounding * q.d[k / Q8_BLOCK].abs() as f64)
                 .sum();
             assert!(
                 (y - true_dot).abs() <= bound * 1.001 + 1e-5 * size + 1e-6,
