@@ -131,8 +131,21 @@ fn run_quantized(rows: usize) {
                 .collect()
         })
         .collect();
-    for kind in [QuantType::Q8_0, QuantType::Q5_0, QuantType::Q4_0] {
-        // random blocks with a small finite f16 scale in their first two bytes
+    // the K formats only where a row is whole 256-value blocks: SmolLM2's down projections
+    let kinds = [
+        QuantType::Q8_0,
+        QuantType::Q5_0,
+        QuantType::Q4_0,
+        QuantType::Q4K,
+        QuantType::Q6K,
+    ];
+    for kind in kinds {
+        // random blocks with small finite f16 scales where the format keeps them
+        let scales: &[usize] = match kind {
+            QuantType::Q4K => &[0, 2],
+            QuantType::Q6K => &[208],
+            _ => &[0],
+        };
         let mats: Vec<(Vec<u8>, usize, usize)> = (0..LAYERS)
             .flat_map(|l| {
                 LAYER.iter().map(move |&(i, o)| {
@@ -140,11 +153,15 @@ fn run_quantized(rows: usize) {
                         .map(|k| ((k * 31 + l * 17) % 251) as u8)
                         .collect();
                     for block in b.chunks_exact_mut(kind.block_bytes()) {
-                        block[..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+                        for &at in scales {
+                            let scale = half::f16::from_f32(0.01).to_le_bytes();
+                            block[at..at + 2].copy_from_slice(&scale);
+                        }
                     }
                     (b, o, i)
                 })
             })
+            .filter(|(_, _, i)| i % kind.block_values() == 0)
             .collect();
         let bytes: usize = mats.iter().map(|m| m.0.len()).sum();
         let ms = best_ms(|| {

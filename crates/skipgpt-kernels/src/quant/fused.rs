@@ -21,7 +21,8 @@ const TILE: usize = 4;
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C; `weights` must be whole blocks of `kind` and each of
-/// `rows` exactly as long as they hold.
+/// `rows` exactly as long as they hold. For the K formats the rows must carry one scale per
+/// 256 values ([`Q8Row::quantize_for`] quantizes them so).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn rows_avx2(kind: QuantType, weights: &[u8], rows: &[Q8Row], out: &mut [f32]) {
     // one copy of the loops per format, so that no format is chosen inside them
@@ -172,19 +173,24 @@ unsafe fn bits(p: *const u8) -> __m256i {
     _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
 }
 
-/// A 256-value block decoded for [`k_blocks`]: eight groups of 32 unsigned weights, each group's
-/// pair products multiplied by `mul` (1, or Q6_K's two scales of 16) and scaled by `scale`,
+/// A 256-value block decoded for [`k_blocks`]: eight groups of 32 unsigned weights, each
+/// group's pair products multiplied by its integer scales `mul` (Q4_K's and Q5_K's 6-bit
+/// scale, or Q6_K's two 8-bit scales of 16 values), the block's integer sum scaled by `scale`,
 /// less `off16[k]` times the activations' sum over values `16k .. 16k + 16`.
 struct KBlock {
     w: [__m256i; 8],
     mul: [__m256i; 8],
-    scale: [f32; 8],
+    scale: f32,
     off16: [__m256; 2],
 }
 
 /// The K formats: 256-value blocks of eight 32-value groups (Q4_K, Q5_K) or sixteen of 16
-/// (Q6_K); every group lines up with one activation block of 32. Returns each row's eight
-/// partial sums and its offset term.
+/// (Q6_K), against activations with one scale per 256 values ([`Q8Row::quantize_k`], as
+/// llama.cpp's `block_q8_K`): a block's groups add up in integers, and the block is
+/// converted and scaled once. Returns each row's eight partial sums and its offset term.
+///
+/// The integer sums cannot overflow: a pair product is at most 63·127·2 (Q6_K), times a
+/// scale of at most 128, twice, over eight groups, is under 2³¹.
 #[inline(always)]
 unsafe fn k_blocks<const R: usize>(
     kind: QuantType,
@@ -201,13 +207,15 @@ unsafe fn k_blocks<const R: usize>(
             _ => decode_q4_k(block, kind == QuantType::Q5K),
         };
         for r in 0..R {
-            let (qs, d) = (x.qs[r].add(256 * b), x.d[r].add(8 * b));
+            let qs = x.qs[r].add(256 * b);
+            let mut dots = _mm256_setzero_si256();
             for g in 0..8 {
                 let a = _mm256_loadu_si256(qs.add(32 * g) as *const __m256i);
-                let dots = _mm256_madd_epi16(_mm256_maddubs_epi16(k.w[g], a), k.mul[g]);
-                let scale = _mm256_set1_ps(k.scale[g] * *d.add(g));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc[r]);
+                let group = _mm256_madd_epi16(_mm256_maddubs_epi16(k.w[g], a), k.mul[g]);
+                dots = _mm256_add_epi32(dots, group);
             }
+            let scale = _mm256_set1_ps(k.scale * *x.d[r].add(8 * b));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc[r]);
             // what the offsets take away, against the activations' sums per 16 (scaled)
             let sums = x.scaled_sums[r].add(16 * b);
             lost[r] = _mm256_fmadd_ps(k.off16[0], _mm256_loadu_ps(sums), lost[r]);
@@ -238,8 +246,8 @@ unsafe fn decode_q4_k(b: &[u8], five: bool) -> KBlock {
     let low = _mm256_set1_epi8(0x0F);
     let mut k = KBlock {
         w: [_mm256_setzero_si256(); 8],
-        mul: [_mm256_set1_epi16(1); 8],
-        scale: [0.0; 8],
+        mul: [_mm256_setzero_si256(); 8],
+        scale: d,
         off16: [_mm256_setzero_ps(); 2],
     };
     for c in 0..4 {
@@ -258,7 +266,7 @@ unsafe fn decode_q4_k(b: &[u8], five: bool) -> KBlock {
     let mut off16 = [0.0f32; 16];
     for j in 0..8 {
         let (sc, m) = super::blocks::scale_min_k4(j, &b[4..16]);
-        k.scale[j] = d * sc as f32;
+        k.mul[j] = _mm256_set1_epi16(sc as i16);
         off16[2 * j] = dmin * m as f32;
         off16[2 * j + 1] = dmin * m as f32;
     }
@@ -281,7 +289,7 @@ unsafe fn decode_q6_k(b: &[u8]) -> KBlock {
     let mut k = KBlock {
         w: [_mm256_setzero_si256(); 8],
         mul: [_mm256_setzero_si256(); 8],
-        scale: [d; 8],
+        scale: d,
         off16: [_mm256_setzero_ps(); 2],
     };
     for half in 0..2 {
