@@ -8,7 +8,8 @@
 //! `maddubs` multiplies unsigned by signed bytes. Signed weights (Q8_0, Q4_0, Q5_0) move
 //! their sign onto the activations first; the other formats' weights are unsigned as stored,
 //! and what they lack (Q4_1's and the K formats' minimum, Q6_K's 32) is added back through the
-//! activations' sums per 16 values ([`Q8Row::sums`]), once per row rather than per value.
+//! activations' scaled sums per 16 values ([`Q8Row::scaled_sums`]), once per group rather
+//! than per value. The K formats add a block's eight groups up in integers first.
 
 use std::arch::x86_64::*;
 
