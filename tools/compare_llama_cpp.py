@@ -67,8 +67,7 @@ def main():
     try:
         for text in prompts:
             ids = json.loads(subprocess.check_output(
-                [a.skipgpt, "tokenize", "--model", a.gguf, "--text", text, "--json"]))
-            ids = ids["ids"] if isinstance(ids, dict) else ids
+                [a.skipgpt, "tokenize", "--model", a.gguf, "--text", text, "--json"]))["ids"]
             theirs = post(f"http://127.0.0.1:{port}/completion", {
                 "prompt": ids, "n_predict": a.tokens, "temperature": 0, "top_k": 1,
                 "cache_prompt": False, "return_tokens": True})["tokens"]

@@ -157,10 +157,10 @@ pub fn chunked_perplexity<B: Backend>(
         if let Some(bos) = bos {
             ids[0] = bos;
         }
-        let mut cache = SparseCache::new(1, layers);
-        let out = sparse_forward(model, &[ids.clone()], &mut cache, routing, LogitRows::All)?;
-        let log_probs = activation::log_softmax(out.logits.slice(s![first..ctx - 1, ..]), 1);
         let targets: Vec<i64> = ids[first + 1..].iter().map(|&t| t as i64).collect();
+        let mut cache = SparseCache::new(1, layers);
+        let out = sparse_forward(model, &[ids], &mut cache, routing, LogitRows::All)?;
+        let log_probs = activation::log_softmax(out.logits.slice(s![first..ctx - 1, ..]), 1);
         let targets =
             Tensor::<B, 1, burn::tensor::Int>::from_ints(targets.as_slice(), &model.device());
         let picked = host_f64(

@@ -133,6 +133,10 @@ impl QuantWeight {
 
     /// Every value, `[n, d]` row-major, as f32.
     pub fn dequantize(&self) -> Vec<f32> {
+        if self.order.is_none() {
+            // the stored order is the output order: the blocks in one pass
+            return quant::dequantize(self.kind, self.bytes());
+        }
         self.rows(&(0..self.n).collect::<Vec<_>>())
     }
 

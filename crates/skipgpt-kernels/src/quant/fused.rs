@@ -78,9 +78,10 @@ unsafe fn tile_rows<const R: usize>(
     out: &mut [f32],
 ) {
     let tile = Tile::<R>::new(rows);
-    let (acc, offsets) = match kind {
-        QuantType::Q4K | QuantType::Q5K | QuantType::Q6K => k_blocks(kind, weights, &tile),
-        _ => small_blocks(kind, weights, &tile),
+    let (acc, offsets) = if kind.is_k() {
+        k_blocks(kind, weights, &tile)
+    } else {
+        small_blocks(kind, weights, &tile)
     };
     for r in 0..R {
         out[r] = horizontal_sum(acc[r]) + offsets[r];

@@ -85,6 +85,12 @@ impl QuantType {
         }
     }
 
+    /// Whether this is a K format (256-value blocks), whose products take activations with one
+    /// scale per 256 values ([`Q8Row::quantize_k`]).
+    pub fn is_k(self) -> bool {
+        self.block_values() == K_BLOCK
+    }
+
     /// Bytes per block.
     pub fn block_bytes(self) -> usize {
         match self {
@@ -171,9 +177,10 @@ impl Q8Row {
     /// format's block).
     #[inline(always)]
     pub fn quantize_for(kind: QuantType, x: &[f32]) -> Self {
-        match kind.block_values() {
-            K_BLOCK => Self::quantize_k(x),
-            _ => Self::quantize(x),
+        if kind.is_k() {
+            Self::quantize_k(x)
+        } else {
+            Self::quantize(x)
         }
     }
 
@@ -282,7 +289,7 @@ fn rows_times_quantized_on(isa: Isa, x: &[f32], m: usize, ws: &[QuantMatrix<'_>]
     }
     // each row quantized once per way the matrices need it (K formats or not)
     let quantized = |kind: QuantType| quantize_rows(isa, kind, x, m, d);
-    let needs = |k: bool| ws.iter().find(|w| (w.kind.block_values() == K_BLOCK) == k);
+    let needs = |k: bool| ws.iter().find(|w| w.kind.is_k() == k);
     let small_rows = needs(false).map(|w| quantized(w.kind)).unwrap_or_default();
     let k_rows = needs(true).map(|w| quantized(w.kind)).unwrap_or_default();
     // (matrix, first row, end row) of each task
@@ -300,11 +307,7 @@ fn rows_times_quantized_on(isa: Isa, x: &[f32], m: usize, ws: &[QuantMatrix<'_>]
     let bands = par_map(tasks.len(), |t| {
         let (k, start, end) = tasks[t];
         let (w, len) = (ws[k], end - start);
-        let rows = if w.kind.block_values() == K_BLOCK {
-            &k_rows
-        } else {
-            &small_rows
-        };
+        let rows = if w.kind.is_k() { &k_rows } else { &small_rows };
         let mut unpacked = Unpacked::default();
         let mut dots = vec![0.0f32; m];
         let mut band = vec![0.0f32; len * m];
