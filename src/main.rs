@@ -67,8 +67,9 @@ enum Command {
     /// Prefill and decode speed, skip rates and peak memory of a model, as `llama-bench`
     /// measures them (a table, or --json).
     Bench(bench::BenchArgs),
-    /// Write a GGUF with its matrices quantized (Q8_0, Q4_0, Q4_1) or in F16/F32, tokenizer
-    /// and chat template carried over, for this program and llama.cpp alike.
+    /// Write a GGUF with its matrices quantized (Q8_0, Q6_K, Q5_K_M, Q5_0, Q5_1, Q4_K_M, Q4_0,
+    /// Q4_1) or in F16/F32, byte for byte as llama-quantize writes them, tokenizer and chat
+    /// template carried over.
     Quantize(quantize::QuantizeArgs),
     /// Print the token ids of a text (no special tokens added).
     Tokenize(tokenize::TokenizeArgs),

@@ -1,5 +1,6 @@
-//! `skipgpt quantize`: a GGUF rewritten with its matrices in Q8_0, Q4_0, Q4_1, F16 or F32,
-//! metadata (tokenizer, chat template) carried over, as `llama-quantize` writes it.
+//! `skipgpt quantize`: a GGUF rewritten with its matrices in one of llama.cpp's types or mixes
+//! (Q4_K_M: Q4_K with Q6_K for some value and down projections), metadata (tokenizer, chat
+//! template) carried over, as `llama-quantize` writes it.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -16,7 +17,9 @@ pub struct QuantizeArgs {
     /// Q5_1, Q8_0, Q4_K, Q5_K, Q6_K).
     #[arg(long)]
     pub model: PathBuf,
-    /// The type of the matrices written (vectors such as norms stay as they are).
+    /// The type of the matrices written, as llama-quantize's types of the same names: the
+    /// output matrix gets Q6_K, the K mixes Q6_K for some value and down projections, and
+    /// rows of no whole K block the nearest 32-value type (norms and vectors stay as they are).
     #[arg(long = "type", value_enum)]
     pub target: QuantizeTarget,
     /// The GGUF file to write (replaced in one rename once it is whole).

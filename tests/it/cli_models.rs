@@ -146,7 +146,9 @@ fn the_command_line_quantizes_a_gguf_and_runs_it_with_published_routers() {
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
-        text.contains("20 F32 → Q8_0") && text.contains("10 F32 kept"),
+        text.contains("20 F32 → Q8_0")
+            && text.contains("3 F32 → F16")
+            && text.contains("7 F32 kept"),
         "{text}"
     );
     assert_clean_failure(

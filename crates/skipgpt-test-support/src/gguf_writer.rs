@@ -56,8 +56,8 @@ impl GgufBuilder {
         });
     }
 
-    /// Every f32 matrix whose rows are whole 32-value blocks, in `kind` (Q8_0 or Q4_0), as
-    /// `llama-quantize` would leave it; the rest (norms, rows of other lengths) stays f32.
+    /// Every f32 matrix whose rows are whole 32-value blocks, in `kind` (Q8_0 or Q4_0); the
+    /// rest (norms, rows of other lengths) stays f32.
     pub fn quantize_matrices(&mut self, kind: QuantType) {
         for t in self.tensors.iter_mut() {
             if t.ggml_type != 0 || t.dims.len() != 2 || t.dims[0] % 32 != 0 {
@@ -68,8 +68,23 @@ impl GgufBuilder {
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect();
-            t.data = quantize(kind, &values).expect("a quantizable format");
+            t.data = quantize(kind, &values).expect("rows of whole blocks");
             t.ggml_type = kind as u32;
+        }
+    }
+
+    /// Every f32 matrix left in F16: what `llama-quantize` does with the matrices whose rows
+    /// are no whole number of blocks.
+    pub fn matrices_to_f16(&mut self) {
+        for t in self.tensors.iter_mut() {
+            if t.ggml_type != 0 || t.dims.len() != 2 {
+                continue;
+            }
+            t.data = (t.data.chunks_exact(4))
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
+                .collect();
+            t.ggml_type = 1;
         }
     }
 

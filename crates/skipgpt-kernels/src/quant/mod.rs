@@ -12,7 +12,7 @@
 //!   for byte as GGUF stores them (llama.cpp quantizes rows that are no multiple of 256 values,
 //!   SmolLM2's among them, to Q5_0, Q5_1 or Q8_0 where a K format was asked for);
 //! - [`dequantize`]: a block format back to f32 (what other backends load);
-//! - [`quantize`]: f32 rows into Q8_0 or Q4_0 blocks;
+//! - [`quantize`]: f32 rows into any of them, as `llama-quantize` writes them;
 //! - [`rows_times_quantized`]: `x · Wᵀ` for `W` stored `[n, d]` in a block format, on every
 //!   core.
 
@@ -20,13 +20,14 @@ mod blocks;
 #[cfg(target_arch = "x86_64")]
 mod fused;
 mod quantize;
+mod quantize_k;
 #[cfg(test)]
 mod tests;
 
 use crate::isa::Isa;
 use crate::thread_team::par_map;
 pub use blocks::Unpacked;
-pub use quantize::{quantize, QUANTIZABLE};
+pub use quantize::quantize;
 
 /// A llama.cpp block format. The discriminants are ggml's type codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -74,7 +74,7 @@ fn a_quantized_gguf_keeps_its_matrices_in_blocks() {
             "no dequantized copy"
         );
     }
-    // rows of 176 values are no whole number of blocks: left f32, as llama-quantize does
+    // rows of 176 values are no whole number of blocks: left f32
     assert!(layer.mlp.down_proj.quantized.is_none());
     assert_eq!(layer.mlp.down_proj.dims(), [176, 64]);
     assert!(model.model.embed_quantized.is_some());
@@ -237,15 +237,21 @@ fn quantize_writes_the_blocks_llama_quantize_would_and_carries_the_metadata_over
     let out = dir.path().join("tiny-q8_0.gguf");
     let report = quantize_gguf(&source, &out, QuantizeTarget::Q8_0, &mut |_, _, _| {}).unwrap();
     // 3 layers × 6 matrices with 64-value rows, the embedding and the output; the 3 down
-    // projections (rows of 176) and 7 norms keep F32
+    // projections' rows of 176 are no whole number of blocks: F16, as llama-quantize falls
+    // back; the 7 norms keep F32
     assert_eq!(report.conversions["F32 → Q8_0"], 3 * 6 + 2);
-    assert_eq!(report.conversions["F32 kept"], 3 + 7);
+    assert_eq!(report.conversions["F32 → F16"], 3);
+    assert_eq!(report.conversions["F32 kept"], 7);
     assert_eq!(report.requantized, 0);
     assert_eq!(report.bytes_written, std::fs::metadata(&out).unwrap().len());
 
     // the same bytes as the reference quantizer gives, tensor by tensor
     let written = GgufFile::open(&out).unwrap();
-    let expected_path = quantized_gguf(dir.path(), QuantType::Q8_0);
+    let expected_path = dir.path().join("expected.gguf");
+    let mut expected = llama_tiny_gguf(&tiny().join("model"));
+    expected.quantize_matrices(QuantType::Q8_0);
+    expected.matrices_to_f16();
+    expected.write(&expected_path);
     let expected = GgufFile::open(&expected_path).unwrap();
     assert_eq!(written.tensors.len(), expected.tensors.len());
     for t in &expected.tensors {
@@ -282,8 +288,9 @@ fn quantize_writes_the_blocks_llama_quantize_would_and_carries_the_metadata_over
     );
 }
 
-/// Each type moves the logits by what its precision allows: F16 least, Q8_0 next, the 4-bit
-/// types most (the tiny model's 64-value rows are two blocks each, so 4 bits show).
+/// Each type moves the logits by what its precision allows: F16 least, Q8_0 next, the 5-bit
+/// types more, the 4-bit types most (the tiny model's 64-value rows are two blocks each, so
+/// the bits show).
 #[test]
 fn each_quantized_type_moves_the_logits_by_its_precision() {
     use skipgpt_model::io::gguf::{quantize_gguf, QuantizeTarget};
@@ -301,6 +308,8 @@ fn each_quantized_type_moves_the_logits_by_its_precision() {
     for target in [
         QuantizeTarget::F16,
         QuantizeTarget::Q8_0,
+        QuantizeTarget::Q5_1,
+        QuantizeTarget::Q5_0,
         QuantizeTarget::Q4_1,
         QuantizeTarget::Q4_0,
     ] {
@@ -315,9 +324,16 @@ fn each_quantized_type_moves_the_logits_by_its_precision() {
         diff["Q8_0"] > diff["F16"] && diff["Q8_0"] < 0.05,
         "{diff:?}"
     );
-    for four_bit in ["Q4_0", "Q4_1"] {
+    for five_bit in ["Q5_0", "Q5_1"] {
         assert!(
-            diff[four_bit] > diff["Q8_0"] && diff[four_bit] < 0.5,
+            diff[five_bit] > diff["Q8_0"] && diff[five_bit] < 0.3,
+            "{diff:?}"
+        );
+    }
+    for four_bit in ["Q4_0", "Q4_1"] {
+        let most_five_bit = diff["Q5_0"].max(diff["Q5_1"]);
+        assert!(
+            diff[four_bit] > most_five_bit && diff[four_bit] < 0.5,
             "{diff:?}"
         );
     }

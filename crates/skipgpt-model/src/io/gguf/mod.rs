@@ -8,7 +8,7 @@
 //! - [`weights`]: a LLaMA GGUF run as it is ([`load_gguf`]), quantized matrices kept in
 //!   their blocks;
 //! - [`writer`]: GGUF v3 written tensor by tensor; [`quantize_file`]: a GGUF with its matrices
-//!   in another type (`skipgpt quantize`);
+//!   in another type (`skipgpt quantize`), each the type llama.cpp gives it (`tensor_types`);
 //! - [`import`]: a LLaMA GGUF → `config.json`, `model.safetensors` (streamed tensor by tensor,
 //!   llama.cpp's q/k row permutation undone), `tokenizer.json`, `tokenizer_config.json`.
 //!
@@ -20,6 +20,7 @@ pub mod import;
 pub mod quant;
 pub mod quantize_file;
 pub mod reader;
+mod tensor_types;
 pub mod tokenizer;
 pub mod weights;
 pub mod writer;

@@ -1,7 +1,7 @@
-//! A GGUF rewritten with its matrices in another type, as `llama-quantize` does: every 2-D
-//! tensor whose rows are whole blocks of the target type is dequantized and quantized again
-//! (`skipgpt_kernels::quant::quantize`); norms and other vectors, and matrices whose rows are
-//! no whole number of blocks, keep the type and bytes they had. The metadata (architecture,
+//! A GGUF rewritten with its matrices in another type, as `llama-quantize` does: each matrix
+//! gets the type llama.cpp would give it ([`tensor_types`]) and is dequantized and quantized
+//! again (`skipgpt_kernels::quant::quantize`, byte for byte llama.cpp's reference
+//! quantizers); norms and other vectors keep the type and bytes they had. The metadata (architecture,
 //! hyperparameters, tokenizer, chat template) is carried over unchanged but for
 //! `general.file_type`, which names the new type, and `general.quantization_version`.
 //!
@@ -16,46 +16,10 @@ use skipgpt_kernels::quant::quantize;
 
 use super::quant::GgmlType;
 use super::reader::{GgufFile, GgufValue, TensorInfo};
+use super::tensor_types::tensor_types;
+pub use super::tensor_types::QuantizeTarget;
 use super::writer::{write_gguf, TensorPlan};
 use super::GgufError;
-
-/// The types `skipgpt quantize` writes.
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuantizeTarget {
-    #[cfg_attr(feature = "clap", value(name = "q8_0"))]
-    Q8_0,
-    #[cfg_attr(feature = "clap", value(name = "q4_0"))]
-    Q4_0,
-    #[cfg_attr(feature = "clap", value(name = "q4_1"))]
-    Q4_1,
-    F16,
-    F32,
-}
-
-impl QuantizeTarget {
-    /// The tensor type the matrices get.
-    pub fn tensor_type(self) -> GgmlType {
-        match self {
-            QuantizeTarget::Q8_0 => GgmlType::Q8_0,
-            QuantizeTarget::Q4_0 => GgmlType::Q4_0,
-            QuantizeTarget::Q4_1 => GgmlType::Q4_1,
-            QuantizeTarget::F16 => GgmlType::F16,
-            QuantizeTarget::F32 => GgmlType::F32,
-        }
-    }
-
-    /// llama.cpp's `llama_ftype` for `general.file_type` (`LLAMA_FTYPE_MOSTLY_*`).
-    pub fn file_type(self) -> u32 {
-        match self {
-            QuantizeTarget::F32 => 0,
-            QuantizeTarget::F16 => 1,
-            QuantizeTarget::Q4_0 => 2,
-            QuantizeTarget::Q4_1 => 3,
-            QuantizeTarget::Q8_0 => 7,
-        }
-    }
-}
 
 /// What a quantization did.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,10 +53,11 @@ pub fn quantize_gguf(
     let plan: Vec<TensorPlan> = gguf
         .tensors
         .iter()
-        .map(|t| TensorPlan {
+        .zip(tensor_types(&gguf.tensors, target))
+        .map(|(t, kind)| TensorPlan {
             name: t.name.clone(),
             dims: t.dims.clone(),
-            kind: new_type(t, target),
+            kind,
         })
         .collect();
     let metadata = metadata(&gguf, target);
@@ -124,18 +89,6 @@ pub fn quantize_gguf(
         Ok(bytes)
     })?;
     Ok(report)
-}
-
-/// The type a tensor is written in: the target for a matrix whose rows are whole blocks of
-/// it, its own type otherwise.
-fn new_type(t: &TensorInfo, target: QuantizeTarget) -> GgmlType {
-    let to = target.tensor_type();
-    let whole_blocks = t.dims[0].is_multiple_of(to.block_elements() as u64);
-    if t.dims.len() == 2 && whole_blocks {
-        to
-    } else {
-        t.kind
-    }
 }
 
 /// A tensor's bytes in `to`: its own bytes where the type stays, else its values converted.
@@ -184,9 +137,8 @@ fn metadata(gguf: &GgufFile, target: QuantizeTarget) -> Vec<(String, GgufValue)>
         "general.file_type".into(),
         GgufValue::U32(target.file_type()),
     ));
-    if target.tensor_type().block_format().is_some() {
-        meta.push(("general.quantization_version".into(), GgufValue::U32(2)));
-    }
+    // written whatever the type, as llama-quantize does
+    meta.push(("general.quantization_version".into(), GgufValue::U32(2)));
     meta
 }
 
