@@ -13,9 +13,13 @@ use crate::with_backend;
 
 #[derive(Args, Debug, Clone)]
 pub struct AnalyzeArgs {
-    /// A SkipGPT model directory.
+    /// A SkipGPT model directory, or any model (a GGUF file too) with --routers.
     #[arg(long)]
     pub model: PathBuf,
+    /// SkipGPT routers to attach to --model: a directory with skipgpt.json and
+    /// routers.safetensors (as published under models/).
+    #[arg(long)]
+    pub routers: Option<PathBuf>,
     #[command(flatten)]
     pub corpus: CorpusArgs,
     /// Text whose per-token routing is drawn as a heatmap.
@@ -40,6 +44,7 @@ impl AnalyzeArgs {
     pub fn config(&self) -> AnalyseConfig {
         AnalyseConfig {
             model: self.model.clone(),
+            routers: self.routers.clone(),
             corpus: self.corpus.config(),
             text: self.text.clone(),
             out: self.out.clone(),

@@ -14,11 +14,17 @@ use crate::with_backend;
 
 #[derive(Args, Debug)]
 pub struct CalibrateRoutersArgs {
-    /// A SkipGPT model directory (after stage 1).
+    /// A SkipGPT model directory (after stage 1), or any model (a GGUF file too) with
+    /// --routers.
     #[arg(long)]
     pub model: PathBuf,
+    /// SkipGPT routers to calibrate on --model: a directory with skipgpt.json and
+    /// routers.safetensors (as published under models/).
+    #[arg(long)]
+    pub routers: Option<PathBuf>,
     /// Output: the same model with every router's SKIP bias shifted by the amount found, and
-    /// `calibration.json` (what was measured).
+    /// `calibration.json` (what was measured); with --routers, or a GGUF, the routers alone
+    /// (attach them with --routers).
     #[arg(long)]
     pub out: PathBuf,
     #[command(flatten)]
@@ -43,6 +49,7 @@ impl CalibrateRoutersArgs {
     pub fn config(&self) -> CalibrateConfig {
         CalibrateConfig {
             model: self.model.clone(),
+            routers: self.routers.clone(),
             out: self.out.clone(),
             corpus: self.corpus.config(),
             target_sparsity: self.target_sparsity,

@@ -207,6 +207,85 @@ fn the_command_line_quantizes_a_gguf_and_runs_it_with_published_routers() {
     );
 }
 
+/// Published routers calibrated on a quantized GGUF: calibrate-routers writes the routers
+/// alone (no copy of the model), which generate and analyze attach again with --routers.
+#[test]
+fn routers_calibrated_on_a_gguf_are_written_alone_and_attach_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny-q8_0.gguf");
+    let mut g = crate::common::gguf_writer::llama_tiny_gguf(&tiny().join("model"));
+    g.quantize_matrices(skipgpt_kernels::quant::QuantType::Q8_0);
+    g.write(&gguf);
+    let routers = tiny().join("model-routed");
+    let calibrated = dir.path().join("calibrated");
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let corpus = ["--synthetic", "60", "--seq-len", "16"];
+    let mut args = vec![
+        "calibrate-routers".to_string(),
+        "--model".into(),
+        path(&gguf),
+    ];
+    args.extend([
+        "--routers".into(),
+        path(&routers),
+        "--out".into(),
+        path(&calibrated),
+    ]);
+    args.extend(corpus.map(String::from));
+    args.extend(
+        [
+            "--target-sparsity",
+            "0.3",
+            "--sparsity-unit",
+            "modules",
+            "--json",
+        ]
+        .map(String::from),
+    );
+    let o = skipgpt(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let after = j["report"]["skip_after"].as_f64().unwrap();
+    assert!((after - 0.3).abs() < 0.01, "{j}");
+    let mut files: Vec<String> = std::fs::read_dir(&calibrated)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        ["calibration.json", "routers.safetensors", "skipgpt.json"]
+    );
+
+    // analyze attaches them to the GGUF and measures the rate calibration realised
+    let analysis = dir.path().join("analysis");
+    let mut args = vec!["analyze".to_string(), "--model".into(), path(&gguf)];
+    args.extend([
+        "--routers".into(),
+        path(&calibrated),
+        "--out".into(),
+        path(&analysis),
+    ]);
+    args.extend(corpus.map(String::from));
+    args.push("--json".into());
+    let o = skipgpt(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(analysis.join("routing.json").is_file());
+    // and a GGUF without routers is refused by name
+    assert_clean_failure(
+        &[
+            "analyze",
+            "--model",
+            &path(&gguf),
+            "--out",
+            &path(&analysis),
+            "--synthetic",
+            "8",
+        ],
+        &["tiny-q8_0.gguf", "--routers"],
+    );
+}
+
 #[test]
 fn bench_reports_speed_skip_rates_and_memory_as_json() {
     let routed = tiny().join("model-routed");

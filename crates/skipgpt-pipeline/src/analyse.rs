@@ -7,11 +7,12 @@ use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 use skipgpt_data::PackedDataset;
 use skipgpt_eval::{analyze_routing, token_map, write_analysis, RoutingAnalysis};
-use skipgpt_model::{load_pretrained, LlamaForCausalLM, Tokenizer};
+use skipgpt_model::{LlamaForCausalLM, Tokenizer};
 
 use crate::corpus::{first_sequences, CorpusConfig};
+use crate::evaluate::ModelSource;
 use crate::output::require_tokenizer;
-use crate::Result;
+use crate::{PipelineError, Result};
 
 /// The heatmap's text when none is given: words, numbers and punctuation of the synthetic
 /// grammar.
@@ -21,8 +22,10 @@ pub const DEFAULT_TEXT: &str =
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AnalyseConfig {
-    /// A SkipGPT model directory.
+    /// A SkipGPT model directory, or any model (a GGUF too) with `routers`.
     pub model: PathBuf,
+    /// A routers directory (`skipgpt.json`, `routers.safetensors`) to attach to `model`.
+    pub routers: Option<PathBuf>,
     /// Held-out text (the training split when the held-out one is empty).
     pub corpus: CorpusConfig,
     /// Text whose per-token routing is drawn as a heatmap.
@@ -38,6 +41,7 @@ impl Default for AnalyseConfig {
     fn default() -> Self {
         AnalyseConfig {
             model: PathBuf::new(),
+            routers: None,
             corpus: CorpusConfig::default(),
             text: DEFAULT_TEXT.to_string(),
             out: PathBuf::from("analysis"),
@@ -56,9 +60,19 @@ pub struct AnalyseReport {
 
 /// Analyses `config.model` on held-out text.
 pub fn analyse<B: Backend>(config: &AnalyseConfig, device: &B::Device) -> Result<AnalyseReport> {
-    let pretrained = load_pretrained::<B>(&config.model, device)?;
+    let source = ModelSource {
+        routers: config.routers.clone(),
+        ..ModelSource::new(&config.model)
+    };
+    let pretrained = source.load::<B>(device)?;
     let tokenizer = require_tokenizer(pretrained.tokenizer.as_ref(), &config.model, "analyze")?;
     let model = pretrained.model;
+    if model.routing_config.is_none() {
+        return Err(PipelineError::NotSkipGpt {
+            dir: config.model.clone(),
+            stage: "analyze",
+        });
+    }
     let (train, valid) = config.corpus.load_split(tokenizer, &model.config)?;
     let data = if valid.is_empty() { train } else { valid };
     let data = first_sequences(data, config.sequences);

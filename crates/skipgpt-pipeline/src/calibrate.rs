@@ -1,6 +1,10 @@
 //! Router calibration: one shift of every router's SKIP bias so that deterministic routing
 //! realises the skip target on calibration text (stage 1 trains with noisy gates, which skip
 //! a little more than the deterministic ones that serve).
+//!
+//! A model directory with its own routers is written whole (its files linked, the shifted
+//! routers beside them); routers given apart (`routers`, on a directory or a GGUF) are
+//! written alone, as a routers directory that `--routers` attaches again.
 
 use std::path::PathBuf;
 
@@ -8,9 +12,10 @@ use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 use skipgpt_eval::CalibrationReport;
 use skipgpt_model::io::atomic_write::atomic_write;
-use skipgpt_model::{load_pretrained, SparsityUnit};
+use skipgpt_model::{save_routers, SparsityUnit};
 
 use crate::corpus::CorpusConfig;
+use crate::evaluate::ModelSource;
 use crate::output::{check_out_dir, require_tokenizer, write_skipgpt_dir};
 use crate::{PipelineError, Result};
 
@@ -22,9 +27,12 @@ pub const CALIBRATION_FILE: &str = "calibration.json";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CalibrateConfig {
-    /// A SkipGPT model directory (after stage 1).
+    /// A SkipGPT model directory (after stage 1), or any model (a GGUF too) with `routers`.
     pub model: PathBuf,
-    /// Output: the same model with every router's SKIP bias shifted, and `calibration.json`.
+    /// A routers directory (`skipgpt.json`, `routers.safetensors`) to calibrate on `model`.
+    pub routers: Option<PathBuf>,
+    /// Output: the same model with every router's SKIP bias shifted (the routers alone when
+    /// they were given apart, or the model is a file), and `calibration.json`.
     pub out: PathBuf,
     pub corpus: CorpusConfig,
     /// The skip rate deterministic routing should realise; default: the model's own target.
@@ -42,6 +50,7 @@ impl Default for CalibrateConfig {
     fn default() -> Self {
         CalibrateConfig {
             model: PathBuf::new(),
+            routers: None,
             out: PathBuf::from("skipgpt-calibrated"),
             corpus: CorpusConfig::default(),
             target_sparsity: None,
@@ -68,7 +77,14 @@ pub fn calibrate<B: Backend>(
     on_pass: impl FnMut(usize, f64, f64),
 ) -> Result<CalibrateOutcome> {
     check_out_dir(&config.model, &config.out)?;
-    let pretrained = load_pretrained::<B>(&config.model, device)?;
+    if let Some(routers) = &config.routers {
+        check_out_dir(routers, &config.out)?;
+    }
+    let source = ModelSource {
+        routers: config.routers.clone(),
+        ..ModelSource::new(&config.model)
+    };
+    let pretrained = source.load::<B>(device)?;
     let tokenizer = require_tokenizer(pretrained.tokenizer.as_ref(), &config.model, STAGE)?;
     let model = pretrained.model;
     let Some(routing) = model.routing_config.clone() else {
@@ -101,7 +117,12 @@ pub fn calibrate<B: Backend>(
         on_pass,
     )?;
     model.routing_config = Some(routing.with_target_sparsity(target).with_target_unit(unit));
-    write_skipgpt_dir(&config.model, &model, &config.out)?;
+    if config.routers.is_some() || !config.model.is_dir() {
+        std::fs::create_dir_all(&config.out).map_err(crate::error::io(&config.out))?;
+        save_routers(&model, &config.out)?;
+    } else {
+        write_skipgpt_dir(&config.model, &model, &config.out)?;
+    }
     let json = serde_json::to_string_pretty(&report).expect("the report serialises");
     atomic_write(&config.out.join(CALIBRATION_FILE), json.as_bytes())?;
     Ok(CalibrateOutcome {

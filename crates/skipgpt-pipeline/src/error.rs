@@ -29,7 +29,7 @@ pub enum PipelineError {
     #[error("{stage} needs {path} to turn text into tokens")]
     NoTokenizer { stage: &'static str, path: PathBuf },
     #[error(
-        "{dir}: not a SkipGPT model (no routers.safetensors): {stage} works on trained routers"
+        "{dir}: not a SkipGPT model (no routers.safetensors; --routers DIR attaches published ones): {stage} works on trained routers"
     )]
     NotSkipGpt { dir: PathBuf, stage: &'static str },
     #[error(transparent)]
