@@ -14,7 +14,8 @@ use super::Progress;
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
     /// The GGUF file to read (any type this program reads: F32, F16, BF16, Q4_0, Q4_1, Q5_0,
-    /// Q5_1, Q8_0, Q4_K, Q5_K, Q6_K).
+    /// Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), or a LLaMA model directory, read as llama.cpp's
+    /// convert_hf_to_gguf.py would write it (no intermediate file).
     #[arg(long)]
     pub model: PathBuf,
     /// The type of the matrices written, as llama-quantize's types of the same names: the
@@ -28,10 +29,17 @@ pub struct QuantizeArgs {
 }
 
 pub fn run(args: QuantizeArgs) -> Result<()> {
-    if !is_gguf(&args.model) {
+    if !args.model.is_dir() && !is_gguf(&args.model) {
         bail!(
-            "{}: not a GGUF file; `skipgpt quantize` reads GGUF files (a model directory can be \
-             converted with llama.cpp's convert_hf_to_gguf.py first)",
+            "{}: neither a GGUF file nor a model directory (config.json, model.safetensors, \
+             tokenizer.json)",
+            args.model.display()
+        );
+    }
+    if args.model.join("routers.safetensors").is_file() {
+        eprintln!(
+            "note: {}'s routers are not part of a GGUF; run the quantized file with --routers {}",
+            args.model.display(),
             args.model.display()
         );
     }

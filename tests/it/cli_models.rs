@@ -151,17 +151,31 @@ fn the_command_line_quantizes_a_gguf_and_runs_it_with_published_routers() {
             && text.contains("7 F32 kept"),
         "{text}"
     );
+    // a model directory quantizes as its converted file does
+    let from_dir = dir.path().join("dir-q8_0.gguf");
+    let o = skipgpt(&[
+        "quantize",
+        "--model",
+        tiny().join("model").to_str().unwrap(),
+        "--type",
+        "q8_0",
+        "--out",
+        from_dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("20 F32 → Q8_0"), "{text}");
     assert_clean_failure(
         &[
             "quantize",
             "--model",
-            tiny().join("model").to_str().unwrap(),
+            tiny().join("model/config.json").to_str().unwrap(),
             "--type",
             "q8_0",
             "--out",
             dir.path().join("x.gguf").to_str().unwrap(),
         ],
-        &["not a GGUF file", "convert_hf_to_gguf.py"],
+        &["config.json", "neither a GGUF file nor a model directory"],
     );
     let o = quantize("q2_k", &dir.path().join("x.gguf"));
     assert!(!o.status.success());

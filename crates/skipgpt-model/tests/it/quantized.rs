@@ -366,3 +366,74 @@ fn quantize_refuses_to_overwrite_its_input_and_names_a_broken_source() {
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(left.len(), 2, "no temporary file left behind");
 }
+
+/// `quantize --model DIR`: the directory seen as llama.cpp's converter writes it (q/k rows
+/// permuted, GGUF names) quantizes to the same tensors as the converted file does, and its
+/// hyperparameters and tokenizer come back from the GGUF as they were.
+#[test]
+fn a_model_directory_quantizes_to_what_its_converted_gguf_quantizes_to() {
+    use skipgpt_model::io::gguf::{gguf_file_tokenizer, quantize_gguf, GgufFile, QuantizeTarget};
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = tiny().join("model");
+    let converted = dir.path().join("converted.gguf");
+    llama_tiny_gguf(&model_dir).write(&converted);
+    let q8 = |source: &Path, name: &str| {
+        let out = dir.path().join(name);
+        quantize_gguf(source, &out, QuantizeTarget::Q8_0, &mut |_, _, _| {}).unwrap();
+        GgufFile::open(&out).unwrap()
+    };
+    let (ours, theirs) = (q8(&model_dir, "dir.gguf"), q8(&converted, "file.gguf"));
+    assert_eq!(ours.tensors.len(), theirs.tensors.len());
+    for t in &theirs.tensors {
+        let o = ours.tensor(&t.name).expect("every tensor exported");
+        assert_eq!((o.kind, &o.dims), (t.kind, &t.dims), "{}", t.name);
+        assert_eq!(ours.tensor_bytes(o), theirs.tensor_bytes(t), "{}", t.name);
+    }
+
+    // the F32 export runs as the directory does, with the directory's tokenizer
+    let f32_out = dir.path().join("dir-f32.gguf");
+    quantize_gguf(&model_dir, &f32_out, QuantizeTarget::F32, &mut |_, _, _| {}).unwrap();
+    let from_gguf = load_gguf::<Flex>(&f32_out, &flex(), StoreDtype::F32)
+        .unwrap()
+        .model;
+    let from_dir = load_pretrained::<Flex>(&model_dir, &flex()).unwrap().model;
+    assert_eq!(from_gguf.config.num_key_value_heads, 2);
+    // GGUF keeps the epsilon in f32
+    let eps = from_dir.config.rms_norm_eps as f32;
+    assert_eq!(from_gguf.config.rms_norm_eps as f32, eps);
+    let ids = prompts();
+    let d = max_abs_diff(&logits(&from_gguf, &ids), &logits(&from_dir, &ids));
+    assert!(d < 1e-4, "logits differ by {d}");
+    let text = "the old dog keeps 12 long roads";
+    let dir_tokenizer = skipgpt_model::Tokenizer::from_file(&model_dir.join("tokenizer.json"));
+    assert_eq!(
+        gguf_file_tokenizer(&f32_out).unwrap().encode(text).unwrap(),
+        dir_tokenizer.unwrap().encode(text).unwrap()
+    );
+}
+
+#[test]
+fn a_directory_with_rope_scaling_is_refused_naming_the_key() {
+    use skipgpt_model::io::gguf::{quantize_gguf, QuantizeTarget};
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(tiny().join("model").join(f), model.join(f)).unwrap();
+    }
+    let config = std::fs::read_to_string(tiny().join("model/config.json")).unwrap();
+    let scaled = config.replace(
+        "\"rope_scaling\": null",
+        "\"rope_scaling\": {\"type\": \"linear\", \"factor\": 2.0}",
+    );
+    std::fs::write(model.join("config.json"), scaled).unwrap();
+    let out = dir.path().join("out.gguf");
+    let err = quantize_gguf(&model, &out, QuantizeTarget::Q8_0, &mut |_, _, _| {})
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("rope_scaling") && err.contains("convert_hf_to_gguf"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

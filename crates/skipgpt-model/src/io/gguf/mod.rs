@@ -9,6 +9,7 @@
 //!   their blocks;
 //! - [`writer`]: GGUF v3 written tensor by tensor; [`quantize_file`]: a GGUF with its matrices
 //!   in another type (`skipgpt quantize`), each the type llama.cpp gives it (`tensor_types`);
+//! - [`export`]: a model directory seen as the GGUF llama.cpp's converter would write from it;
 //! - [`import`]: a LLaMA GGUF → `config.json`, `model.safetensors` (streamed tensor by tensor,
 //!   llama.cpp's q/k row permutation undone), `tokenizer.json`, `tokenizer_config.json`.
 //!
@@ -16,6 +17,7 @@
 //! gguf-py. Errors name the file and the key, tensor or type at fault.
 
 mod config;
+pub mod export;
 pub mod import;
 pub mod quant;
 pub mod quantize_file;

@@ -1,4 +1,5 @@
-//! A GGUF rewritten with its matrices in another type, as `llama-quantize` does: each matrix
+//! A GGUF (or a LLaMA model directory, as `convert_hf_to_gguf.py` would write it) rewritten
+//! with its matrices in another type, as `llama-quantize` does: each matrix
 //! gets the type llama.cpp would give it ([`tensor_types`]) and is dequantized and quantized
 //! again (`skipgpt_kernels::quant::quantize`, byte for byte llama.cpp's reference
 //! quantizers); norms and other vectors keep the type and bytes they had. The metadata (architecture,
@@ -14,6 +15,7 @@ use std::path::Path;
 use half::f16;
 use skipgpt_kernels::quant::quantize;
 
+use super::export::DirAsGguf;
 use super::quant::GgmlType;
 use super::reader::{GgufFile, GgufValue, TensorInfo};
 use super::tensor_types::tensor_types;
@@ -34,15 +36,88 @@ pub struct QuantizeReport {
     pub requantized: usize,
 }
 
-/// Writes `source` with its matrices in `target` to `out`. `progress(done, total, tensor)` is
-/// called after each tensor with the source bytes handled so far.
+/// What is quantized: a GGUF file, or a model directory seen as the GGUF llama.cpp's
+/// converter would write from it.
+enum Source {
+    File(GgufFile),
+    Dir(DirAsGguf),
+}
+
+impl Source {
+    fn open(path: &Path) -> Result<Self, GgufError> {
+        Ok(if path.is_dir() {
+            Source::Dir(DirAsGguf::open(path)?)
+        } else {
+            Source::File(GgufFile::open(path)?)
+        })
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Source::File(g) => g.path(),
+            Source::Dir(d) => d.path(),
+        }
+    }
+
+    fn tensors(&self) -> &[TensorInfo] {
+        match self {
+            Source::File(g) => &g.tensors,
+            Source::Dir(d) => &d.tensors,
+        }
+    }
+
+    fn metadata(&self) -> Vec<(String, GgufValue)> {
+        match self {
+            Source::File(g) => g.metadata.clone().into_iter().collect(),
+            Source::Dir(d) => d.metadata.clone(),
+        }
+    }
+
+    /// Bytes of tensor `i` as the source holds it (F32 for a directory's).
+    fn stored_len(&self, i: usize) -> u64 {
+        let t = &self.tensors()[i];
+        t.num_elements() / t.kind.block_elements() as u64 * t.kind.block_bytes() as u64
+    }
+
+    /// Tensor `i` in `to`: its own bytes where the type stays, else its values converted.
+    fn convert(&self, i: usize, to: GgmlType) -> Result<Vec<u8>, GgufError> {
+        let t = &self.tensors()[i];
+        let values = match self {
+            Source::File(g) if to == t.kind => return Ok(g.tensor_bytes(t).to_vec()),
+            Source::File(g) => g.tensor_f32(t),
+            Source::Dir(d) => d.values(i)?,
+        };
+        if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+            return Err(GgufError::BadTensor {
+                path: self.path().to_path_buf(),
+                name: t.name.clone(),
+                message: format!("element {bad} is {}", values[bad]),
+            });
+        }
+        Ok(match to {
+            GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            GgmlType::F16 => values
+                .iter()
+                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                .collect(),
+            _ => {
+                let format = to.block_format().expect("a quantized target");
+                quantize(format, &values).expect("rows of whole blocks of a quantizable format")
+            }
+        })
+    }
+}
+
+/// Writes `source` (a GGUF file, or a LLaMA model directory) with its matrices in `target` to
+/// `out`. `progress(done, total, tensor)` is called after each tensor with the source bytes
+/// handled so far.
 pub fn quantize_gguf(
     source: &Path,
     out: &Path,
     target: QuantizeTarget,
     progress: &mut dyn FnMut(u64, u64, &str),
 ) -> Result<QuantizeReport, GgufError> {
-    let gguf = GgufFile::open(source)?;
+    let src = Source::open(source)?;
     if same_file(source, out) {
         return Err(GgufError::Invalid {
             path: out.to_path_buf(),
@@ -50,31 +125,27 @@ pub fn quantize_gguf(
                 .into(),
         });
     }
-    let plan: Vec<TensorPlan> = gguf
-        .tensors
+    let tensors = src.tensors();
+    let plan: Vec<TensorPlan> = tensors
         .iter()
-        .zip(tensor_types(&gguf.tensors, target))
+        .zip(tensor_types(tensors, target))
         .map(|(t, kind)| TensorPlan {
             name: t.name.clone(),
             dims: t.dims.clone(),
             kind,
         })
         .collect();
-    let metadata = metadata(&gguf, target);
+    let metadata = metadata(src.metadata(), target);
     let mut report = QuantizeReport {
         conversions: BTreeMap::new(),
         bytes_read: 0,
         bytes_written: 0,
         requantized: 0,
     };
-    let total: u64 = gguf
-        .tensors
-        .iter()
-        .map(|t| gguf.tensor_bytes(t).len() as u64)
-        .sum();
+    let total: u64 = (0..tensors.len()).map(|i| src.stored_len(i)).sum();
     report.bytes_written = write_gguf(out, &metadata, &plan, &mut |i| {
-        let (t, to) = (&gguf.tensors[i], plan[i].kind);
-        let bytes = convert(&gguf, t, to)?;
+        let (t, to) = (&tensors[i], plan[i].kind);
+        let bytes = src.convert(i, to)?;
         let what = if to == t.kind {
             format!("{} kept", t.kind.name())
         } else {
@@ -84,52 +155,24 @@ pub fn quantize_gguf(
         if to != t.kind && t.kind.block_format().is_some() && to.block_format().is_some() {
             report.requantized += 1;
         }
-        report.bytes_read += gguf.tensor_bytes(t).len() as u64;
+        report.bytes_read += src.stored_len(i);
         progress(report.bytes_read, total, &t.name);
         Ok(bytes)
     })?;
     Ok(report)
 }
 
-/// A tensor's bytes in `to`: its own bytes where the type stays, else its values converted.
-fn convert(gguf: &GgufFile, t: &TensorInfo, to: GgmlType) -> Result<Vec<u8>, GgufError> {
-    if to == t.kind {
-        return Ok(gguf.tensor_bytes(t).to_vec());
-    }
-    let values = gguf.tensor_f32(t);
-    if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
-        return Err(GgufError::BadTensor {
-            path: gguf.path().to_path_buf(),
-            name: t.name.clone(),
-            message: format!("element {bad} is {}", values[bad]),
-        });
-    }
-    Ok(match to {
-        GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        GgmlType::F16 => values
-            .iter()
-            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-            .collect(),
-        _ => {
-            let format = to.block_format().expect("a quantized target");
-            quantize(format, &values).expect("rows of whole blocks of a quantizable format")
-        }
-    })
-}
-
 /// The source's metadata, with the file type set to the target's (and the alignment left to
 /// the writer's default).
-fn metadata(gguf: &GgufFile, target: QuantizeTarget) -> Vec<(String, GgufValue)> {
-    let mut meta: Vec<(String, GgufValue)> = gguf
-        .metadata
-        .iter()
+fn metadata(source: Vec<(String, GgufValue)>, target: QuantizeTarget) -> Vec<(String, GgufValue)> {
+    let mut meta: Vec<(String, GgufValue)> = source
+        .into_iter()
         .filter(|(k, _)| {
             !matches!(
                 k.as_str(),
                 "general.alignment" | "general.file_type" | "general.quantization_version"
             )
         })
-        .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     // llama.cpp reads keys by name; the architecture goes first as its converter writes it
     meta.sort_by_key(|(k, _)| k != "general.architecture");

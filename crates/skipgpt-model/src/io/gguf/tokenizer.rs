@@ -80,7 +80,26 @@ fn pre_tokenizer(gguf: &GgufFile, pre: &str) -> Result<(Value, bool), GgufError>
             value: pre.into(),
             supported: supported_pre(),
         })?;
-    Ok(match kind {
+    Ok(split_json(kind))
+}
+
+/// The `tokenizer.ggml.pre` name of a `tokenizer.json` pre-tokenizer written as these rules
+/// write it (the models' own files write them so), or `None` for another.
+pub(super) fn pre_name_of(pre_tokenizer: &Value) -> Option<&'static str> {
+    let canonical = [
+        (Split::Gpt2, "gpt2"),
+        (Split::DigitsThenGpt2, "smollm"),
+        (Split::Llama3, "llama-bpe"),
+        (Split::Qwen2, "qwen2"),
+    ];
+    canonical
+        .into_iter()
+        .find(|(kind, _)| split_json(*kind).0 == *pre_tokenizer)
+        .map(|(_, name)| name)
+}
+
+fn split_json(kind: Split) -> (Value, bool) {
+    match kind {
         Split::Gpt2 => (byte_level(true), false),
         Split::DigitsThenGpt2 => (
             json!({"type": "Sequence", "pretokenizers": [
@@ -95,7 +114,7 @@ fn pre_tokenizer(gguf: &GgufFile, pre: &str) -> Result<(Value, bool), GgufError>
             json!({"type": "Sequence", "pretokenizers": [split(QWEN2_REGEX), byte_level(false)]}),
             false,
         ),
-    })
+    }
 }
 
 /// The special tokens and chat settings `tokenizer_config.json` records.

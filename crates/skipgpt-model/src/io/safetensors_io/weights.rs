@@ -130,6 +130,11 @@ impl WeightSet {
         }
     }
 
+    /// Tensor `name` as f32 values (from whatever float dtype is stored) and its shape.
+    pub fn read_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        self.file_of(name)?.read_f32(name)
+    }
+
     /// The shape of tensor `name`, or an error naming the files searched.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
         self.file_of(name)?.shape(name)
