@@ -155,7 +155,8 @@ impl GgufBuilder {
     }
 }
 
-/// llama.cpp's `permute`: HF row `j·half + i` of each head goes to row `2i + j`.
+/// llama.cpp's `permute`: HF row `j·half + i` of each head goes to row `2i + j`. Written apart
+/// from the model crate's `permute_rows` on purpose: the tests' converter is a second opinion.
 pub fn permute(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     let head = w.len() / cols / heads;
     let half = head / 2;

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::import::permute_rows;
 use super::quant::GgmlType;
 use super::reader::{GgufValue, TensorInfo};
 use super::tokenizer::pre_name_of;
@@ -25,6 +26,7 @@ use crate::io::safetensors_io::WeightSet;
 const NORMAL: i32 = 1;
 const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
 
 /// A model directory as GGUF metadata and tensors (all F32: each is read and converted when
 /// it is written).
@@ -174,23 +176,6 @@ fn tensor_names(c: &LlamaConfig) -> Vec<(String, String, Option<usize>)> {
     t
 }
 
-/// llama.cpp's `permute`: HF row `j·half + i` of each head goes to row `2i + j`, so that its
-/// rotary embedding pairs neighbouring rows.
-fn permute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let head = w.len() / cols / heads;
-    let half = head / 2;
-    let mut out = vec![0.0; w.len()];
-    for h in 0..heads {
-        for j in 0..2 {
-            for i in 0..half {
-                let (src, dst) = (h * head + j * half + i, h * head + 2 * i + j);
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
-
 /// `tokenizer.ggml.*` and `tokenizer.chat_template` from `tokenizer.json` and
 /// `tokenizer_config.json`.
 fn tokenizer_metadata(dir: &Path, c: &LlamaConfig) -> Result<Vec<(String, GgufValue)>, GgufError> {
@@ -243,6 +228,14 @@ fn tokenizer_metadata(dir: &Path, c: &LlamaConfig) -> Result<Vec<(String, GgufVa
             USER_DEFINED
         };
         place(added["content"].as_str().unwrap_or(""), &added["id"], kind)?;
+    }
+    // ids the tokenizer leaves unused (an embedding padded past the vocabulary), as
+    // convert_hf_to_gguf.py fills them: distinct names, llama.cpp's UNUSED type
+    for (id, token) in tokens.iter_mut().enumerate() {
+        if token.is_empty() {
+            *token = format!("[PAD{id}]");
+            types[id] = UNUSED;
+        }
     }
     let merges: Vec<GgufValue> = (tok["model"]["merges"].as_array().into_iter().flatten())
         .map(|m| match m {

@@ -422,6 +422,19 @@ pub fn unpermute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
         .collect()
 }
 
+/// llama.cpp's `permute(w, n_head)` itself, as `convert_hf_to_gguf.py` applies it (HF rows to
+/// GGUF rows): the inverse of [`unpermute_rows`].
+pub fn permute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; w.len()];
+    for (hf, gguf) in unpermuted_order(w.len() / cols, heads)
+        .into_iter()
+        .enumerate()
+    {
+        out[gguf * cols..(gguf + 1) * cols].copy_from_slice(&w[hf * cols..(hf + 1) * cols]);
+    }
+    out
+}
+
 /// For every HF row of a q or k projection of `rows` rows, the GGUF row that holds it (see
 /// [`unpermute_rows`]).
 pub fn unpermuted_order(rows: usize, heads: usize) -> Vec<usize> {
@@ -546,5 +559,7 @@ mod tests {
         assert_eq!(unpermute_rows(&p, heads, cols), w);
         // head 0, GGUF row 1 (i 0, j 1) is HF row 4 (= half)
         assert_eq!(p[cols..2 * cols], w[4 * cols..5 * cols]);
+        // and the exporter's permute is the converter's
+        assert_eq!(permute_rows(&w, heads, cols), p);
     }
 }
