@@ -53,9 +53,7 @@ fn q8_0(x: &[f32], out: &mut Vec<u8>) {
 /// `d = m / −8` for `m` the value of largest magnitude, `q = min(15, ⌊x / d + 8.5⌋)`; value
 /// `j` in the low nibble of byte `j`, value `j + 16` in its high nibble.
 fn q4_0(x: &[f32], out: &mut Vec<u8>) {
-    let max = x
-        .iter()
-        .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let max = largest_magnitude(x);
     let d = max / -8.0;
     let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
     out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
@@ -66,9 +64,7 @@ fn q4_0(x: &[f32], out: &mut Vec<u8>) {
 /// Q5_0: `d = m / −16` for `m` the value of largest magnitude, `q = min(31, ⌊x / d + 16.5⌋)`;
 /// the low four bits as Q4_0's nibbles, the fifth bit of value `j` in bit `j` of a `u32`.
 fn q5_0(x: &[f32], out: &mut Vec<u8>) {
-    let max = x
-        .iter()
-        .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let max = largest_magnitude(x);
     let d = max / -16.0;
     let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
     let q: Vec<u8> = x
@@ -81,9 +77,7 @@ fn q5_0(x: &[f32], out: &mut Vec<u8>) {
 
 /// Q5_1: `d = (max − min) / 31`, `m = min`, `q = ⌊(x − m) / d + 0.5⌋`, bits as Q5_0.
 fn q5_1(x: &[f32], out: &mut Vec<u8>) {
-    let (min, max) = x
-        .iter()
-        .fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (min, max) = range(x);
     let d = (max - min) / 31.0;
     let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
     let q: Vec<u8> = x.iter().map(|&v| ((v - min) * inv + 0.5) as u8).collect();
@@ -104,13 +98,23 @@ fn five_bit_values(q: &[u8], out: &mut Vec<u8>) {
 
 /// `d = (max − min) / 15`, `m = min`, `q = min(15, ⌊(x − m) / d + 0.5⌋)`, nibbles as Q4_0.
 fn q4_1(x: &[f32], out: &mut Vec<u8>) {
-    let (min, max) = x
-        .iter()
-        .fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (min, max) = range(x);
     let d = (max - min) / 15.0;
     let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
     out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
     out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
     let nibble = |v: f32| (((v - min) * inv + 0.5) as i8).min(15) as u8;
     out.extend((0..16).map(|j| nibble(x[j]) | (nibble(x[j + 16]) << 4)));
+}
+
+/// The value of largest magnitude (the first of equals), as ggml's quantizers pick it.
+fn largest_magnitude(x: &[f32]) -> f32 {
+    x.iter()
+        .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m })
+}
+
+/// The smallest and the largest value.
+fn range(x: &[f32]) -> (f32, f32) {
+    x.iter()
+        .fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)))
 }
