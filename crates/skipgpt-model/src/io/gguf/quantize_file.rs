@@ -1,8 +1,8 @@
 //! A GGUF (or a LLaMA model directory, as `convert_hf_to_gguf.py` would write it) rewritten
-//! with its matrices in another type, as `llama-quantize` does: each matrix
-//! gets the type llama.cpp would give it ([`tensor_types`]) and is dequantized and quantized
-//! again (`skipgpt_kernels::quant::quantize`, byte for byte llama.cpp's reference
-//! quantizers); norms and other vectors keep the type and bytes they had. The metadata (architecture,
+//! with its matrices in another type, as `llama-quantize` does: each matrix gets the type
+//! llama.cpp would give it ([`tensor_types`]) and is dequantized and quantized again
+//! (`skipgpt_kernels::quant::quantize`, byte for byte llama.cpp's reference quantizers);
+//! norms and other vectors keep the type and bytes they had. The metadata (architecture,
 //! hyperparameters, tokenizer, chat template) is carried over unchanged but for
 //! `general.file_type`, which names the new type, and `general.quantization_version`.
 //!
@@ -73,12 +73,6 @@ impl Source {
         }
     }
 
-    /// Bytes of tensor `i` as the source holds it (F32 for a directory's).
-    fn stored_len(&self, i: usize) -> u64 {
-        let t = &self.tensors()[i];
-        t.num_elements() / t.kind.block_elements() as u64 * t.kind.block_bytes() as u64
-    }
-
     /// Tensor `i` in `to`: its own bytes where the type stays, else its values converted.
     fn convert(&self, i: usize, to: GgmlType) -> Result<Vec<u8>, GgufError> {
         let t = &self.tensors()[i];
@@ -142,7 +136,7 @@ pub fn quantize_gguf(
         bytes_written: 0,
         requantized: 0,
     };
-    let total: u64 = (0..tensors.len()).map(|i| src.stored_len(i)).sum();
+    let total: u64 = tensors.iter().map(TensorInfo::byte_len).sum();
     report.bytes_written = write_gguf(out, &metadata, &plan, &mut |i| {
         let (t, to) = (&tensors[i], plan[i].kind);
         let bytes = src.convert(i, to)?;
@@ -155,7 +149,7 @@ pub fn quantize_gguf(
         if to != t.kind && t.kind.block_format().is_some() && to.block_format().is_some() {
             report.requantized += 1;
         }
-        report.bytes_read += src.stored_len(i);
+        report.bytes_read += t.byte_len();
         progress(report.bytes_read, total, &t.name);
         Ok(bytes)
     })?;

@@ -96,6 +96,11 @@ impl TensorInfo {
         self.dims.iter().product()
     }
 
+    /// Bytes the tensor takes in its type (whole blocks; checked when a file is opened).
+    pub fn byte_len(&self) -> u64 {
+        self.num_elements() / self.kind.block_elements() as u64 * self.kind.block_bytes() as u64
+    }
+
     /// The shape as PyTorch and safetensors write it (slowest-varying first).
     pub fn torch_shape(&self) -> Vec<usize> {
         self.dims.iter().rev().map(|&d| d as usize).collect()
@@ -400,9 +405,8 @@ impl GgufFile {
 
     /// Where a tensor's bytes lie in [`GgufFile::shared_map`].
     pub fn tensor_range(&self, t: &TensorInfo) -> std::ops::Range<usize> {
-        let n = t.num_elements() as usize / t.kind.block_elements() * t.kind.block_bytes();
         let start = (self.data_start + t.offset) as usize;
-        start..start + n
+        start..start + t.byte_len() as usize
     }
 
     /// The mapped file, for weights read in place for as long as a model lives
