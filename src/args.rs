@@ -308,14 +308,8 @@ impl ModelArgs {
     /// The model directory, with the adapter applied when one is given.
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<skipgpt_model::Pretrained<B>> {
         let pretrained = self.source().load::<B>(device)?;
-        // loading frees more than it keeps (a GGUF's tokenizer is built through its metadata
-        // arrays and a JSON document): hand the freed pages back before the weights are read,
-        // or the process keeps them resident for its whole life
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim only returns free heap memory to the system
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        // the weights are read later: hand back what loading freed before they are
+        crate::memory::release_free_heap();
         Ok(pretrained)
     }
 }

@@ -9,6 +9,7 @@ mod args;
 mod backend;
 mod commands;
 mod demo;
+mod memory;
 mod serve;
 mod threads;
 
@@ -107,15 +108,7 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // glibc gives every thread that allocates its own heap, and a product's per-task buffers
-    // leave each of them holding memory it never returns: one heap for all keeps a quantized
-    // model's peak memory closer to its file's size. Its lock is rarely contended: the
-    // threads compute far longer than they allocate.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: called before any other thread exists
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
+    memory::use_one_heap();
     let cli = Cli::parse();
     let backend = cli.backend.unwrap_or_else(BackendKind::best_available);
     if let Err(err) = threads::set_threads(cli.threads) {

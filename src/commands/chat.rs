@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use clap::Args;
-use skipgpt_model::engine::{sparse_forward, LogitRows, SparseCache};
+use skipgpt_model::engine::{sparse_forward_shifted, LogitRows, SparseCache};
 use skipgpt_model::{ChatMessage, ChatTemplate, LlamaForCausalLM, Tokenizer};
 
 use crate::args::ModelArgs;
 use crate::backend::BackendKind;
-use crate::serve::budget::Budgets;
+use crate::serve::budget::{routing_of, Budgets};
 use crate::serve::sampler::{Sampler, SamplingParams};
 use crate::serve::text::AnswerText;
 use crate::with_backend;
@@ -131,7 +131,7 @@ struct Session<'a, B: Backend> {
     tokenizer: &'a Tokenizer,
     template: &'a ChatTemplate,
     history: Vec<ChatMessage>,
-    budgets: Option<Budgets<B>>,
+    budgets: Option<Budgets>,
     /// `None`: the model's own routing.
     skip: Option<f64>,
     args: &'a ChatArgs,
@@ -160,6 +160,7 @@ impl<B: Backend> Session<'_, B> {
         }
         if skip > 0.0 && self.budgets.is_none() {
             self.budgets = Some(Budgets::calibrate_on_builtin(self.model, self.tokenizer)?);
+            crate::memory::release_free_heap();
         }
         self.skip = Some(skip);
         Ok(if skip == 0.0 {
@@ -185,9 +186,9 @@ impl<B: Backend> Session<'_, B> {
             println!("(the conversation fills the model's context: /reset)");
             return Ok(());
         }
-        let mut budgets = self.budgets.take().unwrap_or_else(Budgets::fixed);
-        let key = budgets.key(self.skip);
-        let (model, routing) = budgets.model(key, self.model);
+        let fixed = Budgets::fixed();
+        let shift = self.budgets.as_ref().unwrap_or(&fixed).shift(self.skip);
+        let routing = (routing_of(self.model), &[shift][..]);
         let mut sampler = Sampler::new(
             SamplingParams {
                 temperature: self.args.temperature,
@@ -205,7 +206,8 @@ impl<B: Backend> Session<'_, B> {
         STOP.store(false, Ordering::SeqCst);
         let mut out = std::io::stdout();
         for _ in 0..max_tokens {
-            let step = sparse_forward(model, &[input], &mut cache, routing, LogitRows::Last)?;
+            let step =
+                sparse_forward_shifted(self.model, &[input], &mut cache, routing, LogitRows::Last)?;
             let mut logits: Vec<f32> = step
                 .logits
                 .into_data()
@@ -229,7 +231,6 @@ impl<B: Backend> Session<'_, B> {
         if STOP.swap(false, Ordering::SeqCst) {
             eprintln!("(stopped)");
         }
-        self.budgets = Some(budgets);
         self.history.push(ChatMessage {
             role: "assistant".into(),
             content: answer,

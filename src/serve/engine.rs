@@ -4,32 +4,34 @@
 //! requests whose prompt is in sample their next token.
 //!
 //! - **Joining**: waiting requests take free slots at the start of a step.
-//! - **Chunked prefill**: a prompt goes in pieces of at most [`PREFILL_CHUNK`] tokens, one per
-//!   step, beside the other requests' decoding, so a long prompt does not stall them.
+//! - **Chunked prefill**: every decoding request feeds its token each step, and the prompts
+//!   still being read share at most [`PREFILL_BUDGET`] tokens per step, handed out in order of
+//!   arrival. A long prompt therefore does not stall the decoding streams, and under a burst
+//!   of requests the earliest answers first instead of every prompt advancing together and
+//!   all of them answering late.
 //! - **Leaving**: a request leaves when it ends (end-of-sequence, `max_tokens`) or when its
 //!   client has gone (its channel closed: a disconnect, or a stop string the HTTP side found);
 //!   its slot is emptied ([`SparseCache::reset_sequence`]) before the next step.
-//! - **Compute budgets**: requests are grouped by the router bias shift of their `skip`
-//!   budget ([`super::budget`]); each group runs as its own engine call on a copy of the model
-//!   (weights shared) with shifted routers, or dense.
+//! - **Compute budgets**: each request's `skip` budget becomes a shift of the routers' SKIP
+//!   logits for its rows ([`super::budget`]); requests of every budget, dense among them, run
+//!   in the step's one engine call.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::tensor::backend::Backend;
-use skipgpt_model::engine::{sparse_forward, LogitRows, SparseCache};
+use skipgpt_model::engine::{sparse_forward_shifted, LogitRows, SparseCache};
 use skipgpt_model::LlamaForCausalLM;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::budget::Budgets;
+use super::budget::{routing_of, Budgets};
 use super::metrics::Metrics;
 use super::sampler::Sampler;
 
-/// Prompt tokens a request feeds per step.
-pub const PREFILL_CHUNK: usize = 128;
+/// Prompt tokens fed per step, over all requests (llama.cpp's default micro-batch).
+pub const PREFILL_BUDGET: usize = 512;
 
 /// A request as the engine runs it.
 pub struct Job {
@@ -85,7 +87,7 @@ struct Running {
 /// The engine thread's state.
 pub struct Scheduler<B: Backend> {
     model: LlamaForCausalLM<B>,
-    budgets: Budgets<B>,
+    budgets: Budgets,
     cache: SparseCache<B>,
     slots: Vec<Option<Running>>,
     jobs: Receiver<Job>,
@@ -97,7 +99,7 @@ pub struct Scheduler<B: Backend> {
 impl<B: Backend> Scheduler<B> {
     pub fn new(
         model: LlamaForCausalLM<B>,
-        budgets: Budgets<B>,
+        budgets: Budgets,
         max_seqs: usize,
         jobs: Receiver<Job>,
         waiting: Arc<AtomicUsize>,
@@ -192,38 +194,47 @@ impl<B: Backend> Scheduler<B> {
             .expect("the slot is one of the cache's");
     }
 
-    /// One engine call per budget group among the running requests.
+    /// One engine call for every request that feeds tokens this step.
     fn step(&mut self) {
         let t = Instant::now();
-        let mut groups: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
-        for (s, r) in self.slots.iter().enumerate() {
-            if let Some(r) = r {
-                groups
-                    .entry(self.budgets.key(r.job.skip))
-                    .or_default()
-                    .push(s);
-            }
-        }
-        let running: usize = groups.values().map(Vec::len).sum();
-        for (key, members) in groups {
-            self.step_group(key, &members);
-        }
-        self.metrics.step(running, t.elapsed());
+        let inputs = self.inputs();
+        let members: Vec<usize> = (0..self.slots.len())
+            .filter(|&s| !inputs[s].is_empty())
+            .collect();
+        self.step_members(&members, &inputs);
+        self.metrics.step(members.len(), t.elapsed());
     }
 
-    fn step_group(&mut self, key: i64, members: &[usize]) {
+    /// What each slot feeds this step: its last token when decoding; the next piece of its
+    /// prompt while the step's prompt budget lasts, earliest arrival first; else nothing.
+    fn inputs(&self) -> Vec<Vec<u32>> {
         let mut inputs = vec![Vec::new(); self.slots.len()];
-        for &s in members {
-            let r = self.slots[s].as_ref().expect("a member runs");
+        let mut by_arrival: Vec<(Instant, usize)> = (self.slots.iter().enumerate())
+            .filter_map(|(s, r)| Some((r.as_ref()?.job.arrived, s)))
+            .collect();
+        by_arrival.sort();
+        let mut budget = PREFILL_BUDGET;
+        for (_, s) in by_arrival {
+            let r = self.slots[s].as_ref().expect("a running slot");
             inputs[s] = if r.fed < r.job.prompt.len() {
-                let end = (r.fed + PREFILL_CHUNK).min(r.job.prompt.len());
+                let end = (r.fed + budget).min(r.job.prompt.len());
+                budget -= end - r.fed;
                 r.job.prompt[r.fed..end].to_vec()
             } else {
                 vec![r.last]
             };
         }
-        let (model, routing) = self.budgets.model(key, &self.model);
-        let out = sparse_forward(model, &inputs, &mut self.cache, routing, LogitRows::Last);
+        inputs
+    }
+
+    /// Runs the slots `members` on their `inputs`, each at its own budget.
+    fn step_members(&mut self, members: &[usize], inputs: &[Vec<u32>]) {
+        let shifts: Vec<f64> = (self.slots.iter())
+            .map(|r| r.as_ref().map_or(0.0, |r| self.budgets.shift(r.job.skip)))
+            .collect();
+        let routing = (routing_of(&self.model), &shifts[..]);
+        let (model, cache) = (&self.model, &mut self.cache);
+        let out = sparse_forward_shifted(model, inputs, cache, routing, LogitRows::Last);
         let out = match out {
             Ok(out) => out,
             Err(e) => {
@@ -357,8 +368,13 @@ mod tests {
     type B = burn::backend::NdArray<f32>;
 
     fn tiny() -> LlamaForCausalLM<B> {
+        tiny_from("model")
+    }
+
+    fn tiny_from(dir: &str) -> LlamaForCausalLM<B> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/llama-tiny/model");
+            .join("tests/fixtures/llama-tiny")
+            .join(dir);
         skipgpt_model::load_pretrained::<B>(&dir, &Default::default())
             .unwrap()
             .model
@@ -388,12 +404,19 @@ mod tests {
 
     /// A scheduler of `slots` slots, and the sender to give it jobs.
     fn scheduler(slots: usize) -> (Scheduler<B>, std::sync::mpsc::Sender<Job>, Arc<AtomicUsize>) {
+        scheduler_of(tiny(), slots)
+    }
+
+    fn scheduler_of(
+        model: LlamaForCausalLM<B>,
+        slots: usize,
+    ) -> (Scheduler<B>, std::sync::mpsc::Sender<Job>, Arc<AtomicUsize>) {
         let (tx, rx) = std::sync::mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let running = Arc::new(AtomicUsize::new(0));
         let metrics = Arc::new(Metrics::new(waiting.clone()));
         let s = Scheduler::new(
-            tiny(),
+            model,
             Budgets::fixed(),
             slots,
             rx,
@@ -455,11 +478,86 @@ mod tests {
         assert!(s.slots[0].is_none(), "a finished request leaves its slot");
     }
 
+    /// The tokens and skipped decisions of `jobs` run together on the routed tiny model.
+    fn run_routed(jobs: Vec<(Job, UnboundedReceiver<Event>)>) -> Vec<(Vec<u32>, usize)> {
+        let (mut s, tx, _) = scheduler_of(tiny_from("model-routed"), jobs.len());
+        let mut receivers = Vec::new();
+        for (job, rx) in jobs {
+            submit(&tx, &s, job);
+            receivers.push(rx);
+        }
+        assert!(s.admit());
+        for _ in 0..6 {
+            s.step();
+        }
+        let mut out = Vec::new();
+        for mut rx in receivers {
+            let (mut ids, mut skipped) = (Vec::new(), 0);
+            while let Ok(e) = rx.try_recv() {
+                if let Event::Token { id, skips, .. } = e {
+                    ids.push(id);
+                    skipped = skips.0 + skips.1;
+                }
+            }
+            out.push((ids, skipped));
+        }
+        out
+    }
+
+    #[test]
+    fn requests_of_different_budgets_share_a_step_and_answer_as_each_would_alone() {
+        let budget_job = |skip: Option<f64>| {
+            let (mut j, rx) = job(&[5, 17, 42, 9], 6);
+            j.skip = skip;
+            (j, rx)
+        };
+        let together = run_routed(vec![budget_job(None), budget_job(Some(0.0))]);
+        let routed_alone = run_routed(vec![budget_job(None)]);
+        let dense_alone = run_routed(vec![budget_job(Some(0.0))]);
+        assert_eq!(together[0], routed_alone[0]);
+        assert_eq!(together[1], dense_alone[0]);
+        assert!(together[0].1 > 0, "the routed request skips");
+        assert_eq!(together[1].1, 0, "the dense request skips nothing");
+    }
+
+    #[test]
+    fn prompts_are_read_in_order_of_arrival_so_the_earliest_request_answers_first() {
+        let (mut s, tx, _) = scheduler(3);
+        let prompt: Vec<u32> = (0..PREFILL_BUDGET as u32).map(|i| 3 + i % 400).collect();
+        let (first, mut first_rx) = job(&prompt, 5);
+        let (second, mut second_rx) = job(&prompt[..PREFILL_BUDGET / 2], 5);
+        let (third, mut third_rx) = job(&prompt[..PREFILL_BUDGET / 2], 5);
+        for j in [first, second, third] {
+            submit(&tx, &s, j);
+        }
+        assert!(s.admit());
+        // the first prompt takes the whole first step's budget; the other two share the second
+        s.step();
+        let answered = |rx: &mut UnboundedReceiver<Event>| tokens(rx).len();
+        assert_eq!(
+            [
+                answered(&mut first_rx),
+                answered(&mut second_rx),
+                answered(&mut third_rx)
+            ],
+            [1, 0, 0]
+        );
+        s.step();
+        assert_eq!(
+            [
+                answered(&mut first_rx),
+                answered(&mut second_rx),
+                answered(&mut third_rx)
+            ],
+            [1, 1, 1]
+        );
+    }
+
     #[test]
     fn a_long_prompt_goes_in_chunks_beside_another_requests_decoding() {
         let (mut s, tx, _) = scheduler(2);
         let (short, mut short_rx) = job(&[5, 17], 50);
-        let long_prompt: Vec<u32> = (0..(PREFILL_CHUNK as u32 * 2 + 10))
+        let long_prompt: Vec<u32> = (0..(PREFILL_BUDGET as u32 * 2 + 10))
             .map(|i| 3 + i % 400)
             .collect();
         let (long, mut long_rx) = job(&long_prompt, 2);

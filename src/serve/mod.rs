@@ -162,7 +162,7 @@ fn serve_on<B: Backend>(args: ServeArgs, device: B::Device) -> Result<()> {
 fn load<B: Backend>(
     args: &ServeArgs,
     device: &B::Device,
-) -> Result<(LlamaForCausalLM<B>, Budgets<B>, Ready)> {
+) -> Result<(LlamaForCausalLM<B>, Budgets, Ready)> {
     let pretrained = args.model.load::<B>(device)?;
     let tokenizer = pretrained.tokenizer.with_context(|| {
         format!(
@@ -179,6 +179,8 @@ fn load<B: Backend>(
     let budgets = if routed {
         let t = std::time::Instant::now();
         let budgets = Budgets::calibrate_on_builtin(&model, &tokenizer)?;
+        // the calibration's activations and caches are gone; the idle server need not hold them
+        crate::memory::release_free_heap();
         if let Some((lo, hi)) = budgets.range() {
             eprintln!(
                 "skip budgets: {:.0}% to {:.0}% of routed parameters (measured in {:.1} s)",

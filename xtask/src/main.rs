@@ -83,6 +83,9 @@ enum Task {
         /// New tokens per request.
         #[arg(long, default_value_t = 128)]
         new_tokens: usize,
+        /// Rounds: every server runs every level once per round, in turn.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
         /// llama.cpp's llama-server [default: ~/.cache/llama.cpp/bin/llama-server, as
         /// ../shared/tools/build_llama_tools.sh builds it].
         #[arg(long)]
@@ -317,6 +320,7 @@ fn main() -> Result<()> {
             clients,
             requests,
             new_tokens,
+            rounds,
             llama_server,
         } => bench_serve::bench_serve(bench_serve::Options {
             threads: threads
@@ -324,6 +328,7 @@ fn main() -> Result<()> {
             levels: clients,
             requests_per_client: requests,
             new_tokens,
+            rounds: rounds.max(1),
             llama_server,
         }),
         Task::Experiment {

@@ -111,12 +111,12 @@ impl<'a, B: Backend> Call<'a, B> {
     }
 }
 
-/// [`super::sparse_forward`] on one piece of rows.
+/// [`super::sparse_forward_shifted`] on one piece of rows.
 pub(super) fn forward_rows<B: Backend>(
     model: &LlamaForCausalLM<B>,
     tokens: &[Vec<u32>],
     cache: &mut SparseCache<B>,
-    routing: Routing,
+    (routing, skip_shifts): (Routing, Option<&[f64]>),
     logit_rows: LogitRows,
 ) -> Result<SparseOutput<B>> {
     cache.check_batch(tokens.len())?;
@@ -131,15 +131,19 @@ pub(super) fn forward_rows<B: Backend>(
     let weight_size = call.weight_dtype.size() as f64;
     let mut ledger = Ledger::new(&model.config, weight_size, &call.positions);
     let layer_routing = call.layer_routing;
+    let row_shifts: Option<Vec<f32>> =
+        skip_shifts.map(|s| call.rows.iter().map(|&(seq, _)| s[seq] as f32).collect());
+    let row_shifts = row_shifts.as_deref();
     let (mut attn_gates, mut mlp_gates) = (Vec::new(), Vec::new());
     for (layer, store) in model.model.layers.iter().zip(&mut cache.layers) {
         let block_input = x.clone();
         let attn_exec = match layer.attn_decider(&layer_routing) {
-            Decider::Router(r) => decide(r, x.clone(), routing),
+            Decider::Router(r) => decide(r, x.clone(), routing, row_shifts),
             Decider::Everyone | Decider::SameAsAttention => vec![true; call.rows.len()],
         };
         x = attention_step(layer, x, &attn_exec, &call, store, &mut ledger);
-        let mlp_exec = mlp_decisions(layer, &layer_routing, &x, block_input, &attn_exec);
+        let reads = (&x, block_input);
+        let mlp_exec = mlp_decisions(layer, &layer_routing, reads, &attn_exec, row_shifts);
         x = mlp_step(layer, x, &mlp_exec, &mut ledger);
         if layer_routing.is_routed() {
             let routers =
@@ -181,19 +185,21 @@ fn embed<B: Backend>(
         .reshape([n, model.config.hidden_size]))
 }
 
-/// Which rows execute the MLP: its router's decisions on what it reads, attention's, or all.
+/// Which rows execute the MLP: its router's decisions on what it reads (the stream after
+/// attention or the block's input), attention's, or all.
 fn mlp_decisions<B: Backend>(
     layer: &DecoderLayer<B>,
     layer_routing: &LayerRouting,
-    x: &Tensor<B, 2>,
-    block_input: Tensor<B, 2>,
+    (x, block_input): (&Tensor<B, 2>, Tensor<B, 2>),
     attn_exec: &[bool],
+    row_shifts: Option<&[f32]>,
 ) -> Vec<bool> {
     match layer.mlp_decider(layer_routing) {
         Decider::Router(r) => decide(
             r,
             layer_routing.mlp_router_reads(x.clone(), block_input),
             layer_routing.routing,
+            row_shifts,
         ),
         Decider::SameAsAttention => attn_exec.to_vec(),
         Decider::Everyone => vec![true; attn_exec.len()],

@@ -87,6 +87,43 @@ pub fn sparse_forward<B: Backend>(
     routing: Routing,
     logit_rows: LogitRows,
 ) -> Result<SparseOutput<B>> {
+    forward(model, tokens, cache, (routing, None), logit_rows)
+}
+
+/// [`sparse_forward`] with a compute budget per sequence: every router's SKIP logit is shifted
+/// by `skip_shifts[s]` for sequence `s`'s rows, as [`LlamaForCausalLM::shift_router_biases`]
+/// shifts it for a whole model; `f64::NEG_INFINITY` runs a sequence dense. Sequences of
+/// different budgets thus share one call, and each weight is read once for all of them.
+pub fn sparse_forward_shifted<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    tokens: &[Vec<u32>],
+    cache: &mut SparseCache<B>,
+    (routing, skip_shifts): (Routing, &[f64]),
+    logit_rows: LogitRows,
+) -> Result<SparseOutput<B>> {
+    if skip_shifts.len() != tokens.len() {
+        return Err(crate::error::ModelError::InvalidInput(format!(
+            "{} skip shifts given for {} sequences",
+            skip_shifts.len(),
+            tokens.len()
+        )));
+    }
+    forward(
+        model,
+        tokens,
+        cache,
+        (routing, Some(skip_shifts)),
+        logit_rows,
+    )
+}
+
+fn forward<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    tokens: &[Vec<u32>],
+    cache: &mut SparseCache<B>,
+    routing: (Routing, Option<&[f64]>),
+    logit_rows: LogitRows,
+) -> Result<SparseOutput<B>> {
     let rows = tokens.iter().map(Vec::len).sum();
     let piece = crate::flex_kernels::MAX_ROWS;
     if crate::flex_kernels::runs_engine_kernels::<B>() && rows > piece {

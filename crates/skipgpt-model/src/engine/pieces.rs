@@ -10,14 +10,14 @@ use crate::error::Result;
 use crate::llama::LlamaForCausalLM;
 use crate::router::Routing;
 
-/// [`sparse_forward`] as consecutive pieces of at most `piece` rows (sequence-major, as the
+/// [`super::sparse_forward_shifted`] as consecutive pieces of at most `piece` rows (sequence-major, as the
 /// call's rows are ordered), their outputs joined: the same rows, gates and statistics, and
 /// for [`LogitRows::Last`] the row of each sequence's last token, from the piece that holds it.
 pub(super) fn forward_in_pieces<B: Backend>(
     model: &LlamaForCausalLM<B>,
     tokens: &[Vec<u32>],
     cache: &mut SparseCache<B>,
-    routing: Routing,
+    routing: (Routing, Option<&[f64]>),
     logit_rows: LogitRows,
     piece: usize,
 ) -> Result<SparseOutput<B>> {

@@ -5,11 +5,13 @@ use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::router::{gate_from_logits, Router, Routing};
 
-/// The routers' decisions for every row: execute or not.
+/// The routers' decisions for every row: execute or not. `skip_shifts`, one per row, are added
+/// to the router's SKIP logit first (a row's compute budget; `-inf` always executes).
 pub(super) fn decide<B: Backend>(
     router: &Router<B>,
     x: Tensor<B, 2>,
     routing: Routing,
+    skip_shifts: Option<&[f32]>,
 ) -> Vec<bool> {
     let [n, h] = x.dims();
     let logits = router.logits(x.reshape([1, n, h]));
@@ -20,8 +22,21 @@ pub(super) fn decide<B: Backend>(
             .convert::<f32>()
             .into_vec()
             .expect("f32 logits");
-        return logits.chunks(2).map(|l| l[0] > l[1]).collect();
+        let shift = |row: usize| skip_shifts.map_or(0.0, |s| s[row]);
+        return (logits.chunks(2).enumerate())
+            .map(|(row, l)| l[0] > l[1] + shift(row))
+            .collect();
     }
+    let logits = match skip_shifts {
+        Some(shifts) => {
+            let offsets: Vec<f32> = shifts.iter().flat_map(|&s| [0.0, s]).collect();
+            let device = logits.device();
+            let offsets = Tensor::<B, 3>::from_data(TensorData::new(offsets, [1, n, 2]), &device);
+            let dtype = logits.dtype();
+            logits + offsets.cast(dtype)
+        }
+        None => logits,
+    };
     let gates = gate_from_logits(logits, routing, None);
     gates
         .into_data()

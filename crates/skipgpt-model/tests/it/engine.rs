@@ -2,7 +2,9 @@
 //! computation gives: the fixture's references, and the masked forward for `kv_policy = drop`.
 
 use burn::tensor::Tensor;
-use skipgpt_model::engine::{generate_sparse, sparse_forward, LogitRows, SparseCache};
+use skipgpt_model::engine::{
+    generate_sparse, sparse_forward, sparse_forward_shifted, LogitRows, SparseCache,
+};
 use skipgpt_model::{
     generate, load_pretrained, KvPolicy, LlamaForCausalLM, MlpRouterInput, Routing, RoutingConfig,
 };
@@ -142,6 +144,54 @@ fn sequences_of_different_lengths_batch_like_single_ones() {
     assert_eq!(cache.seq_len(0), 7 + 5);
     assert_eq!(cache.seq_len(1), 13 + 5);
     assert_eq!(stats.tokens, 7 + 13 + 2 * 5);
+}
+
+/// Sequences with their own budgets in one call route as each would alone on a model whose
+/// router biases carry that budget's shift, and a sequence shifted by `-inf` runs dense.
+#[test]
+fn sequences_of_different_budgets_in_one_call_route_as_each_would_alone() {
+    let (_dir, model) = routed(RoutingConfig::new().with_kv_policy(KvPolicy::Drop));
+    let rows = ids_rows(&reference(&tiny()), "input_ids");
+    let rows: Vec<Vec<u32>> = (0..3).map(|i| rows[i % rows.len()].clone()).collect();
+    let shifts = [-0.5, 1.5, f64::NEG_INFINITY];
+    let mut cache = SparseCache::new(3, model.config.num_hidden_layers);
+    let routing = (Routing::Deterministic, &shifts[..]);
+    let together =
+        sparse_forward_shifted(&model, &rows, &mut cache, routing, LogitRows::All).unwrap();
+    let together_logits = to_vec(together.logits.clone());
+    let (n, v) = (rows[0].len(), model.config.vocab_size);
+    let mut skipped = Vec::new();
+    for (s, &shift) in shifts.iter().enumerate() {
+        let (alone, mode) = match shift {
+            f64::NEG_INFINITY => (model.clone(), Routing::Dense),
+            _ => (
+                model.clone().shift_router_biases(shift),
+                Routing::Deterministic,
+            ),
+        };
+        let (logits, out) = sparse_logits(&alone, &rows[s..=s], mode);
+        let mine = &together_logits[s * n * v..(s + 1) * n * v];
+        let d = max_abs_diff(&to_vec(logits), mine);
+        assert!(
+            d < 1e-4,
+            "sequence {s} (shift {shift}): logits differ by {d}"
+        );
+        for (layer, (all, alone)) in together.attn_gates.iter().zip(&out.attn_gates).enumerate() {
+            assert_eq!(
+                &all[s * n..(s + 1) * n],
+                &alone[..],
+                "sequence {s}, layer {layer}"
+            );
+        }
+        for (all, alone) in together.mlp_gates.iter().zip(&out.mlp_gates) {
+            assert_eq!(&all[s * n..(s + 1) * n], &alone[..], "sequence {s}");
+        }
+        skipped.push(out.attn_gates.iter().flatten().filter(|&&g| !g).count());
+    }
+    assert!(
+        skipped[1] > skipped[0] && skipped[0] > 0 && skipped[2] == 0,
+        "the budgets differ: {skipped:?} attention skips"
+    );
 }
 
 #[test]
