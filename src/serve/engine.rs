@@ -75,6 +75,8 @@ pub struct TokenLogprobs {
 /// A running request in its slot.
 struct Running {
     job: Job,
+    /// The router shift of the request's budget ([`Budgets::shift`]).
+    shift: f64,
     fed: usize,
     generated: usize,
     last: u32,
@@ -159,8 +161,10 @@ impl<B: Backend> Scheduler<B> {
             self.metrics.queue_wait(job.arrived.elapsed());
             self.running.fetch_add(1, Ordering::SeqCst);
             let last = *job.prompt.last().unwrap_or(&0);
+            let shift = self.budgets.shift(job.skip);
             self.slots[free] = Some(Running {
                 job,
+                shift,
                 fed: 0,
                 generated: 0,
                 last,
@@ -230,7 +234,7 @@ impl<B: Backend> Scheduler<B> {
     /// Runs the slots `members` on their `inputs`, each at its own budget.
     fn step_members(&mut self, members: &[usize], inputs: &[Vec<u32>]) {
         let shifts: Vec<f64> = (self.slots.iter())
-            .map(|r| r.as_ref().map_or(0.0, |r| self.budgets.shift(r.job.skip)))
+            .map(|r| r.as_ref().map_or(0.0, |r| r.shift))
             .collect();
         let routing = (routing_of(&self.model), &shifts[..]);
         let (model, cache) = (&self.model, &mut self.cache);

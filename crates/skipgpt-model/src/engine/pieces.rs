@@ -10,9 +10,10 @@ use crate::error::Result;
 use crate::llama::LlamaForCausalLM;
 use crate::router::Routing;
 
-/// [`super::sparse_forward_shifted`] as consecutive pieces of at most `piece` rows (sequence-major, as the
-/// call's rows are ordered), their outputs joined: the same rows, gates and statistics, and
-/// for [`LogitRows::Last`] the row of each sequence's last token, from the piece that holds it.
+/// [`super::sparse_forward_shifted`] as consecutive pieces of at most `piece` rows
+/// (sequence-major, as the call's rows are ordered), their outputs joined: the same rows, gates
+/// and statistics, and for [`LogitRows::Last`] the row of each sequence's last token, from the
+/// piece that holds it.
 pub(super) fn forward_in_pieces<B: Backend>(
     model: &LlamaForCausalLM<B>,
     tokens: &[Vec<u32>],
