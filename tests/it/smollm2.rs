@@ -501,7 +501,6 @@ fn published_routers_give_their_perplexity() {
     let pretrained = load_pretrained::<Cpu>(&base, &Default::default()).unwrap();
     let tokenizer = pretrained.tokenizer.unwrap();
     let eos = pretrained.model.config.eos_token_ids.first().copied();
-    let mut dense_of = std::collections::HashMap::new();
     for dir in published.iter().filter(|d| !d.ends_with("skipgpt-t25")) {
         let results: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap())
@@ -513,12 +512,7 @@ fn published_routers_give_their_perplexity() {
         let ppl = |m: &LlamaForCausalLM<Cpu>, routing| {
             evaluate_perplexity(m, &data, routing, 8, |_, _| {}).unwrap()
         };
-        // the base model's perplexity once per slice
-        let key = (results["slice"].to_string(), seq_len);
-        let dense = dense_of
-            .entry(key)
-            .or_insert_with(|| ppl(&model, Routing::Dense))
-            .clone();
+        let dense = ppl(&model, Routing::Dense);
         let routed = ppl(&model, Routing::Deterministic);
         let adapter = load_peft_adapter(&dir.join("adapter")).unwrap();
         // served merged, as `--adapter` serves it
