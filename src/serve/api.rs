@@ -157,6 +157,49 @@ impl Common {
         routed: bool,
         logprobs: Option<usize>,
     ) -> Result<Settings, ApiError> {
+        self.check_ranges()?;
+        if self.skip.is_some_and(|s| s > 0.0) && !routed {
+            return Err(ApiError::bad("skip", "`skip` needs a model served with routers (--routers, or a model directory with skipgpt.json); this one runs dense"));
+        }
+        if let Some(n) = self.n.filter(|&n| n != 1) {
+            return Err(ApiError::bad("n", format!("`n` is {n}; this server returns one choice per request (send the request n times)")));
+        }
+        let top_k = self.top_k()?;
+        let max_tokens = self.max_tokens()?;
+        let stops = self.stops()?;
+        let logit_bias = self.logit_bias(vocab)?;
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+        Ok(Settings {
+            max_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature.unwrap_or(1.0) as f32,
+                top_p: self.top_p.unwrap_or(1.0) as f32,
+                top_k,
+                min_p: self.min_p.unwrap_or(0.0) as f32,
+                seed,
+                presence_penalty: self.presence_penalty.unwrap_or(0.0) as f32,
+                frequency_penalty: self.frequency_penalty.unwrap_or(0.0) as f32,
+                repetition_penalty: self.repetition_penalty.unwrap_or(1.0) as f32,
+                logit_bias,
+            },
+            stops,
+            stream: self.stream,
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+            skip: self.skip,
+            ignore_eos: self.ignore_eos,
+            logprobs,
+        })
+    }
+
+    /// Every numeric parameter within the range it is accepted in.
+    fn check_ranges(&self) -> Result<(), ApiError> {
         range(
             "temperature",
             self.temperature,
@@ -199,37 +242,40 @@ impl Common {
             |s| (0.0..1.0).contains(&s),
             "a fraction in [0, 1)",
         )?;
-        if self.skip.is_some_and(|s| s > 0.0) && !routed {
-            return Err(ApiError::bad("skip", "`skip` needs a model served with routers (--routers, or a model directory with skipgpt.json); this one runs dense"));
+        Ok(())
+    }
+
+    /// `top_k`: 0 (or -1, as llama.cpp's server takes it) for no limit.
+    fn top_k(&self) -> Result<usize, ApiError> {
+        match self.top_k {
+            None | Some(-1) => Ok(0),
+            Some(k) if k >= 0 => Ok(k as usize),
+            Some(k) => Err(ApiError::bad(
+                "top_k",
+                format!("`top_k` is {k}; expected 0 or more (or -1 for no limit)"),
+            )),
         }
-        if let Some(n) = self.n.filter(|&n| n != 1) {
-            return Err(ApiError::bad("n", format!("`n` is {n}; this server returns one choice per request (send the request n times)")));
-        }
-        let top_k = match self.top_k {
-            None | Some(-1) => 0,
-            Some(k) if k >= 0 => k as usize,
-            Some(k) => {
-                return Err(ApiError::bad(
-                    "top_k",
-                    format!("`top_k` is {k}; expected 0 or more (or -1 for no limit)"),
-                ))
-            }
-        };
-        let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
+    }
+
+    /// `max_completion_tokens`, or the older `max_tokens`; at least 1 where given.
+    fn max_tokens(&self) -> Result<Option<usize>, ApiError> {
+        let given = match (self.max_completion_tokens, self.max_tokens) {
             (Some(n), _) => Some(("max_completion_tokens", n)),
             (None, Some(n)) => Some(("max_tokens", n)),
             (None, None) => None,
         };
-        let max_tokens = match max_tokens {
-            Some((param, n)) if n < 1 => {
-                return Err(ApiError::bad(
-                    param,
-                    format!("`{param}` is {n}; expected at least 1"),
-                ))
-            }
-            Some((_, n)) => Some(n as usize),
-            None => None,
-        };
+        match given {
+            Some((param, n)) if n < 1 => Err(ApiError::bad(
+                param,
+                format!("`{param}` is {n}; expected at least 1"),
+            )),
+            Some((_, n)) => Ok(Some(n as usize)),
+            None => Ok(None),
+        }
+    }
+
+    /// `stop` as a list, at most 16 strings.
+    fn stops(&self) -> Result<Vec<String>, ApiError> {
         let stops = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
@@ -241,6 +287,11 @@ impl Common {
                 format!("`stop` has {} strings; at most 16", stops.len()),
             ));
         }
+        Ok(stops)
+    }
+
+    /// `logit_bias` as (token id, bias) pairs in id order, every id in the vocabulary.
+    fn logit_bias(&self, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
         let mut logit_bias = Vec::new();
         for (key, &bias) in self.logit_bias.iter().flatten() {
             let id = key
@@ -262,34 +313,7 @@ impl Common {
             logit_bias.push((id, bias as f32));
         }
         logit_bias.sort_by_key(|p| p.0);
-        let seed = self.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64)
-        });
-        Ok(Settings {
-            max_tokens,
-            sampling: SamplingParams {
-                temperature: self.temperature.unwrap_or(1.0) as f32,
-                top_p: self.top_p.unwrap_or(1.0) as f32,
-                top_k,
-                min_p: self.min_p.unwrap_or(0.0) as f32,
-                seed,
-                presence_penalty: self.presence_penalty.unwrap_or(0.0) as f32,
-                frequency_penalty: self.frequency_penalty.unwrap_or(0.0) as f32,
-                repetition_penalty: self.repetition_penalty.unwrap_or(1.0) as f32,
-                logit_bias,
-            },
-            stops,
-            stream: self.stream,
-            include_usage: self
-                .stream_options
-                .as_ref()
-                .is_some_and(|o| o.include_usage),
-            skip: self.skip,
-            ignore_eos: self.ignore_eos,
-            logprobs,
-        })
+        Ok(logit_bias)
     }
 }
 

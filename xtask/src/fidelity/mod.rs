@@ -32,7 +32,7 @@ const TRAIN_PROMPTS: &str = "data/prompts/train.txt";
 
 const EVAL_PROMPTS: &str = "data/prompts/eval.txt";
 
-/// The fixed slices `results.json` records and `tests/it/smollm2.rs` checks.
+/// The fixed slices `results.json` records and `tests/it/smollm2/published.rs` checks.
 const DOCS_SLICE: &str = "tests/fixtures/smollm2/heldout.jsonl";
 
 const GENERAL_SLICE: &str = "tests/fixtures/smollm2/general.jsonl";

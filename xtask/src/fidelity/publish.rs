@@ -1,4 +1,4 @@
-//! Publishing the 25% model under `models/smollm2-135m/skipgpt-t25`, with the results `tests/it/smollm2.rs` checks, and restoring the earlier Python-docs model the page compares with.
+//! Publishing the 25% model under `models/smollm2-135m/skipgpt-t25`, with the results `tests/it/smollm2/published.rs` checks, and restoring the earlier Python-docs model the page compares with.
 
 use crate::run;
 use anyhow::{Context, Result};
@@ -51,7 +51,7 @@ pub(super) fn restore_python_docs_model(
 
 /// Publishes the 25% point ([`POINT`]'s routers and adapter, the adapter in f16) as
 /// `models/smollm2-135m/skipgpt-t25/`, with what it gives on the fixed slices (`results.json`,
-/// which `tests/it/smollm2.rs` and `skipgpt demo --real` check) and a README.
+/// which `tests/it/smollm2/published.rs` and `skipgpt demo --real` check) and a README.
 pub fn publish(work: &Path) -> Result<()> {
     let ctx = Ctx {
         work: work.to_path_buf(),

@@ -1,4 +1,4 @@
-//! Publishing a trained model of the experiment under `models/smollm2-135m/`: routers, adapter, README and the results `tests/it/smollm2.rs` checks.
+//! Publishing a trained model of the experiment under `models/smollm2-135m/`: routers, adapter, README and the results `tests/it/smollm2/published.rs` checks.
 
 use crate::run;
 use anyhow::Result;
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use super::*;
 
 /// `models/smollm2-135m/skipgpt-tNN/results.json`: what the published model gives on
-/// [`SLICE`] (checked by `tests/it/smollm2.rs`) and on the held-out evaluation.
+/// [`SLICE`] (checked by `tests/it/smollm2/published.rs`) and on the held-out evaluation.
 #[derive(Debug, Serialize)]
 pub(super) struct Published {
     pub(super) slice: &'static str,
@@ -121,7 +121,7 @@ Made by `cargo xtask experiment --real` (see `docs/results-smollm2.md` for the w
 
 ## Numbers
 
-On the held-out documentation ({} sequences of 128 tokens): perplexity {:.2} at {:.1}% parameter skip (dense: see the results page). On the fixed slice `{SLICE}` (which `tests/it/smollm2.rs` checks): dense {:.3}, routers {:.3}, routers + LoRA {:.3}.
+On the held-out documentation ({} sequences of 128 tokens): perplexity {:.2} at {:.1}% parameter skip (dense: see the results page). On the fixed slice `{SLICE}` (which `tests/it/smollm2/published.rs` checks): dense {:.3}, routers {:.3}, routers + LoRA {:.3}.
 
 ## Rebuild the model
 

@@ -327,7 +327,7 @@ fn a_cloned_cache_continues_independently_of_its_original() {
 
 /// With half-precision matrices the engine keeps its cache in the same half type (half the
 /// bytes). At f16 (11 significant bits) the tiny model still decodes as at f32; bf16's 8 bits
-/// move its near-ties (SmolLM2's agreement at both is in `tests/it/smollm2.rs`).
+/// move its near-ties (SmolLM2's agreement at both is in `tests/it/smollm2/mod.rs`).
 #[test]
 fn half_precision_weights_keep_a_half_precision_cache() {
     use skipgpt_model::{load_pretrained_as, StoreDtype};

