@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use skipgpt_eval::speed::median;
 
 /// One server under test.
 struct System {
@@ -137,7 +138,7 @@ pub fn bench_serve(o: Options) -> Result<()> {
         .iter()
         .map(|(name, (idle, levels))| {
             json!({"system": name, "idle_rss_mb": idle, "weights_mb": weights_mb, "levels": levels.iter().map(|l| json!({
-            "clients": l.clients, "requests": l.requests, "tok_s": median(&l.tok_s),
+            "clients": l.clients, "requests": l.requests, "tok_s": median(l.tok_s.clone()),
             "tok_s_rounds": l.tok_s,
             "ttft_p50": pct(&l.ttft, 50.0), "ttft_p99": pct(&l.ttft, 99.0),
             "itl_p50": pct(&l.itl, 50.0), "itl_p99": pct(&l.itl, 99.0),
@@ -324,17 +325,6 @@ fn stream_one(port: u16, prompt: &str, new_tokens: usize) -> Result<Streamed> {
     Ok((first.context("no token came back")?, gaps, n))
 }
 
-/// The median, halfway between the middle two of an even count.
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
-    }
-}
-
 /// The `p`th percentile: the nearest of the sorted values.
 fn pct(v: &[f64], p: f64) -> f64 {
     let mut v = v.to_vec();
@@ -361,7 +351,7 @@ fn table(
                 idle.unwrap_or(f64::NAN),
                 l.clients,
                 l.requests,
-                median(&l.tok_s),
+                median(l.tok_s.clone()),
                 pct(&l.tok_s, 0.0),
                 pct(&l.tok_s, 100.0),
                 1e3 * pct(&l.ttft, 50.0),

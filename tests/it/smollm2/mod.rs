@@ -96,6 +96,10 @@ fn reference_json() -> serde_json::Value {
         .unwrap()
 }
 
+/// The CPU backend (burn-flex) the real-model checks run on: burn-ndarray, the reference
+/// backend [`B`], would take minutes over them.
+type Cpu = burn::backend::Flex;
+
 fn model(dir: &std::path::Path) -> LlamaForCausalLM<B> {
     load_pretrained::<B>(dir, &device()).unwrap().model
 }
@@ -108,27 +112,16 @@ fn smollm2_config_matches_transformers() {
     };
     let c = skipgpt_model::load_config(&dir).unwrap();
     let r = &reference_json()["config"];
-    assert_eq!(c.hidden_size as u64, r["hidden_size"].as_u64().unwrap());
-    assert_eq!(
-        c.intermediate_size as u64,
-        r["intermediate_size"].as_u64().unwrap()
-    );
-    assert_eq!(
-        c.num_hidden_layers as u64,
-        r["num_hidden_layers"].as_u64().unwrap()
-    );
-    assert_eq!(
-        c.num_attention_heads as u64,
-        r["num_attention_heads"].as_u64().unwrap()
-    );
-    assert_eq!(
-        c.num_key_value_heads as u64,
-        r["num_key_value_heads"].as_u64().unwrap()
-    );
-    assert_eq!(c.vocab_size as u64, r["vocab_size"].as_u64().unwrap());
+    let int = |key: &str| r[key].as_u64().unwrap();
+    assert_eq!(c.hidden_size as u64, int("hidden_size"));
+    assert_eq!(c.intermediate_size as u64, int("intermediate_size"));
+    assert_eq!(c.num_hidden_layers as u64, int("num_hidden_layers"));
+    assert_eq!(c.num_attention_heads as u64, int("num_attention_heads"));
+    assert_eq!(c.num_key_value_heads as u64, int("num_key_value_heads"));
+    assert_eq!(c.vocab_size as u64, int("vocab_size"));
     assert_eq!(
         c.max_position_embeddings as u64,
-        r["max_position_embeddings"].as_u64().unwrap()
+        int("max_position_embeddings")
     );
     assert_eq!(c.rms_norm_eps, r["rms_norm_eps"].as_f64().unwrap());
     assert_eq!(
@@ -275,9 +268,6 @@ fn smollm2_on_the_cpu_backend_at_f32_f16_and_bf16_stays_close_to_transformers() 
         c.assert_within(max_tail, max_mean_nll, min_argmax, min_greedy);
     }
 }
-
-/// The CPU backend (burn-flex) the closeness checks run on.
-type Cpu = burn::backend::Flex;
 
 /// How close a model on the CPU backend comes to transformers on the fixture.
 struct Closeness {

@@ -15,9 +15,6 @@ fn published_routers_give_their_perplexity() {
     use skipgpt_eval::evaluate_perplexity;
     use skipgpt_model::{attach_routers, load_peft_adapter};
     use skipgpt_train::data::{pack, read_documents};
-    // the default CPU backend: burn-ndarray would take minutes over these 3k tokens
-    type Cpu = burn::backend::Flex;
-
     let Some(base) = imported("published_routers_give_their_perplexity") else {
         return;
     };
