@@ -5,12 +5,15 @@
 //! quality-speed frontier as a picture.
 //!
 //! The runs, each a step under `--out` (default `runs/fidelity`) that is skipped once its
-//! output exists, so a killed run continues:
+//! output exists, so a killed run continues; a model whose measurements are kept in
+//! `docs/data/fidelity/` is not remade at all:
 //! - self-data: the dense model's own answers to `data/prompts/train.txt` (`skipgpt self-data`);
 //! - at 25% of the parameters: stage 1 with each token objective (`lm`, `kl`, `lm+kl`) on the
-//!   self-data, stage 2 (LoRA, `kl`) on the `kl` routers, and the published Python-docs model;
-//! - the frontier: stage 1 and stage 2 with `kl` at every `--targets` budget, and ShortGPT at
-//!   the same budgets; each measured for fidelity and paired speed (`examples/bench_real`,
+//!   self-data, calibrated to 20% and given a stage 2 (LoRA, `kl`), and the published
+//!   Python-docs model; the `lm` routers calibrated to the other budgets;
+//! - static rivals: attention modules dropped by Block Influence at the budgets under 25%;
+//! - the frontier: stage 1 (`lm`) and stage 2 (`kl`) at every `--targets` budget, and ShortGPT
+//!   at the same budgets; each measured for fidelity and paired speed (`examples/bench_real`,
 //!   dense and routed timed in alternation in one process, LoRA merged).
 
 mod publish;
@@ -193,7 +196,17 @@ impl Ctx {
 
     /// ShortGPT (whole layers by Block Influence, measured on the self-data) at `target`%.
     fn shortgpt(&self, target: u32) -> Result<PathBuf> {
-        let out = self.path(&format!("shortgpt-t{target}"));
+        self.prune_static("block", &format!("shortgpt-t{target}"), target)
+    }
+
+    /// Attention modules alone removed by their Block Influence (the cheapest modules to
+    /// lose in larger models), a static rival at the small budgets.
+    fn attention_drop(&self, target: u32) -> Result<PathBuf> {
+        self.prune_static("attention", &format!("attn-drop-t{target}"), target)
+    }
+
+    fn prune_static(&self, mode: &str, name: &str, target: u32) -> Result<PathBuf> {
+        let out = self.path(name);
         let data = self.path("self-data.jsonl");
         self.step(&out, &out.join("skipgpt.json"), || {
             self.skipgpt(&[
@@ -206,6 +219,8 @@ impl Ctx {
                 s(&data),
                 "--seq-len",
                 "128",
+                "--mode",
+                mode,
                 "--target-sparsity",
                 &format!("{}", target as f64 / 100.0),
             ])
@@ -213,14 +228,42 @@ impl Ctx {
         Ok(out)
     }
 
+    /// Whether `name`'s measurements are all there, in this run or kept in the repository
+    /// (`speed` too when `with_speed`): a model whose measurements are kept is not remade.
+    fn measured(&self, name: &str, with_speed: bool) -> bool {
+        let there = |which: &str| {
+            self.path(&format!("eval/{name}/{which}")).exists()
+                || Path::new(KEPT).join(name).join(which).exists()
+        };
+        there("fidelity.json") && (!with_speed || there("speed.json"))
+    }
+
+    /// `eval/NAME/fidelity.json` (and `speed.json` when `speed`), unless they are already
+    /// measured; only then is the model made (`make`, itself a resumable step).
+    fn measure(
+        &self,
+        name: &str,
+        speed: bool,
+        make: impl FnOnce() -> Result<PathBuf>,
+    ) -> Result<()> {
+        if self.measured(name, speed) {
+            return Ok(());
+        }
+        let model = make()?;
+        self.fidelity(name, &model, None)?;
+        if speed {
+            self.speed(name, &model)?;
+        }
+        Ok(())
+    }
+
     /// `eval/NAME/fidelity.json`: `model` against the dense model on the general text and
     /// the evaluation prompts.
     fn fidelity(&self, name: &str, model: &Path, adapter: Option<&Path>) -> Result<()> {
-        let dir = self.path(&format!("eval/{name}"));
-        let file = dir.join("fidelity.json");
-        if file.exists() {
+        if self.measured(name, false) {
             return Ok(());
         }
+        let dir = self.path(&format!("eval/{name}"));
         std::fs::create_dir_all(&dir)?;
         let text = self.path("general-eval.jsonl");
         let n = self.settings.eval_sequences.to_string();
@@ -241,17 +284,17 @@ impl Ctx {
         if let Some(adapter) = adapter {
             a.extend(["--adapter", s(adapter)]);
         }
-        std::fs::write(&file, capture(&a)?)?;
+        std::fs::write(dir.join("fidelity.json"), capture(&a)?)?;
         Ok(())
     }
 
     /// `eval/NAME/speed.json`: the paired prefill and batch-1 decode speedup of `model` over
     /// itself dense (`examples/bench_real --routed --pairs 3`).
     fn speed(&self, name: &str, model: &Path) -> Result<()> {
-        let file = self.path(&format!("eval/{name}/speed.json"));
-        if file.exists() {
+        if self.measured(name, true) {
             return Ok(());
         }
+        let file = self.path(&format!("eval/{name}/speed.json"));
         std::fs::create_dir_all(file.parent().expect("a file in eval/"))?;
         let text = self.path("general-eval.jsonl");
         let mut a = vec![
@@ -315,26 +358,30 @@ fn rows(settings: &Settings) -> Vec<(String, String, Option<u32>)> {
             25,
         ),
         ("shortgpt-t25", "ShortGPT (static layers)", 25),
-        (
-            "s1-lm-t25-cal15",
-            "self-data, lm: the 25% routers calibrated to 15%",
-            15,
-        ),
-        (
-            "s1-lm-t25-cal10",
-            "self-data, lm: the 25% routers calibrated to 10%",
-            10,
-        ),
-        (
-            "s2-lm-t25-cal10",
-            "self-data, lm: the 25% routers calibrated to 10% + LoRA (kl)",
-            10,
-        ),
     ];
     let mut rows: Vec<(String, String, Option<u32>)> = fixed
         .iter()
         .map(|(n, w, t)| (n.to_string(), w.to_string(), Some(*t)))
         .collect();
+    for percent in CALIBRATED {
+        rows.push((
+            format!("s1-lm-t25-cal{percent}"),
+            format!("self-data, lm: the 25% routers calibrated to {percent}%"),
+            Some(percent),
+        ));
+    }
+    rows.push((
+        "s2-lm-t25-cal10".into(),
+        "self-data, lm: the 25% routers calibrated to 10% + LoRA (kl)".into(),
+        Some(10),
+    ));
+    for t in attention_budgets(settings) {
+        rows.push((
+            format!("attn-drop-t{t}"),
+            "attention modules dropped (static, Block Influence)".into(),
+            Some(t),
+        ));
+    }
     let mut targets = settings.targets.clone();
     targets.sort_unstable();
     for t in targets.into_iter().filter(|&t| t != 25) {
@@ -349,9 +396,9 @@ fn rows(settings: &Settings) -> Vec<(String, String, Option<u32>)> {
     rows
 }
 
-/// The whole experiment, then the report. `from` is `start`, or `frontier` to go straight to
-/// the trained frontier (the 25% models' measurements are kept in `docs/data/fidelity/`, so a
-/// fresh machine need not retrain them to add frontier points).
+/// The whole experiment, then the report. A model whose measurements are kept in
+/// `docs/data/fidelity/` is not remade, so a fresh machine only makes what is missing. `from`
+/// is `start`, or `frontier` to go straight to the trained frontier.
 pub fn experiment(out: &str, settings: Settings, from: &str, until: &str) -> Result<()> {
     crate::build_release_tools()?;
     let work = PathBuf::from(out);
@@ -364,6 +411,8 @@ pub fn experiment(out: &str, settings: Settings, from: &str, until: &str) -> Res
     };
     prepare(&ctx)?;
     if from != "frontier" {
+        // the static rivals first: they take minutes, the trained models most of an hour each
+        attention_drops(&ctx)?;
         objectives_at_25(&ctx)?;
         if until == "t25" {
             return Ok(());
@@ -373,68 +422,83 @@ pub fn experiment(out: &str, settings: Settings, from: &str, until: &str) -> Res
 }
 
 /// The published Python-docs model, the three objectives at 25%, their calibrations and stage
-/// 2, ShortGPT at 25%, and the `lm` routers calibrated down to smaller budgets.
+/// 2, ShortGPT at 25%, and the `lm` routers calibrated down to other budgets. A model is made
+/// only when one of its measurements is missing (stage 1 once for all its descendants).
 fn objectives_at_25(ctx: &Ctx) -> Result<()> {
     // the Python-docs model as it was published before this experiment (git history)
-    let published = ctx.path("published-t25");
-    let adapter = ctx.path("published-t25-adapter");
-    restore_python_docs_model(&ctx.model, &published, &adapter)?;
-    ctx.fidelity("published-t25", &published, None)?;
-    ctx.fidelity("published-t25-lora", &published, Some(&adapter))?;
-    write_report(&ctx.work, &ctx.settings)?;
+    if !(ctx.measured("published-t25", false) && ctx.measured("published-t25-lora", false)) {
+        let published = ctx.path("published-t25");
+        let adapter = ctx.path("published-t25-adapter");
+        restore_python_docs_model(&ctx.model, &published, &adapter)?;
+        ctx.fidelity("published-t25", &published, None)?;
+        ctx.fidelity("published-t25-lora", &published, Some(&adapter))?;
+        write_report(&ctx.work, &ctx.settings)?;
+    }
 
     // the objectives at 25%. Served deterministically, 25% routers skip more or less than
     // 25% of the parameters on general text (22% to 27% here), so each is also calibrated to
     // one budget, 20% (the 25% point asks for >= 20%), and gets a stage 2 there
     for objective in ["lm", "kl", "lm+kl"] {
-        let routed = ctx.stage1(objective, 25)?;
         let name = format!("s1-{}-t25", objective.replace('+', ""));
-        ctx.fidelity(&name, &routed, None)?;
+        ctx.measure(&name, false, || ctx.stage1(objective, 25))?;
         if objective == "lm+kl" {
+            write_report(&ctx.work, &ctx.settings)?;
             continue;
         }
-        let calibrated = ctx.calibrate(&routed, 20)?;
-        ctx.fidelity(&format!("{name}-cal20"), &calibrated, None)?;
-        let adapted = ctx.stage2(&calibrated)?;
-        let adapted_name = format!("s2-{}-t25-cal20", objective);
-        ctx.fidelity(&adapted_name, &adapted, None)?;
-        ctx.speed(&adapted_name, &adapted)?;
+        let calibrated = || ctx.calibrate(&ctx.stage1(objective, 25)?, 20);
+        ctx.measure(&format!("{name}-cal20"), false, calibrated)?;
+        let adapted = format!("s2-{objective}-t25-cal20");
+        ctx.measure(&adapted, true, || ctx.stage2(&calibrated()?))?;
         write_report(&ctx.work, &ctx.settings)?;
     }
     // stage 2 on the uncalibrated kl routers, and ShortGPT at 25%
-    let adapted = ctx.stage2(&ctx.path("s1-kl-t25"))?;
-    ctx.fidelity("s2-kl-t25", &adapted, None)?;
-    ctx.speed("s2-kl-t25", &adapted)?;
-    let pruned = ctx.shortgpt(25)?;
-    ctx.fidelity("shortgpt-t25", &pruned, None)?;
-    ctx.speed("shortgpt-t25", &pruned)?;
-    // the lm routers at smaller budgets: a frontier without training
-    for percent in [15, 10] {
-        let calibrated = ctx.calibrate(&ctx.path("s1-lm-t25"), percent)?;
-        let name = format!("s1-lm-t25-cal{percent}");
-        ctx.fidelity(&name, &calibrated, None)?;
-        ctx.speed(&name, &calibrated)?;
+    ctx.measure("s2-kl-t25", true, || ctx.stage2(&ctx.stage1("kl", 25)?))?;
+    ctx.measure("shortgpt-t25", true, || ctx.shortgpt(25))?;
+    // the lm routers at other budgets: a frontier without training
+    for percent in CALIBRATED {
+        let calibrated = || ctx.calibrate(&ctx.stage1("lm", 25)?, percent);
+        ctx.measure(&format!("s1-lm-t25-cal{percent}"), true, calibrated)?;
     }
     // and a stage 2 on the 10% routers
-    let adapted = ctx.stage2(&ctx.path("s1-lm-t25-cal10"))?;
-    ctx.fidelity("s2-lm-t25-cal10", &adapted, None)?;
-    ctx.speed("s2-lm-t25-cal10", &adapted)?;
+    let calibrated = || ctx.calibrate(&ctx.stage1("lm", 25)?, 10);
+    ctx.measure("s2-lm-t25-cal10", true, || ctx.stage2(&calibrated()?))?;
     write_report(&ctx.work, &ctx.settings)
+}
+
+/// The budgets the 25% `lm` routers are calibrated down (or up) to.
+const CALIBRATED: [u32; 4] = [15, 10, 5, 40];
+
+/// Attention modules dropped statically at every `--targets` budget attention can fill.
+fn attention_drops(ctx: &Ctx) -> Result<()> {
+    for t in attention_budgets(&ctx.settings) {
+        let name = format!("attn-drop-t{t}");
+        ctx.measure(&name, true, || ctx.attention_drop(t))?;
+        write_report(&ctx.work, &ctx.settings)?;
+    }
+    Ok(())
+}
+
+/// Attention holds about a quarter of a LLaMA layer's parameters (SmolLM2: 25.0%), so a
+/// budget of 25% or more would remove every attention module.
+fn attention_budgets(settings: &Settings) -> Vec<u32> {
+    let mut budgets: Vec<u32> = settings
+        .targets
+        .iter()
+        .copied()
+        .filter(|&t| t < 25)
+        .collect();
+    budgets.sort_unstable();
+    budgets
 }
 
 /// The trained frontier, with the objective the 25% comparison favoured, budgets in the order
 /// `--targets` gives them (the most wanted first).
 fn frontier(ctx: &Ctx) -> Result<()> {
     for &t in &ctx.settings.targets {
-        let pruned = ctx.shortgpt(t)?;
-        ctx.fidelity(&format!("shortgpt-t{t}"), &pruned, None)?;
-        ctx.speed(&format!("shortgpt-t{t}"), &pruned)?;
-        let routed = ctx.stage1("lm", t)?;
-        ctx.fidelity(&format!("s1-lm-t{t}"), &routed, None)?;
-        ctx.speed(&format!("s1-lm-t{t}"), &routed)?;
-        let adapted = ctx.stage2(&routed)?;
-        ctx.fidelity(&format!("s2-lm-t{t}"), &adapted, None)?;
-        ctx.speed(&format!("s2-lm-t{t}"), &adapted)?;
+        ctx.measure(&format!("shortgpt-t{t}"), true, || ctx.shortgpt(t))?;
+        ctx.measure(&format!("s1-lm-t{t}"), true, || ctx.stage1("lm", t))?;
+        let adapted = || ctx.stage2(&ctx.stage1("lm", t)?);
+        ctx.measure(&format!("s2-lm-t{t}"), true, adapted)?;
         write_report(&ctx.work, &ctx.settings)?;
     }
     Ok(())
@@ -510,4 +574,37 @@ fn report<T: DeserializeOwned>(args: &[&str]) -> Result<T> {
 fn read<T: DeserializeOwned>(path: &Path) -> Option<T> {
     let text = std::fs::read_to_string(path).ok()?;
     serde_json::from_str(&text).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_is_dropped_only_at_budgets_it_can_fill_and_every_row_is_named_once() {
+        let settings = Settings {
+            targets: vec![40, 10, 25, 5],
+            ..Settings::default()
+        };
+        assert_eq!(attention_budgets(&settings), vec![5, 10]);
+        let names: Vec<String> = rows(&settings).into_iter().map(|r| r.0).collect();
+        for expected in [
+            "attn-drop-t5",
+            "attn-drop-t10",
+            "s1-lm-t25-cal40",
+            "s2-lm-t40",
+        ] {
+            assert!(
+                names.iter().any(|n| n == expected),
+                "{expected} in {names:?}"
+            );
+        }
+        assert!(!names
+            .iter()
+            .any(|n| n == "attn-drop-t25" || n == "attn-drop-t40"));
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len(), "{names:?}");
+    }
 }

