@@ -1,5 +1,6 @@
-//! The CPU backend's (burn-flex's) fast paths: where the model's tensors are on burn-flex, its
-//! hot operations go to `skipgpt-kernels`, on plain slices, instead of Burn's:
+//! The CPU backend's (burn-flex's) fast paths, built with the crate's `flex` feature (the
+//! CLI's `cpu` feature turns it on): where the model's tensors are on burn-flex, its hot
+//! operations go to `skipgpt-kernels`, on plain slices, instead of Burn's:
 //!
 //! - **decoding and short-prompt products** ([`rows_times_weight`], [`rows_times_weight_t`]):
 //!   products of at most [`MAX_ROWS`] f32 rows stream each weight once over every core
@@ -10,74 +11,29 @@
 //!   stretch of its cache it sees, on every core;
 //! - **RMSNorm, the rotary rotation and SwiGLU** ([`rms_norm`], [`rotate`], [`swiglu`],
 //!   [`skipgpt_kernels::ops`]): one pass each instead of four to seven tensor operations;
-//! - **weights as checkpoints store them** ([`holds_weights_out_in`]) and **a decoding step's
-//!   threads kept awake** ([`in_pool`], [`skipgpt_kernels::thread_team`]).
+//! - **the engine's cache append** ([`write_rows`]), in place.
 //!
 //! Anything else (another backend, autodiff's tensors, which are of another type, a strided or
-//! half-precision input) declines with `None` and Burn's operations run: the model stays
-//! generic over the backend, the CPU backend being recognised by its type at run time. The
-//! tests compare each path with Burn's operations on the reference backend.
-//!
-//! Built with the crate's `flex` feature (the CLI's `cpu` feature turns it on); without it
-//! every function here declines.
+//! half-precision input) declines with `None`, and [`crate::dispatch`], the only module of the
+//! model that calls this one, runs Burn's operations instead: the model stays generic over the
+//! backend, the CPU backend being recognised by its type at run time. The tests call these
+//! paths directly and compare each with Burn's operations on the reference backend.
 
-use burn::tensor::{backend::Backend, Tensor};
+use std::any::{Any, TypeId};
 
-use skipgpt_kernels::attention::QueryRow;
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData, TensorPrimitive};
+use burn_flex::{Flex, FlexTensor};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 
-/// Most activation rows a product is taken here for: decoding steps (one row per sequence,
-/// routed modules fewer) and short prompts. The kernels multiply each weight vector with
-/// blocks of rows held in registers and read every weight once, where gemm packs both
-/// operands on every product; past a few hundred rows the rows no longer stay in the cache
-/// while a weight row streams past and gemm is ahead (the crossover is measured in
-/// `docs/benchmarks.md`, "Where the kernels hand over to gemm").
-pub const MAX_ROWS: usize = 128;
-
-/// Most activation rows a product with a weight held `[in, out]` is taken here for: that
-/// layout's kernel ([`skipgpt_kernels::matvec::rows_times_matrix`]) adds scaled weight rows into every
-/// output row, so its traffic grows with the rows (at 16 rows it was no faster than gemm).
-/// The CPU backend holds the model's weights `[out, in]` ([`holds_weights_out_in`]).
-pub const MAX_ROWS_IN_OUT: usize = 8;
-
-/// Whether linear weights on `B` are held as checkpoints store them, `[out, in]`, and seen as
-/// Burn's `[in, out]` through a transposed view: on the CPU backend, with or without autodiff.
-///
-/// A decoding product then reads each output's weights as one contiguous row and takes dot
-/// products with it; on SmolLM2's matrices that took 0.7-0.8x the time of adding up rows of an
-/// `[in, out]` matrix (`examples/bench_matvec`). gemm (prefill, training) reads either layout
-/// without copying, and no weight is transposed at load. Other backends keep a contiguous
-/// `[in, out]`: burn-ndarray copies a strided weight in every product.
-pub fn holds_weights_out_in<B: Backend>(device: &B::Device) -> bool {
-    matches!(B::name(device).as_str(), "flex" | "autodiff<flex>")
-}
-
-/// Whether `B` is the CPU backend whose engine operations this module replaces (burn-flex
-/// itself, not autodiff's wrapper of it): callers skip preparing inputs for them elsewhere.
-pub fn runs_engine_kernels<B: Backend>() -> bool {
-    #[cfg(feature = "flex")]
-    return flex::is_flex::<B>();
-    #[cfg(not(feature = "flex"))]
-    false
-}
-
-/// `w` (`[in, out]`, any layout) in the layout [`holds_weights_out_in`] asks of `B`: a
-/// transposed view of a contiguous `[out, in]` on the CPU backend (copied there once if it is
-/// not one already), unchanged elsewhere. For weights made in place (merging an adapter).
-pub fn hold_weight<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 2> {
-    let device = w.device();
-    if !holds_weights_out_in::<B>(&device) {
-        return w;
-    }
-    let out_in = w.transpose();
-    #[cfg(feature = "flex")]
-    if flex::is_contiguous(&out_in) {
-        return out_in.transpose();
-    }
-    Tensor::<B, 2>::from_data(out_in.into_data(), &device).transpose()
-}
+use crate::dispatch::{MAX_ROWS, MAX_ROWS_IN_OUT};
+use skipgpt_kernels::attention::{self, KvCache, QueryRow};
+use skipgpt_kernels::matvec::{
+    rows_times_matrices, rows_times_matrix_t, widens_in_registers, Matrix, WeightSlice,
+};
 
 /// `x · W` for `W` held `[in, out]` (Burn's `Linear` layout, contiguous) or as a transposed view
-/// of a contiguous `[out, in]` ([`holds_weights_out_in`]), in f32, or `None` where Burn's
+/// of a contiguous `[out, in]` ([`crate::dispatch::holds_weights_out_in`]), in f32, or `None` where Burn's
 /// matmul should run.
 ///
 /// # Shapes
@@ -88,13 +44,21 @@ pub fn rows_times_weight<B: Backend, const D: usize>(
     x: &Tensor<B, D>,
     w: &Tensor<B, 2>,
 ) -> Option<Tensor<B, D>> {
-    #[cfg(feature = "flex")]
-    return flex::rows_times_weight(x, w);
-    #[cfg(not(feature = "flex"))]
-    {
-        let _ = (x, w);
-        None
+    let dims = x.dims();
+    let m = dims[..D - 1].iter().product::<usize>();
+    if m <= MAX_ROWS {
+        if let Some(mut ys) = rows_times_weights(x, std::slice::from_ref(w)) {
+            return Some(ys.remove(0));
+        }
+        if m <= MAX_ROWS_IN_OUT {
+            return None;
+        }
     }
+    // more rows than the kernels take (for this layout): half-precision weights widened
+    if w.dims()[0] != dims[D - 1] {
+        return None;
+    }
+    many_rows_times_half_weight(x, w)
 }
 
 /// `x · W` for each of `weights` (each as [`rows_times_weight`] takes it) in one parallel pass
@@ -109,13 +73,51 @@ pub fn rows_times_weights<B: Backend, const D: usize>(
     x: &Tensor<B, D>,
     weights: &[Tensor<B, 2>],
 ) -> Option<Vec<Tensor<B, D>>> {
-    #[cfg(feature = "flex")]
-    return flex::rows_times_weights(x, weights);
-    #[cfg(not(feature = "flex"))]
-    {
-        let _ = (x, weights);
-        None
+    let dims = x.dims();
+    let d_in = dims[D - 1];
+    let m = dims[..D - 1].iter().product::<usize>();
+    if !eligible::<B>(m, x.dtype()) || weights.iter().any(|w| w.dims()[0] != d_in) {
+        return None;
     }
+    let xs = as_flex(x)?;
+    let rows = xs.as_slice::<f32>()?;
+    // each weight in storage order: contiguous [in, out], or a transposed view of a
+    // contiguous [out, in]
+    let stored: Vec<(FlexTensor, bool)> = weights
+        .iter()
+        .map(|w| match as_flex(w)? {
+            f if weights_of(&f).is_some() => Some((f, false)),
+            _ => as_flex(&w.clone().transpose()).map(|f| (f, true)),
+        })
+        .collect::<Option<_>>()?;
+    if m > MAX_ROWS_IN_OUT && stored.iter().any(|(_, out_in)| !out_in) {
+        return None;
+    }
+    let matrices: Vec<Matrix<'_>> = stored
+        .iter()
+        .zip(weights)
+        .map(|((f, out_in), w)| {
+            let [d_in, d_out] = w.dims();
+            Some(Matrix {
+                w: weights_of(f)?,
+                d_in,
+                d_out,
+                out_in: *out_in,
+            })
+        })
+        .collect::<Option<_>>()?;
+    let ys = rows_times_matrices(rows, m, &matrices);
+    let device = x.device();
+    Some(
+        ys.into_iter()
+            .zip(&matrices)
+            .map(|(y, mat)| {
+                let mut shape = dims;
+                shape[D - 1] = mat.d_out;
+                Tensor::from_data(TensorData::new(y, shape), &device)
+            })
+            .collect(),
+    )
 }
 
 /// `x · Wᵀ` for `W` stored `[out, in]` (the tied head reads the embedding table so), in f32,
@@ -126,13 +128,14 @@ pub fn rows_times_weights<B: Backend, const D: usize>(
 /// - w: `[out, in]`
 /// - output: `[rows, out]`
 pub fn rows_times_weight_t<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
-    #[cfg(feature = "flex")]
-    return flex::rows_times_weight_t(x, w);
-    #[cfg(not(feature = "flex"))]
-    {
-        let _ = (x, w);
-        None
+    let [m, d] = x.dims();
+    let [n, w_d] = w.dims();
+    if w_d != d || !eligible::<B>(m, x.dtype()) {
+        return None;
     }
+    let (xs, ws) = (as_flex(x)?, as_flex(w)?);
+    let y = rows_times_matrix_t(xs.as_slice::<f32>()?, m, weights_of(&ws)?, n, d);
+    Some(Tensor::from_data(TensorData::new(y, [m, n]), &x.device()))
 }
 
 /// The sparse engine's attention on the CPU backend ([`skipgpt_kernels::attention`]), or `None`
@@ -151,13 +154,120 @@ pub fn attend<B: Backend>(
     capacity: usize,
     rows: &[QueryRow],
 ) -> Option<Tensor<B, 2>> {
-    #[cfg(feature = "flex")]
-    return flex::attend(q, k, v, kv_heads, capacity, rows);
-    #[cfg(not(feature = "flex"))]
+    let [n, heads, hd] = q.dims();
+    if !is_flex::<B>()
+        || q.dtype() != DType::F32
+        || k.dtype() != v.dtype()
+        || n != rows.len()
+        || k.dims()[1] != hd
     {
-        let _ = (q, k, v, kv_heads, capacity, rows);
-        None
+        return None;
     }
+    let (qs, ks, vs) = (as_flex(q)?, as_flex(k)?, as_flex(v)?);
+    let cache = KvCache {
+        k: weights_any(&ks)?,
+        v: weights_any(&vs)?,
+        kv_heads,
+        capacity,
+        head_dim: hd,
+    };
+    let scale = (hd as f32).powf(-0.5);
+    let y = attention::attend(qs.as_slice::<f32>()?, heads, rows, cache, scale);
+    Some(Tensor::from_data(
+        TensorData::new(y, [n, heads * hd]),
+        &q.device(),
+    ))
+}
+
+/// RMSNorm of every row ([`skipgpt_kernels::ops::rms_norm`]), or `None` where the tensor
+/// operations should run.
+///
+/// # Shapes
+/// - x: `[..., dim]`
+/// - weight: `[dim]`
+/// - output: like x
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    weight: &Tensor<B, 1>,
+    eps: f64,
+) -> Option<Tensor<B, D>> {
+    elementwise(&[flat(x), weight.clone()], x.dims(), |v| {
+        skipgpt_kernels::ops::rms_norm(v[0], v[1], eps as f32)
+    })
+}
+
+/// The rotary rotation of every head of every row ([`skipgpt_kernels::ops::rotate`]), or
+/// `None` where the tensor operations should run.
+///
+/// # Shapes
+/// - x: `[rows, heads, head_dim]`
+/// - cos, sin: `[rows, head_dim]` (`RotaryEmbedding::cos_sin_at`)
+/// - output: like x
+pub fn rotate<B: Backend>(
+    x: &Tensor<B, 3>,
+    cos: &Tensor<B, 2>,
+    sin: &Tensor<B, 2>,
+) -> Option<Tensor<B, 3>> {
+    let [_, heads, head_dim] = x.dims();
+    elementwise(&[flat(x), flat(cos), flat(sin)], x.dims(), |v| {
+        skipgpt_kernels::ops::rotate(v[0], heads, head_dim, v[1], v[2])
+    })
+}
+
+/// `silu(gate) · up` ([`skipgpt_kernels::ops::swiglu`]), or `None` where the tensor operations
+/// should run.
+///
+/// # Shapes
+/// - gate, up, output: `[..., width]`
+pub fn swiglu<B: Backend, const D: usize>(
+    gate: &Tensor<B, D>,
+    up: &Tensor<B, D>,
+) -> Option<Tensor<B, D>> {
+    if gate.dims() != up.dims() {
+        return None;
+    }
+    elementwise(&[flat(gate), flat(up)], gate.dims(), |v| {
+        skipgpt_kernels::ops::swiglu(v[0], v[1])
+    })
+}
+
+/// `t`'s values as one row (a view when `t` is contiguous).
+fn flat<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Tensor<B, 1> {
+    let n = t.dims().iter().product::<usize>();
+    t.clone().reshape([n])
+}
+
+/// `x · W` for many f32 rows and a half-precision `W` (a prefill with `--dtype f16|bf16`):
+/// `W` widened to f32 ([`skipgpt_kernels::matvec::widen_to_f32`]) and multiplied by gemm's f32
+/// kernels, the rows unrounded. `None` for f32 weights, which Burn's matmul takes as they
+/// are.
+fn many_rows_times_half_weight<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    w: &Tensor<B, 2>,
+) -> Option<Tensor<B, D>> {
+    if !is_flex::<B>() || x.dtype() != DType::F32 || !matches!(w.dtype(), DType::F16 | DType::BF16)
+    {
+        return None;
+    }
+    let [d_in, d_out] = w.dims();
+    // in storage order: [in, out] contiguous, or the transposed view of [out, in]
+    let transposed = !is_contiguous(w);
+    let stored = if transposed {
+        w.clone().transpose()
+    } else {
+        w.clone()
+    };
+    let flex = as_flex(&stored)?;
+    let wide = skipgpt_kernels::matvec::widen_to_f32(weights_any(&flex)?);
+    let wide = Tensor::<B, 2>::from_data(TensorData::new(wide, stored.dims()), &w.device());
+    let wide = if transposed { wide.transpose() } else { wide };
+    let dims = x.dims();
+    let rows = x
+        .clone()
+        .reshape([dims[..D - 1].iter().product::<usize>(), d_in]);
+    let mut out = dims;
+    out[D - 1] = d_out;
+    Some(rows.matmul(wide).reshape(out))
 }
 
 /// `cache` with `rows` written into its rows `slots`, in place, converted to the cache's type
@@ -178,421 +288,139 @@ pub fn write_rows<B: Backend>(
     slots: &[usize],
     rows: &Tensor<B, 2>,
 ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-    #[cfg(feature = "flex")]
-    return flex::write_rows(cache, slots, rows);
-    #[cfg(not(feature = "flex"))]
-    {
-        let _ = (slots, rows);
-        Err(cache)
+    let [n, width] = cache.dims();
+    assert_eq!(rows.dims(), [slots.len(), width], "rows to write");
+    assert!(slots.iter().all(|&s| s < n), "a slot past the {n} rows");
+    if !is_flex::<B>() || rows.dtype() != DType::F32 {
+        return Err(cache);
+    }
+    let Some(src) = as_flex(rows) else {
+        return Err(cache);
+    };
+    let Some(src) = src.as_slice::<f32>() else {
+        return Err(cache);
+    };
+    let mut dst = into_flex(cache)?;
+    if !dst.is_contiguous() || dst.layout().start_offset() != 0 || !dst.is_unique() {
+        return Err(from_flex(dst));
+    }
+    let rows_of = |s: usize| s * width..(s + 1) * width;
+    match dst.dtype() {
+        DType::F32 => {
+            let d = dst.try_storage_mut::<f32>().expect("unique");
+            for (i, &s) in slots.iter().enumerate() {
+                d[rows_of(s)].copy_from_slice(&src[rows_of(i)]);
+            }
+        }
+        DType::F16 => {
+            let d = dst.try_storage_mut::<f16>().expect("unique");
+            for (i, &s) in slots.iter().enumerate() {
+                d[rows_of(s)].convert_from_f32_slice(&src[rows_of(i)]);
+            }
+        }
+        DType::BF16 => {
+            let d = dst.try_storage_mut::<bf16>().expect("unique");
+            for (i, &s) in slots.iter().enumerate() {
+                d[rows_of(s)].convert_from_f32_slice(&src[rows_of(i)]);
+            }
+        }
+        _ => return Err(from_flex(dst)),
+    }
+    Ok(from_flex(dst))
+}
+
+/// A contiguous weight's values in their stored type, whatever the CPU.
+fn weights_any(w: &FlexTensor) -> Option<WeightSlice<'_>> {
+    match w.dtype() {
+        DType::F32 => w.as_slice::<f32>().map(WeightSlice::F32),
+        DType::F16 => w.as_slice::<f16>().map(WeightSlice::F16),
+        DType::BF16 => w.as_slice::<bf16>().map(WeightSlice::Bf16),
+        _ => None,
     }
 }
 
-/// RMSNorm of every row ([`skipgpt_kernels::ops::rms_norm`]) on the CPU backend, or `None` where
-/// the tensor operations should run.
-///
-/// # Shapes
-/// - x: `[..., dim]`
-/// - weight: `[dim]`
-/// - output: like x
-pub fn rms_norm<B: Backend, const D: usize>(
-    x: &Tensor<B, D>,
-    weight: &Tensor<B, 1>,
-    eps: f64,
+/// `op` on the values of `inputs` (all f32, contiguous, on the CPU backend), its result
+/// shaped `shape`; `None` otherwise.
+fn elementwise<B: Backend, const D: usize>(
+    inputs: &[Tensor<B, 1>],
+    shape: [usize; D],
+    op: impl FnOnce(&[&[f32]]) -> Vec<f32>,
 ) -> Option<Tensor<B, D>> {
-    #[cfg(feature = "flex")]
-    return flex::elementwise(&[flat(x), weight.clone()], x.dims(), |v| {
-        skipgpt_kernels::ops::rms_norm(v[0], v[1], eps as f32)
-    });
-    #[cfg(not(feature = "flex"))]
-    {
-        let _ = (x, weight, eps);
-        None
-    }
-}
-
-/// The rotary rotation of every head of every row ([`skipgpt_kernels::ops::rotate`]) on the CPU
-/// backend, or `None` where the tensor operations should run.
-///
-/// # Shapes
-/// - x: `[rows, heads, head_dim]`
-/// - cos, sin: `[rows, head_dim]` (`RotaryEmbedding::cos_sin_at`)
-/// - output: like x
-pub fn rotate<B: Backend>(
-    x: &Tensor<B, 3>,
-    cos: &Tensor<B, 2>,
-    sin: &Tensor<B, 2>,
-) -> Option<Tensor<B, 3>> {
-    let [_, heads, head_dim] = x.dims();
-    #[cfg(feature = "flex")]
-    return flex::elementwise(&[flat(x), flat(cos), flat(sin)], x.dims(), |v| {
-        skipgpt_kernels::ops::rotate(v[0], heads, head_dim, v[1], v[2])
-    });
-    #[cfg(not(feature = "flex"))]
-    {
-        let _ = (x, cos, sin, heads, head_dim);
-        None
-    }
-}
-
-/// `silu(gate) · up` ([`skipgpt_kernels::ops::swiglu`]) on the CPU backend, or `None` where the
-/// tensor operations should run.
-///
-/// # Shapes
-/// - gate, up, output: `[..., width]`
-pub fn swiglu<B: Backend, const D: usize>(
-    gate: &Tensor<B, D>,
-    up: &Tensor<B, D>,
-) -> Option<Tensor<B, D>> {
-    if gate.dims() != up.dims() {
+    if !is_flex::<B>() || inputs.iter().any(|t| t.dtype() != DType::F32) {
         return None;
     }
-    #[cfg(feature = "flex")]
-    return flex::elementwise(&[flat(gate), flat(up)], gate.dims(), |v| {
-        skipgpt_kernels::ops::swiglu(v[0], v[1])
-    });
-    #[cfg(not(feature = "flex"))]
-    None
+    let flex: Vec<FlexTensor> = inputs.iter().map(as_flex).collect::<Option<_>>()?;
+    let slices: Vec<&[f32]> = flex
+        .iter()
+        .map(|t| t.as_slice::<f32>())
+        .collect::<Option<_>>()?;
+    let y = op(&slices);
+    Some(Tensor::from_data(
+        TensorData::new(y, shape),
+        &inputs[0].device(),
+    ))
 }
 
-/// `t`'s values as one row (a view when `t` is contiguous).
-#[cfg(feature = "flex")]
-fn flat<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Tensor<B, 1> {
-    let n = t.dims().iter().product::<usize>();
-    t.clone().reshape([n])
+/// Whether `t` is a burn-flex tensor whose values lie contiguous in storage order.
+pub(crate) fn is_contiguous<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
+    as_flex(t).is_some_and(|f| f.is_contiguous() && f.layout().start_offset() == 0)
 }
 
-/// Runs an engine call of `rows` token rows on the CPU backend's threads; elsewhere (GPU
-/// backends) where it is called.
-///
-/// - A decoding step or a short prompt (at most [`MAX_ROWS`] rows, the products' kernels) runs
-///   as a [`skipgpt_kernels::thread_team`]: its ~200 parallel products find the pool's other threads spinning
-///   instead of asleep.
-/// - A longer call (prefill) runs on a thread of rayon's pool, where its gemm products and
-///   burn-flex's operations share the pool as usual. (A thread outside the pool that starts
-///   parallel work hands it over and sleeps until it is done; inside, it takes part.)
-pub fn in_pool<B: Backend, R: Send>(rows: usize, f: impl FnOnce() -> R + Send) -> R {
-    #[cfg(feature = "flex")]
-    if flex::is_flex::<B>() {
-        if rows <= MAX_ROWS {
-            return skipgpt_kernels::thread_team::run(f);
-        }
-        // `scope` runs its body on a pool thread (at once if this is one)
-        return rayon::scope(|_| f());
-    }
-    let _ = rows;
-    f()
+/// Whether `B` is the CPU backend (autodiff's wrapper of it is another type).
+pub fn is_flex<B: Backend>() -> bool {
+    TypeId::of::<B>() == TypeId::of::<Flex>()
 }
 
-#[cfg(feature = "flex")]
-mod flex {
-    use std::any::{Any, TypeId};
+/// On the CPU backend, f32 rows, few of them.
+fn eligible<B: Backend>(rows: usize, dtype: DType) -> bool {
+    is_flex::<B>() && (1..=MAX_ROWS).contains(&rows) && dtype == DType::F32
+}
 
-    use burn::tensor::{backend::Backend, DType, Tensor, TensorData, TensorPrimitive};
-    use burn_flex::{Flex, FlexTensor};
-    use half::slice::HalfFloatSliceExt;
-    use half::{bf16, f16};
-
-    use super::{MAX_ROWS, MAX_ROWS_IN_OUT};
-    use skipgpt_kernels::attention::{self, KvCache, QueryRow};
-    use skipgpt_kernels::matvec::{
-        rows_times_matrices, rows_times_matrix_t, widens_in_registers, Matrix, WeightSlice,
-    };
-
-    pub fn rows_times_weight<B: Backend, const D: usize>(
-        x: &Tensor<B, D>,
-        w: &Tensor<B, 2>,
-    ) -> Option<Tensor<B, D>> {
-        let dims = x.dims();
-        let m = dims[..D - 1].iter().product::<usize>();
-        if m <= MAX_ROWS {
-            if let Some(mut ys) = rows_times_weights(x, std::slice::from_ref(w)) {
-                return Some(ys.remove(0));
+/// The tensor's burn-flex primitive, taken (not shared: writing in place needs the only
+/// handle), or the tensor back where it is not one.
+fn into_flex<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<FlexTensor, Tensor<B, D>> {
+    match t.into_primitive() {
+        TensorPrimitive::Float(p) => match (Box::new(p) as Box<dyn Any>).downcast::<FlexTensor>() {
+            Ok(f) => Ok(*f),
+            Err(p) => {
+                let p = p
+                    .downcast::<B::FloatTensorPrimitive>()
+                    .expect("its own type");
+                Err(Tensor::from_primitive(TensorPrimitive::Float(*p)))
             }
-            if m <= MAX_ROWS_IN_OUT {
-                return None;
-            }
-        }
-        // more rows than the kernels take (for this layout): half-precision weights widened
-        if w.dims()[0] != dims[D - 1] {
-            return None;
-        }
-        many_rows_times_half_weight(x, w)
+        },
+        q => Err(Tensor::from_primitive(q)),
     }
+}
 
-    pub fn rows_times_weights<B: Backend, const D: usize>(
-        x: &Tensor<B, D>,
-        weights: &[Tensor<B, 2>],
-    ) -> Option<Vec<Tensor<B, D>>> {
-        let dims = x.dims();
-        let d_in = dims[D - 1];
-        let m = dims[..D - 1].iter().product::<usize>();
-        if !eligible::<B>(m, x.dtype()) || weights.iter().any(|w| w.dims()[0] != d_in) {
-            return None;
-        }
-        let xs = as_flex(x)?;
-        let rows = xs.as_slice::<f32>()?;
-        // each weight in storage order: contiguous [in, out], or a transposed view of a
-        // contiguous [out, in]
-        let stored: Vec<(FlexTensor, bool)> = weights
-            .iter()
-            .map(|w| match as_flex(w)? {
-                f if weights_of(&f).is_some() => Some((f, false)),
-                _ => as_flex(&w.clone().transpose()).map(|f| (f, true)),
-            })
-            .collect::<Option<_>>()?;
-        if m > MAX_ROWS_IN_OUT && stored.iter().any(|(_, out_in)| !out_in) {
-            return None;
-        }
-        let matrices: Vec<Matrix<'_>> = stored
-            .iter()
-            .zip(weights)
-            .map(|((f, out_in), w)| {
-                let [d_in, d_out] = w.dims();
-                Some(Matrix {
-                    w: weights_of(f)?,
-                    d_in,
-                    d_out,
-                    out_in: *out_in,
-                })
-            })
-            .collect::<Option<_>>()?;
-        let ys = rows_times_matrices(rows, m, &matrices);
-        let device = x.device();
-        Some(
-            ys.into_iter()
-                .zip(&matrices)
-                .map(|(y, mat)| {
-                    let mut shape = dims;
-                    shape[D - 1] = mat.d_out;
-                    Tensor::from_data(TensorData::new(y, shape), &device)
-                })
-                .collect(),
-        )
+/// [`into_flex`] back. `B` must be [`Flex`].
+fn from_flex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
+    let p = *(Box::new(t) as Box<dyn Any>)
+        .downcast::<B::FloatTensorPrimitive>()
+        .expect("B is Flex");
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+/// The tensor's burn-flex primitive (a reference-counted handle: no values are copied).
+fn as_flex<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
+    match t.clone().into_primitive() {
+        TensorPrimitive::Float(p) => (Box::new(p) as Box<dyn Any>)
+            .downcast::<FlexTensor>()
+            .ok()
+            .map(|b| *b),
+        TensorPrimitive::QFloat(_) => None,
     }
+}
 
-    pub fn rows_times_weight_t<B: Backend>(
-        x: &Tensor<B, 2>,
-        w: &Tensor<B, 2>,
-    ) -> Option<Tensor<B, 2>> {
-        let [m, d] = x.dims();
-        let [n, w_d] = w.dims();
-        if w_d != d || !eligible::<B>(m, x.dtype()) {
-            return None;
-        }
-        let (xs, ws) = (as_flex(x)?, as_flex(w)?);
-        let y = rows_times_matrix_t(xs.as_slice::<f32>()?, m, weights_of(&ws)?, n, d);
-        Some(Tensor::from_data(TensorData::new(y, [m, n]), &x.device()))
-    }
-
-    pub fn attend<B: Backend>(
-        q: &Tensor<B, 3>,
-        k: &Tensor<B, 2>,
-        v: &Tensor<B, 2>,
-        kv_heads: usize,
-        capacity: usize,
-        rows: &[QueryRow],
-    ) -> Option<Tensor<B, 2>> {
-        let [n, heads, hd] = q.dims();
-        if !is_flex::<B>()
-            || q.dtype() != DType::F32
-            || k.dtype() != v.dtype()
-            || n != rows.len()
-            || k.dims()[1] != hd
-        {
-            return None;
-        }
-        let (qs, ks, vs) = (as_flex(q)?, as_flex(k)?, as_flex(v)?);
-        let cache = KvCache {
-            k: weights_any(&ks)?,
-            v: weights_any(&vs)?,
-            kv_heads,
-            capacity,
-            head_dim: hd,
-        };
-        let scale = (hd as f32).powf(-0.5);
-        let y = attention::attend(qs.as_slice::<f32>()?, heads, rows, cache, scale);
-        Some(Tensor::from_data(
-            TensorData::new(y, [n, heads * hd]),
-            &q.device(),
-        ))
-    }
-
-    /// `x · W` for many f32 rows and a half-precision `W` (a prefill with `--dtype f16|bf16`):
-    /// `W` widened to f32 ([`skipgpt_kernels::matvec::widen_to_f32`]) and multiplied by gemm's f32
-    /// kernels, the rows unrounded. `None` for f32 weights, which Burn's matmul takes as they
-    /// are.
-    fn many_rows_times_half_weight<B: Backend, const D: usize>(
-        x: &Tensor<B, D>,
-        w: &Tensor<B, 2>,
-    ) -> Option<Tensor<B, D>> {
-        if !is_flex::<B>()
-            || x.dtype() != DType::F32
-            || !matches!(w.dtype(), DType::F16 | DType::BF16)
-        {
-            return None;
-        }
-        let [d_in, d_out] = w.dims();
-        // in storage order: [in, out] contiguous, or the transposed view of [out, in]
-        let transposed = !is_contiguous(w);
-        let stored = if transposed {
-            w.clone().transpose()
-        } else {
-            w.clone()
-        };
-        let flex = as_flex(&stored)?;
-        let wide = skipgpt_kernels::matvec::widen_to_f32(weights_any(&flex)?);
-        let wide = Tensor::<B, 2>::from_data(TensorData::new(wide, stored.dims()), &w.device());
-        let wide = if transposed { wide.transpose() } else { wide };
-        let dims = x.dims();
-        let rows = x
-            .clone()
-            .reshape([dims[..D - 1].iter().product::<usize>(), d_in]);
-        let mut out = dims;
-        out[D - 1] = d_out;
-        Some(rows.matmul(wide).reshape(out))
-    }
-
-    pub fn write_rows<B: Backend>(
-        cache: Tensor<B, 2>,
-        slots: &[usize],
-        rows: &Tensor<B, 2>,
-    ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-        let [n, width] = cache.dims();
-        assert_eq!(rows.dims(), [slots.len(), width], "rows to write");
-        assert!(slots.iter().all(|&s| s < n), "a slot past the {n} rows");
-        if !is_flex::<B>() || rows.dtype() != DType::F32 {
-            return Err(cache);
-        }
-        let Some(src) = as_flex(rows) else {
-            return Err(cache);
-        };
-        let Some(src) = src.as_slice::<f32>() else {
-            return Err(cache);
-        };
-        let mut dst = into_flex(cache)?;
-        if !dst.is_contiguous() || dst.layout().start_offset() != 0 || !dst.is_unique() {
-            return Err(from_flex(dst));
-        }
-        let rows_of = |s: usize| s * width..(s + 1) * width;
-        match dst.dtype() {
-            DType::F32 => {
-                let d = dst.try_storage_mut::<f32>().expect("unique");
-                for (i, &s) in slots.iter().enumerate() {
-                    d[rows_of(s)].copy_from_slice(&src[rows_of(i)]);
-                }
-            }
-            DType::F16 => {
-                let d = dst.try_storage_mut::<f16>().expect("unique");
-                for (i, &s) in slots.iter().enumerate() {
-                    d[rows_of(s)].convert_from_f32_slice(&src[rows_of(i)]);
-                }
-            }
-            DType::BF16 => {
-                let d = dst.try_storage_mut::<bf16>().expect("unique");
-                for (i, &s) in slots.iter().enumerate() {
-                    d[rows_of(s)].convert_from_f32_slice(&src[rows_of(i)]);
-                }
-            }
-            _ => return Err(from_flex(dst)),
-        }
-        Ok(from_flex(dst))
-    }
-
-    /// A contiguous weight's values in their stored type, whatever the CPU.
-    fn weights_any(w: &FlexTensor) -> Option<WeightSlice<'_>> {
-        match w.dtype() {
-            DType::F32 => w.as_slice::<f32>().map(WeightSlice::F32),
-            DType::F16 => w.as_slice::<f16>().map(WeightSlice::F16),
-            DType::BF16 => w.as_slice::<bf16>().map(WeightSlice::Bf16),
-            _ => None,
-        }
-    }
-
-    /// `op` on the values of `inputs` (all f32, contiguous, on the CPU backend), its result
-    /// shaped `shape`; `None` otherwise.
-    pub fn elementwise<B: Backend, const D: usize>(
-        inputs: &[Tensor<B, 1>],
-        shape: [usize; D],
-        op: impl FnOnce(&[&[f32]]) -> Vec<f32>,
-    ) -> Option<Tensor<B, D>> {
-        if !is_flex::<B>() || inputs.iter().any(|t| t.dtype() != DType::F32) {
-            return None;
-        }
-        let flex: Vec<FlexTensor> = inputs.iter().map(as_flex).collect::<Option<_>>()?;
-        let slices: Vec<&[f32]> = flex
-            .iter()
-            .map(|t| t.as_slice::<f32>())
-            .collect::<Option<_>>()?;
-        let y = op(&slices);
-        Some(Tensor::from_data(
-            TensorData::new(y, shape),
-            &inputs[0].device(),
-        ))
-    }
-
-    /// Whether `t` is a burn-flex tensor whose values lie contiguous in storage order.
-    pub fn is_contiguous<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
-        as_flex(t).is_some_and(|f| f.is_contiguous() && f.layout().start_offset() == 0)
-    }
-
-    /// Whether `B` is the CPU backend (autodiff's wrapper of it is another type).
-    pub fn is_flex<B: Backend>() -> bool {
-        TypeId::of::<B>() == TypeId::of::<Flex>()
-    }
-
-    /// On the CPU backend, f32 rows, few of them.
-    fn eligible<B: Backend>(rows: usize, dtype: DType) -> bool {
-        is_flex::<B>() && (1..=MAX_ROWS).contains(&rows) && dtype == DType::F32
-    }
-
-    /// The tensor's burn-flex primitive, taken (not shared: writing in place needs the only
-    /// handle), or the tensor back where it is not one.
-    fn into_flex<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<FlexTensor, Tensor<B, D>> {
-        match t.into_primitive() {
-            TensorPrimitive::Float(p) => {
-                match (Box::new(p) as Box<dyn Any>).downcast::<FlexTensor>() {
-                    Ok(f) => Ok(*f),
-                    Err(p) => {
-                        let p = p
-                            .downcast::<B::FloatTensorPrimitive>()
-                            .expect("its own type");
-                        Err(Tensor::from_primitive(TensorPrimitive::Float(*p)))
-                    }
-                }
-            }
-            q => Err(Tensor::from_primitive(q)),
-        }
-    }
-
-    /// [`into_flex`] back. `B` must be [`Flex`].
-    fn from_flex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
-        let p = *(Box::new(t) as Box<dyn Any>)
-            .downcast::<B::FloatTensorPrimitive>()
-            .expect("B is Flex");
-        Tensor::from_primitive(TensorPrimitive::Float(p))
-    }
-
-    /// The tensor's burn-flex primitive (a reference-counted handle: no values are copied).
-    fn as_flex<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
-        match t.clone().into_primitive() {
-            TensorPrimitive::Float(p) => (Box::new(p) as Box<dyn Any>)
-                .downcast::<FlexTensor>()
-                .ok()
-                .map(|b| *b),
-            TensorPrimitive::QFloat(_) => None,
-        }
-    }
-
-    /// A contiguous weight's values in their stored type; `None` for a strided view, another
-    /// type, or f16 on a CPU without the vector loops that widen it (converting f16 one value
-    /// at a time is slower than gemm's own f16 kernels; bf16 widens by a shift anywhere, and
-    /// burn-flex has no bf16 kernel).
-    fn weights_of(w: &FlexTensor) -> Option<WeightSlice<'_>> {
-        match w.dtype() {
-            DType::F32 => w.as_slice::<f32>().map(WeightSlice::F32),
-            DType::F16 if widens_in_registers() => w.as_slice::<f16>().map(WeightSlice::F16),
-            DType::BF16 => w.as_slice::<bf16>().map(WeightSlice::Bf16),
-            _ => None,
-        }
+/// A contiguous weight's values in their stored type; `None` for a strided view, another
+/// type, or f16 on a CPU without the vector loops that widen it (converting f16 one value
+/// at a time is slower than gemm's own f16 kernels; bf16 widens by a shift anywhere, and
+/// burn-flex has no bf16 kernel).
+fn weights_of(w: &FlexTensor) -> Option<WeightSlice<'_>> {
+    match w.dtype() {
+        DType::F32 => w.as_slice::<f32>().map(WeightSlice::F32),
+        DType::F16 if widens_in_registers() => w.as_slice::<f16>().map(WeightSlice::F16),
+        DType::BF16 => w.as_slice::<bf16>().map(WeightSlice::Bf16),
+        _ => None,
     }
 }

@@ -11,8 +11,10 @@
 //! - [`lora`]: LoRA adapters on the projections, merging, and the PEFT adapter format;
 //! - [`precision`]: f16/bf16 weights against the f32 residual stream;
 //! - [`quantized`]: weights kept in llama.cpp's block formats, read in place from a GGUF;
-//! - [`flex_kernels`]: the CPU backend's (burn-flex) tensors handed to `skipgpt-kernels`
-//!   (decoding products, the engine's attention, the small operations, on every core);
+//! - [`dispatch`]: the one place the hot operations choose between the CPU backend's kernels
+//!   and Burn's tensor operations; [`flex_kernels`] hands the CPU backend's (burn-flex)
+//!   tensors to `skipgpt-kernels` (decoding products, the engine's attention, the small
+//!   operations, on every core);
 //! - [`rope`]: rotary embeddings with default, linear, dynamic and llama3 scaling;
 //! - [`io`]: everything that touches files: model directories ([`io::checkpoint`],
 //!   [`io::safetensors_io`]), writes that never lose what was there ([`io::atomic_write`]), and
@@ -24,8 +26,10 @@
 
 pub mod chat_template;
 pub mod config;
+pub mod dispatch;
 pub mod engine;
 pub mod error;
+#[cfg(feature = "flex")]
 pub mod flex_kernels;
 pub mod generate;
 pub mod io;

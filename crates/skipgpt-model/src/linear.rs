@@ -32,7 +32,7 @@ pub(crate) fn init_linear<B: Backend>(
 }
 
 /// Loads HF `{name}.weight` `[d_out, d_in]` (and `{name}.bias`) into a Burn linear layer, its
-/// weight held the way the backend multiplies fastest ([`crate::flex_kernels::holds_weights_out_in`]):
+/// weight held the way the backend multiplies fastest ([`crate::dispatch::holds_weights_out_in`]):
 /// on the CPU backend as stored, seen as `[d_in, d_out]` through a transposed view; elsewhere
 /// transposed on the host into a contiguous `[d_in, d_out]`.
 pub(crate) fn load_linear<B: Backend>(
@@ -44,7 +44,7 @@ pub(crate) fn load_linear<B: Backend>(
     device: &B::Device,
 ) -> Result<Linear<B>> {
     let key = format!("{name}.weight");
-    let weight = if crate::flex_kernels::holds_weights_out_in::<B>(device) {
+    let weight = if crate::dispatch::holds_weights_out_in::<B>(device) {
         w.matrix::<B>(&key, [d_out, d_in], device)?.transpose()
     } else {
         w.tensor_transposed::<B>(&key, [d_out, d_in], device)?

@@ -239,7 +239,7 @@ impl<B: Backend> LoraLinear<B> {
 
     /// The forwards of several projections of the same rows (q, k and v; gate and up): on the
     /// CPU backend, for a decoding step's few rows, their products run as one parallel pass
-    /// ([`crate::flex_kernels::rows_times_weights`]); each adapter's term is added to its own.
+    /// ([`crate::dispatch::times_weights`]); each adapter's term is added to its own.
     ///
     /// # Shapes
     /// - x: `[..., in]`
@@ -263,9 +263,7 @@ impl<B: Backend> LoraLinear<B> {
             .iter()
             .map(|p| p.base_layer.weight.val())
             .collect();
-        let Some(products) = crate::flex_kernels::rows_times_weights(&x, &weights) else {
-            return forward_each();
-        };
+        let products = crate::dispatch::times_weights(&x, &weights);
         Self::finish_many(projections, products, &x)
     }
 
@@ -322,7 +320,7 @@ impl<B: Backend> LoraLinear<B> {
             // in the base weight's type: merging keeps a half-precision model half
             let base = self.base_layer.weight.val();
             let weight = base.clone() + lora.delta().cast(base.dtype());
-            self.base_layer.weight = Param::from_tensor(crate::flex_kernels::hold_weight(weight));
+            self.base_layer.weight = Param::from_tensor(crate::dispatch::hold_weight(weight));
         }
     }
 }

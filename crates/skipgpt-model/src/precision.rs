@@ -10,8 +10,8 @@
 //! each matrix product casts its input rows to the weight's type, multiplies there, and casts
 //! the result back to f32 (as llama.cpp does with f16 weights). The price is one rounding of
 //! each projection's input and output to half precision. On the CPU backend products of up to
-//! [`crate::flex_kernels::MAX_ROWS`] rows (decoding, prompts, which the engine feeds in pieces of
-//! that many rows) take [`crate::flex_kernels`] instead, which widens the weights to f32 in
+//! [`crate::dispatch::MAX_ROWS`] rows (decoding, prompts, which the engine feeds in pieces of
+//! that many rows) take the kernels instead ([`crate::dispatch`]), which widens the weights to f32 in
 //! registers and rounds nothing.
 
 use burn::nn::{Embedding, Linear};
@@ -77,27 +77,7 @@ pub fn linear_forward<B: Backend, const D: usize>(
     linear: &Linear<B>,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    let (x_dtype, w) = (x.dtype(), linear.weight.val());
-    let w_dtype = w.dtype();
-    let y = match crate::flex_kernels::rows_times_weight(&x, &w) {
-        Some(y) => y,
-        None => {
-            // one 2-D product of every row: Burn's `linear` would reshape the weight to x's
-            // rank, which copies a weight held as a transposed view (`linear::load_linear`) on every
-            // call, and its backward pass copies a contiguous one
-            let dims = x.dims();
-            let (d_in, d_out) = (dims[D - 1], w.dims()[1]);
-            let rows = x.reshape([dims[..D - 1].iter().product::<usize>(), d_in]);
-            let y = if x_dtype == w_dtype {
-                rows.matmul(w)
-            } else {
-                rows.cast(w_dtype).matmul(w).cast(x_dtype)
-            };
-            let mut out = dims;
-            out[D - 1] = d_out;
-            y.reshape(out)
-        }
-    };
+    let y = crate::dispatch::times_weight(x, linear.weight.val());
     match &linear.bias {
         Some(b) => y + b.val().unsqueeze(),
         None => y,

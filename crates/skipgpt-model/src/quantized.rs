@@ -16,7 +16,7 @@ use skipgpt_kernels::quant::{self, QuantMatrix, QuantType};
 /// Whether weights loaded for `B` stay in their block format: on the CPU backend itself, not
 /// under autodiff (nothing trains a quantized weight; an adapter trains beside it).
 pub fn keeps_quantized<B: Backend>() -> bool {
-    crate::flex_kernels::runs_engine_kernels::<B>()
+    crate::dispatch::engine_kernels::<B>()
 }
 
 /// A matrix `[n, d]` (HF's `[out, in]`) in a block format, read in place from a mapped file:

@@ -152,10 +152,10 @@ fn attend_with_kernels<B: Backend>(
     queries: &[(usize, usize)],
     config: &LlamaConfig,
 ) -> Option<(Tensor<B, 2>, usize)> {
-    if !crate::flex_kernels::runs_engine_kernels::<B>() {
+    if !crate::dispatch::engine_kernels::<B>() {
         return None;
     }
-    let (ck, cv) = store
+    let kv = store
         .kv
         .as_ref()
         .expect("queries store their own keys first");
@@ -167,7 +167,7 @@ fn attend_with_kernels<B: Backend>(
         })
         .collect();
     let nkv = config.num_key_value_heads;
-    let out = crate::flex_kernels::attend(q, ck, cv, nkv, store.capacity, &ranges)?;
+    let out = crate::dispatch::attend(q, kv, (nkv, store.capacity), &ranges)?;
     Some((out, ranges.iter().map(|r| r.keys.len()).sum()))
 }
 

@@ -1,9 +1,9 @@
 //! The engine's key/value cache: per sequence and layer, in preallocated buffers the
 //! attention reads in place.
 
-use burn::tensor::{backend::Backend, DType, IndexingUpdateOp, Tensor};
+use burn::tensor::{backend::Backend, DType, Tensor};
 
-use super::rows::index_tensor;
+use crate::dispatch;
 use crate::error::{ModelError, Result};
 
 /// Cache rows are allocated in blocks of this many tokens per sequence, so a growing cache is
@@ -17,7 +17,7 @@ const CACHE_BLOCK: usize = 64;
 /// capacity, head_dim]`, the layout attention reads, so it reads them in place instead of
 /// copying every stored key and value on every step. Rows past a sequence's stored count are
 /// zero and hidden from attention by its mask. A new entry is written in place on the CPU
-/// backend ([`crate::flex_kernels::write_rows`]); elsewhere it is added into its zero row, the one
+/// backend ([`crate::dispatch::write_rows`]); elsewhere it is added into its zero row, the one
 /// indexed update every backend implements.
 ///
 /// The buffers hold f32, or f16/bf16 where the model's matrices are held so
@@ -117,30 +117,9 @@ impl<B: Backend> LayerCache<B> {
         }
         let (ck, cv) = self.kv.take().expect("reserved above");
         self.kv = Some((
-            write_rows(ck, &slots, k.reshape([m * heads, hd])),
-            write_rows(cv, &slots, v.reshape([m * heads, hd])),
+            dispatch::write_rows(ck, &slots, k.reshape([m * heads, hd])),
+            dispatch::write_rows(cv, &slots, v.reshape([m * heads, hd])),
         ));
-    }
-}
-
-/// `cache` with `rows` written into its rows `slots` (zero until then).
-fn write_rows<B: Backend>(
-    cache: Tensor<B, 2>,
-    slots: &[usize],
-    rows: Tensor<B, 2>,
-) -> Tensor<B, 2> {
-    match crate::flex_kernels::write_rows(cache, slots, &rows) {
-        Ok(cache) => cache,
-        Err(cache) => {
-            let device = cache.device();
-            let rows = rows.cast(cache.dtype());
-            cache.select_assign(
-                0,
-                index_tensor::<B>(slots, &device),
-                rows,
-                IndexingUpdateOp::Add,
-            )
-        }
     }
 }
 

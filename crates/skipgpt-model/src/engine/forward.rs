@@ -83,12 +83,12 @@ impl<'a, B: Backend> Call<'a, B> {
     /// - t: `[which.len(), heads, head_dim]`
     /// - output: the same
     pub(super) fn rotate(&self, t: Tensor<B, 3>, which: &[usize], heads: Heads) -> Tensor<B, 3> {
-        if crate::flex_kernels::runs_engine_kernels::<B>() {
+        if crate::dispatch::engine_kernels::<B>() {
             let (c, s) = (
                 gather_rows(self.cos.clone(), which),
                 gather_rows(self.sin.clone(), which),
             );
-            if let Some(rotated) = crate::flex_kernels::rotate(&t, &c, &s) {
+            if let Some(rotated) = crate::dispatch::rotate(&t, &c, &s) {
                 return rotated;
             }
         }

@@ -28,7 +28,7 @@
 //! - [`generate`]: the decoding loop on the engine.
 //!
 //! On the CPU backend the products, norms, rotations and attention go to `skipgpt-kernels`
-//! through [`crate::flex_kernels`], the one place that knows the backend's type.
+//! through [`crate::dispatch`], the one place that chooses by the backend's type.
 
 mod attention;
 mod cache;
@@ -42,6 +42,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 pub use cache::{cache_dtype, SparseCache};
 pub use generate::{generate_sparse, generate_sparse_with};
+pub(crate) use rows::index_tensor;
 pub use stats::EngineStats;
 
 use crate::error::Result;
@@ -75,11 +76,11 @@ pub struct SparseOutput<B: Backend> {
 /// baseline, through the same code), `Deterministic` and `Sample` route. Gumbel training gates
 /// are not an inference mode.
 ///
-/// On the CPU backend a call of more than [`crate::flex_kernels::MAX_ROWS`] rows (a long prompt,
+/// On the CPU backend a call of more than [`crate::dispatch::MAX_ROWS`] rows (a long prompt,
 /// a batch of prompts) runs as consecutive pieces of at most that many rows, in the order of
 /// the rows, each one attending to the cache the pieces before it filled (as llama.cpp splits
 /// a prompt into micro-batches): the products keep to the kernels that read every weight once
-/// ([`crate::flex_kernels`]), and the call's buffers stay those of one piece.
+/// ([`crate::dispatch`]), and the call's buffers stay those of one piece.
 pub fn sparse_forward<B: Backend>(
     model: &LlamaForCausalLM<B>,
     tokens: &[Vec<u32>],
@@ -125,11 +126,11 @@ fn forward<B: Backend>(
     logit_rows: LogitRows,
 ) -> Result<SparseOutput<B>> {
     let rows = tokens.iter().map(Vec::len).sum();
-    let piece = crate::flex_kernels::MAX_ROWS;
-    if crate::flex_kernels::runs_engine_kernels::<B>() && rows > piece {
+    let piece = crate::dispatch::MAX_ROWS;
+    if crate::dispatch::engine_kernels::<B>() && rows > piece {
         return pieces::forward_in_pieces(model, tokens, cache, routing, logit_rows, piece);
     }
-    crate::flex_kernels::in_pool::<B, _>(rows, || {
+    crate::dispatch::in_pool::<B, _>(rows, || {
         forward::forward_rows(model, tokens, cache, routing, logit_rows)
     })
 }

@@ -34,7 +34,7 @@ pub(super) fn forward_in_pieces<B: Backend>(
     let mut stats = EngineStats::default();
     for part in &pieces {
         let rows = part.iter().map(Vec::len).sum();
-        let out = crate::flex_kernels::in_pool::<B, _>(rows, || {
+        let out = crate::dispatch::in_pool::<B, _>(rows, || {
             forward_rows(model, part, cache, routing, logit_rows)
         })?;
         let out_logits = match logit_rows {

@@ -29,11 +29,7 @@ impl<B: Backend> RmsNorm<B> {
     /// - x: `[..., dim]`
     /// - output: like x
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        if let Some(y) = crate::flex_kernels::rms_norm(&x, &self.weight.val(), self.eps) {
-            return y;
-        }
-        let rms = (x.clone().powi_scalar(2).mean_dim(D - 1) + self.eps).sqrt();
-        x / rms * self.weight.val().unsqueeze()
+        crate::dispatch::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
@@ -240,10 +236,6 @@ impl<B: Backend> Mlp<B> {
             LoraLinear::forward_many(&[&self.gate_proj, &self.up_proj], x)
                 .try_into()
                 .expect("two projections");
-        let hidden = match crate::flex_kernels::swiglu(&gate, &up) {
-            Some(hidden) => hidden,
-            None => activation::silu(gate) * up,
-        };
-        self.down_proj.forward(hidden)
+        self.down_proj.forward(crate::dispatch::swiglu(gate, up))
     }
 }

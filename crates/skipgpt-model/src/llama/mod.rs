@@ -236,11 +236,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 let w = self.model.embed_tokens.weight.val();
                 let vocab = w.dims()[0];
                 let x = x.reshape([b * t, h]);
-                match crate::flex_kernels::rows_times_weight_t(&x, &w) {
-                    Some(logits) => logits,
-                    None => crate::precision::matmul_weight_rows(w, x).transpose(),
-                }
-                .reshape([b, t, vocab])
+                crate::dispatch::times_weight_t(x, w).reshape([b, t, vocab])
             }
         }
     }

@@ -8,11 +8,9 @@ use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::{DType, Distribution, Tensor};
 use skipgpt_kernels::matvec::widens_in_registers;
+use skipgpt_model::dispatch::{hold_weight, holds_weights_out_in, MAX_ROWS, MAX_ROWS_IN_OUT};
 use skipgpt_model::engine::generate_sparse;
-use skipgpt_model::flex_kernels::{
-    hold_weight, holds_weights_out_in, rows_times_weight, rows_times_weight_t, MAX_ROWS,
-    MAX_ROWS_IN_OUT,
-};
+use skipgpt_model::flex_kernels::{rows_times_weight, rows_times_weight_t};
 use skipgpt_model::precision::linear_forward;
 use skipgpt_model::{load_pretrained, Routing};
 use skipgpt_test_support::*;
