@@ -65,22 +65,6 @@ impl<B: Backend> Attention<B> {
             head_dim: c.head_dim,
         })
     }
-
-    pub(super) fn export(
-        &self,
-        out: &mut BTreeMap<String, OwnedTensor>,
-        p: &str,
-        dtype: StoreDtype,
-    ) {
-        for (name, lin) in [
-            ("q_proj", &self.q_proj),
-            ("k_proj", &self.k_proj),
-            ("v_proj", &self.v_proj),
-            ("o_proj", &self.o_proj),
-        ] {
-            export_projection(out, &format!("{p}.{name}"), lin, dtype);
-        }
-    }
 }
 
 impl<B: Backend> Mlp<B> {
@@ -96,21 +80,6 @@ impl<B: Backend> Mlp<B> {
             up_proj: LoraLinear::load(w, &format!("{p}.up_proj"), [h, i], c.mlp_bias, device)?,
             down_proj: LoraLinear::load(w, &format!("{p}.down_proj"), [i, h], c.mlp_bias, device)?,
         })
-    }
-
-    pub(super) fn export(
-        &self,
-        out: &mut BTreeMap<String, OwnedTensor>,
-        p: &str,
-        dtype: StoreDtype,
-    ) {
-        for (name, lin) in [
-            ("gate_proj", &self.gate_proj),
-            ("up_proj", &self.up_proj),
-            ("down_proj", &self.down_proj),
-        ] {
-            export_projection(out, &format!("{p}.{name}"), lin, dtype);
-        }
     }
 }
 
@@ -149,8 +118,9 @@ impl<B: Backend> DecoderLayer<B> {
         p: &str,
         dtype: StoreDtype,
     ) {
-        self.self_attn.export(out, &format!("{p}.self_attn"), dtype);
-        self.mlp.export(out, &format!("{p}.mlp"), dtype);
+        for (module, name, lin) in self.projections() {
+            export_projection(out, &format!("{p}.{module}.{name}"), lin, dtype);
+        }
         out.insert(
             format!("{p}.input_layernorm.weight"),
             OwnedTensor::from_tensor(self.input_layernorm.weight.val(), dtype),
