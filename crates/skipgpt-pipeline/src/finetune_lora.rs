@@ -54,12 +54,7 @@ impl Default for FinetuneLoraConfig {
             routing: Routing::Deterministic,
             output: AdaptedOutput::Both,
             resume_adapter: None,
-            train: TrainOptions {
-                lr: 2e-4,
-                schedule: ScheduleKind::Cosine,
-                ..TrainOptions::default()
-            }
-            .with_steps(200, WARMUP_FRACTION),
+            train: TrainOptions::stage(2e-4, ScheduleKind::Cosine, 200, WARMUP_FRACTION),
             resume: false,
         }
     }

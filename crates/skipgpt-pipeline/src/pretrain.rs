@@ -59,12 +59,7 @@ impl Default for PretrainConfig {
             heads: 4,
             kv_heads: 2,
             intermediate_size: None,
-            train: TrainOptions {
-                lr: 3e-3,
-                schedule: ScheduleKind::Cosine,
-                ..TrainOptions::default()
-            }
-            .with_steps(300, WARMUP_FRACTION),
+            train: TrainOptions::stage(3e-3, ScheduleKind::Cosine, 300, WARMUP_FRACTION),
             resume: false,
         }
     }

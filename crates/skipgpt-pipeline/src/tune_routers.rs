@@ -76,12 +76,9 @@ impl Default for TuneRoutersConfig {
             kv_policy: KvPolicy::Keep,
             joint_lora: None,
             train: TrainOptions {
-                lr: 2e-3,
-                schedule: ScheduleKind::Constant,
                 temperature: (5.0, 1.0),
-                ..TrainOptions::default()
-            }
-            .with_steps(200, WARMUP_FRACTION),
+                ..TrainOptions::stage(2e-3, ScheduleKind::Constant, 200, WARMUP_FRACTION)
+            },
             resume: false,
         }
     }

@@ -90,6 +90,17 @@ impl Default for TrainOptions {
 }
 
 impl TrainOptions {
+    /// A stage's defaults: `steps` steps at learning rate `lr` on `schedule`, the first
+    /// `warmup_fraction` of them warming up; everything else as [`TrainOptions::default`].
+    pub fn stage(lr: f64, schedule: ScheduleKind, steps: usize, warmup_fraction: f64) -> Self {
+        TrainOptions {
+            lr,
+            schedule,
+            ..TrainOptions::default()
+        }
+        .with_steps(steps, warmup_fraction)
+    }
+
     /// `steps` optimizer steps, the first `warmup_fraction` of them warming up (a stage's
     /// warmup follows its length unless set on its own).
     pub fn with_steps(self, steps: usize, warmup_fraction: f64) -> Self {
