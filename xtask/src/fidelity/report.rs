@@ -123,6 +123,7 @@ pub fn write_report(work: &Path, settings: &Settings) -> Result<()> {
         )?;
     }
     md.push_str(&goals(&rows));
+    md.push_str(&by_budget(&rows));
     md.push_str(&answers(&rows));
     let picture = draw_frontier(&rows)?;
     std::fs::create_dir_all(Path::new(PICTURE).parent().expect("a folder"))?;
@@ -217,7 +218,83 @@ pub(super) fn goals(rows: &[Measured]) -> String {
 
 /// The static baselines: whole layers (ShortGPT) or attention modules removed for every token.
 fn is_static(name: &str) -> bool {
-    name.starts_with("shortgpt") || name.starts_with("attn-drop")
+    matches!(family(name), "ShortGPT" | "attention drop")
+}
+
+/// Which family a row belongs to, for comparing the families budget by budget.
+fn family(name: &str) -> &'static str {
+    if name.starts_with("shortgpt") {
+        "ShortGPT"
+    } else if name.starts_with("attn-drop") {
+        "attention drop"
+    } else if name.starts_with("published") {
+        "published"
+    } else {
+        "SkipGPT"
+    }
+}
+
+/// Per budget, the best model of each family (lowest general-text perplexity over dense),
+/// and what that says about the goals: the evidence the issue asks for where a goal is out
+/// of reach.
+pub(super) fn by_budget(rows: &[Measured]) -> String {
+    let mut md = String::from(
+        "\n## Every budget: the best of each family\n\nThe lowest general-text perplexity over dense each family reached at each budget (SkipGPT: any self-data row, routers alone or with LoRA, trained at the budget or calibrated to it), with its measured skip and agreement with the dense greedy answers.\n\n| budget | SkipGPT | ShortGPT | attention drop |\n| --- | --- | --- | --- |\n",
+    );
+    let mut budgets: Vec<u32> = rows.iter().filter_map(|r| r.target).collect();
+    budgets.sort_unstable();
+    budgets.dedup();
+    let best = |budget: u32, fam: &str| {
+        rows.iter()
+            .filter(|r| r.target == Some(budget) && family(&r.name) == fam)
+            .filter_map(|r| {
+                let f = r.fidelity.as_ref()?;
+                Some((r, f.text.as_ref()?, f.generation.as_ref()?))
+            })
+            .min_by(|a, b| a.1.perplexity_ratio.total_cmp(&b.1.perplexity_ratio))
+    };
+    for &budget in &budgets {
+        let cells: Vec<String> = ["SkipGPT", "ShortGPT", "attention drop"]
+            .iter()
+            .map(|fam| match best(budget, fam) {
+                Some((r, t, g)) => format!(
+                    "{:.3}× at {:.1}% skip, {:.1}% agreement (`{}`)",
+                    t.perplexity_ratio,
+                    100.0 * t.param_skip,
+                    100.0 * g.agreement,
+                    r.name
+                ),
+                None => "–".into(),
+            })
+            .collect();
+        let _ = writeln!(md, "| {budget}% | {} |", cells.join(" | "));
+    }
+    // the smallest cost of removing anything: the best model of any family at the smallest
+    // budget measured
+    let smallest = budgets.iter().find_map(|&b| {
+        ["SkipGPT", "ShortGPT", "attention drop"]
+            .iter()
+            .filter_map(|fam| best(b, fam))
+            .min_by(|a, b| a.1.perplexity_ratio.total_cmp(&b.1.perplexity_ratio))
+    });
+    if let Some((r, t, g)) = smallest {
+        let _ = write!(
+            md,
+            "\nThe cheapest removal measured, `{}` ({:.1}% of the parameters), costs {:.1}% perplexity on the general text and agrees with {:.1}% of the dense answers' tokens",
+            r.name,
+            100.0 * t.param_skip,
+            100.0 * (t.perplexity_ratio - 1.0),
+            100.0 * g.agreement
+        );
+        if t.perplexity_ratio > 1.05 || g.agreement < 0.92 {
+            md.push_str(
+                ": already outside what the frontier goal allows at ≥ 10% skip (≤ 1.05×, ≥ 92%).\n",
+            );
+        } else {
+            md.push_str(".\n");
+        }
+    }
+    md
 }
 
 pub(super) fn goals_of(rows: &[Measured], point: &str) -> String {
