@@ -4,8 +4,9 @@
 
 use half::f16;
 
-use super::{Q8Row, QuantType, Q8_BLOCK};
-use crate::isa::Isa;
+#[cfg(target_arch = "x86_64")]
+use super::fused;
+use super::{Kernel, Q8Row, QuantType, Q8_BLOCK};
 
 /// A block's weights as `w[i] = scale[g] · q[i] − offset[g]`, `g = i / group`.
 #[derive(Clone, Debug)]
@@ -178,21 +179,23 @@ fn q6_k(b: &[u8], out: &mut Unpacked) {
 /// The dot products of one weight row (whole blocks of `kind`) with each quantized activation
 /// row of the same length, into `out` (one per row). Each weight block is unpacked once for all
 /// the rows; `unpacked` is scratch space.
-pub fn dot_rows(
-    isa: Isa,
+pub(crate) fn dot_rows(
+    kernel: Kernel,
     kind: QuantType,
     weights: &[u8],
     rows: &[Q8Row],
     out: &mut [f32],
     unpacked: &mut Unpacked,
 ) {
+    // SAFETY: `Kernel::available` found the CPU features each loop is built for; the row is
+    // whole blocks and each of `rows` as long as it
     #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Plain {
-        // SAFETY: `Isa::detect` found AVX2, FMA and F16C; the row is whole blocks and each of
-        // `rows` as long as it
-        return unsafe { super::fused::rows_avx2(kind, weights, rows, out) };
+    match kernel {
+        Kernel::AvxVnni => return unsafe { fused::rows_avx_vnni(kind, weights, rows, out) },
+        Kernel::Avx512Vnni => return unsafe { fused::rows_avx512_vnni(kind, weights, rows, out) },
+        Kernel::Avx2 => return unsafe { fused::rows_avx2(kind, weights, rows, out) },
+        Kernel::Plain => {}
     }
-    let _ = isa;
     unpacked_rows(kind, weights, rows, out, unpacked);
 }
 

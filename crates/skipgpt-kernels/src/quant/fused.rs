@@ -1,7 +1,8 @@
 //! Weight rows in every block format multiplied on AVX2 without unpacking to memory: each
 //! block's weights go straight from its bytes into registers, 32 at a time, meet the
-//! activations' 32 bytes in one integer dot product (`maddubs`, then `madd`), and add into
-//! eight f32 lanes scaled by both sides' scales. A block is decoded once for a tile of
+//! activations' 32 bytes in one integer dot product ([`PairDot`]: `maddubs` then `madd`, or
+//! one `vpdpbusd` where the CPU has VNNI), and add into eight f32 lanes scaled by both sides'
+//! scales. A block is decoded once for a tile of
 //! activation rows (a prompt's), not once per row. The decoding follows llama.cpp's
 //! `ggml_vec_dot_*` for AVX2 (`ggml-cpu/arch/x86/quants.c`).
 //!
@@ -18,6 +19,42 @@ use super::{Q8Row, QuantType};
 /// Activation rows that share each decoded weight block.
 const TILE: usize = 4;
 
+/// 32 unsigned bytes times 32 signed bytes, the products added up in fours into eight i32
+/// lanes. Neither form saturates here: a pair of products is at most 128·127·2.
+pub(super) trait PairDot {
+    unsafe fn dot(w: __m256i, a: __m256i) -> __m256i;
+}
+
+/// AVX2: `maddubs` into i16 pairs, `madd` by ones into i32.
+pub(super) struct Maddubs;
+
+impl PairDot for Maddubs {
+    #[inline(always)]
+    unsafe fn dot(w: __m256i, a: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))
+    }
+}
+
+/// AVX-VNNI's `vpdpbusd` (VEX-encoded).
+pub(super) struct AvxVnni;
+
+impl PairDot for AvxVnni {
+    #[inline(always)]
+    unsafe fn dot(w: __m256i, a: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, a)
+    }
+}
+
+/// AVX-512 VNNI's `vpdpbusd` on 256-bit registers (CPUs with AVX-512 VNNI but no AVX-VNNI).
+pub(super) struct Avx512Vnni;
+
+impl PairDot for Avx512Vnni {
+    #[inline(always)]
+    unsafe fn dot(w: __m256i, a: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
+    }
+}
+
 /// `out[r]` = the weight row (whole blocks of `kind`) · `rows[r]`.
 ///
 /// # Safety
@@ -26,28 +63,61 @@ const TILE: usize = 4;
 /// 256 values ([`Q8Row::quantize_for`] quantizes them so).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn rows_avx2(kind: QuantType, weights: &[u8], rows: &[Q8Row], out: &mut [f32]) {
+    rows_with::<Maddubs>(kind, weights, rows, out)
+}
+
+/// [`rows_avx2`] with AVX-VNNI's dot product.
+///
+/// # Safety
+/// As [`rows_avx2`], and the CPU must have AVX-VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+pub(super) unsafe fn rows_avx_vnni(
+    kind: QuantType,
+    weights: &[u8],
+    rows: &[Q8Row],
+    out: &mut [f32],
+) {
+    rows_with::<AvxVnni>(kind, weights, rows, out)
+}
+
+/// [`rows_avx2`] with AVX-512 VNNI's dot product.
+///
+/// # Safety
+/// As [`rows_avx2`], and the CPU must have AVX-512 VNNI and VL.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub(super) unsafe fn rows_avx512_vnni(
+    kind: QuantType,
+    weights: &[u8],
+    rows: &[Q8Row],
+    out: &mut [f32],
+) {
+    rows_with::<Avx512Vnni>(kind, weights, rows, out)
+}
+
+#[inline(always)]
+unsafe fn rows_with<D: PairDot>(kind: QuantType, weights: &[u8], rows: &[Q8Row], out: &mut [f32]) {
     // one copy of the loops per format, so that no format is chosen inside them
     match kind {
-        QuantType::Q8_0 => tiles(QuantType::Q8_0, weights, rows, out),
-        QuantType::Q4_0 => tiles(QuantType::Q4_0, weights, rows, out),
-        QuantType::Q4_1 => tiles(QuantType::Q4_1, weights, rows, out),
-        QuantType::Q5_0 => tiles(QuantType::Q5_0, weights, rows, out),
-        QuantType::Q5_1 => tiles(QuantType::Q5_1, weights, rows, out),
-        QuantType::Q4K => tiles(QuantType::Q4K, weights, rows, out),
-        QuantType::Q5K => tiles(QuantType::Q5K, weights, rows, out),
-        QuantType::Q6K => tiles(QuantType::Q6K, weights, rows, out),
+        QuantType::Q8_0 => tiles::<D>(QuantType::Q8_0, weights, rows, out),
+        QuantType::Q4_0 => tiles::<D>(QuantType::Q4_0, weights, rows, out),
+        QuantType::Q4_1 => tiles::<D>(QuantType::Q4_1, weights, rows, out),
+        QuantType::Q5_0 => tiles::<D>(QuantType::Q5_0, weights, rows, out),
+        QuantType::Q5_1 => tiles::<D>(QuantType::Q5_1, weights, rows, out),
+        QuantType::Q4K => tiles::<D>(QuantType::Q4K, weights, rows, out),
+        QuantType::Q5K => tiles::<D>(QuantType::Q5K, weights, rows, out),
+        QuantType::Q6K => tiles::<D>(QuantType::Q6K, weights, rows, out),
     }
 }
 
 /// `rows` in tiles of [`TILE`], the last one shorter, each tile's size known to the loop.
 #[inline(always)]
-unsafe fn tiles(kind: QuantType, weights: &[u8], rows: &[Q8Row], out: &mut [f32]) {
+unsafe fn tiles<D: PairDot>(kind: QuantType, weights: &[u8], rows: &[Q8Row], out: &mut [f32]) {
     for (tile, outs) in rows.chunks(TILE).zip(out.chunks_mut(TILE)) {
         match tile.len() {
-            4 => tile_rows::<4>(kind, weights, tile, outs),
-            3 => tile_rows::<3>(kind, weights, tile, outs),
-            2 => tile_rows::<2>(kind, weights, tile, outs),
-            _ => tile_rows::<1>(kind, weights, tile, outs),
+            4 => tile_rows::<D, 4>(kind, weights, tile, outs),
+            3 => tile_rows::<D, 3>(kind, weights, tile, outs),
+            2 => tile_rows::<D, 2>(kind, weights, tile, outs),
+            _ => tile_rows::<D, 1>(kind, weights, tile, outs),
         }
     }
 }
@@ -71,7 +141,7 @@ impl<const R: usize> Tile<R> {
 }
 
 #[inline(always)]
-unsafe fn tile_rows<const R: usize>(
+unsafe fn tile_rows<D: PairDot, const R: usize>(
     kind: QuantType,
     weights: &[u8],
     rows: &[Q8Row],
@@ -81,7 +151,7 @@ unsafe fn tile_rows<const R: usize>(
     let (acc, offsets) = if kind.is_k() {
         k_blocks(kind, weights, &tile)
     } else {
-        small_blocks(kind, weights, &tile)
+        small_blocks::<D, R>(kind, weights, &tile)
     };
     for r in 0..R {
         out[r] = horizontal_sum(acc[r]) + offsets[r];
@@ -91,12 +161,11 @@ unsafe fn tile_rows<const R: usize>(
 /// The 32-value formats: one scale (and for Q4_1 and Q5_1 an offset) per block. Returns each
 /// row's eight partial sums and its offset term.
 #[inline(always)]
-unsafe fn small_blocks<const R: usize>(
+unsafe fn small_blocks<D: PairDot, const R: usize>(
     kind: QuantType,
     weights: &[u8],
     x: &Tile<R>,
 ) -> ([__m256; R], [f32; R]) {
-    let ones = _mm256_set1_epi16(1);
     let unsigned = matches!(kind, QuantType::Q4_1 | QuantType::Q5_1);
     let size = kind.block_bytes();
     let mut acc = [_mm256_setzero_ps(); R];
@@ -107,7 +176,7 @@ unsafe fn small_blocks<const R: usize>(
         for r in 0..R {
             let a = _mm256_loadu_si256(x.qs[r].add(32 * b) as *const __m256i);
             let a = if unsigned { a } else { _mm256_sign_epi8(a, w) };
-            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, a), ones);
+            let sums = D::dot(w_abs, a);
             let scale = _mm256_set1_ps(d_w * *x.d[r].add(b));
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
             if unsigned {

@@ -4,7 +4,8 @@
 //! Each activation row is quantized once per product to 8 bits ([`Q8Row`]: one scale per
 //! 32 or 256 values, as llama.cpp quantizes them, and the integer sum of every 16), then
 //! multiplied with each weight block in integer dot products: on AVX2 straight from the
-//! block's bytes (`fused`), elsewhere through the plain loop that unpacks a block to small
+//! block's bytes (`fused`; with AVX-VNNI or AVX-512 VNNI where the CPU has them, see
+//! [`Kernel`]), elsewhere through the plain loop that unpacks a block to small
 //! integers with a scale (and an offset) per group of 16 or 32 (`blocks`), which the tests
 //! hold every vector kernel to. llama.cpp computes the same way (`ggml_vec_dot_*_q8_*`).
 //!
@@ -26,6 +27,48 @@ mod tests;
 
 use crate::isa::Isa;
 use crate::thread_team::par_map;
+
+/// The loop that multiplies weight blocks with quantized activations, widest first. The
+/// vector loops are one code (`fused`) built three ways, differing in the instruction that
+/// adds up 32 byte products in fours: `vpdpbusd` (AVX-VNNI, or AVX-512 VNNI on 256-bit
+/// registers) does in one instruction what AVX2 does in two (`maddubs`, then `madd`), as
+/// llama.cpp's `mul_sum_us8_pairs_float` does when built for such a CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Plain,
+}
+
+impl Kernel {
+    /// The widest this CPU runs, found once.
+    fn detect() -> Kernel {
+        static FOUND: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *FOUND.get_or_init(|| Kernel::available()[0])
+    }
+
+    /// Every one this CPU runs, widest first: the tests hold each to the plain loop.
+    fn available() -> Vec<Kernel> {
+        #[allow(unused_mut)]
+        let mut found = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if Isa::available().contains(&Isa::Avx2) {
+            if is_x86_feature_detected!("avxvnni") {
+                found.push(Kernel::AvxVnni);
+            }
+            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                found.push(Kernel::Avx512Vnni);
+            }
+            found.push(Kernel::Avx2);
+        }
+        found.push(Kernel::Plain);
+        found
+    }
+}
 pub use blocks::Unpacked;
 pub use quantize::quantize;
 
@@ -261,7 +304,7 @@ impl Q8Row {
 /// # Panics
 /// When `x` is not `m·d` long or `w` is not consistent ([`QuantMatrix::is_consistent`]).
 pub fn rows_times_quantized(x: &[f32], m: usize, w: QuantMatrix<'_>) -> Vec<f32> {
-    rows_times_quantized_on(Isa::detect(), x, m, &[w]).remove(0)
+    rows_times_quantized_on(Kernel::detect(), x, m, &[w]).remove(0)
 }
 
 /// [`rows_times_quantized`] for several matrices of the same input width (q, k and v; gate and
@@ -271,10 +314,15 @@ pub fn rows_times_quantized(x: &[f32], m: usize, w: QuantMatrix<'_>) -> Vec<f32>
 /// # Panics
 /// As [`rows_times_quantized`], or when the matrices differ in `d`.
 pub fn rows_times_quantized_many(x: &[f32], m: usize, ws: &[QuantMatrix<'_>]) -> Vec<Vec<f32>> {
-    rows_times_quantized_on(Isa::detect(), x, m, ws)
+    rows_times_quantized_on(Kernel::detect(), x, m, ws)
 }
 
-fn rows_times_quantized_on(isa: Isa, x: &[f32], m: usize, ws: &[QuantMatrix<'_>]) -> Vec<Vec<f32>> {
+fn rows_times_quantized_on(
+    kernel: Kernel,
+    x: &[f32],
+    m: usize,
+    ws: &[QuantMatrix<'_>],
+) -> Vec<Vec<f32>> {
     let Some(d) = ws.first().map(|w| w.d) else {
         return Vec::new();
     };
@@ -289,7 +337,7 @@ fn rows_times_quantized_on(isa: Isa, x: &[f32], m: usize, ws: &[QuantMatrix<'_>]
         );
     }
     // each row quantized once per way the matrices need it (K formats or not)
-    let quantized = |kind: QuantType| quantize_rows(isa, kind, x, m, d);
+    let quantized = |kind: QuantType| quantize_rows(kernel, kind, x, m, d);
     let needs = |k: bool| ws.iter().find(|w| w.kind.is_k() == k);
     let small_rows = needs(false).map(|w| quantized(w.kind)).unwrap_or_default();
     let k_rows = needs(true).map(|w| quantized(w.kind)).unwrap_or_default();
@@ -313,7 +361,7 @@ fn rows_times_quantized_on(isa: Isa, x: &[f32], m: usize, ws: &[QuantMatrix<'_>]
         let mut dots = vec![0.0f32; m];
         let mut band = vec![0.0f32; len * m];
         for r in start..end {
-            blocks::dot_rows(isa, w.kind, w.row(r), rows, &mut dots, &mut unpacked);
+            blocks::dot_rows(kernel, w.kind, w.row(r), rows, &mut dots, &mut unpacked);
             for (i, &v) in dots.iter().enumerate() {
                 band[i * len + r - start] = v;
             }
@@ -333,23 +381,23 @@ fn rows_times_quantized_on(isa: Isa, x: &[f32], m: usize, ws: &[QuantMatrix<'_>]
 /// The `m` rows of `x` (`[m, d]`) quantized for weights of `kind`, shared out over the
 /// cores in groups of rows (a prompt's rows would otherwise be quantized on one core while
 /// the others wait).
-fn quantize_rows(isa: Isa, kind: QuantType, x: &[f32], m: usize, d: usize) -> Vec<Q8Row> {
+fn quantize_rows(kernel: Kernel, kind: QuantType, x: &[f32], m: usize, d: usize) -> Vec<Q8Row> {
     const ROWS_PER_TASK: usize = 16;
     let groups = par_map(m.div_ceil(ROWS_PER_TASK), |t| {
         let rows = t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(m);
-        rows.map(|i| quantize_row(isa, kind, &x[i * d..(i + 1) * d]))
+        rows.map(|i| quantize_row(kernel, kind, &x[i * d..(i + 1) * d]))
             .collect::<Vec<_>>()
     });
     groups.into_iter().flatten().collect()
 }
 
-fn quantize_row(isa: Isa, kind: QuantType, x: &[f32]) -> Q8Row {
+fn quantize_row(kernel: Kernel, kind: QuantType, x: &[f32]) -> Q8Row {
     #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Plain {
-        // SAFETY: `Isa::detect` found AVX2 (AVX-512 implies it)
+    if kernel != Kernel::Plain {
+        // SAFETY: every vector kernel needs AVX2 (`Kernel::available`)
         return unsafe { quantize_row_avx2(kind, x) };
     }
-    let _ = isa;
+    let _ = kernel;
     Q8Row::quantize_for(kind, x)
 }
 

@@ -134,9 +134,9 @@ fn every_format_multiplies_like_its_dequantized_weights() {
                 n,
                 d,
             };
-            for isa in crate::isa::Isa::available() {
-                let got = rows_times_quantized_on(isa, &x, m, &[matrix]).remove(0);
-                let what = format!("{kind:?} {isa:?} m {m} n {n} d {d}");
+            for kernel in Kernel::available() {
+                let got = rows_times_quantized_on(kernel, &x, m, &[matrix]).remove(0);
+                let what = format!("{kind:?} {kernel:?} m {m} n {n} d {d}");
                 check_product(&got, &x, (&dequantize(kind, &w), kind), [m, n, d], &what);
             }
         }
@@ -234,7 +234,6 @@ fn a_matrix_of_the_wrong_size_is_refused() {
 
 #[test]
 fn the_vector_kernels_keep_the_extremes_exact() {
-    use crate::isa::Isa;
     // Q8_0 blocks of scale 1 whose weights are all −128, −127 or 127, against activations that
     // quantize to ±127: the pairs' i16 sums at their largest (128·127·2) must not saturate
     let one = half::f16::from_f32(1.0).to_le_bytes();
@@ -250,11 +249,11 @@ fn the_vector_kernels_keep_the_extremes_exact() {
                 d: 32,
             };
             let want = sign * weight as f32 * 32.0;
-            for isa in Isa::available() {
-                let got = rows_times_quantized_on(isa, &x, 1, &[matrix])[0][0];
+            for kernel in Kernel::available() {
+                let got = rows_times_quantized_on(kernel, &x, 1, &[matrix])[0][0];
                 assert!(
                     (got - want).abs() <= 1e-3 * want.abs(),
-                    "{isa:?} {weight} {sign}: {got}"
+                    "{kernel:?} {weight} {sign}: {got}"
                 );
             }
         }
@@ -374,4 +373,33 @@ fn q8_0_matches_llama_cpp_on_a_block_written_by_hand() {
         quantize(QuantType::Q6K, &x).is_none(),
         "32 values are no K block"
     );
+}
+
+#[test]
+fn every_vector_kernel_gives_the_same_products_bit_for_bit() {
+    // the VNNI loops differ from the AVX2 loop only in how the byte products are added up
+    // into i32 lanes, which neither saturates: the results must be identical, not close
+    let vector: Vec<Kernel> = Kernel::available()
+        .into_iter()
+        .filter(|k| *k != Kernel::Plain)
+        .collect();
+    for kind in QuantType::ALL {
+        let (m, n, blocks) = (6, 9, 3);
+        let d = blocks * kind.block_values();
+        let w = random_blocks(kind, n * blocks, 40);
+        let x = values(m * d, 41);
+        let matrix = QuantMatrix {
+            kind,
+            bytes: &w,
+            n,
+            d,
+        };
+        let products: Vec<Vec<f32>> = vector
+            .iter()
+            .map(|&k| rows_times_quantized_on(k, &x, m, &[matrix]).remove(0))
+            .collect();
+        for (k, p) in vector.iter().zip(&products).skip(1) {
+            assert_eq!(p, &products[0], "{kind:?}: {k:?} against {:?}", vector[0]);
+        }
+    }
 }
