@@ -17,6 +17,7 @@ use skipgpt_model::{
 };
 use skipgpt_train::loader::LmBatch;
 use skipgpt_train::loss::SparsityLossConfig;
+use skipgpt_train::probe::router_gradients;
 use skipgpt_train::step::LmTrainer;
 use skipgpt_train::Objective;
 
@@ -213,29 +214,8 @@ pub(crate) fn router_grads<Bk: AutodiffBackend>(
 ) -> (f32, Vec<f32>) {
     let model = load_pretrained::<Bk>(&fixtures.join("model-routed"), device)
         .unwrap()
-        .model
-        .freeze_base();
-    let seqs: Vec<&[u32]> = input.iter().map(Vec::as_slice).collect();
-    let batch = LmBatch {
-        temperature: 3.0,
-        noise_seed: 7,
-        ..LmBatch::<Bk>::from_sequences(&seqs, device)
-    };
-    let trainer = LmTrainer::new(
-        model,
-        Objective::Sparsity(SparsityLossConfig::new().with_alpha(8.0).with_target(0.25)),
-    );
-    let (loss, _) = trainer.forward_loss(&batch, true);
-    let grads = loss.backward();
-    let loss = host(loss.inner())[0];
-    let mut g = Vec::new();
-    for layer in &trainer.model.model.layers {
-        for router in [&layer.attn_router, &layer.mlp_router] {
-            let w = &router.as_ref().unwrap().fc2.weight;
-            g.extend(host(w.grad(&grads).expect("router weight has a gradient")));
-        }
-    }
-    (loss, g)
+        .model;
+    router_gradients(model, input, device)
 }
 
 // ---------------------------------------------------------------- speed

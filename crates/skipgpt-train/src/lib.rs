@@ -12,6 +12,7 @@
 //! - [`metrics`], [`progress`], [`curves`]: what a run reports while it trains, and its
 //!   curves as a picture;
 //! - [`resume`]: atomic checkpoints and the run manifest;
+//! - [`probe`]: one stage-1 step's loss and router gradients, for comparing backends;
 //! - [`tokenizer`]: BPE tokenizer training for pretraining from scratch.
 
 pub mod curves;
@@ -20,6 +21,7 @@ pub mod fit;
 pub mod loader;
 pub mod loss;
 pub mod metrics;
+pub mod probe;
 pub mod progress;
 pub mod resume;
 pub mod schedule;

@@ -23,9 +23,8 @@ use skipgpt_model::io::safetensors_io::TensorFile;
 use skipgpt_model::{generate, load_pretrained, LlamaForCausalLM, Routing};
 use skipgpt_test_support::{diff_with, ids_rows, reference, tiny, to_vec};
 use skipgpt_train::data::PackedDataset;
-use skipgpt_train::loader::LmBatch;
 use skipgpt_train::loss::SparsityLossConfig;
-use skipgpt_train::step::LmTrainer;
+use skipgpt_train::probe::router_gradients;
 use skipgpt_train::{fit, Objective, RunDir, TrainOptions};
 
 type W = Wgpu;
@@ -180,36 +179,12 @@ fn router_weights<Bk: Backend>(model: &LlamaForCausalLM<Bk>) -> Vec<f32> {
         .collect()
 }
 
-/// Stage-1 loss and router gradients of one batch, with fixed Gumbel noise.
+/// Stage-1 loss and router gradients of the fixture's batch, with fixed Gumbel noise.
 fn router_tuning_grads<Bk: burn::tensor::backend::AutodiffBackend>(
     device: &Bk::Device,
 ) -> (f32, Vec<f32>) {
-    let model = routed::<Bk>(device).freeze_base();
-    let r = reference(&tiny());
-    let rows = ids_rows(&r, "input_ids");
-    let seqs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
-    let batch = LmBatch {
-        temperature: 3.0,
-        noise_seed: 7,
-        ..LmBatch::<Bk>::from_sequences(&seqs, device)
-    };
-    let trainer = LmTrainer::new(
-        model,
-        Objective::Sparsity(SparsityLossConfig::new().with_alpha(8.0).with_target(0.25)),
-    );
-    let (loss, _) = trainer.forward_loss(&batch, true);
-    let grads = loss.backward();
-    let loss = to_vec(loss.inner())[0];
-    let mut g = Vec::new();
-    for layer in &trainer.model.model.layers {
-        for router in [&layer.attn_router, &layer.mlp_router] {
-            let w = &router.as_ref().unwrap().fc2.weight;
-            g.extend(to_vec(
-                w.grad(&grads).expect("router weight has a gradient"),
-            ));
-        }
-    }
-    (loss, g)
+    let rows = ids_rows(&reference(&tiny()), "input_ids");
+    router_gradients(routed::<Bk>(device), &rows, device)
 }
 
 #[test]
