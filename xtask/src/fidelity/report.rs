@@ -230,7 +230,7 @@ pub(super) fn goals(rows: &[Measured]) -> String {
     }
     for (r, t, _) in finished().filter(|(r, _, _)| is_static(&r.name)) {
         let rival = finished()
-            .filter(|(o, _, _)| o.name.starts_with("s2-") && o.target == r.target)
+            .filter(|(o, _, _)| family(&o.name) == "SkipGPT" && o.target == r.target)
             .min_by(|a, b| a.1.perplexity_ratio.total_cmp(&b.1.perplexity_ratio));
         if let Some((o, ot, _)) = rival {
             let rival_name = if r.name.starts_with("shortgpt") {
