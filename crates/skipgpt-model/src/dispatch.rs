@@ -40,8 +40,8 @@ pub const MAX_ROWS_IN_OUT: usize = 8;
 /// Burn's `[in, out]` through a transposed view: on the CPU backend, with or without autodiff.
 ///
 /// A decoding product then reads each output's weights as one contiguous row and takes dot
-/// products with it; on SmolLM2's matrices that took 0.7-0.8x the time of adding up rows of an
-/// `[in, out]` matrix (`examples/bench_matvec`). gemm (prefill, training) reads either layout
+/// products with it, faster than adding up the rows of an `[in, out]` matrix
+/// (`docs/benchmarks.md`, "Weights as checkpoints store them"). gemm (prefill, training) reads either layout
 /// without copying, and no weight is transposed at load. Other backends keep a contiguous
 /// `[in, out]`: burn-ndarray copies a strided weight in every product.
 pub fn holds_weights_out_in<B: Backend>(device: &B::Device) -> bool {
