@@ -11,8 +11,8 @@
 //! the result back to f32 (as llama.cpp does with f16 weights). The price is one rounding of
 //! each projection's input and output to half precision. On the CPU backend products of up to
 //! [`crate::dispatch::MAX_ROWS`] rows (decoding, prompts, which the engine feeds in pieces of
-//! that many rows) take the kernels instead ([`crate::dispatch`]), which widens the weights to f32 in
-//! registers and rounds nothing.
+//! that many rows) take the kernels instead ([`crate::dispatch`]): they widen the weights to
+//! f32 in registers and round nothing.
 
 use burn::nn::{Embedding, Linear};
 use burn::tensor::{backend::Backend, DType, Int, Tensor};

@@ -4,7 +4,7 @@ use crate::bench_real::Figures;
 use crate::today;
 use anyhow::Result;
 use skipgpt_eval::charts::{frontier, Points, RGBColor};
-use skipgpt_eval::fidelity::TextFidelity;
+use skipgpt_eval::fidelity::{GenerationFidelity, TextFidelity};
 use skipgpt_pipeline::EvalFidelityReport;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -153,12 +153,7 @@ pub(super) fn goals(rows: &[Measured]) -> String {
         md.push_str(&goals_of(rows, point));
     }
     // the frontier: any SkipGPT model at >= 10% within 1.05x perplexity and 92% agreement
-    let finished = || {
-        rows.iter().filter_map(|r| {
-            let f = r.fidelity.as_ref()?;
-            Some((r, f.text.as_ref()?, f.generation.as_ref()?))
-        })
-    };
+    let finished = || finished(rows);
     let near_dense = finished().find(|(r, t, g)| {
         !is_static(&r.name)
             && t.param_skip >= 0.1
@@ -229,15 +224,9 @@ pub(super) fn goals(rows: &[Measured]) -> String {
         }
     }
     for (r, t, _) in finished().filter(|(r, _, _)| is_static(&r.name)) {
-        let rival = finished()
-            .filter(|(o, _, _)| family(&o.name) == "SkipGPT" && o.target == r.target)
-            .min_by(|a, b| a.1.perplexity_ratio.total_cmp(&b.1.perplexity_ratio));
-        if let Some((o, ot, _)) = rival {
-            let rival_name = if r.name.starts_with("shortgpt") {
-                "ShortGPT"
-            } else {
-                "attention drop"
-            };
+        let Some(budget) = r.target else { continue };
+        if let Some((o, ot, _)) = best_of(rows, budget, "SkipGPT") {
+            let rival_name = family(&r.name);
             let verdict = if ot.perplexity_ratio < t.perplexity_ratio {
                 "**SkipGPT better**".to_string()
             } else {
@@ -247,6 +236,27 @@ pub(super) fn goals(rows: &[Measured]) -> String {
         }
     }
     md
+}
+
+/// The rows with both measurements (the text and the answers) finished.
+fn finished(
+    rows: &[Measured],
+) -> impl Iterator<Item = (&Measured, &TextFidelity, &GenerationFidelity)> {
+    rows.iter().filter_map(|r| {
+        let f = r.fidelity.as_ref()?;
+        Some((r, f.text.as_ref()?, f.generation.as_ref()?))
+    })
+}
+
+/// The finished row of `fam` at `budget` with the lowest general-text perplexity over dense.
+fn best_of<'a>(
+    rows: &'a [Measured],
+    budget: u32,
+    fam: &str,
+) -> Option<(&'a Measured, &'a TextFidelity, &'a GenerationFidelity)> {
+    finished(rows)
+        .filter(|(r, _, _)| r.target == Some(budget) && family(&r.name) == fam)
+        .min_by(|a, b| a.1.perplexity_ratio.total_cmp(&b.1.perplexity_ratio))
 }
 
 /// The static baselines: whole layers (ShortGPT) or attention modules removed for every token.
@@ -277,15 +287,7 @@ pub(super) fn by_budget(rows: &[Measured]) -> String {
     let mut budgets: Vec<u32> = rows.iter().filter_map(|r| r.target).collect();
     budgets.sort_unstable();
     budgets.dedup();
-    let best = |budget: u32, fam: &str| {
-        rows.iter()
-            .filter(|r| r.target == Some(budget) && family(&r.name) == fam)
-            .filter_map(|r| {
-                let f = r.fidelity.as_ref()?;
-                Some((r, f.text.as_ref()?, f.generation.as_ref()?))
-            })
-            .min_by(|a, b| a.1.perplexity_ratio.total_cmp(&b.1.perplexity_ratio))
-    };
+    let best = |budget: u32, fam: &str| best_of(rows, budget, fam);
     for &budget in &budgets {
         let cells: Vec<String> = ["SkipGPT", "ShortGPT", "attention drop"]
             .iter()
