@@ -112,12 +112,15 @@ unsafe fn rows_with<D: PairDot>(kind: QuantType, weights: &[u8], rows: &[Q8Row],
 /// `rows` in tiles of [`TILE`], the last one shorter, each tile's size known to the loop.
 #[inline(always)]
 unsafe fn tiles<D: PairDot>(kind: QuantType, weights: &[u8], rows: &[Q8Row], out: &mut [f32]) {
+    // one tile reads the weight row once, from memory: ask for it ahead (several tiles read
+    // it again from the cache, where asking only costs)
+    let ahead = rows.len() <= TILE;
     for (tile, outs) in rows.chunks(TILE).zip(out.chunks_mut(TILE)) {
         match tile.len() {
-            4 => tile_rows::<D, 4>(kind, weights, tile, outs),
-            3 => tile_rows::<D, 3>(kind, weights, tile, outs),
-            2 => tile_rows::<D, 2>(kind, weights, tile, outs),
-            _ => tile_rows::<D, 1>(kind, weights, tile, outs),
+            4 => tile_rows::<D, 4>(kind, weights, tile, outs, ahead),
+            3 => tile_rows::<D, 3>(kind, weights, tile, outs, ahead),
+            2 => tile_rows::<D, 2>(kind, weights, tile, outs, ahead),
+            _ => tile_rows::<D, 1>(kind, weights, tile, outs, ahead),
         }
     }
 }
@@ -146,12 +149,13 @@ unsafe fn tile_rows<D: PairDot, const R: usize>(
     weights: &[u8],
     rows: &[Q8Row],
     out: &mut [f32],
+    ahead: bool,
 ) {
     let tile = Tile::<R>::new(rows);
     let (acc, offsets) = if kind.is_k() {
-        k_blocks(kind, weights, &tile)
+        k_blocks(kind, weights, &tile, ahead)
     } else {
-        small_blocks::<D, R>(kind, weights, &tile)
+        small_blocks::<D, R>(kind, weights, &tile, ahead)
     };
     for r in 0..R {
         out[r] = horizontal_sum(acc[r]) + offsets[r];
@@ -165,12 +169,16 @@ unsafe fn small_blocks<D: PairDot, const R: usize>(
     kind: QuantType,
     weights: &[u8],
     x: &Tile<R>,
+    ahead: bool,
 ) -> ([__m256; R], [f32; R]) {
     let unsigned = matches!(kind, QuantType::Q4_1 | QuantType::Q5_1);
     let size = kind.block_bytes();
     let mut acc = [_mm256_setzero_ps(); R];
     let mut offsets = [0.0f32; R];
     for b in 0..weights.len() / size {
+        if ahead {
+            prefetch(weights.as_ptr().add(b * size));
+        }
         let (w, d_w, m_w) = decode_small(kind, weights.as_ptr().add(b * size));
         let w_abs = if unsigned { w } else { _mm256_sign_epi8(w, w) };
         for r in 0..R {
@@ -267,12 +275,18 @@ unsafe fn k_blocks<const R: usize>(
     kind: QuantType,
     weights: &[u8],
     x: &Tile<R>,
+    ahead: bool,
 ) -> ([__m256; R], [f32; R]) {
     let size = kind.block_bytes();
     let mut acc = [_mm256_setzero_ps(); R];
     let mut lost = [_mm256_setzero_ps(); R];
     for b in 0..weights.len() / size {
         let block = weights.get_unchecked(b * size..(b + 1) * size);
+        if ahead {
+            for line in 0..size.div_ceil(64) {
+                prefetch(block.as_ptr().add(64 * line));
+            }
+        }
         let k = match kind {
             QuantType::Q6K => decode_q6_k(block),
             _ => decode_q4_k(block, kind == QuantType::Q5K),
@@ -399,6 +413,18 @@ unsafe fn decode_q6_k(b: &[u8]) -> KBlock {
         _mm256_loadu_ps(off16.as_ptr().add(8)),
     ];
     k
+}
+
+/// How far ahead of the block being multiplied its weights are asked for. A decoding step
+/// reads every weight once, from memory, in runs that the hardware prefetcher follows only
+/// to the end of each page; asked for a page ahead, the next page is on its way in time
+/// (docs/benchmarks.md has the distances tried).
+const PREFETCH_AHEAD: usize = 4096;
+
+#[inline(always)]
+unsafe fn prefetch(p: *const u8) {
+    // a hint: the address may lie past the weights, where it does nothing
+    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_AHEAD) as *const i8);
 }
 
 #[target_feature(enable = "avx2")]
