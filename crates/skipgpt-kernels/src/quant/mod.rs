@@ -20,6 +20,8 @@
 mod blocks;
 #[cfg(target_arch = "x86_64")]
 mod fused;
+#[cfg(target_arch = "x86_64")]
+mod interleaved;
 mod quantize;
 mod quantize_k;
 #[cfg(test)]
@@ -353,6 +355,12 @@ fn rows_times_quantized_on(
         .collect();
     // each task's outputs as `[m, rows of its band]`, so that putting them in place copies
     // whole runs of a row
+    // a prompt's rows against Q8_0 on a VNNI CPU: weight rows eight at a time
+    #[cfg(target_arch = "x86_64")]
+    let unsigned = ws
+        .iter()
+        .any(|w| interleaved::applies(kernel, w.kind, m))
+        .then(|| interleaved::unsigned_rows(&small_rows));
     let bands = par_map(tasks.len(), |t| {
         let (k, start, end) = tasks[t];
         let (w, len) = (ws[k], end - start);
@@ -360,7 +368,18 @@ fn rows_times_quantized_on(
         let mut unpacked = Unpacked::default();
         let mut dots = vec![0.0f32; m];
         let mut band = vec![0.0f32; len * m];
-        for r in start..end {
+        #[allow(unused_mut)]
+        let mut first = start;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(unsigned) = unsigned.as_deref() {
+            if interleaved::applies(kernel, w.kind, m) {
+                // SAFETY: `applies` found the kernel's features for this format
+                first = unsafe {
+                    interleaved::band(kernel, &w, (start, end), (unsigned, rows), &mut band)
+                };
+            }
+        }
+        for r in first..end {
             blocks::dot_rows(kernel, w.kind, w.row(r), rows, &mut dots, &mut unpacked);
             for (i, &v) in dots.iter().enumerate() {
                 band[i * len + r - start] = v;

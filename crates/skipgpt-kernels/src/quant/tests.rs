@@ -123,8 +123,9 @@ fn activations_round_to_within_half_a_step() {
 #[test]
 fn every_format_multiplies_like_its_dequantized_weights() {
     for kind in QuantType::ALL {
-        // 9 rows: two whole tiles of the fused kernels and one row over
-        for (m, n, blocks) in [(1, 5, 1), (3, 7, 2), (2, 33, 4), (9, 3, 2)] {
+        // 9 rows: two whole tiles of the fused kernels and one row over; 17 rows against 19: a
+        // prompt's product, Q8_0's weight rows interleaved in two groups of eight, three over
+        for (m, n, blocks) in [(1, 5, 1), (3, 7, 2), (2, 33, 4), (9, 3, 2), (17, 19, 3)] {
             let d = blocks * kind.block_values();
             let w = random_blocks(kind, n * blocks, 10 + n as u32);
             let x = values(m * d, 20 + m as u32);
@@ -241,20 +242,27 @@ fn the_vector_kernels_keep_the_extremes_exact() {
         for sign in [-1.0f32, 1.0] {
             let mut w = one.to_vec();
             w.extend(std::iter::repeat_n(weight as u8, 32));
-            let x = vec![sign; 32];
+            // eight identical weight rows (a whole interleaved group) against one row, and
+            // against a prompt's 16 (where the activations go in unsigned)
+            let w = w.repeat(8);
             let matrix = QuantMatrix {
                 kind: QuantType::Q8_0,
                 bytes: &w,
-                n: 1,
+                n: 8,
                 d: 32,
             };
             let want = sign * weight as f32 * 32.0;
-            for kernel in Kernel::available() {
-                let got = rows_times_quantized_on(kernel, &x, 1, &[matrix])[0][0];
-                assert!(
-                    (got - want).abs() <= 1e-3 * want.abs(),
-                    "{kernel:?} {weight} {sign}: {got}"
-                );
+            for m in [1, 16] {
+                let x = vec![sign; 32 * m];
+                for kernel in Kernel::available() {
+                    let got = rows_times_quantized_on(kernel, &x, m, &[matrix]).remove(0);
+                    for y in got {
+                        assert!(
+                            (y - want).abs() <= 1e-3 * want.abs(),
+                            "{kernel:?} {weight} {sign} m {m}: {y}"
+                        );
+                    }
+                }
             }
         }
     }
@@ -377,8 +385,10 @@ fn q8_0_matches_llama_cpp_on_a_block_written_by_hand() {
 
 #[test]
 fn every_vector_kernel_gives_the_same_products_bit_for_bit() {
-    // the VNNI loops differ from the AVX2 loop only in how the byte products are added up
-    // into i32 lanes, which neither saturates: the results must be identical, not close
+    // at a decoding step's few rows the VNNI loops differ from the AVX2 loop only in how the
+    // byte products are added up into i32 lanes, which neither saturates: the results must
+    // be identical, not close (a prompt's Q8_0 rows take the interleaved loop, which adds
+    // its floats in another order)
     let vector: Vec<Kernel> = Kernel::available()
         .into_iter()
         .filter(|k| *k != Kernel::Plain)
