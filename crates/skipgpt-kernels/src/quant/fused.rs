@@ -200,7 +200,7 @@ unsafe fn small_blocks<D: PairDot, const R: usize>(
 /// One 32-value block's weights as bytes (signed for Q8_0, Q4_0 and Q5_0, unsigned for Q4_1
 /// and Q5_1), its scale and (Q4_1, Q5_1) its offset.
 #[inline(always)]
-unsafe fn decode_small(kind: QuantType, p: *const u8) -> (__m256i, f32, f32) {
+pub(super) unsafe fn decode_small(kind: QuantType, p: *const u8) -> (__m256i, f32, f32) {
     let halves = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
     let first = _mm_cvtss_f32(halves);
     let second = || _mm_cvtss_f32(_mm_shuffle_ps(halves, halves, 1));

@@ -17,6 +17,8 @@
 //! - [`rows_times_quantized`]: `x · Wᵀ` for `W` stored `[n, d]` in a block format, on every
 //!   core.
 
+#[cfg(target_arch = "x86_64")]
+mod activations;
 mod blocks;
 #[cfg(target_arch = "x86_64")]
 mod fused;
@@ -355,12 +357,15 @@ fn rows_times_quantized_on(
         .collect();
     // each task's outputs as `[m, rows of its band]`, so that putting them in place copies
     // whole runs of a row
-    // a prompt's rows against Q8_0 on a VNNI CPU: weight rows eight at a time
+    // a prompt's rows on a VNNI CPU: weight rows eight at a time, against the activations
+    // made unsigned
     #[cfg(target_arch = "x86_64")]
-    let unsigned = ws
-        .iter()
-        .any(|w| interleaved::applies(kernel, w.kind, m))
-        .then(|| interleaved::unsigned_rows(&small_rows));
+    let unsigned = interleaved::applies(kernel, m).then(|| {
+        (
+            interleaved::unsigned_rows(&small_rows),
+            interleaved::unsigned_rows(&k_rows),
+        )
+    });
     let bands = par_map(tasks.len(), |t| {
         let (k, start, end) = tasks[t];
         let (w, len) = (ws[k], end - start);
@@ -371,13 +376,11 @@ fn rows_times_quantized_on(
         #[allow(unused_mut)]
         let mut first = start;
         #[cfg(target_arch = "x86_64")]
-        if let Some(unsigned) = unsigned.as_deref() {
-            if interleaved::applies(kernel, w.kind, m) {
-                // SAFETY: `applies` found the kernel's features for this format
-                first = unsafe {
-                    interleaved::band(kernel, &w, (start, end), (unsigned, rows), &mut band)
-                };
-            }
+        if let Some((small, k)) = &unsigned {
+            let unsigned = if w.kind.is_k() { k } else { small };
+            // SAFETY: `applies` chose the kernel; the rows are quantized for this format
+            first =
+                unsafe { interleaved::band(kernel, &w, (start, end), (unsigned, rows), &mut band) };
         }
         for r in first..end {
             blocks::dot_rows(kernel, w.kind, w.row(r), rows, &mut dots, &mut unpacked);
@@ -413,18 +416,10 @@ fn quantize_rows(kernel: Kernel, kind: QuantType, x: &[f32], m: usize, d: usize)
 fn quantize_row(kernel: Kernel, kind: QuantType, x: &[f32]) -> Q8Row {
     #[cfg(target_arch = "x86_64")]
     if kernel != Kernel::Plain {
-        // SAFETY: every vector kernel needs AVX2 (`Kernel::available`)
-        return unsafe { quantize_row_avx2(kind, x) };
+        // SAFETY: every vector kernel needs AVX2, FMA and F16C (`Kernel::available`)
+        return unsafe { activations::quantize_for(kind, x) };
     }
     let _ = kernel;
-    Q8Row::quantize_for(kind, x)
-}
-
-/// [`Q8Row::quantize_for`] compiled for AVX2, where its rounding is one instruction for eight
-/// values instead of a call per value.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn quantize_row_avx2(kind: QuantType, x: &[f32]) -> Q8Row {
     Q8Row::quantize_for(kind, x)
 }
 

@@ -413,3 +413,24 @@ fn every_vector_kernel_gives_the_same_products_bit_for_bit() {
         }
     }
 }
+
+#[test]
+fn the_vector_quantizer_writes_the_plain_quantizers_rows() {
+    // a block of zeros, and two values of the largest magnitude with opposite signs (the K
+    // quantizer keeps the first one's sign)
+    let mut x = values(3 * 256, 7);
+    x[256..288].fill(0.0);
+    x[300] = -9.0;
+    x[301] = 9.0;
+    for kernel in Kernel::available() {
+        for kind in [QuantType::Q8_0, QuantType::Q4K] {
+            let plain = Q8Row::quantize_for(kind, &x);
+            let got = super::quantize_row(kernel, kind, &x);
+            let what = format!("{kernel:?} {kind:?}");
+            assert_eq!(got.qs, plain.qs, "{what}: values");
+            assert_eq!(got.d, plain.d, "{what}: scales");
+            assert_eq!(got.sums, plain.sums, "{what}: sums");
+            assert_eq!(got.scaled_sums, plain.scaled_sums, "{what}: scaled sums");
+        }
+    }
+}
