@@ -6,13 +6,14 @@
 # Q8_0 and Q4_K_M by llama-quantize); run it first.
 #
 #   tools/llama_cpp_parity.sh [THREADS]      # results in docs/data/llama-cpp-parity/
+#   (LLAMA_BIN=dir and SKIPGPT_BIN=path as for tools/bench_quantized.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${1:-2}
-bin=$(bash ../shared/tools/build_llama_tools.sh)
+bin=${LLAMA_BIN:-$(bash ../shared/tools/build_llama_tools.sh)}
 export LD_LIBRARY_PATH="$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 work=target/ppl files=target/bench-quantized out=docs/data/llama-cpp-parity
-sg=target/release/skipgpt
+sg=${SKIPGPT_BIN:-target/release/skipgpt}
 mkdir -p "$work" "$out"
 [ -f "$work/general.jsonl" ] || python3 tools/make_general_text.py "$work/general.jsonl" "$work/debs"
 python3 - "$work" <<'PY'
@@ -25,7 +26,8 @@ for f in f32 lc-q8_0 lc-q4_k_m; do
     2>&1 | grep -E "calculating perplexity|Final estimate" > "$out/llama-perplexity-$f.txt"
   $sg --threads "$threads" perplexity --model "$files/$f.gguf" -f "$work/general.txt" -c 512 \
     --chunks 40 --json > "$out/skipgpt-perplexity-$f.json"
-  python3 tools/compare_llama_cpp.py "$files/$f.gguf" --threads "$threads" --json "$out/greedy-$f.json" | tail -1
+  python3 tools/compare_llama_cpp.py "$files/$f.gguf" --threads "$threads" --skipgpt "$sg" \
+    --llama-bin "$bin" --json "$out/greedy-$f.json" | tail -1
 done
 for f in f32 lc-q8_0 lc-q4_k_m; do
   echo "$f: llama.cpp $(grep -o 'PPL = .*' "$out/llama-perplexity-$f.txt"), skipgpt $(python3 -c "import json; d = json.load(open('$out/skipgpt-perplexity-$f.json')); print(f\"{d['perplexity']:.4f} +/- {d['perplexity_error']:.5f}\")")"
