@@ -17,6 +17,8 @@ pub mod attention;
 pub mod isa;
 pub mod matvec;
 pub mod ops;
+#[cfg(target_arch = "x86_64")]
+mod prefetch;
 pub mod quant;
 #[cfg(test)]
 mod test_values;

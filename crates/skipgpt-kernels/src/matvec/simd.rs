@@ -127,23 +127,6 @@ band_kernel!(
 ///   SmolLM2's matrices at 8 and 16 rows, `examples/bench_matvec`).
 ///
 /// `$block` is one block, its sizes fixed so that its accumulators stay in registers.
-/// How far ahead of the values being multiplied one row of x's weights are asked for: a
-/// decoding step reads every weight once, from memory, in runs that the hardware prefetcher
-/// follows only to the end of each page (docs/benchmarks.md has the distances tried).
-const PREFETCH_AHEAD: usize = 4096;
-
-/// Asks for the cache lines `PREFETCH_AHEAD` bytes past `values` values at `p`.
-#[inline(always)]
-unsafe fn ask_ahead<W>(p: *const W, values: usize) {
-    let p = p.cast::<i8>().wrapping_add(PREFETCH_AHEAD);
-    let mut line = 0;
-    while line < values * std::mem::size_of::<W>() {
-        // a hint: past the weights' end it does nothing
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line));
-        line += 64;
-    }
-}
-
 macro_rules! dots_kernel {
     ($name:ident, $block:ident, $feature:literal, $lanes:literal, $outputs_f32:literal,
      $load:ident, $loadu:ident, $zero:ident, $add:ident, $fmadd:ident, $hsum:ident) => {
@@ -210,7 +193,7 @@ macro_rules! dots_kernel {
                 let (mut s0, mut s1) = ($zero(), $zero());
                 let mut c = 0;
                 while c + 2 * $lanes <= whole {
-                    ask_ahead(w0.add(c), 2 * $lanes);
+                    crate::prefetch::ask_ahead(w0.add(c), 2 * $lanes * std::mem::size_of::<W>());
                     s0 = $fmadd($loadu(x0.add(c)), W::$load(w0.add(c)), s0);
                     s1 = $fmadd($loadu(x0.add(c + $lanes)), W::$load(w0.add(c + $lanes)), s1);
                     c += 2 * $lanes;

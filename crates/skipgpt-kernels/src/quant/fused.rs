@@ -177,7 +177,7 @@ unsafe fn small_blocks<D: PairDot, const R: usize>(
     let mut offsets = [0.0f32; R];
     for b in 0..weights.len() / size {
         if ahead {
-            prefetch(weights.as_ptr().add(b * size));
+            crate::prefetch::ask_ahead(weights.as_ptr().add(b * size), 1);
         }
         let (w, d_w, m_w) = decode_small(kind, weights.as_ptr().add(b * size));
         let w_abs = if unsigned { w } else { _mm256_sign_epi8(w, w) };
@@ -283,9 +283,7 @@ unsafe fn k_blocks<const R: usize>(
     for b in 0..weights.len() / size {
         let block = weights.get_unchecked(b * size..(b + 1) * size);
         if ahead {
-            for line in 0..size.div_ceil(64) {
-                prefetch(block.as_ptr().add(64 * line));
-            }
+            crate::prefetch::ask_ahead(block.as_ptr(), size);
         }
         let k = match kind {
             QuantType::Q6K => decode_q6_k(block),
@@ -413,18 +411,6 @@ unsafe fn decode_q6_k(b: &[u8]) -> KBlock {
         _mm256_loadu_ps(off16.as_ptr().add(8)),
     ];
     k
-}
-
-/// How far ahead of the block being multiplied its weights are asked for. A decoding step
-/// reads every weight once, from memory, in runs that the hardware prefetcher follows only
-/// to the end of each page; asked for a page ahead, the next page is on its way in time
-/// (docs/benchmarks.md has the distances tried).
-const PREFETCH_AHEAD: usize = 4096;
-
-#[inline(always)]
-unsafe fn prefetch(p: *const u8) {
-    // a hint: the address may lie past the weights, where it does nothing
-    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_AHEAD) as *const i8);
 }
 
 #[target_feature(enable = "avx2")]

@@ -355,8 +355,6 @@ fn rows_times_quantized_on(
                 .map(move |t| (k, t * per_task, ((t + 1) * per_task).min(w.n)))
         })
         .collect();
-    // each task's outputs as `[m, rows of its band]`, so that putting them in place copies
-    // whole runs of a row
     // a prompt's rows on a VNNI CPU: weight rows eight at a time, against the activations
     // made unsigned
     #[cfg(target_arch = "x86_64")]
@@ -366,6 +364,8 @@ fn rows_times_quantized_on(
             interleaved::unsigned_rows(&k_rows),
         )
     });
+    // each task's outputs as `[m, rows of its band]`, so that putting them in place copies
+    // whole runs of a row
     let bands = par_map(tasks.len(), |t| {
         let (k, start, end) = tasks[t];
         let (w, len) = (ws[k], end - start);
