@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 threads=${1:-2}
 rounds=${2:-3}
 # LLAMA_BIN=dir takes llama.cpp's tools from another build (on a CPU whose AMX llama.cpp cannot
-# use, a build without AMX: its AMX path crashed at the first product on the stop-45 machine)
+# use, the build of tools/build_llama_tools_no_amx.sh: its AMX path crashed at the first
+# product on the stop-45 machine)
 bin=${LLAMA_BIN:-$(bash ../shared/tools/build_llama_tools.sh)}
 # the tools link llama.cpp's shared libraries, which the build leaves beside them
 export LD_LIBRARY_PATH="$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
