@@ -8,6 +8,9 @@
 //! [`Kernel`]), elsewhere through the plain loop that unpacks a block to small
 //! integers with a scale (and an offset) per group of 16 or 32 (`blocks`), which the tests
 //! hold every vector kernel to. llama.cpp computes the same way (`ggml_vec_dot_*_q8_*`).
+//! A prompt's many rows on a VNNI CPU meet eight weight rows at once instead, interleaved
+//! per task (`interleaved`, as llama.cpp's repacked layouts); the activations are quantized
+//! with AVX2 where the CPU has it (`activations`).
 //!
 //! - [`QuantType`]: the block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), byte
 //!   for byte as GGUF stores them (llama.cpp quantizes rows that are no multiple of 256 values,
