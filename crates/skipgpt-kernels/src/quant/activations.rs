@@ -5,7 +5,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Q8Row, QuantType, K_BLOCK, Q8_BLOCK};
+use super::{q8_0_scales, q8_k_scales, Q8Row, QuantType, K_BLOCK, Q8_BLOCK};
 
 /// `x` quantized for weights of `kind`, as [`Q8Row::quantize_for`].
 ///
@@ -27,8 +27,7 @@ unsafe fn quantize_q8_0(x: &[f32]) -> Q8Row {
     for block in x.chunks_exact(Q8_BLOCK) {
         let v = load_block(block);
         let amax = largest_magnitude(&v);
-        let d = half::f16::from_f32(amax / 127.0).to_f32();
-        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        let (d, inv) = q8_0_scales(amax);
         row.push_block(d, &round_block(&v, inv, -127));
     }
     row
@@ -51,12 +50,7 @@ unsafe fn quantize_k(x: &[f32]) -> Q8Row {
             .copied()
             .find(|v| v.abs() == amax)
             .unwrap_or(0.0);
-        let (d, iscale) = if max == 0.0 {
-            (0.0, 0.0)
-        } else {
-            let iscale = -127.0 / max;
-            (1.0 / iscale, iscale)
-        };
+        let (d, iscale) = q8_k_scales(max);
         for g in &groups {
             row.push_block(d, &round_block(g, iscale, -128));
         }

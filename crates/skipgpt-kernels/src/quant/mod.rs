@@ -244,8 +244,7 @@ impl Q8Row {
         let mut row = Self::with_capacity(x.len());
         for block in x.chunks_exact(Q8_BLOCK) {
             let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let d = half::f16::from_f32(amax / 127.0).to_f32();
-            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            let (d, inv) = q8_0_scales(amax);
             let mut qs = [0i8; Q8_BLOCK];
             for (q, &v) in qs.iter_mut().zip(block) {
                 *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
@@ -266,12 +265,7 @@ impl Q8Row {
             let max = block
                 .iter()
                 .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-            let (d, iscale) = if max == 0.0 {
-                (0.0, 0.0)
-            } else {
-                let iscale = -127.0 / max;
-                (1.0 / iscale, iscale)
-            };
+            let (d, iscale) = q8_k_scales(max);
             for group in block.chunks_exact(Q8_BLOCK) {
                 let mut qs = [0i8; Q8_BLOCK];
                 for (q, &v) in qs.iter_mut().zip(group) {
@@ -302,6 +296,25 @@ impl Q8Row {
             self.scaled_sums.push(d * sum as f32);
         }
     }
+}
+
+/// A `block_q8_0`'s scale for a block whose largest magnitude is `amax` (kept in f16), and
+/// the multiplier that takes its values to at most ±127; shared by every quantizer of rows.
+#[inline(always)]
+fn q8_0_scales(amax: f32) -> (f32, f32) {
+    let d = half::f16::from_f32(amax / 127.0).to_f32();
+    (d, if amax > 0.0 { 127.0 / amax } else { 0.0 })
+}
+
+/// A `block_q8_K`'s scale for a block whose value of largest magnitude is `max` (negative
+/// where `max` is positive, as ggml has it), and the multiplier `−127 / max`.
+#[inline(always)]
+fn q8_k_scales(max: f32) -> (f32, f32) {
+    if max == 0.0 {
+        return (0.0, 0.0);
+    }
+    let iscale = -127.0 / max;
+    (1.0 / iscale, iscale)
 }
 
 /// `y = x · Wᵀ`: `m` rows of `x` (`[m, d]`, row-major) times `W` (`[n, d]` in a block format).
