@@ -8,11 +8,16 @@ end-of-turn token (llama.cpp's `ignore_eos` forbids it, ours would generate past
 neither is used); a prompt counts as equal when both give the same tokens, 64 or fewer.
 
     python3 tools/compare_llama_cpp.py GGUF [--prompts data/prompts/continuations.txt] [--n 10]
-        [--tokens 64] [--threads 2] [--json OUT]
+        [--tokens 64] [--threads 2] [--json OUT] [--llama-args "-ctk f32 -ctv f32"]
+
+`--versus-llama ARGS` puts a second llama-server (`--versus-bin`, the same build unless given,
+with ARGS) where skipgpt was: how far llama.cpp agrees with itself when only the order of its
+floating-point sums changes, the floor under the comparison with skipgpt.
 """
 import argparse
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -32,11 +37,11 @@ def post(url, body):
         return json.load(r)
 
 
-def start_server(llama_bin, gguf, threads, port):
+def start_server(llama_bin, gguf, threads, port, extra=()):
     env = dict(os.environ, LD_LIBRARY_PATH=llama_bin)
     proc = subprocess.Popen(
         [f"{llama_bin}/llama-server", "-m", gguf, "-t", str(threads), "--port", str(port),
-         "-c", "2048", "-np", "1"],
+         "-c", "2048", "-np", "1", *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     for _ in range(600):
         try:
@@ -58,11 +63,19 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skipgpt", default="target/release/skipgpt")
     ap.add_argument("--llama-bin", default=os.path.expanduser("~/.cache/llama.cpp/bin"))
+    ap.add_argument("--llama-args", default="", help="more llama-server arguments")
+    ap.add_argument("--versus-llama", help="compare with llama-server run with these arguments")
+    ap.add_argument("--versus-bin", help="the second llama-server's build [--llama-bin]")
     ap.add_argument("--json")
     a = ap.parse_args()
     prompts = [l.strip() for l in open(a.prompts) if l.strip() and not l.startswith("#")][: a.n]
     port = free_port()
-    server = start_server(a.llama_bin, a.gguf, a.threads, port)
+    server = start_server(a.llama_bin, a.gguf, a.threads, port, shlex.split(a.llama_args))
+    versus = None
+    if a.versus_llama is not None:
+        versus_port = free_port()
+        versus = start_server(a.versus_bin or a.llama_bin, a.gguf, a.threads, versus_port,
+                              shlex.split(a.versus_llama))
     rows = []
     try:
         for text in prompts:
@@ -71,11 +84,15 @@ def main():
             theirs = post(f"http://127.0.0.1:{port}/completion", {
                 "prompt": ids, "n_predict": a.tokens, "temperature": 0, "top_k": 1,
                 "cache_prompt": False, "return_tokens": True})["tokens"]
-            out = json.loads(subprocess.check_output(
-                [a.skipgpt, "--threads", str(a.threads), "generate", "--model", a.gguf,
-                 "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", str(a.tokens),
-                 "--json"]))
-            ours = out["tokens"]
+            if versus is None:
+                ours = json.loads(subprocess.check_output(
+                    [a.skipgpt, "--threads", str(a.threads), "generate", "--model", a.gguf,
+                     "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", str(a.tokens),
+                     "--json"]))["tokens"]
+            else:
+                ours = post(f"http://127.0.0.1:{versus_port}/completion", {
+                    "prompt": ids, "n_predict": a.tokens, "temperature": 0, "top_k": 1,
+                    "cache_prompt": False, "return_tokens": True})["tokens"]
             same = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y),
                         min(len(ours), len(theirs)))
             equal = ours == theirs
@@ -84,11 +101,14 @@ def main():
             print(f"{'equal' if equal else 'DIFFER'} {same:3d}/{len(theirs)}  {text[:60]}", flush=True)
     finally:
         server.kill()
+        if versus is not None:
+            versus.kill()
     whole = sum(r["equal"] for r in rows)
     print(f"{whole} of {len(rows)} prompts give the same tokens (up to {a.tokens}) "
           f"({os.path.basename(a.gguf)})")
     if a.json:
-        json.dump({"gguf": a.gguf, "tokens": a.tokens, "whole": whole, "rows": rows},
+        json.dump({"gguf": a.gguf, "tokens": a.tokens, "whole": whole,
+                   "llama_args": a.llama_args, "versus_llama": a.versus_llama, "rows": rows},
                   open(a.json, "w"), indent=1)
 
 
