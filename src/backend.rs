@@ -151,6 +151,16 @@ macro_rules! with_backend {
     }};
 }
 
+/// A training stage run through [`train_with_backend!`] on `$args.train.devices`, its report
+/// shown as `$args.report` asks (`--json`, or `$print`).
+#[macro_export]
+macro_rules! train_and_show {
+    ($kind:expr, $args:expr, $($stage:ident)::+, $config:expr, $print:expr) => {{
+        let report = $crate::train_with_backend!($kind, &$args.train.devices, $($stage)::+, $config)?;
+        $args.report.show(&report, $print)
+    }};
+}
+
 /// Runs the pipeline's training stage `$stage` (`skipgpt_pipeline::pretrain`, `tune_routers`,
 /// `finetune_lora`) with `$config` on the chosen backend, over the `--devices` of `$devices`.
 #[macro_export]

@@ -12,8 +12,7 @@ use skipgpt_train::TrainOptions;
 use crate::args::RoutingArg;
 use crate::args::{CorpusArgs, DistillArgs, LoraArgs, ReportArgs, TrainArgs};
 use crate::backend::BackendKind;
-use crate::commands::pretrain::print_validation;
-use crate::train_with_backend;
+use crate::commands::pretrain::print_saved;
 
 #[derive(Args, Debug, Clone)]
 pub struct FinetuneLoraArgs {
@@ -87,20 +86,18 @@ impl FinetuneLoraArgs {
 
 pub fn run(backend: BackendKind, args: FinetuneLoraArgs) -> Result<()> {
     let config = args.config()?;
-    let report = train_with_backend!(
+    crate::train_and_show!(
         backend,
-        &args.train.devices,
+        args,
         skipgpt_pipeline::finetune_lora,
-        &config
-    )?;
-    args.report.show(&report, print_adapted)
+        &config,
+        print_adapted
+    )
 }
 
 /// Where the adapted model went, and the held-out perplexity before and after.
 pub(crate) fn print_adapted(report: &FinetuneLoraReport) {
-    println!("finetune-lora: saved to {}", report.out.display());
-    if let Some(v) = &report.validation {
-        print_validation("before", &v.before);
-        print_validation("after", &v.after);
-    }
+    let v = report.validation.as_ref();
+    let pair = v.map(|v| [("before", &v.before), ("after", &v.after)]);
+    print_saved("finetune-lora", &report.out, pair);
 }

@@ -10,7 +10,6 @@ use skipgpt_pipeline::{PretrainConfig, PretrainReport};
 
 use crate::args::{CorpusArgs, ReportArgs, TrainArgs};
 use crate::backend::BackendKind;
-use crate::train_with_backend;
 
 #[derive(Args, Debug, Clone)]
 pub struct PretrainArgs {
@@ -69,13 +68,13 @@ impl PretrainArgs {
 
 pub fn run(backend: BackendKind, args: PretrainArgs) -> Result<()> {
     let config = args.config();
-    let report = train_with_backend!(
+    crate::train_and_show!(
         backend,
-        &args.train.devices,
+        args,
         skipgpt_pipeline::pretrain,
-        &config
-    )?;
-    args.report.show(&report, print_pretrained)
+        &config,
+        print_pretrained
+    )
 }
 
 /// Where the model went, and its held-out perplexity.
@@ -89,8 +88,20 @@ pub(crate) fn print_pretrained(report: &PretrainReport) {
     }
 }
 
+/// `{stage}: saved to {out}`, then the held-out perplexity of each of the two models compared.
+pub(crate) fn print_saved(
+    stage: &str,
+    out: &std::path::Path,
+    validation: Option<[(&str, &PerplexityReport); 2]>,
+) {
+    println!("{stage}: saved to {}", out.display());
+    for (name, r) in validation.into_iter().flatten() {
+        print_validation(name, r);
+    }
+}
+
 /// `  {name} validation perplexity ...  skip: ...` after a training command.
-pub(crate) fn print_validation(name: &str, r: &PerplexityReport) {
+fn print_validation(name: &str, r: &PerplexityReport) {
     println!(
         "  {name:<7} validation perplexity {:>8.3}  skip: attention {:>5.1}%  mlp {:>5.1}%  params {:>5.1}%",
         r.perplexity,

@@ -13,8 +13,7 @@ use skipgpt_pipeline::{TuneRoutersConfig, TuneRoutersReport};
 
 use crate::args::{CorpusArgs, DistillArgs, LoraArgs, ReportArgs, TrainArgs};
 use crate::backend::BackendKind;
-use crate::commands::pretrain::print_validation;
-use crate::train_with_backend;
+use crate::commands::pretrain::print_saved;
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouterInitArg {
@@ -130,20 +129,21 @@ impl TuneRoutersArgs {
 
 pub fn run(backend: BackendKind, args: TuneRoutersArgs) -> Result<()> {
     let config = args.config()?;
-    let report = train_with_backend!(
+    crate::train_and_show!(
         backend,
-        &args.train.devices,
+        args,
         skipgpt_pipeline::tune_routers,
-        &config
-    )?;
-    args.report.show(&report, print_tuned)
+        &config,
+        print_tuned
+    )
 }
 
 /// Where the routers went, and the held-out perplexity dense and routed.
 pub(crate) fn print_tuned(report: &TuneRoutersReport) {
-    println!("tune-routers: saved to {}", report.out.display());
-    if let Some(v) = &report.validation {
-        print_validation("dense", &v.dense);
-        print_validation("routed", &v.routed);
-    }
+    let v = report.validation.as_ref();
+    print_saved(
+        "tune-routers",
+        &report.out,
+        v.map(|v| [("dense", &v.dense), ("routed", &v.routed)]),
+    );
 }

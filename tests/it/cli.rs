@@ -43,7 +43,7 @@ fn generate_json_reproduces_greedy_tokens() {
     let expected = ids_rows(&r, "greedy_tokens");
     for (p, e) in prompts.iter().zip(&expected) {
         let ids = p.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-        let o = skipgpt(&[
+        let json = skipgpt_json(&[
             "generate",
             "--model",
             &model_dir(),
@@ -54,8 +54,6 @@ fn generate_json_reproduces_greedy_tokens() {
             "--ignore-eos",
             "--json",
         ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         let tokens: Vec<u32> = serde_json::from_value(json["tokens"].clone()).unwrap();
         assert_eq!(&tokens, e);
         assert!(json["text"].is_string());
@@ -65,7 +63,7 @@ fn generate_json_reproduces_greedy_tokens() {
 #[test]
 fn generate_from_text_and_sampling_is_seeded() {
     let run = |seed: &str| {
-        let o = skipgpt(&[
+        let json = skipgpt_json(&[
             "generate",
             "--model",
             &model_dir(),
@@ -82,8 +80,6 @@ fn generate_from_text_and_sampling_is_seeded() {
             "--ignore-eos",
             "--json",
         ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         serde_json::from_value::<Vec<u32>>(json["tokens"].clone()).unwrap()
     };
     let a = run("1");
@@ -138,9 +134,7 @@ fn generate_stops_at_eos_unless_ignored() {
 
 #[test]
 fn inspect_reports_architecture() {
-    let o = skipgpt(&["inspect", "--model", &model_dir(), "--json"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let j = skipgpt_json(&["inspect", "--model", &model_dir(), "--json"]);
     assert_eq!(j["model_type"], "llama");
     assert_eq!(j["parameters"], 204224); // reference.json "params"
     assert_eq!(j["layers"], 3);
@@ -536,7 +530,7 @@ fn self_data_and_eval_fidelity_run_from_the_command_line_and_refuse_bad_input() 
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 2);
 
     // the routed fixture against its own weights run dense, on the self-data and the prompts
-    let o = skipgpt(&[
+    let r = skipgpt_json(&[
         "eval-fidelity",
         "--model",
         &routed,
@@ -551,8 +545,6 @@ fn self_data_and_eval_fidelity_run_from_the_command_line_and_refuse_bad_input() 
         "6",
         "--json",
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let kl = r["text"]["kl"].as_f64().unwrap();
     let agreement = r["text"]["agreement"].as_f64().unwrap();
     assert!(kl >= 0.0 && (0.0..=1.0).contains(&agreement), "{r}");

@@ -47,3 +47,10 @@ pub fn logits_args<'a>(model: &'a str, input: &'a Path, output: &'a Path) -> Vec
         output.to_str().unwrap(),
     ]
 }
+
+/// Runs the `skipgpt` binary, which must succeed, and parses what it printed as JSON.
+pub fn skipgpt_json(args: &[&str]) -> serde_json::Value {
+    let o = skipgpt(args);
+    assert!(o.status.success(), "skipgpt {args:?}: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout).expect("skipgpt printed JSON")
+}

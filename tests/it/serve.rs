@@ -225,7 +225,7 @@ fn the_server_answers_chat_and_completions_whole_and_streamed() {
     let (status, done) = server.post("/v1/completions", &greedy_completion(&prompt, 6));
     assert_eq!(status, 200, "{done}");
     assert_eq!(done["object"], "text_completion");
-    let o = skipgpt(&[
+    let generated = skipgpt_json(&[
         "generate",
         "--model",
         tiny().join("model").to_str().unwrap(),
@@ -236,7 +236,6 @@ fn the_server_answers_chat_and_completions_whole_and_streamed() {
         "--ignore-eos",
         "--json",
     ]);
-    let generated: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(done["choices"][0]["text"], generated["text"]);
 }
 
