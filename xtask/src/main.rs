@@ -136,8 +136,9 @@ enum Task {
         #[arg(long, value_parser = ["t25", "all", "report", "publish"], default_value = "all")]
         until: String,
         /// `frontier` skips the 25% models (their measurements are kept in
-        /// `docs/data/fidelity/`) and trains the frontier budgets at once.
-        #[arg(long, value_parser = ["start", "frontier"], default_value = "start")]
+        /// `docs/data/fidelity/`) and trains the frontier budgets at once; `budget` goes
+        /// straight to the 25% point's longer stage 2.
+        #[arg(long, value_parser = ["start", "frontier", "budget"], default_value = "start")]
         from: String,
         /// Threads for every command (default: every core).
         #[arg(long)]

@@ -14,11 +14,13 @@
 //! - static rivals: attention modules dropped by Block Influence at the budgets under 25%;
 //! - the frontier: stage 1 (`lm`) and stage 2 (`kl`) at every `--targets` budget, and ShortGPT
 //!   at the same budgets; each measured for fidelity and paired speed (`examples/bench_real`,
-//!   dense and routed timed in alternation in one process, LoRA merged).
+//!   dense and routed timed in alternation in one process, LoRA merged);
+//! - the training budget: the 25% point's stage 2 again with `BUDGET_FACTOR` times the steps.
 
 mod publish;
 mod report;
 mod rows;
+mod why;
 
 pub use publish::*;
 pub use report::*;
@@ -174,18 +176,23 @@ impl Ctx {
     /// Stage 2 (LoRA, `kl`) on `routed` (`s1-...`), into `s2-...`: merged weights and
     /// `adapter/`.
     fn stage2(&self, routed: &Path) -> Result<PathBuf> {
+        self.stage2_for(routed, self.settings.lora_steps, "")
+    }
+
+    /// Stage 2 on `routed` for `steps` steps, into `s2-...{suffix}`.
+    fn stage2_for(&self, routed: &Path, steps: usize, suffix: &str) -> Result<PathBuf> {
         let name = routed
             .file_name()
             .and_then(|n| n.to_str())
             .context("a stage-1 directory")?;
-        let out = self.path(&name.replacen("s1-", "s2-", 1));
+        let out = self.path(&format!("{}{suffix}", name.replacen("s1-", "s2-", 1)));
         self.step(&out, &out.join("adapter/adapter_config.json"), || {
             let mut a = vec!["finetune-lora".to_string(), "--model".into()];
             a.extend([s(routed).into(), "--out".into(), s(&out).into()]);
             a.extend(self.training());
             a.extend([
                 "--steps".into(),
-                self.settings.lora_steps.to_string(),
+                steps.to_string(),
                 "--lr".into(),
                 "1e-3".into(),
                 "--objective".into(),
@@ -328,7 +335,8 @@ impl Ctx {
 
 /// The whole experiment, then the report. A model whose measurements are kept in
 /// `docs/data/fidelity/` is not remade, so a fresh machine only makes what is missing. `from`
-/// is `start`, or `frontier` to go straight to the trained frontier.
+/// is `start`, `frontier` to go straight to the trained frontier, or `budget` to the longer
+/// stage 2.
 pub fn experiment(out: &str, settings: Settings, from: &str, until: &str) -> Result<()> {
     crate::build_release_tools()?;
     let work = PathBuf::from(out);
@@ -340,6 +348,9 @@ pub fn experiment(out: &str, settings: Settings, from: &str, until: &str) -> Res
         settings,
     };
     prepare(&ctx)?;
+    if from == "budget" {
+        return budget(&ctx);
+    }
     if from != "frontier" {
         // the static rivals first: they take minutes, the trained models most of an hour each
         attention_drops(&ctx)?;
@@ -348,7 +359,8 @@ pub fn experiment(out: &str, settings: Settings, from: &str, until: &str) -> Res
             return Ok(());
         }
     }
-    frontier(&ctx)
+    frontier(&ctx)?;
+    budget(&ctx)
 }
 
 /// The published Python-docs model, the three objectives at 25%, their calibrations and stage
@@ -432,6 +444,26 @@ fn frontier(ctx: &Ctx) -> Result<()> {
         write_report(&ctx.work, &ctx.settings)?;
     }
     Ok(())
+}
+
+/// How many times the usual stage-2 steps the budget row trains for.
+const BUDGET_FACTOR: usize = 3;
+
+/// The name of the budget row: the published 25% point trained `BUDGET_FACTOR` times longer.
+fn budget_row() -> String {
+    format!("s2-{POINT}-x{BUDGET_FACTOR}")
+}
+
+/// Whether a longer stage 2 closes the gap: the 25% point's routers (`lm`, calibrated to 20%)
+/// given `BUDGET_FACTOR` times the LoRA steps, all else equal.
+fn budget(ctx: &Ctx) -> Result<()> {
+    let steps = ctx.settings.lora_steps * BUDGET_FACTOR;
+    let calibrated = || ctx.calibrate(&ctx.stage1("lm", 25)?, 20);
+    let suffix = format!("-x{BUDGET_FACTOR}");
+    ctx.measure(&budget_row(), true, || {
+        ctx.stage2_for(&calibrated()?, steps, &suffix)
+    })?;
+    write_report(&ctx.work, &ctx.settings)
 }
 
 /// The general text and the self-data.

@@ -125,6 +125,8 @@ pub fn write_report(work: &Path, settings: &Settings) -> Result<()> {
     }
     md.push_str(&goals(&rows));
     md.push_str(&by_budget(&rows));
+    md.push_str(&why::why_missed(&rows));
+    md.push_str(&why::training_budget(&rows));
     md.push_str(&answers(&rows));
     let picture = draw_frontier(&rows)?;
     std::fs::create_dir_all(Path::new(PICTURE).parent().expect("a folder"))?;
