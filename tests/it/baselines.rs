@@ -187,10 +187,7 @@ fn prune_static_and_eval_mc_from_the_command_line() {
     let o = skipgpt(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        stdout.contains("block influence") && stdout.contains("removed: layer"),
-        "{stdout}"
-    );
+    assert_mentions(&stdout, &["block influence", "removed: layer"]);
     assert!(out.join("routers.safetensors").exists());
 
     // eval-mc on task files: dense and routed columns for the pruned model
@@ -227,10 +224,7 @@ fn prune_static_and_eval_mc_from_the_command_line() {
     let o = skipgpt(&["eval-mc", "--model", m, "--tasks", &files]);
     assert!(o.status.success(), "{}", stderr(&o));
     let table = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        table.contains("count-next") && table.contains("average"),
-        "{table}"
-    );
+    assert_mentions(&table, &["count-next", "average"]);
 
     // bad input
     let missing = dir.path().join("nope.jsonl");
@@ -269,15 +263,18 @@ fn routing_analysis_aggregates_the_reference_gates() {
     let a = analyze_routing(&model, &data, Some(&tok), 2).unwrap();
     let (attn, _) = r.read_f32("routed.post_attn.attn_gates").unwrap(); // [3, 2, 24]
     let (mlp, _) = r.read_f32("routed.post_attn.mlp_gates").unwrap();
+    let same = |got: f64, want: f64, what: String| assert!((got - want).abs() < 1e-9, "{what}");
     for l in 0..3 {
         let skip = |g: &[f32]| 1.0 - g[l * 48..(l + 1) * 48].iter().sum::<f32>() as f64 / 48.0;
-        assert!(
-            (a.attn_skip_per_layer[l] - skip(&attn)).abs() < 1e-9,
-            "layer {l}"
+        same(
+            a.attn_skip_per_layer[l],
+            skip(&attn),
+            format!("attention, layer {l}"),
         );
-        assert!(
-            (a.mlp_skip_per_layer[l] - skip(&mlp)).abs() < 1e-9,
-            "layer {l}"
+        same(
+            a.mlp_skip_per_layer[l],
+            skip(&mlp),
+            format!("MLP, layer {l}"),
         );
     }
     for p in [0, 7, 23] {
@@ -288,13 +285,15 @@ fn routing_analysis_aggregates_the_reference_gates() {
                 .sum::<f64>()
                 / 6.0
         };
-        assert!(
-            (a.attn_skip_by_position[p] - skip(&attn)).abs() < 1e-9,
-            "position {p}"
+        same(
+            a.attn_skip_by_position[p],
+            skip(&attn),
+            format!("attention, position {p}"),
         );
-        assert!(
-            (a.mlp_skip_by_position[p] - skip(&mlp)).abs() < 1e-9,
-            "position {p}"
+        same(
+            a.mlp_skip_by_position[p],
+            skip(&mlp),
+            format!("MLP, position {p}"),
         );
     }
     assert_eq!(a.tokens, 48);

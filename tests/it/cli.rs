@@ -307,34 +307,22 @@ fn bad_logits_input() {
 
 #[test]
 fn bad_generate_arguments() {
-    assert_clean_failure(
-        &["generate", "--model", &model_dir(), "--prompt-ids", "1,600"],
-        &["600", "vocabulary"],
-    );
-    assert_clean_failure(
-        &[
-            "generate",
-            "--model",
-            &model_dir(),
-            "--prompt-ids",
-            "1",
-            "--temperature",
-            "0",
-        ],
-        &["temperature"],
-    );
-    assert_clean_failure(
-        &[
-            "generate",
-            "--model",
-            &model_dir(),
-            "--prompt-ids",
-            "1",
-            "--top-p",
-            "1.5",
-        ],
-        &["top-p"],
-    );
+    let model = model_dir();
+    for (bad, needles) in [
+        (
+            ["--prompt-ids", "1,600"].as_slice(),
+            ["600", "vocabulary"].as_slice(),
+        ),
+        (
+            &["--prompt-ids", "1", "--temperature", "0"],
+            &["temperature"],
+        ),
+        (&["--prompt-ids", "1", "--top-p", "1.5"], &["top-p"]),
+    ] {
+        let mut args = vec!["generate", "--model", &model];
+        args.extend_from_slice(bad);
+        assert_clean_failure(&args, needles);
+    }
 }
 
 #[test]

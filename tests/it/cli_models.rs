@@ -43,8 +43,7 @@ fn cli_serves_routed_models_with_the_sparse_engine() {
 #[test]
 fn cli_imports_and_tokenizes() {
     let dir = tempfile::tempdir().unwrap();
-    let gguf = dir.path().join("tiny.gguf");
-    crate::common::gguf_writer::llama_tiny_gguf(&tiny().join("model")).write(&gguf);
+    let gguf = crate::common::gguf_writer::write_tiny_gguf(dir.path(), "tiny.gguf");
     let out = dir.path().join("model");
     let o = skipgpt(&[
         "import-gguf",
@@ -54,10 +53,7 @@ fn cli_imports_and_tokenizes() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        text.contains("3 layers") && text.contains("30 F32"),
-        "{text}"
-    );
+    assert_mentions(&text, &["3 layers", "30 F32"]);
 
     let v = skipgpt_json(&[
         "tokenize",
@@ -124,8 +120,7 @@ fn the_command_line_applies_a_peft_adapter_with_its_logits() {
 #[test]
 fn the_command_line_quantizes_a_gguf_and_runs_it_with_published_routers() {
     let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("tiny-f32.gguf");
-    crate::common::gguf_writer::llama_tiny_gguf(&tiny().join("model")).write(&source);
+    let source = crate::common::gguf_writer::write_tiny_gguf(dir.path(), "tiny-f32.gguf");
     let gguf = dir.path().join("tiny-q8_0.gguf");
     let quantize = |target: &str, out: &std::path::Path| {
         skipgpt(&[
@@ -141,12 +136,7 @@ fn the_command_line_quantizes_a_gguf_and_runs_it_with_published_routers() {
     let o = quantize("q8_0", &gguf);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        text.contains("20 F32 → Q8_0")
-            && text.contains("3 F32 → F16")
-            && text.contains("7 F32 kept"),
-        "{text}"
-    );
+    assert_mentions(&text, &["20 F32 → Q8_0", "3 F32 → F16", "7 F32 kept"]);
     // a model directory quantizes as its converted file does
     let from_dir = dir.path().join("dir-q8_0.gguf");
     let o = skipgpt(&[

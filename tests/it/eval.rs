@@ -235,10 +235,7 @@ fn chunked_perplexity_scores_the_second_half_of_each_chunk_as_llama_perplexity_d
     )
     .unwrap_err()
     .to_string();
-    assert!(
-        short.contains("at least 48 tokens") && short.contains("47"),
-        "{short}"
-    );
+    assert_mentions(&short, &["at least 48 tokens", "47"]);
 }
 
 #[test]

@@ -72,9 +72,9 @@ fn pretrain_then_tune_routers_then_evaluate() {
     let o = skipgpt(&tune_args(&dense, &tuned, &[]));
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("skip") && err.contains("τ"), "{err}");
+    assert_mentions(&err, &["skip", "τ"]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("dense") && out.contains("routed"), "{out}");
+    assert_mentions(&out, &["dense", "routed"]);
 
     // a SkipGPT directory: the base untouched, routers and their configuration added
     assert_eq!(
@@ -307,10 +307,7 @@ fn lora_stage_two_joint_and_dense_lora_from_the_command_line() {
     let o = skipgpt(&lora_args(&tuned, &lora, &[]));
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
-    assert!(
-        err.contains("frozen routers") && err.contains("skip"),
-        "{err}"
-    );
+    assert_mentions(&err, &["frozen routers", "skip"]);
     let (before, after) = before_after(&o.stdout);
     assert!(after < before, "{before} -> {after}");
     for f in [
@@ -427,7 +424,7 @@ fn a_diverging_run_stops_and_saves_nothing() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    assert!(err.contains("diverged") && err.contains("step"), "{err}");
+    assert_mentions(&err, &["diverged", "step"]);
     assert!(
         !out.join("model.safetensors").exists(),
         "a diverged model was saved"

@@ -46,54 +46,40 @@ fn out_of_range_config_values_are_named() {
 fn fewer_layers_in_the_config_than_in_the_weights_is_an_error() {
     let dir = edit_config(|c| c["num_hidden_layers"] = 2.into());
     let err = load_error(&dir);
-    assert!(
-        err.contains("num_hidden_layers") && err.contains("layer 2"),
-        "{err}"
-    );
+    assert_mentions(&err, &["num_hidden_layers", "layer 2"]);
     // inspect checks the same, and the shapes, without loading the weights
     let dir = edit_config(|c| c["intermediate_size"] = 1_000_000_000_000u64.into());
     let out = skipgpt(&["inspect", "--model", dir.path().to_str().unwrap()]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("gate_proj") && err.contains("does not describe the weights"),
-        "{err}"
-    );
+    assert_mentions(&err, &["gate_proj", "does not describe the weights"]);
 }
 
 #[test]
 fn a_target_sparsity_outside_zero_to_one_is_refused() {
     let dir = copy_dir(&tiny().join("model-routed"));
     // the fixture's routers come with the default config; write it out, saying 1.5
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&skipgpt_model::RoutingConfig::new().to_json()).unwrap();
+    let mut cfg = default_routing_json();
     cfg["target_sparsity"] = 1.5.into();
-    std::fs::write(dir.path().join("skipgpt.json"), cfg.to_string()).unwrap();
+    write_routing(&dir, &cfg);
     let err = load_error(&dir);
-    assert!(
-        err.contains("target_sparsity") && err.contains("1.5") && err.contains("skipgpt.json"),
-        "{err}"
-    );
+    assert_mentions(&err, &["target_sparsity", "1.5", "skipgpt.json"]);
 }
 
 #[test]
 fn a_skipgpt_json_from_before_target_unit_counts_modules() {
     let dir = copy_dir(&tiny().join("model-routed"));
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&skipgpt_model::RoutingConfig::new().to_json()).unwrap();
+    let mut cfg = default_routing_json();
     cfg.as_object_mut().unwrap().remove("target_unit").unwrap();
-    std::fs::write(dir.path().join("skipgpt.json"), cfg.to_string()).unwrap();
+    write_routing(&dir, &cfg);
     let model = load_pretrained::<B>(dir.path(), &device()).unwrap();
     let routing = model.model.routing_config.expect("routers load");
     assert_eq!(routing.target_unit, skipgpt_model::SparsityUnit::Modules);
     // and an unknown unit is named
     cfg["target_unit"] = "flops".into();
-    std::fs::write(dir.path().join("skipgpt.json"), cfg.to_string()).unwrap();
+    write_routing(&dir, &cfg);
     let err = load_error(&dir);
-    assert!(
-        err.contains("flops") && err.contains("skipgpt.json"),
-        "{err}"
-    );
+    assert_mentions(&err, &["flops", "skipgpt.json"]);
 }
 
 #[test]
@@ -307,4 +293,14 @@ fn mutated_inputs_never_panic() {
         3 * n,
         panics.join("\n")
     );
+}
+
+/// The default `skipgpt.json` as JSON, to be changed by a test and written out.
+fn default_routing_json() -> serde_json::Value {
+    serde_json::from_str(&skipgpt_model::RoutingConfig::new().to_json()).unwrap()
+}
+
+/// `cfg` written as the model directory's `skipgpt.json`.
+fn write_routing(dir: &tempfile::TempDir, cfg: &serde_json::Value) {
+    std::fs::write(dir.path().join("skipgpt.json"), cfg.to_string()).unwrap();
 }

@@ -75,6 +75,31 @@ fn render(
 
 type PlotResult = std::result::Result<(), DrawingAreaErrorKind<std::io::Error>>;
 
+type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+
+type Chart<'a> = ChartContext<'a, SVGBackend<'a>, Cartesian2d<Ranged64, Ranged64>>;
+
+type Ranged64 = plotters::coord::types::RangedCoordf64;
+
+/// The chart every plot but the heatmap draws on (titled, `x_area` pixels of x labels) over
+/// `xs` × `ys`, and the strip under it that holds the key.
+fn keyed_chart<'a>(
+    root: &Area<'a>,
+    title: &str,
+    x_area: u32,
+    xs: std::ops::Range<f64>,
+    ys: std::ops::Range<f64>,
+) -> std::result::Result<(Chart<'a>, Area<'a>), DrawingAreaErrorKind<std::io::Error>> {
+    let (plot, strip) = root.split_vertically(SIZE.1 - KEY_H);
+    let chart = ChartBuilder::on(&plot)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(x_area)
+        .y_label_area_size(56)
+        .build_cartesian_2d(xs, ys)?;
+    Ok((chart, strip))
+}
+
 /// Grouped bars: one group per category, one bar per series. Values are fractions.
 pub fn bars(
     title: &str,
@@ -85,13 +110,7 @@ pub fn bars(
     let n = categories.len().max(1);
     let max = fraction_max(series);
     render(title, SIZE, |root| {
-        let (plot, strip) = root.split_vertically(SIZE.1 - KEY_H);
-        let mut chart = ChartBuilder::on(&plot)
-            .caption(title, ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(24)
-            .y_label_area_size(56)
-            .build_cartesian_2d(-0.5..n as f64 - 0.5, 0.0..max)?;
+        let (mut chart, strip) = keyed_chart(root, title, 24, -0.5..n as f64 - 0.5, 0.0..max)?;
         let name = |x: &f64| label_at(categories, *x);
         chart
             .configure_mesh()
@@ -125,13 +144,7 @@ pub fn lines(title: &str, x_label: &str, series: &[Series], y_label: &str) -> Re
         .max(2);
     let max = fraction_max(series);
     render(title, SIZE, |root| {
-        let (plot, strip) = root.split_vertically(SIZE.1 - KEY_H);
-        let mut chart = ChartBuilder::on(&plot)
-            .caption(title, ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(56)
-            .build_cartesian_2d(0.0..(n - 1) as f64, 0.0..max)?;
+        let (mut chart, strip) = keyed_chart(root, title, 40, 0.0..(n - 1) as f64, 0.0..max)?;
         chart
             .configure_mesh()
             .max_light_lines(0)
@@ -181,13 +194,7 @@ pub fn frontier(title: &str, x_label: &str, y_label: &str, series: &[Points]) ->
     let all = || series.iter().flat_map(|s| s.points.iter().copied());
     let (xs, ys) = (padded(all().map(|p| p.0)), padded(all().map(|p| p.1)));
     render(title, SIZE, |root| {
-        let (plot, strip) = root.split_vertically(SIZE.1 - KEY_H);
-        let mut chart = ChartBuilder::on(&plot)
-            .caption(title, ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(56)
-            .build_cartesian_2d(xs, ys)?;
+        let (mut chart, strip) = keyed_chart(root, title, 40, xs, ys)?;
         chart
             .configure_mesh()
             .max_light_lines(0)

@@ -1,7 +1,7 @@
 //! A minimal GGUF v3 writer for the tests: the tiny fixture as a GGUF file (as llama.cpp's
 //! converter would write it, q/k rows permuted), and broken files for the error tests.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use skipgpt_kernels::quant::{quantize, QuantType};
 use skipgpt_model::io::safetensors_io::TensorFile;
@@ -279,4 +279,11 @@ pub fn llama_tiny_gguf(model_dir: &Path) -> GgufBuilder {
         Meta::Str("{% for m in messages %}{{ m['content'] }}{% endfor %}".into()),
     );
     g
+}
+
+/// The tiny fixture model written as the GGUF file `name` in `dir`: its path.
+pub fn write_tiny_gguf(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    llama_tiny_gguf(&crate::tiny().join("model")).write(&path);
+    path
 }

@@ -160,3 +160,11 @@ pub fn router_values<Bk: burn::tensor::backend::Backend>(
         })
         .collect()
 }
+
+/// Asserts that `text` (an error message, a report) mentions every one of `words`.
+#[track_caller]
+pub fn assert_mentions(text: &str, words: &[&str]) {
+    for w in words {
+        assert!(text.contains(w), "{w:?} is not in: {text}");
+    }
+}

@@ -87,6 +87,13 @@ fn imported(test: &str) -> Option<PathBuf> {
     }
 }
 
+/// The imported model (as [`imported`]) and transformers' outputs on it.
+fn imported_with_fixture(
+    test: &str,
+) -> Option<(PathBuf, skipgpt_model::io::safetensors_io::TensorFile)> {
+    Some((imported(test)?, reference(&fixture())))
+}
+
 fn fixture() -> PathBuf {
     fixtures().join("smollm2")
 }
@@ -140,10 +147,9 @@ fn smollm2_config_matches_transformers() {
 #[test]
 #[ignore = "slow: imports and runs SmolLM2-135M; run with -- --include-ignored"]
 fn smollm2_logits_match_transformers() {
-    let Some(dir) = imported("smollm2 logits") else {
+    let Some((dir, r)) = imported_with_fixture("smollm2 logits") else {
         return;
     };
-    let r = reference(&fixture());
     let logits = model(&dir).forward(ids_tensor(&r, "input_ids"));
     let [b, t, v] = logits.dims();
     let values = to_vec(logits.clone());
@@ -180,10 +186,9 @@ fn smollm2_logits_match_transformers() {
 #[test]
 #[ignore = "slow: imports and runs SmolLM2-135M; run with -- --include-ignored"]
 fn smollm2_greedy_generation_matches_transformers() {
-    let Some(dir) = imported("smollm2 greedy") else {
+    let Some((dir, r)) = imported_with_fixture("smollm2 greedy") else {
         return;
     };
-    let r = reference(&fixture());
     // as users generate: the sparse engine with its cache, on the CPU backend (the gated
     // reference path on burn-ndarray recomputes every step and took minutes)
     let model = load_pretrained::<Cpu>(&dir, &Default::default())

@@ -2,6 +2,7 @@
 //! writes it at Q8_0 and Q4_K_M, each against transformers on the fixture.
 
 use super::*;
+use skipgpt_model::io::gguf::QuantizeTarget;
 
 /// The Q4_1 file as it is (Q4_1 matrices and a Q8_0 embedding kept in their blocks, the
 /// activations rounded to 8 bits before each product, as llama.cpp computes) against
@@ -33,11 +34,9 @@ fn smollm2_runs_quantized_as_the_gguf_stores_it() {
 #[test]
 #[ignore = "slow: runs SmolLM2-135M; run with -- --include-ignored"]
 fn smollm2_quantized_to_q8_0_stays_close_to_the_f32_model() {
-    use skipgpt_model::io::gguf::QuantizeTarget;
-    let Some(gguf) = required_gguf("smollm2 q8_0") else {
+    let Some((out, report, model)) = quantized_smollm2(QuantizeTarget::Q8_0, "q8_0") else {
         return;
     };
-    let (out, report, model) = quantized_smollm2(&gguf, QuantizeTarget::Q8_0, "q8_0");
     assert_eq!(report.requantized, 30 * 7, "every layer's Q4_1 matrices");
     let q = model.model.layers[0].mlp.down_proj.quantized.as_ref();
     assert_eq!(q.map(|q| q.kind().name()), Some("Q8_0"));
@@ -54,11 +53,10 @@ fn smollm2_quantized_to_q8_0_stays_close_to_the_f32_model() {
 #[test]
 #[ignore = "slow: runs SmolLM2-135M; run with -- --include-ignored"]
 fn smollm2_quantized_to_q4_k_m_takes_llama_cpps_types_and_stays_close() {
-    use skipgpt_model::io::gguf::{GgmlType, GgufFile, QuantizeTarget};
-    let Some(gguf) = required_gguf("smollm2 q4_k_m") else {
+    use skipgpt_model::io::gguf::{GgmlType, GgufFile};
+    let Some((out, _, model)) = quantized_smollm2(QuantizeTarget::Q4KM, "q4_k_m") else {
         return;
     };
-    let (out, _, model) = quantized_smollm2(&gguf, QuantizeTarget::Q4KM, "q4_k_m");
     let file = GgufFile::open(&out).unwrap();
     let kind = |name: &str| file.tensor(name).unwrap().kind;
     assert_eq!(kind("token_embd.weight"), GgmlType::Q8_0);
@@ -78,21 +76,22 @@ fn smollm2_quantized_to_q4_k_m_takes_llama_cpps_types_and_stays_close() {
 }
 
 /// The PyPI file quantized by `skipgpt quantize` to `target` (in the test's temporary
-/// directory, as `smollm2-{name}.gguf`), and run as it is.
+/// directory, as `smollm2-{name}.gguf`), and run as it is; none where the file is missing
+/// and not required.
 fn quantized_smollm2(
-    gguf: &std::path::Path,
-    target: skipgpt_model::io::gguf::QuantizeTarget,
+    target: QuantizeTarget,
     name: &str,
-) -> (
+) -> Option<(
     PathBuf,
     skipgpt_model::io::gguf::QuantizeReport,
     LlamaForCausalLM<Cpu>,
-) {
+)> {
     use skipgpt_model::io::gguf::{load_gguf, quantize_gguf};
+    let gguf = required_gguf(&format!("smollm2 {name}"))?;
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("smollm2-{name}.gguf"));
-    let report = quantize_gguf(gguf, &out, target, &mut |_, _, _| {}).unwrap();
+    let report = quantize_gguf(&gguf, &out, target, &mut |_, _, _| {}).unwrap();
     let model = load_gguf::<Cpu>(&out, &Default::default(), Default::default())
         .unwrap()
         .model;
-    (out, report, model)
+    Some((out, report, model))
 }

@@ -94,6 +94,21 @@ impl Ctx {
         run(SKIPGPT, &all.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
+    /// `skipgpt {command} --model {from} --out {out}`, then `data`'s and `more` arguments.
+    fn command(
+        &self,
+        command: &str,
+        from: &Path,
+        out: &Path,
+        data: Vec<String>,
+        more: &[&str],
+    ) -> Result<()> {
+        let mut a = vec![command, "--model", s(from), "--out", s(out)];
+        a.extend(data.iter().map(String::as_str));
+        a.extend_from_slice(more);
+        self.skipgpt(&a)
+    }
+
     /// Runs `make` unless `done` exists (an unfinished `dir` is removed first).
     fn step(&self, dir: &Path, done: &Path, make: impl FnOnce() -> Result<()>) -> Result<()> {
         if done.exists() {
@@ -139,18 +154,11 @@ impl Ctx {
     fn stage1(&self, objective: &str, target: u32) -> Result<PathBuf> {
         let out = self.path(&format!("s1-{}-t{target}", objective.replace('+', "")));
         self.step(&out, &out.join("skipgpt.json"), || {
-            let mut a = vec!["tune-routers".to_string(), "--model".into()];
-            a.extend([s(&self.model).into(), "--out".into(), s(&out).into()]);
-            a.extend(self.training());
-            a.extend([
-                "--steps".into(),
-                self.settings.tune_steps.to_string(),
-                "--target-sparsity".into(),
-                format!("{}", target as f64 / 100.0),
-                "--objective".into(),
-                objective.into(),
-            ]);
-            self.skipgpt(&a.iter().map(String::as_str).collect::<Vec<_>>())
+            let steps = self.settings.tune_steps.to_string();
+            let target = format!("{}", target as f64 / 100.0);
+            let more = ["--steps", &steps, "--target-sparsity", &target];
+            let more = [&more[..], &["--objective", objective]].concat();
+            self.command("tune-routers", &self.model, &out, self.training(), &more)
         })?;
         Ok(out)
     }
@@ -161,14 +169,9 @@ impl Ctx {
     fn calibrate(&self, routed: &Path, percent: u32) -> Result<PathBuf> {
         let out = PathBuf::from(format!("{}-cal{percent}", s(routed)));
         self.step(&out, &out.join("calibration.json"), || {
-            let mut a = vec!["calibrate-routers".to_string(), "--model".into()];
-            a.extend([s(routed).into(), "--out".into(), s(&out).into()]);
-            a.extend(self.self_data());
-            a.extend([
-                "--target-sparsity".into(),
-                format!("{}", percent as f64 / 100.0),
-            ]);
-            self.skipgpt(&a.iter().map(String::as_str).collect::<Vec<_>>())
+            let target = format!("{}", percent as f64 / 100.0);
+            let more = ["--target-sparsity", &target];
+            self.command("calibrate-routers", routed, &out, self.self_data(), &more)
         })?;
         Ok(out)
     }
@@ -187,18 +190,9 @@ impl Ctx {
             .context("a stage-1 directory")?;
         let out = self.path(&format!("{}{suffix}", name.replacen("s1-", "s2-", 1)));
         self.step(&out, &out.join("adapter/adapter_config.json"), || {
-            let mut a = vec!["finetune-lora".to_string(), "--model".into()];
-            a.extend([s(routed).into(), "--out".into(), s(&out).into()]);
-            a.extend(self.training());
-            a.extend([
-                "--steps".into(),
-                steps.to_string(),
-                "--lr".into(),
-                "1e-3".into(),
-                "--objective".into(),
-                "kl".into(),
-            ]);
-            self.skipgpt(&a.iter().map(String::as_str).collect::<Vec<_>>())
+            let steps = steps.to_string();
+            let more = ["--steps", &steps, "--lr", "1e-3", "--objective", "kl"];
+            self.command("finetune-lora", routed, &out, self.training(), &more)
         })?;
         Ok(out)
     }
@@ -218,21 +212,12 @@ impl Ctx {
         let out = self.path(name);
         let data = self.path("self-data.jsonl");
         self.step(&out, &out.join("skipgpt.json"), || {
-            self.skipgpt(&[
-                "prune-static",
-                "--model",
-                s(&self.model),
-                "--out",
-                s(&out),
-                "--data",
-                s(&data),
-                "--seq-len",
-                "128",
-                "--mode",
-                mode,
-                "--target-sparsity",
-                &format!("{}", target as f64 / 100.0),
-            ])
+            let data = ["--data", s(&data), "--seq-len", "128"]
+                .map(String::from)
+                .to_vec();
+            let target = format!("{}", target as f64 / 100.0);
+            let more = ["--mode", mode, "--target-sparsity", &target];
+            self.command("prune-static", &self.model, &out, data, &more)
         })?;
         Ok(out)
     }

@@ -69,19 +69,31 @@ fn exp_matches_the_standard_library() {
     }
 }
 
+/// A cache of `kv_heads` heads of `head_dim` values at `capacity` slots, held in f32.
+fn f32_cache<'a>(
+    k: &'a [f32],
+    v: &'a [f32],
+    kv_heads: usize,
+    capacity: usize,
+    head_dim: usize,
+) -> KvCache<'a> {
+    let (k, v) = (WeightSlice::F32(k), WeightSlice::F32(v));
+    KvCache {
+        k,
+        v,
+        kv_heads,
+        capacity,
+        head_dim,
+    }
+}
+
 #[test]
 fn causal_prefill_ragged_batches_and_windows_match_the_reference() {
     let (hd, kv_heads, heads, cap) = (16, 2, 6, 320);
     let batch = 3;
     let k = values(batch * kv_heads * cap * hd, 1);
     let v = values(batch * kv_heads * cap * hd, 2);
-    let cache = KvCache {
-        k: WeightSlice::F32(&k),
-        v: WeightSlice::F32(&v),
-        kv_heads,
-        capacity: cap,
-        head_dim: hd,
-    };
+    let cache = f32_cache(&k, &v, kv_heads, cap, hd);
     // a causal prefill of 300 tokens (several blocks and key chunks), a decoding row, a
     // sliding window of 40 slots, and a sequence of 1 slot
     let mut rows: Vec<QueryRow> = (0..300)
@@ -112,28 +124,15 @@ fn causal_prefill_ragged_batches_and_windows_match_the_reference() {
     );
     let widen16 = |h: &[f16]| h.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
     let widenb16 = |h: &[bf16]| h.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+    let held = |k, v| KvCache { k, v, ..cache };
+    let (f16s, bf16s) = (
+        held(WeightSlice::F16(&k16), WeightSlice::F16(&v16)),
+        held(WeightSlice::Bf16(&kb16), WeightSlice::Bf16(&vb16)),
+    );
     let caches = [
         (cache, k.clone(), v.clone(), "f32"),
-        (
-            KvCache {
-                k: WeightSlice::F16(&k16),
-                v: WeightSlice::F16(&v16),
-                ..cache
-            },
-            widen16(&k16),
-            widen16(&v16),
-            "f16",
-        ),
-        (
-            KvCache {
-                k: WeightSlice::Bf16(&kb16),
-                v: WeightSlice::Bf16(&vb16),
-                ..cache
-            },
-            widenb16(&kb16),
-            widenb16(&vb16),
-            "bf16",
-        ),
+        (f16s, widen16(&k16), widen16(&v16), "f16"),
+        (bf16s, widenb16(&kb16), widenb16(&vb16), "bf16"),
     ];
     for (cache, ck, cv, name) in caches {
         let want = reference(&q, heads, &rows, (&cache, &ck, &cv), scale);
@@ -158,13 +157,7 @@ fn rows_are_grouped_into_blocks_of_one_sequence() {
     let k = values(2 * cap * hd, 5);
     let mut v = values(2 * cap * hd, 6);
     v[cap * hd..cap * hd + hd].copy_from_slice(&[1.0, 2.0, 3.0, 4.0]);
-    let cache = KvCache {
-        k: WeightSlice::F32(&k),
-        v: WeightSlice::F32(&v),
-        kv_heads,
-        capacity: cap,
-        head_dim: hd,
-    };
+    let cache = f32_cache(&k, &v, kv_heads, cap, hd);
     let rows = vec![
         QueryRow {
             seq: 0,

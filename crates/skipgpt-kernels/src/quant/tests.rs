@@ -5,19 +5,11 @@
 use half::f16;
 
 use super::*;
-use crate::test_values::values;
+use crate::test_values::{values, xorshift};
 
 /// Deterministic bytes from a xorshift generator.
 fn bytes(n: usize, seed: u32) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(2654435761).wrapping_add(7);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s >> 24) as u8
-        })
-        .collect()
+    xorshift(seed, 7).map(|s| (s >> 24) as u8).take(n).collect()
 }
 
 /// `blocks` random blocks of `kind` whose f16 scales are small and finite (random bytes

@@ -11,7 +11,7 @@ use skipgpt_model::{
     attach_routers, generate, load_pretrained, save_routers, LlamaConfig, LlamaForCausalLM,
     Routing, RoutingConfig, StoreDtype,
 };
-use skipgpt_test_support::gguf_writer::llama_tiny_gguf;
+use skipgpt_test_support::gguf_writer::{llama_tiny_gguf, write_tiny_gguf};
 use skipgpt_test_support::*;
 
 type Flex = burn::backend::Flex;
@@ -208,10 +208,12 @@ fn routers_made_for_another_model_are_refused_naming_the_mismatch() {
     let err = attach_routers(tiny_model(), fewer_layers.path())
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("routers for 2 layers, but the model has 3")
-            && err.contains("routers.safetensors"),
-        "{err}"
+    assert_mentions(
+        &err,
+        &[
+            "routers for 2 layers, but the model has 3",
+            "routers.safetensors",
+        ],
     );
     let narrower = other_routers(|c| c.hidden_size = 32);
     let err = attach_routers(tiny_model(), narrower.path())
@@ -232,8 +234,7 @@ fn routers_made_for_another_model_are_refused_naming_the_mismatch() {
 fn quantize_writes_the_blocks_llama_quantize_would_and_carries_the_metadata_over() {
     use skipgpt_model::io::gguf::{quantize_gguf, GgufFile, GgufValue, QuantizeTarget};
     let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("tiny-f32.gguf");
-    llama_tiny_gguf(&tiny().join("model")).write(&source);
+    let source = write_tiny_gguf(dir.path(), "tiny-f32.gguf");
     let out = dir.path().join("tiny-q8_0.gguf");
     let report = quantize_gguf(&source, &out, QuantizeTarget::Q8_0, &mut |_, _, _| {}).unwrap();
     // 3 layers × 6 matrices with 64-value rows, the embedding and the output; the 3 down
@@ -295,8 +296,7 @@ fn quantize_writes_the_blocks_llama_quantize_would_and_carries_the_metadata_over
 fn each_quantized_type_moves_the_logits_by_its_precision() {
     use skipgpt_model::io::gguf::{quantize_gguf, QuantizeTarget};
     let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("tiny-f32.gguf");
-    llama_tiny_gguf(&tiny().join("model")).write(&source);
+    let source = write_tiny_gguf(dir.path(), "tiny-f32.gguf");
     let load = |p: &Path| {
         load_gguf::<Flex>(p, &flex(), StoreDtype::F32)
             .unwrap()
@@ -343,8 +343,7 @@ fn each_quantized_type_moves_the_logits_by_its_precision() {
 fn quantize_refuses_to_overwrite_its_input_and_names_a_broken_source() {
     use skipgpt_model::io::gguf::{quantize_gguf, QuantizeTarget};
     let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("tiny.gguf");
-    llama_tiny_gguf(&tiny().join("model")).write(&source);
+    let source = write_tiny_gguf(dir.path(), "tiny.gguf");
     let before = std::fs::read(&source).unwrap();
     let err = quantize_gguf(&source, &source, QuantizeTarget::Q8_0, &mut |_, _, _| {})
         .unwrap_err()
@@ -358,10 +357,7 @@ fn quantize_refuses_to_overwrite_its_input_and_names_a_broken_source() {
     let err = quantize_gguf(&truncated, &out, QuantizeTarget::Q8_0, &mut |_, _, _| {})
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("truncated.gguf") && err.contains("truncated"),
-        "{err}"
-    );
+    assert_mentions(&err, &["truncated.gguf", "truncated"]);
     assert!(!out.exists(), "nothing written");
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(left.len(), 2, "no temporary file left behind");
@@ -431,9 +427,6 @@ fn a_directory_with_rope_scaling_is_refused_naming_the_key() {
     let err = quantize_gguf(&model, &out, QuantizeTarget::Q8_0, &mut |_, _, _| {})
         .expect_err("refused")
         .to_string();
-    assert!(
-        err.contains("rope_scaling") && err.contains("convert_hf_to_gguf"),
-        "{err}"
-    );
+    assert_mentions(&err, &["rope_scaling", "convert_hf_to_gguf"]);
     assert!(!out.exists());
 }

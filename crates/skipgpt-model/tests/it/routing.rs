@@ -305,10 +305,7 @@ fn bad_skipgpt_json_is_rejected_clearly() {
         .err()
         .unwrap()
         .to_string();
-    assert!(
-        err.contains("skipgpt.json") && err.contains("transformer"),
-        "{err}"
-    );
+    assert_mentions(&err, &["skipgpt.json", "transformer"]);
     std::fs::remove_file(dir.path().join("routers.safetensors")).unwrap();
     std::fs::write(dir.path().join("skipgpt.json"), "{}").unwrap();
     let err = load_pretrained::<B>(dir.path(), &device())

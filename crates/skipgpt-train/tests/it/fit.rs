@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use skipgpt_test_support::{max_abs_diff, router_values};
+use skipgpt_test_support::{assert_mentions, max_abs_diff, router_values};
 
 use burn::backend::ndarray::NdArrayDevice;
 use burn::module::Module;
@@ -273,10 +273,7 @@ fn a_killed_run_resumes_to_the_same_parameters() {
     let err = go(routed(vocab, 11, 12), &other, &resumed)
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("lr") && err.contains("0.01") && err.contains("0.02"),
-        "{err}"
-    );
+    assert_mentions(&err, &["lr", "0.01", "0.02"]);
     // so is starting over in a directory that holds a run
     let err = go(routed(vocab, 11, 12), &opts, &killed)
         .unwrap_err()

@@ -88,22 +88,10 @@ impl TensorFile {
         let info = self.info(name)?;
         let raw = self.raw(info);
         let values = match info.dtype {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-                .collect(),
-            Dtype::F64 => raw
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().expect("8-byte chunk")) as f32)
-                .collect(),
+            Dtype::F32 => each(raw, f32::from_le_bytes),
+            Dtype::BF16 => each(raw, |b| half::bf16::from_le_bytes(b).to_f32()),
+            Dtype::F16 => each(raw, |b| half::f16::from_le_bytes(b).to_f32()),
+            Dtype::F64 => each(raw, |b| f64::from_le_bytes(b) as f32),
             other => {
                 return Err(self.dtype_error(name, "a float type (F32, BF16, F16, F64)", other))
             }
@@ -133,14 +121,8 @@ impl TensorFile {
         let info = self.info(name)?;
         let raw = self.raw(info);
         let values = match info.dtype {
-            Dtype::I64 => raw
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().expect("8-byte chunk")))
-                .collect(),
-            Dtype::I32 => raw
-                .chunks_exact(4)
-                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64)
-                .collect(),
+            Dtype::I64 => each(raw, i64::from_le_bytes),
+            Dtype::I32 => each(raw, |b| i32::from_le_bytes(b) as i64),
             other => return Err(self.dtype_error(name, "I64 or I32", other)),
         };
         Ok((values, info.shape.clone()))
@@ -285,4 +267,10 @@ pub(crate) fn tensor_in<B: Backend, const D: usize>(
             Tensor::from_data(data.convert_dtype(dtype), (device, dtype))
         }
     }
+}
+
+/// `raw` read as little-endian values of `N` bytes each, each turned into a `T` by `value`.
+fn each<T, const N: usize>(raw: &[u8], value: impl Fn([u8; N]) -> T) -> Vec<T> {
+    let whole = |b: &[u8]| b.try_into().expect("chunks_exact gives N bytes");
+    raw.chunks_exact(N).map(|b| value(whole(b))).collect()
 }
