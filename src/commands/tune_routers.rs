@@ -27,7 +27,8 @@ pub enum RouterInitArg {
 
 #[derive(Args, Debug, Clone)]
 pub struct TuneRoutersArgs {
-    /// The model to prune: a Hugging Face directory with tokenizer.json.
+    /// The model to train routers for (its weights stay frozen): a Hugging Face directory
+    /// with tokenizer.json.
     #[arg(long)]
     pub model: PathBuf,
     /// Output directory: a SkipGPT model directory (the model's files, routers.safetensors,
