@@ -156,8 +156,14 @@ impl Ctx {
         self.step(&out, &out.join("skipgpt.json"), || {
             let steps = self.settings.tune_steps.to_string();
             let target = format!("{}", target as f64 / 100.0);
-            let more = ["--steps", &steps, "--target-sparsity", &target];
-            let more = [&more[..], &["--objective", objective]].concat();
+            let more = [
+                "--steps",
+                &steps,
+                "--target-sparsity",
+                &target,
+                "--objective",
+                objective,
+            ];
             self.command("tune-routers", &self.model, &out, self.training(), &more)
         })?;
         Ok(out)
