@@ -15,7 +15,8 @@
 //! - the frontier: stage 1 (`lm`) and stage 2 (`kl`) at every `--targets` budget, and ShortGPT
 //!   at the same budgets; each measured for fidelity and paired speed (`examples/bench_real`,
 //!   dense and routed timed in alternation in one process, LoRA merged);
-//! - the training budget: the 25% point's stage 2 again with `BUDGET_FACTOR` times the steps.
+//! - the training budget: the 25% point's stage 2 again with `BUDGET_FACTOR` times the steps,
+//!   and again with wider adapters (`WIDE_LORA`: every projection, rank 64).
 
 mod publish;
 mod report;
@@ -185,11 +186,18 @@ impl Ctx {
     /// Stage 2 (LoRA, `kl`) on `routed` (`s1-...`), into `s2-...`: merged weights and
     /// `adapter/`.
     fn stage2(&self, routed: &Path) -> Result<PathBuf> {
-        self.stage2_for(routed, self.settings.lora_steps, "")
+        self.stage2_for(routed, self.settings.lora_steps, "", &[])
     }
 
-    /// Stage 2 on `routed` for `steps` steps, into `s2-...{suffix}`.
-    fn stage2_for(&self, routed: &Path, steps: usize, suffix: &str) -> Result<PathBuf> {
+    /// Stage 2 on `routed` for `steps` steps with `adapters` (LoRA settings; none: the CLI's
+    /// defaults), into `s2-...{suffix}`.
+    fn stage2_for(
+        &self,
+        routed: &Path,
+        steps: usize,
+        suffix: &str,
+        adapters: &[&str],
+    ) -> Result<PathBuf> {
         let name = routed
             .file_name()
             .and_then(|n| n.to_str())
@@ -198,6 +206,7 @@ impl Ctx {
         self.step(&out, &out.join("adapter/adapter_config.json"), || {
             let steps = steps.to_string();
             let more = ["--steps", &steps, "--lr", "1e-3", "--objective", "kl"];
+            let more = [&more[..], adapters].concat();
             self.command("finetune-lora", routed, &out, self.training(), &more)
         })?;
         Ok(out)
@@ -445,14 +454,34 @@ fn budget_row() -> String {
     format!("s2-{POINT}-x{BUDGET_FACTOR}")
 }
 
-/// Whether a longer stage 2 closes the gap: the 25% point's routers (`lm`, calibrated to 20%)
-/// given `BUDGET_FACTOR` times the LoRA steps, all else equal.
+/// The LoRA settings of the wide row: an adapter on every projection, rank 64.
+const WIDE_LORA: [&str; 6] = [
+    "--rank",
+    "64",
+    "--lora-alpha",
+    "128",
+    "--targets",
+    "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+];
+
+/// The name of the wide row: the published 25% point's stage 2 with [`WIDE_LORA`].
+fn wide_row() -> String {
+    format!("s2-{POINT}-wide")
+}
+
+/// Whether a longer or a wider stage 2 closes the gap: the 25% point's routers (`lm`,
+/// calibrated to 20%) given `BUDGET_FACTOR` times the LoRA steps, then adapters on every
+/// projection at rank 64 for the usual steps, all else equal.
 fn budget(ctx: &Ctx) -> Result<()> {
-    let steps = ctx.settings.lora_steps * BUDGET_FACTOR;
+    let steps = ctx.settings.lora_steps;
     let calibrated = || ctx.calibrate(&ctx.stage1("lm", 25)?, 20);
-    let suffix = format!("-x{BUDGET_FACTOR}");
+    let longer = format!("-x{BUDGET_FACTOR}");
     ctx.measure(&budget_row(), true, || {
-        ctx.stage2_for(&calibrated()?, steps, &suffix)
+        ctx.stage2_for(&calibrated()?, steps * BUDGET_FACTOR, &longer, &[])
+    })?;
+    write_report(&ctx.work, &ctx.settings)?;
+    ctx.measure(&wide_row(), true, || {
+        ctx.stage2_for(&calibrated()?, steps, "-wide", &WIDE_LORA)
     })?;
     write_report(&ctx.work, &ctx.settings)
 }

@@ -1,7 +1,7 @@
 //! The report's rows: every model `cargo xtask fidelity` makes or measures, named as its
 //! directory under `eval/`, with what it is and its budget.
 
-use super::{attention_budgets, budget_row, Settings, BUDGET_FACTOR, CALIBRATED};
+use super::{attention_budgets, budget_row, wide_row, Settings, BUDGET_FACTOR, CALIBRATED};
 
 /// The rows of the report, in order: (name under `eval/`, what it is, budget).
 pub(super) fn rows(settings: &Settings) -> Vec<(String, String, Option<u32>)> {
@@ -57,6 +57,11 @@ pub(super) fn rows(settings: &Settings) -> Vec<(String, String, Option<u32>)> {
     rows.push((
         budget_row(),
         format!("self-data, lm: routers calibrated to 20% + LoRA (kl), {BUDGET_FACTOR}× the steps"),
+        Some(25),
+    ));
+    rows.push((
+        wide_row(),
+        "self-data, lm: routers calibrated to 20% + LoRA (kl) on every projection, r 64".into(),
         Some(25),
     ));
     for t in attention_budgets(settings) {

@@ -3,7 +3,7 @@
 //! rivals, the objectives, where the routers were trained, and a longer stage 2).
 
 use super::report::Measured;
-use super::{budget_row, BUDGET_FACTOR, POINT};
+use super::{budget_row, wide_row, BUDGET_FACTOR, POINT};
 use skipgpt_eval::fidelity::{GenerationFidelity, TextFidelity};
 use std::fmt::Write as _;
 
@@ -28,28 +28,35 @@ fn summary(t: &TextFidelity, g: &GenerationFidelity) -> String {
     )
 }
 
-/// The longer stage 2 against the usual one, all else equal.
+/// The longer and the wider stage 2 against the usual one, all else equal.
 pub(super) fn training_budget(rows: &[Measured]) -> String {
     let mut md = String::from("\n## The training budget\n\n");
     let usual = format!("s2-{POINT}");
-    let longer = budget_row();
-    match (finished(rows, &usual), finished(rows, &longer)) {
-        (Some((ut, ug)), Some((lt, lg))) => {
-            let _ = writeln!(
+    let variants = [
+        (
+            budget_row(),
+            format!("trained {BUDGET_FACTOR} times as long (the same routers, data, rank and learning rate)"),
+        ),
+        (
+            wide_row(),
+            "with adapters on all seven projections at rank 64 (α 128) instead of q, v and gate at rank 16, for the usual steps".into(),
+        ),
+    ];
+    for (name, what) in variants {
+        let _ = match (finished(rows, &usual), finished(rows, &name)) {
+            (Some((ut, ug)), Some((vt, vg))) => writeln!(
                 md,
-                "The 25% point's stage 2 trained {BUDGET_FACTOR} times as long (`{longer}`, the same routers, data, rank and learning rate): {} against {} with the usual steps (`{usual}`). KL to dense on the general text {:.3} against {:.3}.",
-                summary(lt, lg),
+                "- The 25% point's stage 2 {what} (`{name}`): {} against {} (`{usual}`). KL to dense on the general text {:.3} against {:.3}.",
+                summary(vt, vg),
                 summary(ut, ug),
-                lt.kl,
+                vt.kl,
                 ut.kl
-            );
-        }
-        _ => {
-            let _ = writeln!(
+            ),
+            _ => writeln!(
                 md,
-                "`{longer}` (the 25% point's stage 2 with {BUDGET_FACTOR} times the steps) is not finished yet: `cargo xtask fidelity --from budget`."
-            );
-        }
+                "- The 25% point's stage 2 {what} (`{name}`): not finished yet, `cargo xtask fidelity --from budget`."
+            ),
+        };
     }
     md
 }
@@ -112,16 +119,30 @@ pub(super) fn why_missed(rows: &[Measured]) -> String {
             100.0 * calibrated.param_skip
         );
     }
-    if let Some((lt, _)) = finished(rows, &budget_row()) {
-        let lead = if lt.perplexity_ratio < t.perplexity_ratio - 0.05 {
-            "A longer stage 2 helps, far from enough."
+    for (name, adjective, what) in [
+        (
+            budget_row(),
+            "longer",
+            format!("{BUDGET_FACTOR} times the steps"),
+        ),
+        (
+            wide_row(),
+            "wider",
+            "Adapters on every projection at rank 64".into(),
+        ),
+    ] {
+        let Some((vt, _)) = finished(rows, &name) else {
+            continue;
+        };
+        let lead = if vt.perplexity_ratio < t.perplexity_ratio - 0.05 {
+            format!("A {adjective} stage 2 helps, far from enough.")
         } else {
-            "Nor a longer stage 2."
+            format!("Nor a {adjective} stage 2.")
         };
         let _ = writeln!(
             md,
-            "- **{lead}** {BUDGET_FACTOR} times the steps: {:.3}× against {:.3}× (the next section).",
-            lt.perplexity_ratio, t.perplexity_ratio
+            "- **{lead}** {what}: {:.3}× against {:.3}× (the next section).",
+            vt.perplexity_ratio, t.perplexity_ratio
         );
     }
     md
