@@ -241,7 +241,7 @@ pub(super) fn goals(rows: &[Measured]) -> String {
 }
 
 /// The rows with both measurements (the text and the answers) finished.
-fn finished(
+pub(super) fn finished(
     rows: &[Measured],
 ) -> impl Iterator<Item = (&Measured, &TextFidelity, &GenerationFidelity)> {
     rows.iter().filter_map(|r| {

@@ -1,19 +1,19 @@
 //! The page's account of the goals it misses: by how much the published 25% point misses each
 //! one, and why, from the rows themselves (what any removal costs on this model, the static
-//! rivals, the objectives, where the routers were trained, and a longer stage 2).
+//! rivals, the objectives, where the routers were trained, and a longer and a wider stage 2).
 
 use super::report::Measured;
 use super::{budget_row, wide_row, BUDGET_FACTOR, POINT};
 use skipgpt_eval::fidelity::{GenerationFidelity, TextFidelity};
 use std::fmt::Write as _;
 
-/// A finished row's text and answer measurements.
+/// The row `name`'s text and answer measurements, once both are finished.
 fn finished<'a>(
     rows: &'a [Measured],
     name: &str,
 ) -> Option<(&'a TextFidelity, &'a GenerationFidelity)> {
-    let f = rows.iter().find(|r| r.name == name)?.fidelity.as_ref()?;
-    Some((f.text.as_ref()?, f.generation.as_ref()?))
+    let mut all = super::report::finished(rows);
+    all.find(|(r, _, _)| r.name == name).map(|(_, t, g)| (t, g))
 }
 
 /// "1.669× at 19.6% skip, 65.4% agreement, 4 loops" for a finished row.
